@@ -31,6 +31,9 @@ pub struct Open {
     pub host: ::prost::alloc::string::String,
     #[prost(uint32, tag = "4")]
     pub port: u32,
+    /// How long the agent may take to reach the destination; 0 = its own default.
+    #[prost(uint32, tag = "5")]
+    pub dial_timeout_ms: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Opened {

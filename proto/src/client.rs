@@ -1,0 +1,350 @@
+//! The client library: opens tunnelled connections through a proxy server.
+//! The sidecar, tools and the benchmark use it.
+//!
+//! One long-lived HTTP/2 connection to a server carries every tunnelled
+//! connection as its own stream; it is re-established on demand after it
+//! breaks, trying each configured server address in turn.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::codec::Streaming;
+
+use crate::error::{ErrorCode, TunnelError};
+use crate::h2::{H2Channel, H2Settings, client_handshake};
+use crate::pb::{self, Frame, frame::Kind, tunnel_client::TunnelClient as GrpcClient};
+use crate::relay::{GateOpener, Gated, RelayOutcome, TcpFrames, gated, relay_tcp};
+
+/// Default time allowed to connect to a server (TCP + TLS + HTTP/2).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time allowed from `Open` to the tunnel's answer.
+pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a tunnelled connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The managed cluster.
+    pub cluster: String,
+    /// Host name or IP address inside that cluster's network.
+    pub host: String,
+    /// Destination port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "{}/[{}]:{}", self.cluster, self.host, self.port)
+        } else {
+            write!(f, "{}/{}:{}", self.cluster, self.host, self.port)
+        }
+    }
+}
+
+impl Target {
+    /// A target in `cluster`.
+    pub fn new(cluster: impl Into<String>, host: impl Into<String>, port: u16) -> Self {
+        Self {
+            cluster: cluster.into(),
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// The `Open` frame for this target with a fresh 128-bit connection id.
+    pub fn open_frame(&self, dial_timeout: Option<Duration>) -> (uuid::Uuid, Frame) {
+        let id = uuid::Uuid::new_v4();
+        let frame = Frame {
+            kind: Some(Kind::Open(pb::Open {
+                connection_id: id.as_bytes().to_vec(),
+                cluster: self.cluster.clone(),
+                host: self.host.clone(),
+                port: u32::from(self.port),
+                dial_timeout_ms: dial_timeout
+                    .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+                    .unwrap_or(0),
+            })),
+        };
+        (id, frame)
+    }
+}
+
+/// How to reach the proxy servers.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Server addresses (`host:port`), tried in order after a failure.
+    pub servers: Vec<String>,
+    /// The name the servers' certificates must carry; by default each
+    /// address's host part.
+    pub server_name: Option<String>,
+    /// Our TLS client configuration (see [`crate::tls::client_config`]).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// HTTP/2 settings of the connection.
+    pub h2: H2Settings,
+    /// Time allowed to connect to a server.
+    pub connect_timeout: Duration,
+    /// Time allowed from `Open` to the tunnel's answer.
+    pub open_timeout: Duration,
+}
+
+/// A client of the proxy servers' client port.
+pub struct TunnelClient {
+    opts: ClientOptions,
+    conn: tokio::sync::Mutex<Option<H2Channel>>,
+    next_server: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for TunnelClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelClient")
+            .field("servers", &self.opts.servers)
+            .finish()
+    }
+}
+
+/// A tunnel the far end accepted: the agent has connected to the destination.
+pub struct OpenedTunnel {
+    /// The connection id chosen for this connection.
+    pub id: uuid::Uuid,
+    /// The agent's answer.
+    pub opened: pb::Opened,
+    gate: GateOpener<TcpFrames>,
+    inbound: Streaming<Frame>,
+}
+
+impl std::fmt::Debug for OpenedTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedTunnel")
+            .field("id", &self.id)
+            .field("opened", &self.opened)
+            .finish()
+    }
+}
+
+impl OpenedTunnel {
+    /// Relays `tcp` through the tunnel until both directions have ended.
+    pub async fn relay(self, tcp: TcpStream) -> RelayOutcome {
+        crate::net::set_nodelay_or_warn(&tcp);
+        let (outbound, done) = relay_tcp(tcp, self.inbound);
+        if self.gate.open(outbound).is_err() {
+            tracing::debug!(id = %self.id, "tunnel stream ended before the relay started");
+        }
+        done.await
+    }
+}
+
+impl TunnelClient {
+    /// A client for `opts`; connects lazily.
+    pub fn new(opts: ClientOptions) -> Self {
+        Self {
+            opts,
+            conn: tokio::sync::Mutex::new(None),
+            next_server: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Connects now (or confirms the connection is up).
+    pub async fn ensure_connected(&self) -> Result<(), TunnelError> {
+        self.channel().await.map(|_| ())
+    }
+
+    /// Whether a connection to a server is currently up.
+    pub async fn is_connected(&self) -> bool {
+        matches!(&*self.conn.lock().await, Some(ch) if !ch.is_closed())
+    }
+
+    async fn channel(&self) -> Result<H2Channel, TunnelError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(ch) = &*guard
+            && !ch.is_closed()
+        {
+            return Ok(ch.clone());
+        }
+        *guard = None;
+        let n = self.opts.servers.len();
+        if n == 0 {
+            return Err(TunnelError::new(ErrorCode::Internal, "no server address configured"));
+        }
+        let mut last = None;
+        for _ in 0..n {
+            let i = self.next_server.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+            let addr = &self.opts.servers[i];
+            match tokio::time::timeout(self.opts.connect_timeout, self.dial(addr)).await {
+                Ok(Ok(ch)) => {
+                    *guard = Some(ch.clone());
+                    // Stay on this server until it fails.
+                    self.next_server.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(ch);
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(server = %addr, %err, "cannot connect to tunnel server");
+                    last = Some(err);
+                }
+                Err(_) => {
+                    tracing::warn!(server = %addr, "connecting to tunnel server timed out");
+                    last = Some(format!("connect to {addr} timed out"));
+                }
+            }
+        }
+        Err(TunnelError::new(
+            ErrorCode::TunnelBroken,
+            format!("no tunnel server reachable: {}", last.unwrap_or_default()),
+        ))
+    }
+
+    async fn dial(&self, addr: &str) -> Result<H2Channel, String> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        crate::net::tune_tunnel_socket(&tcp, &self.opts.h2.liveness);
+        let host = match &self.opts.server_name {
+            Some(name) => name.clone(),
+            None => host_of(addr).to_owned(),
+        };
+        let name = ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.opts.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {addr}: {e}"))?;
+        let (channel, driver) = client_handshake(tls, &self.opts.h2)
+            .await
+            .map_err(|e| format!("HTTP/2 with {addr}: {e}"))?;
+        let addr = addr.to_owned();
+        tokio::spawn(async move {
+            if let Err(err) = driver.await {
+                tracing::warn!(server = %addr, %err, "connection to tunnel server ended");
+            }
+        });
+        Ok(channel)
+    }
+
+    fn grpc(&self, ch: H2Channel) -> GrpcClient<H2Channel> {
+        GrpcClient::with_origin(ch, http::Uri::from_static("https://cluster-tunnel.server"))
+            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+    }
+
+    /// Opens a tunnelled connection to `target` and waits for the far end's answer.
+    pub async fn open(&self, target: &Target) -> Result<OpenedTunnel, TunnelError> {
+        // One retry covers a connection that broke (or a server that began to
+        // drain) while it sat idle.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let ch = self.channel().await?;
+            match tokio::time::timeout(self.opts.open_timeout, self.try_open(ch, target)).await {
+                Ok(Err(err)) if attempt < 2 && err.code.is_retryable_on_other_agent() => {
+                    tracing::debug!(%target, %err, "retrying open on a fresh connection");
+                    *self.conn.lock().await = None;
+                }
+                Ok(res) => return res,
+                Err(_) => {
+                    return Err(TunnelError::new(
+                        ErrorCode::DialTimeout,
+                        format!("no answer for {target} within {:?}", self.opts.open_timeout),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn try_open(&self, ch: H2Channel, target: &Target) -> Result<OpenedTunnel, TunnelError> {
+        let (id, open) = target.open_frame(None);
+        let (request, gate): (Gated<TcpFrames>, _) = gated(open);
+        let response = self
+            .grpc(ch)
+            .connect(request)
+            .await
+            .map_err(|s| TunnelError::from_status(&s))?;
+        let mut inbound = response.into_inner();
+        match inbound.next().await {
+            Some(Ok(Frame {
+                kind: Some(Kind::Opened(opened)),
+            })) => Ok(OpenedTunnel {
+                id,
+                opened,
+                gate,
+                inbound,
+            }),
+            Some(Ok(Frame {
+                kind: Some(Kind::Error(e)),
+            })) => Err(TunnelError::from_pb(&e)),
+            Some(Ok(other)) => Err(TunnelError::new(
+                ErrorCode::Internal,
+                format!(
+                    "server answered with a {} frame instead of opened",
+                    other.kind.as_ref().map(crate::relay::kind_name).unwrap_or("empty")
+                ),
+            )),
+            Some(Err(status)) => Err(TunnelError::from_status(&status)),
+            None => Err(TunnelError::new(
+                ErrorCode::TunnelBroken,
+                "server closed the stream without an answer",
+            )),
+        }
+    }
+
+    /// Opens a tunnel to `target` and relays `tcp` through it.
+    pub async fn proxy(&self, tcp: TcpStream, target: &Target) -> Result<RelayOutcome, TunnelError> {
+        let tunnel = self.open(target).await?;
+        Ok(tunnel.relay(tcp).await)
+    }
+
+    /// The clusters the server knows, with their agents.
+    pub async fn list_clusters(&self) -> Result<Vec<pb::ClusterInfo>, TunnelError> {
+        let ch = self.channel().await?;
+        let resp = self
+            .grpc(ch)
+            .list_clusters(pb::ListClustersRequest {})
+            .await
+            .map_err(|s| TunnelError::from_status(&s))?;
+        Ok(resp.into_inner().clusters)
+    }
+}
+
+/// Forwards every connection accepted on `listener` to `target` (a
+/// per-cluster port). A connection whose tunnel cannot be opened is closed
+/// and logged. Runs until `shutdown` completes.
+pub async fn serve_port(
+    listener: TcpListener,
+    client: Arc<TunnelClient>,
+    target: Target,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let target = Arc::new(target);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            res = listener.accept() => match res {
+                Ok(x) => x,
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let client = client.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            match client.proxy(tcp, &target).await {
+                Ok(outcome) => tracing::debug!(%peer, %target, ?outcome, "connection done"),
+                Err(err) => tracing::warn!(%peer, %target, code = err.code.label(), %err, "cannot open tunnel"),
+            }
+        });
+    }
+}
+
+/// The host part of `host:port` or `[v6]:port`.
+pub fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) => host,
+        None => addr,
+    }
+}

@@ -1,0 +1,102 @@
+//! Socket options, set in one place. An option the platform lacks is a
+//! warning, never a failed connection.
+
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+
+/// Default time after which an unanswered peer is declared dead.
+pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Liveness settings for tunnel sockets and their HTTP/2 connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    /// Idle time before the first TCP keepalive probe, and the HTTP/2 ping interval.
+    pub keepalive_interval: Duration,
+    /// How long an HTTP/2 ping or unacknowledged data may go unanswered
+    /// (also TCP_USER_TIMEOUT).
+    pub dead_peer_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self::from_timeout(DEFAULT_DEAD_PEER_TIMEOUT)
+    }
+}
+
+impl Liveness {
+    /// Liveness that detects a dead peer within about `timeout`: pings every
+    /// half of it, each must be answered within the other half.
+    pub fn from_timeout(timeout: Duration) -> Self {
+        let half = (timeout / 2).max(Duration::from_millis(500));
+        Self {
+            keepalive_interval: half,
+            dead_peer_timeout: timeout.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// The HTTP/2 ping timeout: what is left of the budget after the interval.
+    pub fn ping_timeout(&self) -> Duration {
+        self.dead_peer_timeout
+            .saturating_sub(self.keepalive_interval)
+            .max(Duration::from_millis(500))
+    }
+}
+
+/// Options for long-lived tunnel sockets: no Nagle delay, TCP keepalive and
+/// TCP_USER_TIMEOUT, so a dead peer is found in bounded time even with data in flight.
+pub fn tune_tunnel_socket(stream: &TcpStream, liveness: &Liveness) {
+    set_nodelay_or_warn(stream);
+    let sock = SockRef::from(stream);
+    let probes = 3u32;
+    let keepalive = TcpKeepalive::new()
+        .with_time(liveness.keepalive_interval)
+        .with_interval((liveness.keepalive_interval / probes).max(Duration::from_secs(1)));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
+    let keepalive = keepalive.with_retries(probes);
+    if let Err(err) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::warn!(%err, "cannot set TCP keepalive");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(err) = sock.set_tcp_user_timeout(Some(liveness.dead_peer_timeout)) {
+        tracing::warn!(%err, "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
+/// Disables Nagle's algorithm: tunnels carry interactive traffic.
+pub fn set_nodelay_or_warn(stream: &TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::warn!(%err, "cannot set TCP_NODELAY");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_detects_a_dead_peer_within_thirty_seconds() {
+        let l = Liveness::default();
+        assert!(l.keepalive_interval + l.ping_timeout() <= Duration::from_secs(30));
+        assert!(l.dead_peer_timeout <= Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn tunnel_sockets_get_user_timeout_and_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let liveness = Liveness::from_timeout(Duration::from_secs(10));
+        tune_tunnel_socket(&stream, &liveness);
+        let sock = SockRef::from(&stream);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(10))
+        );
+    }
+}
