@@ -1,4 +1,7 @@
 pub mod codec;
+pub mod admin;
+pub mod backoff;
+pub mod certs;
 pub mod error;
 pub mod h2;
 pub mod identity;
@@ -12,6 +15,7 @@ pub mod pb {
     include!("gen/clustertunnel.v1.rs");
 }
 
+pub mod cli;
 pub mod client;
 
 /// Largest gRPC message we accept: a data frame holds at most

@@ -1,1 +1,204 @@
-pub fn x() {}
+//! The cluster-tunnel proxy server.
+//!
+//! - [`agents`]: the agent port. Agents dial in over mTLS; on each such
+//!   connection the server is the HTTP/2 client and opens one stream per
+//!   proxied connection (reverse tunnel).
+//! - [`tunnel`]: the client port's `Tunnel` service. Routes each connection
+//!   to an agent of its cluster and splices the streams.
+//! - [`pool`]: the connected agents by cluster, and how one is picked.
+//! - [`metrics`]: Prometheus metrics, served on the admin port with
+//!   `/healthz` and `/readyz`.
+//!
+//! [`Server::start`] binds everything and returns a handle; [`cli`] is the
+//! binary's command line.
+
+pub mod agents;
+pub mod cli;
+pub mod metrics;
+pub mod pool;
+pub mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tunnel_proto::h2::H2Settings;
+
+use crate::metrics::ServerMetrics;
+use crate::pool::AgentPool;
+
+/// Default time the server gives an agent to reach a destination.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time open connections get to finish after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for a TLS handshake on any port.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where agents connect.
+    pub agent_listen: SocketAddr,
+    /// Where clients (sidecars, tools) connect.
+    pub client_listen: SocketAddr,
+    /// Health, readiness and metrics.
+    pub admin_listen: SocketAddr,
+    /// TLS configuration of both tunnel ports (client certificates required).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Trust domain of identities in certificates.
+    pub trust_domain: String,
+    /// This server's id, told to agents.
+    pub server_id: String,
+    /// Clusters known before their agents connect.
+    pub known_clusters: Vec<String>,
+    /// Time an agent gets to reach a destination.
+    pub dial_timeout: Duration,
+    /// Time open connections get to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// HTTP/2 settings of tunnel connections.
+    pub h2: H2Settings,
+}
+
+/// State shared by the server's tasks.
+pub struct ServerState {
+    /// The configuration.
+    pub config: ServerConfig,
+    /// Connected agents.
+    pub pool: AgentPool,
+    /// Metrics.
+    pub metrics: ServerMetrics,
+    draining: AtomicBool,
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").field("server_id", &self.config.server_id).finish()
+    }
+}
+
+impl ServerState {
+    /// Whether the server is shutting down (no new connections).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn connection_opened(&self) {
+        self.open.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn connection_closed(&self) {
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.all_closed.notify_waiters();
+        }
+    }
+
+    /// Proxied connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// The agent port's address.
+    pub agent_addr: SocketAddr,
+    /// The client port's address.
+    pub client_addr: SocketAddr,
+    /// The admin port's address.
+    pub admin_addr: SocketAddr,
+    state: Arc<ServerState>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds the three ports and starts serving.
+    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let agent_l = TcpListener::bind(config.agent_listen)
+            .await
+            .with_context(|| format!("cannot listen on agent address {}", config.agent_listen))?;
+        let client_l = TcpListener::bind(config.client_listen)
+            .await
+            .with_context(|| format!("cannot listen on client address {}", config.client_listen))?;
+        let admin_l = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
+        let mut registry = Registry::default();
+        let metrics = ServerMetrics::register(&mut registry);
+        let state = Arc::new(ServerState {
+            pool: AgentPool::with_known_clusters(&config.known_clusters),
+            metrics,
+            config,
+            draining: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let agent_addr = agent_l.local_addr()?;
+        let client_addr = client_l.local_addr()?;
+        let admin_addr = admin_l.local_addr()?;
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(agents::accept_agents(agent_l, state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(agents::accept_clients(client_l, state.clone(), stop_rx.clone())));
+        let ready_state = state.clone();
+        let admin = tunnel_proto::admin::AdminServer::new(
+            Arc::new(registry),
+            Arc::new(move || !ready_state.is_draining()),
+        );
+        let mut admin_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move { agents::stopped(&mut admin_stop).await };
+            if let Err(err) = admin.serve(admin_l, stop).await {
+                tracing::error!(%err, "admin server failed");
+            }
+        }));
+        tracing::info!(%agent_addr, %client_addr, %admin_addr, server_id = %state.config.server_id, "tunnel server started");
+        Ok(Self {
+            agent_addr,
+            client_addr,
+            admin_addr,
+            state,
+            stop,
+            tasks,
+        })
+    }
+
+    /// The shared state (pool, metrics).
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Graceful shutdown: stop accepting, tell clients to go elsewhere, let
+    /// open connections finish for up to the drain timeout, then stop.
+    pub async fn shutdown(self) {
+        let deadline = self.state.config.drain_timeout;
+        self.state.draining.store(true, Ordering::Release);
+        tracing::info!(open = self.state.open_connections(), ?deadline, "draining");
+        let wait_closed = async {
+            loop {
+                let notified = self.state.all_closed.notified();
+                if self.state.open_connections() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        // Stop accepting and send GOAWAY to clients, keep agent tunnels for open connections.
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(deadline, wait_closed).await.is_err() {
+            tracing::warn!(open = self.state.open_connections(), "drain deadline passed; closing remaining connections");
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        tracing::info!("tunnel server stopped");
+    }
+}

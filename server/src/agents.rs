@@ -1,0 +1,214 @@
+//! The two tunnel ports: agents dial in on one (reverse tunnels), clients on
+//! the other. Both are mTLS; the identity in the peer's certificate decides
+//! what it may do, so an agent cannot claim another cluster's name.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tunnel_proto::h2::{PeerInfo, WithPeer, client_handshake, serve_connection};
+use tunnel_proto::identity::{Identity, peer_identity};
+use tunnel_proto::pb;
+use tunnel_proto::pb::agent_client::AgentClient;
+use tunnel_proto::pb::tunnel_server::TunnelServer;
+
+use crate::metrics::{ClusterLabel, RejectLabel};
+use crate::pool::AgentTunnel;
+use crate::tunnel::TunnelService;
+use crate::{HANDSHAKE_TIMEOUT, ServerState};
+
+/// Time an agent gets to answer the server's hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Completes once `stop` is true.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Accepts with backoff on errors (e.g. out of file descriptors) and stops
+/// when `stop` turns true. Connection tasks end with the returned set.
+async fn accept_loop<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, mut handle: F)
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            res = listener.accept() => match res {
+                Ok((tcp, peer)) => { conns.spawn(handle(tcp, peer)); }
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    // Open connections keep running until the process (or test) ends them.
+    while conns.join_next().await.is_some() {}
+}
+
+/// TLS handshake and identity check shared by both ports.
+async fn handshake(
+    state: &ServerState,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: &'static str,
+) -> Option<(TlsStream<TcpStream>, Identity)> {
+    tunnel_proto::net::tune_tunnel_socket(&tcp, &state.config.h2.liveness);
+    let reject = |reason: &'static str| {
+        state
+            .metrics
+            .rejected
+            .get_or_create(&RejectLabel { listener, reason })
+            .inc();
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(state.config.tls.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::warn!(%peer, listener, %err, "TLS handshake failed; connection refused");
+            reject("tls");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, listener, "TLS handshake timed out; connection refused");
+            reject("tls");
+            return None;
+        }
+    };
+    let identity = tunnel_proto::tls::peer_leaf(tls.get_ref().1)
+        .ok_or_else(|| "no client certificate".to_owned())
+        .and_then(|leaf| peer_identity(leaf.as_ref(), &state.config.trust_domain).map_err(|e| e.to_string()));
+    match identity {
+        Ok(id) => Some((tls, id)),
+        Err(err) => {
+            tracing::warn!(%peer, listener, %err, "certificate carries no usable identity; connection refused");
+            reject("identity");
+            None
+        }
+    }
+}
+
+/// Serves the agent port until `stop`.
+pub async fn accept_agents(listener: TcpListener, state: Arc<ServerState>, stop: watch::Receiver<bool>) {
+    accept_loop(listener, stop, move |tcp, peer| {
+        let state = state.clone();
+        async move { serve_agent(state, tcp, peer).await }
+    })
+    .await;
+}
+
+async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) {
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "agent").await else {
+        return;
+    };
+    let Identity::Agent { cluster } = identity else {
+        tracing::warn!(%peer, %identity, "only agent certificates may connect to the agent port; connection refused");
+        state
+            .metrics
+            .rejected
+            .get_or_create(&RejectLabel { listener: "agent", reason: "identity" })
+            .inc();
+        return;
+    };
+    let (channel, driver) = match client_handshake(tls, &state.config.h2).await {
+        Ok(x) => x,
+        Err(err) => {
+            tracing::warn!(%peer, %cluster, %err, "HTTP/2 handshake with agent failed");
+            state
+                .metrics
+                .rejected
+                .get_or_create(&RejectLabel { listener: "agent", reason: "http2" })
+                .inc();
+            return;
+        }
+    };
+    let driver = tokio::spawn(driver);
+    let mut client = AgentClient::with_origin(channel.clone(), http::Uri::from_static("https://cluster-tunnel.agent"));
+    let hello = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        client.hello(pb::HelloRequest {
+            server_id: state.config.server_id.clone(),
+        }),
+    )
+    .await;
+    let hello = match hello {
+        Ok(Ok(resp)) => resp.into_inner(),
+        Ok(Err(status)) => {
+            tracing::warn!(%peer, %cluster, %status, "agent hello failed; connection refused");
+            state.metrics.rejected.get_or_create(&RejectLabel { listener: "agent", reason: "hello" }).inc();
+            driver.abort();
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, %cluster, "agent did not answer hello; connection refused");
+            state.metrics.rejected.get_or_create(&RejectLabel { listener: "agent", reason: "hello" }).inc();
+            driver.abort();
+            return;
+        }
+    };
+    if !hello.cluster.is_empty() && hello.cluster != cluster {
+        tracing::warn!(%peer, certificate_cluster = %cluster, claimed_cluster = %hello.cluster, "agent claims another cluster than its certificate; using the certificate's");
+    }
+    let agent_id = if hello.agent_id.is_empty() { peer.to_string() } else { hello.agent_id };
+    let tunnel = Arc::new(AgentTunnel {
+        agent_id: agent_id.clone(),
+        cluster: cluster.clone(),
+        remote_addr: peer,
+        since: SystemTime::now(),
+        open: AtomicU64::new(0),
+        channel,
+    });
+    let n = state.pool.add(tunnel.clone());
+    let gauge = state.metrics.agents.get_or_create(&ClusterLabel { cluster: cluster.clone() }).clone();
+    gauge.inc();
+    tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, agents_of_cluster = n, "agent connected");
+    let res = driver.await;
+    let left = state.pool.remove(&tunnel);
+    gauge.dec();
+    match res {
+        Ok(Ok(())) => tracing::info!(%peer, %cluster, agent = %agent_id, agents_of_cluster = left, "agent disconnected"),
+        Ok(Err(err)) => tracing::warn!(%peer, %cluster, agent = %agent_id, %err, agents_of_cluster = left, "agent tunnel failed"),
+        Err(err) => tracing::debug!(%err, "agent tunnel task ended"),
+    }
+}
+
+/// Serves the client port until `stop`; open client connections are then
+/// drained (GOAWAY: no new streams, open ones run to their end).
+pub async fn accept_clients(listener: TcpListener, state: Arc<ServerState>, stop: watch::Receiver<bool>) {
+    let svc = TunnelServer::new(TunnelService::new(state.clone())).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+    let stop_conn = stop.clone();
+    accept_loop(listener, stop, move |tcp, peer| {
+        let state = state.clone();
+        let svc = svc.clone();
+        let mut stop = stop_conn.clone();
+        async move {
+            let Some((tls, identity)) = handshake(&state, tcp, peer, "client").await else {
+                return;
+            };
+            if !matches!(identity, Identity::Client { .. }) {
+                tracing::warn!(%peer, %identity, "only client certificates may connect to the client port; connection refused");
+                state.metrics.rejected.get_or_create(&RejectLabel { listener: "client", reason: "identity" }).inc();
+                return;
+            }
+            tracing::debug!(%peer, %identity, "client connected");
+            let svc = WithPeer::new(svc, PeerInfo { identity: identity.clone(), remote_addr: peer });
+            let shutdown = async move { stopped(&mut stop).await };
+            if let Err(err) = serve_connection(tls, svc, &state.config.h2, shutdown).await {
+                tracing::warn!(%peer, %identity, %err, "client connection failed");
+            } else {
+                tracing::debug!(%peer, %identity, "client disconnected");
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,207 @@
+//! The `tunnel-server` command line: serve (the default), or write certificates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tunnel_proto::cli::{LogFormat, parse_duration};
+use tunnel_proto::h2::H2Settings;
+use tunnel_proto::identity::DEFAULT_TRUST_DOMAIN;
+use tunnel_proto::net::Liveness;
+use tunnel_proto::tls::TlsFiles;
+
+use crate::{Server, ServerConfig};
+
+/// The cluster-tunnel proxy server: agents in managed clusters dial in,
+/// clients on the hub reach those clusters through them.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel-server", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; without a command the server runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Server flags.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a CA and the certificates of a standalone installation.
+    Certs(CertArgs),
+}
+
+/// Flags of `tunnel-server certs`.
+#[derive(Debug, Args)]
+pub struct CertArgs {
+    /// Directory to write into (created if missing; an existing CA there is reused).
+    #[arg(long, default_value = "certs")]
+    pub dir: PathBuf,
+    /// A managed cluster to issue an agent certificate for (repeatable).
+    #[arg(long = "cluster")]
+    pub clusters: Vec<String>,
+    /// A client (sidecar, tool) to issue a client certificate for (repeatable).
+    #[arg(long = "client")]
+    pub clients: Vec<String>,
+    /// A DNS name or IP address for the server certificate (repeatable).
+    #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
+    pub server_names: Vec<String>,
+    /// Trust domain of the identities.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Validity of the leaf certificates, in days.
+    #[arg(long, default_value_t = 365)]
+    pub validity_days: u32,
+}
+
+/// Flags of the server.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address of the agent port (agents dial in here).
+    #[arg(long, env = "TUNNEL_AGENT_LISTEN", default_value = "0.0.0.0:8091")]
+    pub agent_listen: SocketAddr,
+    /// Address of the client port (sidecars and tools).
+    #[arg(long, env = "TUNNEL_CLIENT_LISTEN", default_value = "0.0.0.0:8090")]
+    pub client_listen: SocketAddr,
+    /// Address of the admin port (/healthz, /readyz, /metrics).
+    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8092")]
+    pub admin_listen: SocketAddr,
+    /// Directory holding server.pem, server-key.pem and ca.pem (as written by `certs`).
+    #[arg(long, env = "TUNNEL_CERT_DIR", default_value = "certs")]
+    pub cert_dir: PathBuf,
+    /// Server certificate chain (PEM); overrides the one in --cert-dir.
+    #[arg(long, env = "TUNNEL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM); overrides the one in --cert-dir.
+    #[arg(long, env = "TUNNEL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle that agent and client certificates must chain to; overrides --cert-dir.
+    #[arg(long, env = "TUNNEL_CA")]
+    pub ca: Option<PathBuf>,
+    /// Trust domain of identities in certificates.
+    #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// This server's id (default: host name plus a random suffix).
+    #[arg(long, env = "TUNNEL_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// A cluster known before its agents connect: reported as "no agent" rather
+    /// than "unknown cluster" (repeatable).
+    #[arg(long = "known-cluster", env = "TUNNEL_KNOWN_CLUSTERS", value_delimiter = ',')]
+    pub known_clusters: Vec<String>,
+    /// Time an agent gets to reach a destination.
+    #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+    /// Time open connections get to finish after SIGTERM.
+    #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// A tunnel peer that answers nothing for this long is declared dead.
+    #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub dead_peer_timeout: Duration,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Log filter (RUST_LOG overrides).
+    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl RunArgs {
+    /// The server configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let files = TlsFiles {
+            cert: self.tls_cert.clone().unwrap_or_else(|| self.cert_dir.join("server.pem")),
+            key: self.tls_key.clone().unwrap_or_else(|| self.cert_dir.join("server-key.pem")),
+            ca: self.ca.clone().unwrap_or_else(|| self.cert_dir.join("ca.pem")),
+        };
+        for c in &self.known_clusters {
+            tunnel_proto::identity::validate_cluster_name(c).map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
+        }
+        let h2 = H2Settings {
+            liveness: Liveness::from_timeout(self.dead_peer_timeout),
+            ..H2Settings::default()
+        };
+        Ok(ServerConfig {
+            agent_listen: self.agent_listen,
+            client_listen: self.client_listen,
+            admin_listen: self.admin_listen,
+            tls: tunnel_proto::tls::server_config(&files)?,
+            trust_domain: self.trust_domain.clone(),
+            server_id: self.server_id.clone().unwrap_or_else(tunnel_proto::cli::default_instance_id),
+            known_clusters: self.known_clusters.clone(),
+            dial_timeout: self.dial_timeout,
+            drain_timeout: self.drain_timeout,
+            h2,
+        })
+    }
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        RunArgs::parse_from_defaults()
+    }
+}
+
+impl RunArgs {
+    fn parse_from_defaults() -> Self {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        Wrap::parse_from(["tunnel-server"]).args
+    }
+}
+
+/// Runs the command line: the binary's whole `main`.
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    tunnel_proto::tls::install_crypto_provider();
+    match cli.command {
+        Some(Command::Certs(args)) => {
+            let opts = tunnel_proto::certs::CertOptions {
+                trust_domain: args.trust_domain,
+                server_names: args.server_names,
+                clusters: args.clusters,
+                clients: args.clients,
+                validity_days: args.validity_days,
+            };
+            let out = tunnel_proto::certs::generate(&args.dir, &opts)?;
+            for path in &out.written {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        None => {
+            tunnel_proto::cli::init_logging(cli.run.log_format, &cli.run.log_level);
+            let config = cli.run.to_config()?;
+            let server = Server::start(config).await?;
+            tunnel_proto::cli::termination_signal().await;
+            server.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DEFAULT_DIAL_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};
+
+    #[test]
+    fn defaults_are_sane() {
+        let args = RunArgs::default();
+        assert_eq!(args.dial_timeout, DEFAULT_DIAL_TIMEOUT);
+        assert_eq!(args.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(args.client_listen.port(), 8090);
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_the_flag_named() {
+        let err = Cli::try_parse_from(["tunnel-server", "--dial-timeout", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("--dial-timeout"), "{err}");
+        let args = Cli::try_parse_from(["tunnel-server", "--known-cluster", "Bad_Name"]).unwrap();
+        let err = args.run.to_config().unwrap_err();
+        assert!(err.to_string().contains("--known-cluster"), "{err}");
+    }
+}

@@ -1,0 +1,94 @@
+//! The server's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label: a cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    /// Cluster name.
+    pub cluster: String,
+}
+
+/// Labels: a cluster and a direction (`to_cluster` or `from_cluster`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabel {
+    /// Cluster name.
+    pub cluster: String,
+    /// `to_cluster` (client to destination) or `from_cluster`.
+    pub direction: &'static str,
+}
+
+/// Label: a result code (`ok` or an error code's label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// Result code.
+    pub code: &'static str,
+}
+
+/// Labels: a listener (`agent`, `client`) and why a connection was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    /// Which port.
+    pub listener: &'static str,
+    /// Why (`tls`, `identity`, `http2`, `hello`).
+    pub reason: &'static str,
+}
+
+/// Every metric of the server.
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    /// Agents connected, per cluster.
+    pub agents: Family<ClusterLabel, Gauge>,
+    /// Proxied connections open now.
+    pub open_connections: Gauge,
+    /// Connection attempts by result code.
+    pub dials: Family<CodeLabel, Counter>,
+    /// Seconds from `Open` to the agent's answer.
+    pub dial_latency: Histogram,
+    /// Payload bytes per cluster and direction.
+    pub bytes: Family<BytesLabel, Counter>,
+    /// Connections refused at a listener.
+    pub rejected: Family<RejectLabel, Counter>,
+}
+
+impl ServerMetrics {
+    /// Creates the metrics and registers them under the `tunnel_server` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            agents: Family::default(),
+            open_connections: Gauge::default(),
+            dials: Family::default(),
+            dial_latency: Histogram::new(
+                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+                    .into_iter(),
+            ),
+            bytes: Family::default(),
+            rejected: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("tunnel_server");
+        r.register("agents", "Agents connected, per cluster", m.agents.clone());
+        r.register(
+            "open_connections",
+            "Proxied connections open now",
+            m.open_connections.clone(),
+        );
+        r.register("dials", "Connection attempts by result code", m.dials.clone());
+        r.register(
+            "dial_latency_seconds",
+            "Time from a client's open to the agent's answer",
+            m.dial_latency.clone(),
+        );
+        r.register("bytes", "Payload bytes per cluster and direction", m.bytes.clone());
+        r.register(
+            "rejected_connections",
+            "Connections refused at a listener, by reason",
+            m.rejected.clone(),
+        );
+        m
+    }
+}

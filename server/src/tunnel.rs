@@ -1,0 +1,438 @@
+//! The client-facing `Tunnel` service: routes each connection to an agent of
+//! its cluster and splices the two streams.
+//!
+//! The server never touches a TCP socket for a proxied connection: it passes
+//! the client's stream to the agent as the request body and the agent's
+//! response stream back as the response body, so HTTP/2 flow control runs end
+//! to end and a connection costs no task of its own here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tunnel_proto::error::{ErrorCode, TunnelError};
+use tunnel_proto::identity::Identity;
+use tunnel_proto::pb::agent_client::AgentClient;
+use tunnel_proto::pb::{self, Frame, frame::Kind, tunnel_server::Tunnel};
+use tunnel_proto::relay::{ByteCounter, GateOpener, gated};
+
+use crate::ServerState;
+use crate::metrics::{BytesLabel, CodeLabel};
+use crate::pool::{AgentTunnel, Pick};
+
+/// How long a client may take to send its `Open` frame.
+pub const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra time the server waits beyond the dial timeout it gave the agent.
+const AGENT_ANSWER_MARGIN: Duration = Duration::from_secs(2);
+
+/// The `Tunnel` gRPC service.
+#[derive(Clone)]
+pub struct TunnelService {
+    state: Arc<ServerState>,
+}
+
+impl TunnelService {
+    /// The service over the server's shared state.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
+
+/// One proxied connection's record: counted while it lives, logged and
+/// measured once when both directions are done (on drop).
+struct ConnRecord {
+    state: Arc<ServerState>,
+    id: uuid::Uuid,
+    client: String,
+    cluster: String,
+    destination: String,
+    agent_id: std::sync::Mutex<String>,
+    start: Instant,
+    to_cluster: ByteCounter,
+    from_cluster: ByteCounter,
+    to_cluster_eof: AtomicBool,
+    from_cluster_eof: AtomicBool,
+    /// 0 = no error; else an `ErrorCode` value.
+    error: AtomicU8,
+    counted_open: AtomicBool,
+}
+
+impl ConnRecord {
+    fn fail(&self, err: &TunnelError) {
+        self.error.store(err.code as i32 as u8, Ordering::Relaxed);
+    }
+
+    fn result(&self) -> &'static str {
+        match ErrorCode::try_from(i32::from(self.error.load(Ordering::Relaxed))) {
+            Ok(ErrorCode::Unspecified) | Err(_) => {
+                if self.to_cluster_eof.load(Ordering::Relaxed) && self.from_cluster_eof.load(Ordering::Relaxed) {
+                    "ok"
+                } else {
+                    "aborted"
+                }
+            }
+            Ok(code) => code.label(),
+        }
+    }
+}
+
+impl Drop for ConnRecord {
+    fn drop(&mut self) {
+        let m = &self.state.metrics;
+        if self.counted_open.load(Ordering::Relaxed) {
+            m.open_connections.dec();
+            self.state.connection_closed();
+        }
+        let up = self.to_cluster.get();
+        let down = self.from_cluster.get();
+        if up > 0 {
+            m.bytes
+                .get_or_create(&BytesLabel {
+                    cluster: self.cluster.clone(),
+                    direction: "to_cluster",
+                })
+                .inc_by(up);
+        }
+        if down > 0 {
+            m.bytes
+                .get_or_create(&BytesLabel {
+                    cluster: self.cluster.clone(),
+                    direction: "from_cluster",
+                })
+                .inc_by(down);
+        }
+        let agent = self.agent_id.lock().map(|a| a.clone()).unwrap_or_default();
+        tracing::info!(
+            target: "tunnel_server::connection",
+            id = %self.id,
+            client = %self.client,
+            cluster = %self.cluster,
+            destination = %self.destination,
+            agent = %agent,
+            bytes_to_cluster = up,
+            bytes_from_cluster = down,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            result = self.result(),
+            "connection closed"
+        );
+    }
+}
+
+/// The client's frames on their way to the agent: data counted, the stream
+/// ended (without eof, an abort) if the client's stream fails.
+struct ToCluster {
+    inner: Streaming<Frame>,
+    record: Arc<ConnRecord>,
+}
+
+impl Stream for ToCluster {
+    type Item = Frame;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
+        match futures_util::ready!(self.inner.poll_next_unpin(cx)) {
+            Some(Ok(frame)) => {
+                match &frame.kind {
+                    Some(Kind::Data(d)) => self.record.to_cluster.add(d.len() as u64),
+                    Some(Kind::Eof(_)) => self.record.to_cluster_eof.store(true, Ordering::Relaxed),
+                    _ => {}
+                }
+                Poll::Ready(Some(frame))
+            }
+            Some(Err(status)) => {
+                tracing::debug!(id = %self.record.id, %status, "client stream failed");
+                Poll::Ready(None)
+            }
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+/// The agent's frames on their way back to the client, counted.
+struct FromCluster {
+    inner: Streaming<Frame>,
+    record: Arc<ConnRecord>,
+}
+
+impl Stream for FromCluster {
+    type Item = Result<Frame, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = futures_util::ready!(self.inner.poll_next_unpin(cx));
+        if let Some(Ok(frame)) = &item {
+            match &frame.kind {
+                Some(Kind::Data(d)) => self.record.from_cluster.add(d.len() as u64),
+                Some(Kind::Eof(_)) => self.record.from_cluster_eof.store(true, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+        Poll::Ready(item)
+    }
+}
+
+fn single(frame: Frame) -> FrameStream {
+    Box::pin(futures_util::stream::once(async move { Ok(frame) }))
+}
+
+fn caller(req: &Request<Streaming<Frame>>) -> String {
+    match req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>() {
+        Some(peer) => peer.identity.to_string(),
+        None => "unknown".into(),
+    }
+}
+
+/// Checks an `Open` frame's fields.
+fn validate_open(open: &pb::Open) -> Result<(uuid::Uuid, u16), TunnelError> {
+    let id = uuid::Uuid::from_slice(&open.connection_id).map_err(|_| {
+        TunnelError::new(
+            ErrorCode::BadRequest,
+            format!("connection_id must be 16 bytes, got {}", open.connection_id.len()),
+        )
+    })?;
+    tunnel_proto::identity::validate_cluster_name(&open.cluster)
+        .map_err(|e| TunnelError::new(ErrorCode::BadRequest, format!("cluster: {e}")))?;
+    if open.host.is_empty() || open.host.len() > 253 || open.host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(TunnelError::new(
+            ErrorCode::BadRequest,
+            format!("invalid destination host {:?}", open.host),
+        ));
+    }
+    let port = u16::try_from(open.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| TunnelError::new(ErrorCode::BadRequest, format!("invalid destination port {}", open.port)))?;
+    Ok((id, port))
+}
+
+impl TunnelService {
+    /// Opens the connection on an agent, retrying others while the failure
+    /// happened before the destination answered. On success returns the
+    /// agent's stream (after its `Opened`), the `Opened` frame and the gate
+    /// through which the client's stream goes on.
+    async fn route(
+        &self,
+        open: &pb::Open,
+        record: &ConnRecord,
+    ) -> Result<(Frame, Streaming<Frame>, GateOpener<ToCluster>, Arc<AgentTunnel>), TunnelError> {
+        let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
+        let mut last_err: Option<TunnelError> = None;
+        loop {
+            let agent = match self.state.pool.pick(&open.cluster, &tried) {
+                Pick::Agent(a) => a,
+                Pick::UnknownCluster => {
+                    return Err(TunnelError::new(
+                        ErrorCode::UnknownCluster,
+                        format!("cluster {:?} is not known to this server", open.cluster),
+                    ));
+                }
+                Pick::NoAgent => {
+                    return Err(last_err.unwrap_or_else(|| {
+                        TunnelError::new(
+                            ErrorCode::NoAgent,
+                            format!("no agent of cluster {:?} is connected", open.cluster),
+                        )
+                    }));
+                }
+            };
+            tried.push(agent.clone());
+            if let Ok(mut a) = record.agent_id.lock() {
+                a.clone_from(&agent.agent_id);
+            }
+            let frame = Frame {
+                kind: Some(Kind::Open(open.clone())),
+            };
+            let (request, gate) = gated::<ToCluster>(frame);
+            let mut client = AgentClient::with_origin(
+                agent.channel.clone(),
+                http::Uri::from_static("https://cluster-tunnel.agent"),
+            )
+            .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+            let answer = async {
+                let mut inbound = client.dial(request).await.map_err(|s| tunnel_broken(&agent, &s))?.into_inner();
+                match inbound.message().await {
+                    Ok(Some(f @ Frame { kind: Some(Kind::Opened(_)) })) => Ok((f, inbound)),
+                    Ok(Some(Frame { kind: Some(Kind::Error(e)) })) => Err(TunnelError::from_pb(&e)),
+                    Ok(Some(_)) => Err(TunnelError::new(ErrorCode::Internal, "agent answered out of protocol")),
+                    Ok(None) => Err(TunnelError::new(ErrorCode::TunnelBroken, "agent closed the stream without an answer")),
+                    Err(s) => Err(tunnel_broken(&agent, &s)),
+                }
+            }
+            .await;
+            match answer {
+                Ok((opened, inbound)) => return Ok((opened, inbound, gate, agent)),
+                Err(err) if err.code.is_retryable_on_other_agent() => {
+                    tracing::warn!(id = %record.id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
+                    last_err = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+fn tunnel_broken(agent: &AgentTunnel, status: &Status) -> TunnelError {
+    TunnelError::new(
+        ErrorCode::TunnelBroken,
+        format!("tunnel to agent {} failed: {}", agent.agent_id, status.message()),
+    )
+}
+
+#[tonic::async_trait]
+impl Tunnel for TunnelService {
+    type ConnectStream = FrameStream;
+
+    async fn connect(&self, req: Request<Streaming<Frame>>) -> Result<Response<FrameStream>, Status> {
+        let client = caller(&req);
+        if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
+            && !matches!(peer.identity, Identity::Client { .. })
+        {
+            let err = TunnelError::new(ErrorCode::Unauthenticated, format!("{} may not open connections", peer.identity));
+            tracing::warn!(%client, %err, "refused");
+            return Ok(Response::new(single(err.to_frame())));
+        }
+        let mut inbound = req.into_inner();
+        let open = match tokio::time::timeout(OPEN_FRAME_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(Frame { kind: Some(Kind::Open(open)) }))) => open,
+            Ok(Ok(other)) => {
+                let err = TunnelError::new(ErrorCode::BadRequest, format!(
+                    "the first frame must be open, got {}",
+                    other.as_ref().and_then(|f| f.kind.as_ref()).map(tunnel_proto::relay::kind_name).unwrap_or("nothing")
+                ));
+                tracing::warn!(%client, %err, "bad open");
+                self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+                return Ok(Response::new(single(err.to_frame())));
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                let err = TunnelError::new(ErrorCode::BadRequest, "no open frame within 10s");
+                tracing::warn!(%client, %err, "bad open");
+                return Ok(Response::new(single(err.to_frame())));
+            }
+        };
+        let (id, port) = match validate_open(&open) {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(%client, %err, "bad open");
+                self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+                return Ok(Response::new(single(err.to_frame())));
+            }
+        };
+        let record = Arc::new(ConnRecord {
+            state: self.state.clone(),
+            id,
+            client,
+            cluster: open.cluster.clone(),
+            destination: if open.host.contains(':') { format!("[{}]:{port}", open.host) } else { format!("{}:{port}", open.host) },
+            agent_id: std::sync::Mutex::new(String::new()),
+            start: Instant::now(),
+            to_cluster: ByteCounter::default(),
+            from_cluster: ByteCounter::default(),
+            to_cluster_eof: AtomicBool::new(false),
+            from_cluster_eof: AtomicBool::new(false),
+            error: AtomicU8::new(0),
+            counted_open: AtomicBool::new(false),
+        });
+        if self.state.is_draining() {
+            let err = TunnelError::new(ErrorCode::ServerDraining, "server is shutting down; retry on another replica");
+            record.fail(&err);
+            self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+            return Ok(Response::new(single(err.to_frame())));
+        }
+        record.counted_open.store(true, Ordering::Relaxed);
+        self.state.connection_opened();
+        self.state.metrics.open_connections.inc();
+
+        let dial_timeout = match open.dial_timeout_ms {
+            0 => self.state.config.dial_timeout,
+            ms => Duration::from_millis(u64::from(ms)).min(self.state.config.dial_timeout),
+        };
+        let mut to_agent = open.clone();
+        to_agent.dial_timeout_ms = u32::try_from(dial_timeout.as_millis()).unwrap_or(u32::MAX);
+        let started = Instant::now();
+        let routed = match tokio::time::timeout(dial_timeout + AGENT_ANSWER_MARGIN, self.route(&to_agent, &record)).await {
+            Ok(r) => r,
+            Err(_) => Err(TunnelError::new(
+                ErrorCode::DialTimeout,
+                format!("no answer from the agent within {dial_timeout:?}"),
+            )),
+        };
+        self.state.metrics.dial_latency.observe(started.elapsed().as_secs_f64());
+        match routed {
+            Ok((opened, agent_stream, gate, agent)) => {
+                self.state.metrics.dials.get_or_create(&CodeLabel { code: "ok" }).inc();
+                agent.open.fetch_add(1, Ordering::Relaxed);
+                let guard = AgentOpenGuard(agent);
+                let to_cluster = ToCluster { inner: inbound, record: record.clone() };
+                if gate.open(to_cluster).is_err() {
+                    tracing::debug!(%id, "agent stream ended before the client's data flowed");
+                }
+                let from_cluster = FromCluster { inner: agent_stream, record };
+                let out = futures_util::stream::once(async move { Ok(opened) })
+                    .chain(from_cluster)
+                    .map(move |item| {
+                        let _ = &guard;
+                        item
+                    });
+                Ok(Response::new(Box::pin(out)))
+            }
+            Err(err) => {
+                record.fail(&err);
+                self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+                Ok(Response::new(single(err.to_frame())))
+            }
+        }
+    }
+
+    async fn list_clusters(
+        &self,
+        _req: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        Ok(Response::new(pb::ListClustersResponse {
+            clusters: self.state.pool.snapshot(),
+        }))
+    }
+}
+
+/// Counts a connection against its agent while the response stream lives.
+struct AgentOpenGuard(Arc<AgentTunnel>);
+
+impl Drop for AgentOpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(id_len: usize, cluster: &str, host: &str, port: u32) -> pb::Open {
+        pb::Open {
+            connection_id: vec![7; id_len],
+            cluster: cluster.into(),
+            host: host.into(),
+            port,
+            dial_timeout_ms: 0,
+        }
+    }
+
+    #[test]
+    fn opens_are_validated_field_by_field() {
+        assert!(validate_open(&open(16, "east", "kubernetes.default.svc", 443)).is_ok());
+        let e = validate_open(&open(4, "east", "a", 1)).unwrap_err();
+        assert!(e.message.contains("16 bytes"), "{e}");
+        let e = validate_open(&open(16, "East!", "a", 1)).unwrap_err();
+        assert!(e.message.starts_with("cluster"), "{e}");
+        let e = validate_open(&open(16, "east", "", 1)).unwrap_err();
+        assert!(e.message.contains("host"), "{e}");
+        let e = validate_open(&open(16, "east", "a", 70000)).unwrap_err();
+        assert!(e.message.contains("port"), "{e}");
+        let e = validate_open(&open(16, "east", "a", 0)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+}
