@@ -1,1 +1,17 @@
-pub fn x() {}
+//! The cluster-tunnel agent: runs in a managed cluster, keeps a reverse
+//! tunnel to every proxy server replica, and dials destinations on request.
+//!
+//! - [`tunnels`]: dials out to each server address (re-resolving DNS names so
+//!   that every replica gets a tunnel), reconnects with backoff, forever.
+//! - [`dial`]: the `Agent` service the server calls on each tunnel: one
+//!   `Dial` stream per proxied connection.
+//! - [`allowlist`]: which destinations may be dialed.
+//! - [`metrics`]: Prometheus metrics on the admin port.
+
+pub mod allowlist;
+pub mod cli;
+pub mod dial;
+pub mod metrics;
+pub mod tunnels;
+
+pub use tunnels::{Agent, AgentConfig};

@@ -77,7 +77,11 @@ mod tests {
         for cap in caps {
             let cap = cap * MS;
             let d = b.next_delay();
-            assert!(d >= cap / 2 && d <= cap, "{d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
         }
         assert_eq!(b.attempts(), caps.len() as u32);
     }

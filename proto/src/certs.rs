@@ -208,7 +208,11 @@ pub fn generate(dir: &Path, opts: &CertOptions) -> Result<GeneratedCerts, CertEr
         check_issuer_name(&cert_der, &ca)?;
         let (cert_file, key_file) = leaf_file_names(id);
         written.push(write_file(&dir.join(key_file), key_pem.as_bytes(), true)?);
-        written.push(write_file(&dir.join(cert_file), cert_pem.as_bytes(), false)?);
+        written.push(write_file(
+            &dir.join(cert_file),
+            cert_pem.as_bytes(),
+            false,
+        )?);
     }
     Ok(GeneratedCerts {
         dir: dir.to_owned(),
@@ -220,10 +224,14 @@ pub fn generate(dir: &Path, opts: &CertOptions) -> Result<GeneratedCerts, CertEr
 pub fn leaf_file_names(id: &Identity) -> (String, String) {
     match id {
         Identity::Server => (SERVER_CERT_FILE.to_owned(), SERVER_KEY_FILE.to_owned()),
-        Identity::Agent { cluster } => {
-            (format!("agent-{cluster}.pem"), format!("agent-{cluster}-key.pem"))
-        }
-        Identity::Client { name } => (format!("client-{name}.pem"), format!("client-{name}-key.pem")),
+        Identity::Agent { cluster } => (
+            format!("agent-{cluster}.pem"),
+            format!("agent-{cluster}-key.pem"),
+        ),
+        Identity::Client { name } => (
+            format!("client-{name}.pem"),
+            format!("client-{name}-key.pem"),
+        ),
     }
 }
 
@@ -287,7 +295,11 @@ fn create_ca(
     let not_after = params.not_after;
 
     let ca = CertifiedIssuer::self_signed(params, key)?;
-    written.push(write_file(key_path, ca.key().serialize_pem().as_bytes(), true)?);
+    written.push(write_file(
+        key_path,
+        ca.key().serialize_pem().as_bytes(),
+        true,
+    )?);
     written.push(write_file(&cert_path, ca.pem().as_bytes(), false)?);
     let subject_der = subject_der(ca.der(), &cert_path)?;
     // Re-read what we wrote, so a new CA and a reused CA sign the same way.
@@ -319,7 +331,12 @@ fn load_ca(cert_path: PathBuf, key_path: &Path, now: OffsetDateTime) -> Result<C
         .map_err(|e| invalid(&cert_path, format!("cannot parse certificate: {e}")))?;
     match x509.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {}
-        _ => return Err(invalid(&cert_path, "not a CA certificate (no CA:true)".to_owned())),
+        _ => {
+            return Err(invalid(
+                &cert_path,
+                "not a CA certificate (no CA:true)".to_owned(),
+            ));
+        }
     }
     if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(invalid(
@@ -408,11 +425,10 @@ fn distinguished_name(x509: &X509Certificate<'_>) -> Result<DistinguishedName, &
 }
 
 fn subject_der(der: &[u8], path: &Path) -> Result<Vec<u8>, CertError> {
-    let (_, x509) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::CaInvalid {
-            path: path.to_owned(),
-            reason: format!("cannot parse certificate: {e}"),
-        })?;
+    let (_, x509) = x509_parser::parse_x509_certificate(der).map_err(|e| CertError::CaInvalid {
+        path: path.to_owned(),
+        reason: format!("cannot parse certificate: {e}"),
+    })?;
     Ok(x509.subject().as_raw().to_vec())
 }
 
@@ -503,7 +519,9 @@ fn server_san(name: &str) -> Result<SanType, CertError> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         {
-            return Err(fail("not an IP address, and a DNS name may contain only letters, digits, '-' and '.'"));
+            return Err(fail(
+                "not an IP address, and a DNS name may contain only letters, digits, '-' and '.'",
+            ));
         }
         if label.starts_with('-') || label.ends_with('-') {
             return Err(fail("DNS labels must not start or end with '-'"));
@@ -528,7 +546,9 @@ fn validate_trust_domain(td: &str) -> Result<(), CertError> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
     {
-        return Err(fail("may contain only lowercase letters, digits, '.', '-' and '_'"));
+        return Err(fail(
+            "may contain only lowercase letters, digits, '.', '-' and '_'",
+        ));
     }
     Ok(())
 }
@@ -587,7 +607,6 @@ mod tests {
     use rustls::client::WebPkiServerVerifier;
     use rustls::client::danger::ServerCertVerifier;
     use rustls::server::WebPkiClientVerifier;
-    use rustls::server::danger::ClientCertVerifier;
     use rustls::{RootCertStore, crypto::CryptoProvider};
     use rustls_pki_types::{ServerName, UnixTime};
 
@@ -674,18 +693,41 @@ mod tests {
         generate(dir, &opts()).expect("generate");
         let td = DEFAULT_TRUST_DOMAIN;
         let check = |file: &str, want: Identity| {
-            assert_eq!(identity::peer_identity(&cert(dir, file), td), Ok(want), "{file}");
+            assert_eq!(
+                identity::peer_identity(&cert(dir, file), td),
+                Ok(want),
+                "{file}"
+            );
         };
         check("server.pem", Identity::Server);
-        check("agent-east.pem", Identity::Agent { cluster: "east".into() });
-        check("agent-west.pem", Identity::Agent { cluster: "west".into() });
-        check("client-bench.pem", Identity::Client { name: "bench".into() });
+        check(
+            "agent-east.pem",
+            Identity::Agent {
+                cluster: "east".into(),
+            },
+        );
+        check(
+            "agent-west.pem",
+            Identity::Agent {
+                cluster: "west".into(),
+            },
+        );
+        check(
+            "client-bench.pem",
+            Identity::Client {
+                name: "bench".into(),
+            },
+        );
 
         let der = cert(dir, "agent-east.pem");
         let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("parse");
         let cn = x509.subject().iter_common_name().next().expect("CN");
         assert_eq!(cn.as_str().expect("CN str"), "agent/east");
-        let eku = x509.extended_key_usage().expect("eku").expect("eku present").value;
+        let eku = x509
+            .extended_key_usage()
+            .expect("eku")
+            .expect("eku present")
+            .value;
         assert!(eku.client_auth && !eku.server_auth);
         assert!(!x509.is_ca());
     }
@@ -696,7 +738,11 @@ mod tests {
         generate(tmp.path(), &opts()).expect("generate");
         let der = cert(tmp.path(), CA_CERT_FILE);
         let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("parse");
-        let bc = x509.basic_constraints().expect("bc").expect("bc present").value;
+        let bc = x509
+            .basic_constraints()
+            .expect("bc")
+            .expect("bc present")
+            .value;
         assert!(bc.ca);
         assert_eq!(bc.path_len_constraint, Some(0));
         let ku = x509.key_usage().expect("ku").expect("ku present").value;
@@ -765,11 +811,20 @@ mod tests {
             ..CertOptions::new()
         };
         let out = generate(dir, &more).expect("second run");
-        assert_eq!(fs::read(dir.join(CA_CERT_FILE)).expect("read ca"), ca_before);
-        assert_eq!(fs::read(dir.join(CA_KEY_FILE)).expect("read ca key"), key_before);
+        assert_eq!(
+            fs::read(dir.join(CA_CERT_FILE)).expect("read ca"),
+            ca_before
+        );
+        assert_eq!(
+            fs::read(dir.join(CA_KEY_FILE)).expect("read ca key"),
+            key_before
+        );
         assert!(!out.written.iter().any(|p| p.ends_with(CA_CERT_FILE)));
         assert!(!out.written.iter().any(|p| p.ends_with(SERVER_CERT_FILE)));
-        assert_ne!(fs::read(dir.join("agent-east.pem")).expect("read agent"), agent_before);
+        assert_ne!(
+            fs::read(dir.join("agent-east.pem")).expect("read agent"),
+            agent_before
+        );
 
         // The new leaf chains to the old CA.
         let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir), provider())
@@ -805,14 +860,20 @@ mod tests {
             ..CertOptions::new()
         };
         let err = generate(&dir, &bad).unwrap_err();
-        assert!(err.to_string().contains("invalid cluster name \"East_1\""), "{err}");
+        assert!(
+            err.to_string().contains("invalid cluster name \"East_1\""),
+            "{err}"
+        );
         assert!(!dir.exists());
 
         let bad = CertOptions {
             clients: vec!["".into()],
             ..CertOptions::new()
         };
-        assert!(matches!(generate(&dir, &bad), Err(CertError::InvalidName(_))));
+        assert!(matches!(
+            generate(&dir, &bad),
+            Err(CertError::InvalidName(_))
+        ));
 
         for name in ["", "a..b", "-a.com", "a_b.com", "exa mple"] {
             let bad = CertOptions {
@@ -820,13 +881,19 @@ mod tests {
                 ..CertOptions::new()
             };
             let err = generate(&dir, &bad).unwrap_err();
-            assert!(matches!(err, CertError::InvalidServerName { .. }), "{name}: {err}");
+            assert!(
+                matches!(err, CertError::InvalidServerName { .. }),
+                "{name}: {err}"
+            );
         }
         let bad = CertOptions {
             trust_domain: "Bad Domain".into(),
             ..CertOptions::new()
         };
-        assert!(matches!(generate(&dir, &bad), Err(CertError::InvalidTrustDomain { .. })));
+        assert!(matches!(
+            generate(&dir, &bad),
+            Err(CertError::InvalidTrustDomain { .. })
+        ));
         let bad = CertOptions {
             validity_days: 0,
             ..CertOptions::new()
@@ -882,7 +949,11 @@ mod tests {
         generate(dir, &o).expect("generate");
         let der = cert(dir, SERVER_CERT_FILE);
         let (_, x509) = x509_parser::parse_x509_certificate(&der).expect("parse");
-        let lifetime = x509.validity().not_after.timestamp() - OffsetDateTime::now_utc().unix_timestamp();
-        assert!((2 * 86400 - 120..=2 * 86400).contains(&lifetime), "{lifetime}");
+        let lifetime =
+            x509.validity().not_after.timestamp() - OffsetDateTime::now_utc().unix_timestamp();
+        assert!(
+            (2 * 86400 - 120..=2 * 86400).contains(&lifetime),
+            "{lifetime}"
+        );
     }
 }

@@ -166,17 +166,24 @@ impl TunnelClient {
         *guard = None;
         let n = self.opts.servers.len();
         if n == 0 {
-            return Err(TunnelError::new(ErrorCode::Internal, "no server address configured"));
+            return Err(TunnelError::new(
+                ErrorCode::Internal,
+                "no server address configured",
+            ));
         }
         let mut last = None;
         for _ in 0..n {
-            let i = self.next_server.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+            let i = self
+                .next_server
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % n;
             let addr = &self.opts.servers[i];
             match tokio::time::timeout(self.opts.connect_timeout, self.dial(addr)).await {
                 Ok(Ok(ch)) => {
                     *guard = Some(ch.clone());
                     // Stay on this server until it fails.
-                    self.next_server.store(i, std::sync::atomic::Ordering::Relaxed);
+                    self.next_server
+                        .store(i, std::sync::atomic::Ordering::Relaxed);
                     return Ok(ch);
                 }
                 Ok(Err(err)) => {
@@ -204,7 +211,8 @@ impl TunnelClient {
             Some(name) => name.clone(),
             None => host_of(addr).to_owned(),
         };
-        let name = ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
+        let name =
+            ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
         let tls = tokio_rustls::TlsConnector::from(self.opts.tls.clone())
             .connect(name, tcp)
             .await
@@ -275,7 +283,11 @@ impl TunnelClient {
                 ErrorCode::Internal,
                 format!(
                     "server answered with a {} frame instead of opened",
-                    other.kind.as_ref().map(crate::relay::kind_name).unwrap_or("empty")
+                    other
+                        .kind
+                        .as_ref()
+                        .map(crate::relay::kind_name)
+                        .unwrap_or("empty")
                 ),
             )),
             Some(Err(status)) => Err(TunnelError::from_status(&status)),
@@ -287,7 +299,11 @@ impl TunnelClient {
     }
 
     /// Opens a tunnel to `target` and relays `tcp` through it.
-    pub async fn proxy(&self, tcp: TcpStream, target: &Target) -> Result<RelayOutcome, TunnelError> {
+    pub async fn proxy(
+        &self,
+        tcp: TcpStream,
+        target: &Target,
+    ) -> Result<RelayOutcome, TunnelError> {
         let tunnel = self.open(target).await?;
         Ok(tunnel.relay(tcp).await)
     }
@@ -332,7 +348,9 @@ pub async fn serve_port(
         tokio::spawn(async move {
             match client.proxy(tcp, &target).await {
                 Ok(outcome) => tracing::debug!(%peer, %target, ?outcome, "connection done"),
-                Err(err) => tracing::warn!(%peer, %target, code = err.code.label(), %err, "cannot open tunnel"),
+                Err(err) => {
+                    tracing::warn!(%peer, %target, code = err.code.label(), %err, "cannot open tunnel")
+                }
             }
         });
     }

@@ -161,10 +161,7 @@ mod tests {
     #[test]
     fn refused_dials_are_classified() {
         let err = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert_eq!(
-            dial_error("a:1", &err).code,
-            ErrorCode::DestinationRefused
-        );
+        assert_eq!(dial_error("a:1", &err).code, ErrorCode::DestinationRefused);
         assert_eq!(ErrorCode::DialTimeout.http_status(), 504);
         assert_eq!(ErrorCode::NoAgent.http_status(), 503);
     }

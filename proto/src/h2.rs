@@ -105,7 +105,13 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for H2Channel {
 pub async fn client_handshake<IO>(
     io: IO,
     settings: &H2Settings,
-) -> Result<(H2Channel, impl Future<Output = Result<(), hyper::Error>> + Send + 'static), hyper::Error>
+) -> Result<
+    (
+        H2Channel,
+        impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    ),
+    hyper::Error,
+>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {

@@ -122,7 +122,9 @@ pub enum IdentityError {
     #[error("peer certificate has no URI SAN, so it names no cluster-tunnel identity")]
     NoUriSan,
     /// The certificate has URI SANs, but none is an identity in our trust domain.
-    #[error("no URI SAN of the peer certificate is an identity in trust domain {trust_domain:?} (found {uris:?})")]
+    #[error(
+        "no URI SAN of the peer certificate is an identity in trust domain {trust_domain:?} (found {uris:?})"
+    )]
     NoIdentity {
         /// The trust domain we accept.
         trust_domain: String,
@@ -306,7 +308,9 @@ mod tests {
     fn uri_round_trips() {
         for id in [
             agent("east"),
-            Identity::Client { name: "ci-1".into() },
+            Identity::Client {
+                name: "ci-1".into(),
+            },
             Identity::Server,
         ] {
             assert_eq!(parse_identity_uri(&id.uri(TD), TD), Ok(id));
@@ -316,8 +320,13 @@ mod tests {
     #[test]
     fn parse_rejects_wrong_trust_domain() {
         let err = parse_identity_uri("spiffe://other/agent/east", TD).unwrap_err();
-        assert!(matches!(err, IdentityError::WrongTrustDomain { ref found, .. } if found == "other"));
-        assert!(err.to_string().contains("expected \"cluster-tunnel\""), "{err}");
+        assert!(
+            matches!(err, IdentityError::WrongTrustDomain { ref found, .. } if found == "other")
+        );
+        assert!(
+            err.to_string().contains("expected \"cluster-tunnel\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -334,13 +343,19 @@ mod tests {
             "spiffe://cluster-tunnel/client/a?b",
         ] {
             let err = parse_identity_uri(uri, TD).unwrap_err();
-            assert!(matches!(err, IdentityError::Malformed { .. }), "{uri}: {err:?}");
+            assert!(
+                matches!(err, IdentityError::Malformed { .. }),
+                "{uri}: {err:?}"
+            );
         }
         assert!(matches!(
             parse_identity_uri("https://cluster-tunnel/server", TD),
             Err(IdentityError::NotSpiffe { .. })
         ));
-        assert!(matches!(parse_identity_uri("", TD), Err(IdentityError::NotSpiffe { .. })));
+        assert!(matches!(
+            parse_identity_uri("", TD),
+            Err(IdentityError::NotSpiffe { .. })
+        ));
     }
 
     #[test]
@@ -359,7 +374,10 @@ mod tests {
             "invalid cluster name \"East\": may contain only lowercase letters, digits and '-'"
         );
         let err = validate_client_name("").unwrap_err();
-        assert_eq!(err.to_string(), "invalid client name \"\": must not be empty");
+        assert_eq!(
+            err.to_string(),
+            "invalid client name \"\": must not be empty"
+        );
     }
 
     fn cert_with_uris(uris: &[&str]) -> Vec<u8> {
@@ -368,22 +386,28 @@ mod tests {
             .iter()
             .map(|u| rcgen::SanType::URI((*u).try_into().expect("ia5 uri")))
             .collect();
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::DnsName("example.com".try_into().expect("dns")));
+        params.subject_alt_names.push(rcgen::SanType::DnsName(
+            "example.com".try_into().expect("dns"),
+        ));
         let key = rcgen::KeyPair::generate().expect("key");
         params.self_signed(&key).expect("cert").der().to_vec()
     }
 
     #[test]
     fn peer_identity_finds_the_one_uri() {
-        let der = cert_with_uris(&["https://example.com/x", "spiffe://cluster-tunnel/agent/east"]);
+        let der = cert_with_uris(&[
+            "https://example.com/x",
+            "spiffe://cluster-tunnel/agent/east",
+        ]);
         assert_eq!(peer_identity(&der, TD), Ok(agent("east")));
     }
 
     #[test]
     fn peer_identity_errors() {
-        assert_eq!(peer_identity(&cert_with_uris(&[]), TD), Err(IdentityError::NoUriSan));
+        assert_eq!(
+            peer_identity(&cert_with_uris(&[]), TD),
+            Err(IdentityError::NoUriSan)
+        );
         assert!(matches!(
             peer_identity(&cert_with_uris(&["spiffe://other/server"]), TD),
             Err(IdentityError::WrongTrustDomain { .. })
@@ -399,7 +423,10 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, IdentityError::NoIdentity { ref uris, .. } if uris.len() == 2));
         let err = peer_identity(
-            &cert_with_uris(&["spiffe://cluster-tunnel/server", "spiffe://cluster-tunnel/agent/x"]),
+            &cert_with_uris(&[
+                "spiffe://cluster-tunnel/server",
+                "spiffe://cluster-tunnel/agent/x",
+            ]),
             TD,
         )
         .unwrap_err();

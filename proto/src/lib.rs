@@ -1,7 +1,7 @@
-pub mod codec;
 pub mod admin;
 pub mod backoff;
 pub mod certs;
+pub mod codec;
 pub mod error;
 pub mod h2;
 pub mod identity;

@@ -174,7 +174,10 @@ impl RelayOutcome {
 pub fn relay_tcp<S, E>(
     tcp: tokio::net::TcpStream,
     inbound: S,
-) -> (TcpFrames, impl std::future::Future<Output = RelayOutcome> + Send)
+) -> (
+    TcpFrames,
+    impl std::future::Future<Output = RelayOutcome> + Send,
+)
 where
     S: Stream<Item = Result<Frame, E>> + Unpin + Send,
     E: std::fmt::Display + Send,
@@ -216,7 +219,11 @@ pub enum DirectionEnd {
 /// Writes the data of `frames` to `half` until `eof` (then shuts down the
 /// write side) or until the stream ends without it (then resets the
 /// connection and ends the other direction too).
-async fn frames_to_tcp<S, E>(mut frames: S, mut half: OwnedWriteHalf, state: &RelayState) -> DirectionEnd
+async fn frames_to_tcp<S, E>(
+    mut frames: S,
+    mut half: OwnedWriteHalf,
+    state: &RelayState,
+) -> DirectionEnd
 where
     S: Stream<Item = Result<Frame, E>> + Unpin,
     E: std::fmt::Display,

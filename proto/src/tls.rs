@@ -115,14 +115,19 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 /// A server configuration that requires a client certificate chaining to the CA.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(&files.ca)?), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(load_roots(&files.ca)?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(&files.cert, "certificate chain")?, load_key(&files.key)?)?;
+        .with_single_cert(
+            load_certs(&files.cert, "certificate chain")?,
+            load_key(&files.key)?,
+        )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -132,7 +137,10 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(load_roots(&files.ca)?)
-        .with_client_auth_cert(load_certs(&files.cert, "certificate chain")?, load_key(&files.key)?)?;
+        .with_client_auth_cert(
+            load_certs(&files.cert, "certificate chain")?,
+            load_key(&files.key)?,
+        )?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }

@@ -87,7 +87,9 @@ async fn handshake(
     };
     let identity = tunnel_proto::tls::peer_leaf(tls.get_ref().1)
         .ok_or_else(|| "no client certificate".to_owned())
-        .and_then(|leaf| peer_identity(leaf.as_ref(), &state.config.trust_domain).map_err(|e| e.to_string()));
+        .and_then(|leaf| {
+            peer_identity(leaf.as_ref(), &state.config.trust_domain).map_err(|e| e.to_string())
+        });
     match identity {
         Ok(id) => Some((tls, id)),
         Err(err) => {
@@ -99,7 +101,11 @@ async fn handshake(
 }
 
 /// Serves the agent port until `stop`.
-pub async fn accept_agents(listener: TcpListener, state: Arc<ServerState>, stop: watch::Receiver<bool>) {
+pub async fn accept_agents(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    stop: watch::Receiver<bool>,
+) {
     accept_loop(listener, stop, move |tcp, peer| {
         let state = state.clone();
         async move { serve_agent(state, tcp, peer).await }
@@ -116,7 +122,10 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
         state
             .metrics
             .rejected
-            .get_or_create(&RejectLabel { listener: "agent", reason: "identity" })
+            .get_or_create(&RejectLabel {
+                listener: "agent",
+                reason: "identity",
+            })
             .inc();
         return;
     };
@@ -127,13 +136,19 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
             state
                 .metrics
                 .rejected
-                .get_or_create(&RejectLabel { listener: "agent", reason: "http2" })
+                .get_or_create(&RejectLabel {
+                    listener: "agent",
+                    reason: "http2",
+                })
                 .inc();
             return;
         }
     };
     let driver = tokio::spawn(driver);
-    let mut client = AgentClient::with_origin(channel.clone(), http::Uri::from_static("https://cluster-tunnel.agent"));
+    let mut client = AgentClient::with_origin(
+        channel.clone(),
+        http::Uri::from_static("https://cluster-tunnel.agent"),
+    );
     let hello = tokio::time::timeout(
         HELLO_TIMEOUT,
         client.hello(pb::HelloRequest {
@@ -145,13 +160,27 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
         Ok(Ok(resp)) => resp.into_inner(),
         Ok(Err(status)) => {
             tracing::warn!(%peer, %cluster, %status, "agent hello failed; connection refused");
-            state.metrics.rejected.get_or_create(&RejectLabel { listener: "agent", reason: "hello" }).inc();
+            state
+                .metrics
+                .rejected
+                .get_or_create(&RejectLabel {
+                    listener: "agent",
+                    reason: "hello",
+                })
+                .inc();
             driver.abort();
             return;
         }
         Err(_) => {
             tracing::warn!(%peer, %cluster, "agent did not answer hello; connection refused");
-            state.metrics.rejected.get_or_create(&RejectLabel { listener: "agent", reason: "hello" }).inc();
+            state
+                .metrics
+                .rejected
+                .get_or_create(&RejectLabel {
+                    listener: "agent",
+                    reason: "hello",
+                })
+                .inc();
             driver.abort();
             return;
         }
@@ -159,7 +188,11 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
     if !hello.cluster.is_empty() && hello.cluster != cluster {
         tracing::warn!(%peer, certificate_cluster = %cluster, claimed_cluster = %hello.cluster, "agent claims another cluster than its certificate; using the certificate's");
     }
-    let agent_id = if hello.agent_id.is_empty() { peer.to_string() } else { hello.agent_id };
+    let agent_id = if hello.agent_id.is_empty() {
+        peer.to_string()
+    } else {
+        hello.agent_id
+    };
     let tunnel = Arc::new(AgentTunnel {
         agent_id: agent_id.clone(),
         cluster: cluster.clone(),
@@ -169,23 +202,38 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
         channel,
     });
     let n = state.pool.add(tunnel.clone());
-    let gauge = state.metrics.agents.get_or_create(&ClusterLabel { cluster: cluster.clone() }).clone();
+    let gauge = state
+        .metrics
+        .agents
+        .get_or_create(&ClusterLabel {
+            cluster: cluster.clone(),
+        })
+        .clone();
     gauge.inc();
     tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, agents_of_cluster = n, "agent connected");
     let res = driver.await;
     let left = state.pool.remove(&tunnel);
     gauge.dec();
     match res {
-        Ok(Ok(())) => tracing::info!(%peer, %cluster, agent = %agent_id, agents_of_cluster = left, "agent disconnected"),
-        Ok(Err(err)) => tracing::warn!(%peer, %cluster, agent = %agent_id, %err, agents_of_cluster = left, "agent tunnel failed"),
+        Ok(Ok(())) => {
+            tracing::info!(%peer, %cluster, agent = %agent_id, agents_of_cluster = left, "agent disconnected")
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(%peer, %cluster, agent = %agent_id, %err, agents_of_cluster = left, "agent tunnel failed")
+        }
         Err(err) => tracing::debug!(%err, "agent tunnel task ended"),
     }
 }
 
 /// Serves the client port until `stop`; open client connections are then
 /// drained (GOAWAY: no new streams, open ones run to their end).
-pub async fn accept_clients(listener: TcpListener, state: Arc<ServerState>, stop: watch::Receiver<bool>) {
-    let svc = TunnelServer::new(TunnelService::new(state.clone())).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+pub async fn accept_clients(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    stop: watch::Receiver<bool>,
+) {
+    let svc = TunnelServer::new(TunnelService::new(state.clone()))
+        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
     let stop_conn = stop.clone();
     accept_loop(listener, stop, move |tcp, peer| {
         let state = state.clone();

@@ -16,7 +16,11 @@ use crate::{Server, ServerConfig};
 /// The cluster-tunnel proxy server: agents in managed clusters dial in,
 /// clients on the hub reach those clusters through them.
 #[derive(Debug, Parser)]
-#[command(name = "tunnel-server", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "tunnel-server",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do; without a command the server runs.
     #[command(subcommand)]
@@ -88,7 +92,11 @@ pub struct RunArgs {
     pub server_id: Option<String>,
     /// A cluster known before its agents connect: reported as "no agent" rather
     /// than "unknown cluster" (repeatable).
-    #[arg(long = "known-cluster", env = "TUNNEL_KNOWN_CLUSTERS", value_delimiter = ',')]
+    #[arg(
+        long = "known-cluster",
+        env = "TUNNEL_KNOWN_CLUSTERS",
+        value_delimiter = ','
+    )]
     pub known_clusters: Vec<String>,
     /// Time an agent gets to reach a destination.
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -111,12 +119,22 @@ impl RunArgs {
     /// The server configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
         let files = TlsFiles {
-            cert: self.tls_cert.clone().unwrap_or_else(|| self.cert_dir.join("server.pem")),
-            key: self.tls_key.clone().unwrap_or_else(|| self.cert_dir.join("server-key.pem")),
-            ca: self.ca.clone().unwrap_or_else(|| self.cert_dir.join("ca.pem")),
+            cert: self
+                .tls_cert
+                .clone()
+                .unwrap_or_else(|| self.cert_dir.join("server.pem")),
+            key: self
+                .tls_key
+                .clone()
+                .unwrap_or_else(|| self.cert_dir.join("server-key.pem")),
+            ca: self
+                .ca
+                .clone()
+                .unwrap_or_else(|| self.cert_dir.join("ca.pem")),
         };
         for c in &self.known_clusters {
-            tunnel_proto::identity::validate_cluster_name(c).map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
+            tunnel_proto::identity::validate_cluster_name(c)
+                .map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
         }
         let h2 = H2Settings {
             liveness: Liveness::from_timeout(self.dead_peer_timeout),
@@ -128,7 +146,10 @@ impl RunArgs {
             admin_listen: self.admin_listen,
             tls: tunnel_proto::tls::server_config(&files)?,
             trust_domain: self.trust_domain.clone(),
-            server_id: self.server_id.clone().unwrap_or_else(tunnel_proto::cli::default_instance_id),
+            server_id: self
+                .server_id
+                .clone()
+                .unwrap_or_else(tunnel_proto::cli::default_instance_id),
             known_clusters: self.known_clusters.clone(),
             dial_timeout: self.dial_timeout,
             drain_timeout: self.drain_timeout,

@@ -78,7 +78,9 @@ pub struct ServerState {
 
 impl std::fmt::Debug for ServerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerState").field("server_id", &self.config.server_id).finish()
+        f.debug_struct("ServerState")
+            .field("server_id", &self.config.server_id)
+            .finish()
     }
 }
 
@@ -146,8 +148,16 @@ impl Server {
         let client_addr = client_l.local_addr()?;
         let admin_addr = admin_l.local_addr()?;
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(agents::accept_agents(agent_l, state.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(agents::accept_clients(client_l, state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(agents::accept_agents(
+            agent_l,
+            state.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(agents::accept_clients(
+            client_l,
+            state.clone(),
+            stop_rx.clone(),
+        )));
         let ready_state = state.clone();
         let admin = tunnel_proto::admin::AdminServer::new(
             Arc::new(registry),
@@ -194,7 +204,10 @@ impl Server {
         // Stop accepting and send GOAWAY to clients, keep agent tunnels for open connections.
         let _ = self.stop.send(true);
         if tokio::time::timeout(deadline, wait_closed).await.is_err() {
-            tracing::warn!(open = self.state.open_connections(), "drain deadline passed; closing remaining connections");
+            tracing::warn!(
+                open = self.state.open_connections(),
+                "drain deadline passed; closing remaining connections"
+            );
         }
         for t in &self.tasks {
             t.abort();

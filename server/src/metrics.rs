@@ -64,8 +64,11 @@ impl ServerMetrics {
             open_connections: Gauge::default(),
             dials: Family::default(),
             dial_latency: Histogram::new(
-                [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-                    .into_iter(),
+                [
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]
+                .into_iter(),
             ),
             bytes: Family::default(),
             rejected: Family::default(),
@@ -77,13 +80,21 @@ impl ServerMetrics {
             "Proxied connections open now",
             m.open_connections.clone(),
         );
-        r.register("dials", "Connection attempts by result code", m.dials.clone());
+        r.register(
+            "dials",
+            "Connection attempts by result code",
+            m.dials.clone(),
+        );
         r.register(
             "dial_latency_seconds",
             "Time from a client's open to the agent's answer",
             m.dial_latency.clone(),
         );
-        r.register("bytes", "Payload bytes per cluster and direction", m.bytes.clone());
+        r.register(
+            "bytes",
+            "Payload bytes per cluster and direction",
+            m.bytes.clone(),
+        );
         r.register(
             "rejected_connections",
             "Connections refused at a listener, by reason",

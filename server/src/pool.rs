@@ -100,7 +100,8 @@ impl AgentPool {
             if a.channel.is_closed() || tried.iter().any(|t| Arc::ptr_eq(t, a)) {
                 continue;
             }
-            if best.is_none_or(|b| a.open.load(Ordering::Relaxed) < b.open.load(Ordering::Relaxed)) {
+            if best.is_none_or(|b| a.open.load(Ordering::Relaxed) < b.open.load(Ordering::Relaxed))
+            {
                 best = Some(a);
             }
         }

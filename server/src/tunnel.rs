@@ -71,7 +71,9 @@ impl ConnRecord {
     fn result(&self) -> &'static str {
         match ErrorCode::try_from(i32::from(self.error.load(Ordering::Relaxed))) {
             Ok(ErrorCode::Unspecified) | Err(_) => {
-                if self.to_cluster_eof.load(Ordering::Relaxed) && self.from_cluster_eof.load(Ordering::Relaxed) {
+                if self.to_cluster_eof.load(Ordering::Relaxed)
+                    && self.from_cluster_eof.load(Ordering::Relaxed)
+                {
                     "ok"
                 } else {
                     "aborted"
@@ -191,12 +193,21 @@ fn validate_open(open: &pb::Open) -> Result<(uuid::Uuid, u16), TunnelError> {
     let id = uuid::Uuid::from_slice(&open.connection_id).map_err(|_| {
         TunnelError::new(
             ErrorCode::BadRequest,
-            format!("connection_id must be 16 bytes, got {}", open.connection_id.len()),
+            format!(
+                "connection_id must be 16 bytes, got {}",
+                open.connection_id.len()
+            ),
         )
     })?;
     tunnel_proto::identity::validate_cluster_name(&open.cluster)
         .map_err(|e| TunnelError::new(ErrorCode::BadRequest, format!("cluster: {e}")))?;
-    if open.host.is_empty() || open.host.len() > 253 || open.host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if open.host.is_empty()
+        || open.host.len() > 253
+        || open
+            .host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(TunnelError::new(
             ErrorCode::BadRequest,
             format!("invalid destination host {:?}", open.host),
@@ -205,7 +216,12 @@ fn validate_open(open: &pb::Open) -> Result<(uuid::Uuid, u16), TunnelError> {
     let port = u16::try_from(open.port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| TunnelError::new(ErrorCode::BadRequest, format!("invalid destination port {}", open.port)))?;
+        .ok_or_else(|| {
+            TunnelError::new(
+                ErrorCode::BadRequest,
+                format!("invalid destination port {}", open.port),
+            )
+        })?;
     Ok((id, port))
 }
 
@@ -218,7 +234,15 @@ impl TunnelService {
         &self,
         open: &pb::Open,
         record: &ConnRecord,
-    ) -> Result<(Frame, Streaming<Frame>, GateOpener<ToCluster>, Arc<AgentTunnel>), TunnelError> {
+    ) -> Result<
+        (
+            Frame,
+            Streaming<Frame>,
+            GateOpener<ToCluster>,
+            Arc<AgentTunnel>,
+        ),
+        TunnelError,
+    > {
         let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
         let mut last_err: Option<TunnelError> = None;
         loop {
@@ -253,12 +277,28 @@ impl TunnelService {
             )
             .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
             let answer = async {
-                let mut inbound = client.dial(request).await.map_err(|s| tunnel_broken(&agent, &s))?.into_inner();
+                let mut inbound = client
+                    .dial(request)
+                    .await
+                    .map_err(|s| tunnel_broken(&agent, &s))?
+                    .into_inner();
                 match inbound.message().await {
-                    Ok(Some(f @ Frame { kind: Some(Kind::Opened(_)) })) => Ok((f, inbound)),
-                    Ok(Some(Frame { kind: Some(Kind::Error(e)) })) => Err(TunnelError::from_pb(&e)),
-                    Ok(Some(_)) => Err(TunnelError::new(ErrorCode::Internal, "agent answered out of protocol")),
-                    Ok(None) => Err(TunnelError::new(ErrorCode::TunnelBroken, "agent closed the stream without an answer")),
+                    Ok(Some(
+                        f @ Frame {
+                            kind: Some(Kind::Opened(_)),
+                        },
+                    )) => Ok((f, inbound)),
+                    Ok(Some(Frame {
+                        kind: Some(Kind::Error(e)),
+                    })) => Err(TunnelError::from_pb(&e)),
+                    Ok(Some(_)) => Err(TunnelError::new(
+                        ErrorCode::Internal,
+                        "agent answered out of protocol",
+                    )),
+                    Ok(None) => Err(TunnelError::new(
+                        ErrorCode::TunnelBroken,
+                        "agent closed the stream without an answer",
+                    )),
                     Err(s) => Err(tunnel_broken(&agent, &s)),
                 }
             }
@@ -278,7 +318,11 @@ impl TunnelService {
 fn tunnel_broken(agent: &AgentTunnel, status: &Status) -> TunnelError {
     TunnelError::new(
         ErrorCode::TunnelBroken,
-        format!("tunnel to agent {} failed: {}", agent.agent_id, status.message()),
+        format!(
+            "tunnel to agent {} failed: {}",
+            agent.agent_id,
+            status.message()
+        ),
     )
 }
 
@@ -286,25 +330,46 @@ fn tunnel_broken(agent: &AgentTunnel, status: &Status) -> TunnelError {
 impl Tunnel for TunnelService {
     type ConnectStream = FrameStream;
 
-    async fn connect(&self, req: Request<Streaming<Frame>>) -> Result<Response<FrameStream>, Status> {
+    async fn connect(
+        &self,
+        req: Request<Streaming<Frame>>,
+    ) -> Result<Response<FrameStream>, Status> {
         let client = caller(&req);
         if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
             && !matches!(peer.identity, Identity::Client { .. })
         {
-            let err = TunnelError::new(ErrorCode::Unauthenticated, format!("{} may not open connections", peer.identity));
+            let err = TunnelError::new(
+                ErrorCode::Unauthenticated,
+                format!("{} may not open connections", peer.identity),
+            );
             tracing::warn!(%client, %err, "refused");
             return Ok(Response::new(single(err.to_frame())));
         }
         let mut inbound = req.into_inner();
         let open = match tokio::time::timeout(OPEN_FRAME_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(Frame { kind: Some(Kind::Open(open)) }))) => open,
+            Ok(Ok(Some(Frame {
+                kind: Some(Kind::Open(open)),
+            }))) => open,
             Ok(Ok(other)) => {
-                let err = TunnelError::new(ErrorCode::BadRequest, format!(
-                    "the first frame must be open, got {}",
-                    other.as_ref().and_then(|f| f.kind.as_ref()).map(tunnel_proto::relay::kind_name).unwrap_or("nothing")
-                ));
+                let err = TunnelError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the first frame must be open, got {}",
+                        other
+                            .as_ref()
+                            .and_then(|f| f.kind.as_ref())
+                            .map(tunnel_proto::relay::kind_name)
+                            .unwrap_or("nothing")
+                    ),
+                );
                 tracing::warn!(%client, %err, "bad open");
-                self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+                self.state
+                    .metrics
+                    .dials
+                    .get_or_create(&CodeLabel {
+                        code: err.code.label(),
+                    })
+                    .inc();
                 return Ok(Response::new(single(err.to_frame())));
             }
             Ok(Err(status)) => return Err(status),
@@ -318,7 +383,13 @@ impl Tunnel for TunnelService {
             Ok(x) => x,
             Err(err) => {
                 tracing::warn!(%client, %err, "bad open");
-                self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+                self.state
+                    .metrics
+                    .dials
+                    .get_or_create(&CodeLabel {
+                        code: err.code.label(),
+                    })
+                    .inc();
                 return Ok(Response::new(single(err.to_frame())));
             }
         };
@@ -327,7 +398,11 @@ impl Tunnel for TunnelService {
             id,
             client,
             cluster: open.cluster.clone(),
-            destination: if open.host.contains(':') { format!("[{}]:{port}", open.host) } else { format!("{}:{port}", open.host) },
+            destination: if open.host.contains(':') {
+                format!("[{}]:{port}", open.host)
+            } else {
+                format!("{}:{port}", open.host)
+            },
             agent_id: std::sync::Mutex::new(String::new()),
             start: Instant::now(),
             to_cluster: ByteCounter::default(),
@@ -338,9 +413,18 @@ impl Tunnel for TunnelService {
             counted_open: AtomicBool::new(false),
         });
         if self.state.is_draining() {
-            let err = TunnelError::new(ErrorCode::ServerDraining, "server is shutting down; retry on another replica");
+            let err = TunnelError::new(
+                ErrorCode::ServerDraining,
+                "server is shutting down; retry on another replica",
+            );
             record.fail(&err);
-            self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+            self.state
+                .metrics
+                .dials
+                .get_or_create(&CodeLabel {
+                    code: err.code.label(),
+                })
+                .inc();
             return Ok(Response::new(single(err.to_frame())));
         }
         record.counted_open.store(true, Ordering::Relaxed);
@@ -354,24 +438,42 @@ impl Tunnel for TunnelService {
         let mut to_agent = open.clone();
         to_agent.dial_timeout_ms = u32::try_from(dial_timeout.as_millis()).unwrap_or(u32::MAX);
         let started = Instant::now();
-        let routed = match tokio::time::timeout(dial_timeout + AGENT_ANSWER_MARGIN, self.route(&to_agent, &record)).await {
+        let routed = match tokio::time::timeout(
+            dial_timeout + AGENT_ANSWER_MARGIN,
+            self.route(&to_agent, &record),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => Err(TunnelError::new(
                 ErrorCode::DialTimeout,
                 format!("no answer from the agent within {dial_timeout:?}"),
             )),
         };
-        self.state.metrics.dial_latency.observe(started.elapsed().as_secs_f64());
+        self.state
+            .metrics
+            .dial_latency
+            .observe(started.elapsed().as_secs_f64());
         match routed {
             Ok((opened, agent_stream, gate, agent)) => {
-                self.state.metrics.dials.get_or_create(&CodeLabel { code: "ok" }).inc();
+                self.state
+                    .metrics
+                    .dials
+                    .get_or_create(&CodeLabel { code: "ok" })
+                    .inc();
                 agent.open.fetch_add(1, Ordering::Relaxed);
                 let guard = AgentOpenGuard(agent);
-                let to_cluster = ToCluster { inner: inbound, record: record.clone() };
+                let to_cluster = ToCluster {
+                    inner: inbound,
+                    record: record.clone(),
+                };
                 if gate.open(to_cluster).is_err() {
                     tracing::debug!(%id, "agent stream ended before the client's data flowed");
                 }
-                let from_cluster = FromCluster { inner: agent_stream, record };
+                let from_cluster = FromCluster {
+                    inner: agent_stream,
+                    record,
+                };
                 let out = futures_util::stream::once(async move { Ok(opened) })
                     .chain(from_cluster)
                     .map(move |item| {
@@ -382,7 +484,13 @@ impl Tunnel for TunnelService {
             }
             Err(err) => {
                 record.fail(&err);
-                self.state.metrics.dials.get_or_create(&CodeLabel { code: err.code.label() }).inc();
+                self.state
+                    .metrics
+                    .dials
+                    .get_or_create(&CodeLabel {
+                        code: err.code.label(),
+                    })
+                    .inc();
                 Ok(Response::new(single(err.to_frame())))
             }
         }

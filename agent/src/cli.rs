@@ -1,0 +1,185 @@
+//! The `tunnel-agent` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tunnel_proto::backoff::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
+use tunnel_proto::cli::{LogFormat, parse_duration};
+use tunnel_proto::h2::H2Settings;
+use tunnel_proto::net::Liveness;
+use tunnel_proto::tls::TlsFiles;
+
+use crate::allowlist::Allowlist;
+use crate::{Agent, AgentConfig};
+
+/// The cluster-tunnel agent: runs in a managed cluster, dials out to the hub's
+/// proxy servers and carries their connections to destinations in this cluster.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel-agent", version)]
+pub struct Cli {
+    /// Proxy server address(es), host:port; a DNS name that resolves to several
+    /// replicas gets a tunnel to each (repeatable or comma-separated).
+    #[arg(
+        long = "server",
+        env = "TUNNEL_SERVERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub servers: Vec<String>,
+    /// The name the server certificate must carry (default: each address's host).
+    #[arg(long, env = "TUNNEL_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// The cluster this agent serves; must match its certificate.
+    #[arg(long, env = "TUNNEL_CLUSTER")]
+    pub cluster: String,
+    /// Directory holding agent-<cluster>.pem, agent-<cluster>-key.pem and ca.pem.
+    #[arg(long, env = "TUNNEL_CERT_DIR", default_value = "certs")]
+    pub cert_dir: PathBuf,
+    /// Agent certificate chain (PEM); overrides the one in --cert-dir.
+    #[arg(long, env = "TUNNEL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Agent private key (PEM); overrides the one in --cert-dir.
+    #[arg(long, env = "TUNNEL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle the server certificate must chain to; overrides --cert-dir.
+    #[arg(long, env = "TUNNEL_CA")]
+    pub ca: Option<PathBuf>,
+    /// This agent's id (default: host name plus a random suffix).
+    #[arg(long, env = "TUNNEL_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// A destination that may be dialed (repeatable or comma-separated):
+    /// a CIDR or IP ("10.0.0.0/8", "10.1.2.3"), a host name or wildcard
+    /// ("*.svc.cluster.local"), or "*", each with optional ports (":443",
+    /// ":80,443", ":8000-8999"). Without any, every destination is allowed
+    /// except loopback, link-local (cloud metadata) and unspecified addresses,
+    /// which need an explicit IP rule.
+    #[arg(long = "allow", env = "TUNNEL_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// Longest time to resolve and connect to a destination.
+    #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+    /// How often server names are re-resolved to find new replicas.
+    #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub resolve_interval: Duration,
+    /// A server that answers nothing for this long is declared dead.
+    #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub dead_peer_timeout: Duration,
+    /// First reconnection delay (doubles up to --reconnect-max, with jitter).
+    #[arg(long, env = "TUNNEL_RECONNECT_BASE", default_value = "200ms", value_parser = parse_duration)]
+    pub reconnect_base: Duration,
+    /// Longest reconnection delay.
+    #[arg(long, env = "TUNNEL_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub reconnect_max: Duration,
+    /// Time open connections get to finish after SIGTERM.
+    #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Address of the admin port (/healthz, /readyz, /metrics).
+    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8093")]
+    pub admin_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Log filter (RUST_LOG overrides).
+    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Cli {
+    /// The agent configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<AgentConfig> {
+        tunnel_proto::identity::validate_cluster_name(&self.cluster)
+            .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", self.cluster))?;
+        let mut files = TlsFiles::in_dir(&self.cert_dir, &format!("agent-{}", self.cluster));
+        if let Some(c) = &self.tls_cert {
+            files.cert = c.clone();
+        }
+        if let Some(k) = &self.tls_key {
+            files.key = k.clone();
+        }
+        if let Some(ca) = &self.ca {
+            files.ca = ca.clone();
+        }
+        for s in &self.servers {
+            if !s.contains(':') || s.ends_with(':') {
+                anyhow::bail!("--server {s:?}: expected host:port");
+            }
+        }
+        let allowlist =
+            Allowlist::parse(&self.allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
+        let base = if self.reconnect_base.is_zero() {
+            DEFAULT_BACKOFF_BASE
+        } else {
+            self.reconnect_base
+        };
+        let max = if self.reconnect_max < base {
+            DEFAULT_BACKOFF_MAX.max(base)
+        } else {
+            self.reconnect_max
+        };
+        Ok(AgentConfig {
+            servers: self.servers.clone(),
+            server_name: self.server_name.clone(),
+            cluster: self.cluster.clone(),
+            agent_id: self
+                .agent_id
+                .clone()
+                .unwrap_or_else(tunnel_proto::cli::default_instance_id),
+            tls: tunnel_proto::tls::client_config(&files)?,
+            h2: H2Settings {
+                liveness: Liveness::from_timeout(self.dead_peer_timeout),
+                ..H2Settings::default()
+            },
+            allowlist,
+            dial_timeout: self.dial_timeout,
+            resolve_interval: self.resolve_interval.max(Duration::from_secs(1)),
+            admin_listen: self.admin_listen,
+            backoff: (base, max),
+        })
+    }
+}
+
+/// Runs the command line: the binary's whole `main`.
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    tunnel_proto::tls::install_crypto_provider();
+    tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
+    let config = cli.to_config()?;
+    let agent = Agent::start(config).await?;
+    tunnel_proto::cli::termination_signal().await;
+    agent.shutdown(cli.drain_timeout).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let cli = Cli::try_parse_from([
+            "tunnel-agent",
+            "--server",
+            "hub:8091",
+            "--cluster",
+            "East_1",
+        ])
+        .unwrap();
+        assert!(
+            cli.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("--cluster")
+        );
+        let cli =
+            Cli::try_parse_from(["tunnel-agent", "--server", "hub", "--cluster", "east"]).unwrap();
+        assert!(
+            cli.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("--server")
+        );
+        let err = Cli::try_parse_from(["tunnel-agent", "--cluster", "east"]).unwrap_err();
+        assert!(err.to_string().contains("--server"), "{err}");
+    }
+}
