@@ -479,9 +479,11 @@ mod tests {
     async fn silent_client_is_cut_off() {
         let admin = server(true).with_header_read_timeout(Duration::from_millis(200));
         let running = start(admin).await;
+        // Well below the default timeout, so this fails if the override is ignored.
+        const CUT_OFF: Duration = Duration::from_secs(3);
         let mut silent = TcpStream::connect(running.addr).await.expect("connect");
         let mut buf = [0u8; 64];
-        let read = tokio::time::timeout(TEST_TIMEOUT, silent.read(&mut buf))
+        let read = tokio::time::timeout(CUT_OFF, silent.read(&mut buf))
             .await
             .expect("server closes the silent connection in time");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
@@ -490,7 +492,7 @@ mod tests {
         slow.write_all(b"GET /healthz HTTP/1.1\r\n")
             .await
             .expect("write");
-        let read = tokio::time::timeout(TEST_TIMEOUT, slow.read(&mut buf))
+        let read = tokio::time::timeout(CUT_OFF, slow.read(&mut buf))
             .await
             .expect("server closes the slow connection in time");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");

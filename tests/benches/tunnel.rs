@@ -1,1 +1,538 @@
-fn main() {}
+//! `cargo bench --bench tunnel [-- --json]`: the same workloads directly and
+//! through the tunnel (client library -> server -> agent -> destination, TLS
+//! on both legs), in one run on loopback, with the ratio tunnel/direct.
+//!
+//! The server and the agent run as child processes (this executable, re-run
+//! in a role), so their memory and CPU are measured apart from the load.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tunnel_proto::client::Target;
+use tunnel_tests::*;
+
+const ROLE_ENV: &str = "CT_BENCH_ROLE";
+
+const SINGLE_BYTES: u64 = 1 << 30;
+const MULTI_STREAMS: usize = 8;
+const MULTI_BYTES_EACH: u64 = 256 << 20;
+const FIRST_BYTE_CONNS: usize = 2000;
+const RTT_ROUNDS: usize = 5000;
+const IDLE_CONNS: usize = 1000;
+const ISOLATION_BYTES: u64 = 256 << 20;
+
+fn main() {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        return run_role(&role);
+    }
+    let json = std::env::args().any(|a| a == "--json");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(bench(json));
+}
+
+/// Runs this executable as the server or the agent.
+fn run_role(role: &str) {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let res = rt.block_on(async {
+        match role {
+            "server" => {
+                let cli = <tunnel_server::cli::Cli as clap_parse::Parser>::parse_from(
+                    std::iter::once("tunnel-server".to_string()).chain(args),
+                );
+                tunnel_server::cli::main(cli).await
+            }
+            "agent" => {
+                let cli = <tunnel_agent::cli::Cli as clap_parse::Parser>::parse_from(
+                    std::iter::once("tunnel-agent".to_string()).chain(args),
+                );
+                tunnel_agent::cli::main(cli).await
+            }
+            other => Err(anyhow::anyhow!("unknown role {other}")),
+        }
+    });
+    if let Err(err) = res {
+        eprintln!("{role}: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+mod clap_parse {
+    pub use clap::Parser;
+}
+
+/// A child process of this executable in a role, killed on drop.
+struct RoleProc {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl RoleProc {
+    fn spawn(role: &str, args: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{role}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(ROLE_ENV, role)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU seconds used so far (user + system).
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start after ')'.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        ticks / clock_ticks()
+    }
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+impl Drop for RoleProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- services
+
+/// Reads to EOF, then answers with one byte: proves every byte arrived.
+async fn start_sink() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        let _ = tcp.write_all(b"k").await;
+        let _ = tcp.shutdown().await;
+    })
+    .await
+}
+
+/// Writes one byte at once, then waits for EOF (first-byte latency).
+async fn start_hello() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let _ = tcp.set_nodelay(true);
+        if tcp.write_all(b"h").await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 64];
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+/// Echoes, with TCP_NODELAY (round-trip latency).
+async fn start_fast_echo() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let _ = tcp.set_nodelay(true);
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// Writes without end (a stalled reader's source).
+async fn start_flood() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let buf = vec![7u8; 256 * 1024];
+        while tcp.write_all(&buf).await.is_ok() {}
+    })
+    .await
+}
+
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(handler(tcp));
+        }
+    });
+    addr
+}
+
+// ---------------------------------------------------------------- paths
+
+struct Services {
+    sink: SocketAddr,
+    hello: SocketAddr,
+    echo: SocketAddr,
+    flood: SocketAddr,
+}
+
+/// How to reach each service on one path: directly, or through a
+/// forwarding port of the client library.
+struct Path_ {
+    sink: SocketAddr,
+    hello: SocketAddr,
+    echo: SocketAddr,
+    flood: SocketAddr,
+}
+
+async fn direct_path(s: &Services) -> Path_ {
+    Path_ {
+        sink: s.sink,
+        hello: s.hello,
+        echo: s.echo,
+        flood: s.flood,
+    }
+}
+
+async fn tunnel_path(s: &Services, client: Arc<tunnel_proto::client::TunnelClient>) -> Path_ {
+    let t = |a: SocketAddr| Target::new("bench", "127.0.0.1", a.port());
+    Path_ {
+        sink: forward_port(client.clone(), t(s.sink)).await,
+        hello: forward_port(client.clone(), t(s.hello)).await,
+        echo: forward_port(client.clone(), t(s.echo)).await,
+        flood: forward_port(client, t(s.flood)).await,
+    }
+}
+
+// ---------------------------------------------------------------- workloads
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    tcp
+}
+
+/// Sends `bytes` and waits for the sink's acknowledgement; returns Gbit/s.
+async fn send_bytes(addr: SocketAddr, bytes: u64) -> f64 {
+    let mut tcp = connect(addr).await;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        tcp.write_all(&buf[..n]).await.expect("write");
+        left -= n as u64;
+    }
+    tcp.shutdown().await.unwrap();
+    let mut ack = [0u8; 1];
+    tcp.read_exact(&mut ack).await.expect("sink acknowledges");
+    gbps(bytes, start.elapsed())
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
+}
+
+async fn multi_stream(addr: SocketAddr) -> f64 {
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..MULTI_STREAMS)
+        .map(|_| tokio::spawn(send_bytes(addr, MULTI_BYTES_EACH)))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    gbps(MULTI_BYTES_EACH * MULTI_STREAMS as u64, start.elapsed())
+}
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[i]
+}
+
+/// New connection to first byte, sequentially; returns (p50, p99) in µs.
+async fn first_byte(addr: SocketAddr) -> (f64, f64) {
+    let mut samples = Vec::with_capacity(FIRST_BYTE_CONNS);
+    for _ in 0..FIRST_BYTE_CONNS {
+        let start = Instant::now();
+        let mut tcp = connect(addr).await;
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.expect("first byte");
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    (
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
+}
+
+/// 64-byte request/response on one open connection; (p50, p99) in µs.
+async fn round_trips(addr: SocketAddr) -> (f64, f64) {
+    let mut tcp = connect(addr).await;
+    let msg = [0x42u8; 64];
+    let mut back = [0u8; 64];
+    for _ in 0..200 {
+        tcp.write_all(&msg).await.unwrap();
+        tcp.read_exact(&mut back).await.unwrap();
+    }
+    let mut samples = Vec::with_capacity(RTT_ROUNDS);
+    for _ in 0..RTT_ROUNDS {
+        let start = Instant::now();
+        tcp.write_all(&msg).await.unwrap();
+        tcp.read_exact(&mut back).await.unwrap();
+        samples.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    (
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
+}
+
+/// Opens IDLE_CONNS connections that each completed one round trip, then
+/// returns them (kept open by the caller while memory is read).
+async fn open_idle(addr: SocketAddr) -> Vec<TcpStream> {
+    let mut conns = Vec::with_capacity(IDLE_CONNS);
+    for _ in 0..IDLE_CONNS {
+        let mut tcp = connect(addr).await;
+        tcp.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        conns.push(tcp);
+    }
+    conns
+}
+
+/// Throughput of one connection while another's reader is stalled with
+/// megabytes pending, as a ratio to the same transfer without the stall.
+async fn stalled_ratio(p: &Path_) -> f64 {
+    let unstalled = send_bytes(p.sink, ISOLATION_BYTES).await;
+    let stalled = connect(p.flood).await;
+    // Let the flood fill every buffer on the way.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let with_stall = send_bytes(p.sink, ISOLATION_BYTES).await;
+    drop(stalled);
+    with_stall / unstalled
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Default, Clone)]
+struct Figures {
+    single_stream_gbps: Option<f64>,
+    multi_stream_gbps: Option<f64>,
+    first_byte_p50_us: Option<f64>,
+    first_byte_p99_us: Option<f64>,
+    rtt_p50_us: Option<f64>,
+    rtt_p99_us: Option<f64>,
+    idle_kib_per_conn: Option<f64>,
+    stalled_ratio: Option<f64>,
+    cpu_s_per_gb: Option<f64>,
+}
+
+impl Figures {
+    fn rows(&self) -> Vec<(&'static str, Option<f64>, bool)> {
+        // (name, value, higher is better)
+        vec![
+            ("single_stream_gbps", self.single_stream_gbps, true),
+            ("multi_stream_gbps", self.multi_stream_gbps, true),
+            ("first_byte_p50_us", self.first_byte_p50_us, false),
+            ("first_byte_p99_us", self.first_byte_p99_us, false),
+            ("rtt_p50_us", self.rtt_p50_us, false),
+            ("rtt_p99_us", self.rtt_p99_us, false),
+            ("idle_kib_per_conn", self.idle_kib_per_conn, false),
+            ("stalled_ratio", self.stalled_ratio, true),
+            ("cpu_s_per_gb", self.cpu_s_per_gb, false),
+        ]
+    }
+
+    fn json(&self) -> String {
+        let fields: Vec<String> = self
+            .rows()
+            .into_iter()
+            .map(|(k, v, _)| match v {
+                Some(v) => format!("\"{k}\": {}", (v * 1000.0).round() / 1000.0),
+                None => format!("\"{k}\": null"),
+            })
+            .collect();
+        format!("{{{}}}", fields.join(", "))
+    }
+}
+
+async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
+    let mut f = Figures::default();
+    let cpu = |procs: &[&RoleProc]| procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
+    eprintln!("[{label}] single stream, {} MiB", SINGLE_BYTES >> 20);
+    let cpu0 = cpu(procs);
+    f.single_stream_gbps = Some(send_bytes(p.sink, SINGLE_BYTES).await);
+    eprintln!(
+        "[{label}] {MULTI_STREAMS} streams x {} MiB",
+        MULTI_BYTES_EACH >> 20
+    );
+    f.multi_stream_gbps = Some(multi_stream(p.sink).await);
+    if !procs.is_empty() {
+        let moved = (SINGLE_BYTES + MULTI_BYTES_EACH * MULTI_STREAMS as u64) as f64 / 1e9;
+        f.cpu_s_per_gb = Some((cpu(procs) - cpu0) / moved);
+    }
+    eprintln!("[{label}] {FIRST_BYTE_CONNS} connections to first byte");
+    let (p50, p99) = first_byte(p.hello).await;
+    f.first_byte_p50_us = Some(p50);
+    f.first_byte_p99_us = Some(p99);
+    eprintln!("[{label}] {RTT_ROUNDS} round trips of 64 bytes");
+    let (p50, p99) = round_trips(p.echo).await;
+    f.rtt_p50_us = Some(p50);
+    f.rtt_p99_us = Some(p99);
+    if !procs.is_empty() {
+        eprintln!("[{label}] {IDLE_CONNS} idle connections");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before: u64 = procs.iter().map(|p| p.rss_kib()).sum();
+        let conns = open_idle(p.echo).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after: u64 = procs.iter().map(|p| p.rss_kib()).sum();
+        f.idle_kib_per_conn = Some(after.saturating_sub(before) as f64 / IDLE_CONNS as f64);
+        drop(conns);
+    }
+    eprintln!("[{label}] isolation");
+    f.stalled_ratio = Some(stalled_ratio(p).await);
+    f
+}
+
+async fn bench(json: bool) {
+    tunnel_proto::tls::install_crypto_provider();
+    let pki = Pki::new(&["bench"], &["bench"]);
+    let dir = pki.dir.path();
+    let (agent_port, client_port, admin_port, agent_admin) =
+        (free_port(), free_port(), free_port(), free_port());
+    let s = |v: &str| v.to_string();
+    let server = RoleProc::spawn(
+        "server",
+        &[
+            s("--agent-listen"),
+            format!("127.0.0.1:{agent_port}"),
+            s("--client-listen"),
+            format!("127.0.0.1:{client_port}"),
+            s("--admin-listen"),
+            format!("127.0.0.1:{admin_port}"),
+            s("--cert-dir"),
+            dir.display().to_string(),
+        ],
+        dir,
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    wait_until(
+        "the server is ready",
+        Duration::from_secs(20),
+        || async move { matches!(http_get(admin, "/readyz").await, Ok((200, _))) },
+    )
+    .await;
+    let agent = RoleProc::spawn(
+        "agent",
+        &[
+            s("--server"),
+            format!("127.0.0.1:{agent_port}"),
+            s("--server-name"),
+            s("localhost"),
+            s("--cluster"),
+            s("bench"),
+            s("--cert-dir"),
+            dir.display().to_string(),
+            s("--allow"),
+            s("127.0.0.0/8"),
+            s("--admin-listen"),
+            format!("127.0.0.1:{agent_admin}"),
+        ],
+        dir,
+    );
+    let agent_admin_addr: SocketAddr = format!("127.0.0.1:{agent_admin}").parse().unwrap();
+    wait_until(
+        "the agent's tunnel is up",
+        Duration::from_secs(20),
+        || async move { matches!(http_get(agent_admin_addr, "/readyz").await, Ok((200, _))) },
+    )
+    .await;
+    let client = client(
+        &pki,
+        "bench",
+        format!("127.0.0.1:{client_port}").parse().unwrap(),
+    );
+    client.ensure_connected().await.expect("client connects");
+
+    let services = Services {
+        sink: start_sink().await,
+        hello: start_hello().await,
+        echo: start_fast_echo().await,
+        flood: start_flood().await,
+    };
+    let direct = measure(&direct_path(&services).await, &[], "direct").await;
+    let tunnel = measure(
+        &tunnel_path(&services, client).await,
+        &[&server, &agent],
+        "tunnel",
+    )
+    .await;
+
+    if json {
+        println!(
+            "{{\"direct\": {}, \"tunnel\": {}}}",
+            direct.json(),
+            tunnel.json()
+        );
+        return;
+    }
+    println!(
+        "{:<20} {:>12} {:>12} {:>10}",
+        "workload", "direct", "tunnel", "ratio"
+    );
+    for ((name, d, _), (_, t, _)) in direct.rows().into_iter().zip(tunnel.rows()) {
+        let fmt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        let ratio = match (d, t) {
+            (Some(d), Some(t)) if d > 0.0 => format!("{:.2}", t / d),
+            _ => "-".into(),
+        };
+        println!("{name:<20} {:>12} {:>12} {ratio:>10}", fmt(d), fmt(t));
+    }
+}
