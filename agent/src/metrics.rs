@@ -45,13 +45,7 @@ impl AgentMetrics {
             tunnels_up: Gauge::default(),
             tunnel_failures: Counter::default(),
             dials: Family::default(),
-            dial_latency: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ]
-                .into_iter(),
-            ),
+            dial_latency: Histogram::new(tunnel_proto::admin::LATENCY_BUCKETS),
             open_connections: Gauge::default(),
             bytes: Family::default(),
         };

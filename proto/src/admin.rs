@@ -295,6 +295,12 @@ fn is_disconnect(error: &io::Error) -> bool {
     )
 }
 
+/// Histogram buckets (seconds) for dial and connection latencies, shared by
+/// every component so their histograms compare.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};

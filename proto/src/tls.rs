@@ -134,18 +134,18 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 
 /// A client configuration that presents our certificate and trusts only the CA.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
+    // Our own certificate first: a missing one is the likelier mistake.
+    let chain = load_certs(&files.cert, "certificate chain")?;
+    let key = load_key(&files.key)?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(load_roots(&files.ca)?)
-        .with_client_auth_cert(
-            load_certs(&files.cert, "certificate chain")?,
-            load_key(&files.key)?,
-        )?;
+        .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
 
 /// The leaf certificate a TLS peer presented, if any.
-pub fn peer_leaf<'a>(conn: &'a rustls::CommonState) -> Option<&'a CertificateDer<'static>> {
+pub fn peer_leaf(conn: &rustls::CommonState) -> Option<&CertificateDer<'static>> {
     conn.peer_certificates().and_then(|c| c.first())
 }

@@ -63,13 +63,7 @@ impl ServerMetrics {
             agents: Family::default(),
             open_connections: Gauge::default(),
             dials: Family::default(),
-            dial_latency: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ]
-                .into_iter(),
-            ),
+            dial_latency: Histogram::new(tunnel_proto::admin::LATENCY_BUCKETS),
             bytes: Family::default(),
             rejected: Family::default(),
         };

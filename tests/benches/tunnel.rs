@@ -406,6 +406,18 @@ impl Figures {
 async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
     let mut f = Figures::default();
     let cpu = |procs: &[&RoleProc]| procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
+    if !procs.is_empty() {
+        eprintln!("[{label}] {IDLE_CONNS} idle connections");
+        // First, while the processes are fresh: memory freed by earlier
+        // workloads would otherwise absorb the growth.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before: u64 = procs.iter().map(|p| p.rss_kib()).sum();
+        let conns = open_idle(p.echo).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after: u64 = procs.iter().map(|p| p.rss_kib()).sum();
+        f.idle_kib_per_conn = Some(after.saturating_sub(before) as f64 / IDLE_CONNS as f64);
+        drop(conns);
+    }
     eprintln!("[{label}] single stream, {} MiB", SINGLE_BYTES >> 20);
     let cpu0 = cpu(procs);
     f.single_stream_gbps = Some(send_bytes(p.sink, SINGLE_BYTES).await);
@@ -426,16 +438,6 @@ async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
     let (p50, p99) = round_trips(p.echo).await;
     f.rtt_p50_us = Some(p50);
     f.rtt_p99_us = Some(p99);
-    if !procs.is_empty() {
-        eprintln!("[{label}] {IDLE_CONNS} idle connections");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before: u64 = procs.iter().map(|p| p.rss_kib()).sum();
-        let conns = open_idle(p.echo).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after: u64 = procs.iter().map(|p| p.rss_kib()).sum();
-        f.idle_kib_per_conn = Some(after.saturating_sub(before) as f64 / IDLE_CONNS as f64);
-        drop(conns);
-    }
     eprintln!("[{label}] isolation");
     f.stalled_ratio = Some(stalled_ratio(p).await);
     f
