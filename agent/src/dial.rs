@@ -185,7 +185,7 @@ impl AgentRpc for AgentService {
                     .get_or_create(&CodeLabel { code: "ok" })
                     .inc();
                 tunnel_proto::net::set_nodelay_or_warn(&tcp);
-                let (outbound, done) = relay_tcp(tcp, inbound);
+                let (outbound, done) = relay_tcp(tcp, bytes::Bytes::new(), inbound);
                 let metrics = shared.metrics.clone();
                 metrics.open_connections.inc();
                 let host = open.host.clone();

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -127,8 +128,14 @@ impl std::fmt::Debug for OpenedTunnel {
 impl OpenedTunnel {
     /// Relays `tcp` through the tunnel until both directions have ended.
     pub async fn relay(self, tcp: TcpStream) -> RelayOutcome {
+        self.relay_with_prefix(tcp, Bytes::new()).await
+    }
+
+    /// Like [`relay`](Self::relay), sending `prefix` (bytes already read from
+    /// `tcp`, e.g. by an HTTP parser) first.
+    pub async fn relay_with_prefix(self, tcp: TcpStream, prefix: Bytes) -> RelayOutcome {
         crate::net::set_nodelay_or_warn(&tcp);
-        let (outbound, done) = relay_tcp(tcp, self.inbound);
+        let (outbound, done) = relay_tcp(tcp, prefix, self.inbound);
         if self.gate.open(outbound).is_err() {
             tracing::debug!(id = %self.id, "tunnel stream ended before the relay started");
         }
@@ -236,13 +243,45 @@ impl TunnelClient {
 
     /// Opens a tunnelled connection to `target` and waits for the far end's answer.
     pub async fn open(&self, target: &Target) -> Result<OpenedTunnel, TunnelError> {
+        self.with_retry(target, |ch| self.try_open(ch, target))
+            .await
+    }
+
+    /// Opens a tunnelled connection to `target` as an in-process byte stream
+    /// (for protocols the caller speaks itself, such as HTTP/1 to the destination).
+    pub async fn open_io(&self, target: &Target) -> Result<TunnelIo, TunnelError> {
+        self.with_retry(target, |ch| async move {
+            let (_, open) = target.open_frame(None);
+            let (tx, rx) = tokio::sync::mpsc::channel(IO_QUEUE_FRAMES);
+            let request = futures_util::stream::once(async move { open })
+                .chain(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let (_, inbound) = self.start_stream(ch, request).await?;
+            Ok(TunnelIo {
+                tx: tokio_util::sync::PollSender::new(tx),
+                inbound,
+                pending: Bytes::new(),
+                read_done: false,
+            })
+        })
+        .await
+    }
+
+    async fn with_retry<'a, T, F, Fut>(
+        &'a self,
+        target: &Target,
+        attempt_fn: F,
+    ) -> Result<T, TunnelError>
+    where
+        F: Fn(H2Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, TunnelError>> + 'a,
+    {
         // One retry covers a connection that broke (or a server that began to
         // drain) while it sat idle.
         let mut attempt = 0;
         loop {
             attempt += 1;
             let ch = self.channel().await?;
-            match tokio::time::timeout(self.opts.open_timeout, self.try_open(ch, target)).await {
+            match tokio::time::timeout(self.opts.open_timeout, attempt_fn(ch)).await {
                 Ok(Err(err)) if attempt < 2 && err.code.is_retryable_on_other_agent() => {
                     tracing::debug!(%target, %err, "retrying open on a fresh connection");
                     *self.conn.lock().await = None;
@@ -261,6 +300,24 @@ impl TunnelClient {
     async fn try_open(&self, ch: H2Channel, target: &Target) -> Result<OpenedTunnel, TunnelError> {
         let (id, open) = target.open_frame(None);
         let (request, gate): (Gated<TcpFrames>, _) = gated(open);
+        let (opened, inbound) = self.start_stream(ch, request).await?;
+        Ok(OpenedTunnel {
+            id,
+            opened,
+            gate,
+            inbound,
+        })
+    }
+
+    /// Sends `request` (which starts with `Open`) and waits for the answer.
+    async fn start_stream<S>(
+        &self,
+        ch: H2Channel,
+        request: S,
+    ) -> Result<(pb::Opened, Streaming<Frame>), TunnelError>
+    where
+        S: futures_util::Stream<Item = Frame> + Send + 'static,
+    {
         let response = self
             .grpc(ch)
             .connect(request)
@@ -270,12 +327,7 @@ impl TunnelClient {
         match inbound.next().await {
             Some(Ok(Frame {
                 kind: Some(Kind::Opened(opened)),
-            })) => Ok(OpenedTunnel {
-                id,
-                opened,
-                gate,
-                inbound,
-            }),
+            })) => Ok((opened, inbound)),
             Some(Ok(Frame {
                 kind: Some(Kind::Error(e)),
             })) => Err(TunnelError::from_pb(&e)),
@@ -320,17 +372,25 @@ impl TunnelClient {
     }
 }
 
+/// What happened to one connection of a forwarded port.
+pub type PortEvent<'a> = Result<&'a RelayOutcome, &'a TunnelError>;
+
 /// Forwards every connection accepted on `listener` to `target` (a
 /// per-cluster port). A connection whose tunnel cannot be opened is closed
-/// and logged. Runs until `shutdown` completes.
-pub async fn serve_port(
+/// and logged. `observe` sees how each connection ended (for metrics). Runs
+/// until `shutdown` completes.
+pub async fn serve_port<O>(
     listener: TcpListener,
     client: Arc<TunnelClient>,
     target: Target,
+    observe: O,
     shutdown: impl std::future::Future<Output = ()>,
-) {
+) where
+    O: Fn(PortEvent<'_>) + Send + Sync + 'static,
+{
     tokio::pin!(shutdown);
     let target = Arc::new(target);
+    let observe = Arc::new(observe);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => return,
@@ -345,11 +405,16 @@ pub async fn serve_port(
         };
         let client = client.clone();
         let target = target.clone();
+        let observe = observe.clone();
         tokio::spawn(async move {
             match client.proxy(tcp, &target).await {
-                Ok(outcome) => tracing::debug!(%peer, %target, ?outcome, "connection done"),
+                Ok(outcome) => {
+                    tracing::debug!(%peer, %target, ?outcome, "connection done");
+                    observe(Ok(&outcome));
+                }
                 Err(err) => {
-                    tracing::warn!(%peer, %target, code = err.code.label(), %err, "cannot open tunnel")
+                    tracing::warn!(%peer, %target, code = err.code.label(), %err, "cannot open tunnel; connection closed");
+                    observe(Err(&err));
                 }
             }
         });
@@ -364,5 +429,112 @@ pub fn host_of(addr: &str) -> &str {
     match addr.rsplit_once(':') {
         Some((host, _)) => host,
         None => addr,
+    }
+}
+
+/// Frames a [`TunnelIo`] may queue before writes wait for HTTP/2.
+const IO_QUEUE_FRAMES: usize = 4;
+
+/// A tunnelled connection as an in-process byte stream (`AsyncRead` +
+/// `AsyncWrite`); shutting down the write side sends `eof`.
+pub struct TunnelIo {
+    tx: tokio_util::sync::PollSender<Frame>,
+    inbound: Streaming<Frame>,
+    pending: Bytes,
+    read_done: bool,
+}
+
+impl std::fmt::Debug for TunnelIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelIo")
+            .field("read_done", &self.read_done)
+            .finish()
+    }
+}
+
+impl tokio::io::AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(buf.remaining());
+                buf.put_slice(&self.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if self.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match futures_util::ready!(self.inbound.poll_next_unpin(cx)) {
+                Some(Ok(Frame {
+                    kind: Some(Kind::Data(d)),
+                })) => self.pending = d,
+                Some(Ok(Frame {
+                    kind: Some(Kind::Eof(_)),
+                })) => self.read_done = true,
+                Some(Ok(_)) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "unexpected frame in data phase",
+                    )));
+                }
+                Some(Err(status)) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        format!("tunnel stream failed: {}", status.message()),
+                    )));
+                }
+                None => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "tunnel stream ended without eof",
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn closed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tunnel stream closed")
+}
+
+impl tokio::io::AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        futures_util::ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
+        let n = buf.len().min(crate::relay::MAX_READ);
+        self.tx
+            .send_item(crate::relay::data_frame(Bytes::copy_from_slice(&buf[..n])))
+            .map_err(|_| closed())?;
+        std::task::Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.tx.is_closed() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        futures_util::ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
+        self.tx
+            .send_item(crate::relay::eof_frame())
+            .map_err(|_| closed())?;
+        self.tx.close();
+        std::task::Poll::Ready(Ok(()))
     }
 }

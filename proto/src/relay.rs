@@ -73,6 +73,7 @@ pub struct RelayState {
 /// A read error, or an abort of the other direction, ends the stream without
 /// `eof` (an abort). Reports how it ended through the `done` channel.
 pub struct TcpFrames {
+    prefix: Option<Bytes>,
     half: Option<OwnedReadHalf>,
     buf: BytesMut,
     next_read: usize,
@@ -102,6 +103,10 @@ impl Stream for TcpFrames {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
         let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            this.state.sent.add(prefix.len() as u64);
+            return Poll::Ready(Some(data_frame(prefix)));
+        }
         loop {
             let Some(half) = &this.half else {
                 return Poll::Ready(None);
@@ -168,11 +173,12 @@ impl RelayOutcome {
 }
 
 /// Starts relaying `tcp` over a tunnel stream whose incoming frames are
-/// `inbound`. Returns the outgoing frame stream, to be handed to HTTP/2 as the
+/// `inbound`; `prefix` (bytes already read from `tcp`, may be empty) is sent first. Returns the outgoing frame stream, to be handed to HTTP/2 as the
 /// request or response body, and a future that writes the incoming side and
 /// completes when both directions have ended.
 pub fn relay_tcp<S, E>(
     tcp: tokio::net::TcpStream,
+    prefix: Bytes,
     inbound: S,
 ) -> (
     TcpFrames,
@@ -186,6 +192,7 @@ where
     let state = Arc::new(RelayState::default());
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let outbound = TcpFrames {
+        prefix: (!prefix.is_empty()).then_some(prefix),
         half: Some(read),
         buf: BytesMut::new(),
         next_read: MIN_READ,

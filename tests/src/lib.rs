@@ -152,6 +152,7 @@ pub async fn forward_port(client: Arc<TunnelClient>, target: Target) -> SocketAd
         listener,
         client,
         target,
+        |_| {},
         std::future::pending(),
     ));
     addr
@@ -399,4 +400,607 @@ pub async fn wait_listening(addr: SocketAddr, what: &str) {
         || async move { TcpStream::connect(addr).await.is_ok() },
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------
+// Destinations and traffic for the data, isolation and concurrency suites.
+
+/// Starts a loopback TCP service that runs `handler` on every accepted
+/// connection, each in its own task.
+pub async fn start_service<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(handler(tcp));
+        }
+    });
+    addr
+}
+
+/// What one side of an [`exchange`] sent and received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exchanged {
+    /// Bytes written.
+    pub sent: usize,
+    /// SHA-256 of the bytes written.
+    pub sent_hash: [u8; 32],
+    /// Bytes read before EOF.
+    pub received: usize,
+    /// SHA-256 of the bytes read.
+    pub received_hash: [u8; 32],
+}
+
+/// Writes `len` random bytes from `seed` (then a FIN) while reading the
+/// peer's bytes to EOF, both at once.
+pub async fn exchange(tcp: TcpStream, len: usize, seed: u64) -> std::io::Result<Exchanged> {
+    let (mut r, mut w) = tcp.into_split();
+    let write = async move {
+        let hash = write_random(&mut w, len, seed).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(hash)
+    };
+    let (sent_hash, (received, received_hash)) = tokio::try_join!(write, read_hash(&mut r))?;
+    Ok(Exchanged {
+        sent: len,
+        sent_hash,
+        received,
+        received_hash,
+    })
+}
+
+/// A destination that, on each connection, reads everything while writing
+/// its own `len` random bytes from `seed` (a different stream from the
+/// client's), then half-closes. Reports what it saw per connection.
+pub async fn start_exchange(
+    len: usize,
+    seed: u64,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<Exchanged>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = start_service(move |tcp| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(exchange(tcp, len, seed).await);
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+/// Megabytes per second of `bytes` moved in `elapsed`.
+pub fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / elapsed.as_secs_f64().max(1e-9)
+}
+
+/// An [`AsyncWrite`](tokio::io::AsyncWrite) that counts the bytes written
+/// through it, so a test can watch a writer block.
+#[derive(Debug)]
+pub struct Counted<W> {
+    inner: W,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<W> Counted<W> {
+    /// Counts what is written to `inner` into `count`.
+    pub fn new(inner: W, count: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &res {
+            self.count
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Raises this process's soft open-files limit to at least `want` (up to the
+/// hard limit, with `prlimit`); panics if the limit stays below `want`.
+pub fn ensure_fd_limit(want: u64) {
+    fn soft_and_hard() -> (u64, u64) {
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or("");
+        let mut nums = line.split_whitespace().filter_map(|w| {
+            w.parse::<u64>()
+                .ok()
+                .or((w == "unlimited").then_some(u64::MAX))
+        });
+        (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+    }
+    let (soft, hard) = soft_and_hard();
+    if soft >= want {
+        return;
+    }
+    // Root may raise the hard limit too.
+    let hard_text = if hard == u64::MAX {
+        "unlimited".to_string()
+    } else {
+        hard.max(want).to_string()
+    };
+    let _ = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={want}:{hard_text}"))
+        .status();
+    let (soft, hard) = soft_and_hard();
+    assert!(
+        soft >= want,
+        "this test needs {want} open files; the limit is {soft} (hard {hard}); raise it with `ulimit -n`"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Metrics and readiness.
+
+/// The value of one series in Prometheus text, e.g.
+/// `tunnel_server_dials_total{code="no_agent"}`; `None` when absent.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// `GET /metrics` of an admin port; panics unless it answers 200.
+pub async fn fetch_metrics(admin: SocketAddr) -> String {
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), http_get(admin, "/metrics"))
+        .await
+        .unwrap_or_else(|_| panic!("GET /metrics on {admin} timed out"))
+        .unwrap_or_else(|e| panic!("GET /metrics on {admin}: {e}"));
+    assert_eq!(status, 200, "GET /metrics on {admin}: {body}");
+    body
+}
+
+/// Waits until `GET /readyz` on an admin port answers 200.
+pub async fn wait_ready(admin: SocketAddr, what: &str) {
+    wait_until(
+        &format!("{what} is ready (/readyz on {admin})"),
+        Duration::from_secs(20),
+        || async move { matches!(http_get(admin, "/readyz").await, Ok((200, _))) },
+    )
+    .await;
+}
+
+/// How many agents of `cluster` the server lists (0 when it cannot be asked).
+pub async fn listed_agents(client: &TunnelClient, cluster: &str) -> usize {
+    match client.list_clusters().await {
+        Ok(clusters) => clusters
+            .iter()
+            .find(|c| c.name == cluster)
+            .map(|c| c.agents.len())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until the server lists exactly `n` agents of `cluster`.
+pub async fn wait_listed_agents(client: &Arc<TunnelClient>, cluster: &str, n: usize) {
+    wait_until(
+        &format!("the server lists {n} agent(s) of cluster {cluster}"),
+        Duration::from_secs(20),
+        || {
+            let client = client.clone();
+            let cluster = cluster.to_owned();
+            async move { listed_agents(&client, &cluster).await == n }
+        },
+    )
+    .await;
+}
+
+/// Opens a connection to `port` (a forwarded port), sends `len` random
+/// bytes while reading the echo, and checks that the echo is identical.
+pub async fn check_echo(port: SocketAddr, len: usize) {
+    let seed = rand::random();
+    let run = async {
+        let tcp = TcpStream::connect(port).await?;
+        exchange(tcp, len, seed).await
+    };
+    let got = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap_or_else(|_| panic!("echo of {len} bytes through {port} timed out"))
+        .unwrap_or_else(|e| panic!("echo through {port}: {e}"));
+    assert_eq!(got.received, len, "echo through {port}: length");
+    assert_eq!(
+        got.received_hash, got.sent_hash,
+        "echo through {port}: data"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Real processes.
+
+/// Addresses of a server process's three ports.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerAddrs {
+    /// Agent port.
+    pub agent: SocketAddr,
+    /// Client port.
+    pub client: SocketAddr,
+    /// Admin port.
+    pub admin: SocketAddr,
+}
+
+impl ServerAddrs {
+    /// Three free loopback ports.
+    pub fn free() -> Self {
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            agent: at(free_port()),
+            client: at(free_port()),
+            admin: at(free_port()),
+        }
+    }
+}
+
+/// A free loopback address.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Starts the `tunnel-server` binary on `addrs` with the certificates in
+/// `cert_dir`, plus `extra` flags, and waits until its ports listen.
+pub async fn spawn_server(
+    name: &str,
+    cert_dir: &Path,
+    addrs: &ServerAddrs,
+    extra: &[&str],
+) -> Proc {
+    let mut args: Vec<String> = [
+        "--agent-listen",
+        &addrs.agent.to_string(),
+        "--client-listen",
+        &addrs.client.to_string(),
+        "--admin-listen",
+        &addrs.admin.to_string(),
+        "--cert-dir",
+        &cert_dir.display().to_string(),
+        "--log-format",
+        "text",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let proc = Proc::spawn(name, "tunnel-server", &args, &[]);
+    wait_listening(addrs.client, name).await;
+    wait_listening(addrs.agent, name).await;
+    wait_ready(addrs.admin, name).await;
+    proc
+}
+
+/// Flags of a `tunnel-agent` for `cluster` dialing `server` (as a user
+/// would write them), plus `extra`.
+pub fn agent_args(
+    cert_dir: &Path,
+    cluster: &str,
+    server: SocketAddr,
+    admin: SocketAddr,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--server",
+        &server.to_string(),
+        "--server-name",
+        "localhost",
+        "--cluster",
+        cluster,
+        "--cert-dir",
+        &cert_dir.display().to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+        "--reconnect-base",
+        "50ms",
+        "--reconnect-max",
+        "1s",
+        "--log-format",
+        "text",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts the `tunnel-agent` binary (allowed to dial loopback) without
+/// waiting for its tunnel.
+pub fn spawn_agent(
+    name: &str,
+    cert_dir: &Path,
+    cluster: &str,
+    server: SocketAddr,
+    admin: SocketAddr,
+) -> Proc {
+    let args = agent_args(
+        cert_dir,
+        cluster,
+        server,
+        admin,
+        &["--allow", "127.0.0.0/8"],
+    );
+    Proc::spawn(name, "tunnel-agent", &args, &[])
+}
+
+impl Proc {
+    /// Spawns `cmd` (e.g. a binary run through `ip netns exec`), output into
+    /// a log file, killed on drop.
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Self {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = log_dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .env("TUNNEL_LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Self {
+            name: name.into(),
+            child,
+            log,
+            _log_dir: log_dir,
+        }
+    }
+
+    /// Waits until the log holds at least `n` lines containing every one of
+    /// `parts`; panics after `deadline`.
+    pub async fn wait_log(&self, parts: &[&str], n: usize, deadline: Duration) {
+        let count = || {
+            self.logs()
+                .lines()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .count()
+        };
+        let start = Instant::now();
+        while count() < n {
+            assert!(
+                start.elapsed() < deadline,
+                "{} did not log {n} line(s) containing {parts:?} within {deadline:?} (found {})",
+                self.name,
+                count()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TLS clients for hostile-peer tests.
+
+/// A TLS 1.3 client configuration that trusts `pki`'s CA but presents no
+/// certificate.
+pub fn tls_without_client_cert(pki: &Pki) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.path("ca.pem")).expect("ca.pem") {
+        roots.add(cert.expect("CA certificate")).expect("CA");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tunnel_proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![tunnel_proto::tls::ALPN_H2.to_vec()];
+    Arc::new(config)
+}
+
+/// Whether a connection to `addr` that sent `first` bytes is refused: the
+/// peer closes or resets it without answering anything but, at most, an
+/// HTTP 400. Returns what it answered.
+pub async fn refused_after(addr: SocketAddr, first: &[u8]) -> Result<String, String> {
+    let run = async {
+        let mut tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        // The peer may reset before all is written; that is a refusal too.
+        let _ = tcp.write_all(first).await;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok::<_, String>(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .map_err(|_| format!("{addr} kept the connection open for 15 s"))??;
+    if answer.is_empty() || answer.starts_with("HTTP/1.1 400") {
+        Ok(answer)
+    } else {
+        Err(format!("{addr} answered {answer:?}"))
+    }
+}
+
+/// Runs a TLS handshake without a client certificate against `addr` and
+/// tries to use the connection; returns how it failed, or an error if the
+/// peer accepted and answered.
+pub async fn tls_without_cert_is_refused(pki: &Pki, addr: SocketAddr) -> Result<String, String> {
+    let run = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let connector = tokio_rustls::TlsConnector::from(tls_without_client_cert(pki));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = match connector.connect(name, tcp).await {
+            Ok(tls) => tls,
+            Err(e) => return Ok(format!("handshake failed: {e}")),
+        };
+        // TLS 1.3: the client finishes before the server checked its
+        // certificate; the refusal arrives as an alert on the next read.
+        let _ = tls
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await;
+        let _ = tls.flush().await;
+        let mut buf = [0u8; 1024];
+        match tls.read(&mut buf).await {
+            Ok(0) => Ok("closed".to_string()),
+            Err(e) => Ok(format!("refused: {e}")),
+            Ok(n) => Err(format!(
+                "{addr} accepted a TLS client without a certificate and answered {n} bytes"
+            )),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), run)
+        .await
+        .map_err(|_| format!("{addr} kept a TLS client without a certificate for 15 s"))?
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces.
+
+/// Whether this process runs as root (network namespace tests need it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a command; panics with its output if it fails.
+pub fn run_cmd(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair with a /30:
+/// `hub_ip` on this side, `cluster_ip` inside. Removed on drop, also when a
+/// test fails.
+#[derive(Debug)]
+pub struct NetNs {
+    /// The namespace's name (unique per test run).
+    pub name: String,
+    /// The veth end in this (the hub's) namespace.
+    pub hub_if: String,
+    /// The hub side's address.
+    pub hub_ip: std::net::Ipv4Addr,
+    /// The namespace side's address.
+    pub cluster_ip: std::net::Ipv4Addr,
+}
+
+impl NetNs {
+    /// Creates the namespace, the veth pair and their addresses, and brings
+    /// the links (and the namespace's loopback) up.
+    pub fn create() -> Self {
+        let tag: u32 = rand::random::<u32>() & 0xff_ffff;
+        let (third, fourth) = (rand::random::<u8>(), rand::random::<u8>() & 0xfc);
+        let ns = Self {
+            name: format!("ct-{}-{tag:06x}", std::process::id()),
+            hub_if: format!("cth{tag:06x}"),
+            hub_ip: std::net::Ipv4Addr::new(10, 231, third, fourth + 1),
+            cluster_ip: std::net::Ipv4Addr::new(10, 231, third, fourth + 2),
+        };
+        // From here on, Drop cleans up whatever was made.
+        let cluster_if = format!("ctn{tag:06x}");
+        run_cmd("ip", &["netns", "add", &ns.name]);
+        run_cmd(
+            "ip",
+            &[
+                "link",
+                "add",
+                &ns.hub_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &cluster_if,
+            ],
+        );
+        run_cmd("ip", &["link", "set", &cluster_if, "netns", &ns.name]);
+        run_cmd(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/30", ns.hub_ip),
+                "dev",
+                &ns.hub_if,
+            ],
+        );
+        run_cmd("ip", &["link", "set", &ns.hub_if, "up"]);
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns.name, "ip"];
+            all.extend_from_slice(args);
+            run_cmd("ip", &all);
+        };
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.cluster_ip),
+            "dev",
+            &cluster_if,
+        ]);
+        inside(&["link", "set", &cluster_if, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth end and so the pair.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.hub_if])
+            .output();
+    }
 }

@@ -1,0 +1,670 @@
+//! The sidecar's configuration: flags, environment variables (`TUNNEL_*`) and
+//! an optional TOML file, in that order of precedence, validated as a whole.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use tunnel_proto::cli::{LogFormat, parse_duration};
+use tunnel_proto::client::Target;
+use tunnel_proto::identity::validate_cluster_name;
+
+use crate::names::{DEFAULT_APISERVER_HOST, DEFAULT_CLUSTER_SUFFIX, Naming};
+
+/// Default address of the HTTP proxy.
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15080";
+/// Default address of the admin port.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
+/// Default port of the kube-apiserver when a port mapping names only a cluster.
+pub const DEFAULT_APISERVER_PORT: u16 = 443;
+/// Default limit on the size of a request head.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Default limit on the number of request headers.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default time a client gets to send a request head.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval between refreshes of the cluster list.
+pub const DEFAULT_CLUSTER_REFRESH: Duration = Duration::from_secs(10);
+
+/// A configuration error, naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value does not parse or does not make sense.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The flag or file key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// Two listeners want the same port.
+    #[error("port clash: {first} and {second} both use {addr}")]
+    PortClash {
+        /// One user of the port.
+        first: String,
+        /// The other.
+        second: String,
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// The configuration file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// One per-cluster loopback port: `PORT=CLUSTER[:HOST:PORT]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    /// The local port.
+    pub port: u16,
+    /// Where its connections go.
+    pub target: Target,
+}
+
+impl FromStr for PortMapping {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (port, dest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected PORT=CLUSTER or PORT=CLUSTER:HOST:PORT"))?;
+        let port: u16 = port
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: {port:?} is not a port (1-65535)"))?;
+        let dest = dest.trim();
+        let (cluster, rest) = match dest.split_once(':') {
+            Some((c, r)) => (c, Some(r)),
+            None => (dest, None),
+        };
+        validate_cluster_name(cluster).map_err(|e| format!("{s:?}: {e}"))?;
+        let (host, dport) = match rest {
+            None => (DEFAULT_APISERVER_HOST.to_owned(), DEFAULT_APISERVER_PORT),
+            Some(r) => parse_host_port(r).map_err(|e| format!("{s:?}: {e}"))?,
+        };
+        Ok(Self {
+            port,
+            target: Target::new(cluster, host, dport),
+        })
+    }
+}
+
+/// Parses `host:port` or `[v6]:port`.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("destination {s:?}: expected [IPv6]:PORT"))?;
+        (h, p)
+    } else {
+        s.rsplit_once(':')
+            .ok_or_else(|| format!("destination {s:?}: expected HOST:PORT"))?
+    };
+    if host.is_empty()
+        || host.contains(':') && host.parse::<IpAddr>().is_err()
+        || host.contains(char::is_whitespace)
+    {
+        return Err(format!("destination {s:?}: invalid host {host:?}"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("destination {s:?}: {port:?} is not a port (1-65535)"))?;
+    Ok((host.to_owned(), port))
+}
+
+/// The command line. Every flag also reads an environment variable; values
+/// not given either way come from `--config`, then the defaults.
+#[derive(Debug, Default, Parser)]
+#[command(name = "tunnel-sidecar", version)]
+pub struct Cli {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "TUNNEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Proxy server client-port address(es), host:port (repeatable or
+    /// comma-separated; more than one for HA).
+    #[arg(long = "server", env = "TUNNEL_SERVERS", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// The name the server certificate must carry (default: each address's host).
+    #[arg(long, env = "TUNNEL_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Directory holding client-<client-name>.pem, its key and ca.pem.
+    #[arg(long, env = "TUNNEL_CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Client name whose certificate to use from --cert-dir [default: sidecar].
+    #[arg(long, env = "TUNNEL_CLIENT_NAME")]
+    pub client_name: Option<String>,
+    /// Client certificate chain (PEM); overrides --cert-dir.
+    #[arg(long, env = "TUNNEL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM); overrides --cert-dir.
+    #[arg(long, env = "TUNNEL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle the server certificate must chain to; overrides --cert-dir.
+    #[arg(long, env = "TUNNEL_CA")]
+    pub ca: Option<PathBuf>,
+    /// A per-cluster loopback port: PORT=CLUSTER (the cluster's
+    /// kube-apiserver) or PORT=CLUSTER:HOST:PORT (repeatable or comma-separated).
+    #[arg(long = "port", env = "TUNNEL_PORTS", value_delimiter = ',')]
+    pub ports: Vec<String>,
+    /// Address of the HTTP proxy (CONNECT and http:// requests); "off" disables it
+    /// [default: 127.0.0.1:15080].
+    #[arg(long, env = "TUNNEL_PROXY_LISTEN")]
+    pub proxy_listen: Option<String>,
+    /// Address of the admin port (/healthz, /readyz, /metrics, POST /shutdown)
+    /// [default: 127.0.0.1:15090].
+    #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// IP address the per-cluster ports bind to [default: 127.0.0.1].
+    #[arg(long, env = "TUNNEL_BIND_ADDRESS")]
+    pub bind_address: Option<IpAddr>,
+    /// Allow listeners on non-loopback addresses (they are an open door into
+    /// every cluster for anyone who can reach them).
+    #[arg(long, env = "TUNNEL_ALLOW_NON_LOOPBACK")]
+    pub allow_non_loopback: bool,
+    /// Cluster of unqualified names in HTTP proxy requests when the proxy URL
+    /// names no user.
+    #[arg(long, env = "TUNNEL_DEFAULT_CLUSTER")]
+    pub default_cluster: Option<String>,
+    /// Suffix of cluster-qualified names (<host>.<cluster>.<suffix>)
+    /// [default: tunnel.internal].
+    #[arg(long, env = "TUNNEL_CLUSTER_SUFFIX")]
+    pub cluster_suffix: Option<String>,
+    /// In-cluster host of each cluster's kube-apiserver [default: kubernetes.default.svc].
+    #[arg(long, env = "TUNNEL_APISERVER_HOST")]
+    pub apiserver_host: Option<String>,
+    /// How often the cluster list is fetched from the server [default: 10s].
+    #[arg(long, env = "TUNNEL_CLUSTER_REFRESH", value_parser = parse_duration)]
+    pub cluster_refresh: Option<Duration>,
+    /// Time a proxy client gets to send its request head [default: 10s].
+    #[arg(long, env = "TUNNEL_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub header_timeout: Option<Duration>,
+    /// Largest request head the proxy accepts, in bytes [default: 32768].
+    #[arg(long, env = "TUNNEL_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Most request headers the proxy accepts [default: 100].
+    #[arg(long, env = "TUNNEL_MAX_HEADERS")]
+    pub max_headers: Option<usize>,
+    /// Time allowed from opening a tunnel to the destination's answer [default: 30s].
+    #[arg(long, env = "TUNNEL_OPEN_TIMEOUT", value_parser = parse_duration)]
+    pub open_timeout: Option<Duration>,
+    /// A server that answers nothing for this long is declared dead [default: 20s].
+    #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", value_parser = parse_duration)]
+    pub dead_peer_timeout: Option<Duration>,
+    /// Log format [default: json].
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (RUST_LOG overrides) [default: info].
+    #[arg(long, env = "TUNNEL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The configuration file: the same settings as the flags, snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See `--server`.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// See `--server-name`.
+    pub server_name: Option<String>,
+    /// See `--cert-dir`.
+    pub cert_dir: Option<PathBuf>,
+    /// See `--client-name`.
+    pub client_name: Option<String>,
+    /// See `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// See `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// See `--ca`.
+    pub ca: Option<PathBuf>,
+    /// See `--port`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// See `--proxy-listen`.
+    pub proxy_listen: Option<String>,
+    /// See `--admin-listen`.
+    pub admin_listen: Option<String>,
+    /// See `--bind-address`.
+    pub bind_address: Option<String>,
+    /// See `--allow-non-loopback`.
+    pub allow_non_loopback: Option<bool>,
+    /// See `--default-cluster`.
+    pub default_cluster: Option<String>,
+    /// See `--cluster-suffix`.
+    pub cluster_suffix: Option<String>,
+    /// See `--apiserver-host`.
+    pub apiserver_host: Option<String>,
+    /// See `--cluster-refresh`.
+    pub cluster_refresh: Option<String>,
+    /// See `--header-timeout`.
+    pub header_timeout: Option<String>,
+    /// See `--max-header-bytes`.
+    pub max_header_bytes: Option<usize>,
+    /// See `--max-headers`.
+    pub max_headers: Option<usize>,
+    /// See `--open-timeout`.
+    pub open_timeout: Option<String>,
+    /// See `--dead-peer-timeout`.
+    pub dead_peer_timeout: Option<String>,
+    /// See `--log-format` ("json" or "text").
+    pub log_format: Option<String>,
+    /// See `--log-level`.
+    pub log_level: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a file; unknown keys are errors.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// Server addresses.
+    pub servers: Vec<String>,
+    /// Name the server certificates carry.
+    pub server_name: Option<String>,
+    /// Certificate files.
+    pub tls: tunnel_proto::tls::TlsFiles,
+    /// Per-cluster ports.
+    pub ports: Vec<PortMapping>,
+    /// HTTP proxy address, if enabled.
+    pub proxy_listen: Option<SocketAddr>,
+    /// Admin address.
+    pub admin_listen: SocketAddr,
+    /// Address the per-cluster ports bind to.
+    pub bind_address: IpAddr,
+    /// How proxy requests name clusters.
+    pub naming: Naming,
+    /// Cluster list refresh interval.
+    pub cluster_refresh: Duration,
+    /// Request head timeout.
+    pub header_timeout: Duration,
+    /// Request head size limit.
+    pub max_header_bytes: usize,
+    /// Request header count limit.
+    pub max_headers: usize,
+    /// Tunnel open timeout.
+    pub open_timeout: Duration,
+    /// Dead-peer timeout towards the server.
+    pub dead_peer_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+fn dur(
+    key: &str,
+    cli: Option<Duration>,
+    file: Option<&String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match (cli, file) {
+        (Some(d), _) => Ok(d),
+        (None, Some(s)) => parse_duration(s).map_err(|e| invalid(key, e)),
+        (None, None) => Ok(default),
+    }
+}
+
+fn addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not an IP:PORT address")))
+}
+
+impl Cli {
+    /// Merges flags/environment with the file (if any) and validates.
+    pub fn resolve(&self) -> Result<SidecarConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let servers = if self.servers.is_empty() {
+            file.servers.clone()
+        } else {
+            self.servers.clone()
+        };
+        if servers.is_empty() {
+            return Err(invalid(
+                "--server",
+                "at least one proxy server address is required",
+            ));
+        }
+        for s in &servers {
+            parse_host_port(s).map_err(|e| invalid("--server", e))?;
+        }
+        let cert_dir = self
+            .cert_dir
+            .clone()
+            .or(file.cert_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("certs"));
+        let client_name = self
+            .client_name
+            .clone()
+            .or(file.client_name.clone())
+            .unwrap_or_else(|| "sidecar".into());
+        let mut tls =
+            tunnel_proto::tls::TlsFiles::in_dir(&cert_dir, &format!("client-{client_name}"));
+        if let Some(c) = self.tls_cert.clone().or(file.tls_cert.clone()) {
+            tls.cert = c;
+        }
+        if let Some(k) = self.tls_key.clone().or(file.tls_key.clone()) {
+            tls.key = k;
+        }
+        if let Some(ca) = self.ca.clone().or(file.ca.clone()) {
+            tls.ca = ca;
+        }
+        let port_specs = if self.ports.is_empty() {
+            &file.ports
+        } else {
+            &self.ports
+        };
+        let ports = port_specs
+            .iter()
+            .map(|p| p.parse::<PortMapping>().map_err(|e| invalid("--port", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let proxy_listen = match self
+            .proxy_listen
+            .as_deref()
+            .or(file.proxy_listen.as_deref())
+        {
+            Some("off") => None,
+            Some(s) => Some(addr("--proxy-listen", s)?),
+            None => Some(DEFAULT_PROXY_LISTEN.parse().expect("valid default")),
+        };
+        let admin_listen = match (self.admin_listen, &file.admin_listen) {
+            (Some(a), _) => a,
+            (None, Some(s)) => addr("--admin-listen", s)?,
+            (None, None) => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+        };
+        let bind_address = match (self.bind_address, &file.bind_address) {
+            (Some(a), _) => a,
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|_| invalid("--bind-address", format!("{s:?} is not an IP address")))?,
+            (None, None) => IpAddr::from([127, 0, 0, 1]),
+        };
+        let allow_non_loopback =
+            self.allow_non_loopback || file.allow_non_loopback.unwrap_or(false);
+        let mut listeners: Vec<(String, SocketAddr)> =
+            vec![("--admin-listen".into(), admin_listen)];
+        if let Some(p) = proxy_listen {
+            listeners.push(("--proxy-listen".into(), p));
+        }
+        for m in &ports {
+            listeners.push((
+                format!("--port {}={}", m.port, m.target),
+                SocketAddr::new(bind_address, m.port),
+            ));
+        }
+        for (name, a) in &listeners {
+            if !a.ip().is_loopback() && !allow_non_loopback {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "{a} is not a loopback address; pass --allow-non-loopback to expose the tunnel beyond this host"
+                    ),
+                ));
+            }
+        }
+        for (i, (n1, a1)) in listeners.iter().enumerate() {
+            for (n2, a2) in &listeners[i + 1..] {
+                let overlap = a1.port() == a2.port()
+                    && a1.port() != 0
+                    && (a1.ip() == a2.ip() || a1.ip().is_unspecified() || a2.ip().is_unspecified());
+                if overlap {
+                    return Err(ConfigError::PortClash {
+                        first: n1.clone(),
+                        second: n2.clone(),
+                        addr: *a1,
+                    });
+                }
+            }
+        }
+        let default_cluster = self
+            .default_cluster
+            .clone()
+            .or(file.default_cluster.clone());
+        if let Some(c) = &default_cluster {
+            validate_cluster_name(c).map_err(|e| invalid("--default-cluster", e.to_string()))?;
+        }
+        let suffix = self
+            .cluster_suffix
+            .clone()
+            .or(file.cluster_suffix.clone())
+            .unwrap_or_else(|| DEFAULT_CLUSTER_SUFFIX.into())
+            .trim_matches('.')
+            .to_ascii_lowercase();
+        if suffix.is_empty() || !suffix.contains('.') {
+            return Err(invalid(
+                "--cluster-suffix",
+                format!("{suffix:?} must be a dotted DNS suffix such as tunnel.internal"),
+            ));
+        }
+        let log_format = match (self.log_format, file.log_format.as_deref()) {
+            (Some(f), _) => f,
+            (None, Some("json")) | (None, None) => LogFormat::Json,
+            (None, Some("text")) => LogFormat::Text,
+            (None, Some(other)) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?}: expected json or text"),
+                ));
+            }
+        };
+        let max_header_bytes = self
+            .max_header_bytes
+            .or(file.max_header_bytes)
+            .unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if !(1024..=1024 * 1024).contains(&max_header_bytes) {
+            return Err(invalid(
+                "--max-header-bytes",
+                "must be between 1024 and 1048576",
+            ));
+        }
+        let max_headers = self
+            .max_headers
+            .or(file.max_headers)
+            .unwrap_or(DEFAULT_MAX_HEADERS);
+        if !(1..=1000).contains(&max_headers) {
+            return Err(invalid("--max-headers", "must be between 1 and 1000"));
+        }
+        Ok(SidecarConfig {
+            servers,
+            server_name: self.server_name.clone().or(file.server_name.clone()),
+            tls,
+            ports,
+            proxy_listen,
+            admin_listen,
+            bind_address,
+            naming: Naming {
+                suffix,
+                apiserver_host: self
+                    .apiserver_host
+                    .clone()
+                    .or(file.apiserver_host.clone())
+                    .unwrap_or_else(|| DEFAULT_APISERVER_HOST.into()),
+                default_cluster,
+            },
+            cluster_refresh: dur(
+                "--cluster-refresh",
+                self.cluster_refresh,
+                file.cluster_refresh.as_ref(),
+                DEFAULT_CLUSTER_REFRESH,
+            )?
+            .max(Duration::from_millis(100)),
+            header_timeout: dur(
+                "--header-timeout",
+                self.header_timeout,
+                file.header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+            )?,
+            max_header_bytes,
+            max_headers,
+            open_timeout: dur(
+                "--open-timeout",
+                self.open_timeout,
+                file.open_timeout.as_ref(),
+                tunnel_proto::client::DEFAULT_OPEN_TIMEOUT,
+            )?,
+            dead_peer_timeout: dur(
+                "--dead-peer-timeout",
+                self.dead_peer_timeout,
+                file.dead_peer_timeout.as_ref(),
+                tunnel_proto::net::DEFAULT_DEAD_PEER_TIMEOUT,
+            )?,
+            log_format,
+            log_level: self
+                .log_level
+                .clone()
+                .or(file.log_level.clone())
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("tunnel-sidecar").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn port_mappings_default_to_the_apiserver() {
+        let m: PortMapping = "15001=east".parse().unwrap();
+        assert_eq!(m.port, 15001);
+        assert_eq!(m.target, Target::new("east", "kubernetes.default.svc", 443));
+        let m: PortMapping = "15002=east:prometheus.monitoring.svc:9090".parse().unwrap();
+        assert_eq!(
+            m.target,
+            Target::new("east", "prometheus.monitoring.svc", 9090)
+        );
+        let m: PortMapping = "15003=west:[fd00::1]:8443".parse().unwrap();
+        assert_eq!(m.target, Target::new("west", "fd00::1", 8443));
+    }
+
+    #[test]
+    fn invalid_destinations_say_why() {
+        for (spec, why) in [
+            ("15001", "expected PORT=CLUSTER"),
+            ("0=east", "not a port"),
+            ("15001=East", "east"),
+            ("15001=east:svc", "HOST:PORT"),
+            ("15001=east:svc:http", "not a port"),
+            ("15001=east:svc:70000", "not a port"),
+        ] {
+            let err = spec.parse::<PortMapping>().unwrap_err();
+            assert!(
+                err.to_lowercase().contains(&why.to_lowercase()),
+                "{spec}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_port_clash_names_both_users() {
+        let err = cli(&["--server", "hub:8090", "--port", "15080=east"])
+            .resolve()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::PortClash { .. }), "{err}");
+        assert!(err.to_string().contains("--proxy-listen"), "{err}");
+        let err = cli(&[
+            "--server",
+            "hub:8090",
+            "--port",
+            "15001=east",
+            "--port",
+            "15001=west",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("15001"), "{err}");
+    }
+
+    #[test]
+    fn non_loopback_needs_the_flag() {
+        let err = cli(&["--server", "hub:8090", "--proxy-listen", "0.0.0.0:15080"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("--allow-non-loopback"), "{err}");
+        let ok = cli(&[
+            "--server",
+            "hub:8090",
+            "--proxy-listen",
+            "0.0.0.0:15080",
+            "--allow-non-loopback",
+        ])
+        .resolve();
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn the_file_fills_in_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.toml");
+        std::fs::write(
+            &path,
+            "servers = [\"hub:8090\"]\nports = [\"15001=east\"]\ndefault_cluster = \"east\"\nheader_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        let c = cli(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--default-cluster",
+            "west",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.servers, vec!["hub:8090"]);
+        assert_eq!(c.ports.len(), 1);
+        assert_eq!(c.naming.default_cluster.as_deref(), Some("west"));
+        assert_eq!(c.header_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.toml");
+        std::fs::write(&path, "servers = [\"hub:8090\"]\nprot = [\"15001=east\"]\n").unwrap();
+        let err = cli(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn a_server_is_required() {
+        let err = cli(&[]).resolve().unwrap_err();
+        assert!(err.to_string().contains("--server"), "{err}");
+    }
+}

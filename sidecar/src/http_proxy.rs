@@ -1,0 +1,459 @@
+//! The HTTP proxy on loopback: `CONNECT host[:port]` (a byte tunnel, so TLS
+//! from the app passes through untouched) and absolute-form `http://` requests
+//! (forwarded as origin-form over a fresh tunnel each), with keep-alive
+//! towards the app.
+//!
+//! Errors carry the tunnel's typed code in an `X-Tunnel-Error` header and as
+//! the first word of a text body, with a status an HTTP client can act on
+//! (see [`error_response`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tunnel_proto::client::{Target, TunnelClient};
+use tunnel_proto::error::{ErrorCode, TunnelError};
+
+use crate::clusters::ClusterCache;
+use crate::metrics::{RequestLabel, SidecarMetrics};
+use crate::names::Naming;
+
+/// Header carrying the typed error code of a failed proxy request.
+pub const ERROR_HEADER: &str = "x-tunnel-error";
+
+/// Methods forwarded for `http://` requests. Others (TRACE, extension
+/// methods) get 405: TRACE would echo credentials back across origins.
+const PROXIED_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Limits on what proxy clients may send.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyLimits {
+    /// Time to send a request head.
+    pub header_timeout: Duration,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Most headers in a request.
+    pub max_headers: usize,
+}
+
+/// What the proxy's handlers share.
+#[derive(Debug)]
+pub struct ProxyState {
+    /// Opens tunnels.
+    pub client: Arc<TunnelClient>,
+    /// How names map to clusters.
+    pub naming: Naming,
+    /// Clusters the server knows.
+    pub clusters: Arc<ClusterCache>,
+    /// Metrics.
+    pub metrics: SidecarMetrics,
+}
+
+fn text(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{code}: {message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(code) {
+        h.insert(ERROR_HEADER, v);
+    }
+    resp
+}
+
+/// The response for a tunnel error: 400 bad request, 403 forbidden or not
+/// allowed, 404 unknown cluster, 502 refused / unreachable / DNS failure /
+/// tunnel broken, 503 no agent or server draining, 504 dial timeout.
+pub fn error_response(err: &TunnelError) -> Response<Body> {
+    let status = match err.code {
+        // Our own identity was refused: nothing the app can fix by authenticating.
+        ErrorCode::Unauthenticated => StatusCode::FORBIDDEN,
+        code => {
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    };
+    text(status, err.code.label(), &err.message)
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    text(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadRequest.label(),
+        message,
+    )
+}
+
+/// The cluster named by `Proxy-Authorization: Basic base64(cluster:)`.
+fn proxy_user(headers: &HeaderMap) -> Result<Option<String>, String> {
+    let Some(value) = headers.get(header::PROXY_AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| "Proxy-Authorization is not ASCII".to_owned())?;
+    let Some(b64) = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))
+    else {
+        return Err(
+            "Proxy-Authorization must use the Basic scheme (the user names the cluster)".into(),
+        );
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| "Proxy-Authorization is not valid base64".to_owned())?;
+    let decoded =
+        String::from_utf8(decoded).map_err(|_| "Proxy-Authorization is not UTF-8".to_owned())?;
+    let user = decoded.split(':').next().unwrap_or_default();
+    Ok((!user.is_empty()).then(|| user.to_owned()))
+}
+
+impl ProxyState {
+    async fn target_of(
+        &self,
+        req: &Request<Incoming>,
+        default_port: u16,
+    ) -> Result<Target, Response<Body>> {
+        let authority = req
+            .uri()
+            .authority()
+            .ok_or_else(|| bad_request("the request names no destination host"))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = authority.port_u16().unwrap_or(default_port);
+        if port == 0 {
+            return Err(bad_request("port 0 is not a destination"));
+        }
+        let user = proxy_user(req.headers()).map_err(|m| bad_request(&m))?;
+        // A single label may be a cluster that joined since the last refresh.
+        if !host.contains('.') && !self.clusters.contains(host) {
+            self.clusters.refresh_soon(&self.client).await;
+        }
+        let clusters = self.clusters.clone();
+        self.naming
+            .resolve(host, port, user.as_deref(), |c| clusters.contains(c))
+            .map_err(|e| bad_request(&e.to_string()))
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, hyper::Error> {
+        if req.method() == Method::CONNECT {
+            return Ok(self.connect(req).await);
+        }
+        if req.uri().scheme().is_none() {
+            return Ok(bad_request(
+                "this is an HTTP proxy: send absolute-form requests (GET http://host/path) or CONNECT",
+            ));
+        }
+        if req.uri().scheme_str() != Some("http") {
+            return Ok(bad_request(
+                "only http:// is forwarded as requests; use CONNECT for https and other protocols",
+            ));
+        }
+        if !PROXIED_METHODS.contains(req.method()) {
+            self.count("http", "method_not_allowed");
+            let mut resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{} is not proxied", req.method()),
+            );
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("CONNECT, GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+            return Ok(resp);
+        }
+        self.forward(req).await
+    }
+
+    fn count(&self, kind: &'static str, code: &'static str) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabel { kind, code })
+            .inc();
+    }
+
+    async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let target = match self.target_of(&req, 443).await {
+            Ok(t) => t,
+            Err(resp) => {
+                self.count("connect", "bad_request");
+                return resp;
+            }
+        };
+        let tunnel = match self.client.open(&target).await {
+            Ok(t) => t,
+            Err(err) => {
+                self.count("connect", err.code.label());
+                tracing::info!(%target, code = err.code.label(), %err, "CONNECT failed");
+                return error_response(&err);
+            }
+        };
+        self.count("connect", "ok");
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(err) => {
+                    tracing::debug!(%target, %err, "CONNECT client left before the tunnel started");
+                    return;
+                }
+            };
+            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    tracing::error!("CONNECT upgrade is not a TCP stream");
+                    return;
+                }
+            };
+            metrics.open_connections.inc();
+            let outcome = tunnel
+                .relay_with_prefix(parts.io.into_inner(), parts.read_buf)
+                .await;
+            metrics.open_connections.dec();
+            tracing::debug!(%target, ?outcome, "CONNECT tunnel closed");
+        });
+        Response::new(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    }
+
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, hyper::Error> {
+        let target = match self.target_of(&req, 80).await {
+            Ok(t) => t,
+            Err(resp) => {
+                self.count("http", "bad_request");
+                return Ok(resp);
+            }
+        };
+        let io = match self.client.open_io(&target).await {
+            Ok(io) => io,
+            Err(err) => {
+                self.count("http", err.code.label());
+                tracing::info!(%target, code = err.code.label(), %err, "proxy request failed");
+                return Ok(error_response(&err));
+            }
+        };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await
+        {
+            Ok(x) => x,
+            Err(err) => {
+                let err = TunnelError::new(
+                    ErrorCode::TunnelBroken,
+                    format!("HTTP/1 to {target}: {err}"),
+                );
+                return Ok(error_response(&err));
+            }
+        };
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%err, "upstream HTTP/1 connection ended with an error");
+            }
+        });
+        // Origin-form towards the destination; Host names the real in-cluster host.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+        strip_hop_by_hop(req.headers_mut());
+        let host = if target.host.contains(':') {
+            format!("[{}]", target.host)
+        } else {
+            target.host.clone()
+        };
+        let host = if target.port == 80 {
+            host
+        } else {
+            format!("{host}:{}", target.port)
+        };
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                self.count("http", "ok");
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, body.boxed()))
+            }
+            Err(err) => {
+                self.count("http", "upstream_error");
+                let err = TunnelError::new(
+                    ErrorCode::DestinationUnreachable,
+                    format!("{target}: {err}"),
+                );
+                Ok(error_response(&err))
+            }
+        }
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for h in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
+        headers.remove(h.as_str());
+    }
+}
+
+/// Serves the proxy on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    limits: ProxyLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    let builder = Arc::new(builder);
+    loop {
+        let (tcp, peer): (TcpStream, SocketAddr) = tokio::select! {
+            () = &mut shutdown => return,
+            res = listener.accept() => match res {
+                Ok(x) => x,
+                Err(err) => {
+                    tracing::warn!(%err, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        tunnel_proto::net::set_nodelay_or_warn(&tcp);
+        let state = state.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| state.clone().handle(req));
+            let conn = builder
+                .serve_connection(TokioIo::new(tcp), svc)
+                .with_upgrades();
+            if let Err(err) = conn.await {
+                // Malformed requests, oversized heads and slow clients end here.
+                tracing::info!(%peer, %err, "proxy client connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxy_user_names_the_cluster() {
+        let mut h = HeaderMap::new();
+        assert_eq!(proxy_user(&h).unwrap(), None);
+        // curl -x http://east@127.0.0.1:15080 sends base64("east:").
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic ZWFzdDo="),
+        );
+        assert_eq!(proxy_user(&h).unwrap().as_deref(), Some("east"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Bearer x"),
+        );
+        assert!(proxy_user(&h).unwrap_err().contains("Basic"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic !!!"),
+        );
+        assert!(proxy_user(&h).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic ZWFzdDo="),
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn errors_map_to_actionable_statuses() {
+        let cases = [
+            (ErrorCode::UnknownCluster, 404),
+            (ErrorCode::NoAgent, 503),
+            (ErrorCode::DestinationRefused, 502),
+            (ErrorCode::DestinationUnreachable, 502),
+            (ErrorCode::DnsFailure, 502),
+            (ErrorCode::DialTimeout, 504),
+            (ErrorCode::DestinationNotAllowed, 403),
+            (ErrorCode::Forbidden, 403),
+            (ErrorCode::Unauthenticated, 403),
+            (ErrorCode::BadRequest, 400),
+        ];
+        for (code, status) in cases {
+            let resp = error_response(&TunnelError::new(code, "why"));
+            assert_eq!(resp.status().as_u16(), status, "{code:?}");
+            assert_eq!(resp.headers()[ERROR_HEADER], code.label());
+        }
+    }
+}

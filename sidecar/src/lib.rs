@@ -1,0 +1,213 @@
+//! The cluster-tunnel sidecar: runs beside an application in a hub pod and
+//! gives it every managed cluster without a change to its code.
+//!
+//! - per-cluster loopback ports: plain TCP to `127.0.0.1:<port>` reaches a
+//!   fixed destination in one cluster (see [`config::PortMapping`]);
+//! - [`http_proxy`]: one loopback HTTP proxy for `HTTP_PROXY`/`HTTPS_PROXY`,
+//!   naming clusters as [`names`] describes;
+//! - [`clusters`]: the server's cluster list, refreshed in the background;
+//! - [`config`]: flags, environment variables and an optional TOML file;
+//! - an admin port with `/healthz`, `/readyz` (ready once connected to a
+//!   server), `/metrics` and `POST /shutdown`.
+
+pub mod clusters;
+pub mod config;
+pub mod http_proxy;
+pub mod metrics;
+pub mod names;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tunnel_proto::client::{ClientOptions, TunnelClient};
+use tunnel_proto::h2::H2Settings;
+use tunnel_proto::net::Liveness;
+
+use crate::clusters::ClusterCache;
+use crate::config::SidecarConfig;
+use crate::http_proxy::{ProxyLimits, ProxyState};
+use crate::metrics::{RequestLabel, SidecarMetrics};
+
+/// A running sidecar.
+#[derive(Debug)]
+pub struct Sidecar {
+    /// The HTTP proxy's address, if enabled.
+    pub proxy_addr: Option<SocketAddr>,
+    /// The admin port's address.
+    pub admin_addr: SocketAddr,
+    /// Each per-cluster port's address, in configuration order.
+    pub port_addrs: Vec<SocketAddr>,
+    /// Notified by `POST /shutdown`.
+    pub shutdown_requested: Arc<Notify>,
+    clusters: Arc<ClusterCache>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, what, "listening beyond loopback: anyone who can reach this address can reach the clusters");
+    }
+    Ok(l)
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+impl Sidecar {
+    /// Binds every listener, then serves.
+    pub async fn start(config: SidecarConfig) -> anyhow::Result<Self> {
+        let tls = tunnel_proto::tls::client_config(&config.tls)?;
+        let client = Arc::new(TunnelClient::new(ClientOptions {
+            servers: config.servers.clone(),
+            server_name: config.server_name.clone(),
+            tls,
+            h2: H2Settings {
+                liveness: Liveness::from_timeout(config.dead_peer_timeout),
+                ..H2Settings::default()
+            },
+            connect_timeout: tunnel_proto::client::DEFAULT_CONNECT_TIMEOUT,
+            open_timeout: config.open_timeout,
+        }));
+        let mut registry = Registry::default();
+        let metrics = SidecarMetrics::register(&mut registry);
+        let clusters = Arc::new(ClusterCache::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // Bind everything first so that a clash fails start-up, not later.
+        let admin_l = bind(config.admin_listen, "admin address").await?;
+        let proxy_l = match config.proxy_listen {
+            Some(a) => Some(bind(a, "proxy address").await?),
+            None => None,
+        };
+        let mut port_ls = Vec::new();
+        for m in &config.ports {
+            let addr = SocketAddr::new(config.bind_address, m.port);
+            port_ls.push((
+                bind(addr, &format!("port for {}", m.target)).await?,
+                m.target.clone(),
+            ));
+        }
+
+        let admin_addr = admin_l.local_addr()?;
+        let proxy_addr = proxy_l.as_ref().map(|l| l.local_addr()).transpose()?;
+        let port_addrs = port_ls
+            .iter()
+            .map(|(l, _)| l.local_addr())
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let shutdown_requested = Arc::new(Notify::new());
+        let ready = clusters.clone();
+        let admin = tunnel_proto::admin::AdminServer::new(
+            Arc::new(registry),
+            Arc::new(move || ready.is_connected()),
+        )
+        .with_shutdown_endpoint(shutdown_requested.clone());
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(err) = admin.serve(admin_l, stopped(rx)).await {
+                tracing::error!(%err, "admin server failed");
+            }
+        }));
+
+        let (c, cl, rx, every) = (
+            client.clone(),
+            clusters.clone(),
+            stop_rx.clone(),
+            config.cluster_refresh,
+        );
+        tasks.push(tokio::spawn(
+            async move { cl.run(&c, every, stopped(rx)).await },
+        ));
+
+        for (listener, target) in port_ls {
+            let m = metrics.clone();
+            let observe = move |ev: tunnel_proto::client::PortEvent<'_>| {
+                let code = match ev {
+                    Ok(_) => "ok",
+                    Err(e) => e.code.label(),
+                };
+                m.requests
+                    .get_or_create(&RequestLabel { kind: "port", code })
+                    .inc();
+            };
+            tracing::info!(addr = %listener.local_addr()?, %target, "per-cluster port");
+            tasks.push(tokio::spawn(tunnel_proto::client::serve_port(
+                listener,
+                client.clone(),
+                target,
+                observe,
+                stopped(stop_rx.clone()),
+            )));
+        }
+
+        if let Some(listener) = proxy_l {
+            let state = Arc::new(ProxyState {
+                client: client.clone(),
+                naming: config.naming.clone(),
+                clusters: clusters.clone(),
+                metrics: metrics.clone(),
+            });
+            let limits = ProxyLimits {
+                header_timeout: config.header_timeout,
+                max_header_bytes: config.max_header_bytes,
+                max_headers: config.max_headers,
+            };
+            tracing::info!(addr = %listener.local_addr()?, "HTTP proxy");
+            tasks.push(tokio::spawn(http_proxy::serve(
+                listener,
+                state,
+                limits,
+                stopped(stop_rx.clone()),
+            )));
+        }
+        tracing::info!(%admin_addr, servers = ?config.servers, "tunnel sidecar started");
+        Ok(Self {
+            proxy_addr,
+            admin_addr,
+            port_addrs,
+            shutdown_requested,
+            clusters,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Whether the sidecar is connected to a server.
+    pub fn is_ready(&self) -> bool {
+        self.clusters.is_connected()
+    }
+
+    /// Stops every listener; open tunnelled connections end with the process.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        tracing::info!("tunnel sidecar stopped");
+    }
+}
+
+/// Runs the command line: the binary's whole `main`. Exits on SIGTERM,
+/// Ctrl-C or `POST /shutdown`.
+pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
+    tunnel_proto::tls::install_crypto_provider();
+    let config = cli.resolve()?;
+    tunnel_proto::cli::init_logging(config.log_format, &config.log_level);
+    let sidecar = Sidecar::start(config).await?;
+    let requested = sidecar.shutdown_requested.clone();
+    tokio::select! {
+        () = tunnel_proto::cli::termination_signal() => {}
+        () = requested.notified() => tracing::info!("shutdown requested on the admin port"),
+    }
+    sidecar.shutdown().await;
+    Ok(())
+}
