@@ -57,6 +57,10 @@ pub struct Cli {
     /// which need an explicit IP rule.
     #[arg(long = "allow", env = "TUNNEL_ALLOW", value_delimiter = ',')]
     pub allow: Vec<String>,
+    /// NAME=IP: answer NAME with IP before asking DNS, like an /etc/hosts
+    /// entry (repeatable or comma-separated). The allowlist still applies to IP.
+    #[arg(long = "host-alias", env = "TUNNEL_HOST_ALIASES", value_delimiter = ',')]
+    pub host_aliases: Vec<String>,
     /// Longest time to resolve and connect to a destination.
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
@@ -106,6 +110,21 @@ impl Cli {
                 anyhow::bail!("--server {s:?}: expected host:port");
             }
         }
+        let mut host_aliases = std::collections::HashMap::new();
+        for spec in &self.host_aliases {
+            let (name, ip) = spec
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--host-alias {spec:?}: expected NAME=IP"))?;
+            let ip: std::net::IpAddr = ip
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--host-alias {spec:?}: {ip:?} is not an IP address"))?;
+            let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            if name.is_empty() {
+                anyhow::bail!("--host-alias {spec:?}: empty name");
+            }
+            host_aliases.insert(name, ip);
+        }
         let allowlist =
             Allowlist::parse(&self.allow).map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
         let base = if self.reconnect_base.is_zero() {
@@ -133,6 +152,7 @@ impl Cli {
             },
             allowlist,
             dial_timeout: self.dial_timeout,
+            host_aliases,
             resolve_interval: self.resolve_interval.max(Duration::from_secs(1)),
             admin_listen: self.admin_listen,
             backoff: (base, max),
@@ -179,6 +199,8 @@ mod tests {
                 .to_string()
                 .contains("--server")
         );
+        let cli = Cli::try_parse_from(["tunnel-agent", "--server", "h:1", "--cluster", "east", "--host-alias", "x=nope"]).unwrap();
+        assert!(cli.to_config().unwrap_err().to_string().contains("--host-alias"));
         let err = Cli::try_parse_from(["tunnel-agent", "--cluster", "east"]).unwrap_err();
         assert!(err.to_string().contains("--server"), "{err}");
     }

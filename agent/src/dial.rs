@@ -30,6 +30,8 @@ pub struct DialerShared {
     pub allowlist: Allowlist,
     /// Longest time to resolve and connect to a destination.
     pub dial_timeout: Duration,
+    /// Names answered before DNS, like /etc/hosts (lower-case names).
+    pub host_aliases: std::collections::HashMap<String, IpAddr>,
     /// Metrics.
     pub metrics: AgentMetrics,
 }
@@ -82,9 +84,10 @@ impl DialerShared {
             .check_request(host, port)
             .map_err(|d| TunnelError::new(ErrorCode::DestinationNotAllowed, d.to_string()))?;
         let attempt = async {
-            let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, port)],
-                Err(_) => tokio::net::lookup_host((host, port))
+            let alias = self.host_aliases.get(&host.trim_end_matches('.').to_ascii_lowercase());
+            let addrs: Vec<SocketAddr> = match (host.parse::<IpAddr>(), alias) {
+                (Ok(ip), _) | (Err(_), Some(&ip)) => vec![SocketAddr::new(ip, port)],
+                (Err(_), None) => tokio::net::lookup_host((host, port))
                     .await
                     .map_err(|e| {
                         TunnelError::new(ErrorCode::DnsFailure, format!("resolve {host}: {e}"))

@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub allowlist: Allowlist,
     /// Longest time to resolve and connect to a destination.
     pub dial_timeout: Duration,
+    /// Names answered before DNS, like /etc/hosts (lower-case names).
+    pub host_aliases: std::collections::HashMap<String, std::net::IpAddr>,
     /// How often server names are re-resolved.
     pub resolve_interval: Duration,
     /// Admin port address.
@@ -83,6 +85,7 @@ impl Agent {
             cluster: config.cluster.clone(),
             allowlist: config.allowlist.clone(),
             dial_timeout: config.dial_timeout,
+            host_aliases: config.host_aliases.clone(),
             metrics: metrics.clone(),
         });
         let gauge = metrics.tunnels_up.clone();

@@ -1,0 +1,288 @@
+//! `tunnel-local`: the whole cluster-tunnel system on this machine.
+//!
+//! A proxy server, an agent for each of two clusters (`east`, `west`), sample
+//! services "inside" each cluster (an HTTP and an HTTPS service answering
+//! `hello from <cluster>`, and an echo service), and a sidecar with a
+//! per-cluster port for each cluster and the HTTP proxy. Each cluster's
+//! services listen on their own loopback address (east 127.0.1.1, west
+//! 127.0.2.1) and each agent knows them by in-cluster names
+//! (`hello.default.svc`, `echo.default.svc`), as cluster DNS would.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tunnel_agent::allowlist::Allowlist;
+use tunnel_agent::{Agent, AgentConfig};
+use tunnel_proto::h2::H2Settings;
+use tunnel_proto::tls::TlsFiles;
+use tunnel_server::{Server, ServerConfig};
+use tunnel_sidecar::Sidecar;
+
+const CLUSTERS: [&str; 2] = ["east", "west"];
+const HTTP_PORT: u16 = 8080;
+const HTTPS_PORT: u16 = 8443;
+const ECHO_PORT: u16 = 7007;
+
+/// Runs the whole cluster-tunnel system locally: server, agents for `east`
+/// and `west`, sample services in each, and a sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel-local", version)]
+struct Cli {
+    /// Where certificates are written (the CA is reused between runs).
+    #[arg(long, env = "TUNNEL_LOCAL_DIR", default_value_os_t = std::env::temp_dir().join("cluster-tunnel-local"))]
+    dir: PathBuf,
+    /// The sidecar's HTTP proxy.
+    #[arg(long, default_value = "127.0.0.1:15080")]
+    proxy_listen: SocketAddr,
+    /// The sidecar's port for east's hello service.
+    #[arg(long, default_value_t = 15001)]
+    east_port: u16,
+    /// The sidecar's port for west's hello service.
+    #[arg(long, default_value_t = 15002)]
+    west_port: u16,
+    /// The sidecar's admin port.
+    #[arg(long, default_value = "127.0.0.1:15090")]
+    sidecar_admin_listen: SocketAddr,
+    /// The server's client port.
+    #[arg(long, default_value = "127.0.0.1:18090")]
+    server_client_listen: SocketAddr,
+    /// The server's agent port.
+    #[arg(long, default_value = "127.0.0.1:18091")]
+    server_agent_listen: SocketAddr,
+    /// The server's admin port.
+    #[arg(long, default_value = "127.0.0.1:18092")]
+    server_admin_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: tunnel_proto::cli::LogFormat,
+    /// Log filter (RUST_LOG overrides).
+    #[arg(long, default_value = "warn,tunnel_server::connection=info")]
+    log_level: String,
+}
+
+/// The loopback address standing for a cluster's network.
+fn cluster_ip(i: usize) -> IpAddr {
+    IpAddr::from([127, 0, i as u8 + 1, 1])
+}
+
+fn write_certs(dir: &Path) -> anyhow::Result<()> {
+    use tunnel_proto::certs::{CertOptions, generate};
+    let opts = CertOptions {
+        clusters: CLUSTERS.iter().map(|s| s.to_string()).collect(),
+        clients: vec!["sidecar".into()],
+        ..CertOptions::new()
+    };
+    generate(dir, &opts).with_context(|| format!("writing certificates to {}", dir.display()))?;
+    // The sample services' certificate, from the same CA.
+    let samples = dir.join("samples");
+    std::fs::create_dir_all(&samples)?;
+    for f in ["ca.pem", "ca-key.pem"] {
+        std::fs::copy(dir.join(f), samples.join(f))?;
+    }
+    let mut names = vec!["hello.default.svc".to_string(), "localhost".to_string()];
+    for c in CLUSTERS {
+        names.push(format!("hello.default.svc.{c}.tunnel.internal"));
+    }
+    let opts = CertOptions {
+        server_names: names,
+        ..CertOptions::new()
+    };
+    generate(&samples, &opts).context("writing the sample services' certificate")?;
+    Ok(())
+}
+
+type Resp = hyper::Response<Full<Bytes>>;
+
+fn hello(cluster: &'static str, scheme: &'static str) -> impl Fn(hyper::Request<hyper::body::Incoming>) -> std::future::Ready<Result<Resp, std::convert::Infallible>> + Clone {
+    move |req| {
+        let body = format!("hello from {cluster} ({scheme} {} {})\n", req.method(), req.uri().path());
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/plain"));
+        std::future::ready(Ok(resp))
+    }
+}
+
+async fn serve_http<IO>(io: IO, cluster: &'static str, scheme: &'static str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(io), hyper::service::service_fn(hello(cluster, scheme)))
+        .await;
+}
+
+async fn start_samples(cluster: &'static str, ip: IpAddr, dir: &Path) -> anyhow::Result<()> {
+    let http = TcpListener::bind((ip, HTTP_PORT)).await.with_context(|| format!("binding {ip}:{HTTP_PORT}"))?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = http.accept().await {
+            tokio::spawn(serve_http(tcp, cluster, "http"));
+        }
+    });
+    let files = TlsFiles::in_dir(&dir.join("samples"), "server");
+    let tls = {
+        let certs = tunnel_proto::tls::load_certs(&files.cert, "sample certificate")?;
+        let key = tunnel_proto::tls::load_key(&files.key)?;
+        let mut c = rustls::ServerConfig::builder_with_provider(tunnel_proto::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(c))
+    };
+    let https = TcpListener::bind((ip, HTTPS_PORT)).await.with_context(|| format!("binding {ip}:{HTTPS_PORT}"))?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = https.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                    serve_http(s, cluster, "https").await;
+                }
+            });
+        }
+    });
+    let echo = TcpListener::bind((ip, ECHO_PORT)).await.with_context(|| format!("binding {ip}:{ECHO_PORT}"))?;
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = &cli.dir;
+    write_certs(dir)?;
+    let server = Server::start(ServerConfig {
+        agent_listen: cli.server_agent_listen,
+        client_listen: cli.server_client_listen,
+        admin_listen: cli.server_admin_listen,
+        tls: tunnel_proto::tls::server_config(&TlsFiles::in_dir(dir, "server"))?,
+        trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
+        server_id: "local".into(),
+        known_clusters: CLUSTERS.iter().map(|s| s.to_string()).collect(),
+        dial_timeout: Duration::from_secs(5),
+        drain_timeout: Duration::from_secs(5),
+        h2: H2Settings::default(),
+    })
+    .await?;
+    let mut agents = Vec::new();
+    for (i, cluster) in CLUSTERS.into_iter().enumerate() {
+        let ip = cluster_ip(i);
+        start_samples(cluster, ip, dir).await?;
+        let agent = Agent::start(AgentConfig {
+            servers: vec![server.agent_addr.to_string()],
+            server_name: Some("localhost".into()),
+            cluster: cluster.into(),
+            agent_id: format!("{cluster}-agent"),
+            tls: tunnel_proto::tls::client_config(&TlsFiles::in_dir(dir, &format!("agent-{cluster}")))?,
+            h2: H2Settings::default(),
+            // Only this cluster's own "network".
+            allowlist: Allowlist::parse(&[ip.to_string()])?,
+            dial_timeout: Duration::from_secs(5),
+            host_aliases: [("hello.default.svc".to_string(), ip), ("echo.default.svc".to_string(), ip)]
+                .into_iter()
+                .collect(),
+            resolve_interval: Duration::from_secs(30),
+            admin_listen: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0),
+            backoff: (Duration::from_millis(100), Duration::from_secs(2)),
+        })
+        .await?;
+        agents.push(agent);
+    }
+    let sidecar_cli = tunnel_sidecar::config::Cli::try_parse_from([
+        "tunnel-sidecar".to_string(),
+        "--server".into(),
+        server.client_addr.to_string(),
+        "--server-name".into(),
+        "localhost".into(),
+        "--cert-dir".into(),
+        dir.display().to_string(),
+        "--proxy-listen".into(),
+        cli.proxy_listen.to_string(),
+        "--admin-listen".into(),
+        cli.sidecar_admin_listen.to_string(),
+        "--port".into(),
+        format!("{}=east:hello.default.svc:{HTTP_PORT}", cli.east_port),
+        "--port".into(),
+        format!("{}=west:hello.default.svc:{HTTP_PORT}", cli.west_port),
+        "--cluster-refresh".into(),
+        "2s".into(),
+    ])?;
+    let sidecar = Sidecar::start(sidecar_cli.resolve()?).await?;
+    let start = Instant::now();
+    while !(sidecar.is_ready() && agents.iter().all(|a| a.tunnels_up() > 0)) {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "the local system did not become ready within 20s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    print_guide(&cli);
+    let requested = sidecar.shutdown_requested.clone();
+    tokio::select! {
+        () = tunnel_proto::cli::termination_signal() => {}
+        () = requested.notified() => {}
+    }
+    println!("stopping...");
+    sidecar.shutdown().await;
+    for a in agents {
+        a.shutdown(Duration::from_secs(2)).await;
+    }
+    server.shutdown().await;
+    println!("stopped");
+    Ok(())
+}
+
+fn print_guide(cli: &Cli) {
+    let proxy = cli.proxy_listen;
+    let ca = cli.dir.join("ca.pem");
+    println!(
+        "\ncluster-tunnel is running locally: a server, agents for east and west, a sidecar.\n\
+         \n\
+         Try:\n\
+         \x20 curl http://127.0.0.1:{east}/                  # per-cluster port -> hello from east\n\
+         \x20 curl http://127.0.0.1:{west}/                  # per-cluster port -> hello from west\n\
+         \x20 http_proxy=http://{proxy} curl http://hello.default.svc.west.tunnel.internal:{HTTP_PORT}/\n\
+         \x20 https_proxy=http://{proxy} curl --cacert {ca} https://hello.default.svc.east.tunnel.internal:{HTTPS_PORT}/\n\
+         \x20 http_proxy=http://east@{proxy} curl http://hello.default.svc:{HTTP_PORT}/   # default cluster from the proxy user\n\
+         \x20 curl http://{admin}/metrics                     # sidecar metrics\n\
+         \n\
+         Stop with Ctrl-C.",
+        east = cli.east_port,
+        west = cli.west_port,
+        ca = ca.display(),
+        admin = cli.sidecar_admin_listen,
+    );
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tunnel_proto::tls::install_crypto_provider();
+    tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("tunnel-local: cannot start the runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tunnel-local: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
