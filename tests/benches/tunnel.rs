@@ -59,6 +59,12 @@ fn run_role(role: &str) {
                 );
                 tunnel_agent::cli::main(cli).await
             }
+            "sidecar" => {
+                let cli = <tunnel_sidecar::config::Cli as clap_parse::Parser>::parse_from(
+                    std::iter::once("tunnel-sidecar".to_string()).chain(args),
+                );
+                tunnel_sidecar::main(cli).await
+            }
             other => Err(anyhow::anyhow!("unknown role {other}")),
         }
     });
@@ -221,45 +227,209 @@ struct Services {
     flood: SocketAddr,
 }
 
-/// How to reach each service on one path: directly, or through a
-/// forwarding port of the client library.
-struct Path_ {
-    sink: SocketAddr,
-    hello: SocketAddr,
-    echo: SocketAddr,
-    flood: SocketAddr,
+/// How the app reaches one service on a path.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    /// A plain TCP connect (direct, a forwarding port, a sidecar port).
+    Tcp(SocketAddr),
+    /// HTTP CONNECT through the sidecar's proxy to 127.0.0.1:port in the
+    /// cluster named by the proxy user.
+    Connect { proxy: SocketAddr, port: u16 },
 }
 
-async fn direct_path(s: &Services) -> Path_ {
+impl Endpoint {
+    async fn connect(self) -> TcpStream {
+        match self {
+            Endpoint::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                tcp.set_nodelay(true).unwrap();
+                tcp
+            }
+            Endpoint::Connect { proxy, port } => {
+                let mut tcp = TcpStream::connect(proxy).await.expect("connect to proxy");
+                tcp.set_nodelay(true).unwrap();
+                // "bench:" in base64: the proxy user names the cluster.
+                let req = format!(
+                    "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Authorization: Basic YmVuY2g6\r\n\r\n"
+                );
+                tcp.write_all(req.as_bytes()).await.unwrap();
+                // Read the response head byte by byte: nothing after it may be consumed.
+                let mut head = Vec::with_capacity(128);
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    tcp.read_exact(&mut b).await.expect("CONNECT response");
+                    head.push(b[0]);
+                }
+                assert!(head.starts_with(b"HTTP/1.1 200"), "CONNECT refused: {}", String::from_utf8_lossy(&head));
+                tcp
+            }
+        }
+    }
+}
+
+/// How to reach each service on one path.
+struct Path_ {
+    sink: Endpoint,
+    hello: Endpoint,
+    echo: Endpoint,
+    flood: Endpoint,
+}
+
+fn direct_path(s: &Services) -> Path_ {
     Path_ {
-        sink: s.sink,
-        hello: s.hello,
-        echo: s.echo,
-        flood: s.flood,
+        sink: Endpoint::Tcp(s.sink),
+        hello: Endpoint::Tcp(s.hello),
+        echo: Endpoint::Tcp(s.echo),
+        flood: Endpoint::Tcp(s.flood),
     }
 }
 
 async fn tunnel_path(s: &Services, client: Arc<tunnel_proto::client::TunnelClient>) -> Path_ {
     let t = |a: SocketAddr| Target::new("bench", "127.0.0.1", a.port());
     Path_ {
-        sink: forward_port(client.clone(), t(s.sink)).await,
-        hello: forward_port(client.clone(), t(s.hello)).await,
-        echo: forward_port(client.clone(), t(s.echo)).await,
-        flood: forward_port(client, t(s.flood)).await,
+        sink: Endpoint::Tcp(forward_port(client.clone(), t(s.sink)).await),
+        hello: Endpoint::Tcp(forward_port(client.clone(), t(s.hello)).await),
+        echo: Endpoint::Tcp(forward_port(client.clone(), t(s.echo)).await),
+        flood: Endpoint::Tcp(forward_port(client, t(s.flood)).await),
+    }
+}
+
+/// The tunnel's processes for one path, started fresh so that memory freed by
+/// an earlier path cannot hide this one's growth.
+struct System {
+    server: RoleProc,
+    agent: RoleProc,
+    sidecar: Option<RoleProc>,
+    client_addr: SocketAddr,
+    /// Sidecar ports for sink, hello, echo, flood; and its proxy.
+    sidecar_ports: Option<([u16; 4], SocketAddr)>,
+}
+
+impl System {
+    async fn start(pki: &Pki, services: Option<&Services>) -> Self {
+        let dir = pki.dir.path();
+        let (agent_port, client_port, admin_port, agent_admin) = (free_port(), free_port(), free_port(), free_port());
+        let s = |v: &str| v.to_string();
+        let server = RoleProc::spawn(
+            "server",
+            &[
+                s("--agent-listen"),
+                format!("127.0.0.1:{agent_port}"),
+                s("--client-listen"),
+                format!("127.0.0.1:{client_port}"),
+                s("--admin-listen"),
+                format!("127.0.0.1:{admin_port}"),
+                s("--cert-dir"),
+                dir.display().to_string(),
+            ],
+            dir,
+        );
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        wait_until("the server is ready", Duration::from_secs(20), || async move {
+            matches!(http_get(admin, "/readyz").await, Ok((200, _)))
+        })
+        .await;
+        let agent = RoleProc::spawn(
+            "agent",
+            &[
+                s("--server"),
+                format!("127.0.0.1:{agent_port}"),
+                s("--server-name"),
+                s("localhost"),
+                s("--cluster"),
+                s("bench"),
+                s("--cert-dir"),
+                dir.display().to_string(),
+                s("--allow"),
+                s("127.0.0.0/8"),
+                s("--admin-listen"),
+                format!("127.0.0.1:{agent_admin}"),
+            ],
+            dir,
+        );
+        let agent_admin: SocketAddr = format!("127.0.0.1:{agent_admin}").parse().unwrap();
+        wait_until("the agent's tunnel is up", Duration::from_secs(20), || async move {
+            matches!(http_get(agent_admin, "/readyz").await, Ok((200, _)))
+        })
+        .await;
+        let client_addr: SocketAddr = format!("127.0.0.1:{client_port}").parse().unwrap();
+        let (sidecar, sidecar_ports) = match services {
+            None => (None, None),
+            Some(sv) => {
+                let ports = [free_port(), free_port(), free_port(), free_port()];
+                let (proxy, sc_admin) = (free_port(), free_port());
+                let mut args = vec![
+                    s("--server"),
+                    client_addr.to_string(),
+                    s("--server-name"),
+                    s("localhost"),
+                    s("--cert-dir"),
+                    dir.display().to_string(),
+                    s("--client-name"),
+                    s("bench"),
+                    s("--proxy-listen"),
+                    format!("127.0.0.1:{proxy}"),
+                    s("--admin-listen"),
+                    format!("127.0.0.1:{sc_admin}"),
+                ];
+                for (p, svc) in ports.iter().zip([sv.sink, sv.hello, sv.echo, sv.flood]) {
+                    args.push(s("--port"));
+                    args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
+                }
+                let proc = RoleProc::spawn("sidecar", &args, dir);
+                let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
+                wait_until("the sidecar is ready", Duration::from_secs(20), || async move {
+                    matches!(http_get(sc_admin, "/readyz").await, Ok((200, _)))
+                })
+                .await;
+                (Some(proc), Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())))
+            }
+        };
+        Self {
+            server,
+            agent,
+            sidecar,
+            client_addr,
+            sidecar_ports,
+        }
+    }
+
+    fn procs(&self) -> Vec<&RoleProc> {
+        let mut v = vec![&self.server, &self.agent];
+        if let Some(s) = &self.sidecar {
+            v.push(s);
+        }
+        v
+    }
+
+    fn port_path(&self) -> Path_ {
+        let (p, _) = self.sidecar_ports.expect("sidecar");
+        let e = |port: u16| Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
+        Path_ {
+            sink: e(p[0]),
+            hello: e(p[1]),
+            echo: e(p[2]),
+            flood: e(p[3]),
+        }
+    }
+
+    fn connect_path(&self, s: &Services) -> Path_ {
+        let (_, proxy) = self.sidecar_ports.expect("sidecar");
+        let e = |a: SocketAddr| Endpoint::Connect { proxy, port: a.port() };
+        Path_ {
+            sink: e(s.sink),
+            hello: e(s.hello),
+            echo: e(s.echo),
+            flood: e(s.flood),
+        }
     }
 }
 
 // ---------------------------------------------------------------- workloads
 
-async fn connect(addr: SocketAddr) -> TcpStream {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.set_nodelay(true).unwrap();
-    tcp
-}
-
 /// Sends `bytes` and waits for the sink's acknowledgement; returns Gbit/s.
-async fn send_bytes(addr: SocketAddr, bytes: u64) -> f64 {
-    let mut tcp = connect(addr).await;
+async fn send_bytes(ep: Endpoint, bytes: u64) -> f64 {
+    let mut tcp = ep.connect().await;
     let buf = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
     let mut left = bytes;
@@ -278,10 +448,10 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e9
 }
 
-async fn multi_stream(addr: SocketAddr) -> f64 {
+async fn multi_stream(ep: Endpoint) -> f64 {
     let start = Instant::now();
     let tasks: Vec<_> = (0..MULTI_STREAMS)
-        .map(|_| tokio::spawn(send_bytes(addr, MULTI_BYTES_EACH)))
+        .map(|_| tokio::spawn(send_bytes(ep, MULTI_BYTES_EACH)))
         .collect();
     for t in tasks {
         t.await.unwrap();
@@ -296,11 +466,11 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 }
 
 /// New connection to first byte, sequentially; returns (p50, p99) in µs.
-async fn first_byte(addr: SocketAddr) -> (f64, f64) {
+async fn first_byte(ep: Endpoint) -> (f64, f64) {
     let mut samples = Vec::with_capacity(FIRST_BYTE_CONNS);
     for _ in 0..FIRST_BYTE_CONNS {
         let start = Instant::now();
-        let mut tcp = connect(addr).await;
+        let mut tcp = ep.connect().await;
         let mut b = [0u8; 1];
         tcp.read_exact(&mut b).await.expect("first byte");
         samples.push(start.elapsed().as_secs_f64() * 1e6);
@@ -312,8 +482,8 @@ async fn first_byte(addr: SocketAddr) -> (f64, f64) {
 }
 
 /// 64-byte request/response on one open connection; (p50, p99) in µs.
-async fn round_trips(addr: SocketAddr) -> (f64, f64) {
-    let mut tcp = connect(addr).await;
+async fn round_trips(ep: Endpoint) -> (f64, f64) {
+    let mut tcp = ep.connect().await;
     let msg = [0x42u8; 64];
     let mut back = [0u8; 64];
     for _ in 0..200 {
@@ -335,10 +505,10 @@ async fn round_trips(addr: SocketAddr) -> (f64, f64) {
 
 /// Opens IDLE_CONNS connections that each completed one round trip, then
 /// returns them (kept open by the caller while memory is read).
-async fn open_idle(addr: SocketAddr) -> Vec<TcpStream> {
+async fn open_idle(ep: Endpoint) -> Vec<TcpStream> {
     let mut conns = Vec::with_capacity(IDLE_CONNS);
     for _ in 0..IDLE_CONNS {
-        let mut tcp = connect(addr).await;
+        let mut tcp = ep.connect().await;
         tcp.write_all(b"x").await.unwrap();
         let mut b = [0u8; 1];
         tcp.read_exact(&mut b).await.unwrap();
@@ -351,7 +521,7 @@ async fn open_idle(addr: SocketAddr) -> Vec<TcpStream> {
 /// megabytes pending, as a ratio to the same transfer without the stall.
 async fn stalled_ratio(p: &Path_) -> f64 {
     let unstalled = send_bytes(p.sink, ISOLATION_BYTES).await;
-    let stalled = connect(p.flood).await;
+    let stalled = p.flood.connect().await;
     // Let the flood fill every buffer on the way.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let with_stall = send_bytes(p.sink, ISOLATION_BYTES).await;
@@ -446,95 +616,61 @@ async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
 async fn bench(json: bool) {
     tunnel_proto::tls::install_crypto_provider();
     let pki = Pki::new(&["bench"], &["bench"]);
-    let dir = pki.dir.path();
-    let (agent_port, client_port, admin_port, agent_admin) =
-        (free_port(), free_port(), free_port(), free_port());
-    let s = |v: &str| v.to_string();
-    let server = RoleProc::spawn(
-        "server",
-        &[
-            s("--agent-listen"),
-            format!("127.0.0.1:{agent_port}"),
-            s("--client-listen"),
-            format!("127.0.0.1:{client_port}"),
-            s("--admin-listen"),
-            format!("127.0.0.1:{admin_port}"),
-            s("--cert-dir"),
-            dir.display().to_string(),
-        ],
-        dir,
-    );
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-    wait_until(
-        "the server is ready",
-        Duration::from_secs(20),
-        || async move { matches!(http_get(admin, "/readyz").await, Ok((200, _))) },
-    )
-    .await;
-    let agent = RoleProc::spawn(
-        "agent",
-        &[
-            s("--server"),
-            format!("127.0.0.1:{agent_port}"),
-            s("--server-name"),
-            s("localhost"),
-            s("--cluster"),
-            s("bench"),
-            s("--cert-dir"),
-            dir.display().to_string(),
-            s("--allow"),
-            s("127.0.0.0/8"),
-            s("--admin-listen"),
-            format!("127.0.0.1:{agent_admin}"),
-        ],
-        dir,
-    );
-    let agent_admin_addr: SocketAddr = format!("127.0.0.1:{agent_admin}").parse().unwrap();
-    wait_until(
-        "the agent's tunnel is up",
-        Duration::from_secs(20),
-        || async move { matches!(http_get(agent_admin_addr, "/readyz").await, Ok((200, _))) },
-    )
-    .await;
-    let client = client(
-        &pki,
-        "bench",
-        format!("127.0.0.1:{client_port}").parse().unwrap(),
-    );
-    client.ensure_connected().await.expect("client connects");
-
     let services = Services {
         sink: start_sink().await,
         hello: start_hello().await,
         echo: start_fast_echo().await,
         flood: start_flood().await,
     };
-    let direct = measure(&direct_path(&services).await, &[], "direct").await;
-    let tunnel = measure(
-        &tunnel_path(&services, client).await,
-        &[&server, &agent],
-        "tunnel",
-    )
-    .await;
+    let mut results: Vec<(&str, Figures)> = Vec::new();
+    results.push(("direct", measure(&direct_path(&services), &[], "direct").await));
+    {
+        let sys = System::start(&pki, None).await;
+        let client = client(&pki, "bench", sys.client_addr);
+        client.ensure_connected().await.expect("client connects");
+        let path = tunnel_path(&services, client).await;
+        results.push(("tunnel", measure(&path, &sys.procs(), "tunnel").await));
+    }
+    {
+        let sys = System::start(&pki, Some(&services)).await;
+        results.push(("sidecar-port", measure(&sys.port_path(), &sys.procs(), "sidecar-port").await));
+    }
+    {
+        let sys = System::start(&pki, Some(&services)).await;
+        let path = sys.connect_path(&services);
+        results.push(("sidecar-connect", measure(&path, &sys.procs(), "sidecar-connect").await));
+    }
 
     if json {
-        println!(
-            "{{\"direct\": {}, \"tunnel\": {}}}",
-            direct.json(),
-            tunnel.json()
-        );
+        let body: Vec<String> = results.iter().map(|(k, f)| format!("\"{k}\": {}", f.json())).collect();
+        println!("{{{}}}", body.join(", "));
         return;
     }
-    println!(
-        "{:<20} {:>12} {:>12} {:>10}",
-        "workload", "direct", "tunnel", "ratio"
-    );
-    for ((name, d, _), (_, t, _)) in direct.rows().into_iter().zip(tunnel.rows()) {
-        let fmt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        let ratio = match (d, t) {
-            (Some(d), Some(t)) if d > 0.0 => format!("{:.2}", t / d),
-            _ => "-".into(),
-        };
-        println!("{name:<20} {:>12} {:>12} {ratio:>10}", fmt(d), fmt(t));
+    let fmt = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    print!("{:<20}", "workload");
+    for (k, _) in &results {
+        print!(" {k:>16}");
+    }
+    println!();
+    let rows: Vec<Vec<(&str, Option<f64>, bool)>> = results.iter().map(|(_, f)| f.rows()).collect();
+    for i in 0..rows[0].len() {
+        print!("{:<20}", rows[0][i].0);
+        for r in &rows {
+            print!(" {:>16}", fmt(r[i].1));
+        }
+        println!();
+    }
+    println!("\nratio to direct (throughput: higher is better; latency: lower is better)");
+    for i in 0..rows[0].len() {
+        let d = rows[0][i].1;
+        print!("{:<20}", rows[0][i].0);
+        for r in &rows[1..] {
+            let ratio = match (d, r[i].1) {
+                (Some(d), Some(t)) if d > 0.0 => format!("{:.2}", t / d),
+                _ => "-".into(),
+            };
+            print!(" {ratio:>16}");
+        }
+        println!();
     }
 }
