@@ -134,7 +134,16 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
 /// The command line. Every flag also reads an environment variable; values
 /// not given either way come from `--config`, then the defaults.
 #[derive(Debug, Default, Parser)]
-#[command(name = "tunnel-sidecar", version)]
+#[command(
+    name = "tunnel-sidecar",
+    version,
+    about = "The cluster-tunnel sidecar: per-cluster loopback ports and an HTTP proxy that reach \
+             services in managed clusters through the tunnel.",
+    long_about = "The cluster-tunnel sidecar: per-cluster loopback ports and an HTTP proxy that reach \
+                  services in managed clusters through the tunnel.\n\nEvery flag also reads the \
+                  environment variable shown; values given neither way come from --config (TOML, \
+                  same names in snake_case), then the defaults."
+)]
 pub struct Cli {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "TUNNEL_CONFIG")]
