@@ -221,7 +221,7 @@ impl TunnelClient {
         let name =
             ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
         let tls = tokio_rustls::TlsConnector::from(self.opts.tls.clone())
-            .connect(name, tcp)
+            .connect(name, crate::net::LingeringClose::new(tcp))
             .await
             .map_err(|e| format!("TLS with {addr}: {e}"))?;
         let (channel, driver) = client_handshake(tls, &self.opts.h2)

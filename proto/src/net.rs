@@ -1,9 +1,12 @@
 //! Socket options, set in one place. An option the platform lacks is a
 //! warning, never a failed connection.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Default time after which an unanswered peer is declared dead.
@@ -68,6 +71,96 @@ pub fn tune_tunnel_socket(stream: &TcpStream, liveness: &Liveness) {
 pub fn set_nodelay_or_warn(stream: &TcpStream) {
     if let Err(err) = stream.set_nodelay(true) {
         tracing::warn!(%err, "cannot set TCP_NODELAY");
+    }
+}
+
+/// Longest time a dropped [`LingeringClose`] socket waits for its peer to close.
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// A TCP stream that is not closed at once when dropped: it is shut down for
+/// writing and read (and discarded) until the peer closes too, for at most
+/// [`LINGER`]. Closing a socket while the peer still sends (an HTTP/2
+/// WINDOW_UPDATE or GOAWAY is enough) makes the kernel answer with RST, and
+/// the RST makes the peer's kernel discard data it has received but not yet
+/// handed to its application: the tail of a connection both ends consider
+/// finished would be lost.
+#[derive(Debug)]
+pub struct LingeringClose {
+    tcp: Option<TcpStream>,
+}
+
+impl LingeringClose {
+    /// Wraps `tcp`.
+    pub fn new(tcp: TcpStream) -> Self {
+        Self { tcp: Some(tcp) }
+    }
+
+    fn tcp(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.tcp.as_mut().expect("present until drop"))
+    }
+}
+
+impl Drop for LingeringClose {
+    fn drop(&mut self) {
+        let Some(mut tcp) = self.tcp.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = tcp.shutdown().await;
+            let mut buf = [0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
+    }
+}
+
+impl AsyncRead for LingeringClose {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.tcp().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LingeringClose {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.tcp().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.tcp().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.tcp().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.tcp().poll_shutdown(cx)
     }
 }
 

@@ -3,10 +3,13 @@
 //! what it may do, so an agent cannot claim another cluster's name.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -106,14 +109,21 @@ pub async fn accept_agents(
     state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
 ) {
+    let stop_conn = stop.clone();
     accept_loop(listener, stop, move |tcp, peer| {
         let state = state.clone();
-        async move { serve_agent(state, tcp, peer).await }
+        let stop = stop_conn.clone();
+        async move { serve_agent(state, tcp, peer, stop).await }
     })
     .await;
 }
 
-async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) {
+async fn serve_agent(
+    state: Arc<ServerState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
     let Some((tls, identity)) = handshake(&state, tcp, peer, "agent").await else {
         return;
     };
@@ -128,6 +138,13 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
             })
             .inc();
         return;
+    };
+    // HTTP/2 drives the connection in a task of its own; the socket is dropped
+    // when that task is done, which tells a draining server its last frames went out.
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let tls = SignalOnDrop {
+        io: tls,
+        _closed: closed_tx,
     };
     let (channel, driver) = match client_handshake(tls, &state.config.h2).await {
         Ok(x) => x,
@@ -211,9 +228,22 @@ async fn serve_agent(state: Arc<ServerState>, tcp: TcpStream, peer: SocketAddr) 
         .clone();
     gauge.inc();
     tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, agents_of_cluster = n, "agent connected");
-    let res = driver.await;
+    let mut driver = driver;
+    let res = tokio::select! {
+        res = &mut driver => Some(res),
+        () = stopped(&mut stop) => None,
+    };
     let left = state.pool.remove(&tunnel);
     gauge.dec();
+    let Some(res) = res else {
+        // Shutting down: nothing new is routed here. The open connections hold
+        // the last senders; once they end, HTTP/2 flushes and closes the connection.
+        drop(client);
+        drop(tunnel);
+        let _ = closed_rx.await;
+        tracing::info!(%peer, %cluster, agent = %agent_id, "agent tunnel closed for shutdown");
+        return;
+    };
     match res {
         Ok(Ok(())) => {
             tracing::info!(%peer, %cluster, agent = %agent_id, agents_of_cluster = left, "agent disconnected")
@@ -259,4 +289,50 @@ pub async fn accept_clients(
         }
     })
     .await;
+}
+
+/// A connection's socket that drops `_closed` with itself.
+struct SignalOnDrop<IO> {
+    io: IO,
+    _closed: tokio::sync::oneshot::Sender<()>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for SignalOnDrop<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for SignalOnDrop<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

@@ -188,7 +188,8 @@ impl Server {
 
     /// Graceful shutdown: stop accepting, tell clients to go elsewhere, let
     /// open connections finish for up to the drain timeout, then stop.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        let mut tasks = std::mem::take(&mut self.tasks);
         let deadline = self.state.config.drain_timeout;
         self.state.draining.store(true, Ordering::Release);
         tracing::info!(open = self.state.open_connections(), ?deadline, "draining");
@@ -201,15 +202,23 @@ impl Server {
                 notified.await;
             }
         };
+        // Then the connections close once their last frames are out: client
+        // connections after GOAWAY, agent tunnels when nothing uses them.
+        let finished = async {
+            wait_closed.await;
+            for t in &mut tasks {
+                let _ = t.await;
+            }
+        };
         // Stop accepting and send GOAWAY to clients, keep agent tunnels for open connections.
         let _ = self.stop.send(true);
-        if tokio::time::timeout(deadline, wait_closed).await.is_err() {
+        if tokio::time::timeout(deadline, finished).await.is_err() {
             tracing::warn!(
                 open = self.state.open_connections(),
                 "drain deadline passed; closing remaining connections"
             );
         }
-        for t in &self.tasks {
+        for t in &tasks {
             t.abort();
         }
         tracing::info!("tunnel server stopped");

@@ -660,18 +660,34 @@ pub struct ServerAddrs {
 impl ServerAddrs {
     /// Three free loopback ports.
     pub fn free() -> Self {
-        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
         Self {
-            agent: at(free_port()),
-            client: at(free_port()),
-            admin: at(free_port()),
+            agent: free_addr(),
+            client: free_addr(),
+            admin: free_addr(),
         }
     }
 }
 
-/// A free loopback address.
+/// A free loopback address for a process to listen on later.
 pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
+    SocketAddr::from(([127, 0, 0, 1], free_listen_port()))
+}
+
+/// A free loopback port below the kernel's ephemeral range, so that no
+/// outgoing connection takes it before a child process binds it.
+pub fn free_listen_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000u16.min(low.saturating_sub(1000));
+    for _ in 0..1000 {
+        let port = floor + rand::random::<u16>() % (low - floor);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
 }
 
 /// Starts the `tunnel-server` binary on `addrs` with the certificates in
@@ -824,8 +840,8 @@ pub fn tls_without_client_cert(pki: &Pki) -> Arc<rustls::ClientConfig> {
 }
 
 /// Whether a connection to `addr` that sent `first` bytes is refused: the
-/// peer closes or resets it without answering anything but, at most, an
-/// HTTP 400. Returns what it answered.
+/// peer closes or resets it, answering at most a TLS alert or an HTTP 400.
+/// Returns how it was refused.
 pub async fn refused_after(addr: SocketAddr, first: &[u8]) -> Result<String, String> {
     let run = async {
         let mut tcp = TcpStream::connect(addr)
@@ -841,15 +857,22 @@ pub async fn refused_after(addr: SocketAddr, first: &[u8]) -> Result<String, Str
                 Ok(n) => answer.extend_from_slice(&buf[..n]),
             }
         }
-        Ok::<_, String>(String::from_utf8_lossy(&answer).into_owned())
+        Ok::<_, String>(answer)
     };
     let answer = tokio::time::timeout(Duration::from_secs(15), run)
         .await
         .map_err(|_| format!("{addr} kept the connection open for 15 s"))??;
-    if answer.is_empty() || answer.starts_with("HTTP/1.1 400") {
-        Ok(answer)
+    // A TLS alert record: content type 21, version 3.x.
+    let tls_alert = answer.len() >= 7 && answer[0] == 21 && answer[1] == 3;
+    let text = String::from_utf8_lossy(&answer);
+    if answer.is_empty() {
+        Ok("closed".into())
+    } else if tls_alert {
+        Ok(format!("TLS alert {}, closed", answer[6]))
+    } else if text.starts_with("HTTP/1.1 400") {
+        Ok("HTTP 400, closed".into())
     } else {
-        Err(format!("{addr} answered {answer:?}"))
+        Err(format!("{addr} answered {text:?}"))
     }
 }
 
@@ -1003,5 +1026,121 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["link", "del", &self.hub_if])
             .output();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP destinations for the sidecar suites.
+
+/// Serves HTTP/1.1 on `io` until the client leaves: every request is
+/// answered 200 with a text body whose first line is `hello from <name>`,
+/// followed by what arrived, one `key: value` per line (`scheme`, `method`,
+/// `target`, `host`, `proxy-authorization`: `absent` or `present`), so a
+/// test can check both which cluster answered and what the proxy forwarded.
+pub async fn serve_http_hello<IO>(io: IO, name: Arc<str>, scheme: &'static str)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let header = |h: hyper::header::HeaderName| {
+            req.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let auth = if req
+            .headers()
+            .contains_key(hyper::header::PROXY_AUTHORIZATION)
+        {
+            "present"
+        } else {
+            "absent"
+        };
+        let body = format!(
+            "hello from {name}\nscheme: {scheme}\nmethod: {}\ntarget: {}\nhost: {}\nproxy-authorization: {auth}\n",
+            req.method(),
+            req.uri(),
+            header(hyper::header::HOST),
+        );
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        std::future::ready(Ok::<_, std::convert::Infallible>(resp))
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await;
+}
+
+/// Serves [`serve_http_hello`] on every connection `listener` accepts.
+pub fn spawn_http_hello(listener: TcpListener, name: &str) {
+    let name: Arc<str> = name.into();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve_http_hello(tcp, name.clone(), "http"));
+        }
+    });
+}
+
+/// An HTTP/1.1 service on a loopback port answering `hello from <name>`
+/// (see [`serve_http_hello`]).
+pub async fn start_http_hello(name: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    spawn_http_hello(listener, name);
+    addr
+}
+
+/// Serves [`serve_http_hello`] over TLS (`acceptor`) on every connection
+/// `listener` accepts.
+pub fn spawn_https_hello(listener: TcpListener, name: &str, acceptor: tokio_rustls::TlsAcceptor) {
+    let name: Arc<str> = name.into();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, name) = (acceptor.clone(), name.clone());
+            tokio::spawn(async move {
+                let accepted =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                if let Ok(Ok(tls)) = accepted {
+                    serve_http_hello(tls, name, "https").await;
+                }
+            });
+        }
+    });
+}
+
+impl Pki {
+    /// A TLS acceptor for destination services with a certificate for
+    /// `server_names` issued by this installation's CA (so `ca.pem` verifies
+    /// it), written to the `samples` subdirectory.
+    pub fn sample_tls(&self, server_names: &[&str]) -> tokio_rustls::TlsAcceptor {
+        let samples = self.path("samples");
+        std::fs::create_dir_all(&samples).unwrap();
+        for f in ["ca.pem", "ca-key.pem"] {
+            std::fs::copy(self.path(f), samples.join(f)).unwrap();
+        }
+        let opts = tunnel_proto::certs::CertOptions {
+            server_names: server_names.iter().map(|s| s.to_string()).collect(),
+            ..tunnel_proto::certs::CertOptions::new()
+        };
+        tunnel_proto::certs::generate(&samples, &opts).expect("sample certificate");
+        let files = TlsFiles::in_dir(&samples, "server");
+        let certs = tunnel_proto::tls::load_certs(&files.cert, "sample certificate").unwrap();
+        let key = tunnel_proto::tls::load_key(&files.key).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(tunnel_proto::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }
