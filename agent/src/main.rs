@@ -1,9 +1,11 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = tunnel_agent::cli::Cli::parse();
-    match tunnel_agent::cli::main(cli).await {
+    let result = tunnel_proto::cli::runtime()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(tunnel_agent::cli::main(cli)));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tunnel-agent: {err:#}");

@@ -44,7 +44,7 @@ fn run_role(role: &str) {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rt = tunnel_proto::cli::runtime().unwrap();
     let res = rt.block_on(async {
         match role {
             "server" => {
