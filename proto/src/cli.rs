@@ -91,6 +91,25 @@ pub fn default_instance_id() -> String {
     format!("{host}-{}", &suffix[..6])
 }
 
+/// Environment variable that sets the number of runtime worker threads
+/// (default: one per CPU).
+pub const WORKER_THREADS_ENV: &str = "TUNNEL_WORKER_THREADS";
+
+/// The tokio runtime of a binary: multi-threaded, with `TUNNEL_WORKER_THREADS`
+/// worker threads when set (a positive number), else one per CPU.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = std::env::var(WORKER_THREADS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        builder.worker_threads(n);
+    }
+    builder.build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,23 +133,4 @@ mod tests {
         assert!(parse_duration("10y").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("").is_err());
     }
-}
-
-/// Environment variable that sets the number of runtime worker threads
-/// (default: one per CPU).
-pub const WORKER_THREADS_ENV: &str = "TUNNEL_WORKER_THREADS";
-
-/// The tokio runtime of a binary: multi-threaded, with `TUNNEL_WORKER_THREADS`
-/// worker threads when set (a positive number), else one per CPU.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = std::env::var(WORKER_THREADS_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        builder.worker_threads(n);
-    }
-    builder.build()
 }

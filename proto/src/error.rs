@@ -48,7 +48,11 @@ impl TunnelError {
         let code = match status.code() {
             tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
             tonic::Code::PermissionDenied => ErrorCode::Forbidden,
-            tonic::Code::Unavailable => ErrorCode::TunnelBroken,
+            // Transport failures (reset, GOAWAY, connection lost) surface as these.
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted => ErrorCode::TunnelBroken,
             tonic::Code::DeadlineExceeded => ErrorCode::DialTimeout,
             tonic::Code::InvalidArgument => ErrorCode::BadRequest,
             _ => ErrorCode::Internal,

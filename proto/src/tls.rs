@@ -77,7 +77,10 @@ impl TlsFiles {
 }
 
 /// Reads a PEM certificate chain (`what` names it in errors).
-pub fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::File {
         what,
         path: path.to_owned(),
@@ -116,6 +119,9 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 
 /// A server configuration that requires a client certificate chaining to the CA.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    // Our own certificate first: a missing one is the likelier mistake.
+    let chain = load_certs(&files.cert, "certificate chain")?;
+    let key = load_key(&files.key)?;
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(load_roots(&files.ca)?),
@@ -126,10 +132,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            load_certs(&files.cert, "certificate chain")?,
-            load_key(&files.key)?,
-        )?;
+        .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }

@@ -77,6 +77,11 @@ async fn handshake(
     let acceptor = tokio_rustls::TlsAcceptor::from(state.config.tls.clone());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // Closed before a word was said: a TCP probe (load balancer, kubelet).
+            tracing::debug!(%peer, listener, "connection closed before the TLS handshake");
+            return None;
+        }
         Ok(Err(err)) => {
             tracing::warn!(%peer, listener, %err, "TLS handshake failed; connection refused");
             reject("tls");
@@ -274,9 +279,10 @@ pub async fn accept_clients(
                 return;
             };
             if !matches!(identity, Identity::Client { .. }) {
-                tracing::warn!(%peer, %identity, "only client certificates may connect to the client port; connection refused");
+                // Served, so that each call gets a typed `unauthenticated` answer
+                // rather than a bare connection error.
+                tracing::warn!(%peer, %identity, "only client certificates may use the client port; its calls will be refused");
                 state.metrics.rejected.get_or_create(&RejectLabel { listener: "client", reason: "identity" }).inc();
-                return;
             }
             tracing::debug!(%peer, %identity, "client connected");
             let svc = WithPeer::new(svc, PeerInfo { identity: identity.clone(), remote_addr: peer });

@@ -498,8 +498,16 @@ impl Tunnel for TunnelService {
 
     async fn list_clusters(
         &self,
-        _req: Request<pb::ListClustersRequest>,
+        req: Request<pb::ListClustersRequest>,
     ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
+            && !matches!(peer.identity, Identity::Client { .. })
+        {
+            return Err(Status::unauthenticated(format!(
+                "{} may not list clusters",
+                peer.identity
+            )));
+        }
         Ok(Response::new(pb::ListClustersResponse {
             clusters: self.state.pool.snapshot(),
         }))

@@ -1035,48 +1035,64 @@ impl Drop for NetNs {
 /// Serves HTTP/1.1 on `io` until the client leaves: every request is
 /// answered 200 with a text body whose first line is `hello from <name>`,
 /// followed by what arrived, one `key: value` per line (`scheme`, `method`,
-/// `target`, `host`, `proxy-authorization`: `absent` or `present`), so a
-/// test can check both which cluster answered and what the proxy forwarded.
+/// `target`, `host`, `proxy-authorization`: `absent` or `present`,
+/// `body-bytes` and `body-sha256` of the request body), so a test can check
+/// both which cluster answered and what the proxy forwarded.
 pub async fn serve_http_hello<IO>(io: IO, name: Arc<str>, scheme: &'static str)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use bytes::Bytes;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
+    use sha2::Digest;
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let header = |h: hyper::header::HeaderName| {
-            req.headers()
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned()
-        };
-        let auth = if req
-            .headers()
-            .contains_key(hyper::header::PROXY_AUTHORIZATION)
-        {
-            "present"
-        } else {
-            "absent"
-        };
-        let body = format!(
-            "hello from {name}\nscheme: {scheme}\nmethod: {}\ntarget: {}\nhost: {}\nproxy-authorization: {auth}\n",
-            req.method(),
-            req.uri(),
-            header(hyper::header::HOST),
-        );
-        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        std::future::ready(Ok::<_, std::convert::Infallible>(resp))
+        let name = name.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let header = |h: hyper::header::HeaderName| {
+                parts
+                    .headers
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let auth = if parts
+                .headers
+                .contains_key(hyper::header::PROXY_AUTHORIZATION)
+            {
+                "present"
+            } else {
+                "absent"
+            };
+            let received = body.collect().await?.to_bytes();
+            let text = format!(
+                "hello from {name}\nscheme: {scheme}\nmethod: {}\ntarget: {}\nhost: {}\n\
+                 proxy-authorization: {auth}\nbody-bytes: {}\nbody-sha256: {}\n",
+                parts.method,
+                parts.uri,
+                header(hyper::header::HOST),
+                received.len(),
+                hex(&sha2::Sha256::digest(&received)),
+            );
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Ok::<_, hyper::Error>(resp)
+        }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
         .await;
+}
+
+/// Lower-case hexadecimal of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Serves [`serve_http_hello`] on every connection `listener` accepts.
