@@ -260,7 +260,11 @@ impl Endpoint {
                     tcp.read_exact(&mut b).await.expect("CONNECT response");
                     head.push(b[0]);
                 }
-                assert!(head.starts_with(b"HTTP/1.1 200"), "CONNECT refused: {}", String::from_utf8_lossy(&head));
+                assert!(
+                    head.starts_with(b"HTTP/1.1 200"),
+                    "CONNECT refused: {}",
+                    String::from_utf8_lossy(&head)
+                );
                 tcp
             }
         }
@@ -308,7 +312,8 @@ struct System {
 impl System {
     async fn start(pki: &Pki, services: Option<&Services>) -> Self {
         let dir = pki.dir.path();
-        let (agent_port, client_port, admin_port, agent_admin) = (free_port(), free_port(), free_port(), free_port());
+        let (agent_port, client_port, admin_port, agent_admin) =
+            (free_port(), free_port(), free_port(), free_port());
         let s = |v: &str| v.to_string();
         let server = RoleProc::spawn(
             "server",
@@ -325,9 +330,11 @@ impl System {
             dir,
         );
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        wait_until("the server is ready", Duration::from_secs(20), || async move {
-            matches!(http_get(admin, "/readyz").await, Ok((200, _)))
-        })
+        wait_until(
+            "the server is ready",
+            Duration::from_secs(20),
+            || async move { matches!(http_get(admin, "/readyz").await, Ok((200, _))) },
+        )
         .await;
         let agent = RoleProc::spawn(
             "agent",
@@ -348,43 +355,49 @@ impl System {
             dir,
         );
         let agent_admin: SocketAddr = format!("127.0.0.1:{agent_admin}").parse().unwrap();
-        wait_until("the agent's tunnel is up", Duration::from_secs(20), || async move {
-            matches!(http_get(agent_admin, "/readyz").await, Ok((200, _)))
-        })
+        wait_until(
+            "the agent's tunnel is up",
+            Duration::from_secs(20),
+            || async move { matches!(http_get(agent_admin, "/readyz").await, Ok((200, _))) },
+        )
         .await;
         let client_addr: SocketAddr = format!("127.0.0.1:{client_port}").parse().unwrap();
-        let (sidecar, sidecar_ports) = match services {
-            None => (None, None),
-            Some(sv) => {
-                let ports = [free_port(), free_port(), free_port(), free_port()];
-                let (proxy, sc_admin) = (free_port(), free_port());
-                let mut args = vec![
-                    s("--server"),
-                    client_addr.to_string(),
-                    s("--server-name"),
-                    s("localhost"),
-                    s("--cert-dir"),
-                    dir.display().to_string(),
-                    s("--client-name"),
-                    s("bench"),
-                    s("--proxy-listen"),
-                    format!("127.0.0.1:{proxy}"),
-                    s("--admin-listen"),
-                    format!("127.0.0.1:{sc_admin}"),
-                ];
-                for (p, svc) in ports.iter().zip([sv.sink, sv.hello, sv.echo, sv.flood]) {
-                    args.push(s("--port"));
-                    args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
-                }
-                let proc = RoleProc::spawn("sidecar", &args, dir);
-                let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
-                wait_until("the sidecar is ready", Duration::from_secs(20), || async move {
+        let (sidecar, sidecar_ports) =
+            match services {
+                None => (None, None),
+                Some(sv) => {
+                    let ports = [free_port(), free_port(), free_port(), free_port()];
+                    let (proxy, sc_admin) = (free_port(), free_port());
+                    let mut args = vec![
+                        s("--server"),
+                        client_addr.to_string(),
+                        s("--server-name"),
+                        s("localhost"),
+                        s("--cert-dir"),
+                        dir.display().to_string(),
+                        s("--client-name"),
+                        s("bench"),
+                        s("--proxy-listen"),
+                        format!("127.0.0.1:{proxy}"),
+                        s("--admin-listen"),
+                        format!("127.0.0.1:{sc_admin}"),
+                    ];
+                    for (p, svc) in ports.iter().zip([sv.sink, sv.hello, sv.echo, sv.flood]) {
+                        args.push(s("--port"));
+                        args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
+                    }
+                    let proc = RoleProc::spawn("sidecar", &args, dir);
+                    let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
+                    wait_until("the sidecar is ready", Duration::from_secs(20), || async move {
                     matches!(http_get(sc_admin, "/readyz").await, Ok((200, _)))
                 })
                 .await;
-                (Some(proc), Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())))
-            }
-        };
+                    (
+                        Some(proc),
+                        Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())),
+                    )
+                }
+            };
         Self {
             server,
             agent,
@@ -415,7 +428,10 @@ impl System {
 
     fn connect_path(&self, s: &Services) -> Path_ {
         let (_, proxy) = self.sidecar_ports.expect("sidecar");
-        let e = |a: SocketAddr| Endpoint::Connect { proxy, port: a.port() };
+        let e = |a: SocketAddr| Endpoint::Connect {
+            proxy,
+            port: a.port(),
+        };
         Path_ {
             sink: e(s.sink),
             hello: e(s.hello),
@@ -623,7 +639,10 @@ async fn bench(json: bool) {
         flood: start_flood().await,
     };
     let mut results: Vec<(&str, Figures)> = Vec::new();
-    results.push(("direct", measure(&direct_path(&services), &[], "direct").await));
+    results.push((
+        "direct",
+        measure(&direct_path(&services), &[], "direct").await,
+    ));
     {
         let sys = System::start(&pki, None).await;
         let client = client(&pki, "bench", sys.client_addr);
@@ -633,16 +652,25 @@ async fn bench(json: bool) {
     }
     {
         let sys = System::start(&pki, Some(&services)).await;
-        results.push(("sidecar-port", measure(&sys.port_path(), &sys.procs(), "sidecar-port").await));
+        results.push((
+            "sidecar-port",
+            measure(&sys.port_path(), &sys.procs(), "sidecar-port").await,
+        ));
     }
     {
         let sys = System::start(&pki, Some(&services)).await;
         let path = sys.connect_path(&services);
-        results.push(("sidecar-connect", measure(&path, &sys.procs(), "sidecar-connect").await));
+        results.push((
+            "sidecar-connect",
+            measure(&path, &sys.procs(), "sidecar-connect").await,
+        ));
     }
 
     if json {
-        let body: Vec<String> = results.iter().map(|(k, f)| format!("\"{k}\": {}", f.json())).collect();
+        let body: Vec<String> = results
+            .iter()
+            .map(|(k, f)| format!("\"{k}\": {}", f.json()))
+            .collect();
         println!("{{{}}}", body.join(", "));
         return;
     }

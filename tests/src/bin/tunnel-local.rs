@@ -101,11 +101,24 @@ fn write_certs(dir: &Path) -> anyhow::Result<()> {
 
 type Resp = hyper::Response<Full<Bytes>>;
 
-fn hello(cluster: &'static str, scheme: &'static str) -> impl Fn(hyper::Request<hyper::body::Incoming>) -> std::future::Ready<Result<Resp, std::convert::Infallible>> + Clone {
+fn hello(
+    cluster: &'static str,
+    scheme: &'static str,
+) -> impl Fn(
+    hyper::Request<hyper::body::Incoming>,
+) -> std::future::Ready<Result<Resp, std::convert::Infallible>>
++ Clone {
     move |req| {
-        let body = format!("hello from {cluster} ({scheme} {} {})\n", req.method(), req.uri().path());
+        let body = format!(
+            "hello from {cluster} ({scheme} {} {})\n",
+            req.method(),
+            req.uri().path()
+        );
         let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-        resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/plain"));
+        resp.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
         std::future::ready(Ok(resp))
     }
 }
@@ -117,12 +130,17 @@ where
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(io), hyper::service::service_fn(hello(cluster, scheme)))
+        .serve_connection(
+            TokioIo::new(io),
+            hyper::service::service_fn(hello(cluster, scheme)),
+        )
         .await;
 }
 
 async fn start_samples(cluster: &'static str, ip: IpAddr, dir: &Path) -> anyhow::Result<()> {
-    let http = TcpListener::bind((ip, HTTP_PORT)).await.with_context(|| format!("binding {ip}:{HTTP_PORT}"))?;
+    let http = TcpListener::bind((ip, HTTP_PORT))
+        .await
+        .with_context(|| format!("binding {ip}:{HTTP_PORT}"))?;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = http.accept().await {
             tokio::spawn(serve_http(tcp, cluster, "http"));
@@ -139,18 +157,24 @@ async fn start_samples(cluster: &'static str, ip: IpAddr, dir: &Path) -> anyhow:
         c.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(c))
     };
-    let https = TcpListener::bind((ip, HTTPS_PORT)).await.with_context(|| format!("binding {ip}:{HTTPS_PORT}"))?;
+    let https = TcpListener::bind((ip, HTTPS_PORT))
+        .await
+        .with_context(|| format!("binding {ip}:{HTTPS_PORT}"))?;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = https.accept().await {
             let tls = tls.clone();
             tokio::spawn(async move {
-                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+                {
                     serve_http(s, cluster, "https").await;
                 }
             });
         }
     });
-    let echo = TcpListener::bind((ip, ECHO_PORT)).await.with_context(|| format!("binding {ip}:{ECHO_PORT}"))?;
+    let echo = TcpListener::bind((ip, ECHO_PORT))
+        .await
+        .with_context(|| format!("binding {ip}:{ECHO_PORT}"))?;
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = echo.accept().await {
             tokio::spawn(async move {
@@ -189,14 +213,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server_name: Some("localhost".into()),
             cluster: cluster.into(),
             agent_id: format!("{cluster}-agent"),
-            tls: tunnel_proto::tls::client_config(&TlsFiles::in_dir(dir, &format!("agent-{cluster}")))?,
+            tls: tunnel_proto::tls::client_config(&TlsFiles::in_dir(
+                dir,
+                &format!("agent-{cluster}"),
+            ))?,
             h2: H2Settings::default(),
             // Only this cluster's own "network".
             allowlist: Allowlist::parse(&[ip.to_string()])?,
             dial_timeout: Duration::from_secs(5),
-            host_aliases: [("hello.default.svc".to_string(), ip), ("echo.default.svc".to_string(), ip)]
-                .into_iter()
-                .collect(),
+            host_aliases: [
+                ("hello.default.svc".to_string(), ip),
+                ("echo.default.svc".to_string(), ip),
+            ]
+            .into_iter()
+            .collect(),
             resolve_interval: Duration::from_secs(30),
             admin_listen: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0),
             backoff: (Duration::from_millis(100), Duration::from_secs(2)),
@@ -226,7 +256,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let sidecar = Sidecar::start(sidecar_cli.resolve()?).await?;
     let start = Instant::now();
     while !(sidecar.is_ready() && agents.iter().all(|a| a.tunnels_up() > 0)) {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(20), "the local system did not become ready within 20s");
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the local system did not become ready within 20s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     print_guide(&cli);
