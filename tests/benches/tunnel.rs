@@ -589,10 +589,24 @@ impl Figures {
     }
 }
 
+/// `--workloads a,b` / `--paths a,b` pick a subset (for profiling); all by default.
+fn selected(flag: &str, name: &str) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    match args
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+    {
+        Some(list) => list.split(',').any(|x| x == name),
+        None => true,
+    }
+}
+
 async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
     let mut f = Figures::default();
+    let want = |w: &str| selected("--workloads", w);
     let cpu = |procs: &[&RoleProc]| procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
-    if !procs.is_empty() {
+    if !procs.is_empty() && want("idle") {
         eprintln!("[{label}] {IDLE_CONNS} idle connections");
         // First, while the processes are fresh: memory freed by earlier
         // workloads would otherwise absorb the growth.
@@ -604,28 +618,36 @@ async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
         f.idle_kib_per_conn = Some(after.saturating_sub(before) as f64 / IDLE_CONNS as f64);
         drop(conns);
     }
-    eprintln!("[{label}] single stream, {} MiB", SINGLE_BYTES >> 20);
-    let cpu0 = cpu(procs);
-    f.single_stream_gbps = Some(send_bytes(p.sink, SINGLE_BYTES).await);
-    eprintln!(
-        "[{label}] {MULTI_STREAMS} streams x {} MiB",
-        MULTI_BYTES_EACH >> 20
-    );
-    f.multi_stream_gbps = Some(multi_stream(p.sink).await);
-    if !procs.is_empty() {
-        let moved = (SINGLE_BYTES + MULTI_BYTES_EACH * MULTI_STREAMS as u64) as f64 / 1e9;
-        f.cpu_s_per_gb = Some((cpu(procs) - cpu0) / moved);
+    if want("throughput") {
+        eprintln!("[{label}] single stream, {} MiB", SINGLE_BYTES >> 20);
+        let cpu0 = cpu(procs);
+        f.single_stream_gbps = Some(send_bytes(p.sink, SINGLE_BYTES).await);
+        eprintln!(
+            "[{label}] {MULTI_STREAMS} streams x {} MiB",
+            MULTI_BYTES_EACH >> 20
+        );
+        f.multi_stream_gbps = Some(multi_stream(p.sink).await);
+        if !procs.is_empty() {
+            let moved = (SINGLE_BYTES + MULTI_BYTES_EACH * MULTI_STREAMS as u64) as f64 / 1e9;
+            f.cpu_s_per_gb = Some((cpu(procs) - cpu0) / moved);
+        }
     }
-    eprintln!("[{label}] {FIRST_BYTE_CONNS} connections to first byte");
-    let (p50, p99) = first_byte(p.hello).await;
-    f.first_byte_p50_us = Some(p50);
-    f.first_byte_p99_us = Some(p99);
-    eprintln!("[{label}] {RTT_ROUNDS} round trips of 64 bytes");
-    let (p50, p99) = round_trips(p.echo).await;
-    f.rtt_p50_us = Some(p50);
-    f.rtt_p99_us = Some(p99);
-    eprintln!("[{label}] isolation");
-    f.stalled_ratio = Some(stalled_ratio(p).await);
+    if want("first_byte") {
+        eprintln!("[{label}] {FIRST_BYTE_CONNS} connections to first byte");
+        let (p50, p99) = first_byte(p.hello).await;
+        f.first_byte_p50_us = Some(p50);
+        f.first_byte_p99_us = Some(p99);
+    }
+    if want("rtt") {
+        eprintln!("[{label}] {RTT_ROUNDS} round trips of 64 bytes");
+        let (p50, p99) = round_trips(p.echo).await;
+        f.rtt_p50_us = Some(p50);
+        f.rtt_p99_us = Some(p99);
+    }
+    if want("isolation") {
+        eprintln!("[{label}] isolation");
+        f.stalled_ratio = Some(stalled_ratio(p).await);
+    }
     f
 }
 
@@ -639,25 +661,26 @@ async fn bench(json: bool) {
         flood: start_flood().await,
     };
     let mut results: Vec<(&str, Figures)> = Vec::new();
+    let want_path = |p: &str| selected("--paths", p);
     results.push((
         "direct",
         measure(&direct_path(&services), &[], "direct").await,
     ));
-    {
+    if want_path("tunnel") {
         let sys = System::start(&pki, None).await;
         let client = client(&pki, "bench", sys.client_addr);
         client.ensure_connected().await.expect("client connects");
         let path = tunnel_path(&services, client).await;
         results.push(("tunnel", measure(&path, &sys.procs(), "tunnel").await));
     }
-    {
+    if want_path("sidecar-port") {
         let sys = System::start(&pki, Some(&services)).await;
         results.push((
             "sidecar-port",
             measure(&sys.port_path(), &sys.procs(), "sidecar-port").await,
         ));
     }
-    {
+    if want_path("sidecar-connect") {
         let sys = System::start(&pki, Some(&services)).await;
         let path = sys.connect_path(&services);
         results.push((
