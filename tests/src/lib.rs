@@ -17,6 +17,8 @@ use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 use tunnel_server::{Server, ServerConfig};
 
+pub mod netns;
+
 /// Installs the crypto provider and a test log subscriber (RUST_LOG decides).
 pub fn init() {
     tunnel_proto::tls::install_crypto_provider();
@@ -937,95 +939,20 @@ pub fn run_cmd(program: &str, args: &[&str]) {
     );
 }
 
-/// A network namespace joined to this one by a veth pair with a /30:
-/// `hub_ip` on this side, `cluster_ip` inside. Removed on drop, also when a
-/// test fails.
-#[derive(Debug)]
-pub struct NetNs {
-    /// The namespace's name (unique per test run).
-    pub name: String,
-    /// The veth end in this (the hub's) namespace.
-    pub hub_if: String,
-    /// The hub side's address.
-    pub hub_ip: std::net::Ipv4Addr,
-    /// The namespace side's address.
-    pub cluster_ip: std::net::Ipv4Addr,
-}
+pub use netns::NetNs;
 
 impl NetNs {
-    /// Creates the namespace, the veth pair and their addresses, and brings
-    /// the links (and the namespace's loopback) up.
+    /// A namespace with a unique name and random addresses in 10.231.0.0/16,
+    /// for tests; panics with the command's output if it cannot be made.
     pub fn create() -> Self {
         let tag: u32 = rand::random::<u32>() & 0xff_ffff;
         let (third, fourth) = (rand::random::<u8>(), rand::random::<u8>() & 0xfc);
-        let ns = Self {
-            name: format!("ct-{}-{tag:06x}", std::process::id()),
-            hub_if: format!("cth{tag:06x}"),
-            hub_ip: std::net::Ipv4Addr::new(10, 231, third, fourth + 1),
-            cluster_ip: std::net::Ipv4Addr::new(10, 231, third, fourth + 2),
-        };
-        // From here on, Drop cleans up whatever was made.
-        let cluster_if = format!("ctn{tag:06x}");
-        run_cmd("ip", &["netns", "add", &ns.name]);
-        run_cmd(
-            "ip",
-            &[
-                "link",
-                "add",
-                &ns.hub_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &cluster_if,
-            ],
-        );
-        run_cmd("ip", &["link", "set", &cluster_if, "netns", &ns.name]);
-        run_cmd(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{}/30", ns.hub_ip),
-                "dev",
-                &ns.hub_if,
-            ],
-        );
-        run_cmd("ip", &["link", "set", &ns.hub_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &ns.name, "ip"];
-            all.extend_from_slice(args);
-            run_cmd("ip", &all);
-        };
-        inside(&[
-            "addr",
-            "add",
-            &format!("{}/30", ns.cluster_ip),
-            "dev",
-            &cluster_if,
-        ]);
-        inside(&["link", "set", &cluster_if, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// A command that runs `program` inside the namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace destroys its veth end and so the pair.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.hub_if])
-            .output();
+        NetNs::create_with(
+            &format!("ct-{}-{tag:06x}", std::process::id()),
+            &format!("{tag:06x}"),
+            std::net::Ipv4Addr::new(10, 231, third, fourth + 1),
+        )
+        .expect("network namespace")
     }
 }
 

@@ -1,0 +1,117 @@
+//! Network namespaces joined to this one by a veth pair with a /30: a host
+//! whose network this side cannot route into except through that link.
+//! Used by the network tests and by `tunnel-local --netns`.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+
+/// A network namespace with a veth link to this one. Removed on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    /// The namespace's name.
+    pub name: String,
+    /// The veth end in this (the hub's) namespace.
+    pub hub_if: String,
+    /// The hub side's address.
+    pub hub_ip: Ipv4Addr,
+    /// The namespace side's address.
+    pub cluster_ip: Ipv4Addr,
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {program}: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`{program} {}` failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl NetNs {
+    /// Creates namespace `name` with a veth pair (`cth<tag>` here, `ctn<tag>`
+    /// inside; `tag` at most 11 characters), `hub_ip`/30 on this side and the
+    /// next address inside, and brings the links and the namespace's loopback up.
+    pub fn create_with(name: &str, tag: &str, hub_ip: Ipv4Addr) -> anyhow::Result<Self> {
+        let cluster_ip = Ipv4Addr::from(u32::from(hub_ip) + 1);
+        let ns = Self {
+            name: name.to_owned(),
+            hub_if: format!("cth{tag}"),
+            hub_ip,
+            cluster_ip,
+        };
+        run("ip", &["netns", "add", &ns.name])?;
+        // From here on, Drop cleans up whatever was made.
+        let cluster_if = format!("ctn{tag}");
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &ns.hub_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &cluster_if,
+            ],
+        )?;
+        run("ip", &["link", "set", &cluster_if, "netns", &ns.name])?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{hub_ip}/30"), "dev", &ns.hub_if],
+        )?;
+        run("ip", &["link", "set", &ns.hub_if, "up"])?;
+        let inside = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &ns.name, "ip"];
+            all.extend_from_slice(args);
+            run("ip", &all)
+        };
+        inside(&[
+            "addr",
+            "add",
+            &format!("{cluster_ip}/30"),
+            "dev",
+            &cluster_if,
+        ])?;
+        inside(&["link", "set", &cluster_if, "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys its veth end and so the pair.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.hub_if])
+            .output();
+    }
+}
+
+/// Whether this process runs as root (namespaces need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
