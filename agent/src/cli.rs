@@ -59,7 +59,11 @@ pub struct Cli {
     pub allow: Vec<String>,
     /// NAME=IP: answer NAME with IP before asking DNS, like an /etc/hosts
     /// entry (repeatable or comma-separated). The allowlist still applies to IP.
-    #[arg(long = "host-alias", env = "TUNNEL_HOST_ALIASES", value_delimiter = ',')]
+    #[arg(
+        long = "host-alias",
+        env = "TUNNEL_HOST_ALIASES",
+        value_delimiter = ','
+    )]
     pub host_aliases: Vec<String>,
     /// Longest time to resolve and connect to a destination.
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -115,10 +119,9 @@ impl Cli {
             let (name, ip) = spec
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("--host-alias {spec:?}: expected NAME=IP"))?;
-            let ip: std::net::IpAddr = ip
-                .trim()
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--host-alias {spec:?}: {ip:?} is not an IP address"))?;
+            let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+                anyhow::anyhow!("--host-alias {spec:?}: {ip:?} is not an IP address")
+            })?;
             let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
             if name.is_empty() {
                 anyhow::bail!("--host-alias {spec:?}: empty name");
@@ -199,8 +202,22 @@ mod tests {
                 .to_string()
                 .contains("--server")
         );
-        let cli = Cli::try_parse_from(["tunnel-agent", "--server", "h:1", "--cluster", "east", "--host-alias", "x=nope"]).unwrap();
-        assert!(cli.to_config().unwrap_err().to_string().contains("--host-alias"));
+        let cli = Cli::try_parse_from([
+            "tunnel-agent",
+            "--server",
+            "h:1",
+            "--cluster",
+            "east",
+            "--host-alias",
+            "x=nope",
+        ])
+        .unwrap();
+        assert!(
+            cli.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("--host-alias")
+        );
         let err = Cli::try_parse_from(["tunnel-agent", "--cluster", "east"]).unwrap_err();
         assert!(err.to_string().contains("--server"), "{err}");
     }

@@ -84,7 +84,9 @@ impl DialerShared {
             .check_request(host, port)
             .map_err(|d| TunnelError::new(ErrorCode::DestinationNotAllowed, d.to_string()))?;
         let attempt = async {
-            let alias = self.host_aliases.get(&host.trim_end_matches('.').to_ascii_lowercase());
+            let alias = self
+                .host_aliases
+                .get(&host.trim_end_matches('.').to_ascii_lowercase());
             let addrs: Vec<SocketAddr> = match (host.parse::<IpAddr>(), alias) {
                 (Ok(ip), _) | (Err(_), Some(&ip)) => vec![SocketAddr::new(ip, port)],
                 (Err(_), None) => tokio::net::lookup_host((host, port))

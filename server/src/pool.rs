@@ -46,6 +46,13 @@ pub enum Pick {
     NoAgent,
 }
 
+impl Pick {
+    /// Whether an agent was found.
+    pub fn is_agent(&self) -> bool {
+        matches!(self, Pick::Agent(_))
+    }
+}
+
 /// Agents by cluster.
 #[derive(Debug, Default)]
 pub struct AgentPool {

@@ -47,10 +47,23 @@ pub struct Sidecar {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Accept queue of the sidecar's listeners. tokio's `TcpListener::bind` uses
+/// 128, too short for an app that opens hundreds of connections at once: the
+/// kernel drops SYNs (1 s retransmits) or falls back to SYN cookies, which
+/// can reset connections. Linux caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))?;
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    let l = listen().map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))?;
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, what, "listening beyond loopback: anyone who can reach this address can reach the clusters");
     }

@@ -25,6 +25,7 @@ use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 use tunnel_server::{Server, ServerConfig};
 use tunnel_sidecar::Sidecar;
+use tunnel_tests::netns::{NetNs, is_root};
 
 const CLUSTERS: [&str; 2] = ["east", "west"];
 const HTTP_PORT: u16 = 8080;
@@ -60,6 +61,18 @@ struct Cli {
     /// The server's admin port.
     #[arg(long, default_value = "127.0.0.1:18092")]
     server_admin_listen: SocketAddr,
+    /// Put each cluster (its agent and sample services) in a network namespace
+    /// of its own, joined to this one only by a veth link that the agent dials
+    /// out over: the hub side cannot reach the samples except through the
+    /// tunnel. Needs root; the namespaces are removed on exit.
+    #[arg(long)]
+    netns: bool,
+    /// Internal: run one cluster (agent and samples) inside its namespace.
+    #[arg(long, hide = true)]
+    cluster_role: Option<String>,
+    /// Internal: the server's agent address, for --cluster-role.
+    #[arg(long, hide = true)]
+    cluster_server: Option<SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: tunnel_proto::cli::LogFormat,
@@ -188,11 +201,118 @@ async fn start_samples(cluster: &'static str, ip: IpAddr, dir: &Path) -> anyhow:
     Ok(())
 }
 
+async fn start_agent(
+    dir: &Path,
+    cluster: &str,
+    ip: IpAddr,
+    server: SocketAddr,
+) -> anyhow::Result<Agent> {
+    Agent::start(AgentConfig {
+        servers: vec![server.to_string()],
+        server_name: Some("localhost".into()),
+        cluster: cluster.into(),
+        agent_id: format!("{cluster}-agent"),
+        tls: tunnel_proto::tls::client_config(&TlsFiles::in_dir(dir, &format!("agent-{cluster}")))?,
+        h2: H2Settings::default(),
+        // Only this cluster's own "network".
+        allowlist: Allowlist::parse(&[ip.to_string()])?,
+        dial_timeout: Duration::from_secs(5),
+        host_aliases: [
+            ("hello.default.svc".to_string(), ip),
+            ("echo.default.svc".to_string(), ip),
+        ]
+        .into_iter()
+        .collect(),
+        resolve_interval: Duration::from_secs(30),
+        admin_listen: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0),
+        backoff: (Duration::from_millis(100), Duration::from_secs(2)),
+    })
+    .await
+}
+
+/// One cluster of the local system.
+enum ClusterRun {
+    /// Agent and samples in this process, samples on a loopback address of their own.
+    InProcess(Agent),
+    /// Agent and samples in a child process inside a network namespace.
+    Namespace(NamespacedCluster),
+}
+
+/// A cluster's process in its namespace; killed, then the namespace removed, on drop.
+struct NamespacedCluster {
+    child: std::process::Child,
+    _ns: NetNs,
+}
+
+impl Drop for NamespacedCluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_in_namespace(
+    cli: &Cli,
+    i: usize,
+    cluster: &str,
+    agent_port: u16,
+) -> anyhow::Result<NamespacedCluster> {
+    anyhow::ensure!(is_root(), "--netns needs root (network namespaces)");
+    let pid = std::process::id() % 100_000;
+    let ns = NetNs::create_with(
+        &format!("ct-local-{cluster}-{pid}"),
+        &format!("l{i}{pid}"),
+        std::net::Ipv4Addr::new(10, 232, i as u8 + 1, 1),
+    )
+    .with_context(|| format!("creating the network namespace of {cluster}"))?;
+    let exe = std::env::current_exe()?;
+    let child = ns
+        .command(exe)
+        .arg("--cluster-role")
+        .arg(cluster)
+        .arg("--cluster-server")
+        .arg(SocketAddr::new(ns.hub_ip.into(), agent_port).to_string())
+        .arg("--dir")
+        .arg(&cli.dir)
+        .arg("--log-level")
+        .arg(&cli.log_level)
+        .spawn()
+        .with_context(|| format!("starting {cluster}'s agent in its namespace"))?;
+    Ok(NamespacedCluster { child, _ns: ns })
+}
+
+/// `--cluster-role`: one cluster inside its namespace: samples on the
+/// namespace's own loopback, and its agent, until SIGTERM.
+async fn run_cluster(cli: &Cli, cluster: &str) -> anyhow::Result<()> {
+    let name: &'static str = CLUSTERS
+        .into_iter()
+        .find(|c| *c == cluster)
+        .ok_or_else(|| anyhow::anyhow!("unknown cluster {cluster}"))?;
+    let server = cli
+        .cluster_server
+        .context("--cluster-server is required with --cluster-role")?;
+    let ip = IpAddr::from([127, 0, 0, 1]);
+    start_samples(name, ip, &cli.dir).await?;
+    let agent = start_agent(&cli.dir, name, ip, server).await?;
+    tunnel_proto::cli::termination_signal().await;
+    agent.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(cluster) = cli.cluster_role.clone() {
+        return run_cluster(&cli, &cluster).await;
+    }
     let dir = &cli.dir;
     write_certs(dir)?;
+    // Agents in namespaces dial the hub side of their veth link.
+    let agent_listen = if cli.netns {
+        SocketAddr::new(IpAddr::from([0, 0, 0, 0]), cli.server_agent_listen.port())
+    } else {
+        cli.server_agent_listen
+    };
     let server = Server::start(ServerConfig {
-        agent_listen: cli.server_agent_listen,
+        agent_listen,
         client_listen: cli.server_client_listen,
         admin_listen: cli.server_admin_listen,
         tls: tunnel_proto::tls::server_config(&TlsFiles::in_dir(dir, "server"))?,
@@ -204,35 +324,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         h2: H2Settings::default(),
     })
     .await?;
-    let mut agents = Vec::new();
+    let mut clusters = Vec::new();
     for (i, cluster) in CLUSTERS.into_iter().enumerate() {
-        let ip = cluster_ip(i);
-        start_samples(cluster, ip, dir).await?;
-        let agent = Agent::start(AgentConfig {
-            servers: vec![server.agent_addr.to_string()],
-            server_name: Some("localhost".into()),
-            cluster: cluster.into(),
-            agent_id: format!("{cluster}-agent"),
-            tls: tunnel_proto::tls::client_config(&TlsFiles::in_dir(
-                dir,
-                &format!("agent-{cluster}"),
-            ))?,
-            h2: H2Settings::default(),
-            // Only this cluster's own "network".
-            allowlist: Allowlist::parse(&[ip.to_string()])?,
-            dial_timeout: Duration::from_secs(5),
-            host_aliases: [
-                ("hello.default.svc".to_string(), ip),
-                ("echo.default.svc".to_string(), ip),
-            ]
-            .into_iter()
-            .collect(),
-            resolve_interval: Duration::from_secs(30),
-            admin_listen: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0),
-            backoff: (Duration::from_millis(100), Duration::from_secs(2)),
-        })
-        .await?;
-        agents.push(agent);
+        clusters.push(if cli.netns {
+            ClusterRun::Namespace(spawn_in_namespace(
+                &cli,
+                i,
+                cluster,
+                server.agent_addr.port(),
+            )?)
+        } else {
+            let ip = cluster_ip(i);
+            start_samples(cluster, ip, dir).await?;
+            ClusterRun::InProcess(start_agent(dir, cluster, ip, server.agent_addr).await?)
+        });
     }
     let sidecar_cli = tunnel_sidecar::config::Cli::try_parse_from([
         "tunnel-sidecar".to_string(),
@@ -255,7 +360,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     ])?;
     let sidecar = Sidecar::start(sidecar_cli.resolve()?).await?;
     let start = Instant::now();
-    while !(sidecar.is_ready() && agents.iter().all(|a| a.tunnels_up() > 0)) {
+    let state = server.state().clone();
+    while !(sidecar.is_ready() && CLUSTERS.iter().all(|c| state.pool.pick(c, &[]).is_agent())) {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(20),
             "the local system did not become ready within 20s"
@@ -270,8 +376,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     println!("stopping...");
     sidecar.shutdown().await;
-    for a in agents {
-        a.shutdown(Duration::from_secs(2)).await;
+    for c in clusters {
+        match c {
+            ClusterRun::InProcess(a) => a.shutdown(Duration::from_secs(2)).await,
+            // Killing the cluster's process, then deleting its namespace.
+            ClusterRun::Namespace(ns) => drop(ns),
+        }
     }
     server.shutdown().await;
     println!("stopped");
