@@ -326,6 +326,50 @@ fn tunnel_broken(agent: &AgentTunnel, status: &Status) -> TunnelError {
     )
 }
 
+/// Checks the caller and reads and validates its `Open` frame. A refusal is
+/// `Err(Ok(error))`, to be answered with an `Error` frame; a broken stream is
+/// `Err(Err(status))`.
+async fn read_open(
+    req: Request<Streaming<Frame>>,
+) -> Result<(pb::Open, Streaming<Frame>, uuid::Uuid, u16), Result<TunnelError, Status>> {
+    if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
+        && !matches!(peer.identity, Identity::Client { .. })
+    {
+        return Err(Ok(TunnelError::new(
+            ErrorCode::Unauthenticated,
+            format!("{} may not open connections", peer.identity),
+        )));
+    }
+    let mut inbound = req.into_inner();
+    let open = match tokio::time::timeout(OPEN_FRAME_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(Frame {
+            kind: Some(Kind::Open(open)),
+        }))) => open,
+        Ok(Ok(other)) => {
+            return Err(Ok(TunnelError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the first frame must be open, got {}",
+                    other
+                        .as_ref()
+                        .and_then(|f| f.kind.as_ref())
+                        .map(tunnel_proto::relay::kind_name)
+                        .unwrap_or("nothing")
+                ),
+            )));
+        }
+        Ok(Err(status)) => return Err(Err(status)),
+        Err(_) => {
+            return Err(Ok(TunnelError::new(
+                ErrorCode::BadRequest,
+                format!("no open frame within {OPEN_FRAME_TIMEOUT:?}"),
+            )));
+        }
+    };
+    let (id, port) = validate_open(&open).map_err(Ok)?;
+    Ok((open, inbound, id, port))
+}
+
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
     type ConnectStream = FrameStream;
@@ -335,54 +379,10 @@ impl Tunnel for TunnelService {
         req: Request<Streaming<Frame>>,
     ) -> Result<Response<FrameStream>, Status> {
         let client = caller(&req);
-        if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
-            && !matches!(peer.identity, Identity::Client { .. })
-        {
-            let err = TunnelError::new(
-                ErrorCode::Unauthenticated,
-                format!("{} may not open connections", peer.identity),
-            );
-            tracing::warn!(%client, %err, "refused");
-            return Ok(Response::new(single(err.to_frame())));
-        }
-        let mut inbound = req.into_inner();
-        let open = match tokio::time::timeout(OPEN_FRAME_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(Frame {
-                kind: Some(Kind::Open(open)),
-            }))) => open,
-            Ok(Ok(other)) => {
-                let err = TunnelError::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the first frame must be open, got {}",
-                        other
-                            .as_ref()
-                            .and_then(|f| f.kind.as_ref())
-                            .map(tunnel_proto::relay::kind_name)
-                            .unwrap_or("nothing")
-                    ),
-                );
-                tracing::warn!(%client, %err, "bad open");
-                self.state
-                    .metrics
-                    .dials
-                    .get_or_create(&CodeLabel {
-                        code: err.code.label(),
-                    })
-                    .inc();
-                return Ok(Response::new(single(err.to_frame())));
-            }
-            Ok(Err(status)) => return Err(status),
-            Err(_) => {
-                let err = TunnelError::new(ErrorCode::BadRequest, "no open frame within 10s");
-                tracing::warn!(%client, %err, "bad open");
-                return Ok(Response::new(single(err.to_frame())));
-            }
-        };
-        let (id, port) = match validate_open(&open) {
+        let (open, inbound, id, port) = match read_open(req).await {
             Ok(x) => x,
-            Err(err) => {
-                tracing::warn!(%client, %err, "bad open");
+            Err(Ok(err)) => {
+                tracing::warn!(%client, code = err.code.label(), %err, "connection refused before routing");
                 self.state
                     .metrics
                     .dials
@@ -392,6 +392,7 @@ impl Tunnel for TunnelService {
                     .inc();
                 return Ok(Response::new(single(err.to_frame())));
             }
+            Err(Err(status)) => return Err(status),
         };
         let record = Arc::new(ConnRecord {
             state: self.state.clone(),
