@@ -6,13 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-/// Label: a result code (`ok` or an error code's label).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CodeLabel {
-    /// Result code.
-    pub code: &'static str,
-}
+pub use tunnel_proto::admin::CodeLabel;
 
 /// Label: a direction (`to_destination` or `from_destination`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -295,6 +295,14 @@ fn is_disconnect(error: &io::Error) -> bool {
     )
 }
 
+/// Metric label: a result code (`ok` or an [`ErrorCode`](crate::error::ErrorCode) label),
+/// shared by every component's dial counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CodeLabel {
+    /// Result code.
+    pub code: &'static str,
+}
+
 /// Histogram buckets (seconds) for dial and connection latencies, shared by
 /// every component so their histograms compare.
 pub const LATENCY_BUCKETS: [f64; 14] = [

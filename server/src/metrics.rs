@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+pub use tunnel_proto::admin::CodeLabel;
 
 /// Label: a cluster.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,13 +22,6 @@ pub struct BytesLabel {
     pub cluster: String,
     /// `to_cluster` (client to destination) or `from_cluster`.
     pub direction: &'static str,
-}
-
-/// Label: a result code (`ok` or an error code's label).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CodeLabel {
-    /// Result code.
-    pub code: &'static str,
 }
 
 /// Labels: a listener (`agent`, `client`) and why a connection was refused.
