@@ -96,15 +96,17 @@ pub fn default_instance_id() -> String {
 pub const WORKER_THREADS_ENV: &str = "TUNNEL_WORKER_THREADS";
 
 /// The tokio runtime of a binary: multi-threaded, with `TUNNEL_WORKER_THREADS`
-/// worker threads when set (a positive number), else one per CPU.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// worker threads when set (a positive number), else `default_threads`, else
+/// one per CPU.
+pub fn runtime(default_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Some(n) = std::env::var(WORKER_THREADS_ENV)
+    let threads = std::env::var(WORKER_THREADS_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|n| *n > 0)
-    {
+        .or(default_threads);
+    if let Some(n) = threads {
         builder.worker_threads(n);
     }
     builder.build()

@@ -44,7 +44,8 @@ fn run_role(role: &str) {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let rt = tunnel_proto::cli::runtime().unwrap();
+    // As the real binaries: the sidecar defaults to one worker thread.
+    let rt = tunnel_proto::cli::runtime((role == "sidecar").then_some(1)).unwrap();
     let res = rt.block_on(async {
         match role {
             "server" => {
