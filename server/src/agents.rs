@@ -222,6 +222,7 @@ async fn serve_agent(
         since: SystemTime::now(),
         open: AtomicU64::new(0),
         channel,
+        last_failure: std::sync::Mutex::new(None),
     });
     let n = state.pool.add(tunnel.clone());
     let gauge = state

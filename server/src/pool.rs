@@ -23,6 +23,28 @@ pub struct AgentTunnel {
     pub open: AtomicU64,
     /// Opens streams towards the agent.
     pub channel: H2Channel,
+    /// When a dial through this tunnel last failed at the transport level.
+    pub last_failure: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How long a tunnel whose dial failed is passed over while others are usable.
+pub const FAILURE_PENALTY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl AgentTunnel {
+    /// Records a transport-level dial failure: the tunnel is passed over for
+    /// [`FAILURE_PENALTY`] while other agents of the cluster are usable.
+    pub fn mark_failed(&self) {
+        if let Ok(mut f) = self.last_failure.lock() {
+            *f = Some(std::time::Instant::now());
+        }
+    }
+
+    fn recently_failed(&self) -> bool {
+        self.last_failure
+            .lock()
+            .map(|f| f.is_some_and(|t| t.elapsed() < FAILURE_PENALTY))
+            .unwrap_or(false)
+    }
 }
 
 impl std::fmt::Debug for AgentTunnel {
@@ -101,17 +123,19 @@ impl AgentPool {
             return Pick::NoAgent;
         }
         let start = (self.rotation.fetch_add(1, Ordering::Relaxed) as usize) % n;
-        let mut best: Option<&Arc<AgentTunnel>> = None;
+        // (recently failed, open connections): healthy and least loaded first.
+        let mut best: Option<(&Arc<AgentTunnel>, (bool, u64))> = None;
         for i in 0..n {
             let a = &agents[(start + i) % n];
             if a.channel.is_closed() || tried.iter().any(|t| Arc::ptr_eq(t, a)) {
                 continue;
             }
-            if best.is_none_or(|b| a.open.load(Ordering::Relaxed) < b.open.load(Ordering::Relaxed))
-            {
-                best = Some(a);
+            let key = (a.recently_failed(), a.open.load(Ordering::Relaxed));
+            if best.is_none_or(|(_, k)| key < k) {
+                best = Some((a, key));
             }
         }
+        let best = best.map(|(a, _)| a);
         match best {
             Some(a) => Pick::Agent(a.clone()),
             None => Pick::NoAgent,

@@ -306,6 +306,7 @@ impl TunnelService {
             match answer {
                 Ok((opened, inbound)) => return Ok((opened, inbound, gate, agent)),
                 Err(err) if err.code.is_retryable_on_other_agent() => {
+                    agent.mark_failed();
                     tracing::warn!(id = %record.id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
                     last_err = Some(err);
                 }

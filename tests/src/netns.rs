@@ -3,6 +3,7 @@
 //! Used by the network tests and by `tunnel-local --netns`.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::Command;
 
 /// A network namespace with a veth link to this one. Removed on drop.
@@ -84,6 +85,40 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// The veth end inside the namespace.
+    fn cluster_if(&self) -> String {
+        format!(
+            "ctn{}",
+            self.hub_if.strip_prefix("cth").unwrap_or(&self.hub_if)
+        )
+    }
+
+    /// Gives the hub side one more address: `ip`/32 on its veth end, routed
+    /// from inside the namespace over the link (so several hub replicas can
+    /// listen on one port, as behind one DNS name). Goes with the veth pair.
+    pub fn add_hub_address(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        run(
+            "ip",
+            &["addr", "add", &format!("{ip}/32"), "dev", &self.hub_if],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "ip",
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &self.cluster_if(),
+                "src",
+                &self.cluster_ip.to_string(),
+            ],
+        )
+    }
+
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");
@@ -101,6 +136,63 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["link", "del", &self.hub_if])
             .output();
+    }
+}
+
+/// The `/etc/hosts` of commands run in a namespace: `ip netns exec`
+/// bind-mounts `/etc/netns/<name>/hosts` over `/etc/hosts` for the command it
+/// runs. Create it before starting the command; removed on drop.
+#[derive(Debug)]
+pub struct NsHosts {
+    dir: PathBuf,
+    made_parent: bool,
+}
+
+impl NsHosts {
+    /// Writes `content` as the hosts file of namespace `ns`.
+    pub fn create(ns: &NetNs, content: &str) -> anyhow::Result<Self> {
+        let parent = PathBuf::from("/etc/netns");
+        let made_parent = !parent.exists();
+        let dir = parent.join(&ns.name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let hosts = Self { dir, made_parent };
+        hosts.write(content)?;
+        Ok(hosts)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
+
+    /// Rewrites the file in place. A running command sees the file it was
+    /// given through a bind mount of this inode, so the file is overwritten,
+    /// never replaced; written over its start and then cut to length, it is
+    /// never empty while a reader looks (when only lines are appended, every
+    /// read sees the old or the new content).
+    pub fn write(&self, content: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let path = self.path();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+        file.write_all(content.as_bytes())?;
+        file.set_len(content.len() as u64)?;
+        Ok(())
+    }
+}
+
+impl Drop for NsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.made_parent {
+            // Only if empty: another namespace may have made its own since.
+            let _ = std::fs::remove_dir("/etc/netns");
+        }
     }
 }
 

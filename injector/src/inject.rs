@@ -1,0 +1,959 @@
+//! What injection does to a pod: the sidecar container, its volumes, the
+//! app's environment, as a JSON Patch (RFC 6902) against the pod the API
+//! server sent.
+//!
+//! [`plan`] is pure: a pod and a [`SidecarTemplate`] in, an [`Outcome`] out.
+//! The patch is built against the pod exactly as received: each operation
+//! names a path that exists at that point of the patch (lists that are missing
+//! are added whole), and every key is escaped as a JSON Pointer token
+//! (`/` → `~1`, `~` → `~0`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction, Lifecycle,
+    LifecycleHandler, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+use crate::annotations::{self, AnnotationError, Defaults, Mode, OptIn, PodOptions};
+
+/// Name of the injected container; a pod that has a container of this name
+/// (init or app) is left alone.
+pub const SIDECAR_NAME: &str = "cluster-tunnel-sidecar";
+/// Volume with the projected service-account token.
+pub const TOKEN_VOLUME: &str = "cluster-tunnel-token";
+/// Directory of the token in the sidecar.
+pub const TOKEN_DIR: &str = "/var/run/secrets/cluster-tunnel";
+/// File name of the token inside [`TOKEN_DIR`].
+pub const TOKEN_FILE: &str = "token";
+/// Volume with the sidecar's client certificate (a Secret).
+pub const TLS_VOLUME: &str = "cluster-tunnel-tls";
+/// Directory of the client certificate in the sidecar: `tls.crt`, `tls.key`,
+/// `ca.crt`, as in a `kubernetes.io/tls` Secret written by cert-manager.
+pub const TLS_DIR: &str = "/etc/cluster-tunnel/tls";
+/// Name of the sidecar's admin port in the pod spec.
+pub const ADMIN_PORT_NAME: &str = "tunnel-admin";
+/// Annotation `kubectl logs`/`exec` read to pick a container (legacy mode
+/// puts the sidecar first, which would otherwise be the default).
+pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
+/// Entries of `NO_PROXY` before the API server's host and the extra ones:
+/// loopback and the cluster's own services stay direct.
+pub const BASE_NO_PROXY: [&str; 5] = ["localhost", "127.0.0.1", "::1", ".svc", ".cluster.local"];
+
+/// The proxy variables, in pairs of the two spellings programs read.
+const PROXY_VARS: [(&str, &str); 3] = [
+    ("HTTP_PROXY", "http_proxy"),
+    ("HTTPS_PROXY", "https_proxy"),
+    ("NO_PROXY", "no_proxy"),
+];
+
+/// Labels that mark a Job's pod (besides an owner reference of kind Job).
+const JOB_LABELS: [&str; 2] = ["batch.kubernetes.io/job-name", "job-name"];
+
+/// Everything about the sidecar that comes from the injector's configuration
+/// rather than from the pod.
+#[derive(Debug, Clone)]
+pub struct SidecarTemplate {
+    /// The sidecar image.
+    pub image: String,
+    /// Its pull policy; `None` leaves Kubernetes' default.
+    pub image_pull_policy: Option<String>,
+    /// Server client-port addresses (`TUNNEL_SERVERS`).
+    pub servers: Vec<String>,
+    /// Name the server certificate must carry (`TUNNEL_SERVER_NAME`).
+    pub server_name: Option<String>,
+    /// Secret in the pod's namespace with the sidecar's client certificate.
+    pub cert_secret: String,
+    /// Audience of the projected service-account token.
+    pub token_audience: String,
+    /// Lifetime of the projected token; the kubelet renews it at 80%.
+    pub token_expiration_seconds: i64,
+    /// The sidecar's admin port (probes, metrics, `POST /shutdown`).
+    pub admin_port: u16,
+    /// Address the admin port binds to: the kubelet probes the pod's IP, so
+    /// not loopback (`0.0.0.0`, or `::` on IPv6-only clusters).
+    pub admin_bind: String,
+    /// User and group the sidecar runs as.
+    pub run_as_user: i64,
+    /// How long the sidecar may take to become ready before the kubelet
+    /// restarts it (native mode's startup probe).
+    pub startup_timeout: Duration,
+    /// Command of the legacy mode's `postStart` hook; it must block until the
+    /// sidecar is ready.
+    pub legacy_wait_command: Vec<String>,
+    /// The full `NO_PROXY` list.
+    pub no_proxy: Vec<String>,
+    /// Defaults of what annotations can change.
+    pub defaults: Defaults,
+    /// Written to the `cluster-tunnel.io/injected` annotation.
+    pub version: String,
+}
+
+/// The decision about one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Not opted in (or opted out); why.
+    Skipped(&'static str),
+    /// The pod already has the sidecar: nothing to do.
+    AlreadyInjected,
+    /// The changes, and warnings for whoever created the pod.
+    Injected {
+        /// The JSON Patch.
+        patch: Patch,
+        /// Admission warnings (`kubectl` prints them).
+        warnings: Vec<String>,
+    },
+}
+
+/// Why an opted-in pod cannot get the sidecar; the pod is refused with this
+/// message, so it says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// An annotation has an invalid value.
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+    /// The pod clashes with what the sidecar needs.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Decides what to do with `pod` and builds the patch.
+pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
+    let empty = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(Outcome::Skipped("pod has no spec"));
+    };
+    let init_containers = spec.init_containers.as_deref().unwrap_or_default();
+    if spec
+        .containers
+        .iter()
+        .chain(init_containers)
+        .any(|c| c.name == SIDECAR_NAME)
+    {
+        return Ok(Outcome::AlreadyInjected);
+    }
+    if let OptIn::No(why) = annotations::opt_in(annotations, labels)? {
+        return Ok(Outcome::Skipped(why));
+    }
+    let options =
+        PodOptions::from_annotations(annotations, &template.defaults, template.admin_port)?;
+
+    if spec.host_network == Some(true) {
+        return Err(Refusal::Conflict(
+            "pods with hostNetwork cannot get the cluster-tunnel sidecar: its loopback ports \
+             would be the node's; remove the cluster-tunnel.io/inject annotation"
+                .into(),
+        ));
+    }
+    for volume in spec.volumes.iter().flatten() {
+        if volume.name == TOKEN_VOLUME || volume.name == TLS_VOLUME {
+            return Err(Refusal::Conflict(format!(
+                "the pod already has a volume named {:?}, which the cluster-tunnel sidecar needs; rename it",
+                volume.name
+            )));
+        }
+    }
+    let listening = options.listening_ports(template.admin_port);
+    for container in spec.containers.iter().chain(init_containers) {
+        for declared in container.ports.iter().flatten() {
+            let port = u16::try_from(declared.container_port).ok();
+            if let Some((port, chosen_by)) = listening.iter().find(|(p, _)| Some(*p) == port) {
+                return Err(Refusal::Conflict(format!(
+                    "container {:?} declares port {port}, which the cluster-tunnel sidecar listens on ({chosen_by}); choose another with {}",
+                    container.name,
+                    if *chosen_by == annotations::PORTS {
+                        annotations::PORTS
+                    } else {
+                        annotations::PROXY_PORT
+                    }
+                )));
+            }
+        }
+    }
+
+    let mut ops = Vec::new();
+    let mut warnings: Vec<String> = options
+        .unknown
+        .iter()
+        .map(|k| format!("cluster-tunnel: unknown annotation {k} ignored"))
+        .collect();
+
+    // Metadata first: nothing below moves it.
+    let mut new_annotations = vec![(annotations::INJECTED, template.version.clone())];
+    if options.mode == Mode::Legacy
+        && !annotations.contains_key(DEFAULT_CONTAINER_ANNOTATION)
+        && let Some(first) = spec.containers.first()
+    {
+        new_annotations.push((DEFAULT_CONTAINER_ANNOTATION, first.name.clone()));
+    }
+    add_map_entries(
+        &mut ops,
+        &["metadata", "annotations"],
+        pod.metadata.annotations.is_some(),
+        &new_annotations,
+    );
+
+    let volumes = [token_volume(template), tls_volume(template)].map(to_value);
+    add_list_items(
+        &mut ops,
+        &["spec", "volumes"],
+        spec.volumes.is_some(),
+        &volumes,
+    );
+
+    // The app's environment, by index in the pod as received: done before the
+    // sidecar is inserted, which shifts the indices of its list.
+    let env = app_env(&options, template);
+    for (i, container) in spec.containers.iter().enumerate() {
+        add_env(&mut ops, "containers", i, container, &env);
+    }
+    // A native sidecar starts before the other init containers, so they can use
+    // the tunnel too; in legacy mode they run before it exists.
+    if options.mode == Mode::Native {
+        for (i, container) in init_containers.iter().enumerate() {
+            add_env(&mut ops, "initContainers", i, container, &env);
+        }
+    }
+
+    let sidecar = to_value(sidecar_container(&options, template));
+    match options.mode {
+        Mode::Native => match &spec.init_containers {
+            None => ops.push(add(&["spec", "initContainers"], json!([sidecar]))),
+            Some(_) => ops.push(add(&["spec", "initContainers", "0"], sidecar)),
+        },
+        Mode::Legacy => {
+            ops.push(add(&["spec", "containers", "0"], sidecar));
+            if is_job_pod(pod) {
+                warnings.push(format!(
+                    "cluster-tunnel: legacy mode in a Job's pod: the sidecar keeps the pod running \
+                     until the app calls POST http://127.0.0.1:{}/shutdown when it is done",
+                    template.admin_port
+                ));
+            }
+        }
+    }
+    Ok(Outcome::Injected {
+        patch: Patch(ops),
+        warnings,
+    })
+}
+
+/// Whether a Job controls the pod.
+fn is_job_pod(pod: &Pod) -> bool {
+    let owned = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"));
+    let labelled = pod
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| JOB_LABELS.iter().any(|k| l.contains_key(*k)));
+    owned || labelled
+}
+
+/// The variables every app container gets (unless it sets them itself).
+fn app_env(options: &PodOptions, template: &SidecarTemplate) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if let (true, Some(port)) = (options.set_proxy_env, options.proxy_port) {
+        let url = format!("http://127.0.0.1:{port}");
+        let no_proxy = template.no_proxy.join(",");
+        for ((upper, lower), value) in PROXY_VARS.iter().zip([&url, &url, &no_proxy]) {
+            env.push(((*upper).to_owned(), value.clone()));
+            env.push(((*lower).to_owned(), value.clone()));
+        }
+    }
+    for (name, value) in cluster_port_env(options) {
+        if !env.iter().any(|(n, _)| *n == name) {
+            env.push((name, value));
+        }
+    }
+    env
+}
+
+/// `CLUSTER_TUNNEL_<CLUSTER>_ADDR` for the first port of each cluster, and
+/// `CLUSTER_TUNNEL_<CLUSTER>_<HOST>_<PORT>_ADDR` for every port.
+pub fn cluster_port_env(options: &PodOptions) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (_, mapping) in &options.ports {
+        let addr = format!("127.0.0.1:{}", mapping.port);
+        let cluster = env_token(&mapping.target.cluster);
+        let short = format!("CLUSTER_TUNNEL_{cluster}_ADDR");
+        let long = format!(
+            "CLUSTER_TUNNEL_{cluster}_{}_{}_ADDR",
+            env_token(&mapping.target.host),
+            mapping.target.port
+        );
+        for name in [short, long] {
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, addr.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Upper case, every character other than a letter or digit turned into `_`.
+fn env_token(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Adds to one container the variables it does not set itself. Each pair of
+/// proxy spellings counts as one: if the container sets either, both stay as
+/// they are (programs disagree on which one wins).
+fn add_env(
+    ops: &mut Vec<PatchOperation>,
+    list: &str,
+    index: usize,
+    container: &Container,
+    env: &[(String, String)],
+) {
+    let existing: Vec<&str> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    let set_by_pod = |name: &str| {
+        let pair = PROXY_VARS
+            .iter()
+            .find(|(u, l)| *u == name || *l == name)
+            .map_or([name, name], |(u, l)| [*u, *l]);
+        pair.iter().any(|n| existing.contains(n))
+    };
+    let values: Vec<Value> = env
+        .iter()
+        .filter(|(name, _)| !set_by_pod(name))
+        .map(|(name, value)| json!({ "name": name, "value": value }))
+        .collect();
+    let index = index.to_string();
+    add_list_items(
+        ops,
+        &["spec", list, &index, "env"],
+        container.env.is_some(),
+        &values,
+    );
+}
+
+/// Appends `items` to the list at `path`, or adds the list when it is missing.
+fn add_list_items(ops: &mut Vec<PatchOperation>, path: &[&str], exists: bool, items: &[Value]) {
+    if items.is_empty() {
+        return;
+    }
+    if exists {
+        for item in items {
+            let mut p = path.to_vec();
+            p.push("-");
+            ops.push(add(&p, item.clone()));
+        }
+    } else {
+        ops.push(add(path, Value::Array(items.to_vec())));
+    }
+}
+
+/// Sets keys of the map at `path`, or adds the map when it is missing.
+fn add_map_entries(
+    ops: &mut Vec<PatchOperation>,
+    path: &[&str],
+    exists: bool,
+    entries: &[(&str, String)],
+) {
+    if entries.is_empty() {
+        return;
+    }
+    if exists {
+        for (key, value) in entries {
+            let mut p = path.to_vec();
+            p.push(key);
+            ops.push(add(&p, Value::String(value.clone())));
+        }
+    } else {
+        let map = entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::String(v.clone())))
+            .collect();
+        ops.push(add(path, Value::Object(map)));
+    }
+}
+
+/// An `add` operation; each element of `path` is one unescaped token.
+pub fn add(path: &[&str], value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(path.iter().copied()),
+        value,
+    })
+}
+
+fn to_value<T: serde::Serialize>(v: T) -> Value {
+    // k8s-openapi types always serialize.
+    serde_json::to_value(v).expect("Kubernetes types serialize to JSON")
+}
+
+fn token_volume(t: &SidecarTemplate) -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(t.token_audience.clone()),
+                    expiration_seconds: Some(t.token_expiration_seconds),
+                    path: TOKEN_FILE.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tls_volume(t: &SidecarTemplate) -> Volume {
+    Volume {
+        name: TLS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(t.cert_secret.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(port)),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn quantities(pairs: [(&str, &Option<String>); 2]) -> Option<BTreeMap<String, Quantity>> {
+    let map: BTreeMap<String, Quantity> = pairs
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_owned(), Quantity(v.clone()))))
+        .collect();
+    (!map.is_empty()).then_some(map)
+}
+
+/// The sidecar container of a pod.
+pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container {
+    let mut env = vec![env_var("TUNNEL_SERVERS", t.servers.join(","))];
+    if let Some(name) = &t.server_name {
+        env.push(env_var("TUNNEL_SERVER_NAME", name.clone()));
+    }
+    env.push(env_var("TUNNEL_TLS_CERT", format!("{TLS_DIR}/tls.crt")));
+    env.push(env_var("TUNNEL_TLS_KEY", format!("{TLS_DIR}/tls.key")));
+    env.push(env_var("TUNNEL_CA", format!("{TLS_DIR}/ca.crt")));
+    if !options.ports.is_empty() {
+        let specs: Vec<&str> = options.ports.iter().map(|(s, _)| s.as_str()).collect();
+        env.push(env_var("TUNNEL_PORTS", specs.join(",")));
+    }
+    env.push(env_var(
+        "TUNNEL_PROXY_LISTEN",
+        match options.proxy_port {
+            Some(p) => format!("127.0.0.1:{p}"),
+            None => "off".into(),
+        },
+    ));
+    let admin_bind = if t.admin_bind.contains(':') {
+        format!("[{}]:{}", t.admin_bind, t.admin_port)
+    } else {
+        format!("{}:{}", t.admin_bind, t.admin_port)
+    };
+    env.push(env_var("TUNNEL_ADMIN_LISTEN", admin_bind));
+    // Only the admin port leaves loopback (for the kubelet's probes); the
+    // per-cluster ports and the proxy stay on 127.0.0.1 as set above.
+    env.push(env_var("TUNNEL_ALLOW_NON_LOOPBACK", "true"));
+    if let Some(cluster) = &options.default_cluster {
+        env.push(env_var("TUNNEL_DEFAULT_CLUSTER", cluster.clone()));
+    }
+    env.push(env_var("TUNNEL_LOG_LEVEL", options.log_level.clone()));
+
+    let r = &options.resources;
+    let resources = ResourceRequirements {
+        requests: quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]),
+        limits: quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]),
+        ..Default::default()
+    };
+    let startup_failures = i32::try_from(t.startup_timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+    let (restart_policy, startup_probe, lifecycle) = match options.mode {
+        Mode::Native => (
+            Some("Always".to_owned()),
+            Some(http_probe("/readyz", t.admin_port, 1, startup_failures)),
+            None,
+        ),
+        Mode::Legacy => (
+            None,
+            None,
+            Some(Lifecycle {
+                post_start: Some(LifecycleHandler {
+                    exec: Some(ExecAction {
+                        command: Some(t.legacy_wait_command.clone()),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ),
+    };
+    Container {
+        name: SIDECAR_NAME.into(),
+        image: Some(t.image.clone()),
+        image_pull_policy: t.image_pull_policy.clone(),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some(ADMIN_PORT_NAME.into()),
+            container_port: i32::from(t.admin_port),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: Some(resources),
+        restart_policy,
+        startup_probe,
+        liveness_probe: Some(http_probe("/healthz", t.admin_port, 10, 3)),
+        lifecycle,
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(t.run_as_user),
+            run_as_group: Some(t.run_as_user),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: TOKEN_VOLUME.into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: TLS_VOLUME.into(),
+                mount_path: TLS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::annotations::Resources;
+
+    pub(crate) fn template() -> SidecarTemplate {
+        SidecarTemplate {
+            image: "ghcr.io/cluster-tunnel/tunnel-sidecar:0.1.0".into(),
+            image_pull_policy: None,
+            servers: vec!["tunnel-server.cluster-tunnel.svc:8090".into()],
+            server_name: None,
+            cert_secret: "cluster-tunnel-sidecar".into(),
+            token_audience: "cluster-tunnel".into(),
+            token_expiration_seconds: 3600,
+            admin_port: 15090,
+            admin_bind: "0.0.0.0".into(),
+            run_as_user: 65532,
+            startup_timeout: Duration::from_secs(120),
+            legacy_wait_command: vec!["tunnel-sidecar".into(), "wait-ready".into()],
+            no_proxy: BASE_NO_PROXY
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain(["10.96.0.1".to_owned()])
+                .collect(),
+            defaults: Defaults {
+                proxy_port: Some(15080),
+                set_proxy_env: true,
+                resources: Resources {
+                    cpu_request: Some("10m".into()),
+                    memory_request: Some("32Mi".into()),
+                    ..Default::default()
+                },
+                log_level: "info".into(),
+                mode: Mode::Native,
+            },
+            version: "0.1.0".into(),
+        }
+    }
+
+    fn pod(v: Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn apply(pod_json: &Value, patch: &Patch) -> Value {
+        let mut doc = pod_json.clone();
+        json_patch::patch(&mut doc, patch).unwrap();
+        doc
+    }
+
+    fn opted_in(annotations: Value, spec: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": "app", "namespace": "team", "annotations": annotations },
+            "spec": spec,
+        })
+    }
+
+    fn injected(v: &Value) -> (Patch, Vec<String>) {
+        match plan(&pod(v.clone()), &template()).unwrap() {
+            Outcome::Injected { patch, warnings } => (patch, warnings),
+            other => panic!("expected injection, got {other:?}"),
+        }
+    }
+
+    fn env_of(container: &Value) -> Vec<(String, String)> {
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["value"].as_str().unwrap_or("<from>").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pointers_escape_slash_and_tilde() {
+        let op = add(
+            &["metadata", "annotations", "cluster-tunnel.io/injected"],
+            json!("x"),
+        );
+        assert_eq!(
+            op.path().as_str(),
+            "/metadata/annotations/cluster-tunnel.io~1injected"
+        );
+        let op = add(&["metadata", "annotations", "a~b/c"], json!("x"));
+        assert_eq!(op.path().as_str(), "/metadata/annotations/a~0b~1c");
+        let mut doc = json!({ "metadata": { "annotations": { "a~b/c": "old" } } });
+        json_patch::patch(&mut doc, &[op]).unwrap();
+        assert_eq!(doc["metadata"]["annotations"]["a~b/c"], "x");
+    }
+
+    #[test]
+    fn a_pod_without_the_annotation_is_skipped() {
+        let p = json!({ "metadata": {}, "spec": { "containers": [{ "name": "app" }] } });
+        assert!(matches!(
+            plan(&pod(p), &template()),
+            Ok(Outcome::Skipped(_))
+        ));
+    }
+
+    #[test]
+    fn a_pod_with_the_sidecar_is_left_alone_whatever_its_annotations() {
+        for spec in [
+            json!({ "containers": [{ "name": "app" }, { "name": SIDECAR_NAME }] }),
+            json!({ "containers": [{ "name": "app" }], "initContainers": [{ "name": SIDECAR_NAME }] }),
+        ] {
+            let p = opted_in(
+                json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/mode": "bad" }),
+                spec,
+            );
+            assert_eq!(plan(&pod(p), &template()), Ok(Outcome::AlreadyInjected));
+        }
+    }
+
+    #[test]
+    fn injecting_twice_changes_nothing_the_second_time() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({ "containers": [{ "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let once = apply(&p, &patch);
+        assert_eq!(plan(&pod(once), &template()), Ok(Outcome::AlreadyInjected));
+    }
+
+    #[test]
+    fn native_mode_puts_the_sidecar_first_among_init_containers() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true" }),
+            json!({ "initContainers": [{ "name": "migrate" }], "containers": [{ "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let init = out["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(init[0]["name"], SIDECAR_NAME);
+        assert_eq!(init[0]["restartPolicy"], "Always");
+        assert_eq!(init[0]["startupProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(init[0]["startupProbe"]["httpGet"]["port"], 15090);
+        assert_eq!(init[1]["name"], "migrate");
+        assert!(env_of(&init[1]).iter().any(|(n, _)| n == "HTTP_PROXY"));
+        assert_eq!(out["spec"]["containers"][0]["name"], "app");
+    }
+
+    #[test]
+    fn legacy_mode_puts_the_sidecar_first_among_containers() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/mode": "legacy" }),
+            json!({ "initContainers": [{ "name": "migrate" }], "containers": [{ "name": "app" }] }),
+        );
+        let (patch, warnings) = injected(&p);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let out = apply(&p, &patch);
+        let containers = out["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers[0]["name"], SIDECAR_NAME);
+        assert!(containers[0].get("restartPolicy").is_none());
+        assert_eq!(
+            containers[0]["lifecycle"]["postStart"]["exec"]["command"],
+            json!(["tunnel-sidecar", "wait-ready"])
+        );
+        assert_eq!(containers[1]["name"], "app");
+        assert!(
+            env_of(&containers[1])
+                .iter()
+                .any(|(n, _)| n == "HTTP_PROXY")
+        );
+        // Init containers run before a legacy sidecar exists.
+        assert!(out["spec"]["initContainers"][0].get("env").is_none());
+        assert_eq!(
+            out["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION],
+            "app"
+        );
+    }
+
+    #[test]
+    fn proxy_variables_the_pod_sets_are_kept_by_pair() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({ "containers": [{ "name": "app", "env": [
+                { "name": "HTTP_PROXY", "value": "http://corp-proxy:3128" },
+                { "name": "no_proxy", "value": "internal.example.com" },
+                { "name": "CLUSTER_TUNNEL_EAST_ADDR", "value": "mine" },
+            ] }] }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let env = env_of(&out["spec"]["containers"][0]);
+        let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "HTTP_PROXY",
+                "no_proxy",
+                "CLUSTER_TUNNEL_EAST_ADDR",
+                "HTTPS_PROXY",
+                "https_proxy",
+                "CLUSTER_TUNNEL_EAST_KUBERNETES_DEFAULT_SVC_443_ADDR",
+            ]
+        );
+        assert_eq!(env[0].1, "http://corp-proxy:3128");
+        assert_eq!(env[2].1, "mine");
+        assert_eq!(env[3].1, "http://127.0.0.1:15080");
+    }
+
+    #[test]
+    fn cluster_addresses_are_named_after_cluster_and_destination() {
+        let o = PodOptions::from_annotations(
+            &[(
+                annotations::PORTS.to_owned(),
+                "15001=us-east-1,15002=us-east-1:prometheus.monitoring.svc:9090,15003=west:[fd00::1]:8443"
+                    .to_owned(),
+            )]
+            .into(),
+            &template().defaults,
+            15090,
+        )
+        .unwrap();
+        let env = cluster_port_env(&o);
+        let expect = [
+            ("CLUSTER_TUNNEL_US_EAST_1_ADDR", "127.0.0.1:15001"),
+            (
+                "CLUSTER_TUNNEL_US_EAST_1_KUBERNETES_DEFAULT_SVC_443_ADDR",
+                "127.0.0.1:15001",
+            ),
+            (
+                "CLUSTER_TUNNEL_US_EAST_1_PROMETHEUS_MONITORING_SVC_9090_ADDR",
+                "127.0.0.1:15002",
+            ),
+            ("CLUSTER_TUNNEL_WEST_ADDR", "127.0.0.1:15003"),
+            ("CLUSTER_TUNNEL_WEST_FD00__1_8443_ADDR", "127.0.0.1:15003"),
+        ];
+        assert_eq!(
+            env,
+            expect.map(|(n, v)| (n.to_owned(), v.to_owned())).to_vec()
+        );
+    }
+
+    #[test]
+    fn set_proxy_env_false_keeps_only_the_cluster_addresses() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/set-proxy-env": "false", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({ "containers": [{ "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let names: Vec<String> = env_of(&out["spec"]["containers"][0])
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("CLUSTER_TUNNEL_")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
+    fn conflicts_are_refused_with_what_to_change() {
+        let cases = [
+            (
+                json!({ "hostNetwork": true, "containers": [{ "name": "app" }] }),
+                "hostNetwork",
+            ),
+            (
+                json!({ "containers": [{ "name": "app" }], "volumes": [{ "name": TOKEN_VOLUME, "emptyDir": {} }] }),
+                "rename it",
+            ),
+            (
+                json!({ "containers": [{ "name": "app", "ports": [{ "containerPort": 15080 }] }] }),
+                "cluster-tunnel.io/proxy-port",
+            ),
+            (
+                json!({ "containers": [{ "name": "app", "ports": [{ "containerPort": 15001 }] }] }),
+                "cluster-tunnel.io/ports",
+            ),
+        ];
+        for (spec, why) in cases {
+            let p = opted_in(
+                json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+                spec.clone(),
+            );
+            let err = plan(&pod(p), &template()).unwrap_err();
+            assert!(err.to_string().contains(why), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_legacy_jobs_pod_gets_a_warning_about_shutdown() {
+        let mut p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/mode": "legacy" }),
+            json!({ "restartPolicy": "Never", "containers": [{ "name": "work" }] }),
+        );
+        p["metadata"]["labels"] = json!({ "batch.kubernetes.io/job-name": "nightly" });
+        let (_, warnings) = injected(&p);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("POST http://127.0.0.1:15090/shutdown"),
+            "{warnings:?}"
+        );
+    }
+
+    /// The sidecar's own configuration code accepts the environment the
+    /// injector writes: each `TUNNEL_*` variable becomes the flag that reads
+    /// it, and the result resolves.
+    #[test]
+    fn the_sidecar_accepts_the_environment_it_is_given() {
+        use clap::{CommandFactory as _, Parser as _};
+        let command = tunnel_sidecar::config::Cli::command();
+        let cases = [
+            vec![],
+            vec![
+                (annotations::PORTS, "15001=east,15002=west:[fd00::1]:8443"),
+                (annotations::DEFAULT_CLUSTER, "east"),
+                (annotations::LOG_LEVEL, "debug"),
+            ],
+            vec![
+                (annotations::PROXY_PORT, "off"),
+                (annotations::PORTS, "15001=east"),
+            ],
+        ];
+        for (annotations, admin_bind) in cases.iter().zip(["0.0.0.0", "::", "0.0.0.0"]) {
+            let mut t = template();
+            t.admin_bind = admin_bind.into();
+            let map = annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            let options = PodOptions::from_annotations(&map, &t.defaults, t.admin_port).unwrap();
+            let container = sidecar_container(&options, &t);
+            let mut args = vec!["tunnel-sidecar".to_owned()];
+            for var in container.env.iter().flatten() {
+                let arg = command
+                    .get_arguments()
+                    .find(|a| a.get_env().is_some_and(|e| e == var.name.as_str()))
+                    .unwrap_or_else(|| panic!("the sidecar reads no variable {}", var.name));
+                let flag = format!("--{}", arg.get_long().unwrap());
+                let value = var.value.clone().unwrap();
+                if arg.get_action().takes_values() {
+                    args.extend([flag, value]);
+                } else if value == "true" {
+                    args.push(flag);
+                }
+            }
+            let cli = tunnel_sidecar::config::Cli::try_parse_from(&args)
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let config = cli.resolve().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(config.admin_listen.port(), 15090);
+            assert!(config.admin_listen.ip().is_unspecified());
+            assert_eq!(config.ports.len(), options.ports.len());
+            assert_eq!(config.proxy_listen.map(|a| a.port()), options.proxy_port);
+            assert_eq!(
+                config.tls.key,
+                std::path::Path::new(TLS_DIR).join("tls.key")
+            );
+        }
+    }
+
+    #[test]
+    fn missing_annotations_map_is_added_whole() {
+        let mut ops = Vec::new();
+        add_map_entries(
+            &mut ops,
+            &["metadata", "annotations"],
+            false,
+            &[("a/b", "1".into())],
+        );
+        let mut doc = json!({ "metadata": {} });
+        json_patch::patch(&mut doc, &ops).unwrap();
+        assert_eq!(
+            doc,
+            json!({ "metadata": { "annotations": { "a/b": "1" } } })
+        );
+    }
+}

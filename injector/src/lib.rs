@@ -1,0 +1,309 @@
+//! The cluster-tunnel injector: a mutating admission webhook that adds the
+//! sidecar to the hub pods that ask for it with one annotation, so that an
+//! application reaches managed clusters with no change to its image, code or
+//! manifests.
+//!
+//! # Modules
+//!
+//! - [`annotations`]: the `cluster-tunnel.io/` annotations, their defaults
+//!   and their validation (invalid values refuse the pod, naming the
+//!   annotation);
+//! - [`inject`]: the decision about one pod and the JSON Patch that adds the
+//!   sidecar, its volumes and the app's environment;
+//! - [`review`]: `AdmissionReview` in, `AdmissionReview` out (with the patch
+//!   as the base64 string Kubernetes documents);
+//! - [`server`]: the HTTPS server (warp over hyper-util over tokio-rustls);
+//! - [`certs`]: the serving certificate, generated or read from files and
+//!   reloaded;
+//! - [`ca_bundle`]: the controller that keeps the webhook configuration's
+//!   `caBundle` in step;
+//! - [`metrics`]: Prometheus metrics on the admin port (`/healthz`,
+//!   `/readyz`, `/metrics`);
+//! - [`cli`]: the binary's flags and `main`.
+//!
+//! # What an injected pod looks like
+//!
+//! In **native** mode (the default, Kubernetes 1.29+), the sidecar
+//! `cluster-tunnel-sidecar` is the first init container, with
+//! `restartPolicy: Always` and a startup probe on its `/readyz`: the kubelet
+//! starts the other init containers and the app only once the sidecar reached
+//! a server, stops it after the app, and a Job's pod completes when its app
+//! containers do. In **legacy** mode (older clusters) it is the first app
+//! container with a `postStart` hook that blocks until it is ready (the kubelet
+//! starts containers in order and waits for each `postStart`); the hook is an
+//! `exec` of `--legacy-wait-command`, because an `httpGet` hook is one request
+//! that kills the container when the sidecar is not ready yet instead of
+//! waiting. Legacy init containers run before the sidecar and get no proxy
+//! settings; a Job's app must end the sidecar with `POST /shutdown` on its admin
+//! port (the injector warns about this when it sees a Job's pod).
+//!
+//! The sidecar is configured through its `TUNNEL_*` environment variables:
+//! servers and resources from the injector's flags, ports, proxy port, default
+//! cluster and log level from the pod's annotations. Its admin port listens
+//! beyond loopback (the kubelet probes the pod's IP); its per-cluster ports
+//! and HTTP proxy stay on `127.0.0.1`. It mounts a projected service-account
+//! token (audience `cluster-tunnel`) at `/var/run/secrets/cluster-tunnel/token`
+//! for the workload identity, and its client certificate from a Secret in the
+//! pod's namespace at `/etc/cluster-tunnel/tls` (`tls.crt`, `tls.key`,
+//! `ca.crt`). It runs as a non-root user with a read-only root file system,
+//! no capabilities and the runtime's seccomp profile (the restricted Pod
+//! Security Standard).
+//!
+//! Every app container (and in native mode every other init container) gets
+//! `HTTP_PROXY`, `HTTPS_PROXY`, `http_proxy`, `https_proxy` pointing at the
+//! sidecar's proxy, `NO_PROXY`/`no_proxy` keeping hub traffic direct, and
+//! `CLUSTER_TUNNEL_<CLUSTER>_ADDR` (first port of each cluster) and
+//! `CLUSTER_TUNNEL_<CLUSTER>_<HOST>_<PORT>_ADDR` (every port) — except what the
+//! container sets itself; each pair of proxy spellings counts as one.
+//!
+//! # Decisions
+//!
+//! - **Invalid annotation values refuse the pod** (`allowed: false`, code 400,
+//!   a message naming the annotation): its author sees why at once, instead
+//!   of a pod whose tunnel differs from what was written. Unknown
+//!   `cluster-tunnel.io/` keys only produce admission warnings.
+//! - **Our own trouble never refuses a pod** (it passes without the sidecar,
+//!   with a warning) unless `--fail-closed`; a malformed review gets HTTP 400,
+//!   and the configuration's `failurePolicy` decides.
+//! - **Idempotent**: a pod with a container named `cluster-tunnel-sidecar` is
+//!   left alone, so `reinvocationPolicy: IfNeeded` is safe.
+//! - **The environment the pod sets wins**: variables are only added. Values
+//!   from `envFrom` cannot be seen by the webhook; since `env` overrides
+//!   `envFrom`, a pod that sets proxy variables through `envFrom` should say
+//!   `cluster-tunnel.io/set-proxy-env: "false"`.
+//! - **Scope is the chart's**: a webhook's `objectSelector` sees labels, not
+//!   annotations, so every pod creation in scope reaches the webhook. The
+//!   chart limits it to labelled namespaces and excludes the injector's own
+//!   (whose pods must start while the webhook is down); the label
+//!   `cluster-tunnel.io/inject: "false"` opts a pod out in the selector, and
+//!   the webhook honours it too.
+//! - **Certificates**: generated in memory by default (the `caBundle` kept
+//!   by [`ca_bundle`]), or files (reloaded) with the CA given, or files from
+//!   cert-manager with the `caBundle` left to its CA injector.
+
+pub mod annotations;
+pub mod ca_bundle;
+pub mod certs;
+pub mod cli;
+pub mod inject;
+pub mod metrics;
+pub mod review;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+use crate::ca_bundle::BundlePolicy;
+use crate::certs::{CertFiles, ServingCert};
+use crate::inject::SidecarTemplate;
+use crate::metrics::InjectorMetrics;
+use crate::review::Reviewer;
+
+/// Where the serving certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    /// Generated at start for these DNS names, with a CA of its own.
+    Generated {
+        /// The Service's names ([`certs::service_dns_names`]).
+        dns_names: Vec<String>,
+    },
+    /// Read from files, and re-read when they change.
+    Files(CertFiles),
+}
+
+/// Keeping the webhook configuration's `caBundle` in step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaBundleSync {
+    /// Name of the `MutatingWebhookConfiguration`.
+    pub webhook_config_name: String,
+    /// Interval of the periodic re-check.
+    pub resync: Duration,
+    /// Most CAs kept in a bundle with a generated certificate.
+    pub keep: usize,
+}
+
+/// Everything the injector needs to run.
+#[derive(Debug, Clone)]
+pub struct InjectorConfig {
+    /// Address of the webhook (HTTPS).
+    pub listen: SocketAddr,
+    /// Address of the admin port (HTTP).
+    pub admin_listen: SocketAddr,
+    /// The serving certificate.
+    pub certs: CertSource,
+    /// How often certificate files are checked for changes.
+    pub cert_reload_interval: Duration,
+    /// `caBundle` sync; `None` when someone else (cert-manager) keeps it.
+    pub ca_bundle_sync: Option<CaBundleSync>,
+    /// The sidecar to inject.
+    pub template: SidecarTemplate,
+    /// Deny pods the injector cannot handle instead of letting them through.
+    pub fail_closed: bool,
+}
+
+/// A running injector.
+#[derive(Debug)]
+pub struct Injector {
+    /// The webhook's address.
+    pub webhook_addr: SocketAddr,
+    /// The admin port's address.
+    pub admin_addr: SocketAddr,
+    generated_ca: Option<String>,
+    stop: watch::Sender<bool>,
+    controller_stop: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Injector {
+    /// Prepares the certificate, binds both ports and starts serving; with
+    /// `ca_bundle_sync`, `client` talks to the API server.
+    pub async fn start(
+        config: InjectorConfig,
+        client: Option<kube::Client>,
+    ) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        let metrics = InjectorMetrics::register(&mut registry);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        // The certificate, and what the caBundle must hold when we keep it.
+        let (serving, policy, generated_ca, files) = match &config.certs {
+            CertSource::Generated { dns_names } => {
+                let generated = certs::generate(dns_names)
+                    .context("cannot generate the webhook's certificate")?;
+                let key = certs::certified_key(
+                    generated.cert_pem.as_bytes(),
+                    generated.key_pem.as_bytes(),
+                )
+                .map_err(|e| anyhow::anyhow!("generated certificate: {e}"))?;
+                tracing::info!(names = ?dns_names, "generated a serving certificate and its CA");
+                let policy = config
+                    .ca_bundle_sync
+                    .as_ref()
+                    .map(|s| BundlePolicy::Include {
+                        ours: generated.ca_pem.clone().into_bytes(),
+                        keep: s.keep,
+                    });
+                (ServingCert::new(key), policy, Some(generated.ca_pem), None)
+            }
+            CertSource::Files(files) => {
+                let loaded = files.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let policy = match (&config.ca_bundle_sync, &loaded.ca_pem) {
+                    (None, _) => None,
+                    (Some(_), Some(ca)) => Some(BundlePolicy::Exact(ca.clone())),
+                    (Some(_), None) => anyhow::bail!(
+                        "keeping the caBundle needs the CA of the provided certificate (--tls-ca); \
+                         with cert-manager, pass --cert-manager instead"
+                    ),
+                };
+                (
+                    ServingCert::new(loaded.key),
+                    policy,
+                    None,
+                    Some((files.clone(), loaded.digest)),
+                )
+            }
+        };
+        let tls = certs::server_config(serving.clone())?;
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on webhook address {}", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
+        let webhook_addr = listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let synced = Arc::new(AtomicBool::new(config.ca_bundle_sync.is_none()));
+        let mut controller_stop = None;
+        let mut policy_tx = None;
+        if let (Some(sync), Some(policy)) = (&config.ca_bundle_sync, policy) {
+            let client = client.context("keeping the caBundle needs a Kubernetes client")?;
+            let (tx, policy_rx) = watch::channel(policy);
+            policy_tx = Some(tx);
+            let (tx, rx) = oneshot::channel::<()>();
+            controller_stop = Some(tx);
+            tasks.push(tokio::spawn(ca_bundle::run(
+                client,
+                sync.webhook_config_name.clone(),
+                (policy_rx, metrics.clone(), synced.clone()),
+                sync.resync,
+                async move {
+                    let _ = rx.await;
+                },
+            )));
+        }
+        if let Some((files, digest)) = files {
+            tasks.push(tokio::spawn(certs::watch_files(
+                files,
+                digest,
+                serving,
+                policy_tx,
+                config.cert_reload_interval,
+                metrics.clone(),
+                stop_rx.clone(),
+            )));
+        }
+
+        let reviewer = Arc::new(Reviewer::new(
+            config.template.clone(),
+            config.fail_closed,
+            metrics,
+        ));
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            tls,
+            reviewer,
+            stop_rx.clone(),
+        )));
+
+        let ready = synced.clone();
+        let admin = tunnel_proto::admin::AdminServer::new(
+            Arc::new(registry),
+            Arc::new(move || ready.load(Ordering::Acquire)),
+        );
+        let mut admin_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            };
+            if let Err(error) = admin.serve(admin_listener, stopped).await {
+                tracing::error!(%error, "admin server failed");
+            }
+        }));
+        tracing::info!(%webhook_addr, %admin_addr, version = %config.template.version, "tunnel injector started");
+        Ok(Self {
+            webhook_addr,
+            admin_addr,
+            generated_ca,
+            stop,
+            controller_stop,
+            tasks,
+        })
+    }
+
+    /// The generated CA (PEM), when the certificate was generated.
+    pub fn generated_ca_pem(&self) -> Option<&str> {
+        self.generated_ca.as_deref()
+    }
+
+    /// Stops accepting, lets open requests finish, stops the controller.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(tx) = self.controller_stop.take() {
+            let _ = tx.send(());
+        }
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        tracing::info!("tunnel injector stopped");
+    }
+}
