@@ -494,10 +494,10 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
     } else {
         format!("{}:{}", t.admin_bind, t.admin_port)
     };
+    // Only the admin port leaves loopback (for the kubelet's probes; the
+    // sidecar allows that for its admin port alone); the per-cluster ports
+    // and the proxy stay on 127.0.0.1 as set above.
     env.push(env_var("TUNNEL_ADMIN_LISTEN", admin_bind));
-    // Only the admin port leaves loopback (for the kubelet's probes); the
-    // per-cluster ports and the proxy stay on 127.0.0.1 as set above.
-    env.push(env_var("TUNNEL_ALLOW_NON_LOOPBACK", "true"));
     if let Some(cluster) = &options.default_cluster {
         env.push(env_var("TUNNEL_DEFAULT_CLUSTER", cluster.clone()));
     }

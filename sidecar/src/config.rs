@@ -145,6 +145,9 @@ pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
                   same names in snake_case), then the defaults."
 )]
 pub struct Cli {
+    /// A command instead of running the sidecar.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "TUNNEL_CONFIG")]
     pub config: Option<PathBuf>,
@@ -224,6 +227,19 @@ pub struct Cli {
     /// Log filter (RUST_LOG overrides) [default: info].
     #[arg(long, env = "TUNNEL_LOG_LEVEL")]
     pub log_level: Option<String>,
+}
+
+/// Commands besides running the sidecar.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Wait until the sidecar of this pod (at --admin-listen, or
+    /// TUNNEL_ADMIN_LISTEN) is ready; exit 0 when it is, 1 on timeout. For a
+    /// postStart hook where the sidecar cannot run as a native sidecar.
+    WaitReady {
+        /// Give up after this long.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// The configuration file: the same settings as the flags, snake_case.
@@ -434,7 +450,9 @@ impl Cli {
                 SocketAddr::new(bind_address, m.port),
             ));
         }
-        for (name, a) in &listeners {
+        // The admin port serves health and metrics (and POST /shutdown only to
+        // loopback peers), so it may face the kubelet's probes from the pod IP.
+        for (name, a) in listeners.iter().filter(|(n, _)| n != "--admin-listen") {
             if !a.ip().is_loopback() && !allow_non_loopback {
                 return Err(invalid(
                     name,
@@ -618,6 +636,12 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("15001"), "{err}");
+    }
+
+    #[test]
+    fn the_admin_port_may_face_the_kubelet() {
+        let ok = cli(&["--server", "hub:8090", "--admin-listen", "0.0.0.0:15090"]).resolve();
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -54,6 +54,14 @@ pub struct Sidecar {
 const LISTEN_BACKLOG: u32 = 4096;
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    bind_listener(addr, what, !addr.ip().is_loopback()).await
+}
+
+async fn bind_listener(
+    addr: SocketAddr,
+    what: &str,
+    warn_exposed: bool,
+) -> anyhow::Result<TcpListener> {
     let listen = || -> std::io::Result<TcpListener> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -64,7 +72,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         socket.listen(LISTEN_BACKLOG)
     };
     let l = listen().map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))?;
-    if !addr.ip().is_loopback() {
+    if warn_exposed {
         tracing::warn!(%addr, what, "listening beyond loopback: anyone who can reach this address can reach the clusters");
     }
     Ok(l)
@@ -96,7 +104,8 @@ impl Sidecar {
         let mut tasks = Vec::new();
 
         // Bind everything first so that a clash fails start-up, not later.
-        let admin_l = bind(config.admin_listen, "admin address").await?;
+        // Health and metrics only: no warning beyond loopback.
+        let admin_l = bind_listener(config.admin_listen, "admin address", false).await?;
         let proxy_l = match config.proxy_listen {
             Some(a) => Some(bind(a, "proxy address").await?),
             None => None,
@@ -212,6 +221,9 @@ impl Sidecar {
 /// Runs the command line: the binary's whole `main`. Exits on SIGTERM,
 /// Ctrl-C or `POST /shutdown`.
 pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
+    if let Some(config::Command::WaitReady { timeout }) = cli.command {
+        return wait_ready(cli.admin_listen, timeout).await;
+    }
     tunnel_proto::tls::install_crypto_provider();
     let config = cli.resolve()?;
     tunnel_proto::cli::init_logging(config.log_format, &config.log_level);
@@ -223,4 +235,45 @@ pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
     }
     sidecar.shutdown().await;
     Ok(())
+}
+
+/// One readiness probe of the sidecar at `addr`.
+async fn ready_once(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head).await?;
+        Ok::<bool, std::io::Error>(head.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
+        Ok(Ok(true))
+    )
+}
+
+/// `tunnel-sidecar wait-ready`: polls the sidecar's `/readyz` until it answers
+/// 200 or `timeout` passes.
+async fn wait_ready(admin: Option<SocketAddr>, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let mut addr =
+        admin.unwrap_or_else(|| config::DEFAULT_ADMIN_LISTEN.parse().expect("valid default"));
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if ready_once(addr).await {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar at {addr} was not ready within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

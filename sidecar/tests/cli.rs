@@ -69,3 +69,57 @@ fn missing_certificates_name_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("client-sidecar.pem"), "{err}");
 }
+
+#[test]
+fn wait_ready_gives_up_with_a_message_when_nothing_answers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = sidecar()
+        .args([
+            "--admin-listen",
+            &format!("127.0.0.1:{port}"),
+            "wait-ready",
+            "--timeout",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not ready within"), "{err}");
+}
+
+#[test]
+fn wait_ready_returns_once_readyz_answers_200() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Not ready twice, then ready.
+    let server = std::thread::spawn(move || {
+        for status in [
+            "503 Service Unavailable",
+            "503 Service Unavailable",
+            "200 OK",
+        ] {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    // The injected environment names 0.0.0.0; wait-ready asks loopback.
+    let out = sidecar()
+        .env("TUNNEL_ADMIN_LISTEN", format!("0.0.0.0:{}", addr.port()))
+        .args(["wait-ready", "--timeout", "20s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.join().unwrap();
+}
