@@ -12,6 +12,7 @@
 //! write side is shut down, the other direction keeps flowing). A stream that
 //! ends without `eof`, or fails, is an abort: the TCP connection is reset.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -358,5 +359,3 @@ impl<S: Stream<Item = Frame> + Unpin> Stream for Gated<S> {
         }
     }
 }
-
-use std::future::Future as _;
