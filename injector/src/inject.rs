@@ -478,6 +478,11 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
     env.push(env_var("TUNNEL_TLS_CERT", format!("{TLS_DIR}/tls.crt")));
     env.push(env_var("TUNNEL_TLS_KEY", format!("{TLS_DIR}/tls.key")));
     env.push(env_var("TUNNEL_CA", format!("{TLS_DIR}/ca.crt")));
+    // The pod's identity for the server's TokenReview (re-read as the kubelet rotates it).
+    env.push(env_var(
+        "TUNNEL_TOKEN_FILE",
+        format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+    ));
     if !options.ports.is_empty() {
         let specs: Vec<&str> = options.ports.iter().map(|(s, _)| s.as_str()).collect();
         env.push(env_var("TUNNEL_PORTS", specs.join(",")));

@@ -54,6 +54,8 @@ pub struct CertOptions {
     pub clusters: Vec<String>,
     /// Clients to issue client certificates for.
     pub clients: Vec<String>,
+    /// Workloads to issue workload certificates for, written `<namespace>/<service-account>`.
+    pub workloads: Vec<String>,
     /// Lifetime of the leaf certificates, in days (at least 1). A new CA lives at least
     /// [`MIN_CA_VALIDITY_DAYS`]; no leaf outlives its CA.
     pub validity_days: u32,
@@ -68,6 +70,7 @@ impl CertOptions {
             server_names: ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec(),
             clusters: Vec::new(),
             clients: Vec::new(),
+            workloads: Vec::new(),
             validity_days: DEFAULT_VALIDITY_DAYS,
         }
     }
@@ -185,6 +188,9 @@ pub fn generate(dir: &Path, opts: &CertOptions) -> Result<GeneratedCerts, CertEr
         identity::validate_client_name(name)?;
         leaves.push(Identity::Client { name: name.clone() });
     }
+    for w in &opts.workloads {
+        leaves.push(identity::parse_workload(w)?);
+    }
     let mut seen = std::collections::HashSet::new();
     leaves.retain(|id| seen.insert(id.clone()));
 
@@ -231,6 +237,14 @@ pub fn leaf_file_names(id: &Identity) -> (String, String) {
         Identity::Client { name } => (
             format!("client-{name}.pem"),
             format!("client-{name}-key.pem"),
+        ),
+        // '_' appears in neither a namespace nor a service account name.
+        Identity::Workload {
+            namespace,
+            service_account,
+        } => (
+            format!("workload-{namespace}_{service_account}.pem"),
+            format!("workload-{namespace}_{service_account}-key.pem"),
         ),
     }
 }
@@ -472,7 +486,7 @@ fn issue_leaf(
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
-        Identity::Agent { .. } | Identity::Client { .. } => {
+        Identity::Agent { .. } | Identity::Client { .. } | Identity::Workload { .. } => {
             vec![ExtendedKeyUsagePurpose::ClientAuth]
         }
     };
@@ -617,6 +631,7 @@ mod tests {
         CertOptions {
             clusters: vec!["east".into(), "west".into()],
             clients: vec!["bench".into()],
+            workloads: vec!["team-a/app".into()],
             ..CertOptions::new()
         }
     }
@@ -660,13 +675,15 @@ mod tests {
                 "client-bench.pem",
                 "server-key.pem",
                 "server.pem",
+                "workload-team-a_app-key.pem",
+                "workload-team-a_app.pem",
             ]
         );
         for path in &out.written {
             assert!(path.is_file(), "{} missing", path.display());
         }
         // No temporary files are left behind.
-        assert_eq!(fs::read_dir(&dir).expect("read_dir").count(), 10);
+        assert_eq!(fs::read_dir(&dir).expect("read_dir").count(), 12);
     }
 
     #[cfg(unix)]
@@ -716,6 +733,13 @@ mod tests {
             "client-bench.pem",
             Identity::Client {
                 name: "bench".into(),
+            },
+        );
+        check(
+            "workload-team-a_app.pem",
+            Identity::Workload {
+                namespace: "team-a".into(),
+                service_account: "app".into(),
             },
         );
 
@@ -868,6 +892,7 @@ mod tests {
 
         let bad = CertOptions {
             clients: vec!["".into()],
+            workloads: Vec::new(),
             ..CertOptions::new()
         };
         assert!(matches!(

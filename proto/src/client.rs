@@ -89,11 +89,62 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Time allowed from `Open` to the tunnel's answer.
     pub open_timeout: Duration,
+    /// A service-account token file (the pod's projected token) sent as
+    /// `authorization: Bearer` on every connection; re-read when it changes.
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+/// A token file re-read when its modification time or size changes (the
+/// kubelet rotates projected tokens by replacing the file).
+#[derive(Debug)]
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    cached: std::sync::Mutex<Option<(std::time::SystemTime, u64, Arc<str>)>>,
+}
+
+impl TokenFile {
+    /// A token file at `path`, read on first use.
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self {
+            path,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current token: one `stat` per call, a read only when the file changed.
+    pub fn current(&self) -> Result<Arc<str>, TunnelError> {
+        let fail = |e: std::io::Error| {
+            TunnelError::new(
+                ErrorCode::Unauthenticated,
+                format!("cannot read the token file {}: {e}", self.path.display()),
+            )
+        };
+        let meta = std::fs::metadata(&self.path).map_err(fail)?;
+        let stamp = (meta.modified().map_err(fail)?, meta.len());
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((m, l, token)) = &*cached
+            && (*m, *l) == stamp
+        {
+            return Ok(token.clone());
+        }
+        let text = std::fs::read_to_string(&self.path).map_err(fail)?;
+        let token: Arc<str> = Arc::from(text.trim());
+        if token.is_empty() {
+            return Err(TunnelError::new(
+                ErrorCode::Unauthenticated,
+                format!("the token file {} is empty", self.path.display()),
+            ));
+        }
+        tracing::debug!(path = %self.path.display(), "token (re)read");
+        *cached = Some((stamp.0, stamp.1, token.clone()));
+        Ok(token)
+    }
 }
 
 /// A client of the proxy servers' client port.
 pub struct TunnelClient {
     opts: ClientOptions,
+    token: Option<TokenFile>,
     conn: tokio::sync::Mutex<Option<H2Channel>>,
     next_server: std::sync::atomic::AtomicUsize,
 }
@@ -147,6 +198,7 @@ impl TunnelClient {
     /// A client for `opts`; connects lazily.
     pub fn new(opts: ClientOptions) -> Self {
         Self {
+            token: opts.token_file.clone().map(TokenFile::new),
             opts,
             conn: tokio::sync::Mutex::new(None),
             next_server: std::sync::atomic::AtomicUsize::new(0),
@@ -318,6 +370,18 @@ impl TunnelClient {
     where
         S: futures_util::Stream<Item = Frame> + Send + 'static,
     {
+        let mut request = tonic::Request::new(request);
+        if let Some(token) = &self.token {
+            let value = format!("Bearer {}", token.current()?)
+                .parse()
+                .map_err(|_| {
+                    TunnelError::new(
+                        ErrorCode::Unauthenticated,
+                        "the token file holds characters a header cannot carry",
+                    )
+                })?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let response = self
             .grpc(ch)
             .connect(request)
@@ -536,5 +600,25 @@ impl tokio::io::AsyncWrite for TunnelIo {
             .map_err(|_| closed())?;
         self.tx.close();
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_reread_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let t = TokenFile::new(path.clone());
+        assert_eq!(t.current().unwrap_err().code, ErrorCode::Unauthenticated);
+        std::fs::write(&path, "first\n").unwrap();
+        assert_eq!(&*t.current().unwrap(), "first");
+        // The kubelet swaps in a new file (different size here; mtime too).
+        std::fs::write(&path, "second-token").unwrap();
+        assert_eq!(&*t.current().unwrap(), "second-token");
+        std::fs::write(&path, "").unwrap();
+        assert!(t.current().unwrap_err().message.contains("empty"));
     }
 }

@@ -1,7 +1,9 @@
 //! Identities of tunnel peers, carried as SPIFFE-style URI SANs in certificates.
 //!
 //! Every certificate the tunnel issues names exactly one identity in a trust domain:
-//! `spiffe://<td>/agent/<cluster>`, `spiffe://<td>/client/<name>` or `spiffe://<td>/server`.
+//! `spiffe://<td>/agent/<cluster>`, `spiffe://<td>/client/<name>`,
+//! `spiffe://<td>/ns/<namespace>/sa/<service-account>` (a workload, in the form Istio and
+//! SPIFFE's Kubernetes conventions use) or `spiffe://<td>/server`.
 //! This module owns the mapping between those URIs and [`Identity`], and the rule for
 //! cluster and client names.
 
@@ -31,6 +33,14 @@ pub enum Identity {
         /// Name of the client.
         name: String,
     },
+    /// A workload, named like a Kubernetes service account (standalone installations
+    /// issue such certificates so that policies can name workloads without Kubernetes).
+    Workload {
+        /// Namespace of the workload.
+        namespace: String,
+        /// Service account of the workload.
+        service_account: String,
+    },
     /// The tunnel proxy server.
     Server,
 }
@@ -41,6 +51,11 @@ impl Identity {
     pub fn uri(&self, trust_domain: &str) -> String {
         format!("{SCHEME}{trust_domain}/{self}")
     }
+
+    /// Whether this identity may open connections on the client port.
+    pub fn is_caller(&self) -> bool {
+        matches!(self, Identity::Client { .. } | Identity::Workload { .. })
+    }
 }
 
 impl fmt::Display for Identity {
@@ -49,6 +64,10 @@ impl fmt::Display for Identity {
         match self {
             Identity::Agent { cluster } => write!(f, "agent/{cluster}"),
             Identity::Client { name } => write!(f, "client/{name}"),
+            Identity::Workload {
+                namespace,
+                service_account,
+            } => write!(f, "ns/{namespace}/sa/{service_account}"),
             Identity::Server => f.write_str("server"),
         }
     }
@@ -61,6 +80,10 @@ pub enum NameKind {
     Cluster,
     /// A client name.
     Client,
+    /// A namespace (workloads).
+    Namespace,
+    /// A service account name (workloads).
+    ServiceAccount,
 }
 
 impl fmt::Display for NameKind {
@@ -68,6 +91,8 @@ impl fmt::Display for NameKind {
         f.write_str(match self {
             NameKind::Cluster => "cluster",
             NameKind::Client => "client",
+            NameKind::Namespace => "namespace",
+            NameKind::ServiceAccount => "service account",
         })
     }
 }
@@ -104,7 +129,7 @@ pub enum IdentityError {
     /// The URI is in our trust domain but its path names no identity.
     #[error(
         "identity URI {uri:?} is malformed: {reason} \
-         (expected .../agent/<cluster>, .../client/<name> or .../server)"
+         (expected .../agent/<cluster>, .../client/<name>, .../ns/<ns>/sa/<sa> or .../server)"
     )]
     Malformed {
         /// The rejected URI.
@@ -161,6 +186,9 @@ pub fn parse_identity_uri(uri: &str, trust_domain: &str) -> Result<Identity, Ide
         uri: uri.to_owned(),
         reason,
     };
+    if let Some(rest) = path.strip_prefix("ns/") {
+        return parse_workload_path(rest).map_err(malformed);
+    }
     let mut segments = path.split('/');
     let kind = segments.next().unwrap_or_default();
     let name = segments.next();
@@ -186,6 +214,66 @@ pub fn parse_identity_uri(uri: &str, trust_domain: &str) -> Result<Identity, Ide
         ("", _) => Err(malformed("empty path".to_owned())),
         (other, _) => Err(malformed(format!("unknown kind {other:?}"))),
     }
+}
+
+/// `<ns>/sa/<sa>`, the rest of a workload path after `ns/`.
+fn parse_workload_path(rest: &str) -> Result<Identity, String> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [ns, "sa", sa] => {
+            validate_namespace(ns).map_err(|e| e.to_string())?;
+            validate_service_account(sa).map_err(|e| e.to_string())?;
+            Ok(Identity::Workload {
+                namespace: (*ns).to_owned(),
+                service_account: (*sa).to_owned(),
+            })
+        }
+        _ => Err("a workload path is ns/<namespace>/sa/<service-account>".to_owned()),
+    }
+}
+
+/// Parses a workload written `<namespace>/<service-account>` (as `certs --workload` and
+/// policies take it).
+pub fn parse_workload(s: &str) -> Result<Identity, IdentityError> {
+    let (ns, sa) = s
+        .split_once('/')
+        .ok_or_else(|| IdentityError::InvalidName {
+            kind: NameKind::ServiceAccount,
+            name: s.to_owned(),
+            reason: "must be written <namespace>/<service-account>",
+        })?;
+    validate_namespace(ns)?;
+    validate_service_account(sa)?;
+    Ok(Identity::Workload {
+        namespace: ns.to_owned(),
+        service_account: sa.to_owned(),
+    })
+}
+
+/// Checks a Kubernetes namespace name: a DNS-1123 label.
+pub fn validate_namespace(name: &str) -> Result<(), IdentityError> {
+    validate_label(name, NameKind::Namespace)
+}
+
+/// Checks a service account name: a DNS-1123 subdomain (labels joined by dots).
+pub fn validate_service_account(name: &str) -> Result<(), IdentityError> {
+    if name.len() > 253 {
+        return Err(IdentityError::InvalidName {
+            kind: NameKind::ServiceAccount,
+            name: name.to_owned(),
+            reason: "must be at most 253 characters",
+        });
+    }
+    name.split('.')
+        .try_for_each(|label| validate_label(label, NameKind::ServiceAccount))
+        .map_err(|e| match e {
+            IdentityError::InvalidName { reason, .. } => IdentityError::InvalidName {
+                kind: NameKind::ServiceAccount,
+                name: name.to_owned(),
+                reason,
+            },
+            other => other,
+        })
 }
 
 /// Reads the identity from a DER certificate: exactly one of its URI SANs must be an
@@ -311,6 +399,10 @@ mod tests {
             Identity::Client {
                 name: "ci-1".into(),
             },
+            Identity::Workload {
+                namespace: "team-a".into(),
+                service_account: "payments.v2".into(),
+            },
             Identity::Server,
         ] {
             assert_eq!(parse_identity_uri(&id.uri(TD), TD), Ok(id));
@@ -341,6 +433,11 @@ mod tests {
             "spiffe://cluster-tunnel/server/x",
             "spiffe://cluster-tunnel/admin/x",
             "spiffe://cluster-tunnel/client/a?b",
+            "spiffe://cluster-tunnel/ns/a",
+            "spiffe://cluster-tunnel/ns/a/sa",
+            "spiffe://cluster-tunnel/ns/a/sa/b/c",
+            "spiffe://cluster-tunnel/ns/A/sa/b",
+            "spiffe://cluster-tunnel/ns/a/xx/b",
         ] {
             let err = parse_identity_uri(uri, TD).unwrap_err();
             assert!(
@@ -356,6 +453,18 @@ mod tests {
             parse_identity_uri("", TD),
             Err(IdentityError::NotSpiffe { .. })
         ));
+    }
+
+    #[test]
+    fn workloads() {
+        let w = parse_workload("team-a/payments").unwrap();
+        assert_eq!(w.uri(TD), "spiffe://cluster-tunnel/ns/team-a/sa/payments");
+        assert_eq!(w.to_string(), "ns/team-a/sa/payments");
+        assert!(w.is_caller());
+        assert!(!Identity::Server.is_caller());
+        for bad in ["team-a", "Team/a", "a/", "/a", "a/b/c"] {
+            assert!(parse_workload(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@ use tunnel_proto::identity::DEFAULT_TRUST_DOMAIN;
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
 
-use crate::{Server, ServerConfig};
+use std::collections::BTreeMap;
+
+use crate::{AuthConfig, PolicySource, Server, ServerConfig};
 
 /// The cluster-tunnel proxy server: agents in managed clusters dial in,
 /// clients on the hub reach those clusters through them.
@@ -35,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Create a CA and the certificates of a standalone installation.
     Certs(CertArgs),
+    /// Print the TunnelPolicy CustomResourceDefinition (YAML).
+    Crd,
 }
 
 /// Flags of `tunnel-server certs`.
@@ -49,6 +53,10 @@ pub struct CertArgs {
     /// A client (sidecar, tool) to issue a client certificate for (repeatable).
     #[arg(long = "client")]
     pub clients: Vec<String>,
+    /// A workload to issue a workload certificate for, NAMESPACE/SERVICE-ACCOUNT
+    /// (identity spiffe://<trust-domain>/ns/<ns>/sa/<sa>; repeatable).
+    #[arg(long = "workload")]
+    pub workloads: Vec<String>,
     /// A DNS name or IP address for the server certificate (repeatable).
     #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])]
     pub server_names: Vec<String>,
@@ -107,6 +115,37 @@ pub struct RunArgs {
     /// A tunnel peer that answers nothing for this long is declared dead.
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub dead_peer_timeout: Duration,
+    /// Authorization policy file (YAML, the `spec` of a TunnelPolicy); re-read
+    /// when it changes. Without it or --policy-kubernetes, every client may
+    /// reach every cluster.
+    #[arg(long, env = "TUNNEL_POLICY_FILE", conflicts_with = "policy_kubernetes")]
+    pub policy_file: Option<PathBuf>,
+    /// How often --policy-file is checked for changes.
+    #[arg(long, env = "TUNNEL_POLICY_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub policy_reload_interval: Duration,
+    /// Take the policy from the TunnelPolicy objects of the cluster the server runs in.
+    #[arg(long, env = "TUNNEL_POLICY_KUBERNETES")]
+    pub policy_kubernetes: bool,
+    /// A label of a cluster for policies' matchLabels, CLUSTER=KEY=VALUE (repeatable).
+    #[arg(
+        long = "cluster-label",
+        env = "TUNNEL_CLUSTER_LABELS",
+        value_delimiter = ','
+    )]
+    pub cluster_labels: Vec<String>,
+    /// Cut open connections that a changed policy no longer allows.
+    #[arg(long, env = "TUNNEL_ENFORCE_ON_CHANGE")]
+    pub enforce_on_change: bool,
+    /// Identify workloads by the service-account token they send, checked with
+    /// the Kubernetes TokenReview API (callers without a token are their certificate).
+    #[arg(long, env = "TUNNEL_TOKEN_REVIEW")]
+    pub token_review: bool,
+    /// Audience tokens must be issued for (repeatable).
+    #[arg(long = "token-audience", env = "TUNNEL_TOKEN_AUDIENCES", value_delimiter = ',', default_value = crate::authn::DEFAULT_TOKEN_AUDIENCE)]
+    pub token_audiences: Vec<String>,
+    /// How long a TokenReview result is reused.
+    #[arg(long, env = "TUNNEL_TOKEN_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub token_cache_ttl: Duration,
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
@@ -140,6 +179,32 @@ impl RunArgs {
             liveness: Liveness::from_timeout(self.dead_peer_timeout),
             ..H2Settings::default()
         };
+        let mut cluster_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for l in &self.cluster_labels {
+            let (cluster, k, v) = crate::policy::parse_cluster_label(l)
+                .map_err(|e| anyhow::anyhow!("--cluster-label {e}"))?;
+            cluster_labels.entry(cluster).or_default().insert(k, v);
+        }
+        let policy = match (&self.policy_file, self.policy_kubernetes) {
+            (Some(path), _) => PolicySource::File {
+                path: path.clone(),
+                reload_interval: self.policy_reload_interval,
+            },
+            (None, true) => PolicySource::Kubernetes,
+            (None, false) => PolicySource::None,
+        };
+        if self.enforce_on_change && matches!(policy, PolicySource::None) {
+            anyhow::bail!("--enforce-on-change needs --policy-file or --policy-kubernetes");
+        }
+        let auth = AuthConfig {
+            policy,
+            cluster_labels,
+            enforce_on_change: self.enforce_on_change,
+            token_review: self.token_review.then(|| crate::authn::TokenReviewConfig {
+                audiences: self.token_audiences.clone(),
+                cache_ttl: self.token_cache_ttl,
+            }),
+        };
         Ok(ServerConfig {
             agent_listen: self.agent_listen,
             client_listen: self.client_listen,
@@ -154,6 +219,7 @@ impl RunArgs {
             dial_timeout: self.dial_timeout,
             drain_timeout: self.drain_timeout,
             h2,
+            auth,
         })
     }
 }
@@ -185,12 +251,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 server_names: args.server_names,
                 clusters: args.clusters,
                 clients: args.clients,
+                workloads: args.workloads,
                 validity_days: args.validity_days,
             };
             let out = tunnel_proto::certs::generate(&args.dir, &opts)?;
             for path in &out.written {
                 println!("{}", path.display());
             }
+            Ok(())
+        }
+        Some(Command::Crd) => {
+            print!("{}", crate::policy::crd_yaml());
             Ok(())
         }
         None => {

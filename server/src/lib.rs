@@ -6,6 +6,11 @@
 //! - [`tunnel`]: the client port's `Tunnel` service. Routes each connection
 //!   to an agent of its cluster and splices the streams.
 //! - [`pool`]: the connected agents by cluster, and how one is picked.
+//! - [`policy`]: who may reach which clusters and destinations (the
+//!   `TunnelPolicy` resource and the standalone policy file);
+//!   [`policy_watch`]: `TunnelPolicy` objects followed with kube-runtime.
+//! - [`authn`]: the caller's identity: its certificate, or a service-account
+//!   token checked with the Kubernetes `TokenReview` API.
 //! - [`metrics`]: Prometheus metrics, served on the admin port with
 //!   `/healthz` and `/readyz`.
 //!
@@ -13,12 +18,17 @@
 //! binary's command line.
 
 pub mod agents;
+pub mod authn;
 pub mod cli;
 pub mod metrics;
+pub mod policy;
+pub mod policy_watch;
 pub mod pool;
 pub mod tunnel;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -61,6 +71,40 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// HTTP/2 settings of tunnel connections.
     pub h2: H2Settings,
+    /// Authentication of callers and authorization of their connections.
+    pub auth: AuthConfig,
+}
+
+/// Where the authorization policy comes from.
+#[derive(Debug, Clone, Default)]
+pub enum PolicySource {
+    /// No policy: every client may reach every cluster (logged as a warning at start).
+    #[default]
+    None,
+    /// A file, re-read when it changes.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// How often it is checked.
+        reload_interval: Duration,
+    },
+    /// `TunnelPolicy` objects in the Kubernetes cluster the server runs in.
+    Kubernetes,
+    /// A policy the caller keeps up to date (tests, embedding).
+    Fixed(watch::Receiver<Arc<policy::Policy>>),
+}
+
+/// How callers are identified and what they may reach.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// The policy.
+    pub policy: PolicySource,
+    /// Labels of each cluster, for policies that select clusters by label.
+    pub cluster_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Cut open connections that a changed policy no longer allows.
+    pub enforce_on_change: bool,
+    /// Validate service-account tokens with the TokenReview API.
+    pub token_review: Option<authn::TokenReviewConfig>,
 }
 
 /// State shared by the server's tasks.
@@ -71,6 +115,10 @@ pub struct ServerState {
     pub pool: AgentPool,
     /// Metrics.
     pub metrics: ServerMetrics,
+    /// The policy in force; `None` when authorization is off.
+    pub policy: Option<watch::Receiver<Arc<policy::Policy>>>,
+    /// Token validation, when on.
+    pub token_reviewer: Option<authn::TokenReviewer>,
     draining: AtomicBool,
     open: AtomicUsize,
     all_closed: Notify,
@@ -135,8 +183,59 @@ impl Server {
             .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
         let mut registry = Registry::default();
         let metrics = ServerMetrics::register(&mut registry);
+        let needs_kube = config.auth.token_review.is_some()
+            || matches!(config.auth.policy, PolicySource::Kubernetes);
+        let kube_client = if needs_kube {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .context("--token-review and --policy-kubernetes need Kubernetes API access")?,
+            )
+        } else {
+            None
+        };
+        let mut tasks = Vec::new();
+        let policy = match &config.auth.policy {
+            PolicySource::None => {
+                tracing::warn!(
+                    "no policy configured (--policy-file, --policy-kubernetes): every authenticated client may reach every cluster"
+                );
+                None
+            }
+            PolicySource::Fixed(rx) => Some(rx.clone()),
+            PolicySource::File {
+                path,
+                reload_interval,
+            } => {
+                let first = policy::load_policy_file(path)
+                    .with_context(|| format!("--policy-file {}", path.display()))?;
+                tracing::info!(path = %path.display(), rules = first.len(), "policy loaded");
+                let (tx, rx) = watch::channel(Arc::new(first));
+                let m = metrics.clone();
+                tasks.push(tokio::spawn(policy::watch_policy_file(
+                    path.clone(),
+                    *reload_interval,
+                    tx,
+                    move |r| m.policy_reload(r.is_ok()),
+                )));
+                Some(rx)
+            }
+            PolicySource::Kubernetes => {
+                let client = kube_client.clone().expect("created above");
+                let (rx, task) = policy_watch::watch_policies(client, metrics.clone());
+                tasks.push(task);
+                Some(rx)
+            }
+        };
+        let token_reviewer = config
+            .auth
+            .token_review
+            .clone()
+            .map(|c| authn::TokenReviewer::new(kube_client.clone().expect("created above"), c));
         let state = Arc::new(ServerState {
             pool: AgentPool::with_known_clusters(&config.known_clusters),
+            policy,
+            token_reviewer,
             metrics,
             config,
             draining: AtomicBool::new(false),
@@ -147,7 +246,6 @@ impl Server {
         let agent_addr = agent_l.local_addr()?;
         let client_addr = client_l.local_addr()?;
         let admin_addr = admin_l.local_addr()?;
-        let mut tasks = Vec::new();
         tasks.push(tokio::spawn(agents::accept_agents(
             agent_l,
             state.clone(),

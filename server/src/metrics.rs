@@ -33,6 +33,20 @@ pub struct RejectLabel {
     pub reason: &'static str,
 }
 
+/// Label: the result of an operation (`ok`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Label: an authorization decision (`allow`, `deny`, `unauthenticated`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// The decision.
+    pub decision: &'static str,
+}
+
 /// Every metric of the server.
 #[derive(Clone, Debug)]
 pub struct ServerMetrics {
@@ -48,6 +62,12 @@ pub struct ServerMetrics {
     pub bytes: Family<BytesLabel, Counter>,
     /// Connections refused at a listener.
     pub rejected: Family<RejectLabel, Counter>,
+    /// Authorization decisions.
+    pub decisions: Family<DecisionLabel, Counter>,
+    /// Policy reloads by result.
+    pub policy_reloads: Family<ResultLabel, Counter>,
+    /// TokenReview calls by result (`authenticated`, `rejected`, `error`); cache hits are not counted.
+    pub token_reviews: Family<ResultLabel, Counter>,
 }
 
 impl ServerMetrics {
@@ -60,6 +80,9 @@ impl ServerMetrics {
             dial_latency: Histogram::new(tunnel_proto::admin::LATENCY_BUCKETS),
             bytes: Family::default(),
             rejected: Family::default(),
+            decisions: Family::default(),
+            policy_reloads: Family::default(),
+            token_reviews: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tunnel_server");
         r.register("agents", "Agents connected, per cluster", m.agents.clone());
@@ -88,6 +111,30 @@ impl ServerMetrics {
             "Connections refused at a listener, by reason",
             m.rejected.clone(),
         );
+        r.register(
+            "authorization_decisions",
+            "Authorization decisions on opened connections",
+            m.decisions.clone(),
+        );
+        r.register(
+            "policy_reloads",
+            "Policy reloads by result",
+            m.policy_reloads.clone(),
+        );
+        r.register(
+            "token_reviews",
+            "TokenReview calls by result",
+            m.token_reviews.clone(),
+        );
         m
+    }
+
+    /// Counts a policy reload.
+    pub fn policy_reload(&self, ok: bool) {
+        self.policy_reloads
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 }

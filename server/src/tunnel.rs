@@ -20,9 +20,17 @@ use tunnel_proto::pb::agent_client::AgentClient;
 use tunnel_proto::pb::{self, Frame, frame::Kind, tunnel_server::Tunnel};
 use tunnel_proto::relay::{ByteCounter, GateOpener, gated};
 
+use std::collections::BTreeMap;
+
+use tokio::sync::watch;
+
 use crate::ServerState;
-use crate::metrics::{BytesLabel, CodeLabel};
+use crate::metrics::{BytesLabel, CodeLabel, DecisionLabel, ResultLabel};
+use crate::policy::{Access, Decision};
 use crate::pool::{AgentTunnel, Pick};
+
+/// Tracing target of the audit log: one line per decision, one per closed connection.
+pub const AUDIT_TARGET: &str = "tunnel_server::audit";
 
 /// How long a client may take to send its `Open` frame.
 pub const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +57,14 @@ type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
 struct ConnRecord {
     state: Arc<ServerState>,
     id: uuid::Uuid,
-    client: String,
+    /// Who the connection is for: the token's service account, else the certificate's identity.
+    subject: String,
+    /// The identity in the caller's certificate.
+    certificate: String,
     cluster: String,
     destination: String,
+    /// The rule that allowed the connection (`authorization-off` without a policy).
+    rule: std::sync::Mutex<String>,
     agent_id: std::sync::Mutex<String>,
     start: Instant,
     to_cluster: ByteCounter,
@@ -110,10 +123,14 @@ impl Drop for ConnRecord {
                 .inc_by(down);
         }
         let agent = self.agent_id.lock().map(|a| a.clone()).unwrap_or_default();
+        let rule = self.rule.lock().map(|r| r.clone()).unwrap_or_default();
         tracing::info!(
-            target: "tunnel_server::connection",
+            target: AUDIT_TARGET,
+            event = "close",
             id = %self.id,
-            client = %self.client,
+            subject = %self.subject,
+            certificate = %self.certificate,
+            rule = %rule,
             cluster = %self.cluster,
             destination = %self.destination,
             agent = %agent,
@@ -334,7 +351,7 @@ async fn read_open(
     req: Request<Streaming<Frame>>,
 ) -> Result<(pb::Open, Streaming<Frame>, uuid::Uuid, u16), Result<TunnelError, Status>> {
     if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
-        && !matches!(peer.identity, Identity::Client { .. })
+        && !peer.identity.is_caller()
     {
         return Err(Ok(TunnelError::new(
             ErrorCode::Unauthenticated,
@@ -371,6 +388,223 @@ async fn read_open(
     Ok((open, inbound, id, port))
 }
 
+impl TunnelService {
+    fn count_dial(&self, code: ErrorCode) {
+        self.state
+            .metrics
+            .dials
+            .get_or_create(&CodeLabel { code: code.label() })
+            .inc();
+    }
+
+    /// Fails `record` with `err` and counts it.
+    fn refuse(&self, record: &ConnRecord, err: &TunnelError, decision: &'static str) {
+        record.fail(err);
+        self.count_dial(err.code);
+        self.state
+            .metrics
+            .decisions
+            .get_or_create(&DecisionLabel { decision })
+            .inc();
+    }
+
+    /// The subject of a call: a token's service account when a token was
+    /// sent (and the server checks tokens), else the certificate's identity.
+    async fn authenticate(
+        &self,
+        certificate: Option<Identity>,
+        token: Result<Option<String>, TunnelError>,
+    ) -> Result<Identity, TunnelError> {
+        let unknown = || {
+            TunnelError::new(
+                ErrorCode::Unauthenticated,
+                "the caller's certificate names no identity",
+            )
+        };
+        let Some(reviewer) = &self.state.token_reviewer else {
+            return certificate.ok_or_else(unknown);
+        };
+        match token? {
+            Some(token) => {
+                let result = reviewer.authenticate(&token).await;
+                let label = match &result {
+                    Ok((_, crate::authn::ReviewSource::Cache)) => None,
+                    Ok(_) => Some("authenticated"),
+                    Err(e) if e.message.contains("fail closed") => Some("error"),
+                    Err(_) => Some("rejected"),
+                };
+                if let Some(result) = label {
+                    self.state
+                        .metrics
+                        .token_reviews
+                        .get_or_create(&ResultLabel { result })
+                        .inc();
+                }
+                result.map(|(id, _)| id)
+            }
+            None => certificate.ok_or_else(unknown),
+        }
+    }
+
+    /// Checks the policy. Allowed: the future that completes if a policy
+    /// change revokes the connection (with `--enforce-on-change`).
+    fn authorize(
+        &self,
+        subject: &Identity,
+        open: &pb::Open,
+        port: u16,
+        record: &Arc<ConnRecord>,
+    ) -> Result<Option<Revoked>, TunnelError> {
+        let Some(policy_rx) = &self.state.policy else {
+            set_rule(record, "authorization-off");
+            audit_decision(record, "allow", "authorization-off", None);
+            return Ok(None);
+        };
+        let no_labels = BTreeMap::new();
+        let labels = self
+            .state
+            .config
+            .auth
+            .cluster_labels
+            .get(&open.cluster)
+            .unwrap_or(&no_labels);
+        let access = Access {
+            subject,
+            cluster: &open.cluster,
+            cluster_labels: labels,
+            host: &open.host,
+            port,
+        };
+        let decision = policy_rx.borrow().decide(&access);
+        if let Decision::Allow { rule } = &decision {
+            set_rule(record, rule);
+            audit_decision(record, "allow", rule, None);
+            self.state
+                .metrics
+                .decisions
+                .get_or_create(&DecisionLabel { decision: "allow" })
+                .inc();
+            if !self.state.config.auth.enforce_on_change {
+                return Ok(None);
+            }
+            let owned = OwnedAccess {
+                subject: subject.clone(),
+                cluster: open.cluster.clone(),
+                labels: labels.clone(),
+                host: open.host.clone(),
+                port,
+            };
+            return Ok(Some(Box::pin(revoked(
+                policy_rx.clone(),
+                owned,
+                record.clone(),
+            ))));
+        }
+        let err = TunnelError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "{subject} may not reach {} in cluster {:?}: no policy rule allows it",
+                record.destination, open.cluster
+            ),
+        );
+        audit_decision(record, "deny", decision.rule(), Some(&err));
+        self.refuse(record, &err, "deny");
+        Err(err)
+    }
+}
+
+/// Completes when a policy change revokes a connection.
+type Revoked = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+struct OwnedAccess {
+    subject: Identity,
+    cluster: String,
+    labels: BTreeMap<String, String>,
+    host: String,
+    port: u16,
+}
+
+async fn revoked(
+    mut rx: watch::Receiver<Arc<crate::policy::Policy>>,
+    a: OwnedAccess,
+    record: Arc<ConnRecord>,
+) {
+    loop {
+        if rx.changed().await.is_err() {
+            // The policy source is gone: nothing will change any more.
+            return std::future::pending().await;
+        }
+        let decision = rx.borrow_and_update().decide(&Access {
+            subject: &a.subject,
+            cluster: &a.cluster,
+            cluster_labels: &a.labels,
+            host: &a.host,
+            port: a.port,
+        });
+        match decision {
+            Decision::Allow { rule } => set_rule(&record, &rule),
+            Decision::Deny => {
+                let err = TunnelError::new(
+                    ErrorCode::Forbidden,
+                    "the policy changed and no longer allows this connection",
+                );
+                tracing::info!(
+                    target: AUDIT_TARGET,
+                    event = "revoke",
+                    id = %record.id,
+                    subject = %record.subject,
+                    cluster = %record.cluster,
+                    destination = %record.destination,
+                    decision = "deny",
+                    rule = "default-deny",
+                    "connection cut: the policy no longer allows it"
+                );
+                record.fail(&err);
+                return;
+            }
+        }
+    }
+}
+
+fn set_rule(record: &ConnRecord, rule: &str) {
+    if let Ok(mut r) = record.rule.lock() {
+        rule.clone_into(&mut r);
+    }
+}
+
+/// The audit line of one decision.
+fn audit_decision(record: &ConnRecord, decision: &str, rule: &str, err: Option<&TunnelError>) {
+    let reason = err.map(|e| e.message.as_str()).unwrap_or("");
+    if err.is_some() {
+        tracing::warn!(
+            target: AUDIT_TARGET,
+            event = "decision",
+            id = %record.id,
+            subject = %record.subject,
+            certificate = %record.certificate,
+            cluster = %record.cluster,
+            destination = %record.destination,
+            decision,
+            rule,
+            reason,
+            "connection refused"
+        );
+    } else {
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "decision",
+            id = %record.id,
+            subject = %record.subject,
+            certificate = %record.certificate,
+            cluster = %record.cluster,
+            destination = %record.destination,
+            decision,
+            rule,
+            "connection allowed"
+        );
+    }
+}
+
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
     type ConnectStream = FrameStream;
@@ -380,31 +614,36 @@ impl Tunnel for TunnelService {
         req: Request<Streaming<Frame>>,
     ) -> Result<Response<FrameStream>, Status> {
         let client = caller(&req);
+        let certificate = req
+            .extensions()
+            .get::<Arc<tunnel_proto::h2::PeerInfo>>()
+            .map(|p| p.identity.clone());
+        let token = crate::authn::bearer_token(req.metadata());
         let (open, inbound, id, port) = match read_open(req).await {
             Ok(x) => x,
             Err(Ok(err)) => {
                 tracing::warn!(%client, code = err.code.label(), %err, "connection refused before routing");
-                self.state
-                    .metrics
-                    .dials
-                    .get_or_create(&CodeLabel {
-                        code: err.code.label(),
-                    })
-                    .inc();
+                self.count_dial(err.code);
                 return Ok(Response::new(single(err.to_frame())));
             }
             Err(Err(status)) => return Err(status),
         };
+        let subject = self.authenticate(certificate, token).await;
         let record = Arc::new(ConnRecord {
             state: self.state.clone(),
             id,
-            client,
+            subject: match &subject {
+                Ok(s) => s.to_string(),
+                Err(_) => "unauthenticated".into(),
+            },
+            certificate: client,
             cluster: open.cluster.clone(),
             destination: if open.host.contains(':') {
                 format!("[{}]:{port}", open.host)
             } else {
                 format!("{}:{port}", open.host)
             },
+            rule: std::sync::Mutex::new(String::new()),
             agent_id: std::sync::Mutex::new(String::new()),
             start: Instant::now(),
             to_cluster: ByteCounter::default(),
@@ -414,21 +653,27 @@ impl Tunnel for TunnelService {
             error: AtomicU8::new(0),
             counted_open: AtomicBool::new(false),
         });
+        let subject = match subject {
+            Ok(s) => s,
+            Err(err) => {
+                audit_decision(&record, "unauthenticated", "-", Some(&err));
+                self.refuse(&record, &err, "unauthenticated");
+                return Ok(Response::new(single(err.to_frame())));
+            }
+        };
         if self.state.is_draining() {
             let err = TunnelError::new(
                 ErrorCode::ServerDraining,
                 "server is shutting down; retry on another replica",
             );
             record.fail(&err);
-            self.state
-                .metrics
-                .dials
-                .get_or_create(&CodeLabel {
-                    code: err.code.label(),
-                })
-                .inc();
+            self.count_dial(err.code);
             return Ok(Response::new(single(err.to_frame())));
         }
+        let revoked = match self.authorize(&subject, &open, port, &record) {
+            Ok(revoked) => revoked,
+            Err(err) => return Ok(Response::new(single(err.to_frame()))),
+        };
         record.counted_open.store(true, Ordering::Relaxed);
         self.state.connection_opened();
         self.state.metrics.open_connections.inc();
@@ -482,17 +727,15 @@ impl Tunnel for TunnelService {
                         let _ = &guard;
                         item
                     });
-                Ok(Response::new(Box::pin(out)))
+                match revoked {
+                    // Ending the stream without eof aborts the connection on both legs.
+                    Some(revoked) => Ok(Response::new(Box::pin(out.take_until(revoked)))),
+                    None => Ok(Response::new(Box::pin(out))),
+                }
             }
             Err(err) => {
                 record.fail(&err);
-                self.state
-                    .metrics
-                    .dials
-                    .get_or_create(&CodeLabel {
-                        code: err.code.label(),
-                    })
-                    .inc();
+                self.count_dial(err.code);
                 Ok(Response::new(single(err.to_frame())))
             }
         }
@@ -503,7 +746,7 @@ impl Tunnel for TunnelService {
         req: Request<pb::ListClustersRequest>,
     ) -> Result<Response<pb::ListClustersResponse>, Status> {
         if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
-            && !matches!(peer.identity, Identity::Client { .. })
+            && !peer.identity.is_caller()
         {
             return Err(Status::unauthenticated(format!(
                 "{} may not list clusters",

@@ -173,6 +173,10 @@ pub struct Cli {
     /// CA bundle the server certificate must chain to; overrides --cert-dir.
     #[arg(long, env = "TUNNEL_CA")]
     pub ca: Option<PathBuf>,
+    /// The pod's projected service-account token, sent with every connection
+    /// so the server knows which workload asks; re-read when it changes.
+    #[arg(long, env = "TUNNEL_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// A per-cluster loopback port: PORT=CLUSTER (the cluster's
     /// kube-apiserver) or PORT=CLUSTER:HOST:PORT (repeatable or comma-separated).
     #[arg(long = "port", env = "TUNNEL_PORTS", value_delimiter = ',')]
@@ -261,6 +265,8 @@ pub struct FileConfig {
     pub tls_key: Option<PathBuf>,
     /// See `--ca`.
     pub ca: Option<PathBuf>,
+    /// See `--token-file`.
+    pub token_file: Option<PathBuf>,
     /// See `--port`.
     #[serde(default)]
     pub ports: Vec<String>,
@@ -319,6 +325,8 @@ pub struct SidecarConfig {
     pub server_name: Option<String>,
     /// Certificate files.
     pub tls: tunnel_proto::tls::TlsFiles,
+    /// Service-account token file sent to the server.
+    pub token_file: Option<PathBuf>,
     /// Per-cluster ports.
     pub ports: Vec<PortMapping>,
     /// HTTP proxy address, if enabled.
@@ -528,6 +536,7 @@ impl Cli {
             servers,
             server_name: self.server_name.clone().or(file.server_name.clone()),
             tls,
+            token_file: self.token_file.clone().or(file.token_file.clone()),
             ports,
             proxy_listen,
             admin_listen,

@@ -96,6 +96,7 @@ impl Sidecar {
             },
             connect_timeout: tunnel_proto::client::DEFAULT_CONNECT_TIMEOUT,
             open_timeout: config.open_timeout,
+            token_file: config.token_file.clone(),
         }));
         let mut registry = Registry::default();
         let metrics = SidecarMetrics::register(&mut registry);

@@ -51,7 +51,17 @@ impl Pki {
             trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             clusters: clusters.iter().map(|s| s.to_string()).collect(),
-            clients: clients.iter().map(|s| s.to_string()).collect(),
+            // "ns/sa" names a workload certificate.
+            clients: clients
+                .iter()
+                .filter(|s| !s.contains('/'))
+                .map(|s| s.to_string())
+                .collect(),
+            workloads: clients
+                .iter()
+                .filter(|s| s.contains('/'))
+                .map(|s| s.to_string())
+                .collect(),
             validity_days: 30,
         };
         tunnel_proto::certs::generate(dir, &opts).expect("certificates");
@@ -81,6 +91,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         dial_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
         h2: H2Settings::default(),
+        auth: Default::default(),
     }
 }
 
@@ -143,6 +154,7 @@ pub fn client(pki: &Pki, name: &str, server: SocketAddr) -> Arc<TunnelClient> {
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(5),
         open_timeout: Duration::from_secs(15),
+        token_file: None,
     }))
 }
 

@@ -161,6 +161,7 @@ async fn an_agent_certificate_cannot_open_client_connections() {
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(5),
         open_timeout: Duration::from_secs(5),
+        token_file: None,
     });
     let target = Target::new("east", "127.0.0.1", echo.port());
     let err = tokio::time::timeout(Duration::from_secs(20), impostor.open(&target))

@@ -77,7 +77,7 @@ struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     log_format: tunnel_proto::cli::LogFormat,
     /// Log filter (RUST_LOG overrides).
-    #[arg(long, default_value = "warn,tunnel_server::connection=info")]
+    #[arg(long, default_value = "warn,tunnel_server::audit=info")]
     log_level: String,
 }
 
@@ -110,6 +110,35 @@ fn write_certs(dir: &Path) -> anyhow::Result<()> {
     };
     generate(&samples, &opts).context("writing the sample services' certificate")?;
     Ok(())
+}
+
+/// The local system's policy: the sidecar may reach the sample services of
+/// both clusters, and nothing else. Edit it while tunnel-local runs: it is
+/// re-read when it changes.
+const LOCAL_POLICY: &str = "\
+# cluster-tunnel policy (the spec of a TunnelPolicy). Deny unless a rule allows.
+rules:
+  - name: sidecar-to-samples
+    subjects:
+      - identity: client/sidecar
+    clusters:
+      - name: east
+      - name: west
+    destinations:
+      - host: hello.default.svc
+        ports: [8080, 8443]
+      - host: echo.default.svc
+        ports: [7007]
+";
+
+/// Writes `policy.yaml` into `dir` unless one is there (a user's edits stay).
+fn write_policy(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("policy.yaml");
+    if !path.exists() {
+        std::fs::write(&path, LOCAL_POLICY)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(path)
 }
 
 type Resp = hyper::Response<Full<Bytes>>;
@@ -322,6 +351,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         dial_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
         h2: H2Settings::default(),
+        auth: tunnel_server::AuthConfig {
+            policy: tunnel_server::PolicySource::File {
+                path: write_policy(dir)?,
+                reload_interval: tunnel_server::policy::DEFAULT_POLICY_RELOAD_INTERVAL,
+            },
+            ..Default::default()
+        },
     })
     .await?;
     let mut clusters = Vec::new();

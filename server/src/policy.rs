@@ -1,0 +1,763 @@
+//! Authorization: which subjects may reach which clusters and destinations.
+//!
+//! One schema, two homes: the [`TunnelPolicy`] custom resource (group
+//! `cluster-tunnel.io`, version `v1alpha1`, cluster-scoped) and, standalone, a
+//! YAML file whose top level is the same `spec` ([`TunnelPolicySpec`]). Both
+//! compile into a [`Policy`], which the server consults when a connection
+//! opens. Deny unless a rule allows.
+//!
+//! Cluster-scoped because a policy grants access to *other* clusters: a
+//! namespaced policy would let whoever can write in a namespace grant its own
+//! workloads access. Only the hub's administrators write policies.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tunnel_proto::identity::{self, Identity};
+
+/// How often a policy file is checked for changes.
+pub const DEFAULT_POLICY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A set of rules allowing subjects to reach destinations in clusters.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "cluster-tunnel.io",
+    version = "v1alpha1",
+    kind = "TunnelPolicy",
+    plural = "tunnelpolicies",
+    shortname = "tunpol",
+    doc = "Allows workloads on the hub to reach destinations in managed clusters through cluster-tunnel. Deny unless a rule allows."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TunnelPolicySpec {
+    /// Each rule allows its subjects to reach its destinations in its clusters.
+    pub rules: Vec<PolicyRule>,
+}
+
+/// One rule: subjects x clusters x destinations.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Name of the rule, shown in the audit log (default: its index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Who the rule is for (at least one).
+    pub subjects: Vec<SubjectSelector>,
+    /// Which clusters (at least one).
+    pub clusters: Vec<ClusterSelector>,
+    /// Which destinations in those clusters; none listed means any destination.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<DestinationSelector>,
+}
+
+/// A subject: exactly one field set.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SubjectSelector {
+    /// A service account, `<namespace>/<name>` (from a token or a workload certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// Every service account of a namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// A certificate identity in path form: `client/<name>` or `ns/<ns>/sa/<sa>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// Clusters: by name (`*` for all) or by labels; exactly one field set.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterSelector {
+    /// A cluster name, or `*` for every cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Labels the cluster must carry (the server's `--cluster-label`), all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_labels: Option<BTreeMap<String, String>>,
+}
+
+/// Destinations: a host pattern or a CIDR (exactly one), on some ports.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationSelector {
+    /// A host name (`kubernetes.default.svc`), a wildcard (`*.monitoring.svc`,
+    /// which matches any name ending so) or `*`; matched case-insensitively
+    /// against the name the caller asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// An IP network (`10.0.0.0/8`, `fd00::/8`) or address; matches callers that
+    /// name an IP address in it (names are not resolved on the hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// Allowed ports; with `portRanges` empty too, any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// Allowed port ranges, `FROM-TO` inclusive, e.g. `8000-8999`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_ranges: Vec<String>,
+}
+
+/// Why a policy could not be used; the message starts with the field's path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The document does not fit the schema (unknown field, wrong type, ...).
+    #[error("{source_name}: {reason}")]
+    Parse {
+        /// The file or object.
+        source_name: String,
+        /// The parser's message, which names the field (e.g. `rules[0].subjects[0]: unknown field ...`).
+        reason: String,
+    },
+    /// A field's value is invalid.
+    #[error("{source_name}: {field}: {reason}")]
+    Invalid {
+        /// The file or object.
+        source_name: String,
+        /// Path of the field, e.g. `rules[1].destinations[0].cidr`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// One connection as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    /// Who asks.
+    pub subject: &'a Identity,
+    /// The cluster asked for.
+    pub cluster: &'a str,
+    /// Its labels.
+    pub cluster_labels: &'a BTreeMap<String, String>,
+    /// Destination host (a name or an IP literal).
+    pub host: &'a str,
+    /// Destination port.
+    pub port: u16,
+}
+
+/// The outcome of [`Policy::decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by `rule`.
+    Allow {
+        /// The first rule that allowed it (`<source>/<rule>`).
+        rule: String,
+    },
+    /// No rule allowed it.
+    Deny,
+}
+
+impl Decision {
+    /// Whether access is allowed.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    /// The deciding rule, or `default-deny`.
+    pub fn rule(&self) -> &str {
+        match self {
+            Decision::Allow { rule } => rule,
+            Decision::Deny => "default-deny",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum SubjectMatch {
+    ServiceAccount { namespace: String, name: String },
+    Namespace(String),
+    Identity(Identity),
+}
+
+#[derive(Debug, Clone)]
+enum ClusterMatch {
+    Any,
+    Name(String),
+    Labels(BTreeMap<String, String>),
+}
+
+#[derive(Debug, Clone)]
+enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.svc`: stored as `.example.svc`.
+    Suffix(String),
+    Net(IpNet),
+}
+
+#[derive(Debug, Clone)]
+struct DestinationMatch {
+    host: HostMatch,
+    /// Inclusive ranges; empty = any port.
+    ports: Vec<(u16, u16)>,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    id: String,
+    subjects: Vec<SubjectMatch>,
+    clusters: Vec<ClusterMatch>,
+    destinations: Vec<DestinationMatch>,
+}
+
+/// Compiled rules from every source, ready to decide.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// A policy that allows nothing.
+    pub fn deny_all() -> Self {
+        Self::default()
+    }
+
+    /// Compiles `spec`, naming its rules `<source_name>/<rule name or index>`.
+    pub fn compile(source_name: &str, spec: &TunnelPolicySpec) -> Result<Self, PolicyError> {
+        let mut policy = Policy::default();
+        policy.add(source_name, spec)?;
+        Ok(policy)
+    }
+
+    /// Adds the rules of another source.
+    pub fn add(&mut self, source_name: &str, spec: &TunnelPolicySpec) -> Result<(), PolicyError> {
+        let invalid = |field: String, reason: String| PolicyError::Invalid {
+            source_name: source_name.to_owned(),
+            field,
+            reason,
+        };
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let at = format!("rules[{i}]");
+            if rule.subjects.is_empty() {
+                return Err(invalid(
+                    format!("{at}.subjects"),
+                    "at least one subject is required".into(),
+                ));
+            }
+            if rule.clusters.is_empty() {
+                return Err(invalid(
+                    format!("{at}.clusters"),
+                    "at least one cluster selector is required".into(),
+                ));
+            }
+            let subjects = rule
+                .subjects
+                .iter()
+                .enumerate()
+                .map(|(j, s)| {
+                    compile_subject(s)
+                        .map_err(|(f, r)| invalid(format!("{at}.subjects[{j}]{f}"), r))
+                })
+                .collect::<Result<_, _>>()?;
+            let clusters = rule
+                .clusters
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    compile_cluster(c)
+                        .map_err(|(f, r)| invalid(format!("{at}.clusters[{j}]{f}"), r))
+                })
+                .collect::<Result<_, _>>()?;
+            let destinations = rule
+                .destinations
+                .iter()
+                .enumerate()
+                .map(|(j, d)| {
+                    compile_destination(d)
+                        .map_err(|(f, r)| invalid(format!("{at}.destinations[{j}]{f}"), r))
+                })
+                .collect::<Result<_, _>>()?;
+            let name = rule.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
+            self.rules.push(Rule {
+                id: format!("{source_name}/{name}"),
+                subjects,
+                clusters,
+                destinations,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends the rules of `other` (after ours: earlier rules decide first).
+    pub fn extend(&mut self, other: &Policy) {
+        self.rules.extend(other.rules.iter().cloned());
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether there are no rules (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The first rule that allows `access`, or deny.
+    pub fn decide(&self, access: &Access<'_>) -> Decision {
+        let host = access.host.trim_end_matches('.').to_ascii_lowercase();
+        let ip: Option<IpAddr> = host.parse().ok();
+        for rule in &self.rules {
+            if rule
+                .subjects
+                .iter()
+                .any(|s| subject_matches(s, access.subject))
+                && rule
+                    .clusters
+                    .iter()
+                    .any(|c| cluster_matches(c, access.cluster, access.cluster_labels))
+                && (rule.destinations.is_empty()
+                    || rule
+                        .destinations
+                        .iter()
+                        .any(|d| destination_matches(d, &host, ip, access.port)))
+            {
+                return Decision::Allow {
+                    rule: rule.id.clone(),
+                };
+            }
+        }
+        Decision::Deny
+    }
+}
+
+type FieldError = (String, String);
+
+fn exactly_one(set: &[(&str, bool)]) -> Result<(), FieldError> {
+    let n = set.iter().filter(|(_, on)| *on).count();
+    if n == 1 {
+        return Ok(());
+    }
+    let names: Vec<&str> = set.iter().map(|(n, _)| *n).collect();
+    Err((
+        String::new(),
+        format!("exactly one of {} must be set, found {n}", names.join(", ")),
+    ))
+}
+
+fn compile_subject(s: &SubjectSelector) -> Result<SubjectMatch, FieldError> {
+    exactly_one(&[
+        ("serviceAccount", s.service_account.is_some()),
+        ("namespace", s.namespace.is_some()),
+        ("identity", s.identity.is_some()),
+    ])?;
+    if let Some(sa) = &s.service_account {
+        return match identity::parse_workload(sa) {
+            Ok(Identity::Workload {
+                namespace,
+                service_account,
+            }) => Ok(SubjectMatch::ServiceAccount {
+                namespace,
+                name: service_account,
+            }),
+            Ok(_) => unreachable!("parse_workload returns workloads"),
+            Err(e) => Err((".serviceAccount".into(), e.to_string())),
+        };
+    }
+    if let Some(ns) = &s.namespace {
+        identity::validate_namespace(ns).map_err(|e| (".namespace".into(), e.to_string()))?;
+        return Ok(SubjectMatch::Namespace(ns.clone()));
+    }
+    let id = s.identity.as_deref().unwrap_or_default();
+    let parsed = identity::parse_identity_uri(&format!("spiffe://td/{id}"), "td").map_err(|e| {
+        (
+            ".identity".to_owned(),
+            e.to_string().replace("spiffe://td/", ""),
+        )
+    })?;
+    if !parsed.is_caller() {
+        return Err((
+            ".identity".into(),
+            format!("{id:?} is not a client or workload identity"),
+        ));
+    }
+    Ok(SubjectMatch::Identity(parsed))
+}
+
+fn compile_cluster(c: &ClusterSelector) -> Result<ClusterMatch, FieldError> {
+    exactly_one(&[
+        ("name", c.name.is_some()),
+        ("matchLabels", c.match_labels.is_some()),
+    ])?;
+    match (&c.name, &c.match_labels) {
+        (Some(n), _) if n == "*" => Ok(ClusterMatch::Any),
+        (Some(n), _) => {
+            identity::validate_cluster_name(n).map_err(|e| (".name".into(), e.to_string()))?;
+            Ok(ClusterMatch::Name(n.clone()))
+        }
+        (None, Some(labels)) => {
+            if labels.is_empty() {
+                return Err((
+                    ".matchLabels".into(),
+                    "must name at least one label (use name: \"*\" for every cluster)".into(),
+                ));
+            }
+            Ok(ClusterMatch::Labels(labels.clone()))
+        }
+        (None, None) => unreachable!("checked by exactly_one"),
+    }
+}
+
+fn compile_destination(d: &DestinationSelector) -> Result<DestinationMatch, FieldError> {
+    exactly_one(&[("host", d.host.is_some()), ("cidr", d.cidr.is_some())])?;
+    let host = match (&d.host, &d.cidr) {
+        (Some(h), _) => {
+            let h = h.trim_end_matches('.').to_ascii_lowercase();
+            if h == "*" {
+                HostMatch::Any
+            } else if let Some(rest) = h.strip_prefix("*.") {
+                if rest.is_empty() || rest.contains('*') {
+                    return Err((".host".into(), format!("invalid wildcard {h:?}")));
+                }
+                HostMatch::Suffix(format!(".{rest}"))
+            } else if h.is_empty() || h.contains('*') || h.chars().any(char::is_whitespace) {
+                return Err((
+                    ".host".into(),
+                    format!("{h:?} is not a host name, *.<suffix> or *"),
+                ));
+            } else {
+                HostMatch::Exact(h)
+            }
+        }
+        (None, Some(c)) => {
+            let net = c
+                .parse::<IpNet>()
+                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    (
+                        ".cidr".to_owned(),
+                        format!("{c:?} is not an IP network or address"),
+                    )
+                })?;
+            HostMatch::Net(net.trunc())
+        }
+        (None, None) => unreachable!("checked by exactly_one"),
+    };
+    let mut ports = Vec::new();
+    for (k, p) in d.ports.iter().enumerate() {
+        if *p == 0 {
+            return Err((format!(".ports[{k}]"), "port 0 is not a port".into()));
+        }
+        ports.push((*p, *p));
+    }
+    for (k, r) in d.port_ranges.iter().enumerate() {
+        let parsed = r.split_once('-').and_then(|(a, b)| {
+            Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+        });
+        match parsed {
+            Some((a, b)) if a > 0 && a <= b => ports.push((a, b)),
+            _ => {
+                return Err((
+                    format!(".portRanges[{k}]"),
+                    format!("{r:?} is not FROM-TO with 1 <= FROM <= TO <= 65535"),
+                ));
+            }
+        }
+    }
+    Ok(DestinationMatch { host, ports })
+}
+
+fn subject_matches(m: &SubjectMatch, subject: &Identity) -> bool {
+    match (m, subject) {
+        (
+            SubjectMatch::ServiceAccount { namespace, name },
+            Identity::Workload {
+                namespace: ns,
+                service_account,
+            },
+        ) => namespace == ns && name == service_account,
+        (SubjectMatch::Namespace(ns), Identity::Workload { namespace, .. }) => ns == namespace,
+        (SubjectMatch::Identity(id), subject) => id == subject,
+        _ => false,
+    }
+}
+
+fn cluster_matches(m: &ClusterMatch, cluster: &str, labels: &BTreeMap<String, String>) -> bool {
+    match m {
+        ClusterMatch::Any => true,
+        ClusterMatch::Name(n) => n == cluster,
+        ClusterMatch::Labels(want) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
+    }
+}
+
+fn destination_matches(d: &DestinationMatch, host: &str, ip: Option<IpAddr>, port: u16) -> bool {
+    let host_ok = match &d.host {
+        HostMatch::Any => true,
+        HostMatch::Exact(h) => h == host,
+        HostMatch::Suffix(s) => host.ends_with(s.as_str()),
+        HostMatch::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
+    };
+    host_ok && (d.ports.is_empty() || d.ports.iter().any(|(a, b)| (*a..=*b).contains(&port)))
+}
+
+/// Parses a policy file's text (YAML; JSON is YAML too).
+pub fn parse_policy_text(source_name: &str, text: &str) -> Result<Policy, PolicyError> {
+    let spec: TunnelPolicySpec = serde_yaml::from_str(text).map_err(|e| PolicyError::Parse {
+        source_name: source_name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Policy::compile(source_name, &spec)
+}
+
+/// Reads and compiles a policy file; its rules are named `<file name>/<rule>`.
+pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    parse_policy_text(&file_source_name(path), &text)
+}
+
+fn file_source_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Result of one reload, for the metric.
+pub type ReloadResult = Result<(), PolicyError>;
+
+/// Watches a policy file: every `interval` its contents are compared with
+/// what was last loaded; a change is compiled and published on `tx`. A file
+/// that fails to read, parse or compile is logged with the field at fault,
+/// and the policy in force stays. Runs until `tx` has no receivers left.
+pub async fn watch_policy_file(
+    path: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Arc<Policy>>,
+    on_reload: impl Fn(&ReloadResult) + Send + 'static,
+) {
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if tx.is_closed() {
+            return;
+        }
+        let now = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(err) => {
+                if last.is_some() {
+                    tracing::error!(path = %path.display(), %err, "cannot read policy file; the previous policy stays in force");
+                    on_reload(&Err(PolicyError::Read {
+                        path: path.clone(),
+                        reason: err.to_string(),
+                    }));
+                    last = None;
+                }
+                continue;
+            }
+        };
+        if last.as_deref() == Some(&now[..]) {
+            continue;
+        }
+        last = Some(now.clone());
+        let result = String::from_utf8(now)
+            .map_err(|_| PolicyError::Parse {
+                source_name: file_source_name(&path),
+                reason: "not UTF-8 text".into(),
+            })
+            .and_then(|text| parse_policy_text(&file_source_name(&path), &text));
+        match result {
+            Ok(policy) => {
+                tracing::info!(path = %path.display(), rules = policy.len(), "policy reloaded");
+                tx.send_replace(Arc::new(policy));
+                on_reload(&Ok(()));
+            }
+            Err(err) => {
+                tracing::error!(path = %path.display(), %err, "policy file rejected; the previous policy stays in force");
+                on_reload(&Err(err));
+            }
+        }
+    }
+}
+
+/// The CRD of [`TunnelPolicy`] as YAML (`tunnel-server crd`).
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt as _;
+    serde_yaml::to_string(&TunnelPolicy::crd()).expect("a CRD serializes")
+}
+
+/// Parses `--cluster-label CLUSTER=KEY=VALUE`.
+pub fn parse_cluster_label(s: &str) -> Result<(String, String, String), String> {
+    let (cluster, kv) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected CLUSTER=KEY=VALUE"))?;
+    let (k, v) = kv
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected CLUSTER=KEY=VALUE"))?;
+    identity::validate_cluster_name(cluster).map_err(|e| format!("{s:?}: {e}"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: the label key is empty"));
+    }
+    Ok((cluster.to_owned(), k.to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+rules:
+  - name: payments-to-east
+    subjects:
+      - serviceAccount: team-a/payments
+      - identity: client/ci
+    clusters:
+      - name: east
+    destinations:
+      - host: "*.svc"
+        ports: [443, 8080]
+      - cidr: 10.0.0.0/8
+        portRanges: ["8000-8999"]
+  - name: monitoring-everywhere-prod
+    subjects:
+      - namespace: monitoring
+    clusters:
+      - matchLabels: { env: prod }
+"#;
+
+    fn wl(ns: &str, sa: &str) -> Identity {
+        Identity::Workload {
+            namespace: ns.into(),
+            service_account: sa.into(),
+        }
+    }
+
+    fn decide(p: &Policy, who: &Identity, cluster: &str, host: &str, port: u16) -> Decision {
+        let mut labels = BTreeMap::new();
+        if cluster == "west" {
+            labels.insert("env".to_string(), "prod".to_string());
+        }
+        p.decide(&Access {
+            subject: who,
+            cluster,
+            cluster_labels: &labels,
+            host,
+            port,
+        })
+    }
+
+    #[test]
+    fn rules_allow_and_default_denies() {
+        let p = parse_policy_text("policy.yaml", SAMPLE).unwrap();
+        let pay = wl("team-a", "payments");
+        assert_eq!(
+            decide(&p, &pay, "east", "hello.default.svc", 8080).rule(),
+            "policy.yaml/payments-to-east"
+        );
+        assert_eq!(
+            decide(&p, &pay, "east", "HELLO.default.svc.", 443).rule(),
+            "policy.yaml/payments-to-east"
+        );
+        assert_eq!(
+            decide(&p, &pay, "east", "hello.default.svc", 22),
+            Decision::Deny
+        );
+        assert_eq!(
+            decide(&p, &pay, "west", "hello.default.svc", 443),
+            Decision::Deny
+        );
+        assert!(decide(&p, &pay, "east", "10.1.2.3", 8500).is_allowed());
+        assert!(!decide(&p, &pay, "east", "11.1.2.3", 8500).is_allowed());
+        assert!(!decide(&p, &pay, "east", "example.com", 443).is_allowed());
+        let ci = Identity::Client { name: "ci".into() };
+        assert!(decide(&p, &ci, "east", "a.svc", 443).is_allowed());
+        let other = Identity::Client {
+            name: "other".into(),
+        };
+        assert_eq!(
+            decide(&p, &other, "east", "a.svc", 443).rule(),
+            "default-deny"
+        );
+        let mon = wl("monitoring", "prometheus");
+        assert_eq!(
+            decide(&p, &mon, "west", "anything", 1).rule(),
+            "policy.yaml/monitoring-everywhere-prod"
+        );
+        assert!(!decide(&p, &mon, "east", "anything", 1).is_allowed());
+        assert!(!decide(&Policy::deny_all(), &pay, "east", "a.svc", 443).is_allowed());
+    }
+
+    #[test]
+    fn malformed_policies_name_the_field() {
+        let cases = [
+            (
+                "rules:\n  - subjects: [{serviceAcount: a/b}]\n    clusters: [{name: east}]\n",
+                "rules[0].subjects[0]",
+            ),
+            (
+                "rules:\n  - subjects: [{serviceAccount: a/b}]\n    clusters: [{name: east}]\n    destinations: [{cidr: 10.0.0.0/33}]\n",
+                "rules[0].destinations[0].cidr",
+            ),
+            (
+                "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{name: East}]\n",
+                "rules[0].clusters[0].name",
+            ),
+            (
+                "rules:\n  - subjects: [{namespace: a, identity: client/x}]\n    clusters: [{name: e}]\n",
+                "rules[0].subjects[0]",
+            ),
+            (
+                "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{name: e}]\n  - subjects: [{identity: server}]\n    clusters: [{name: e}]\n",
+                "rules[1].subjects[0].identity",
+            ),
+            (
+                "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{name: e}]\n    destinations: [{host: a, portRanges: [\"9-1\"]}]\n",
+                "rules[0].destinations[0].portRanges[0]",
+            ),
+            (
+                "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{name: e}]\n    destinations: [{host: a, ports: [70000]}]\n",
+                "rules[0].destinations[0].ports[0]",
+            ),
+            (
+                "rules:\n  - subjects: []\n    clusters: [{name: e}]\n",
+                "rules[0].subjects",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse_policy_text("p.yaml", text).unwrap_err().to_string();
+            assert!(err.contains(field), "{field} not named in {err:?}");
+        }
+    }
+
+    #[test]
+    fn cluster_labels_parse() {
+        assert_eq!(
+            parse_cluster_label("east=env=prod").unwrap(),
+            ("east".into(), "env".into(), "prod".into())
+        );
+        assert!(parse_cluster_label("east=env").is_err());
+        assert!(parse_cluster_label("East=env=prod").is_err());
+    }
+
+    #[test]
+    fn crd_is_cluster_scoped_in_our_group() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("group: cluster-tunnel.io"), "{yaml}");
+        assert!(yaml.contains("scope: Cluster"), "{yaml}");
+        assert!(yaml.contains("v1alpha1"), "{yaml}");
+        assert!(yaml.contains("serviceAccount"), "{yaml}");
+        // What the chart will apply must be what the server reads.
+        let crd: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(crd["kind"], "CustomResourceDefinition");
+    }
+}
