@@ -116,8 +116,8 @@ pub struct RunArgs {
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub dead_peer_timeout: Duration,
     /// Authorization policy file (YAML, the `spec` of a TunnelPolicy); re-read
-    /// when it changes. Without it or --policy-kubernetes, every client may
-    /// reach every cluster.
+    /// when it changes. Without it, --policy-kubernetes or --allow-all, every
+    /// connection is refused (deny unless a policy allows).
     #[arg(long, env = "TUNNEL_POLICY_FILE", conflicts_with = "policy_kubernetes")]
     pub policy_file: Option<PathBuf>,
     /// How often --policy-file is checked for changes.
@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// Take the policy from the TunnelPolicy objects of the cluster the server runs in.
     #[arg(long, env = "TUNNEL_POLICY_KUBERNETES")]
     pub policy_kubernetes: bool,
+    /// Turn authorization off: every authenticated client may reach every
+    /// cluster (for trials and tests; logged as a warning).
+    #[arg(long, env = "TUNNEL_ALLOW_ALL", conflicts_with_all = ["policy_file", "policy_kubernetes"])]
+    pub allow_all: bool,
     /// A label of a cluster for policies' matchLabels, CLUSTER=KEY=VALUE (repeatable).
     #[arg(
         long = "cluster-label",
@@ -155,6 +159,31 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Where the policy comes from. With none configured and no --allow-all,
+    /// a policy that allows nothing: deny unless a policy allows.
+    pub fn policy_source(&self) -> PolicySource {
+        match (&self.policy_file, self.policy_kubernetes) {
+            (Some(path), _) => PolicySource::File {
+                path: path.clone(),
+                reload_interval: self.policy_reload_interval,
+            },
+            (None, true) => PolicySource::Kubernetes,
+            (None, false) if self.allow_all => PolicySource::None,
+            (None, false) => {
+                tracing::warn!(
+                    "no policy configured (--policy-file, --policy-kubernetes): every connection will be refused; \
+                     --allow-all turns authorization off"
+                );
+                let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(
+                    crate::policy::Policy::deny_all(),
+                ));
+                // The policy never changes; the receiver keeps the value.
+                drop(tx);
+                PolicySource::Fixed(rx)
+            }
+        }
+    }
+
     /// The server configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
         let files = TlsFiles {
@@ -185,14 +214,7 @@ impl RunArgs {
                 .map_err(|e| anyhow::anyhow!("--cluster-label {e}"))?;
             cluster_labels.entry(cluster).or_default().insert(k, v);
         }
-        let policy = match (&self.policy_file, self.policy_kubernetes) {
-            (Some(path), _) => PolicySource::File {
-                path: path.clone(),
-                reload_interval: self.policy_reload_interval,
-            },
-            (None, true) => PolicySource::Kubernetes,
-            (None, false) => PolicySource::None,
-        };
+        let policy = self.policy_source();
         if self.enforce_on_change && matches!(policy, PolicySource::None) {
             anyhow::bail!("--enforce-on-change needs --policy-file or --policy-kubernetes");
         }
@@ -286,6 +308,20 @@ mod tests {
         assert_eq!(args.dial_timeout, DEFAULT_DIAL_TIMEOUT);
         assert_eq!(args.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(args.client_listen.port(), 8090);
+    }
+
+    #[test]
+    fn without_a_policy_nothing_is_allowed_unless_authorization_is_off() {
+        let args = Cli::try_parse_from(["tunnel-server"]).unwrap();
+        let PolicySource::Fixed(rx) = args.run.policy_source() else {
+            panic!("expected a fixed deny-all policy");
+        };
+        assert_eq!(rx.borrow().len(), 0, "no rule allows anything");
+        let args = Cli::try_parse_from(["tunnel-server", "--allow-all"]).unwrap();
+        assert!(matches!(args.run.policy_source(), PolicySource::None));
+        let err = Cli::try_parse_from(["tunnel-server", "--allow-all", "--policy-kubernetes"])
+            .unwrap_err();
+        assert!(err.to_string().contains("--allow-all"), "{err}");
     }
 
     #[test]

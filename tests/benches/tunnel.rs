@@ -327,6 +327,7 @@ impl System {
                 format!("127.0.0.1:{admin_port}"),
                 s("--cert-dir"),
                 dir.display().to_string(),
+                s("--allow-all"),
             ],
             dir,
         );

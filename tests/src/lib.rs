@@ -727,6 +727,10 @@ pub async fn spawn_server(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Authorization off unless the test names a policy.
+    if !extra.iter().any(|a| a.starts_with("--policy")) {
+        args.push("--allow-all".into());
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let proc = Proc::spawn(name, "tunnel-server", &args, &[]);
     wait_listening(addrs.client, name).await;

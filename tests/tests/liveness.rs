@@ -88,6 +88,7 @@ async fn agent_notices_a_frozen_server_and_reports_not_ready() {
             pki.dir.path().display().to_string(),
             "--dead-peer-timeout".into(),
             "2s".into(),
+            "--allow-all".into(),
         ],
         &[],
     );
