@@ -1,0 +1,502 @@
+//! The `tunnel-manager` binary: `crdgen`, `run` (the controllers) and `health`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, ListParams};
+use tokio::sync::{OnceCell, watch};
+use tunnel_proto::cli::{LogFormat, init_logging, parse_duration};
+use tunnel_proto::client::{ClientOptions, TunnelClient};
+use tunnel_proto::h2::H2Settings;
+use tunnel_proto::tls::TlsFiles;
+
+use crate::clusters::{self, LiveView};
+use crate::crd::TunnelConfiguration;
+use crate::health::{self, ProbeOptions};
+use crate::signer::{self, Leaf, Signer};
+
+/// cluster-tunnel's hub control plane.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel-manager", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions (YAML) generated from the Rust types.
+    Crdgen,
+    /// Run the controllers: certificates, and with --open-cluster-management
+    /// an agent ManifestWork and ManagedClusterAddOn status per ManagedCluster.
+    Run(RunArgs),
+    /// For every cluster: agent installed, available, a probe through the tunnel, its latency.
+    Health(HealthArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Namespace of the manager (Secrets, Services).
+    #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
+    pub namespace: String,
+    /// Name of the TunnelConfiguration to follow.
+    #[arg(long, env = "TUNNEL_CONFIG_NAME", default_value = crate::crd::DEFAULT_NAME)]
+    pub config_name: String,
+    /// The servers' client port (for the live view of connected agents).
+    #[arg(
+        long = "server",
+        env = "TUNNEL_SERVERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub servers: Vec<String>,
+    /// Name the server certificate carries.
+    #[arg(long, env = "TUNNEL_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Base name of the server Services (`<name>`, `<name>-agents`, `<name>-headless`): put in the server certificate.
+    #[arg(
+        long,
+        env = "TUNNEL_SERVER_SERVICE",
+        default_value = "cluster-tunnel-server"
+    )]
+    pub server_service: String,
+    /// Secret to keep the server certificate in.
+    #[arg(
+        long,
+        env = "TUNNEL_SERVER_TLS_SECRET",
+        default_value = "cluster-tunnel-server-tls"
+    )]
+    pub server_tls_secret: String,
+    /// Trust domain of the identities.
+    #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = "cluster-tunnel")]
+    pub trust_domain: String,
+    /// Manage ManifestWork and ManagedClusterAddOn objects for every ManagedCluster.
+    #[arg(long, env = "TUNNEL_OPEN_CLUSTER_MANAGEMENT")]
+    pub open_cluster_management: bool,
+    /// How often the server is asked which agents are connected.
+    #[arg(long, env = "TUNNEL_LIVE_VIEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub live_view_interval: Duration,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8095")]
+    pub admin_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Log filter (`RUST_LOG` overrides).
+    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Flags of `health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// A server's client port.
+    #[arg(
+        long = "server",
+        env = "TUNNEL_SERVERS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:18090"
+    )]
+    pub servers: Vec<String>,
+    /// Name the server certificate carries; by default the address's host.
+    #[arg(long, env = "TUNNEL_SERVER_NAME", default_value = "localhost")]
+    pub server_name: String,
+    /// Directory with `client-<name>.pem`, `client-<name>-key.pem`, `ca.pem`.
+    #[arg(
+        long,
+        env = "TUNNEL_CERT_DIR",
+        default_value = "/tmp/cluster-tunnel-local"
+    )]
+    pub cert_dir: PathBuf,
+    /// Which client certificate in --cert-dir.
+    #[arg(long, env = "TUNNEL_CLIENT_NAME", default_value = "sidecar")]
+    pub client_name: String,
+    /// Client certificate (instead of --cert-dir).
+    #[arg(long, env = "TUNNEL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key.
+    #[arg(long, env = "TUNNEL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA of the server certificate.
+    #[arg(long, env = "TUNNEL_CA")]
+    pub ca: Option<PathBuf>,
+    /// Host probed in each cluster.
+    #[arg(long, default_value = "kubernetes.default.svc")]
+    pub probe_host: String,
+    /// Port probed in each cluster.
+    #[arg(long, default_value_t = 443)]
+    pub probe_port: u16,
+    /// Also `GET /healthz` over TLS (for a kube-apiserver); otherwise a TCP connect.
+    #[arg(long)]
+    pub healthz: bool,
+    /// Time allowed for each probe.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Look up which clusters have the agent installed (ManifestWorks on the hub, via the kubeconfig).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a command.
+pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
+    tunnel_proto::tls::install_crypto_provider();
+    match cli.command {
+        Command::Crdgen => {
+            print!("{}", crate::crd::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health(args) => {
+            let (out, all_healthy) = health_command(&args).await?;
+            print!("{out}");
+            Ok(if all_healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Run(args) => {
+            init_logging(args.log_format, &args.log_level);
+            run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The `health` command's output and whether every cluster was healthy.
+pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)> {
+    let mut files = TlsFiles::in_dir(&args.cert_dir, &format!("client-{}", args.client_name));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        files.cert = cert.clone();
+        files.key = key.clone();
+    }
+    if let Some(ca) = &args.ca {
+        files.ca = ca.clone();
+    }
+    let tls = tunnel_proto::tls::client_config(&files).context("client TLS")?;
+    let client = TunnelClient::new(ClientOptions {
+        servers: args.servers.clone(),
+        server_name: Some(args.server_name.clone()),
+        tls,
+        h2: H2Settings::default(),
+        connect_timeout: args.timeout,
+        open_timeout: args.timeout,
+        token_file: None,
+    });
+    let installed = if args.kubernetes {
+        Some(installed_clusters().await?)
+    } else {
+        None
+    };
+    let opts = ProbeOptions {
+        host: args.probe_host.clone(),
+        port: args.probe_port,
+        healthz: args.healthz,
+        timeout: args.timeout,
+    };
+    let rows = health::check(&client, installed.as_deref(), &opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list clusters from {:?}: {e}", args.servers))?;
+    let all = rows.iter().all(|r| r.healthy);
+    let out = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&rows)?)
+    } else {
+        health::table(&rows)
+    };
+    Ok((out, all))
+}
+
+/// Clusters whose agent ManifestWork exists on the hub.
+async fn installed_clusters() -> anyhow::Result<Vec<String>> {
+    let client = kube::Client::try_default().await.context("kubeconfig")?;
+    let works: Api<DynamicObject> =
+        Api::all_with(client, &crate::agent_work::manifest_work_resource());
+    let list = works
+        .list(
+            &ListParams::default()
+                .fields(&format!("metadata.name={}", crate::agent_work::WORK_NAME)),
+        )
+        .await
+        .context("list ManifestWorks")?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|w| w.metadata.namespace)
+        .collect())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client")?;
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tunnel_proto::cli::termination_signal().await;
+            shutdown.notify_waiters();
+        });
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let registry = Arc::new(prometheus_client::registry::Registry::default());
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("admin port {}", args.admin_listen))?;
+    let ready_check = ready.clone();
+    let admin = tunnel_proto::admin::AdminServer::new(
+        registry,
+        Arc::new(move || ready_check.load(Ordering::Acquire)),
+    );
+    let stop = shutdown.clone();
+    tokio::spawn(admin.serve(listener, async move { stop.notified().await }));
+
+    // The configuration, followed.
+    let (config_tx, config_rx) = watch::channel(None::<Arc<TunnelConfiguration>>);
+    let configs: Api<TunnelConfiguration> = Api::all(client.clone());
+    let name = args.config_name.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(kube::runtime::watcher::watch_object(configs, &name));
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(obj) => {
+                    config_tx.send_replace(obj.map(Arc::new));
+                }
+                Err(error) => tracing::warn!(%error, "watching the TunnelConfiguration"),
+            }
+        }
+    });
+    let mut wait = config_rx.clone();
+    let config = wait
+        .wait_for(Option::is_some)
+        .await
+        .context("configuration watch ended")?
+        .clone()
+        .expect("waited for Some");
+    tracing::info!(name = %args.config_name, "configuration found");
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
+    let now = time::OffsetDateTime::now_utc;
+    let signer = Arc::new(
+        signer::ensure_signer(
+            &secrets,
+            &config.spec.signer.secret_name,
+            &args.trust_domain,
+            now(),
+        )
+        .await?,
+    );
+
+    // The server certificate, kept current.
+    let names = server_names(&args.server_service, &args.namespace, &config);
+    {
+        let (secrets, signer, args_secret, td) = (
+            secrets.clone(),
+            signer.clone(),
+            args.server_tls_secret.clone(),
+            args.trust_domain.clone(),
+        );
+        let config_rx = config_rx.clone();
+        let configs_api: Api<TunnelConfiguration> = Api::all(client.clone());
+        let config_name = args.config_name.clone();
+        tokio::spawn(async move {
+            loop {
+                let validity = config_rx
+                    .borrow()
+                    .as_ref()
+                    .map(|c| c.spec.signer.certificate_validity_days)
+                    .unwrap_or(90);
+                let result = signer::ensure_leaf(
+                    &secrets,
+                    &args_secret,
+                    &Leaf::Server {
+                        names: names.clone(),
+                    },
+                    &signer,
+                    &td,
+                    time::Duration::days(i64::from(validity)),
+                    None,
+                    now(),
+                )
+                .await;
+                if let Err(error) = &result {
+                    tracing::warn!(%error, "server certificate");
+                }
+                report_status(&configs_api, &config_name, &config_rx, result.err()).await;
+                tokio::time::sleep(clusters::RESYNC).await;
+            }
+        });
+    }
+
+    // The live view: agents per cluster, from the server, with our own client certificate.
+    let (live_tx, live_rx) = watch::channel::<LiveView>(None);
+    let validity = time::Duration::days(i64::from(config.spec.signer.certificate_validity_days));
+    let client_tls = manager_client_tls(&signer, &args.trust_domain, validity)?;
+    let tunnel = TunnelClient::new(ClientOptions {
+        servers: args.servers.clone(),
+        server_name: args.server_name.clone(),
+        tls: client_tls,
+        h2: H2Settings::default(),
+        connect_timeout: Duration::from_secs(10),
+        open_timeout: Duration::from_secs(10),
+        token_file: None,
+    });
+    let interval = args.live_view_interval;
+    tokio::spawn(async move {
+        loop {
+            let view = match tunnel.list_clusters().await {
+                Ok(list) => Some(list.into_iter().map(|c| (c.name, c.agents.len())).collect()),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot list the server's clusters");
+                    None
+                }
+            };
+            live_tx.send_if_modified(|old| {
+                let changed = *old != view;
+                *old = view;
+                changed
+            });
+            tokio::time::sleep(interval).await;
+        }
+    });
+    ready.store(true, Ordering::Release);
+
+    if args.open_cluster_management {
+        let ctx = Arc::new(clusters::Context {
+            client,
+            namespace: args.namespace.clone(),
+            config: config_rx,
+            config_name: args.config_name.clone(),
+            trust_domain: args.trust_domain.clone(),
+            live: live_rx,
+            signer: OnceCell::new_with(Some(signer)),
+            clock: Arc::new(time::OffsetDateTime::now_utc),
+        });
+        let stop = shutdown.clone();
+        clusters::run(ctx, async move { stop.notified().await }).await;
+    } else {
+        shutdown.notified().await;
+    }
+    Ok(())
+}
+
+/// Applies the configuration's status: the signer is loaded (the manager
+/// got this far), the server certificate is (or is not) current, and Ready.
+async fn report_status(
+    api: &Api<TunnelConfiguration>,
+    name: &str,
+    config: &watch::Receiver<Option<Arc<TunnelConfiguration>>>,
+    server_cert_error: Option<signer::SignerError>,
+) {
+    let Some(current) = config.borrow().clone() else {
+        return;
+    };
+    let generation = current.metadata.generation;
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mut status = current.status.clone().unwrap_or_default();
+    status.set(
+        "SignerReady",
+        true,
+        "Loaded",
+        "the signer CA is loaded".into(),
+        generation,
+        &now,
+    );
+    let cert_ok = server_cert_error.is_none();
+    status.set(
+        "ServerCertificateReady",
+        cert_ok,
+        if cert_ok { "Issued" } else { "IssueFailed" },
+        server_cert_error.map(|e| e.to_string()).unwrap_or_default(),
+        generation,
+        &now,
+    );
+    status.set(
+        "Ready",
+        cert_ok,
+        if cert_ok { "Ready" } else { "NotReady" },
+        String::new(),
+        generation,
+        &now,
+    );
+    let body = serde_json::json!({
+        "apiVersion": "cluster-tunnel.io/v1alpha1",
+        "kind": "TunnelConfiguration",
+        "status": status,
+    });
+    if let Err(error) = api
+        .patch_status(
+            name,
+            &kube::api::PatchParams::apply(signer::FIELD_MANAGER).force(),
+            &kube::api::Patch::Apply(body),
+        )
+        .await
+    {
+        tracing::warn!(%error, "cannot update the TunnelConfiguration status");
+    }
+}
+
+/// Names in the server certificate: the Services' in-cluster names and a
+/// fixed entrypoint host name.
+pub fn server_names(service: &str, namespace: &str, config: &TunnelConfiguration) -> Vec<String> {
+    let mut names = Vec::new();
+    for svc in [
+        service.to_string(),
+        format!("{service}-agents"),
+        format!("{service}-headless"),
+    ] {
+        names.push(format!("{svc}.{namespace}.svc"));
+        names.push(format!("{svc}.{namespace}.svc.cluster.local"));
+    }
+    if let Some(h) = &config.spec.server.entrypoint.hostname {
+        names.push(h.value.clone());
+    }
+    names
+}
+
+/// A client certificate for the manager itself (`client/tunnel-manager`),
+/// in memory only (the root file system is read-only). It lives as long as
+/// the server certificate would; the process re-issues it when restarted.
+fn manager_client_tls(
+    signer: &Signer,
+    trust_domain: &str,
+    validity: time::Duration,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let issued = signer.issue(
+        &Leaf::Client {
+            name: "tunnel-manager".into(),
+        },
+        trust_domain,
+        time::OffsetDateTime::now_utc(),
+        validity,
+    )?;
+    let chain = vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())?];
+    let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(
+        signer.ca.cert_pem.as_bytes(),
+    )?)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(tunnel_proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![tunnel_proto::tls::ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}

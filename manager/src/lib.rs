@@ -1,0 +1,20 @@
+//! The cluster-tunnel manager: the hub's control plane for a fleet.
+//!
+//! # Modules
+//!
+//! - [`crd`]: the `TunnelConfiguration` resource and its generated CRD;
+//! - [`signer`]: the signer CA kept in a Secret (generated if absent) and
+//!   the certificates it issues, renewed when a fifth of their lifetime is left;
+//! - [`agent_work`]: the `ManifestWork` that delivers an agent to a managed cluster;
+//! - [`addon`]: `ManagedClusterAddOn` conditions from the server's live view;
+//! - [`clusters`]: the kube-runtime controller over `ManagedCluster`s;
+//! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
+//! - [`cli`]: the binary's commands and flags.
+
+pub mod addon;
+pub mod agent_work;
+pub mod cli;
+pub mod clusters;
+pub mod crd;
+pub mod health;
+pub mod signer;

@@ -1,0 +1,538 @@
+//! The signer: a CA kept in a Secret of the manager's namespace (generated
+//! when absent), and the certificates it issues into Secrets — the servers'
+//! and one per managed cluster's agent (`spiffe://<td>/agent/<cluster>`).
+//! A certificate is re-issued when a fifth of its lifetime is left, when it
+//! is not signed by the current CA, or when it cannot be read.
+//!
+//! Time is a parameter everywhere, so tests decide what "now" is.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, PatchParams, PostParams};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use time::{Duration, OffsetDateTime};
+
+/// Field manager of everything the manager applies.
+pub const FIELD_MANAGER: &str = "tunnel-manager";
+/// Lifetime of a generated CA.
+pub const CA_VALIDITY: Duration = Duration::days(3650);
+/// `not_before` lies this far in the past, for clock skew between machines.
+const BACKDATE: Duration = Duration::hours(1);
+/// Label on every Secret the signer writes.
+pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "tunnel-manager");
+
+/// A failure of the signer.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    /// rcgen could not build or sign a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// The CA Secret exists but cannot be used.
+    #[error("signer Secret {name} is unusable: {reason}")]
+    BadCa {
+        /// The Secret.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The API server failed a request.
+    #[error("cannot {action} Secret {name}: {source}")]
+    Api {
+        /// get, create, apply.
+        action: &'static str,
+        /// The Secret.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What a certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leaf {
+    /// A proxy server, with the DNS names and IPs agents and clients dial.
+    Server {
+        /// DNS names or IP literals.
+        names: Vec<String>,
+    },
+    /// The agent of one managed cluster.
+    Agent {
+        /// The cluster's name.
+        cluster: String,
+    },
+    /// A client of the servers' client port (the manager itself, sidecars).
+    Client {
+        /// The client's name.
+        name: String,
+    },
+}
+
+impl Leaf {
+    /// The identity URI of this leaf.
+    pub fn uri(&self, trust_domain: &str) -> String {
+        match self {
+            Leaf::Server { .. } => format!("spiffe://{trust_domain}/server"),
+            Leaf::Agent { cluster } => format!("spiffe://{trust_domain}/agent/{cluster}"),
+            Leaf::Client { name } => format!("spiffe://{trust_domain}/client/{name}"),
+        }
+    }
+}
+
+/// A certificate and its key, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The CA.
+pub struct Signer {
+    /// The CA certificate and key.
+    pub ca: Issued,
+    issuer: Issuer<'static, KeyPair>,
+    subject_der: Vec<u8>,
+    /// Subject key identifier: leaves name it as their authority key id.
+    key_id: Option<Vec<u8>>,
+    not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// A new CA valid from `now` for [`CA_VALIDITY`].
+    pub fn generate(trust_domain: &str, now: OffsetDateTime) -> Result<Self, SignerError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "cluster-tunnel");
+        dn.push(DnType::CommonName, format!("{trust_domain} signer"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        params.not_before = now - BACKDATE;
+        params.not_after = now + CA_VALIDITY;
+        let cert = params.self_signed(&key)?;
+        Self::from_pem(&cert.pem(), &key.serialize_pem()).map_err(|reason| SignerError::BadCa {
+            name: "(generated)".into(),
+            reason,
+        })
+    }
+
+    /// A CA from its certificate and key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, String> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| format!("tls.crt is not a PEM certificate: {e}"))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| format!("tls.key: {e}"))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| format!("cannot parse tls.crt: {e}"))?;
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err("tls.key does not belong to tls.crt".into());
+        }
+        let not_after = OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
+            .map_err(|e| e.to_string())?;
+        let subject_der = x509.subject().as_raw().to_vec();
+        let key_id = subject_key_id(&x509);
+        let issuer = issuer_of(&x509, key)?;
+        Ok(Self {
+            ca: Issued {
+                cert_pem: cert_pem.to_owned(),
+                key_pem: key_pem.to_owned(),
+            },
+            issuer,
+            subject_der,
+            key_id,
+            not_after,
+        })
+    }
+
+    /// Issues a certificate for `leaf`, valid from `now` for `validity`
+    /// (never beyond the CA).
+    pub fn issue(
+        &self,
+        leaf: &Leaf,
+        trust_domain: &str,
+        now: OffsetDateTime,
+        validity: Duration,
+    ) -> Result<Issued, SignerError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        let uri = leaf.uri(trust_domain);
+        dn.push(DnType::CommonName, uri.clone());
+        params.distinguished_name = dn;
+        let mut sans = vec![SanType::URI(uri.try_into()?)];
+        if let Leaf::Server { names } = leaf {
+            for name in names {
+                sans.push(match name.parse::<IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(name.clone().try_into()?),
+                });
+            }
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match leaf {
+            Leaf::Server { .. } => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = now - BACKDATE;
+        params.not_after = (now + validity).min(self.not_after);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Whether `cert_pem` must be re-issued at `now`: unreadable, not signed
+    /// by this CA, or less than a fifth of its lifetime left.
+    pub fn needs_renewal(&self, cert_pem: &[u8], now: OffsetDateTime) -> bool {
+        let Ok(der) = CertificateDer::from_pem_slice(cert_pem) else {
+            return true;
+        };
+        let Ok((_, x509)) = x509_parser::parse_x509_certificate(&der) else {
+            return true;
+        };
+        if x509.issuer().as_raw() != self.subject_der.as_slice()
+            || x509.subject().as_raw() == x509.issuer().as_raw()
+        {
+            // Another CA's, or self-signed.
+            return true;
+        }
+        let authority = x509
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            });
+        if self.key_id.is_some() && authority != self.key_id {
+            // Same name, another key: a replaced CA.
+            return true;
+        }
+        let v = x509.validity();
+        let (from, to) = (v.not_before.timestamp(), v.not_after.timestamp());
+        let left = to - now.unix_timestamp();
+        left * 5 < to - from
+    }
+}
+
+/// The rcgen issuer of a CA certificate: its subject name (UTF-8 and
+/// printable strings, which is what CAs use) and its subject key identifier.
+fn issuer_of(
+    x509: &x509_parser::certificate::X509Certificate<'_>,
+    key: KeyPair,
+) -> Result<Issuer<'static, KeyPair>, String> {
+    use x509_parser::der_parser::asn1_rs::Tag;
+    let mut dn = DistinguishedName::new();
+    for rdn in x509.subject().iter() {
+        for attr in rdn.iter() {
+            let oid: Vec<u64> = attr
+                .attr_type()
+                .iter()
+                .ok_or("subject attribute type is not a valid OID")?
+                .collect();
+            let value = attr.attr_value();
+            let text = std::str::from_utf8(value.data)
+                .map_err(|_| "subject value is not UTF-8".to_string())?
+                .to_owned();
+            let dn_value = match value.header.tag() {
+                Tag::Utf8String => rcgen::DnValue::Utf8String(text),
+                Tag::PrintableString => rcgen::DnValue::PrintableString(
+                    text.try_into()
+                        .map_err(|_| "bad printable string".to_string())?,
+                ),
+                _ => return Err("the CA's subject uses an unsupported string type".into()),
+            };
+            dn.push(DnType::from_oid(&oid), dn_value);
+        }
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    if let Some(ski) = subject_key_id(x509) {
+        params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(ski);
+    }
+    Ok(Issuer::new(params, key))
+}
+
+fn subject_key_id(x509: &x509_parser::certificate::X509Certificate<'_>) -> Option<Vec<u8>> {
+    x509.iter_extensions()
+        .find_map(|ext| match ext.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(ski) => {
+                Some(ski.0.to_vec())
+            }
+            _ => None,
+        })
+}
+
+/// A random positive 128-bit serial number.
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand_bytes();
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn rand_bytes() -> [u8; 16] {
+    // A fresh key's public bytes are random enough for a serial and spare a dependency.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+    let raw = key.public_key_raw();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&raw[1..17]);
+    out
+}
+
+fn data(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+}
+
+/// A `kubernetes.io/tls` Secret with `tls.crt`, `tls.key` and `ca.crt`.
+pub fn tls_secret(
+    name: &str,
+    namespace: &str,
+    issued: &Issued,
+    ca_pem: &str,
+    owner: Option<OwnerReference>,
+) -> Secret {
+    let mut data = BTreeMap::new();
+    data.insert(
+        "tls.crt".into(),
+        ByteString(issued.cert_pem.clone().into_bytes()),
+    );
+    data.insert(
+        "tls.key".into(),
+        ByteString(issued.key_pem.clone().into_bytes()),
+    );
+    data.insert("ca.crt".into(), ByteString(ca_pem.as_bytes().to_vec()));
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.0.into(),
+                MANAGED_BY_LABEL.1.into(),
+            )])),
+            owner_references: owner.map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn api_error(action: &'static str, name: &str) -> impl FnOnce(kube::Error) -> SignerError {
+    let name = name.to_owned();
+    move |source| SignerError::Api {
+        action,
+        name,
+        source,
+    }
+}
+
+fn is_status(err: &kube::Error, code: u16) -> bool {
+    matches!(err, kube::Error::Api(s) if s.code == code)
+}
+
+/// Reads the signer Secret `name`, creating it with a new CA when absent
+/// (a concurrent creation by another replica is read back).
+pub async fn ensure_signer(
+    api: &Api<Secret>,
+    name: &str,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<Signer, SignerError> {
+    let from_secret = |secret: &Secret| {
+        let cert = data(secret, "tls.crt").unwrap_or_default();
+        let key = data(secret, "tls.key").unwrap_or_default();
+        Signer::from_pem(
+            &String::from_utf8_lossy(&cert),
+            &String::from_utf8_lossy(&key),
+        )
+        .map_err(|reason| SignerError::BadCa {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    match api.get_opt(name).await.map_err(api_error("get", name))? {
+        Some(secret) => from_secret(&secret),
+        None => {
+            let signer = Signer::generate(trust_domain, now)?;
+            let ns = api_namespace(api);
+            let secret = tls_secret(name, &ns, &signer.ca, &signer.ca.cert_pem, None);
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    tracing::info!(secret = name, "signer CA generated");
+                    Ok(signer)
+                }
+                Err(e) if is_status(&e, 409) => {
+                    let secret = api.get(name).await.map_err(api_error("get", name))?;
+                    from_secret(&secret)
+                }
+                Err(e) => Err(api_error("create", name)(e)),
+            }
+        }
+    }
+}
+
+fn api_namespace(api: &Api<Secret>) -> String {
+    api.namespace().unwrap_or("default").to_owned()
+}
+
+/// What [`ensure_leaf`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafOutcome {
+    /// The Secret's certificate is good.
+    Current,
+    /// A certificate was issued (new, renewed or replaced).
+    Issued,
+}
+
+/// Makes the Secret `name` hold a current certificate for `leaf`: read, and
+/// when missing or due for renewal, re-issued and applied (server-side).
+/// Returns the Secret as it now is.
+#[allow(clippy::too_many_arguments)]
+pub async fn ensure_leaf(
+    api: &Api<Secret>,
+    name: &str,
+    leaf: &Leaf,
+    signer: &Signer,
+    trust_domain: &str,
+    validity: Duration,
+    owner: Option<OwnerReference>,
+    now: OffsetDateTime,
+) -> Result<(Secret, LeafOutcome), SignerError> {
+    if let Some(secret) = api.get_opt(name).await.map_err(api_error("get", name))? {
+        let cert = data(&secret, "tls.crt").unwrap_or_default();
+        let ca = data(&secret, "ca.crt").unwrap_or_default();
+        if !signer.needs_renewal(&cert, now) && ca == signer.ca.cert_pem.as_bytes() {
+            return Ok((secret, LeafOutcome::Current));
+        }
+    }
+    let issued = signer.issue(leaf, trust_domain, now, validity)?;
+    let secret = tls_secret(
+        name,
+        &api_namespace(api),
+        &issued,
+        &signer.ca.cert_pem,
+        owner,
+    );
+    let mut body = serde_json::to_value(&secret).expect("a Secret serializes");
+    body["apiVersion"] = "v1".into();
+    body["kind"] = "Secret".into();
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(body),
+    )
+    .await
+    .map_err(api_error("apply", name))?;
+    tracing::info!(secret = name, identity = %leaf.uri(trust_domain), "certificate issued");
+    Ok((secret, LeafOutcome::Issued))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TD: &str = "cluster-tunnel";
+
+    #[test]
+    fn a_leaf_is_renewed_when_a_fifth_of_its_lifetime_is_left() {
+        let t0 = OffsetDateTime::now_utc();
+        let signer = Signer::generate(TD, t0).unwrap();
+        let leaf = Leaf::Agent {
+            cluster: "east".into(),
+        };
+        let issued = signer.issue(&leaf, TD, t0, Duration::days(100)).unwrap();
+        let cert = issued.cert_pem.as_bytes();
+        // Lifetime is 100 days + 1 h backdate: renewal starts just before day 80.
+        assert!(!signer.needs_renewal(cert, t0));
+        assert!(!signer.needs_renewal(cert, t0 + Duration::days(79)));
+        assert!(signer.needs_renewal(cert, t0 + Duration::days(81)));
+        assert!(signer.needs_renewal(cert, t0 + Duration::days(101)));
+        // Another CA's certificate, or garbage, is replaced at once.
+        let other = Signer::generate(TD, t0).unwrap();
+        assert!(other.needs_renewal(cert, t0));
+        assert!(signer.needs_renewal(b"nonsense", t0));
+        assert!(signer.needs_renewal(signer.ca.cert_pem.as_bytes(), t0));
+    }
+
+    #[test]
+    fn an_agent_certificate_carries_the_cluster_identity_and_is_verified_by_the_ca() {
+        let now = OffsetDateTime::now_utc();
+        let signer = Signer::generate(TD, now).unwrap();
+        let issued = signer
+            .issue(
+                &Leaf::Agent {
+                    cluster: "east".into(),
+                },
+                TD,
+                now,
+                Duration::days(30),
+            )
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = x509.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, ["spiffe://cluster-tunnel/agent/east"]);
+        let ca_der = CertificateDer::from_pem_slice(signer.ca.cert_pem.as_bytes()).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        assert_eq!(x509.issuer().as_raw(), ca.subject().as_raw());
+        // A signer read back from its PEM signs the same way.
+        let again = Signer::from_pem(&signer.ca.cert_pem, &signer.ca.key_pem).unwrap();
+        assert!(!again.needs_renewal(issued.cert_pem.as_bytes(), now));
+    }
+}

@@ -1,0 +1,407 @@
+//! The Helm charts, rendered offline by Helm's own SDK (the PyPI package
+//! `helm-python-sdk`) with several value sets, linted, and every object
+//! validated against the Kubernetes schemas (`kubernetes-validate`, strict)
+//! or, for our custom resources, against the chart's CRD; then the flags the
+//! templates pass are checked against the real binaries' command lines, and
+//! the chart's CRD against the one generated from the Rust types.
+//!
+//! Needs python3 with `pip install helm-python-sdk kubernetes-validate`
+//! (`.ci/run` installs them); without them the tests say they are skipped,
+//! except under CI, where they fail.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::CommandFactory as _;
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+struct Rendered {
+    objects: Vec<Value>,
+}
+
+impl Rendered {
+    fn kind(&self, kind: &str) -> Vec<&Value> {
+        self.objects.iter().filter(|o| o["kind"] == kind).collect()
+    }
+    fn find(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+    }
+    fn one(&self, kind: &str, name: &str) -> &Value {
+        self.find(kind, name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+}
+
+/// Renders `chart` with `values`; `None` when the tools are missing (and not in CI).
+fn render(chart: &str, values: &Value) -> Option<Result<Rendered, String>> {
+    let script = root().join("charts/tests/render.py");
+    let out = match Command::new("python3")
+        .arg(&script)
+        .arg(root().join("charts").join(chart))
+        .arg(values.to_string())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => return skip(&format!("python3 cannot be run: {e}")),
+    };
+    if out.status.code() == Some(3) {
+        return skip(&String::from_utf8_lossy(&out.stderr));
+    }
+    if !out.status.success() {
+        return Some(Err(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    let report: Value = serde_json::from_slice(&out.stdout).expect("render.py prints JSON");
+    assert_eq!(
+        report["lint"],
+        json!([]),
+        "helm lint of {chart} with {values}"
+    );
+    assert_eq!(
+        report["invalid"],
+        json!([]),
+        "schema validation of {chart} with {values}"
+    );
+    for unchecked in report["unchecked"].as_array().unwrap() {
+        assert!(
+            unchecked.as_str().unwrap().starts_with("ServiceMonitor "),
+            "no schema for {unchecked}"
+        );
+    }
+    Some(Ok(Rendered {
+        objects: report["objects"].as_array().unwrap().clone(),
+    }))
+}
+
+fn skip<T>(why: &str) -> Option<T> {
+    if std::env::var_os("CI").is_some() {
+        panic!("chart tests need python3 with helm-python-sdk and kubernetes-validate: {why}");
+    }
+    eprintln!(
+        "SKIPPED: chart tests need python3 with `pip install helm-python-sdk kubernetes-validate`: {why}"
+    );
+    None
+}
+
+/// Every `--flag` a container passes exists in the binary's command line,
+/// and every `TUNNEL_*` variable it sets is one the binary reads.
+fn check_flags(container: &Value, cmd: &clap::Command) {
+    let longs: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    let envs: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect();
+    let name = &container["name"];
+    for arg in container["args"].as_array().into_iter().flatten() {
+        let arg = arg.as_str().unwrap();
+        if let Some(flag) = arg.strip_prefix("--") {
+            let flag = flag.split('=').next().unwrap();
+            assert!(
+                longs.iter().any(|l| l == flag),
+                "container {name} passes --{flag}, which {} does not have",
+                cmd.get_name()
+            );
+        }
+    }
+    for env in container["env"].as_array().into_iter().flatten() {
+        let var = env["name"].as_str().unwrap();
+        if var.starts_with("TUNNEL_") {
+            assert!(
+                envs.iter().any(|e| e == var),
+                "container {name} sets {var}, which {} does not read",
+                cmd.get_name()
+            );
+        }
+    }
+}
+
+fn command_for(container: &str) -> clap::Command {
+    match container {
+        "server" => tunnel_server::cli::Cli::command(),
+        "agent" => tunnel_agent::cli::Cli::command(),
+        "injector" => tunnel_injector::cli::Cli::command(),
+        "manager" => tunnel_manager::cli::Cli::command()
+            .find_subcommand("run")
+            .unwrap()
+            .clone(),
+        other => panic!("no binary known for container {other}"),
+    }
+}
+
+fn check_every_deployment(r: &Rendered) {
+    for d in r.kind("Deployment") {
+        for c in d["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            let mut cmd = command_for(c["name"].as_str().unwrap());
+            // A subcommand's own args: `run` is the manager's first argument.
+            let args: Vec<Value> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| *a != "run")
+                .cloned()
+                .collect();
+            let mut c = c.clone();
+            c["args"] = Value::Array(args);
+            cmd.build();
+            check_flags(&c, &cmd);
+        }
+    }
+}
+
+fn check_rbac_is_narrow(r: &Rendered) {
+    for kind in ["ClusterRole", "Role"] {
+        for role in r.kind(kind) {
+            for rule in role["rules"].as_array().unwrap() {
+                for field in ["verbs", "resources", "apiGroups"] {
+                    assert!(
+                        !rule[field].as_array().unwrap().contains(&json!("*")),
+                        "{kind} {} grants * in {field}",
+                        role["metadata"]["name"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_hub_chart_renders_valid_objects_with_every_value_set() {
+    let sets = [
+        json!({}),
+        json!({
+            "server": { "replicas": 3, "antiAffinity": "hard", "entrypoint": { "type": "Hostname", "hostname": "hub.example.com", "port": 8443 } },
+            "injector": { "failurePolicy": "Fail", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"] },
+            "serviceMonitor": { "enabled": true, "labels": { "release": "prometheus" } },
+            "networkPolicy": { "enabled": true, "agentSourceCidrs": ["203.0.113.0/24"] },
+            "imagePullSecrets": ["regcred"],
+            "logFormat": "text",
+        }),
+        json!({ "injector": { "enabled": false }, "manager": { "openClusterManagement": false }, "server": { "authorization": "allowAll" } }),
+    ];
+    for values in &sets {
+        let Some(rendered) = render("cluster-tunnel", values) else {
+            return;
+        };
+        let r = rendered.unwrap_or_else(|e| panic!("render with {values}: {e}"));
+        check_every_deployment(&r);
+        check_rbac_is_narrow(&r);
+
+        let server = r.one("Deployment", "cluster-tunnel-server");
+        let replicas = values["server"]["replicas"].as_i64().unwrap_or(2);
+        assert_eq!(server["spec"]["replicas"], replicas);
+        let anti = &server["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
+        if values["server"]["antiAffinity"] == "hard" {
+            assert!(anti["requiredDuringSchedulingIgnoredDuringExecution"].is_array());
+        } else {
+            assert!(anti["preferredDuringSchedulingIgnoredDuringExecution"].is_array());
+        }
+        assert_eq!(
+            r.one("Service", "cluster-tunnel-server-headless")["spec"]["clusterIP"],
+            "None"
+        );
+        let agents = r.one("Service", "cluster-tunnel-server-agents");
+        let lb = values["server"]["entrypoint"]["type"] != "Hostname";
+        assert_eq!(
+            agents["spec"]["type"],
+            if lb { "LoadBalancer" } else { "ClusterIP" }
+        );
+        r.one("Service", "cluster-tunnel-server");
+        // Authorization: policies and token reviews with their RBAC, or explicitly off.
+        let args = server["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        if values["server"]["authorization"] == "allowAll" {
+            assert!(args.contains("--allow-all"), "{args}");
+            assert!(r.find("ClusterRole", "cluster-tunnel-server").is_none());
+        } else {
+            assert!(
+                args.contains("--policy-kubernetes") && args.contains("--token-review"),
+                "{args}"
+            );
+            let role = r.one("ClusterRole", "cluster-tunnel-server").to_string();
+            assert!(
+                role.contains("tunnelpolicies") && role.contains("tokenreviews"),
+                "{role}"
+            );
+        }
+        r.one("PodDisruptionBudget", "cluster-tunnel-server");
+        r.one(
+            "CustomResourceDefinition",
+            "tunnelconfigurations.cluster-tunnel.io",
+        );
+
+        if values["injector"]["enabled"] == false {
+            assert!(r.kind("MutatingWebhookConfiguration").is_empty());
+        } else {
+            r.one("PodDisruptionBudget", "cluster-tunnel-injector");
+            let hook =
+                &r.one("MutatingWebhookConfiguration", "cluster-tunnel-injector")["webhooks"][0];
+            assert_eq!(hook["sideEffects"], "None");
+            assert_eq!(
+                hook["failurePolicy"],
+                values["injector"]["failurePolicy"]
+                    .as_str()
+                    .unwrap_or("Ignore")
+            );
+            assert_eq!(
+                hook["timeoutSeconds"],
+                values["injector"]["timeoutSeconds"].as_i64().unwrap_or(10)
+            );
+            let exprs = hook["namespaceSelector"]["matchExpressions"]
+                .as_array()
+                .unwrap();
+            assert!(exprs.contains(&json!({ "key": "cluster-tunnel.io/injection", "operator": "In", "values": ["enabled"] })));
+            let excluded = exprs.iter().find(|e| e["operator"] == "NotIn").unwrap();
+            assert!(
+                excluded["values"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!("cluster-tunnel")),
+                "own namespace excluded"
+            );
+            // The webhook's Service is the one the injector's certificate names.
+            let injector = r.one("Deployment", "cluster-tunnel-injector");
+            let args = injector["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+            assert!(
+                args.contains("--service-name=cluster-tunnel-injector"),
+                "{args}"
+            );
+            assert!(
+                args.contains("--webhook-config-name=cluster-tunnel-injector"),
+                "{args}"
+            );
+        }
+        let monitors = r.kind("ServiceMonitor").len();
+        assert_eq!(monitors > 0, values["serviceMonitor"]["enabled"] == true);
+        let policies = r.kind("NetworkPolicy").len();
+        assert_eq!(policies > 0, values["networkPolicy"]["enabled"] == true);
+        let manager_role = r.one("ClusterRole", "cluster-tunnel-manager").to_string();
+        assert_eq!(
+            manager_role.contains("manifestworks"),
+            values["manager"]["openClusterManagement"] != false
+        );
+    }
+}
+
+#[test]
+fn the_agent_chart_renders_valid_objects_with_every_value_set() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let sets = [
+        json!({ "cluster": "east", "servers": ["hub.example.com:443"], "tls": { "cert": pem, "key": pem, "ca": pem } }),
+        json!({
+            "cluster": "west", "replicas": 3,
+            "servers": ["hub-a.example.com:443", "hub-b.example.com:443"], "serverName": "hub.example.com",
+            "tls": { "existingSecret": "agent-certs" },
+            "allow": ["*.svc:443", "10.0.0.0/8"], "hostAliases": ["kubernetes.default.svc=10.96.0.1"],
+            "networkPolicy": { "enabled": true }, "logFormat": "text",
+        }),
+    ];
+    for values in &sets {
+        let Some(rendered) = render("cluster-tunnel-agent", values) else {
+            return;
+        };
+        let r = rendered.unwrap_or_else(|e| panic!("render with {values}: {e}"));
+        check_every_deployment(&r);
+        let d = r.one("Deployment", "cluster-tunnel-agent");
+        assert_eq!(
+            d["spec"]["replicas"],
+            values["replicas"].as_i64().unwrap_or(2)
+        );
+        let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(
+            args.contains(&format!(
+                "--cluster={}",
+                values["cluster"].as_str().unwrap()
+            )),
+            "{args}"
+        );
+        let secret = d["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"].clone();
+        if values["tls"]["existingSecret"].is_string() {
+            assert_eq!(secret, values["tls"]["existingSecret"]);
+            assert!(r.kind("Secret").is_empty());
+        } else {
+            assert_eq!(r.kind("Secret")[0]["metadata"]["name"], secret);
+        }
+        r.one("PodDisruptionBudget", "cluster-tunnel-agent");
+    }
+    // Without a cluster name or credentials the chart refuses to render.
+    if let Some(result) = render(
+        "cluster-tunnel-agent",
+        &json!({ "servers": ["hub:443"], "tls": { "existingSecret": "x" } }),
+    ) {
+        let err = result.err().expect("rendering without a cluster fails");
+        assert!(err.contains("cluster is required"), "{err}");
+    }
+}
+
+#[test]
+fn the_charts_crd_is_the_one_generated_from_the_rust_types() {
+    let path = root().join("charts/cluster-tunnel/crds/tunnelconfigurations.yaml");
+    let generated = tunnel_manager::crd::crd_yaml();
+    if std::env::var_os("UPDATE_CRDS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let in_chart = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        in_chart == generated,
+        "{} differs from `tunnel-manager crdgen`; run `cargo run -p tunnel-manager -- crdgen > {}` (or UPDATE_CRDS=1 cargo test)",
+        path.display(),
+        path.display()
+    );
+}
+
+#[test]
+fn the_charts_tunnel_policy_crd_is_the_servers() {
+    let path = root().join("charts/cluster-tunnel/crds/tunnelpolicies.yaml");
+    let generated = tunnel_server::policy::crd_yaml();
+    if std::env::var_os("UPDATE_CRDS").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let in_chart = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        in_chart == generated,
+        "{} differs from `tunnel-server crd`; run `cargo run --bin tunnel-server -- crd > {}` (or UPDATE_CRDS=1 cargo test)",
+        path.display(),
+        path.display()
+    );
+}
+
+#[test]
+fn the_delivered_agent_uses_only_flags_the_agent_has() {
+    let spec: tunnel_manager::crd::AgentSpec =
+        serde_json::from_value(json!({ "image": "agent:1", "allow": ["*.svc:443"] })).unwrap();
+    let work = tunnel_manager::agent_work::manifest_work(
+        "east",
+        &spec,
+        &tunnel_manager::agent_work::HubAddress {
+            host: "hub.example.com".into(),
+            port: 443,
+            server_name: "hub.example.com".into(),
+        },
+        &tunnel_manager::agent_work::AgentCert {
+            cert: vec![],
+            key: vec![],
+            ca: vec![],
+        },
+        None,
+    );
+    let deployment = &work["spec"]["workload"]["manifests"][3];
+    let mut cmd = tunnel_agent::cli::Cli::command();
+    cmd.build();
+    check_flags(
+        &deployment["spec"]["template"]["spec"]["containers"][0],
+        &cmd,
+    );
+}
