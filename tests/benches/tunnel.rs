@@ -44,8 +44,9 @@ fn run_role(role: &str) {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    // As the real binaries: the sidecar defaults to one worker thread.
-    let rt = tunnel_proto::cli::runtime((role == "sidecar").then_some(1)).unwrap();
+    // As the real binaries: the sidecar and the agent default to one worker thread.
+    let rt =
+        tunnel_proto::cli::runtime((role == "sidecar" || role == "agent").then_some(1)).unwrap();
     let res = rt.block_on(async {
         match role {
             "server" => {
