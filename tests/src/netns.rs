@@ -207,3 +207,46 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// An echo server in Python, one connection at a time, passing on the FIN;
+/// a connection reset by its client is just closed.
+pub const ECHO_PY: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    try:
+        while True:
+            data = c.recv(65536)
+            if not data:
+                break
+            c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        print("connection ended:", e, flush=True)
+    c.close()
+"#;
+
+/// The real Python interpreter (not a version manager's shim), so that the
+/// process killed on drop is the server itself.
+pub fn python3() -> String {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs the destination inside the namespace; install it");
+    assert!(out.status.success(), "python3 -c failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl NetNs {
+    /// A Python echo server on the namespace's own `127.0.0.1:port` (see [`ECHO_PY`]).
+    pub fn echo_command(&self, port: u16) -> Command {
+        let mut cmd = self.command(python3());
+        cmd.args(["-c", ECHO_PY, &port.to_string()]);
+        cmd
+    }
+}

@@ -27,39 +27,6 @@ const DEST_PORT: u16 = 7070;
 /// How often the agent in the namespace re-resolves `HUB_NAME`.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// An echo server in Python, one connection at a time, passing on the FIN.
-const ECHO_PY: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(16)
-print("listening", flush=True)
-while True:
-    c, _ = s.accept()
-    try:
-        while True:
-            data = c.recv(65536)
-            if not data:
-                break
-            c.sendall(data)
-        c.shutdown(socket.SHUT_WR)
-    except OSError as e:
-        print("connection ended:", e, flush=True)
-    c.close()
-"#;
-
-/// The real Python interpreter (not a version manager's shim), so that the
-/// process killed on drop is the server itself.
-fn python3() -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 runs the destination inside the namespace; install it");
-    assert!(out.status.success(), "python3 -c failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// A port free on every one of `ips` (checked by binding all of them).
 fn port_free_on(ips: &[Ipv4Addr]) -> u16 {
     for _ in 0..50 {
@@ -163,9 +130,7 @@ async fn an_agent_keeps_a_tunnel_to_every_replica_behind_one_name() {
     }
     let hosts = NsHosts::create(&ns, &hosts_file(&hub_ips[..2])).expect("hosts file");
 
-    let mut dest = ns.command(python3());
-    dest.args(["-c", ECHO_PY, &DEST_PORT.to_string()]);
-    let dest = Proc::spawn_command("destination", dest);
+    let dest = Proc::spawn_command("destination", ns.echo_command(DEST_PORT));
     let mut agent = ns.command(bin("tunnel-agent"));
     let mut args = agent_args(
         pki.dir.path(),

@@ -14,40 +14,6 @@ use tunnel_tests::*;
 /// The destination's port on the namespace's own loopback.
 const DEST_PORT: u16 = 7070;
 
-/// An echo server in Python, one connection at a time, passing on the FIN;
-/// a connection reset by its client is just closed.
-const ECHO_PY: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(16)
-print("listening", flush=True)
-while True:
-    c, _ = s.accept()
-    try:
-        while True:
-            data = c.recv(65536)
-            if not data:
-                break
-            c.sendall(data)
-        c.shutdown(socket.SHUT_WR)
-    except OSError as e:
-        print("connection ended:", e, flush=True)
-    c.close()
-"#;
-
-/// The real Python interpreter (not a version manager's shim), so that the
-/// process killed on drop is the server itself.
-fn python3() -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 runs the destination inside the namespace; install it");
-    assert!(out.status.success(), "python3 -c failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverse_tunnel_reaches_a_destination_the_hub_cannot_route_to() {
     if !is_root() {
@@ -62,9 +28,7 @@ async fn reverse_tunnel_reaches_a_destination_the_hub_cannot_route_to() {
     config.agent_listen = SocketAddr::from((ns.hub_ip, 0));
     let server = tunnel_server::Server::start(config).await.unwrap();
 
-    let mut dest = ns.command(python3());
-    dest.args(["-c", ECHO_PY, &DEST_PORT.to_string()]);
-    let dest = Proc::spawn_command("destination", dest);
+    let dest = Proc::spawn_command("destination", ns.echo_command(DEST_PORT));
     let mut agent = ns.command(bin("tunnel-agent"));
     agent.args(agent_args(
         pki.dir.path(),
