@@ -148,7 +148,7 @@ impl Cli {
                 .agent_id
                 .clone()
                 .unwrap_or_else(tunnel_proto::cli::default_instance_id),
-            tls: tunnel_proto::tls::client_config(&files)?,
+            tls: tunnel_proto::tls::ClientTls::client(files)?,
             h2: H2Settings {
                 liveness: Liveness::from_timeout(self.dead_peer_timeout),
                 ..H2Settings::default()

@@ -42,7 +42,7 @@ pub struct AgentConfig {
     /// This agent's id.
     pub agent_id: String,
     /// TLS client configuration with the agent certificate.
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: tunnel_proto::tls::ClientTls,
     /// HTTP/2 settings of the tunnels.
     pub h2: H2Settings,
     /// Destinations that may be dialed.
@@ -268,7 +268,7 @@ async fn run_tunnel(
             Err(_) => ServerName::try_from(name_str.clone())
                 .map_err(|e| format!("server name {name_str:?}: {e}"))?,
         };
-        tokio_rustls::TlsConnector::from(config.tls.clone())
+        tokio_rustls::TlsConnector::from(config.tls.current())
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))

@@ -185,7 +185,7 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
     if let Some(ca) = &args.ca {
         files.ca = ca.clone();
     }
-    let tls = tunnel_proto::tls::client_config(&files).context("client TLS")?;
+    let tls = tunnel_proto::tls::ClientTls::client(files).context("client TLS")?;
     let client = TunnelClient::new(ClientOptions {
         servers: args.servers.clone(),
         server_name: Some(args.server_name.clone()),
@@ -346,7 +346,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tunnel = TunnelClient::new(ClientOptions {
         servers: args.servers.clone(),
         server_name: args.server_name.clone(),
-        tls: client_tls,
+        tls: client_tls.into(),
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(10),
         open_timeout: Duration::from_secs(10),

@@ -81,8 +81,8 @@ pub struct ClientOptions {
     /// The name the servers' certificates must carry; by default each
     /// address's host part.
     pub server_name: Option<String>,
-    /// Our TLS client configuration (see [`crate::tls::client_config`]).
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Our TLS client configuration (see [`crate::tls::TlsSource`]).
+    pub tls: crate::tls::ClientTls,
     /// HTTP/2 settings of the connection.
     pub h2: H2Settings,
     /// Time allowed to connect to a server.
@@ -272,7 +272,7 @@ impl TunnelClient {
         };
         let name =
             ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(self.opts.tls.clone())
+        let tls = tokio_rustls::TlsConnector::from(self.opts.tls.current())
             .connect(name, crate::net::LingeringClose::new(tcp))
             .await
             .map_err(|e| format!("TLS with {addr}: {e}"))?;

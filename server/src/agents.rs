@@ -74,7 +74,7 @@ async fn handshake(
             .get_or_create(&RejectLabel { listener, reason })
             .inc();
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.config.tls.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(state.config.tls.current());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {

@@ -109,6 +109,14 @@ pub struct RunArgs {
     /// Time an agent gets to reach a destination.
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
+    /// How often the server probes every cluster through its agents (metrics
+    /// tunnel_server_probe_*); 0 disables the probes.
+    #[arg(long, env = "TUNNEL_PROBE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    /// What the probes dial in every cluster, HOST:PORT; the agents' --allow
+    /// must allow it. No TunnelPolicy rule is needed: the probe is the server's own.
+    #[arg(long, env = "TUNNEL_PROBE_TARGET", default_value = crate::probes::DEFAULT_PROBE_TARGET)]
+    pub probe_target: crate::probes::ProbeTarget,
     /// Time open connections get to finish after SIGTERM.
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -231,7 +239,7 @@ impl RunArgs {
             agent_listen: self.agent_listen,
             client_listen: self.client_listen,
             admin_listen: self.admin_listen,
-            tls: tunnel_proto::tls::server_config(&files)?,
+            tls: tunnel_proto::tls::ServerTls::server(files)?,
             trust_domain: self.trust_domain.clone(),
             server_id: self
                 .server_id
@@ -242,6 +250,10 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             h2,
             auth,
+            probe: crate::probes::ProbeConfig {
+                interval: self.probe_interval,
+                target: self.probe_target.clone(),
+            },
         })
     }
 }
@@ -308,6 +320,30 @@ mod tests {
         assert_eq!(args.dial_timeout, DEFAULT_DIAL_TIMEOUT);
         assert_eq!(args.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(args.client_listen.port(), 8090);
+        assert_eq!(args.probe_interval, crate::probes::DEFAULT_PROBE_INTERVAL);
+        assert_eq!(
+            args.probe_target.to_string(),
+            crate::probes::DEFAULT_PROBE_TARGET
+        );
+    }
+
+    #[test]
+    fn probes_are_configured_or_disabled_by_flags() {
+        let args = Cli::try_parse_from([
+            "tunnel-server",
+            "--probe-interval",
+            "5s",
+            "--probe-target",
+            "[fd00::1]:6443",
+        ])
+        .unwrap();
+        assert_eq!(args.run.probe_interval, Duration::from_secs(5));
+        assert_eq!(args.run.probe_target.host, "fd00::1");
+        assert_eq!(args.run.probe_target.port, 6443);
+        let args = Cli::try_parse_from(["tunnel-server", "--probe-interval", "0"]).unwrap();
+        assert!(args.run.probe_interval.is_zero());
+        let err = Cli::try_parse_from(["tunnel-server", "--probe-target", "nohost"]).unwrap_err();
+        assert!(err.to_string().contains("--probe-target"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   token checked with the Kubernetes `TokenReview` API.
 //! - [`metrics`]: Prometheus metrics, served on the admin port with
 //!   `/healthz` and `/readyz`.
+//! - [`probes`]: the server's own periodic probe of every cluster.
 //!
 //! [`Server::start`] binds everything and returns a handle; [`cli`] is the
 //! binary's command line.
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod policy;
 pub mod policy_watch;
 pub mod pool;
+pub mod probes;
 pub mod tunnel;
 
 use std::collections::BTreeMap;
@@ -58,7 +60,8 @@ pub struct ServerConfig {
     /// Health, readiness and metrics.
     pub admin_listen: SocketAddr,
     /// TLS configuration of both tunnel ports (client certificates required).
-    pub tls: Arc<rustls::ServerConfig>,
+    /// Built from files, it follows them (see [`tunnel_proto::tls::TlsSource`]).
+    pub tls: tunnel_proto::tls::ServerTls,
     /// Trust domain of identities in certificates.
     pub trust_domain: String,
     /// This server's id, told to agents.
@@ -73,6 +76,8 @@ pub struct ServerConfig {
     pub h2: H2Settings,
     /// Authentication of callers and authorization of their connections.
     pub auth: AuthConfig,
+    /// The server's own periodic probes of every cluster ([`probes`]).
+    pub probe: probes::ProbeConfig,
 }
 
 /// Where the authorization policy comes from.
@@ -256,6 +261,7 @@ impl Server {
             state.clone(),
             stop_rx.clone(),
         )));
+        tasks.push(tokio::spawn(probes::run(state.clone(), stop_rx.clone())));
         let ready_state = state.clone();
         let admin = tunnel_proto::admin::AdminServer::new(
             Arc::new(registry),

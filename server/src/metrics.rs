@@ -1,5 +1,7 @@
 //! The server's Prometheus metrics.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +15,15 @@ pub use tunnel_proto::admin::CodeLabel;
 pub struct ClusterLabel {
     /// Cluster name.
     pub cluster: String,
+}
+
+/// Labels: a cluster and the result code of a probe of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabel {
+    /// Cluster name.
+    pub cluster: String,
+    /// `ok` or an error code.
+    pub code: &'static str,
 }
 
 /// Labels: a cluster and a direction (`to_cluster` or `from_cluster`).
@@ -68,6 +79,13 @@ pub struct ServerMetrics {
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// TokenReview calls by result (`authenticated`, `rejected`, `error`); cache hits are not counted.
     pub token_reviews: Family<ResultLabel, Counter>,
+    /// Whether the last probe of each cluster succeeded (1) or not (0).
+    pub probe_success: Family<ClusterLabel, Gauge>,
+    /// Seconds from `Open` to `Opened` of each cluster's last successful probe;
+    /// absent while its last probe failed.
+    pub probe_latency: Family<ClusterLabel, Gauge<f64, AtomicU64>>,
+    /// Probes by cluster and result code.
+    pub probes: Family<ProbeLabel, Counter>,
 }
 
 impl ServerMetrics {
@@ -83,6 +101,9 @@ impl ServerMetrics {
             decisions: Family::default(),
             policy_reloads: Family::default(),
             token_reviews: Family::default(),
+            probe_success: Family::default(),
+            probe_latency: Family::default(),
+            probes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("tunnel_server");
         r.register("agents", "Agents connected, per cluster", m.agents.clone());
@@ -125,6 +146,21 @@ impl ServerMetrics {
             "token_reviews",
             "TokenReview calls by result",
             m.token_reviews.clone(),
+        );
+        r.register(
+            "probe_success",
+            "Whether the server's last probe through each cluster's agents reached the probe target",
+            m.probe_success.clone(),
+        );
+        r.register(
+            "probe_latency_seconds",
+            "Time from open to the agent's answer of each cluster's last successful probe",
+            m.probe_latency.clone(),
+        );
+        r.register(
+            "probes",
+            "The server's probes of each cluster by result code",
+            m.probes.clone(),
         );
         m
     }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::ServerState;
 use crate::metrics::{BytesLabel, CodeLabel, DecisionLabel, ResultLabel};
 use crate::policy::{Access, Decision};
-use crate::pool::{AgentTunnel, Pick};
+use crate::pool::{AgentPool, AgentTunnel, Pick};
 
 /// Tracing target of the audit log: one line per decision, one per closed connection.
 pub const AUDIT_TARGET: &str = "tunnel_server::audit";
@@ -35,7 +35,7 @@ pub const AUDIT_TARGET: &str = "tunnel_server::audit";
 /// How long a client may take to send its `Open` frame.
 pub const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time the server waits beyond the dial timeout it gave the agent.
-const AGENT_ANSWER_MARGIN: Duration = Duration::from_secs(2);
+pub(crate) const AGENT_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
 /// The `Tunnel` gRPC service.
 #[derive(Clone)]
@@ -242,93 +242,90 @@ fn validate_open(open: &pb::Open) -> Result<(uuid::Uuid, u16), TunnelError> {
     Ok((id, port))
 }
 
-impl TunnelService {
-    /// Opens the connection on an agent, retrying others while the failure
-    /// happened before the destination answered. On success returns the
-    /// agent's stream (after its `Opened`), the `Opened` frame and the gate
-    /// through which the client's stream goes on.
-    async fn route(
-        &self,
-        open: &pb::Open,
-        record: &ConnRecord,
-    ) -> Result<
-        (
-            Frame,
-            Streaming<Frame>,
-            GateOpener<ToCluster>,
-            Arc<AgentTunnel>,
-        ),
-        TunnelError,
-    > {
-        let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
-        let mut last_err: Option<TunnelError> = None;
-        loop {
-            let agent = match self.state.pool.pick(&open.cluster, &tried) {
-                Pick::Agent(a) => a,
-                Pick::UnknownCluster => {
-                    return Err(TunnelError::new(
-                        ErrorCode::UnknownCluster,
-                        format!("cluster {:?} is not known to this server", open.cluster),
-                    ));
-                }
-                Pick::NoAgent => {
-                    return Err(last_err.unwrap_or_else(|| {
-                        TunnelError::new(
-                            ErrorCode::NoAgent,
-                            format!("no agent of cluster {:?} is connected", open.cluster),
-                        )
-                    }));
-                }
-            };
-            tried.push(agent.clone());
-            if let Ok(mut a) = record.agent_id.lock() {
-                a.clone_from(&agent.agent_id);
+/// What [`route`] hands back: the agent's `Opened` frame, the agent's
+/// stream after it, the gate through which the caller's stream goes on, and
+/// the agent.
+pub(crate) type Routed<S> = (Frame, Streaming<Frame>, GateOpener<S>, Arc<AgentTunnel>);
+
+/// Opens the connection `open` on an agent of its cluster, retrying others
+/// while the failure happened before the destination answered. `on_pick` is
+/// told each agent tried. Used for clients' connections and the server's own
+/// probes ([`crate::probes`]); counts nothing.
+pub(crate) async fn route<S>(
+    pool: &AgentPool,
+    open: &pb::Open,
+    mut on_pick: impl FnMut(&AgentTunnel),
+) -> Result<Routed<S>, TunnelError>
+where
+    S: Stream<Item = Frame> + Unpin + Send + 'static,
+{
+    let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
+    let mut last_err: Option<TunnelError> = None;
+    loop {
+        let agent = match pool.pick(&open.cluster, &tried) {
+            Pick::Agent(a) => a,
+            Pick::UnknownCluster => {
+                return Err(TunnelError::new(
+                    ErrorCode::UnknownCluster,
+                    format!("cluster {:?} is not known to this server", open.cluster),
+                ));
             }
-            let frame = Frame {
-                kind: Some(Kind::Open(open.clone())),
-            };
-            let (request, gate) = gated::<ToCluster>(frame);
-            let mut client = AgentClient::with_origin(
-                agent.channel.clone(),
-                http::Uri::from_static("https://cluster-tunnel.agent"),
-            )
-            .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
-            let answer = async {
-                let mut inbound = client
-                    .dial(request)
-                    .await
-                    .map_err(|s| tunnel_broken(&agent, &s))?
-                    .into_inner();
-                match inbound.message().await {
-                    Ok(Some(
-                        f @ Frame {
-                            kind: Some(Kind::Opened(_)),
-                        },
-                    )) => Ok((f, inbound)),
-                    Ok(Some(Frame {
-                        kind: Some(Kind::Error(e)),
-                    })) => Err(TunnelError::from_pb(&e)),
-                    Ok(Some(_)) => Err(TunnelError::new(
-                        ErrorCode::Internal,
-                        "agent answered out of protocol",
-                    )),
-                    Ok(None) => Err(TunnelError::new(
-                        ErrorCode::TunnelBroken,
-                        "agent closed the stream without an answer",
-                    )),
-                    Err(s) => Err(tunnel_broken(&agent, &s)),
-                }
+            Pick::NoAgent => {
+                return Err(last_err.unwrap_or_else(|| {
+                    TunnelError::new(
+                        ErrorCode::NoAgent,
+                        format!("no agent of cluster {:?} is connected", open.cluster),
+                    )
+                }));
             }
-            .await;
-            match answer {
-                Ok((opened, inbound)) => return Ok((opened, inbound, gate, agent)),
-                Err(err) if err.code.is_retryable_on_other_agent() => {
-                    agent.mark_failed();
-                    tracing::warn!(id = %record.id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
-                    last_err = Some(err);
-                }
-                Err(err) => return Err(err),
+        };
+        tried.push(agent.clone());
+        on_pick(&agent);
+        let frame = Frame {
+            kind: Some(Kind::Open(open.clone())),
+        };
+        let (request, gate) = gated::<S>(frame);
+        let mut client = AgentClient::with_origin(
+            agent.channel.clone(),
+            http::Uri::from_static("https://cluster-tunnel.agent"),
+        )
+        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+        let answer = async {
+            let mut inbound = client
+                .dial(request)
+                .await
+                .map_err(|s| tunnel_broken(&agent, &s))?
+                .into_inner();
+            match inbound.message().await {
+                Ok(Some(
+                    f @ Frame {
+                        kind: Some(Kind::Opened(_)),
+                    },
+                )) => Ok((f, inbound)),
+                Ok(Some(Frame {
+                    kind: Some(Kind::Error(e)),
+                })) => Err(TunnelError::from_pb(&e)),
+                Ok(Some(_)) => Err(TunnelError::new(
+                    ErrorCode::Internal,
+                    "agent answered out of protocol",
+                )),
+                Ok(None) => Err(TunnelError::new(
+                    ErrorCode::TunnelBroken,
+                    "agent closed the stream without an answer",
+                )),
+                Err(s) => Err(tunnel_broken(&agent, &s)),
             }
+        }
+        .await;
+        match answer {
+            Ok((opened, inbound)) => return Ok((opened, inbound, gate, agent)),
+            Err(err) if err.code.is_retryable_on_other_agent() => {
+                agent.mark_failed();
+                let id = uuid::Uuid::from_slice(&open.connection_id).unwrap_or_default();
+                tracing::warn!(%id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
+                last_err = Some(err);
+            }
+            Err(err) => return Err(err),
         }
     }
 }
@@ -687,7 +684,11 @@ impl Tunnel for TunnelService {
         let started = Instant::now();
         let routed = match tokio::time::timeout(
             dial_timeout + AGENT_ANSWER_MARGIN,
-            self.route(&to_agent, &record),
+            route::<ToCluster>(&self.state.pool, &to_agent, |agent| {
+                if let Ok(mut a) = record.agent_id.lock() {
+                    a.clone_from(&agent.agent_id);
+                }
+            }),
         )
         .await
         {

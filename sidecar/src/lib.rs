@@ -85,7 +85,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 impl Sidecar {
     /// Binds every listener, then serves.
     pub async fn start(config: SidecarConfig) -> anyhow::Result<Self> {
-        let tls = tunnel_proto::tls::client_config(&config.tls)?;
+        let tls = tunnel_proto::tls::ClientTls::client(config.tls.clone())?;
         let client = Arc::new(TunnelClient::new(ClientOptions {
             servers: config.servers.clone(),
             server_name: config.server_name.clone(),

@@ -84,7 +84,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         agent_listen: "127.0.0.1:0".parse().unwrap(),
         client_listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
-        tls: tunnel_proto::tls::server_config(&pki.files("server")).expect("server TLS"),
+        tls: tunnel_proto::tls::ServerTls::server(pki.files("server")).expect("server TLS"),
         trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
         server_id: "test-server".into(),
         known_clusters: vec![],
@@ -92,6 +92,8 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         drain_timeout: Duration::from_secs(5),
         h2: H2Settings::default(),
         auth: Default::default(),
+        // Off by default so that tests' dial counts stay their own; see tests/tests/probes.rs.
+        probe: tunnel_server::probes::ProbeConfig::disabled(),
     }
 }
 
@@ -109,7 +111,7 @@ pub fn agent_config(pki: &Pki, cluster: &str, servers: &[SocketAddr]) -> AgentCo
         server_name: Some("localhost".into()),
         cluster: cluster.into(),
         agent_id: format!("{cluster}-agent-{}", rand::random::<u16>()),
-        tls: tunnel_proto::tls::client_config(&pki.files(&format!("agent-{cluster}")))
+        tls: tunnel_proto::tls::ClientTls::client(pki.files(&format!("agent-{cluster}")))
             .expect("agent TLS"),
         h2: H2Settings::default(),
         allowlist: Allowlist::parse(&["127.0.0.0/8".to_string()]).unwrap(),
@@ -149,7 +151,7 @@ pub fn client(pki: &Pki, name: &str, server: SocketAddr) -> Arc<TunnelClient> {
     Arc::new(TunnelClient::new(ClientOptions {
         servers: vec![server.to_string()],
         server_name: Some("localhost".into()),
-        tls: tunnel_proto::tls::client_config(&pki.files(&format!("client-{name}")))
+        tls: tunnel_proto::tls::ClientTls::client(pki.files(&format!("client-{name}")))
             .expect("client TLS"),
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(5),

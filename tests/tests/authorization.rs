@@ -32,7 +32,7 @@ fn workload_client(pki: &Pki, server: std::net::SocketAddr) -> Arc<TunnelClient>
     Arc::new(TunnelClient::new(ClientOptions {
         servers: vec![server.to_string()],
         server_name: Some("localhost".into()),
-        tls: tunnel_proto::tls::client_config(&pki.files("workload-team-a_app"))
+        tls: tunnel_proto::tls::ClientTls::client(pki.files("workload-team-a_app"))
             .expect("workload TLS"),
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(5),

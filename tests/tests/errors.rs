@@ -157,7 +157,7 @@ async fn an_agent_certificate_cannot_open_client_connections() {
     let impostor = TunnelClient::new(ClientOptions {
         servers: vec![server.client_addr.to_string()],
         server_name: Some("localhost".into()),
-        tls: tunnel_proto::tls::client_config(&pki.files("agent-east")).unwrap(),
+        tls: tunnel_proto::tls::ClientTls::client(pki.files("agent-east")).unwrap(),
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(5),
         open_timeout: Duration::from_secs(5),

@@ -241,7 +241,10 @@ async fn start_agent(
         server_name: Some("localhost".into()),
         cluster: cluster.into(),
         agent_id: format!("{cluster}-agent"),
-        tls: tunnel_proto::tls::client_config(&TlsFiles::in_dir(dir, &format!("agent-{cluster}")))?,
+        tls: tunnel_proto::tls::ClientTls::client(TlsFiles::in_dir(
+            dir,
+            &format!("agent-{cluster}"),
+        ))?,
         h2: H2Settings::default(),
         // Only this cluster's own "network".
         allowlist: Allowlist::parse(&[ip.to_string()])?,
@@ -344,7 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         agent_listen,
         client_listen: cli.server_client_listen,
         admin_listen: cli.server_admin_listen,
-        tls: tunnel_proto::tls::server_config(&TlsFiles::in_dir(dir, "server"))?,
+        tls: tunnel_proto::tls::ServerTls::server(TlsFiles::in_dir(dir, "server"))?,
         trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
         server_id: "local".into(),
         known_clusters: CLUSTERS.iter().map(|s| s.to_string()).collect(),
@@ -355,6 +358,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             policy: tunnel_server::PolicySource::File {
                 path: write_policy(dir)?,
                 reload_interval: tunnel_server::policy::DEFAULT_POLICY_RELOAD_INTERVAL,
+            },
+            ..Default::default()
+        },
+        // Each cluster's hello service stands for its apiserver.
+        probe: tunnel_server::probes::ProbeConfig {
+            target: tunnel_server::probes::ProbeTarget {
+                host: "hello.default.svc".into(),
+                port: HTTPS_PORT,
             },
             ..Default::default()
         },
