@@ -21,7 +21,9 @@ use tunnel_proto::tls::TlsFiles;
 use crate::clusters::{self, LiveView};
 use crate::crd::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
+use crate::hub;
 use crate::signer::{self, Leaf, Signer};
+use crate::status::StatusBoard;
 
 /// cluster-tunnel's hub control plane.
 #[derive(Debug, Parser)]
@@ -81,6 +83,15 @@ pub struct RunArgs {
     /// Trust domain of the identities.
     #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = "cluster-tunnel")]
     pub trust_domain: String,
+    /// Name of the installation (the Helm release): prefix of the hub's
+    /// objects and their `app.kubernetes.io/instance` label.
+    #[arg(long, env = "TUNNEL_INSTANCE", default_value = "cluster-tunnel")]
+    pub instance: String,
+    /// Leave the servers' Deployment, Services, PodDisruptionBudget, RBAC and
+    /// the webhook configuration alone (by default they are kept as the
+    /// TunnelConfiguration says).
+    #[arg(long, env = "TUNNEL_NO_HUB_OBJECTS")]
+    pub no_hub_objects: bool,
     /// Manage ManifestWork and ManagedClusterAddOn objects for every ManagedCluster.
     #[arg(long, env = "TUNNEL_OPEN_CLUSTER_MANAGEMENT")]
     pub open_cluster_management: bool,
@@ -298,6 +309,43 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?,
     );
 
+    // The configuration's conditions, written in one place.
+    let mut required = vec!["SignerReady", "ServerCertificateReady"];
+    if !args.no_hub_objects {
+        required.push(hub::CONDITION);
+    }
+    let board = Arc::new(StatusBoard::new(Api::all(client.clone()), required));
+    board
+        .set(
+            &config,
+            "SignerReady",
+            true,
+            "Loaded",
+            format!(
+                "the signer CA in Secret {} is loaded",
+                config.spec.signer.secret_name
+            ),
+        )
+        .await;
+
+    // The hub's objects, kept as the configuration says.
+    if !args.no_hub_objects {
+        let ctx = Arc::new(hub::Context {
+            client: client.clone(),
+            names: hub::HubNames {
+                instance: args.instance.clone(),
+                namespace: args.namespace.clone(),
+                trust_domain: args.trust_domain.clone(),
+            },
+            status: board.clone(),
+        });
+        let stop = shutdown.clone();
+        let config_name = args.config_name.clone();
+        tokio::spawn(async move {
+            hub::run(ctx, &config_name, async move { stop.notified().await }).await;
+        });
+    }
+
     // The server certificate, kept current.
     let names = server_names(&args.server_service, &args.namespace, &config);
     {
@@ -308,8 +356,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.trust_domain.clone(),
         );
         let config_rx = config_rx.clone();
-        let configs_api: Api<TunnelConfiguration> = Api::all(client.clone());
-        let config_name = args.config_name.clone();
+        let board = board.clone();
         tokio::spawn(async move {
             loop {
                 let validity = config_rx
@@ -333,7 +380,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if let Err(error) = &result {
                     tracing::warn!(%error, "server certificate");
                 }
-                report_status(&configs_api, &config_name, &config_rx, result.err()).await;
+                let current = config_rx.borrow().clone();
+                if let Some(current) = current {
+                    let (ok, reason, message) = match result {
+                        Ok(_) => (true, "Issued", format!("Secret {args_secret} is current")),
+                        Err(e) => (false, "IssueFailed", e.to_string()),
+                    };
+                    board
+                        .set(&current, "ServerCertificateReady", ok, reason, message)
+                        .await;
+                }
                 tokio::time::sleep(clusters::RESYNC).await;
             }
         });
@@ -389,66 +445,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.notified().await;
     }
     Ok(())
-}
-
-/// Applies the configuration's status: the signer is loaded (the manager
-/// got this far), the server certificate is (or is not) current, and Ready.
-async fn report_status(
-    api: &Api<TunnelConfiguration>,
-    name: &str,
-    config: &watch::Receiver<Option<Arc<TunnelConfiguration>>>,
-    server_cert_error: Option<signer::SignerError>,
-) {
-    let Some(current) = config.borrow().clone() else {
-        return;
-    };
-    let generation = current.metadata.generation;
-    let now = time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let mut status = current.status.clone().unwrap_or_default();
-    status.set(
-        "SignerReady",
-        true,
-        "Loaded",
-        "the signer CA is loaded".into(),
-        generation,
-        &now,
-    );
-    let cert_ok = server_cert_error.is_none();
-    status.set(
-        "ServerCertificateReady",
-        cert_ok,
-        if cert_ok { "Issued" } else { "IssueFailed" },
-        server_cert_error.map(|e| e.to_string()).unwrap_or_default(),
-        generation,
-        &now,
-    );
-    status.set(
-        "Ready",
-        cert_ok,
-        if cert_ok { "Ready" } else { "NotReady" },
-        String::new(),
-        generation,
-        &now,
-    );
-    let body = serde_json::json!({
-        "apiVersion": "cluster-tunnel.io/v1alpha1",
-        "kind": "TunnelConfiguration",
-        "status": status,
-    });
-    if let Err(error) = api
-        .patch_status(
-            name,
-            &kube::api::PatchParams::apply(signer::FIELD_MANAGER).force(),
-            &kube::api::Patch::Apply(body),
-        )
-        .await
-    {
-        tracing::warn!(%error, "cannot update the TunnelConfiguration status");
-    }
 }
 
 /// Names in the server certificate: the Services' in-cluster names and a

@@ -448,6 +448,7 @@ mod tests {
 
     use super::*;
     use crate::crd::TunnelConfigurationSpec;
+    use crate::mock_api::{Reply, finish, not_found, serve};
 
     const NS: &str = "cluster-tunnel";
     const TD: &str = "cluster-tunnel";
@@ -457,22 +458,6 @@ mod tests {
     const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";
     const AGENT_SECRET: &str =
         "/api/v1/namespaces/cluster-tunnel/secrets/cluster-tunnel-agent-east";
-
-    /// What the mocked API server answers to one expected request.
-    enum Reply {
-        /// This status and body.
-        With(u16, Value),
-        /// 200 with the request's own body (what an apply returns), plus
-        /// `creationTimestamp` when given.
-        Echo(Option<&'static str>),
-    }
-
-    fn not_found() -> Reply {
-        Reply::With(
-            404,
-            json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found" }),
-        )
-    }
 
     fn config(validity_days: u32, replicas: i32) -> Arc<TunnelConfiguration> {
         let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
@@ -503,10 +488,6 @@ mod tests {
         }
         Arc::new(c)
     }
-
-    type ApiHandle = mock::Handle<Request<Body>, Response<Body>>;
-    /// The mocked server's task: its handle back, and the request bodies.
-    type Served = tokio::task::JoinHandle<(ApiHandle, Vec<Value>)>;
 
     struct Scenario {
         ctx: Arc<Context>,
@@ -539,48 +520,6 @@ mod tests {
         }
     }
 
-    /// Serves `expected` in order (method, path, reply) and returns the
-    /// request bodies; any other request fails the test.
-    fn serve(
-        mut handle: mock::Handle<Request<Body>, Response<Body>>,
-        expected: Vec<(Method, &'static str, Reply)>,
-    ) -> Served {
-        tokio::spawn(async move {
-            let mut bodies = Vec::new();
-            for (method, path, reply) in expected {
-                let (request, send) = handle.next_request().await.expect("a request");
-                assert_eq!(
-                    (request.method(), request.uri().path()),
-                    (&method, path),
-                    "unexpected request {} {}",
-                    request.method(),
-                    request.uri()
-                );
-                let bytes = request.into_body().collect_bytes().await.unwrap();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let (status, answer) = match reply {
-                    Reply::With(status, v) => (status, v),
-                    Reply::Echo(created) => {
-                        let mut v = body.clone();
-                        if let Some(t) = created {
-                            v["metadata"]["creationTimestamp"] = json!(t);
-                        }
-                        (200, v)
-                    }
-                };
-                send.send_response(
-                    Response::builder()
-                        .status(status)
-                        .header("content-type", "application/json")
-                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                        .unwrap(),
-                );
-                bodies.push(body);
-            }
-            (handle, bodies)
-        })
-    }
-
     async fn reconcile_once(
         c: Arc<ManagedCluster>,
         ctx: &Arc<Context>,
@@ -588,13 +527,6 @@ mod tests {
         tokio::time::timeout(TIMEOUT, reconcile(c, ctx.clone()))
             .await
             .expect("reconcile in time")
-    }
-
-    async fn finish(server: Served) -> (ApiHandle, Vec<Value>) {
-        tokio::time::timeout(TIMEOUT, server)
-            .await
-            .expect("every expected request was made")
-            .unwrap()
     }
 
     fn conditions_of(status_body: &Value) -> Vec<(String, String)> {

@@ -5,6 +5,9 @@
 //! ([`crd_yaml`], `tunnel-manager crdgen`); the chart's copy is checked
 //! against it by a test.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -37,20 +40,167 @@ pub struct TunnelConfigurationSpec {
     /// The CA that signs server and agent certificates.
     #[serde(default)]
     pub signer: SignerSpec,
+    /// The sidecar injector's webhook configuration, kept by the manager;
+    /// absent: the manager leaves webhooks alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injector: Option<InjectorSpec>,
 }
 
-/// The proxy server.
+/// The `MutatingWebhookConfiguration` of the sidecar injector. Its
+/// `caBundle` is the injector's (or cert-manager's) to keep.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectorSpec {
+    /// The injector's Service in the manager's namespace; also the name of
+    /// the webhook configuration.
+    pub service_name: String,
+    /// Namespaces whose pods are injected carry this label with value `enabled`.
+    #[serde(default = "default_namespace_label")]
+    pub namespace_label: String,
+    /// Namespaces never injected besides the manager's own.
+    #[serde(default = "default_excluded_namespaces")]
+    pub excluded_namespaces: Vec<String>,
+    /// `Ignore` (pods start without the sidecar while the injector is down) or `Fail`.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// Time the API server waits for the webhook, in seconds.
+    #[serde(default = "default_webhook_timeout")]
+    #[schemars(range(min = 1, max = 30))]
+    pub timeout_seconds: i32,
+}
+
+/// A webhook's failure policy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum FailurePolicy {
+    /// Admit the pod without the sidecar.
+    #[default]
+    Ignore,
+    /// Refuse the pod.
+    Fail,
+}
+
+/// The proxy server. Everything but `image` and `entrypoint` has the
+/// chart's default; the manager keeps the servers' Deployment, Services,
+/// PodDisruptionBudget, ServiceAccount and RBAC as this says.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerSpec {
     /// Container image of `tunnel-server`.
     pub image: String,
+    /// Pull policy of the server container.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: PullPolicy,
+    /// Secrets (in the manager's namespace) to pull the image with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
     /// Number of replicas (every agent dials each of them).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1))]
     pub replicas: i32,
     /// Where agents reach the hub.
     pub entrypoint: Entrypoint,
+    /// The servers' ports.
+    #[serde(default)]
+    pub ports: ServerPorts,
+    /// Who may reach what: `Kubernetes` (TunnelPolicy objects decide, deny
+    /// unless one allows; tokens checked with TokenReview) or `AllowAll`
+    /// (authorization off, for trials).
+    #[serde(default)]
+    pub authorization: Authorization,
+    /// Time a destination gets to answer a dial (e.g. `10s`).
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout: String,
+    /// Time open connections get to finish on shutdown, in seconds (`30s`).
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(regex(pattern = r"^[0-9]+s$"))]
+    pub drain_timeout: String,
+    /// A tunnel peer silent this long is declared dead (`20s`).
+    #[serde(default = "default_dead_peer_timeout")]
+    pub dead_peer_timeout: String,
+    /// Secret with the servers' certificate (`tls.crt`, `tls.key`, `ca.crt`).
+    #[serde(default = "default_server_tls_secret")]
+    pub tls_secret_name: String,
+    /// Spread of the replicas over nodes.
+    #[serde(default)]
+    pub anti_affinity: AntiAffinity,
+    /// Node selector of the server pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the server pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Resources of the server container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Annotations of the agents' Service (e.g. for a cloud load balancer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_service_annotations: BTreeMap<String, String>,
+    /// PodDisruptionBudget: at most this many replicas down at once.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0))]
+    pub pdb_max_unavailable: i32,
+    /// Log format: `json` or `text`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    /// Log filter.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+/// Image pull policy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    /// Pull when the node does not have the image.
+    IfNotPresent,
+    /// Pull on every start.
+    Always,
+    /// Never pull.
+    Never,
+}
+
+/// The servers' ports.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerPorts {
+    /// Port the agents dial (TLS, agent certificates only).
+    #[schemars(range(min = 1, max = 65535))]
+    pub agent: u16,
+    /// Port the sidecars and other clients dial (TLS, client certificates only).
+    #[schemars(range(min = 1, max = 65535))]
+    pub client: u16,
+    /// Port of `/healthz`, `/readyz` and `/metrics`.
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin: u16,
+}
+
+impl Default for ServerPorts {
+    fn default() -> Self {
+        Self {
+            agent: 8091,
+            client: 8090,
+            admin: 8092,
+        }
+    }
+}
+
+/// Authorization of the servers.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Authorization {
+    /// TunnelPolicy objects decide; sidecar tokens checked with TokenReview.
+    #[default]
+    Kubernetes,
+    /// Authorization off: every client certificate reaches every cluster.
+    AllowAll,
+}
+
+/// How server replicas are spread over nodes.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AntiAffinity {
+    /// Preferred: replicas may share a node when there is no other.
+    #[default]
+    Soft,
+    /// Required: at most one replica per node.
+    Hard,
 }
 
 /// How agents reach the servers' agent port from outside the hub.
@@ -227,6 +377,39 @@ impl TunnelConfigurationStatus {
 
 fn default_replicas() -> i32 {
     1
+}
+fn default_one() -> i32 {
+    1
+}
+fn default_pull_policy() -> PullPolicy {
+    PullPolicy::IfNotPresent
+}
+fn default_dial_timeout() -> String {
+    "10s".into()
+}
+fn default_drain_timeout() -> String {
+    "30s".into()
+}
+fn default_dead_peer_timeout() -> String {
+    "20s".into()
+}
+fn default_server_tls_secret() -> String {
+    "cluster-tunnel-server-tls".into()
+}
+fn default_log_format() -> String {
+    "json".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_namespace_label() -> String {
+    "cluster-tunnel.io/injection".into()
+}
+fn default_excluded_namespaces() -> Vec<String> {
+    vec!["kube-system".into()]
+}
+fn default_webhook_timeout() -> i32 {
+    10
 }
 fn default_agent_port() -> u16 {
     443

@@ -9,6 +9,9 @@
 //! - [`addon`]: `ManagedClusterAddOn` conditions from the server's live view;
 //! - [`clusters`]: the kube-runtime controller over `ManagedCluster`s;
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
+//! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
+//!   and the injector's webhook configuration, kept as the configuration says;
+//! - [`status`]: the configuration's conditions, written in one place;
 //! - [`cli`]: the binary's commands and flags.
 
 pub mod addon;
@@ -17,4 +20,8 @@ pub mod cli;
 pub mod clusters;
 pub mod crd;
 pub mod health;
+pub mod hub;
+#[cfg(test)]
+mod mock_api;
 pub mod signer;
+pub mod status;

@@ -178,19 +178,135 @@ fn check_rbac_is_narrow(r: &Rendered) {
     }
 }
 
+/// Where `a` and `b` differ, as `path: a => b` lines.
+fn json_diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
+                json_diff(&format!("{path}.{k}"), va, vb, out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (va, vb)) in x.iter().zip(y).enumerate() {
+                json_diff(&format!("{path}[{i}]"), va, vb, out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} => {b}")),
+        _ => {}
+    }
+}
+
+/// Labels only Helm sets; the manager leaves them to Helm.
+const HELM_ONLY_LABELS: [&str; 3] = [
+    "helm.sh/chart",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+];
+
+/// The objects the manager keeps, built from the chart's own
+/// TunnelConfiguration and the manager's flags, are the chart's objects
+/// field for field, so that Helm and the manager never undo each other.
+fn check_manager_keeps_what_the_chart_renders(r: &Rendered) {
+    let config: tunnel_manager::crd::TunnelConfiguration =
+        serde_json::from_value(r.kind("TunnelConfiguration")[0].clone())
+            .expect("the chart's TunnelConfiguration is one the manager reads");
+    let manager = r.one("Deployment", "cluster-tunnel-manager");
+    let args: Vec<String> = manager["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("the manager gets --{name}"))
+            .to_owned()
+    };
+    let names = tunnel_manager::hub::HubNames {
+        instance: flag("instance"),
+        namespace: flag("namespace"),
+        trust_domain: flag("trust-domain"),
+    };
+    let desired = tunnel_manager::hub::desired_objects(&config, &names).unwrap();
+    let kinds: Vec<&str> = desired
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    for kind in [
+        "ServiceAccount",
+        "Service",
+        "PodDisruptionBudget",
+        "Deployment",
+    ] {
+        assert!(kinds.contains(&kind), "the manager keeps a {kind}");
+    }
+    for want in &desired {
+        let (kind, name) = (
+            want["kind"].as_str().unwrap(),
+            want["metadata"]["name"].as_str().unwrap(),
+        );
+        let mut have = r.one(kind, name).clone();
+        have.as_object_mut().unwrap().remove("__source");
+        if let Some(labels) = have["metadata"]["labels"].as_object_mut() {
+            for l in HELM_ONLY_LABELS {
+                labels.remove(l);
+            }
+        }
+        let mut diffs = Vec::new();
+        json_diff("", &have, want, &mut diffs);
+        assert!(
+            diffs.is_empty(),
+            "{kind} {name}: the chart and the manager differ (chart => manager):\n{}",
+            diffs.join("\n")
+        );
+    }
+    // And nothing of that kind and instance that the manager would not keep.
+    let server_objects = r.objects.iter().filter(|o| {
+        o["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+            || o["metadata"]["name"] == "cluster-tunnel-server"
+    });
+    for o in server_objects {
+        if o["kind"] == "NetworkPolicy" || o["kind"] == "ServiceMonitor" {
+            continue;
+        }
+        assert!(
+            desired
+                .iter()
+                .any(|d| d["kind"] == o["kind"] && d["metadata"]["name"] == o["metadata"]["name"]),
+            "the chart renders {} {} which the manager does not keep",
+            o["kind"],
+            o["metadata"]["name"]
+        );
+    }
+}
+
 #[test]
 fn the_hub_chart_renders_valid_objects_with_every_value_set() {
     let sets = [
         json!({}),
         json!({
-            "server": { "replicas": 3, "antiAffinity": "hard", "entrypoint": { "type": "Hostname", "hostname": "hub.example.com", "port": 8443 } },
+            "server": {
+                "replicas": 3, "antiAffinity": "hard",
+                "entrypoint": { "type": "Hostname", "hostname": "hub.example.com", "port": 8443 },
+                "nodeSelector": { "node-role.kubernetes.io/infra": "" },
+                "tolerations": [{ "key": "dedicated", "operator": "Equal", "value": "tunnel", "effect": "NoSchedule" }],
+                "agentServiceAnnotations": { "service.beta.kubernetes.io/aws-load-balancer-type": "nlb" },
+                "resources": { "requests": { "cpu": "1", "memory": "256Mi" } },
+                "drainTimeout": "120s",
+            },
             "injector": { "failurePolicy": "Fail", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"] },
             "serviceMonitor": { "enabled": true, "labels": { "release": "prometheus" } },
             "networkPolicy": { "enabled": true, "agentSourceCidrs": ["203.0.113.0/24"] },
             "imagePullSecrets": ["regcred"],
             "logFormat": "text",
         }),
-        json!({ "injector": { "enabled": false }, "manager": { "openClusterManagement": false }, "server": { "authorization": "allowAll" } }),
+        json!({ "injector": { "enabled": false }, "manager": { "openClusterManagement": false, "keepHubObjects": false }, "server": { "authorization": "allowAll" } }),
     ];
     for values in &sets {
         let Some(rendered) = render("cluster-tunnel", values) else {
@@ -199,6 +315,16 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         let r = rendered.unwrap_or_else(|e| panic!("render with {values}: {e}"));
         check_every_deployment(&r);
         check_rbac_is_narrow(&r);
+        check_manager_keeps_what_the_chart_renders(&r);
+        let manager_args =
+            r.one("Deployment", "cluster-tunnel-manager")["spec"]["template"]["spec"]["containers"]
+                [0]["args"]
+                .to_string();
+        assert_eq!(
+            manager_args.contains("--no-hub-objects"),
+            values["manager"]["keepHubObjects"] == false,
+            "{manager_args}"
+        );
 
         let server = r.one("Deployment", "cluster-tunnel-server");
         let replicas = values["server"]["replicas"].as_i64().unwrap_or(2);
