@@ -689,25 +689,31 @@ mod tests {
         }))
     }
 
+    /// The applies of one reconciliation, in order: RBAC when `rbac`, the
+    /// Deployment answered with `deployment`, the webhook when `webhook`.
+    fn applies(rbac: bool, deployment: Reply, webhook: bool) -> Vec<(Method, &'static str, Reply)> {
+        let mut out = vec![(Method::PATCH, SA, Reply::Echo(None))];
+        if rbac {
+            out.push((Method::PATCH, ROLE, Reply::Echo(None)));
+            out.push((Method::PATCH, BINDING, Reply::Echo(None)));
+        }
+        for path in [HEADLESS, AGENTS, CLIENTS, PDB] {
+            out.push((Method::PATCH, path, Reply::Echo(None)));
+        }
+        out.push((Method::PATCH, DEPLOYMENT, deployment));
+        if webhook {
+            out.push((Method::PATCH, WEBHOOK, Reply::Echo(None)));
+        }
+        out
+    }
+
     #[tokio::test]
     async fn every_object_is_applied_whole_and_owned_then_server_deployed_waits_for_the_rollout() {
         let (ctx, handle) = context();
-        let server = serve(
-            handle,
-            vec![
-                (Method::PATCH, SA, Reply::Echo(None)),
-                (Method::PATCH, ROLE, Reply::Echo(None)),
-                (Method::PATCH, BINDING, Reply::Echo(None)),
-                (Method::PATCH, HEADLESS, Reply::Echo(None)),
-                (Method::PATCH, AGENTS, Reply::Echo(None)),
-                (Method::PATCH, CLIENTS, Reply::Echo(None)),
-                (Method::PATCH, PDB, Reply::Echo(None)),
-                // A new Deployment: nothing available yet.
-                (Method::PATCH, DEPLOYMENT, Reply::Echo(None)),
-                (Method::PATCH, WEBHOOK, Reply::Echo(None)),
-                (Method::PATCH, STATUS, Reply::Echo(None)),
-            ],
-        );
+        // A new Deployment: nothing available yet.
+        let mut expected = applies(true, Reply::Echo(None), true);
+        expected.push((Method::PATCH, STATUS, Reply::Echo(None)));
+        let server = serve(handle, expected);
         let action = reconcile_once(config(default_server(), true), &ctx)
             .await
             .unwrap();
@@ -765,20 +771,9 @@ mod tests {
     #[tokio::test]
     async fn a_rolled_out_deployment_makes_the_configuration_ready() {
         let (ctx, handle) = context();
-        let server = serve(
-            handle,
-            vec![
-                (Method::PATCH, SA, Reply::Echo(None)),
-                (Method::PATCH, ROLE, Reply::Echo(None)),
-                (Method::PATCH, BINDING, Reply::Echo(None)),
-                (Method::PATCH, HEADLESS, Reply::Echo(None)),
-                (Method::PATCH, AGENTS, Reply::Echo(None)),
-                (Method::PATCH, CLIENTS, Reply::Echo(None)),
-                (Method::PATCH, PDB, Reply::Echo(None)),
-                (Method::PATCH, DEPLOYMENT, rolled_out(2, 3)),
-                (Method::PATCH, STATUS, Reply::Echo(None)),
-            ],
-        );
+        let mut expected = applies(true, rolled_out(2, 3), false);
+        expected.push((Method::PATCH, STATUS, Reply::Echo(None)));
+        let server = serve(handle, expected);
         let action = reconcile_once(config(default_server(), false), &ctx)
             .await
             .unwrap();
