@@ -261,7 +261,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     let ready = Arc::new(AtomicBool::new(false));
-    let registry = Arc::new(prometheus_client::registry::Registry::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = crate::metrics::ManagerMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
     let listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("admin port {}", args.admin_listen))?;
@@ -314,7 +316,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !args.no_hub_objects {
         required.push(hub::CONDITION);
     }
-    let board = Arc::new(StatusBoard::new(Api::all(client.clone()), required));
+    let board = Arc::new(StatusBoard::new(
+        Api::all(client.clone()),
+        required,
+        metrics.clone(),
+    ));
     board
         .set(
             &config,
@@ -338,6 +344,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 trust_domain: args.trust_domain.clone(),
             },
             status: board.clone(),
+            metrics: metrics.clone(),
         });
         let stop = shutdown.clone();
         let config_name = args.config_name.clone();
@@ -438,6 +445,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             live: live_rx,
             signer: OnceCell::new_with(Some(signer)),
             clock: Arc::new(time::OffsetDateTime::now_utc),
+            metrics: metrics.clone(),
         });
         let stop = shutdown.clone();
         clusters::run(ctx, async move { stop.notified().await }).await;

@@ -128,6 +128,8 @@ pub struct Context {
     pub signer: OnceCell<Arc<Signer>>,
     /// Now.
     pub clock: Clock,
+    /// Reconciliations are counted here.
+    pub metrics: crate::metrics::ManagerMetrics,
 }
 
 impl std::fmt::Debug for Context {
@@ -418,11 +420,13 @@ pub async fn run(
     Controller::new(api, watcher::Config::default())
         .reconcile_all_on(trigger)
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            ctx.metrics.reconciled("clusters", &result);
             if let Err(error) = result {
                 tracing::debug!(%error, "cluster controller");
             }
+            std::future::ready(())
         })
         .await;
 }
@@ -514,6 +518,7 @@ mod tests {
                 live: live_rx,
                 signer: OnceCell::new_with(signer),
                 clock: Arc::new(move || now),
+                metrics: crate::metrics::ManagerMetrics::default(),
             }),
             handle,
             live,

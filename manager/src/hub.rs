@@ -383,6 +383,8 @@ pub struct Context {
     pub names: HubNames,
     /// Where conditions are reported.
     pub status: Arc<StatusBoard>,
+    /// Reconciliations are counted here.
+    pub metrics: crate::metrics::ManagerMetrics,
 }
 
 impl std::fmt::Debug for Context {
@@ -588,11 +590,13 @@ pub async fn run(
             labelled,
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            ctx.metrics.reconciled("hub", &result);
             if let Err(error) = result {
                 tracing::debug!(%error, "hub controller");
             }
+            std::future::ready(())
         })
         .await;
 }
@@ -651,9 +655,15 @@ mod tests {
 
     fn context() -> (Arc<Context>, mock_api::ApiHandle) {
         let (client, handle) = mock_api::client();
-        let status = Arc::new(StatusBoard::new(Api::all(client.clone()), vec![CONDITION]));
+        let metrics = crate::metrics::ManagerMetrics::default();
+        let status = Arc::new(StatusBoard::new(
+            Api::all(client.clone()),
+            vec![CONDITION],
+            metrics.clone(),
+        ));
         let ctx = Context {
             client,
+            metrics,
             names: HubNames {
                 instance: "cluster-tunnel".into(),
                 namespace: "cluster-tunnel".into(),

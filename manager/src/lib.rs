@@ -12,6 +12,7 @@
 //! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
 //! - [`status`]: the configuration's conditions, written in one place;
+//! - [`metrics`]: reconciliations and conditions on the admin port;
 //! - [`cli`]: the binary's commands and flags.
 
 pub mod addon;
@@ -21,6 +22,7 @@ pub mod clusters;
 pub mod crd;
 pub mod health;
 pub mod hub;
+pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod signer;

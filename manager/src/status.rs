@@ -9,11 +9,13 @@ use kube::{Resource as _, ResourceExt as _};
 use tokio::sync::Mutex;
 
 use crate::crd::{TunnelConfiguration, TunnelConfigurationStatus};
+use crate::metrics::ManagerMetrics;
 use crate::signer::FIELD_MANAGER;
 
 /// The conditions a configuration gets, and where they are written.
 pub struct StatusBoard {
     api: Api<TunnelConfiguration>,
+    metrics: ManagerMetrics,
     required: Vec<&'static str>,
     last: Mutex<Option<TunnelConfigurationStatus>>,
 }
@@ -29,9 +31,14 @@ impl std::fmt::Debug for StatusBoard {
 impl StatusBoard {
     /// A board for configurations in `api`; `Ready` is true when every
     /// condition in `required` is.
-    pub fn new(api: Api<TunnelConfiguration>, required: Vec<&'static str>) -> Self {
+    pub fn new(
+        api: Api<TunnelConfiguration>,
+        required: Vec<&'static str>,
+        metrics: ManagerMetrics,
+    ) -> Self {
         Self {
             api,
+            metrics,
             required,
             last: Mutex::new(None),
         }
@@ -55,6 +62,7 @@ impl StatusBoard {
         let generation = config.metadata.generation;
         let now = now_rfc3339();
         status.set(type_, ok, reason, message, generation, &now);
+        self.metrics.condition(type_, ok);
         let not_ready: Vec<&str> = self
             .required
             .iter()
@@ -80,6 +88,7 @@ impl StatusBoard {
             generation,
             &now,
         );
+        self.metrics.condition("Ready", ready);
         let body = serde_json::json!({
             "apiVersion": TunnelConfiguration::api_version(&()),
             "kind": TunnelConfiguration::kind(&()),
