@@ -22,6 +22,7 @@ use crate::clusters::{self, LiveView};
 use crate::crd::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
 use crate::hub;
+use crate::leader::{self, LeaseLock};
 use crate::signer::{self, Leaf, Signer};
 use crate::status::StatusBoard;
 
@@ -92,6 +93,15 @@ pub struct RunArgs {
     /// TunnelConfiguration says).
     #[arg(long, env = "TUNNEL_NO_HUB_OBJECTS")]
     pub no_hub_objects: bool,
+    /// Run without leader election (when only ever one manager runs).
+    #[arg(long, env = "TUNNEL_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    /// The leader Lease in --namespace; by default `<instance>-manager`.
+    #[arg(long, env = "TUNNEL_LEASE_NAME")]
+    pub lease_name: Option<String>,
+    /// This replica's identity in the Lease (the pod's name; by default the host name).
+    #[arg(long, env = "TUNNEL_POD_NAME", default_value_t = default_identity())]
+    pub identity: String,
     /// Manage ManifestWork and ManagedClusterAddOn objects for every ManagedCluster.
     #[arg(long, env = "TUNNEL_OPEN_CLUSTER_MANAGEMENT")]
     pub open_cluster_management: bool,
@@ -275,6 +285,58 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = shutdown.clone();
     tokio::spawn(admin.serve(listener, async move { stop.notified().await }));
 
+    if args.no_leader_election {
+        metrics.leader.set(1);
+        return controllers(args, client, shutdown, ready, metrics).await;
+    }
+    let lease = args
+        .lease_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-manager", args.instance));
+    let lock = Arc::new(LeaseLock::new(
+        Api::namespaced(client.clone(), &args.namespace),
+        &lease,
+        &args.identity,
+        Arc::new(time::OffsetDateTime::now_utc),
+    ));
+    let (leading_tx, mut leading_rx) = watch::channel(false);
+    let elector = {
+        let lock = lock.clone();
+        tokio::spawn(async move { leader::lead(&lock, &leading_tx).await })
+    };
+    // A follower is ready: it stands by, and a rollout must be able to pass it.
+    ready.store(true, Ordering::Release);
+    tracing::info!(%lease, identity = %args.identity, "waiting to lead");
+    tokio::select! {
+        _ = leading_rx.wait_for(|l| *l) => {}
+        () = shutdown.notified() => return Ok(()),
+    }
+    metrics.leader.set(1);
+    let result = tokio::select! {
+        r = controllers(args, client, shutdown, ready, metrics.clone()) => r,
+        lost = elector => Err(match lost {
+            Ok(lost) => anyhow::Error::new(lost),
+            Err(e) => anyhow::anyhow!("leader election failed: {e}"),
+        }),
+    };
+    metrics.leader.set(0);
+    lock.release().await;
+    result
+}
+
+/// Hostname, or a fixed name when there is none.
+fn default_identity() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "tunnel-manager".into())
+}
+
+/// The controllers, while this manager leads.
+async fn controllers(
+    args: RunArgs,
+    client: kube::Client,
+    shutdown: Arc<tokio::sync::Notify>,
+    ready: Arc<AtomicBool>,
+    metrics: crate::metrics::ManagerMetrics,
+) -> anyhow::Result<()> {
     // The configuration, followed.
     let (config_tx, config_rx) = watch::channel(None::<Arc<TunnelConfiguration>>);
     let configs: Api<TunnelConfiguration> = Api::all(client.clone());

@@ -12,6 +12,7 @@
 //! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
 //! - [`status`]: the configuration's conditions, written in one place;
+//! - [`leader`]: leader election over a Lease, so that several managers can run;
 //! - [`metrics`]: reconciliations and conditions on the admin port;
 //! - [`cli`]: the binary's commands and flags.
 
@@ -22,6 +23,7 @@ pub mod clusters;
 pub mod crd;
 pub mod health;
 pub mod hub;
+pub mod leader;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api;

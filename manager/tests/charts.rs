@@ -320,6 +320,15 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             r.one("Deployment", "cluster-tunnel-manager")["spec"]["template"]["spec"]["containers"]
                 [0]["args"]
                 .to_string();
+        let manager = r.one("Deployment", "cluster-tunnel-manager");
+        assert_eq!(manager["spec"]["replicas"], 2, "a leader and a standby");
+        assert!(
+            manager["spec"]["strategy"].is_null(),
+            "rolling updates: a standby takes over"
+        );
+        r.one("PodDisruptionBudget", "cluster-tunnel-manager");
+        let role = r.one("Role", "cluster-tunnel-manager").to_string();
+        assert!(role.contains("leases"), "{role}");
         assert_eq!(
             manager_args.contains("--no-hub-objects"),
             values["manager"]["keepHubObjects"] == false,
