@@ -77,6 +77,12 @@ pub struct Cli {
     /// The sidecar image.
     #[arg(long, env = "TUNNEL_SIDECAR_IMAGE")]
     pub sidecar_image: String,
+
+    /// Follow this TunnelConfiguration: its `spec.sidecar` (image, proxy
+    /// port, log level, CPU and memory requests) overrides these flags'
+    /// defaults, and changes apply to the next pod without a restart.
+    #[arg(long, env = "TUNNEL_CONFIG_NAME")]
+    pub config_name: Option<String>,
     /// The sidecar's imagePullPolicy (Kubernetes' default when not given).
     #[arg(long, env = "TUNNEL_SIDECAR_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
     pub sidecar_image_pull_policy: Option<String>,
@@ -301,6 +307,7 @@ impl Cli {
             ca_bundle_sync,
             template,
             fail_closed: self.fail_closed,
+            config_name: self.config_name.clone(),
         })
     }
 }
@@ -310,13 +317,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::tls::install_crypto_provider();
     tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
     let config = cli.to_config()?;
-    let client = match config.ca_bundle_sync {
-        Some(_) => Some(
-            kube::Client::try_default()
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes API (needed to keep the caBundle; pass --cert-manager otherwise): {e}"))?,
-        ),
-        None => None,
+    let client = if config.ca_bundle_sync.is_some() || config.config_name.is_some() {
+        Some(kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the Kubernetes API (needed to keep the caBundle, or for --config-name; \
+                 pass --cert-manager and leave out --config-name otherwise): {e}"
+            )
+        })?)
+    } else {
+        None
     };
     let injector = Injector::start(config, client).await?;
     tunnel_proto::cli::termination_signal().await;

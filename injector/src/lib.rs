@@ -85,6 +85,7 @@ pub mod annotations;
 pub mod ca_bundle;
 pub mod certs;
 pub mod cli;
+pub mod defaults;
 pub mod inject;
 pub mod metrics;
 pub mod review;
@@ -146,6 +147,9 @@ pub struct InjectorConfig {
     pub template: SidecarTemplate,
     /// Deny pods the injector cannot handle instead of letting them through.
     pub fail_closed: bool,
+    /// The `TunnelConfiguration` whose `spec.sidecar` overrides the
+    /// template's defaults; `None`: the flags alone.
+    pub config_name: Option<String>,
 }
 
 /// A running injector.
@@ -226,7 +230,9 @@ impl Injector {
         let mut controller_stop = None;
         let mut policy_tx = None;
         if let (Some(sync), Some(policy)) = (&config.ca_bundle_sync, policy) {
-            let client = client.context("keeping the caBundle needs a Kubernetes client")?;
+            let client = client
+                .clone()
+                .context("keeping the caBundle needs a Kubernetes client")?;
             let (tx, policy_rx) = watch::channel(policy);
             policy_tx = Some(tx);
             let (tx, rx) = oneshot::channel::<()>();
@@ -253,11 +259,20 @@ impl Injector {
             )));
         }
 
-        let reviewer = Arc::new(Reviewer::new(
-            config.template.clone(),
-            config.fail_closed,
-            metrics,
-        ));
+        let (templates_tx, templates) = watch::channel(Arc::new(config.template.clone()));
+        if let Some(name) = &config.config_name {
+            let client = client
+                .clone()
+                .context("following the TunnelConfiguration needs a Kubernetes client")?;
+            tasks.push(tokio::spawn(defaults::follow(
+                client,
+                name.clone(),
+                config.template.clone(),
+                templates_tx,
+                stop_rx.clone(),
+            )));
+        }
+        let reviewer = Arc::new(Reviewer::new(templates, config.fail_closed, metrics));
         tasks.push(tokio::spawn(server::serve(
             listener,
             tls,

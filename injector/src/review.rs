@@ -20,7 +20,10 @@ use http::StatusCode;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use std::sync::Arc;
+
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::inject::{Outcome, SidecarTemplate, plan};
 use crate::metrics::{InjectionResult, InjectorMetrics};
@@ -59,7 +62,7 @@ impl Reply {
 /// Handles admission reviews for pods.
 #[derive(Debug)]
 pub struct Reviewer {
-    template: SidecarTemplate,
+    template: watch::Receiver<Arc<SidecarTemplate>>,
     fail_closed: bool,
     metrics: InjectorMetrics,
 }
@@ -128,9 +131,14 @@ impl Response {
 }
 
 impl Reviewer {
-    /// A reviewer that injects `template`; with `fail_closed`, pods it cannot
-    /// handle are denied instead of let through without the sidecar.
-    pub fn new(template: SidecarTemplate, fail_closed: bool, metrics: InjectorMetrics) -> Self {
+    /// A reviewer that injects the current `template` (it may change while
+    /// the reviewer runs); with `fail_closed`, pods it cannot handle are
+    /// denied instead of let through without the sidecar.
+    pub fn new(
+        template: watch::Receiver<Arc<SidecarTemplate>>,
+        fail_closed: bool,
+        metrics: InjectorMetrics,
+    ) -> Self {
         Self {
             template,
             fail_closed,
@@ -193,7 +201,8 @@ impl Reviewer {
             .clone()
             .or_else(|| pod.metadata.generate_name.clone())
             .unwrap_or_default();
-        match plan(&pod, &self.template) {
+        let template = self.template.borrow().clone();
+        match plan(&pod, &template) {
             Ok(Outcome::Skipped(why)) => {
                 tracing::debug!(%namespace, pod = %name, why, "not injected");
                 (InjectionResult::Skipped, Response::allow(&req.uid))
@@ -288,7 +297,8 @@ mod tests {
     use crate::inject::tests::template;
 
     fn reviewer(fail_closed: bool) -> Reviewer {
-        Reviewer::new(template(), fail_closed, InjectorMetrics::default())
+        let (_, templates) = watch::channel(Arc::new(template()));
+        Reviewer::new(templates, fail_closed, InjectorMetrics::default())
     }
 
     fn review_of(object: Value) -> Value {

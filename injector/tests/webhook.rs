@@ -82,6 +82,7 @@ fn config(certs: CertSource) -> InjectorConfig {
         ca_bundle_sync: None,
         template: template(),
         fail_closed: false,
+        config_name: None,
     }
 }
 
@@ -679,4 +680,117 @@ async fn provided_certificate_files_are_reloaded_when_they_change() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(handshake(second.ca_pem.clone()).await);
     injector.shutdown().await;
+}
+
+/// The sidecar image and proxy port an injected "one-container" pod gets.
+async fn injected_defaults(webhook: &Webhook) -> (String, Option<String>) {
+    let review = fixture("one-container");
+    let response = webhook.review(&review).await;
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch_of(&response)).unwrap();
+    let sidecar = &pod["spec"]["initContainers"][0];
+    let proxy = sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TUNNEL_PROXY_LISTEN")
+        .and_then(|e| e["value"].as_str().map(str::to_owned));
+    (sidecar["image"].as_str().unwrap().to_owned(), proxy)
+}
+
+/// Polls until an injected pod gets `image`.
+async fn wait_for_image(webhook: &Webhook, image: &str) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (got, proxy) = injected_defaults(webhook).await;
+        if got == image {
+            return proxy;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar image stayed {got}, expected {image}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tunnel_configuration(image: &str, proxy_port: u16) -> Value {
+    json!({
+        "apiVersion": "cluster-tunnel.io/v1alpha1", "kind": "TunnelConfiguration",
+        "metadata": { "name": "cluster-tunnel", "resourceVersion": "7" },
+        "spec": { "sidecar": { "image": image, "proxyPort": proxy_port, "logLevel": "debug" } },
+    })
+}
+
+fn api_answer(body: Vec<u8>) -> http::Response<kube::client::Body> {
+    http::Response::builder()
+        .status(200)
+        .header(CONTENT_TYPE, "application/json")
+        .body(kube::client::Body::from(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sidecar_defaults_follow_the_tunnel_configuration_without_a_restart() {
+    tunnel_proto::tls::install_crypto_provider();
+    let (service, mut api) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let mut cfg = config(CertSource::Generated {
+        dns_names: service_dns_names("tunnel-injector", "cluster-tunnel"),
+    });
+    cfg.config_name = Some("cluster-tunnel".into());
+    let injector = Injector::start(cfg, Some(kube::Client::new(service, "default")))
+        .await
+        .unwrap();
+    let ca_pem = injector.generated_ca_pem().unwrap().to_owned();
+    let webhook = Webhook { injector, ca_pem };
+    let mut next = async || {
+        tokio::time::timeout(TIMEOUT, api.next_request())
+            .await
+            .expect("the injector asks the API server")
+            .expect("a request")
+    };
+
+    // It lists the one configuration by name...
+    let (request, send) = next().await;
+    let uri = request.uri().to_string();
+    assert!(
+        uri.starts_with("/apis/cluster-tunnel.io/v1alpha1/tunnelconfigurations?")
+            && uri.contains("metadata.name%3Dcluster-tunnel"),
+        "{uri}"
+    );
+    let list = json!({
+        "apiVersion": "cluster-tunnel.io/v1alpha1", "kind": "TunnelConfigurationList",
+        "metadata": { "resourceVersion": "7" },
+        "items": [tunnel_configuration("registry.example/tunnel-sidecar:2", 18080)],
+    });
+    send.send_response(api_answer(serde_json::to_vec(&list).unwrap()));
+    // ...and the next pod gets its defaults (the flags said another image and 15080).
+    let proxy = wait_for_image(&webhook, "registry.example/tunnel-sidecar:2").await;
+    assert_eq!(proxy.as_deref(), Some("127.0.0.1:18080"));
+
+    // A change arrives on the watch: the pod after it gets the new image.
+    let (request, send) = next().await;
+    assert!(
+        request.uri().to_string().contains("watch=true"),
+        "{}",
+        request.uri()
+    );
+    let event = json!({ "type": "MODIFIED", "object": tunnel_configuration("registry.example/tunnel-sidecar:3", 18080) });
+    send.send_response(api_answer(
+        format!("{}\n", serde_json::to_string(&event).unwrap()).into_bytes(),
+    ));
+    wait_for_image(&webhook, "registry.example/tunnel-sidecar:3").await;
+
+    // Deleted: back to the flags.
+    let (_, send) = next().await;
+    let event = json!({ "type": "DELETED", "object": tunnel_configuration("registry.example/tunnel-sidecar:3", 18080) });
+    send.send_response(api_answer(
+        format!("{}\n", serde_json::to_string(&event).unwrap()).into_bytes(),
+    ));
+    let proxy = wait_for_image(&webhook, &template().image).await;
+    assert_eq!(proxy.as_deref(), Some("127.0.0.1:15080"));
+    webhook.injector.shutdown().await;
 }
