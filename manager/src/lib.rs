@@ -8,6 +8,8 @@
 //! - [`agent_work`]: the `ManifestWork` that delivers an agent to a managed cluster;
 //! - [`addon`]: `ManagedClusterAddOn` conditions from the server's live view;
 //! - [`clusters`]: the kube-runtime controller over `ManagedCluster`s;
+//! - [`namespaces`]: the controller that keeps the sidecars' certificate
+//!   Secret in every injection-enabled namespace;
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
 //! - [`cli`]: the binary's commands and flags.
 
@@ -17,4 +19,5 @@ pub mod cli;
 pub mod clusters;
 pub mod crd;
 pub mod health;
+pub mod namespaces;
 pub mod signer;
