@@ -23,6 +23,7 @@ use crate::crd::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
 use crate::hub;
 use crate::leader::{self, LeaseLock};
+use crate::namespaces;
 use crate::signer::{self, Leaf, Signer};
 use crate::status::StatusBoard;
 
@@ -40,7 +41,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the CustomResourceDefinitions (YAML) generated from the Rust types.
     Crdgen,
-    /// Run the controllers: certificates, and with --open-cluster-management
+    /// Run the controllers: certificates (the server's, and the sidecars' in
+    /// every injection-enabled namespace), and with --open-cluster-management
     /// an agent ManifestWork and ManagedClusterAddOn status per ManagedCluster.
     Run(RunArgs),
     /// For every cluster: agent installed, available, a probe through the tunnel, its latency.
@@ -105,6 +107,24 @@ pub struct RunArgs {
     /// Manage ManifestWork and ManagedClusterAddOn objects for every ManagedCluster.
     #[arg(long, env = "TUNNEL_OPEN_CLUSTER_MANAGEMENT")]
     pub open_cluster_management: bool,
+    /// Label key of namespaces whose pods get the sidecar (value `enabled`):
+    /// each gets the sidecar certificate Secret.
+    #[arg(
+        long,
+        env = "TUNNEL_NAMESPACE_LABEL",
+        default_value = crate::namespaces::DEFAULT_NAMESPACE_LABEL
+    )]
+    pub namespace_label: String,
+    /// Name of the sidecar certificate Secret in each labelled namespace (the injector's `--sidecar-cert-secret`).
+    #[arg(
+        long,
+        env = "TUNNEL_SIDECAR_CERT_SECRET",
+        default_value = crate::namespaces::DEFAULT_SECRET_NAME
+    )]
+    pub sidecar_cert_secret: String,
+    /// Do not issue sidecar certificates into labelled namespaces (the administrator provides the Secrets).
+    #[arg(long, env = "TUNNEL_NO_SIDECAR_CERTS")]
+    pub no_sidecar_certs: bool,
     /// How often the server is asked which agents are connected.
     #[arg(long, env = "TUNNEL_LIVE_VIEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub live_view_interval: Duration,
@@ -496,6 +516,25 @@ async fn controllers(
         }
     });
     ready.store(true, Ordering::Release);
+
+    // The sidecars' certificate in every injection-enabled namespace.
+    if args.no_sidecar_certs {
+        tracing::info!("sidecar certificates are not issued (--no-sidecar-certs)");
+    } else {
+        let ctx = Arc::new(namespaces::Context {
+            client: client.clone(),
+            label: args.namespace_label.clone(),
+            secret_name: args.sidecar_cert_secret.clone(),
+            trust_domain: args.trust_domain.clone(),
+            signer: signer.clone(),
+            config: config_rx.clone(),
+            config_name: args.config_name.clone(),
+            clock: Arc::new(time::OffsetDateTime::now_utc),
+            metrics: metrics.clone(),
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(namespaces::run(ctx, async move { stop.notified().await }));
+    }
 
     if args.open_cluster_management {
         let ctx = Arc::new(clusters::Context {

@@ -8,6 +8,8 @@
 //! - [`agent_work`]: the `ManifestWork` that delivers an agent to a managed cluster;
 //! - [`addon`]: `ManagedClusterAddOn` conditions from the server's live view;
 //! - [`clusters`]: the kube-runtime controller over `ManagedCluster`s;
+//! - [`namespaces`]: the controller that keeps the sidecars' certificate
+//!   Secret in every injection-enabled namespace;
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
 //! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
@@ -27,5 +29,6 @@ pub mod leader;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api;
+pub mod namespaces;
 pub mod signer;
 pub mod status;

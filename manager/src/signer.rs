@@ -1,6 +1,8 @@
 //! The signer: a CA kept in a Secret of the manager's namespace (generated
-//! when absent), and the certificates it issues into Secrets — the servers'
-//! and one per managed cluster's agent (`spiffe://<td>/agent/<cluster>`).
+//! when absent), and the certificates it issues into Secrets — the servers',
+//! one per managed cluster's agent (`spiffe://<td>/agent/<cluster>`) and one
+//! per injection-enabled namespace for its sidecars
+//! (`spiffe://<td>/client/sidecar-<namespace>`, see [`crate::namespaces`]).
 //! A certificate is re-issued when a fifth of its lifetime is left, when it
 //! is not signed by the current CA, or when it cannot be read.
 //!
@@ -445,21 +447,46 @@ pub async fn ensure_leaf(
     owner: Option<OwnerReference>,
     now: OffsetDateTime,
 ) -> Result<(Secret, LeafOutcome), SignerError> {
-    if let Some(secret) = api.get_opt(name).await.map_err(api_error("get", name))? {
+    let existing = api.get_opt(name).await.map_err(api_error("get", name))?;
+    ensure_leaf_over(
+        api,
+        name,
+        existing,
+        leaf,
+        signer,
+        trust_domain,
+        validity,
+        owner,
+        now,
+    )
+    .await
+}
+
+/// [`ensure_leaf`] for a caller that has already read the Secret
+/// (`existing`, `None` when absent) — to look at it before anything is
+/// written, as the sidecar certificates do with Secrets they do not manage.
+#[allow(clippy::too_many_arguments)]
+pub async fn ensure_leaf_over(
+    api: &Api<Secret>,
+    name: &str,
+    existing: Option<Secret>,
+    leaf: &Leaf,
+    signer: &Signer,
+    trust_domain: &str,
+    validity: Duration,
+    owner: Option<OwnerReference>,
+    now: OffsetDateTime,
+) -> Result<(Secret, LeafOutcome), SignerError> {
+    if let Some(secret) = existing {
         let cert = data(&secret, "tls.crt").unwrap_or_default();
         let ca = data(&secret, "ca.crt").unwrap_or_default();
         if !signer.needs_renewal(&cert, now) && ca == signer.ca.cert_pem.as_bytes() {
             return Ok((secret, LeafOutcome::Current));
         }
     }
+    let namespace = api_namespace(api);
     let issued = signer.issue(leaf, trust_domain, now, validity)?;
-    let secret = tls_secret(
-        name,
-        &api_namespace(api),
-        &issued,
-        &signer.ca.cert_pem,
-        owner,
-    );
+    let secret = tls_secret(name, &namespace, &issued, &signer.ca.cert_pem, owner);
     let mut body = serde_json::to_value(&secret).expect("a Secret serializes");
     body["apiVersion"] = "v1".into();
     body["kind"] = "Secret".into();
@@ -470,8 +497,21 @@ pub async fn ensure_leaf(
     )
     .await
     .map_err(api_error("apply", name))?;
-    tracing::info!(secret = name, identity = %leaf.uri(trust_domain), "certificate issued");
+    tracing::info!(%namespace, secret = name, identity = %leaf.uri(trust_domain), "certificate issued");
     Ok((secret, LeafOutcome::Issued))
+}
+
+/// Whether the signer wrote `secret` (it carries [`MANAGED_BY_LABEL`] with
+/// its value; Helm's `managed-by: Helm` is someone else's). Secrets in other
+/// namespaces than the manager's — the sidecars' — are overwritten or deleted
+/// only when this holds; one an administrator (or cert-manager) made is left alone.
+pub fn is_managed(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL.0))
+        .is_some_and(|v| v == MANAGED_BY_LABEL.1)
 }
 
 #[cfg(test)]
@@ -499,6 +539,22 @@ mod tests {
         assert!(other.needs_renewal(cert, t0));
         assert!(signer.needs_renewal(b"nonsense", t0));
         assert!(signer.needs_renewal(signer.ca.cert_pem.as_bytes(), t0));
+    }
+
+    #[test]
+    fn only_secrets_the_signer_wrote_count_as_managed() {
+        let now = OffsetDateTime::now_utc();
+        let signer = Signer::generate(TD, now).unwrap();
+        let mut secret = tls_secret("s", "fleet", &signer.ca, &signer.ca.cert_pem, None);
+        assert!(is_managed(&secret));
+        // Helm's (or anyone's) managed-by, or none: someone else's.
+        secret.metadata.labels = Some(BTreeMap::from([(
+            MANAGED_BY_LABEL.0.to_owned(),
+            "Helm".to_owned(),
+        )]));
+        assert!(!is_managed(&secret));
+        secret.metadata.labels = None;
+        assert!(!is_managed(&secret));
     }
 
     #[test]

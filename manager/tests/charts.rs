@@ -306,7 +306,11 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             "imagePullSecrets": ["regcred"],
             "logFormat": "text",
         }),
-        json!({ "injector": { "enabled": false }, "manager": { "openClusterManagement": false, "keepHubObjects": false }, "server": { "authorization": "allowAll" } }),
+        json!({
+            "injector": { "enabled": false },
+            "manager": { "openClusterManagement": false, "keepHubObjects": false },
+            "server": { "authorization": "allowAll" }, "sidecar": { "issueCertificates": false },
+        }),
     ];
     for values in &sets {
         let Some(rendered) = render("cluster-tunnel", values) else {
@@ -427,7 +431,64 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             manager_role.contains("manifestworks"),
             values["manager"]["openClusterManagement"] != false
         );
+        check_sidecar_certificates(&r, values["sidecar"]["issueCertificates"] != false);
     }
+}
+
+/// The manager issues the sidecars' Secret into labelled namespaces (the
+/// label and Secret the injector uses), with Secret access outside its own
+/// namespace only then, and reading, renewing and deleting only that name.
+fn check_sidecar_certificates(r: &Rendered, issued: bool) {
+    let manager = r.one("Deployment", "cluster-tunnel-manager");
+    let args = manager["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--namespace-label=cluster-tunnel.io/injection"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--sidecar-cert-secret=cluster-tunnel-sidecar"),
+        "{args}"
+    );
+    assert_eq!(args.contains("--no-sidecar-certs"), !issued, "{args}");
+    let rules = r.one("ClusterRole", "cluster-tunnel-manager")["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let on = |resource: &str| -> Vec<Value> {
+        rules
+            .iter()
+            .filter(|rule| {
+                rule["resources"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&json!(resource))
+            })
+            .cloned()
+            .collect()
+    };
+    if issued {
+        assert_eq!(
+            on("namespaces"),
+            [
+                json!({ "apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"] })
+            ]
+        );
+        assert_eq!(
+            on("secrets"),
+            [
+                json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cluster-tunnel-sidecar"], "verbs": ["get", "patch", "delete"] }),
+                json!({ "apiGroups": [""], "resources": ["secrets"], "verbs": ["create"] }),
+            ]
+        );
+    } else {
+        assert!(
+            on("namespaces").is_empty() && on("secrets").is_empty(),
+            "{rules:?}"
+        );
+    }
+    // The signer's, server's and agents' Secrets: the release namespace's Role, either way.
+    let role = r.one("Role", "cluster-tunnel-manager").to_string();
+    assert!(role.contains("secrets"), "{role}");
 }
 
 #[test]
