@@ -2,12 +2,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{Stream, StreamExt};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 use tunnel_proto::error::{ErrorCode, TunnelError, dial_error};
 use tunnel_proto::pb::{self, Frame, agent_server::Agent as AgentRpc, frame::Kind};
@@ -15,6 +16,7 @@ use tunnel_proto::relay::relay_tcp;
 
 use crate::allowlist::Allowlist;
 use crate::metrics::{AgentMetrics, CodeLabel, DirectionLabel};
+use crate::servers::{Claim, Duplicate, ServerRegistry};
 
 /// How long the server may take to send `Open` on a new stream.
 const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,26 +38,100 @@ pub struct DialerShared {
     pub metrics: AgentMetrics,
 }
 
+/// What the server's hello on a tunnel said, handed to the task that opened
+/// the tunnel.
+#[derive(Debug)]
+pub struct Hello {
+    /// The server replica's id.
+    pub server_id: String,
+    /// The number of replicas the server said there are (0: not told).
+    pub server_count: u32,
+    /// The tunnel's hold on the server id, or why it was refused.
+    pub admission: Result<Claim, Duplicate>,
+}
+
+/// Decides, at the server's first hello on a tunnel, whether the tunnel may
+/// stay (see [`crate::servers`]) and tells the tunnel's task.
+#[derive(Debug)]
+pub struct HelloGate {
+    registry: Arc<ServerRegistry>,
+    entry: Arc<str>,
+    told: Mutex<Option<oneshot::Sender<Hello>>>,
+    duplicate: AtomicBool,
+}
+
+impl HelloGate {
+    /// A gate for one tunnel opened through the `--server` entry `entry`;
+    /// `told` receives the first hello's [`Hello`].
+    pub fn new(
+        registry: Arc<ServerRegistry>,
+        entry: Arc<str>,
+        told: oneshot::Sender<Hello>,
+    ) -> Self {
+        Self {
+            registry,
+            entry,
+            told: Mutex::new(Some(told)),
+            duplicate: AtomicBool::new(false),
+        }
+    }
+
+    /// Admits or refuses the tunnel at a hello; a repeated hello gets the
+    /// first one's answer.
+    fn decide(&self, hello: &pb::HelloRequest) -> Result<(), Duplicate> {
+        let duplicate = || Duplicate {
+            server_id: hello.server_id.clone(),
+        };
+        // Held to the end, so that a concurrent hello sees the decision made.
+        let mut pending = self.told.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(told) = pending.take() else {
+            if self.duplicate.load(Ordering::Acquire) {
+                return Err(duplicate());
+            }
+            return Ok(());
+        };
+        let admission = self
+            .registry
+            .admit(&self.entry, &hello.server_id, hello.server_count);
+        let refused = admission.as_ref().err().cloned();
+        self.duplicate.store(refused.is_some(), Ordering::Release);
+        // Without a receiver the tunnel's task is gone: the claim is dropped with it.
+        let _ = told.send(Hello {
+            server_id: hello.server_id.clone(),
+            server_count: hello.server_count,
+            admission,
+        });
+        refused.map_or(Ok(()), Err)
+    }
+}
+
 /// The service on one tunnel.
 #[derive(Clone, Debug)]
 pub struct AgentService {
     shared: Arc<DialerShared>,
-    /// Set when the server said hello on this tunnel: the tunnel is usable.
-    pub hello: Arc<tokio::sync::Notify>,
+    gate: Option<Arc<HelloGate>>,
     said_hello: Arc<AtomicBool>,
 }
 
 impl AgentService {
-    /// A service for one new tunnel.
+    /// A service for one new tunnel that accepts every server's hello.
     pub fn new(shared: Arc<DialerShared>) -> Self {
         Self {
             shared,
-            hello: Arc::new(tokio::sync::Notify::new()),
+            gate: None,
             said_hello: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Whether the server said hello on this tunnel.
+    /// A service for one new tunnel whose hello `gate` admits or refuses.
+    pub fn with_gate(shared: Arc<DialerShared>, gate: HelloGate) -> Self {
+        Self {
+            gate: Some(Arc::new(gate)),
+            ..Self::new(shared)
+        }
+    }
+
+    /// Whether the server said hello on this tunnel and the tunnel was admitted.
     pub fn is_up(&self) -> bool {
         self.said_hello.load(Ordering::Acquire)
     }
@@ -141,10 +217,15 @@ impl AgentRpc for AgentService {
         &self,
         req: Request<pb::HelloRequest>,
     ) -> Result<Response<pb::HelloResponse>, Status> {
-        let server_id = req.into_inner().server_id;
+        let hello = req.into_inner();
+        if let Some(gate) = &self.gate
+            && let Err(duplicate) = gate.decide(&hello)
+        {
+            tracing::debug!(server = %hello.server_id, "hello from a server this agent already holds a tunnel to; refusing the duplicate");
+            return Err(Status::already_exists(duplicate.to_string()));
+        }
         if !self.said_hello.swap(true, Ordering::AcqRel) {
-            tracing::info!(server = %server_id, "tunnel up");
-            self.hello.notify_waiters();
+            tracing::debug!(server = %hello.server_id, server_count = hello.server_count, "server said hello");
         }
         Ok(Response::new(pb::HelloResponse {
             agent_id: self.shared.agent_id.clone(),

@@ -3,6 +3,8 @@
 //!
 //! - [`tunnels`]: dials out to each server address (re-resolving DNS names so
 //!   that every replica gets a tunnel), reconnects with backoff, forever.
+//! - [`servers`]: which server replicas (by id) the agent holds tunnels to, so
+//!   that one load-balanced address yields a tunnel to every replica.
 //! - [`dial`]: the `Agent` service the server calls on each tunnel: one
 //!   `Dial` stream per proxied connection.
 //! - [`allowlist`]: which destinations may be dialed.
@@ -12,6 +14,7 @@ pub mod allowlist;
 pub mod cli;
 pub mod dial;
 pub mod metrics;
+pub mod servers;
 pub mod tunnels;
 
 pub use tunnels::{Agent, AgentConfig};

@@ -22,6 +22,9 @@ pub struct AgentMetrics {
     pub tunnels_up: Gauge,
     /// Tunnel connection attempts that failed.
     pub tunnel_failures: Counter,
+    /// Connections closed because they reached a server the agent already
+    /// held a tunnel to (through a load balancer; see [`crate::servers`]).
+    pub duplicate_tunnels: Counter,
     /// Destination dials by result code.
     pub dials: Family<CodeLabel, Counter>,
     /// Seconds to resolve and connect to a destination.
@@ -38,6 +41,7 @@ impl AgentMetrics {
         let m = Self {
             tunnels_up: Gauge::default(),
             tunnel_failures: Counter::default(),
+            duplicate_tunnels: Counter::default(),
             dials: Family::default(),
             dial_latency: Histogram::new(tunnel_proto::admin::LATENCY_BUCKETS),
             open_connections: Gauge::default(),
@@ -53,6 +57,11 @@ impl AgentMetrics {
             "tunnel_failures",
             "Tunnel connection attempts that failed or tunnels that broke",
             m.tunnel_failures.clone(),
+        );
+        r.register(
+            "duplicate_tunnels",
+            "Connections closed because they reached a server the agent already had a tunnel to",
+            m.duplicate_tunnels.clone(),
         );
         r.register("dials", "Destination dials by result code", m.dials.clone());
         r.register(

@@ -5,23 +5,36 @@
 //! cluster. Names are re-resolved periodically: new replicas get a tunnel,
 //! and a tunnel to an address that left DNS is not re-established once it
 //! breaks. Every tunnel reconnects with capped, jittered backoff, forever.
+//!
+//! When the servers say there are several replicas (`--server-count`), an
+//! address may be a load balancer in front of all of them: the address then
+//! keeps opening tunnels until the agent holds one to every replica, refusing
+//! connections that land on a replica it already has (see [`crate::servers`]
+//! for the rules), and re-fills when one breaks.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::h2::{H2Settings, serve_connection};
 use tunnel_proto::pb::agent_server::AgentServer;
 
 use crate::allowlist::Allowlist;
-use crate::dial::{AgentService, DialerShared};
+use crate::dial::{AgentService, DialerShared, HelloGate};
 use crate::metrics::AgentMetrics;
+use crate::servers::{Claim, MAX_SERVER_COUNT, ServerRegistry, effective_count, needs_tunnel};
 
 /// Default interval between DNS re-resolutions of server names.
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -29,6 +42,11 @@ pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 const STABLE_TUNNEL: Duration = Duration::from_secs(10);
 /// Time to connect to a server (TCP + TLS).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time from the TLS handshake to the server's hello (the server's own
+/// limit is 10 s).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time the server gets to close a refused duplicate connection.
+const DUPLICATE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
@@ -139,26 +157,27 @@ impl Agent {
     }
 }
 
-/// Resolves every server entry to the addresses to keep tunnels to. An entry
-/// whose name does not resolve keeps its previous addresses.
+/// Resolves every server entry to the addresses to keep tunnels to, each with
+/// the entry it came from. An entry whose name does not resolve keeps its
+/// previous addresses.
 async fn resolve_all(
     servers: &[String],
-    previous: &HashMap<SocketAddr, String>,
-) -> HashMap<SocketAddr, String> {
+    previous: &HashMap<SocketAddr, Arc<str>>,
+) -> HashMap<SocketAddr, Arc<str>> {
     let mut out = HashMap::new();
     for entry in servers {
-        let host = tunnel_proto::client::host_of(entry).to_owned();
-        match tokio::net::lookup_host(entry.as_str()).await {
+        let entry: Arc<str> = entry.as_str().into();
+        match tokio::net::lookup_host(&*entry).await {
             Ok(addrs) => {
                 for a in addrs {
-                    out.insert(a, host.clone());
+                    out.insert(a, entry.clone());
                 }
             }
             Err(err) => {
                 tracing::warn!(server = %entry, %err, "cannot resolve server address; keeping the last known addresses");
-                for (a, h) in previous {
-                    if *h == host {
-                        out.insert(*a, h.clone());
+                for (a, e) in previous {
+                    if *e == entry {
+                        out.insert(*a, e.clone());
                     }
                 }
             }
@@ -167,142 +186,364 @@ async fn resolve_all(
     out
 }
 
+/// Completes once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// A task aborted when dropped, so that stopping the supervisor stops
+/// everything it started.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn supervise(
     config: Arc<AgentConfig>,
     shared: Arc<DialerShared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let registry = Arc::new(ServerRegistry::default());
     let (wanted_tx, wanted_rx) = watch::channel(HashSet::<SocketAddr>::new());
-    let mut current: HashMap<SocketAddr, String> = HashMap::new();
-    let mut running: HashMap<SocketAddr, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut current: HashMap<SocketAddr, Arc<str>> = HashMap::new();
+    let mut running: HashMap<SocketAddr, Task> = HashMap::new();
     loop {
         current = resolve_all(&config.servers, &current).await;
         wanted_tx.send_replace(current.keys().copied().collect());
-        running.retain(|_, t| !t.is_finished());
-        for (addr, host) in &current {
+        running.retain(|_, t| !t.0.is_finished());
+        for (addr, entry) in &current {
             if running.contains_key(addr) {
                 continue;
             }
-            let task = tokio::spawn(keep_tunnel(
-                *addr,
-                host.clone(),
-                config.clone(),
-                shared.clone(),
-                wanted_rx.clone(),
-                stop.clone(),
-            ));
-            running.insert(*addr, task);
+            let address = ServerAddress {
+                addr: *addr,
+                entry: entry.clone(),
+                config: config.clone(),
+                shared: shared.clone(),
+                registry: registry.clone(),
+            };
+            let task = tokio::spawn(keep_tunnels(address, wanted_rx.clone(), stop.clone()));
+            running.insert(*addr, Task(task));
         }
         tokio::select! {
             _ = tokio::time::sleep(config.resolve_interval) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
     }
-    for (_, t) in running {
-        let _ = t.await;
+    for (_, mut t) in running {
+        let _ = (&mut t.0).await;
     }
 }
 
-/// One tunnel to one server address, reconnected until the address leaves
-/// DNS or the agent stops.
-async fn keep_tunnel(
+/// One resolved server address and what its tunnels need.
+struct ServerAddress {
     addr: SocketAddr,
-    host: String,
+    /// The `--server` entry the address came from.
+    entry: Arc<str>,
     config: Arc<AgentConfig>,
     shared: Arc<DialerShared>,
-    wanted: watch::Receiver<HashSet<SocketAddr>>,
+    registry: Arc<ServerRegistry>,
+}
+
+/// A tunnel's HTTP/2 connection, served until it ends.
+type Connection = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// A tunnel the server said hello on and the agent admitted.
+struct UpTunnel {
+    server_id: String,
+    server_count: u32,
+    claim: Claim,
+    conn: Connection,
+}
+
+/// How an attempt to open a tunnel ended.
+enum Attempt {
+    /// The tunnel is up.
+    Up(UpTunnel),
+    /// The connection reached a server the agent already holds a tunnel to.
+    Duplicate {
+        server_id: String,
+        server_count: u32,
+    },
+    /// No tunnel: connect, TLS or HTTP/2 failed, or the server said no hello.
+    Failed(String),
+}
+
+/// How a tunnel that was up ended.
+struct Ended {
+    server_id: String,
+    result: Result<(), String>,
+    uptime: Duration,
+}
+
+/// Keeps the tunnels through one server address: one, or with a server count
+/// N > 1 up to N to distinct servers (see [`crate::servers`]), reconnecting
+/// until the address leaves DNS or the agent stops. On stop, waits for the
+/// tunnels (sent GOAWAY) to finish their open connections.
+async fn keep_tunnels(
+    server: ServerAddress,
+    mut wanted: watch::Receiver<HashSet<SocketAddr>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(config.backoff.0, config.backoff.1);
+    let mut keeper = Keeper::new(server);
+    let mut changes = keeper.server.registry.subscribe();
     loop {
         if *stop.borrow() {
+            break;
+        }
+        let is_wanted = wanted.borrow().contains(&keeper.server.addr);
+        if !is_wanted && keeper.live.is_empty() {
+            tracing::info!(server = %keeper.server.addr, "server address left DNS; not reconnecting");
             return;
         }
-        if !wanted.borrow().contains(&addr) {
-            tracing::info!(server = %addr, "server address left DNS; not reconnecting");
-            return;
-        }
-        let started = Instant::now();
-        let result = run_tunnel(addr, &host, &config, &shared, stop.clone()).await;
-        if *stop.borrow() {
-            return;
-        }
-        shared.metrics.tunnel_failures.inc();
-        if started.elapsed() > STABLE_TUNNEL {
-            backoff.reset();
-        }
-        let delay = backoff.next_delay();
-        match result {
-            Ok(()) => {
-                tracing::warn!(server = %addr, retry_in = ?delay, "tunnel closed by the server; reconnecting")
+        let need = is_wanted && keeper.needs_tunnel();
+        if need && Instant::now() >= keeper.not_before {
+            tokio::select! {
+                attempt = keeper.server.open(stop.clone()) => keeper.attempted(attempt),
+                () = stopped(&mut stop) => break,
             }
-            Err(err) => {
-                tracing::warn!(server = %addr, %err, retry_in = ?delay, attempt = backoff.attempts(), "tunnel failed; reconnecting")
-            }
+            continue;
         }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stopped(&mut stop) => break,
+            Some(ended) = keeper.live.join_next() => {
+                if *stop.borrow() {
+                    break;
+                }
+                if let Ok(ended) = ended {
+                    keeper.ended(ended);
+                }
+            }
+            Ok(()) = changes.changed() => {}
+            Ok(()) = wanted.changed() => {}
+            () = tokio::time::sleep_until(keeper.not_before), if need => {}
+        }
+    }
+    // Stopping: the tunnels sent GOAWAY; their open connections run to their end.
+    while keeper.live.join_next().await.is_some() {}
+}
+
+/// The state of one address's tunnels.
+struct Keeper {
+    server: ServerAddress,
+    backoff: Backoff,
+    /// The tunnels through this address that are up.
+    live: JoinSet<Ended>,
+    /// The effective server count last told through this address.
+    count: u32,
+    /// No attempt before this instant (the backoff after a failure).
+    not_before: Instant,
+}
+
+impl Keeper {
+    fn new(server: ServerAddress) -> Self {
+        Self {
+            backoff: Backoff::new(server.config.backoff.0, server.config.backoff.1),
+            server,
+            live: JoinSet::new(),
+            count: 1,
+            not_before: Instant::now(),
+        }
+    }
+
+    /// Whether this address should open one more tunnel now.
+    fn needs_tunnel(&self) -> bool {
+        let covered = self.server.registry.covered(&self.server.entry);
+        needs_tunnel(self.count, self.live.len(), covered)
+    }
+
+    /// Waits for the backoff's next delay before the next attempt.
+    fn back_off(&mut self) -> Duration {
+        let delay = self.backoff.next_delay();
+        self.not_before = Instant::now() + delay;
+        delay
+    }
+
+    /// Follows the server count a hello told, logging changes.
+    fn heard_count(&mut self, told: u32) {
+        let count = effective_count(told);
+        let addr = self.server.addr;
+        if count != self.count {
+            if told > MAX_SERVER_COUNT {
+                tracing::warn!(server = %addr, server_count = told, max = MAX_SERVER_COUNT, "the server claims more replicas than an agent keeps tunnels to; keeping tunnels to at most {MAX_SERVER_COUNT}");
+            } else {
+                tracing::info!(server = %addr, server_count = count, "servers behind this address: {count}");
+            }
+        }
+        self.count = count;
+    }
+
+    /// Takes the outcome of an attempt: runs the tunnel, or backs off.
+    fn attempted(&mut self, attempt: Attempt) {
+        let addr = self.server.addr;
+        match attempt {
+            Attempt::Up(up) => {
+                self.heard_count(up.server_count);
+                tracing::info!(server = %addr, server_id = %up.server_id, server_count = self.count, tunnels_of_address = self.live.len() + 1, "tunnel up");
+                let tunnels_up = self.server.shared.metrics.tunnels_up.clone();
+                self.live.spawn(run_up(up, tunnels_up));
+            }
+            Attempt::Duplicate {
+                server_id,
+                server_count,
+            } => {
+                self.heard_count(server_count);
+                self.server.shared.metrics.duplicate_tunnels.inc();
+                let delay = self.back_off();
+                tracing::info!(server = %addr, %server_id, server_count = self.count, retry_in = ?delay, "connection reached a server this agent already has a tunnel to; closed, will try again for another replica");
+            }
+            Attempt::Failed(err) => {
+                self.server.shared.metrics.tunnel_failures.inc();
+                let delay = self.back_off();
+                tracing::warn!(server = %addr, %err, retry_in = ?delay, attempt = self.backoff.attempts(), "tunnel failed; reconnecting");
+            }
+        }
+    }
+
+    /// Takes the end of a tunnel that was up: counts it and backs off before
+    /// re-filling (from the start if it had been stable).
+    fn ended(&mut self, ended: Ended) {
+        let addr = self.server.addr;
+        self.server.shared.metrics.tunnel_failures.inc();
+        if ended.uptime > STABLE_TUNNEL {
+            self.backoff.reset();
+        }
+        let delay = self.back_off();
+        match ended.result {
+            Ok(()) => {
+                tracing::warn!(server = %addr, server_id = %ended.server_id, retry_in = ?delay, "tunnel closed by the server; reconnecting")
+            }
+            Err(err) => {
+                tracing::warn!(server = %addr, server_id = %ended.server_id, %err, retry_in = ?delay, attempt = self.backoff.attempts(), "tunnel failed; reconnecting")
+            }
         }
     }
 }
 
-async fn run_tunnel(
-    addr: SocketAddr,
-    host: &str,
-    config: &AgentConfig,
-    shared: &Arc<DialerShared>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), String> {
-    let tls = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        tunnel_proto::net::tune_tunnel_socket(&tcp, &config.h2.liveness);
-        let name_str = config
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host.to_owned());
-        let name = match name_str.parse::<IpAddr>() {
-            Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => ServerName::try_from(name_str.clone())
-                .map_err(|e| format!("server name {name_str:?}: {e}"))?,
+impl ServerAddress {
+    /// Connects and waits for the server's hello.
+    async fn open(&self, stop: watch::Receiver<bool>) -> Attempt {
+        let tls = match self.connect().await {
+            Ok(tls) => tls,
+            Err(err) => return Attempt::Failed(err),
         };
-        tokio_rustls::TlsConnector::from(config.tls.current())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))
-    })
-    .await
-    .map_err(|_| "connect timed out".to_owned())??;
-    let svc = AgentService::new(shared.clone());
-    let server =
-        AgentServer::new(svc.clone()).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
-    let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gauge = shared.metrics.tunnels_up.clone();
-    let watch_up = {
-        let svc = svc.clone();
-        let counted = counted.clone();
-        let gauge = gauge.clone();
-        async move {
-            let notified = svc.hello.notified();
-            if !svc.is_up() {
-                notified.await;
+        let (told_tx, told_rx) = oneshot::channel();
+        let gate = HelloGate::new(self.registry.clone(), self.entry.clone(), told_tx);
+        let svc = AgentService::with_gate(self.shared.clone(), gate);
+        let mut conn = serve_tunnel(tls, svc, self.config.clone(), stop);
+        let told = tokio::select! {
+            told = tokio::time::timeout(HELLO_TIMEOUT, told_rx) => told,
+            ended = &mut conn => {
+                let err = ended.err().unwrap_or_else(|| "the server closed the connection before its hello".into());
+                return Attempt::Failed(err);
             }
-            counted.store(true, std::sync::atomic::Ordering::Release);
-            gauge.inc();
-            std::future::pending::<()>().await;
+        };
+        let hello = match told {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(_)) => {
+                return Attempt::Failed("the tunnel closed before the server's hello".into());
+            }
+            Err(_) => {
+                return Attempt::Failed(format!(
+                    "no hello from the server within {HELLO_TIMEOUT:?}"
+                ));
+            }
+        };
+        match hello.admission {
+            Ok(claim) => Attempt::Up(UpTunnel {
+                server_id: hello.server_id,
+                server_count: hello.server_count,
+                claim,
+                conn,
+            }),
+            Err(duplicate) => {
+                // The server closes the connection once it has read the refusal.
+                let _ = tokio::time::timeout(DUPLICATE_CLOSE_TIMEOUT, conn).await;
+                Attempt::Duplicate {
+                    server_id: duplicate.server_id,
+                    server_count: hello.server_count,
+                }
+            }
         }
-    };
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let result = tokio::select! {
-        r = serve_connection(tls, server, &config.h2, shutdown) => r.map_err(|e| format!("HTTP/2: {e}")),
-        () = watch_up => Ok(()),
-    };
-    if counted.load(std::sync::atomic::Ordering::Acquire) {
-        gauge.dec();
     }
-    result
+
+    /// TCP and TLS to the server address, within [`CONNECT_TIMEOUT`].
+    async fn connect(&self) -> Result<TlsStream<TcpStream>, String> {
+        let config = &self.config;
+        let host = tunnel_proto::client::host_of(&self.entry);
+        tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let tcp = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            tunnel_proto::net::tune_tunnel_socket(&tcp, &config.h2.liveness);
+            let name_str = config.server_name.as_deref().unwrap_or(host);
+            let name = match name_str.parse::<IpAddr>() {
+                Ok(ip) => ServerName::IpAddress(ip.into()),
+                Err(_) => ServerName::try_from(name_str.to_owned())
+                    .map_err(|e| format!("server name {name_str:?}: {e}"))?,
+            };
+            tokio_rustls::TlsConnector::from(config.tls.current())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))
+        })
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+    }
+}
+
+/// Serves the `Agent` service on a tunnel's TLS connection until it ends;
+/// `stop` sends GOAWAY (open connections run to their end).
+fn serve_tunnel(
+    tls: TlsStream<TcpStream>,
+    svc: AgentService,
+    config: Arc<AgentConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> Connection {
+    let server = AgentServer::new(svc).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+    Box::pin(async move {
+        let shutdown = async move { stopped(&mut stop).await };
+        serve_connection(tls, server, &config.h2, shutdown)
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))
+    })
+}
+
+/// Counts one gauge up while alive.
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn inc(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves a tunnel that is up until it ends, counted in `tunnels_up` and
+/// holding its server id meanwhile.
+async fn run_up(up: UpTunnel, tunnels_up: Gauge) -> Ended {
+    let UpTunnel {
+        server_id,
+        claim,
+        conn,
+        ..
+    } = up;
+    let _counted = GaugeGuard::inc(tunnels_up);
+    let started = Instant::now();
+    let result = conn.await;
+    drop(claim);
+    Ended {
+        server_id,
+        result,
+        uptime: started.elapsed(),
+    }
 }

@@ -342,6 +342,15 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         let server = r.one("Deployment", "cluster-tunnel-server");
         let replicas = values["server"]["replicas"].as_i64().unwrap_or(2);
         assert_eq!(server["spec"]["replicas"], replicas);
+        // Agents behind the load balancer learn the replica count from the servers.
+        assert!(
+            server["spec"]["template"]["spec"]["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(format!("--server-count={replicas}"))),
+            "{}",
+            server["spec"]["template"]["spec"]["containers"][0]["args"]
+        );
         let anti = &server["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
         if values["server"]["antiAffinity"] == "hard" {
             assert!(anti["requiredDuringSchedulingIgnoredDuringExecution"].is_array());

@@ -175,11 +175,19 @@ async fn serve_agent(
         HELLO_TIMEOUT,
         client.hello(pb::HelloRequest {
             server_id: state.config.server_id.clone(),
+            server_count: state.config.server_count,
         }),
     )
     .await;
     let hello = match hello {
         Ok(Ok(resp)) => resp.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+            // The agent reached this replica through a load balancer although
+            // it holds a tunnel to it already; it retries for another replica.
+            tracing::debug!(%peer, %cluster, message = %status.message(), "agent already holds a tunnel to this server; duplicate connection closed");
+            driver.abort();
+            return;
+        }
         Ok(Err(status)) => {
             tracing::warn!(%peer, %cluster, %status, "agent hello failed; connection refused");
             state

@@ -95,9 +95,21 @@ pub struct RunArgs {
     /// Trust domain of identities in certificates.
     #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
-    /// This server's id (default: host name plus a random suffix).
+    /// This server's id (default: host name plus a random suffix); unique
+    /// among the replicas, told to agents in every hello.
     #[arg(long, env = "TUNNEL_SERVER_ID")]
     pub server_id: Option<String>,
+    /// How many server replicas there are, told to agents in every hello: an
+    /// agent that reaches the replicas through one address (a load balancer)
+    /// keeps connecting through it until it holds a tunnel to this many
+    /// distinct server ids. 1: one tunnel per address the agent resolves.
+    #[arg(
+        long,
+        env = "TUNNEL_SERVER_COUNT",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::MAX_SERVER_COUNT))
+    )]
+    pub server_count: u32,
     /// A cluster known before its agents connect: reported as "no agent" rather
     /// than "unknown cluster" (repeatable).
     #[arg(
@@ -245,6 +257,7 @@ impl RunArgs {
                 .server_id
                 .clone()
                 .unwrap_or_else(tunnel_proto::cli::default_instance_id),
+            server_count: self.server_count,
             known_clusters: self.known_clusters.clone(),
             dial_timeout: self.dial_timeout,
             drain_timeout: self.drain_timeout,
@@ -358,6 +371,19 @@ mod tests {
         let err = Cli::try_parse_from(["tunnel-server", "--allow-all", "--policy-kubernetes"])
             .unwrap_err();
         assert!(err.to_string().contains("--allow-all"), "{err}");
+    }
+
+    #[test]
+    fn the_server_count_defaults_to_one_and_is_bounded() {
+        let args = Cli::try_parse_from(["tunnel-server"]).unwrap();
+        assert_eq!(args.run.server_count, 1);
+        let args = Cli::try_parse_from(["tunnel-server", "--server-count", "3"]).unwrap();
+        assert_eq!(args.run.server_count, 3);
+        for bad in ["0", "-1", "many", "1001"] {
+            let flag = format!("--server-count={bad}");
+            let err = Cli::try_parse_from(["tunnel-server", flag.as_str()]).unwrap_err();
+            assert!(err.to_string().contains("--server-count"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed for a TLS handshake on any port.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `--server-count` the server accepts.
+pub const MAX_SERVER_COUNT: u32 = 1000;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
@@ -66,6 +68,10 @@ pub struct ServerConfig {
     pub trust_domain: String,
     /// This server's id, told to agents.
     pub server_id: String,
+    /// How many server replicas there are, told to agents (see
+    /// `HelloRequest.server_count`); 1 for a single server or when agents
+    /// resolve every replica's address themselves.
+    pub server_count: u32,
     /// Clusters known before their agents connect.
     pub known_clusters: Vec<String>,
     /// Time an agent gets to reach a destination.
@@ -274,7 +280,7 @@ impl Server {
                 tracing::error!(%err, "admin server failed");
             }
         }));
-        tracing::info!(%agent_addr, %client_addr, %admin_addr, server_id = %state.config.server_id, "tunnel server started");
+        tracing::info!(%agent_addr, %client_addr, %admin_addr, server_id = %state.config.server_id, server_count = state.config.server_count, "tunnel server started");
         Ok(Self {
             agent_addr,
             client_addr,

@@ -87,6 +87,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         tls: tunnel_proto::tls::ServerTls::server(pki.files("server")).expect("server TLS"),
         trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
         server_id: "test-server".into(),
+        server_count: 1,
         known_clusters: vec![],
         dial_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),

@@ -55,8 +55,19 @@ pub struct Error {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HelloRequest {
+    /// The server replica's id, unique among the replicas of one installation.
+    /// An agent keeps at most one tunnel to each id.
     #[prost(string, tag = "1")]
     pub server_id: ::prost::alloc::string::String,
+    /// How many replicas serve behind the address the agent dialed (the server's
+    /// --server-count). 0 (an older server) or 1: the agent keeps one tunnel per
+    /// resolved address, as always. N > 1: the address may be a load balancer in
+    /// front of N replicas, so the agent keeps opening connections through it until
+    /// it holds tunnels to N distinct server ids, and answers a hello from a
+    /// server id it already holds a tunnel to with ALREADY_EXISTS (the server then
+    /// closes that duplicate connection).
+    #[prost(uint32, tag = "2")]
+    pub server_count: u32,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HelloResponse {
@@ -605,7 +616,9 @@ pub mod agent_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        /// Asked by the server once per tunnel, before it is used.
+        /// Asked by the server once per tunnel, before it is used. ALREADY_EXISTS:
+        /// the agent holds a tunnel to this server already (see server_count); the
+        /// server closes the connection without using it.
         pub async fn hello(
             &mut self,
             request: impl tonic::IntoRequest<super::HelloRequest>,
@@ -667,7 +680,9 @@ pub mod agent_server {
     /// Generated trait containing gRPC methods that should be implemented for use with AgentServer.
     #[async_trait]
     pub trait Agent: std::marker::Send + std::marker::Sync + 'static {
-        /// Asked by the server once per tunnel, before it is used.
+        /// Asked by the server once per tunnel, before it is used. ALREADY_EXISTS:
+        /// the agent holds a tunnel to this server already (see server_count); the
+        /// server closes the connection without using it.
         async fn hello(
             &self,
             request: tonic::Request<super::HelloRequest>,

@@ -350,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tls: tunnel_proto::tls::ServerTls::server(TlsFiles::in_dir(dir, "server"))?,
         trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
         server_id: "local".into(),
+        server_count: 1,
         known_clusters: CLUSTERS.iter().map(|s| s.to_string()).collect(),
         dial_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
