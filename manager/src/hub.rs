@@ -260,10 +260,12 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
         format!("--tls-key={TLS_DIR}/tls.key"),
         format!("--ca={TLS_DIR}/ca.crt"),
         format!("--trust-domain={}", names.trust_domain),
-        format!("--server-count={}", server.replicas),
         format!("--dial-timeout={}", server.dial_timeout),
         format!("--drain-timeout={}", server.drain_timeout),
         format!("--dead-peer-timeout={}", server.dead_peer_timeout),
+        // Agents behind a LoadBalancer or hostname connect until they hold
+        // a tunnel to this many replicas.
+        format!("--server-count={}", server.replicas),
         format!("--log-format={}", server.log_format),
         format!("--log-level={}", server.log_level),
     ];
