@@ -101,6 +101,9 @@ pub enum HubError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A bug: the objects built do not match what is applied.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The API server failed a request.
     #[error("cannot {action}: {source}")]
     Api {
@@ -487,7 +490,7 @@ pub async fn apply_all(
             "MutatingWebhookConfiguration" => {
                 apply::<MutatingWebhookConfiguration>(Api::all(client.clone()), object).await?;
             }
-            other => unreachable!("desired_objects made a {other}"),
+            other => return Err(HubError::Internal(format!("no API for kind {other:?}"))),
         }
     }
     if config.spec.server.authorization == Authorization::AllowAll {
@@ -495,7 +498,7 @@ pub async fn apply_all(
         remove::<ClusterRoleBinding>(Api::all(client.clone()), "ClusterRoleBinding", &name).await?;
         remove::<ClusterRole>(Api::all(client.clone()), "ClusterRole", &name).await?;
     }
-    Ok(deployment.expect("desired_objects always has the Deployment"))
+    deployment.ok_or_else(|| HubError::Internal("no server Deployment was applied".into()))
 }
 
 /// `ServerDeployed` from the Deployment's status: true once every replica

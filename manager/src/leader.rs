@@ -13,9 +13,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, PostParams};
-use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -57,14 +57,14 @@ impl std::fmt::Debug for LeaseLock {
     }
 }
 
-/// A `MicroTime`: RFC 3339 in UTC with six fractional digits.
-fn micro_time(t: OffsetDateTime) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
-    t.to_offset(time::UtcOffset::UTC)
-        .format(FORMAT)
-        .unwrap_or_default()
+/// A time as the Lease carries it (microseconds; a time jiff cannot hold
+/// becomes now).
+fn to_micro_time(t: OffsetDateTime) -> MicroTime {
+    let micros = t.unix_timestamp_nanos() / 1000 * 1000;
+    MicroTime(
+        k8s_openapi::jiff::Timestamp::from_nanosecond(micros)
+            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+    )
 }
 
 fn renewed_at(lease: &Lease) -> Option<OffsetDateTime> {
@@ -85,17 +85,20 @@ impl LeaseLock {
     }
 
     fn lease(&self, acquired: OffsetDateTime, now: OffsetDateTime, transitions: i32) -> Lease {
-        serde_json::from_value(json!({
-            "metadata": { "name": self.name },
-            "spec": {
-                "holderIdentity": self.identity,
-                "leaseDurationSeconds": LEASE_DURATION.as_secs(),
-                "acquireTime": micro_time(acquired),
-                "renewTime": micro_time(now),
-                "leaseTransitions": transitions,
+        Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(self.name.clone()),
+                ..Default::default()
             },
-        }))
-        .expect("a Lease deserializes")
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.identity.clone()),
+                lease_duration_seconds: i32::try_from(LEASE_DURATION.as_secs()).ok(),
+                acquire_time: Some(to_micro_time(acquired)),
+                renew_time: Some(to_micro_time(now)),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            }),
+        }
     }
 
     /// One attempt: create the Lease, renew ours, or take over an expired
@@ -241,7 +244,7 @@ mod tests {
     use std::sync::Arc;
 
     use http::Method;
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::mock_api::{self, Reply, finish, not_found, serve, status_reply};
@@ -249,6 +252,16 @@ mod tests {
     const LEASE: &str =
         "/apis/coordination.k8s.io/v1/namespaces/cluster-tunnel/leases/cluster-tunnel-manager";
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/cluster-tunnel/leases";
+
+    /// A `MicroTime`: RFC 3339 in UTC with six fractional digits.
+    fn micro_time(t: OffsetDateTime) -> String {
+        const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        t.to_offset(time::UtcOffset::UTC)
+            .format(FORMAT)
+            .unwrap_or_default()
+    }
 
     fn now() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
