@@ -568,6 +568,8 @@ pub async fn run(
         "app.kubernetes.io/name={APP_NAME},app.kubernetes.io/instance={}",
         ctx.names.instance
     ));
+    let by_name =
+        watcher::Config::default().fields(&format!("metadata.name={}", ctx.names.server()));
     Controller::new(configs, mine)
         .owns(
             Api::<Deployment>::namespaced(client.clone(), &ns),
@@ -585,11 +587,10 @@ pub async fn run(
             Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
             labelled.clone(),
         )
-        .owns(Api::<ClusterRole>::all(client.clone()), labelled.clone())
-        .owns(
-            Api::<ClusterRoleBinding>::all(client.clone()),
-            labelled.clone(),
-        )
+        // By name, so that RBAC can limit the manager's reads of RBAC
+        // objects to the servers' own (resourceNames with a name selector).
+        .owns(Api::<ClusterRole>::all(client.clone()), by_name.clone())
+        .owns(Api::<ClusterRoleBinding>::all(client.clone()), by_name)
         .owns(
             Api::<MutatingWebhookConfiguration>::all(client.clone()),
             labelled,

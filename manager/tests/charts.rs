@@ -333,6 +333,17 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         r.one("PodDisruptionBudget", "cluster-tunnel-manager");
         let role = r.one("Role", "cluster-tunnel-manager").to_string();
         assert!(role.contains("leases"), "{role}");
+        // Writes to RBAC objects and webhooks are limited to the installation's own names.
+        let cluster_role = r.one("ClusterRole", "cluster-tunnel-manager");
+        for rule in cluster_role["rules"].as_array().unwrap() {
+            let resources = rule["resources"].to_string();
+            if resources.contains("clusterrole") || resources.contains("mutatingwebhook") {
+                let verbs = rule["verbs"].to_string();
+                if verbs.contains("patch") || verbs.contains("delete") {
+                    assert!(rule["resourceNames"].is_array(), "unlimited {rule}");
+                }
+            }
+        }
         assert_eq!(
             manager_args.contains("--no-hub-objects"),
             values["manager"]["keepHubObjects"] == false,
