@@ -422,10 +422,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| {
-            ctx.metrics.reconciled("clusters", &result);
-            if let Err(error) = result {
-                tracing::debug!(%error, "cluster controller");
-            }
+            ctx.metrics.observe("clusters", &result);
             std::future::ready(())
         })
         .await;
@@ -452,7 +449,7 @@ mod tests {
 
     use super::*;
     use crate::crd::TunnelConfigurationSpec;
-    use crate::mock_api::{Reply, finish, not_found, serve};
+    use crate::mock_api::{Reply, deleted, finish, not_found, serve};
 
     const NS: &str = "cluster-tunnel";
     const TD: &str = "cluster-tunnel";
@@ -670,14 +667,7 @@ mod tests {
         let server = serve(
             s.handle,
             vec![
-                (
-                    Method::DELETE,
-                    WORK,
-                    Reply::With(
-                        200,
-                        json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 }),
-                    ),
-                ),
+                (Method::DELETE, WORK, deleted()),
                 // Already gone: fine.
                 (Method::DELETE, AGENT_SECRET, not_found()),
                 (

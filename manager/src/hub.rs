@@ -598,10 +598,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| {
-            ctx.metrics.reconciled("hub", &result);
-            if let Err(error) = result {
-                tracing::debug!(%error, "hub controller");
-            }
+            ctx.metrics.observe("hub", &result);
             std::future::ready(())
         })
         .await;
@@ -617,7 +614,7 @@ mod tests {
 
     use super::*;
     use crate::crd::TunnelConfigurationSpec;
-    use crate::mock_api::{self, Reply, TIMEOUT, finish, not_found, serve, status_reply};
+    use crate::mock_api::{self, Reply, TIMEOUT, deleted, finish, not_found, serve, status_reply};
 
     const SA: &str = "/api/v1/namespaces/cluster-tunnel/serviceaccounts/cluster-tunnel-server";
     const ROLE: &str = "/apis/rbac.authorization.k8s.io/v1/clusterroles/cluster-tunnel-server";
@@ -823,14 +820,7 @@ mod tests {
                 (Method::PATCH, DEPLOYMENT, rolled_out(1, 3)),
                 // The binding is already gone; the role is deleted.
                 (Method::DELETE, BINDING, not_found()),
-                (
-                    Method::DELETE,
-                    ROLE,
-                    Reply::With(
-                        200,
-                        json!({ "kind": "Status", "apiVersion": "v1", "status": "Success" }),
-                    ),
-                ),
+                (Method::DELETE, ROLE, deleted()),
                 (Method::PATCH, STATUS, Reply::Echo(None)),
             ],
         );

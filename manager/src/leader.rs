@@ -84,7 +84,7 @@ impl LeaseLock {
         }
     }
 
-    fn lease(&self, acquired: OffsetDateTime, now: OffsetDateTime, transitions: i32) -> Lease {
+    fn lease(&self, acquired: MicroTime, now: OffsetDateTime, transitions: i32) -> Lease {
         Lease {
             metadata: kube::api::ObjectMeta {
                 name: Some(self.name.clone()),
@@ -93,7 +93,7 @@ impl LeaseLock {
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.identity.clone()),
                 lease_duration_seconds: i32::try_from(LEASE_DURATION.as_secs()).ok(),
-                acquire_time: Some(to_micro_time(acquired)),
+                acquire_time: Some(acquired),
                 renew_time: Some(to_micro_time(now)),
                 lease_transitions: Some(transitions),
                 ..Default::default()
@@ -108,7 +108,10 @@ impl LeaseLock {
         let Some(current) = self.api.get_opt(&self.name).await? else {
             let created = self
                 .api
-                .create(&PostParams::default(), &self.lease(now, now, 0))
+                .create(
+                    &PostParams::default(),
+                    &self.lease(to_micro_time(now), now, 0),
+                )
                 .await;
             return won(created, "another replica");
         };
@@ -123,13 +126,12 @@ impl LeaseLock {
         let mut next = if holder == self.identity {
             let acquired = spec
                 .acquire_time
-                .as_ref()
-                .and_then(|t| OffsetDateTime::from_unix_timestamp_nanos(t.0.as_nanosecond()).ok())
-                .unwrap_or(now);
+                .clone()
+                .unwrap_or_else(|| to_micro_time(now));
             self.lease(acquired, now, transitions)
         } else if holder.is_empty() || expired {
             tracing::info!(lease = %self.name, previous = %holder, "taking over the leader lease");
-            self.lease(now, now, transitions + 1)
+            self.lease(to_micro_time(now), now, transitions + 1)
         } else {
             return Ok(Attempt::Following { holder });
         };

@@ -64,6 +64,19 @@ impl ManagerMetrics {
             .inc();
     }
 
+    /// Counts and logs one result of `controller`'s run stream (kube-runtime
+    /// has already logged and requeued a failed reconciliation).
+    pub fn observe<T, E: std::fmt::Display>(
+        &self,
+        controller: &'static str,
+        result: &Result<T, E>,
+    ) {
+        self.reconciled(controller, result);
+        if let Err(error) = result {
+            tracing::debug!(%error, controller, "controller");
+        }
+    }
+
     /// Records a condition's state.
     pub fn condition(&self, condition: &str, ok: bool) {
         self.conditions

@@ -27,6 +27,14 @@ pub fn not_found() -> Reply {
     status_reply(404, "NotFound")
 }
 
+/// The `Status` a successful delete answers.
+pub fn deleted() -> Reply {
+    Reply::With(
+        200,
+        json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 }),
+    )
+}
+
 /// A failure `Status` with this code and reason.
 pub fn status_reply(code: u16, reason: &str) -> Reply {
     Reply::With(

@@ -291,10 +291,7 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| {
-            ctx.metrics.reconciled("namespaces", &result);
-            if let Err(error) = result {
-                tracing::debug!(%error, "namespace controller");
-            }
+            ctx.metrics.observe("namespaces", &result);
             std::future::ready(())
         })
         .await;
@@ -317,17 +314,10 @@ mod tests {
 
     use super::*;
     use crate::crd::TunnelConfigurationSpec;
-    use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
+    use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
 
     const TD: &str = "cluster-tunnel";
     const SECRET: &str = "/api/v1/namespaces/fleet/secrets/cluster-tunnel-sidecar";
-
-    fn deleted() -> Reply {
-        Reply::With(
-            200,
-            json!({ "kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200 }),
-        )
-    }
 
     fn config(validity_days: u32) -> Arc<TunnelConfiguration> {
         let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
