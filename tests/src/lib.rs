@@ -95,6 +95,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         auth: Default::default(),
         // Off by default so that tests' dial counts stay their own; see tests/tests/probes.rs.
         probe: tunnel_server::probes::ProbeConfig::disabled(),
+        limits: tunnel_server::Limits::default(),
     }
 }
 
