@@ -88,7 +88,10 @@ pub struct FlowArgs {
 
 impl FlowArgs {
     /// The HTTP/2 settings these flags give, with `liveness`.
-    pub fn settings(&self, liveness: crate::net::Liveness) -> Result<crate::h2::H2Settings, String> {
+    pub fn settings(
+        &self,
+        liveness: crate::net::Liveness,
+    ) -> Result<crate::h2::H2Settings, String> {
         if self.min_stream_window > self.max_stream_window {
             return Err("--min-stream-window is larger than --max-stream-window".into());
         }

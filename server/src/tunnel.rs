@@ -154,7 +154,11 @@ pub(crate) struct IdentitySlot {
 impl IdentityCounts {
     fn take(state: &Arc<ServerState>, subject: &str) -> Result<IdentitySlot, TunnelError> {
         let limit = state.config.limits.max_connections_per_identity;
-        let mut map = state.identity_counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = state
+            .identity_counts
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let n = map.entry(subject.to_owned()).or_default();
         if *n >= limit {
             return Err(TunnelError::new(
@@ -408,9 +412,9 @@ pub(crate) async fn serve_stream(
     state.connection_opened();
     state.metrics.open_connections.inc();
 
-    let dial_timeout = open
-        .dial_timeout
-        .map_or(state.config.dial_timeout, |t| t.min(state.config.dial_timeout));
+    let dial_timeout = open.dial_timeout.map_or(state.config.dial_timeout, |t| {
+        t.min(state.config.dial_timeout)
+    });
     let mut to_agent = open.clone();
     to_agent.dial_timeout = Some(dial_timeout);
     let started = Instant::now();
@@ -725,4 +729,3 @@ impl Tunnel for TunnelService {
         }))
     }
 }
-
