@@ -153,7 +153,7 @@ fn judge_fill(what: &str, reports: &[Option<Fill>], failures: &mut Vec<String>) 
     if let (Some(min), Some(max)) = (held.iter().min(), held.iter().max()) {
         let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
         println!(
-            "{what}s: {} of {} blocked, holding {:.2} to {:.2} MiB each ({:.1} MiB in all)",
+            "{what}: {} of {} blocked, holding {:.2} to {:.2} MiB each ({:.1} MiB in all)",
             held.len(),
             reports.len(),
             mib(*min),
@@ -622,7 +622,7 @@ async fn sixty_four_stalled_destinations_leave_other_connections_alone() {
         })
         .collect();
     let reports = first_reports(&mut events, STALLED, FILL_DEADLINE).await;
-    judge_fill("stalled connection", &reports, &mut failures);
+    judge_fill("stalled connections", &reports, &mut failures);
     let reached = hub.never_reads.accepted.load(Ordering::SeqCst);
     if reached != STALLED {
         failures.push(format!(
@@ -733,7 +733,7 @@ async fn stalled_connections_of_the_client_library_leave_its_other_connections_a
         }
     }
     let reports = first_reports(&mut events, STALLED, FILL_DEADLINE).await;
-    judge_fill("stalled writer", &reports, &mut failures);
+    judge_fill("stalled writers", &reports, &mut failures);
     let reports = first_reports(&mut hub.flood.events, STALLED, FILL_DEADLINE).await;
     judge_fill(
         "flooding destination of a stalled reader",
