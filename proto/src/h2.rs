@@ -265,7 +265,10 @@ async fn pinger(mut pings: ::h2::PingPong, shared: Arc<ConnShared>) {
     let mut last_received = shared.received.load(Ordering::Relaxed);
     loop {
         let flowing = shared.received.load(Ordering::Relaxed) != last_received;
-        if flowing && bdp.enabled(&shared.settings) {
+        if !bdp.enabled(&shared.settings) {
+            // The window is at its ceiling: only keepalive pings are left.
+            tokio::time::sleep(liveness.keepalive_interval).await;
+        } else if flowing {
             tokio::time::sleep(bdp.delay).await;
         } else {
             shared.idle.store(true, Ordering::Release);
