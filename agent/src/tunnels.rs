@@ -524,7 +524,22 @@ fn serve_tunnel(
             match next {
                 Some(Ok((req, respond))) => {
                     if req.method() == http::Method::CONNECT {
-                        let guard = conn.conn().stream_opened();
+                        let guard = match conn.conn().try_stream_opened(u64::MAX) {
+                            Ok(guard) => guard,
+                            Err(full) => {
+                                tracing::warn!(%full, "stream refused");
+                                let err = tunnel_proto::error::TunnelError::new(
+                                    tunnel_proto::error::ErrorCode::ResourceExhausted,
+                                    format!("agent: {full}"),
+                                );
+                                let mut respond = respond;
+                                let _ = respond.send_response(
+                                    tunnel_proto::stream::error_response(&err),
+                                    true,
+                                );
+                                continue;
+                            }
+                        };
                         let svc = svc.clone();
                         tokio::spawn(async move { svc.serve_stream(req, respond, guard).await });
                     } else {

@@ -320,8 +320,9 @@ impl TunnelClient {
             let ch = self.channel().await?;
             match tokio::time::timeout(self.opts.open_timeout, attempt_fn(ch)).await {
                 Ok(Err(err)) if attempt < 2 && err.code.is_retryable_on_other_agent() => {
-                    tracing::debug!(%target, %err, "retrying open on a fresh connection");
-                    *self.conn.lock().await = None;
+                    // A connection that failed was marked and is replaced by
+                    // `channel`; an answer from the far end keeps it.
+                    tracing::debug!(%target, %err, "retrying open");
                 }
                 Ok(res) => return res,
                 Err(_) => {
@@ -335,31 +336,37 @@ impl TunnelClient {
     }
 
     async fn try_open(&self, ch: H2Client, target: &Target) -> Result<OpenedTunnel, TunnelError> {
-        if !ch.has_stream_room() {
-            return Err(TunnelError::new(
-                ErrorCode::ResourceExhausted,
-                format!(
-                    "the connection to the server carries the most streams the server allows ({})",
-                    ch.conn().active_streams()
-                ),
-            ));
-        }
+        let guard = ch
+            .stream_slot()
+            .map_err(|e| TunnelError::new(ErrorCode::ResourceExhausted, e.to_string()))?;
         let open = target.open(None);
         let token = match &self.token {
             Some(t) => Some(t.current()?),
             None => None,
         };
         let request = open.to_request(token.as_deref())?;
+        // A failure of the connection itself (not an answer from the far
+        // end): no new streams go on it; the next open reconnects.
         let broken = |e: h2::Error| {
+            ch.mark_broken();
             TunnelError::new(
                 ErrorCode::TunnelBroken,
                 format!("the connection to the server failed: {e}"),
             )
         };
-        let guard = ch.conn().stream_opened();
         let mut send = ch.sender().ready().await.map_err(broken)?;
         let (response, stream) = send.send_request(request, false).map_err(broken)?;
-        let response = response.await.map_err(broken)?;
+        let response = response.await.map_err(|e| {
+            if e.is_reset() && !e.is_go_away() {
+                // The server reset this one stream; the connection is fine.
+                TunnelError::new(
+                    ErrorCode::TunnelBroken,
+                    format!("the server reset the stream: {e}"),
+                )
+            } else {
+                broken(e)
+            }
+        })?;
         let opened = read_answer(&response)?;
         Ok(OpenedTunnel {
             id: open.id,

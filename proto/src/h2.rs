@@ -18,10 +18,18 @@
 //!   [`H2Settings::stream_window`]; a bandwidth-delay-product estimate (PING
 //!   round trips and the bytes that arrived meanwhile, as in hyper and gRPC)
 //!   raises them on a long fat link, up to [`H2Settings::max_stream_window`];
-//!   and they shrink when many streams are open, so that all open streams
-//!   together may hold about [`H2Settings::window_budget`], never less than
-//!   [`H2Settings::min_stream_window`] each. Changes travel as
+//!   they shrink as streams pile up (each gets at most half the budget
+//!   divided by the open streams, never less than
+//!   [`H2Settings::min_stream_window`]). Changes travel as
 //!   `SETTINGS_INITIAL_WINDOW_SIZE`.
+//! - **A hard budget per connection.** A stream may come to hold the largest
+//!   window in force while it is open (a window that shrinks takes back only
+//!   future credit). The connection keeps the sum of that over its open
+//!   streams, and admits a new stream, or raises the window, only while the
+//!   sum stays within [`H2Settings::window_budget`]; a stream beyond it is
+//!   refused with `resource_exhausted`. So the streams of one connection can
+//!   never hold more than the budget, and the connection window (above it)
+//!   never runs out.
 //! - **Senders never buffer beyond the window**: the relay reads from a socket
 //!   only as much as the stream may send ([`crate::relay`]).
 //!
@@ -30,7 +38,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -48,9 +56,11 @@ pub const DEFAULT_MIN_STREAM_WINDOW: u32 = 64 * 1024;
 /// Largest stream window the bandwidth-delay estimate may reach: one stream
 /// fills about 1 Gbit/s over 100 ms of round trip.
 pub const DEFAULT_MAX_STREAM_WINDOW: u32 = 16 * 1024 * 1024;
-/// What the open streams of one connection may hold together before their
-/// windows shrink (down to the minimum).
-pub const DEFAULT_WINDOW_BUDGET: u64 = 256 * 1024 * 1024;
+/// What the open streams of one connection may hold together, at most: new
+/// streams are refused (`resource_exhausted`) rather than let it be passed.
+pub const DEFAULT_WINDOW_BUDGET: u64 = 1024 * 1024 * 1024;
+/// Largest budget: room below the connection window for control traffic.
+pub const MAX_WINDOW_BUDGET: u64 = 1536 * 1024 * 1024;
 /// Connection receive window: the HTTP/2 maximum, so that connection-level
 /// flow control never holds back a stream; stream windows bound memory.
 pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
@@ -74,8 +84,8 @@ pub struct H2Settings {
     pub min_stream_window: u32,
     /// Ceiling of the adaptive stream window.
     pub max_stream_window: u32,
-    /// Bytes the open streams of one connection may hold together before
-    /// their windows shrink towards `min_stream_window`.
+    /// Bytes the open streams of one connection may hold together, at most
+    /// (see the module documentation).
     pub window_budget: u64,
     /// SETTINGS_MAX_FRAME_SIZE we advertise.
     pub max_frame_size: u32,
@@ -106,6 +116,10 @@ impl H2Settings {
         (min, max)
     }
 
+    fn budget(&self) -> u64 {
+        self.window_budget.clamp(1 << 20, MAX_WINDOW_BUDGET)
+    }
+
     fn initial_stream_window(&self) -> u32 {
         let (min, max) = self.stream_window_bounds();
         self.stream_window.clamp(min, max)
@@ -132,8 +146,8 @@ pub struct ConnShared {
     /// Set while the connection is idle; the first data wakes the pinger.
     idle: AtomicBool,
     data_started: Notify,
-    /// Tunnel streams open now.
-    active: AtomicUsize,
+    /// Open streams and what they may hold.
+    ledger: std::sync::Mutex<Ledger>,
     /// The window the estimate asks for.
     bdp_window: AtomicU32,
     /// The window last sent as SETTINGS_INITIAL_WINDOW_SIZE.
@@ -151,7 +165,10 @@ impl ConnShared {
             received: AtomicU64::new(0),
             idle: AtomicBool::new(true),
             data_started: Notify::new(),
-            active: AtomicUsize::new(0),
+            ledger: std::sync::Mutex::new(Ledger {
+                previous_window: initial,
+                ..Ledger::default()
+            }),
             bdp_window: AtomicU32::new(initial),
             current_window: AtomicU32::new(initial),
             dead: AtomicBool::new(false),
@@ -169,7 +186,7 @@ impl ConnShared {
 
     /// Tunnel streams open on this connection.
     pub fn active_streams(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.ledger().active as usize
     }
 
     /// The stream window in force (last advertised).
@@ -182,17 +199,56 @@ impl ConnShared {
         &self.settings
     }
 
-    /// Counts a tunnel stream as open until the guard drops.
-    pub fn stream_opened(self: &Arc<Self>) -> StreamGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
+    /// What the open streams may hold together, at most, now.
+    pub fn committed_bytes(&self) -> u64 {
+        self.ledger().committed()
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a tunnel stream as open until the guard drops; refuses it when
+    /// its window would take the connection past its budget, or when
+    /// `max_streams` are open already.
+    pub fn try_stream_opened(
+        self: &Arc<Self>,
+        max_streams: u64,
+    ) -> Result<StreamGuard, BudgetExhausted> {
+        let window = u64::from(self.stream_window());
+        let guard = {
+            let mut ledger = self.ledger();
+            if ledger.active >= max_streams {
+                return Err(BudgetExhausted {
+                    streams: ledger.active,
+                    committed: ledger.committed(),
+                });
+            }
+            // Before the peer acknowledged a smaller window, a new stream gets the old one.
+            let window = window.max(u64::from(ledger.previous_window));
+            let committed = ledger.committed();
+            if committed + window > self.settings.budget() {
+                return Err(BudgetExhausted {
+                    streams: ledger.active,
+                    committed,
+                });
+            }
+            ledger.active += 1;
+            let base = i128::from(window) - i128::from(ledger.growth);
+            ledger.base += base;
+            StreamGuard {
+                conn: self.clone(),
+                base,
+            }
+        };
         self.wake_if_window_changes();
-        StreamGuard(self.clone())
+        Ok(guard)
     }
 
     fn desired_window(&self) -> u32 {
         let (min, max) = self.settings.stream_window_bounds();
-        let active = self.active.load(Ordering::Relaxed).max(1) as u64;
-        let share = u32::try_from(self.settings.window_budget / active).unwrap_or(u32::MAX);
+        let active = self.ledger().active.max(1);
+        let share = u32::try_from(self.settings.budget() / 2 / active).unwrap_or(u32::MAX);
         self.bdp_window
             .load(Ordering::Relaxed)
             .min(share)
@@ -206,22 +262,38 @@ impl ConnShared {
     }
 
     /// Called by the driver on every poll: sends a new window when it should.
-    fn adjust(&self, set: impl FnOnce(u32) -> Result<(), ::h2::Error>) {
-        let want = self.desired_window();
+    /// A larger window is granted to every open stream, so it is cut to what
+    /// the budget still allows.
+    fn adjust(&self, set: impl FnOnce(u32) -> Result<(), ::h2::Error>) -> bool {
+        let mut want = self.desired_window();
         let current = self.stream_window();
-        if differs(want, current) {
-            // A refusal means the previous SETTINGS awaits its ACK; a later
-            // poll (stream change, ping) tries again.
-            if set(want).is_ok() {
-                tracing::debug!(
-                    from = current,
-                    to = want,
-                    streams = self.active_streams(),
-                    "stream window changed"
-                );
-                self.current_window.store(want, Ordering::Relaxed);
-            }
+        let mut ledger = self.ledger();
+        if want > current && ledger.active > 0 {
+            let room = self.settings.budget().saturating_sub(ledger.committed()) / ledger.active;
+            let most = u64::from(current) + room;
+            want = u32::try_from(most.min(u64::from(want))).unwrap_or(want);
         }
+        if !differs(want, current) {
+            return false;
+        }
+        // A refusal means the previous SETTINGS awaits its ACK; the driver
+        // tries again at its next poll.
+        if set(want).is_err() {
+            return false;
+        }
+        if want > current {
+            ledger.growth += u64::from(want - current);
+        }
+        ledger.previous_window = current;
+        drop(ledger);
+        tracing::debug!(
+            from = current,
+            to = want,
+            streams = self.active_streams(),
+            "stream window changed"
+        );
+        self.current_window.store(want, Ordering::Relaxed);
+        true
     }
 
     fn check_dead(&self) -> Result<(), ConnError> {
@@ -240,21 +312,60 @@ fn differs(want: u32, current: u32) -> bool {
     a * 4 < b * 3 || a * 4 > b * 5
 }
 
+/// The streams of one connection and what they may hold: each stream may
+/// hold the window in force when it opened plus every raise while it is open.
+#[derive(Debug, Default)]
+struct Ledger {
+    active: u64,
+    /// Sum over open streams of (window at open - `growth` at open).
+    base: i128,
+    /// Sum of every raise of the window over the connection's life.
+    growth: u64,
+    /// The window before the last change (the peer may not have applied it yet).
+    previous_window: u32,
+}
+
+impl Ledger {
+    fn committed(&self) -> u64 {
+        let total = self.base + i128::from(self.active) * i128::from(self.growth);
+        u64::try_from(total.max(0)).unwrap_or(u64::MAX)
+    }
+}
+
+/// A stream refused because the connection's budget or stream count is spent.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "the tunnel connection is full: {streams} open streams may hold {committed} bytes (--window-budget, --max-streams-per-connection)"
+)]
+pub struct BudgetExhausted {
+    /// Streams open on the connection.
+    pub streams: u64,
+    /// What they may hold together.
+    pub committed: u64,
+}
+
 /// Counts one open tunnel stream of a connection.
 #[derive(Debug)]
-pub struct StreamGuard(Arc<ConnShared>);
+pub struct StreamGuard {
+    conn: Arc<ConnShared>,
+    base: i128,
+}
 
 impl StreamGuard {
     /// The connection's shared state.
     pub fn conn(&self) -> &Arc<ConnShared> {
-        &self.0
+        &self.conn
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        self.0.wake_if_window_changes();
+        {
+            let mut ledger = self.conn.ledger();
+            ledger.active -= 1;
+            ledger.base -= self.base;
+        }
+        self.conn.wake_if_window_changes();
     }
 }
 
@@ -357,6 +468,7 @@ pub struct H2Client {
     send: ::h2::client::SendRequest<Bytes>,
     shared: Arc<ConnShared>,
     closed: Arc<AtomicBool>,
+    broken: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for H2Client {
@@ -369,20 +481,28 @@ impl std::fmt::Debug for H2Client {
 }
 
 impl H2Client {
-    /// Whether the connection under this handle has ended.
+    /// Whether the connection under this handle has ended, or failed to
+    /// open a stream (a GOAWAY, a broken connection): no new streams go on it.
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closed.load(Ordering::Acquire) || self.broken.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection unusable for new streams (an open failed on it).
+    pub fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
+    /// A slot for one new stream: within the peer's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (beyond it h2 would queue the stream
+    /// silently) and within our receive budget.
+    pub fn stream_slot(&self) -> Result<StreamGuard, BudgetExhausted> {
+        let max = u64::try_from(self.send.current_max_send_streams()).unwrap_or(u64::MAX);
+        self.shared.try_stream_opened(max)
     }
 
     /// The connection's shared state.
     pub fn conn(&self) -> &Arc<ConnShared> {
         &self.shared
-    }
-
-    /// Streams this side may still open before the peer's
-    /// SETTINGS_MAX_CONCURRENT_STREAMS (beyond it, h2 would queue them).
-    pub fn has_stream_room(&self) -> bool {
-        self.shared.active_streams() < self.send.current_max_send_streams()
     }
 
     /// A request sender for one new stream.
@@ -423,6 +543,7 @@ where
         send,
         shared: shared.clone(),
         closed: closed.clone(),
+        broken: Arc::new(AtomicBool::new(false)),
     };
     let driver = async move {
         let pinger = pings.map(|p| tokio::spawn(pinger(p, shared.clone())));
@@ -509,9 +630,16 @@ where
         }
         let conn = &mut self.conn;
         self.shared.adjust(|w| conn.set_initial_window_size(w));
-        self.conn
+        let res = self
+            .conn
             .poll_accept(cx)
-            .map(|next| next.map(|res| res.map_err(ConnError::from)))
+            .map(|next| next.map(|res| res.map_err(ConnError::from)));
+        // The poll may have read the ACK of a previous change.
+        let conn = &mut self.conn;
+        if res.is_pending() && self.shared.adjust(|w| conn.set_initial_window_size(w)) {
+            cx.waker().wake_by_ref();
+        }
+        res
     }
 
     /// Stops accepting streams (GOAWAY); open ones run to their end while
@@ -574,15 +702,62 @@ mod tests {
     fn many_open_streams_share_the_budget_down_to_the_floor() {
         let shared = ConnShared::new(H2Settings::default());
         assert_eq!(shared.desired_window(), DEFAULT_STREAM_WINDOW);
-        let guards: Vec<_> = (0..2048).map(|_| shared.stream_opened()).collect();
-        // 256 MiB over 2,048 streams is 128 KiB each.
+        let guards: Vec<_> = (0..4096)
+            .map(|_| shared.try_stream_opened(u64::MAX).unwrap())
+            .collect();
+        // Half of 1 GiB over 4,096 streams is 128 KiB each.
         assert_eq!(shared.desired_window(), 128 * 1024);
-        let more: Vec<_> = (0..8000).map(|_| shared.stream_opened()).collect();
-        assert_eq!(shared.desired_window(), DEFAULT_MIN_STREAM_WINDOW);
-        drop(more);
         drop(guards);
         assert_eq!(shared.active_streams(), 0);
+        assert_eq!(shared.committed_bytes(), 0);
         assert_eq!(shared.desired_window(), DEFAULT_STREAM_WINDOW);
+    }
+
+    #[test]
+    fn streams_beyond_the_budget_are_refused_and_raises_are_cut_to_it() {
+        let settings = H2Settings {
+            window_budget: 8 << 20,
+            ..H2Settings::default()
+        };
+        let shared = ConnShared::new(settings);
+        // 8 MiB of budget holds 32 streams of 256 KiB.
+        let mut guards: Vec<_> = (0..32)
+            .map(|_| shared.try_stream_opened(u64::MAX).unwrap())
+            .collect();
+        assert_eq!(shared.committed_bytes(), 8 << 20);
+        let err = shared.try_stream_opened(u64::MAX).unwrap_err();
+        assert_eq!(err.streams, 32);
+        // Closing streams makes room again.
+        guards.truncate(4);
+        assert_eq!(shared.committed_bytes(), 1 << 20);
+        // The estimate asks for 16 MiB windows; half the budget over 4
+        // streams allows 1 MiB each, and every open stream gets the raise.
+        shared
+            .bdp_window
+            .store(DEFAULT_MAX_STREAM_WINDOW, Ordering::Relaxed);
+        let mut sent = None;
+        assert!(shared.adjust(|w| {
+            sent = Some(w);
+            Ok(())
+        }));
+        assert_eq!(sent, Some(1 << 20));
+        assert_eq!(shared.committed_bytes(), 4 << 20);
+        // Four more streams at 1 MiB fill the budget.
+        guards.extend((0..4).map(|_| shared.try_stream_opened(u64::MAX).unwrap()));
+        assert_eq!(shared.committed_bytes(), 8 << 20);
+        assert!(shared.try_stream_opened(u64::MAX).is_err());
+        // The window shrinks for 8 streams, but that takes back no credit:
+        // the open streams may still hold what they were given.
+        assert!(shared.adjust(|w| {
+            sent = Some(w);
+            Ok(())
+        }));
+        assert_eq!(sent, Some(512 * 1024));
+        assert_eq!(shared.committed_bytes(), 8 << 20);
+        assert!(shared.try_stream_opened(u64::MAX).is_err());
+        drop(guards);
+        assert_eq!(shared.committed_bytes(), 0);
+        assert!(shared.try_stream_opened(u64::MAX).is_ok());
     }
 
     #[test]

@@ -118,6 +118,7 @@ pub async fn send_all(
         let chunk = data.split_to(cap.min(data.len()));
         send.send_data(chunk, false).map_err(|_| ())?;
     }
+    send.reserve_capacity(0);
     Ok(())
 }
 
@@ -145,25 +146,55 @@ async fn capacity(
     }
 }
 
+/// DATA smaller than this is merged with what else is already buffered.
+const COALESCE_BELOW: usize = 4 * 1024;
+/// Most bytes merged into one buffer.
+const COALESCE_MAX: usize = 64 * 1024;
+
 /// The next DATA of `recv`, counted on its connection; `None` at END_STREAM,
-/// `Err` on a reset or a failed connection, or when `stop` fired.
+/// `Err` on a reset or a failed connection, or when `stop` fired. Small
+/// frames already buffered behind it are merged into one buffer (copied),
+/// so that a peer writing tiny frames costs one frame per hop, not one per
+/// byte it wrote.
 async fn next_data(
     recv: &mut RecvStream,
     conn: &ConnShared,
     stop: &CancellationToken,
 ) -> Result<Option<Bytes>, Option<h2::Error>> {
-    tokio::select! {
+    let first = tokio::select! {
         biased;
-        () = stop.cancelled() => Err(None),
+        () = stop.cancelled() => return Err(None),
         d = recv.data() => match d {
-            Some(Ok(data)) => {
-                conn.note_received(data.len());
-                Ok(Some(data))
-            }
-            Some(Err(err)) => Err(Some(err)),
-            None => Ok(None),
+            Some(Ok(data)) => data,
+            Some(Err(err)) => return Err(Some(err)),
+            None => return Ok(None),
         },
+    };
+    conn.note_received(first.len());
+    if first.len() >= COALESCE_BELOW {
+        return Ok(Some(first));
     }
+    let mut merged: Option<BytesMut> = None;
+    let mut len = first.len();
+    while len < COALESCE_MAX && !recv.is_end_stream() {
+        use futures_util::FutureExt as _;
+        match recv.data().now_or_never() {
+            Some(Some(Ok(more))) => {
+                conn.note_received(more.len());
+                len += more.len();
+                merged
+                    .get_or_insert_with(|| {
+                        let mut b = BytesMut::with_capacity(COALESCE_MAX.max(len));
+                        b.extend_from_slice(&first);
+                        b
+                    })
+                    .extend_from_slice(&more);
+            }
+            // Nothing more buffered now; an error or the end shows at the next call.
+            _ => break,
+        }
+    }
+    Ok(Some(merged.map_or(first, BytesMut::freeze)))
 }
 
 /// Relays `tcp` over `stream` until both directions have ended; `prefix`
@@ -178,12 +209,23 @@ pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) 
     let sent = ByteCounter::default();
     let received = ByteCounter::default();
     let abort = CancellationToken::new();
+    let inbound_done = CancellationToken::new();
     let (outbound, inbound) = {
         let (rd, mut wr) = tcp.split();
         let outbound = async {
             let end = tcp_to_stream(rd.as_ref(), prefix, &mut send, &sent, &abort).await;
             if end != DirectionEnd::Eof {
                 abort.cancel();
+                return end;
+            }
+            // Our side is done sending, but a reset from the peer or from
+            // the local socket must still end the other direction.
+            tokio::select! {
+                biased;
+                () = abort.cancelled() => {}
+                () = inbound_done.cancelled() => {}
+                _ = poll_fn(|cx| send.poll_reset(cx)) => abort.cancel(),
+                _ = tcp_error(rd.as_ref()) => abort.cancel(),
             }
             end
         };
@@ -192,6 +234,7 @@ pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) 
             if end != DirectionEnd::Eof {
                 abort.cancel();
             }
+            inbound_done.cancel();
             end
         };
         tokio::join!(outbound, inbound)
@@ -208,6 +251,18 @@ pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) 
         outbound,
         inbound,
     }
+}
+
+/// Completes when the socket has a pending error (the peer reset it).
+async fn tcp_error(tcp: &TcpStream) -> std::io::Error {
+    let res = tcp
+        .async_io(tokio::io::Interest::ERROR, || match tcp.take_error() {
+            Ok(Some(err)) => Ok(err),
+            Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+            Err(err) => Ok(err),
+        })
+        .await;
+    res.unwrap_or_else(|e| e)
 }
 
 /// Reads `tcp` into the stream, at most what the stream may send.
@@ -236,8 +291,16 @@ async fn tcp_to_stream(
                 return DirectionEnd::Aborted;
             },
         }
-        let Ok(cap) = capacity(send, next_read, abort).await else {
-            return DirectionEnd::Aborted;
+        let cap = tokio::select! {
+            c = capacity(send, next_read, abort) => match c {
+                Ok(cap) => cap,
+                Err(()) => return DirectionEnd::Aborted,
+            },
+            // The local peer reset while the stream had no room.
+            err = tcp_error(tcp) => {
+                tracing::debug!(%err, "tcp connection reset while waiting for the tunnel");
+                return DirectionEnd::Aborted;
+            }
         };
         let mut buf = BytesMut::with_capacity(cap.min(next_read));
         match tcp.try_read_buf(&mut buf) {
@@ -257,8 +320,13 @@ async fn tcp_to_stream(
                 if send.send_data(buf.freeze(), false).is_err() {
                     return DirectionEnd::Aborted;
                 }
+                // Hold no connection send capacity while idle.
+                send.reserve_capacity(0);
             }
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => next_read = MIN_READ,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                send.reserve_capacity(0);
+                next_read = MIN_READ;
+            }
             Err(err) => {
                 tracing::debug!(%err, "tcp read failed");
                 return DirectionEnd::Aborted;
@@ -347,6 +415,8 @@ pub async fn splice(
 ) -> SpliceOutcome {
     let abort = CancellationToken::new();
     let activity = AtomicU64::new(0);
+    let up_done = CancellationToken::new();
+    let down_done = CancellationToken::new();
     let client_conn = client.conn().clone();
     let agent_conn = agent.conn().clone();
     let up = async {
@@ -359,10 +429,7 @@ pub async fn splice(
             &abort,
         )
         .await;
-        if end != DirectionEnd::Eof {
-            abort.cancel();
-        }
-        end
+        finish_direction(end, &mut agent.send, &up_done, &down_done, &abort).await
     };
     let down = async {
         let end = pass(
@@ -374,10 +441,7 @@ pub async fn splice(
             &abort,
         )
         .await;
-        if end != DirectionEnd::Eof {
-            abort.cancel();
-        }
-        end
+        finish_direction(end, &mut client.send, &down_done, &up_done, &abort).await
     };
     let idle = async {
         let Some(limit) = idle_timeout else {
@@ -420,6 +484,30 @@ pub async fn splice(
         from_cluster,
         cut,
     }
+}
+
+/// Ends one direction of a splice: an abort ends both; a clean end keeps
+/// watching its outgoing stream for a reset until the other direction is
+/// done too (nobody else polls that stream any more).
+async fn finish_direction(
+    end: DirectionEnd,
+    to: &mut SendStream<Bytes>,
+    done: &CancellationToken,
+    other_done: &CancellationToken,
+    abort: &CancellationToken,
+) -> DirectionEnd {
+    done.cancel();
+    if end != DirectionEnd::Eof {
+        abort.cancel();
+        return end;
+    }
+    tokio::select! {
+        biased;
+        () = abort.cancelled() => {}
+        () = other_done.cancelled() => {}
+        _ = poll_fn(|cx| to.poll_reset(cx)) => abort.cancel(),
+    }
+    end
 }
 
 /// One direction of a splice.

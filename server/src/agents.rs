@@ -343,7 +343,13 @@ async fn serve_client(
         match next {
             Some(Ok((mut req, respond))) => {
                 if req.method() == http::Method::CONNECT {
-                    let guard = conn.conn().stream_opened();
+                    let guard = match conn.conn().try_stream_opened(u64::MAX) {
+                        Ok(guard) => guard,
+                        Err(full) => {
+                            crate::tunnel::refuse_full(&state, respond, &info, &full);
+                            continue;
+                        }
+                    };
                     tokio::spawn(crate::tunnel::serve_stream(
                         state.clone(),
                         info.clone(),

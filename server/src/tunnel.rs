@@ -204,9 +204,15 @@ impl Drop for IdentitySlot {
 pub(crate) struct AgentLease(pub(crate) Arc<AgentTunnel>);
 
 impl AgentLease {
-    fn new(agent: Arc<AgentTunnel>) -> Self {
-        agent.open.fetch_add(1, Ordering::Relaxed);
-        Self(agent)
+    /// Counts one more connection on `agent`, unless it carries `max` already.
+    fn try_new(agent: Arc<AgentTunnel>, max: u64) -> Option<Self> {
+        agent
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self(agent))
     }
 }
 
@@ -230,25 +236,20 @@ fn tunnel_broken(agent: &AgentTunnel, err: &h2::Error) -> TunnelError {
 /// Opens `open` as a stream on `agent`'s tunnel and reads the answer.
 async fn open_on(agent: &AgentTunnel, open: &Open) -> Result<(Opened, TunnelStream), TunnelError> {
     let ch = &agent.channel;
-    if !ch.has_stream_room() {
-        return Err(TunnelError::new(
+    let guard = ch.stream_slot().map_err(|e| {
+        TunnelError::new(
             ErrorCode::ResourceExhausted,
-            format!(
-                "the tunnel to agent {} carries the most streams the agent allows",
-                agent.agent_id
-            ),
-        ));
-    }
+            format!("the tunnel to agent {}: {e}", agent.agent_id),
+        )
+    })?;
     let request = open.to_request(None)?;
-    let guard = ch.conn().stream_opened();
-    let mut send = ch
-        .sender()
-        .ready()
-        .await
-        .map_err(|e| tunnel_broken(agent, &e))?;
-    let (response, stream) = send
-        .send_request(request, false)
-        .map_err(|e| tunnel_broken(agent, &e))?;
+    // A failure to open on the connection (GOAWAY, broken): no new streams go there.
+    let unusable = |e: h2::Error| {
+        ch.mark_broken();
+        tunnel_broken(agent, &e)
+    };
+    let mut send = ch.sender().ready().await.map_err(unusable)?;
+    let (response, stream) = send.send_request(request, false).map_err(unusable)?;
     let response = response.await.map_err(|e| tunnel_broken(agent, &e))?;
     let opened = read_answer(&response)?;
     Ok((
@@ -288,7 +289,7 @@ pub(crate) async fn route(
             }
         };
         // The least loaded agent is full: so are the others.
-        if agent.open.load(Ordering::Relaxed) >= max_per_agent {
+        let Some(lease) = AgentLease::try_new(agent.clone(), max_per_agent) else {
             return Err(TunnelError::new(
                 ErrorCode::ResourceExhausted,
                 format!(
@@ -296,10 +297,9 @@ pub(crate) async fn route(
                     open.cluster
                 ),
             ));
-        }
+        };
         tried.push(agent.clone());
         on_pick(&agent);
-        let lease = AgentLease::new(agent.clone());
         match open_on(&agent, open).await {
             Ok((opened, stream)) => return Ok((opened, stream, lease)),
             Err(err) if err.code.is_retryable_on_other_agent() => {
@@ -323,6 +323,17 @@ fn refuse_early(
     tracing::warn!(peer = %peer.remote_addr, client = %peer.identity, code = err.code.label(), %err, "connection refused before routing");
     count_dial(state, err.code);
     let _ = respond.send_response(error_response(err), true);
+}
+
+/// Refuses a stream that the client connection's budget cannot take.
+pub(crate) fn refuse_full(
+    state: &ServerState,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: &PeerInfo,
+    full: &tunnel_proto::h2::BudgetExhausted,
+) {
+    let err = TunnelError::new(ErrorCode::ResourceExhausted, full.to_string());
+    refuse_early(state, &mut respond, peer, &err);
 }
 
 fn count_dial(state: &ServerState, code: ErrorCode) {
