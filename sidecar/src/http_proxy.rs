@@ -1,7 +1,13 @@
 //! The HTTP proxy on loopback: `CONNECT host[:port]` (a byte tunnel, so TLS
 //! from the app passes through untouched) and absolute-form `http://` requests
-//! (forwarded as origin-form over a fresh tunnel each), with keep-alive
+//! (forwarded as origin-form over a fresh connection each), with keep-alive
 //! towards the app.
+//!
+//! Each request is routed on its own ([`crate::names`]): a destination in a
+//! cluster goes through the tunnel; anything else is dialed directly from
+//! the pod ([`crate::direct`]), with the same limits, error answers, metrics
+//! (`kind="direct"`) and logs, so that hub traffic works as before the
+//! sidecar was injected.
 //!
 //! Errors carry the tunnel's typed code in an `X-Tunnel-Error` header and as
 //! the first word of a text body, with a status an HTTP client can act on
@@ -17,13 +23,15 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_proto::client::{Target, TunnelClient};
 use tunnel_proto::error::{ErrorCode, TunnelError};
 
 use crate::clusters::ClusterCache;
+use crate::direct::DirectDialer;
 use crate::metrics::{RequestLabel, SidecarMetrics};
-use crate::names::Naming;
+use crate::names::{Naming, Route};
 
 /// Header carrying the typed error code of a failed proxy request.
 pub const ERROR_HEADER: &str = "x-tunnel-error";
@@ -75,6 +83,8 @@ pub struct ProxyState {
     pub naming: Naming,
     /// Clusters the server knows.
     pub clusters: Arc<ClusterCache>,
+    /// Dials destinations outside the clusters.
+    pub direct: DirectDialer,
     /// Metrics.
     pub metrics: SidecarMetrics,
 }
@@ -145,11 +155,11 @@ fn proxy_user(headers: &HeaderMap) -> Result<Option<String>, String> {
 }
 
 impl ProxyState {
-    async fn target_of(
+    async fn route_of(
         &self,
         req: &Request<Incoming>,
         default_port: u16,
-    ) -> Result<Target, Response<Body>> {
+    ) -> Result<Route, Response<Body>> {
         let authority = req
             .uri()
             .authority()
@@ -164,12 +174,12 @@ impl ProxyState {
         }
         let user = proxy_user(req.headers()).map_err(|m| bad_request(&m))?;
         // A single label may be a cluster that joined since the last refresh.
-        if !host.contains('.') && !self.clusters.contains(host) {
+        if !host.contains('.') && !host.contains(':') && !self.clusters.contains(host) {
             self.clusters.refresh_soon(&self.client).await;
         }
         let clusters = self.clusters.clone();
         self.naming
-            .resolve(host, port, user.as_deref(), |c| clusters.contains(c))
+            .route(host, port, user.as_deref(), |c| clusters.contains(c))
             .map_err(|e| bad_request(&e.to_string()))
     }
 
@@ -213,9 +223,32 @@ impl ProxyState {
             .inc();
     }
 
+    /// Dials a destination outside the clusters, counting and logging a failure.
+    async fn dial_direct(
+        &self,
+        host: &str,
+        port: u16,
+        what: &'static str,
+    ) -> Result<TcpStream, Response<Body>> {
+        match self.direct.dial(host, port).await {
+            Ok(tcp) => Ok(tcp),
+            Err(err) => {
+                self.count("direct", err.code.label());
+                tracing::info!(host, port, code = err.code.label(), %err, "direct {what} failed");
+                let mut err = err;
+                if err.code == ErrorCode::DestinationNotAllowed {
+                    err.message =
+                        format!("{}; {}", err.message, self.naming.how_to_name_a_cluster());
+                }
+                Err(error_response(&err))
+            }
+        }
+    }
+
     async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let target = match self.target_of(&req, 443).await {
-            Ok(t) => t,
+        let target = match self.route_of(&req, 443).await {
+            Ok(Route::Tunnel(t)) => t,
+            Ok(Route::Direct { host, port }) => return self.connect_direct(req, host, port).await,
             Err(resp) => {
                 self.count("connect", "bad_request");
                 return resp;
@@ -232,62 +265,122 @@ impl ProxyState {
         self.count("connect", "ok");
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(err) => {
-                    tracing::debug!(%target, %err, "CONNECT client left before the tunnel started");
-                    return;
-                }
-            };
-            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => parts,
-                Err(_) => {
-                    tracing::error!("CONNECT upgrade is not a TCP stream");
-                    return;
-                }
+            let Some((tcp, prefix)) = upgraded_tcp(req, &target.to_string()).await else {
+                return;
             };
             metrics.open_connections.inc();
-            let outcome = tunnel
-                .relay_with_prefix(parts.io.into_inner(), parts.read_buf)
-                .await;
+            let outcome = tunnel.relay_with_prefix(tcp, prefix).await;
             metrics.open_connections.dec();
             tracing::debug!(%target, ?outcome, "CONNECT tunnel closed");
         });
-        Response::new(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        empty_ok()
+    }
+
+    async fn connect_direct(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        host: String,
+        port: u16,
+    ) -> Response<Body> {
+        let mut upstream = match self.dial_direct(&host, port, "CONNECT").await {
+            Ok(tcp) => tcp,
+            Err(resp) => return resp,
+        };
+        self.count("direct", "ok");
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let dest = format!("{host}:{port}");
+            let Some((mut tcp, prefix)) = upgraded_tcp(req, &dest).await else {
+                return;
+            };
+            metrics.open_direct_connections.inc();
+            let outcome = async {
+                if !prefix.is_empty() {
+                    upstream.write_all(&prefix).await?;
+                }
+                tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await
+            }
+            .await;
+            metrics.open_direct_connections.dec();
+            tracing::debug!(%dest, ?outcome, "direct CONNECT closed");
+        });
+        empty_ok()
     }
 
     async fn forward(
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, hyper::Error> {
-        let target = match self.target_of(&req, 80).await {
-            Ok(t) => t,
+        let route = match self.route_of(&req, 80).await {
+            Ok(r) => r,
             Err(resp) => {
                 self.count("http", "bad_request");
                 return Ok(resp);
             }
         };
-        let io = match self.client.open_io(&target).await {
-            Ok(io) => io,
-            Err(err) => {
-                self.count("http", err.code.label());
-                tracing::info!(%target, code = err.code.label(), %err, "proxy request failed");
-                return Ok(error_response(&err));
+        // Origin-form towards the destination.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+        strip_hop_by_hop(req.headers_mut());
+        match route {
+            Route::Tunnel(target) => {
+                let io = match self.client.open_io(&target).await {
+                    Ok(io) => io,
+                    Err(err) => {
+                        self.count("http", err.code.label());
+                        tracing::info!(%target, code = err.code.label(), %err, "proxy request failed");
+                        return Ok(error_response(&err));
+                    }
+                };
+                // Host names the real in-cluster host.
+                if let Ok(v) = HeaderValue::from_str(&host_header(&target)) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                Ok(self.send(io, req, "http", &target.to_string()).await)
             }
-        };
+            Route::Direct { host, port } => {
+                let tcp = match self.dial_direct(&host, port, "request").await {
+                    Ok(tcp) => tcp,
+                    Err(resp) => return Ok(resp),
+                };
+                // The client's Host stays: the destination is the one it named.
+                if !req.headers().contains_key(header::HOST)
+                    && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                Ok(self
+                    .send(tcp, req, "direct", &format!("{host}:{port}"))
+                    .await)
+            }
+        }
+    }
+
+    /// Sends `req` over a fresh HTTP/1 connection on `io` and returns the
+    /// answer, counting it under `kind`.
+    async fn send<I>(
+        &self,
+        io: I,
+        req: Request<Incoming>,
+        kind: &'static str,
+        dest: &str,
+    ) -> Response<Body>
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await
         {
             Ok(x) => x,
             Err(err) => {
-                let err = TunnelError::new(
-                    ErrorCode::TunnelBroken,
-                    format!("HTTP/1 to {target}: {err}"),
-                );
-                return Ok(error_response(&err));
+                self.count(kind, ErrorCode::TunnelBroken.label());
+                let err =
+                    TunnelError::new(ErrorCode::TunnelBroken, format!("HTTP/1 to {dest}: {err}"));
+                return error_response(&err);
             }
         };
         tokio::spawn(async move {
@@ -295,42 +388,62 @@ impl ProxyState {
                 tracing::debug!(%err, "upstream HTTP/1 connection ended with an error");
             }
         });
-        // Origin-form towards the destination; Host names the real in-cluster host.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-        strip_hop_by_hop(req.headers_mut());
-        let host = if target.host.contains(':') {
-            format!("[{}]", target.host)
-        } else {
-            target.host.clone()
-        };
-        let host = if target.port == 80 {
-            host
-        } else {
-            format!("{host}:{}", target.port)
-        };
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            req.headers_mut().insert(header::HOST, v);
-        }
         match sender.send_request(req).await {
             Ok(resp) => {
-                self.count("http", "ok");
+                self.count(kind, "ok");
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, body.boxed()))
+                Response::from_parts(parts, body.boxed())
             }
             Err(err) => {
-                self.count("http", "upstream_error");
-                let err = TunnelError::new(
-                    ErrorCode::DestinationUnreachable,
-                    format!("{target}: {err}"),
-                );
-                Ok(error_response(&err))
+                self.count(kind, "upstream_error");
+                tracing::info!(dest, kind, %err, "the destination did not answer the request");
+                let err =
+                    TunnelError::new(ErrorCode::DestinationUnreachable, format!("{dest}: {err}"));
+                error_response(&err)
             }
+        }
+    }
+}
+
+/// The `Host` header for a tunnelled destination.
+fn host_header(target: &Target) -> String {
+    let host = if target.host.contains(':') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    if target.port == 80 {
+        host
+    } else {
+        format!("{host}:{}", target.port)
+    }
+}
+
+/// A 200 with no body: the answer to a CONNECT that reached its destination.
+fn empty_ok() -> Response<Body> {
+    Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+/// The client's TCP connection once hyper has answered its CONNECT, and the
+/// bytes it already read past the request.
+async fn upgraded_tcp(req: Request<Incoming>, dest: &str) -> Option<(TcpStream, Bytes)> {
+    let upgraded = match hyper::upgrade::on(req).await {
+        Ok(u) => u,
+        Err(err) => {
+            tracing::debug!(dest, %err, "CONNECT client left before the tunnel started");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        Err(_) => {
+            tracing::error!("CONNECT upgrade is not a TCP stream");
+            None
         }
     }
 }
@@ -400,7 +513,7 @@ mod tests {
     fn the_proxy_user_names_the_cluster() {
         let mut h = HeaderMap::new();
         assert_eq!(proxy_user(&h).unwrap(), None);
-        // curl -x http://east@127.0.0.1:15080 sends base64("east:").
+        // curl -x http://east@127.0.0.1:17080 sends base64("east:").
         h.insert(
             header::PROXY_AUTHORIZATION,
             HeaderValue::from_static("Basic ZWFzdDo="),
