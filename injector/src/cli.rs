@@ -113,14 +113,14 @@ pub struct Cli {
     #[arg(long, env = "TUNNEL_TOKEN_EXPIRATION", default_value = "1h", value_parser = parse_duration)]
     pub token_expiration: Duration,
     /// The sidecar's admin port (probes, metrics, POST /shutdown).
-    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = 15090)]
+    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = tunnel_sidecar::config::DEFAULT_ADMIN_PORT)]
     pub sidecar_admin_port: u16,
     /// Address the sidecar's admin port binds to (the kubelet probes the pod
     /// IP; use :: on IPv6-only clusters).
     #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_BIND", default_value = "0.0.0.0")]
     pub sidecar_admin_bind: IpAddr,
     /// Default port of the sidecar's HTTP proxy, or "off".
-    #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value = "15080")]
+    #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value = "17080")]
     pub sidecar_proxy_port: String,
     /// Whether app containers get HTTP_PROXY and friends by default.
     #[arg(long, env = "TUNNEL_SET_PROXY_ENV", default_value_t = true, action = clap::ArgAction::Set)]
@@ -376,7 +376,7 @@ mod tests {
                 "10.96.0.1"
             ]
         );
-        assert_eq!(c.template.defaults.proxy_port, Some(15080));
+        assert_eq!(c.template.defaults.proxy_port, Some(17080));
         assert_eq!(c.template.defaults.mode, Mode::Native);
         assert_eq!(c.template.token_expiration_seconds, 3600);
         assert_eq!(
@@ -431,7 +431,7 @@ mod tests {
                 "--sidecar-memory-request",
             ),
             (&["--token-expiration", "5m"], "--token-expiration"),
-            (&["--sidecar-proxy-port", "15090"], "--sidecar-proxy-port"),
+            (&["--sidecar-proxy-port", "17090"], "--sidecar-proxy-port"),
             (&["--server", "nohost"], "--server"),
         ] {
             let err = cli(args).unwrap().to_config().unwrap_err();
