@@ -69,6 +69,11 @@ pub struct Cli {
     /// replica, plus the previous pod's during a rolling update).
     #[arg(long, env = "TUNNEL_CA_BUNDLE_KEEP", default_value_t = crate::ca_bundle::DEFAULT_KEEP)]
     pub ca_bundle_keep: usize,
+    /// On SIGTERM, time to keep answering reviews while not ready, before
+    /// stopping: the API server keeps calling a replica until the endpoint
+    /// removal reaches it, so a rollout loses no review.
+    #[arg(long, env = "TUNNEL_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// Deny pods the injector cannot handle (our own failure) instead of
     /// letting them through without the sidecar.
     #[arg(long, env = "TUNNEL_FAIL_CLOSED")]
@@ -317,6 +322,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::tls::install_crypto_provider();
     tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
     let config = cli.to_config()?;
+    let shutdown_delay = cli.shutdown_delay;
     let client = if config.ca_bundle_sync.is_some() || config.config_name.is_some() {
         Some(kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!(
@@ -329,6 +335,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     };
     let injector = Injector::start(config, client).await?;
     tunnel_proto::cli::termination_signal().await;
+    injector.drain();
+    tokio::time::sleep(shutdown_delay).await;
     injector.shutdown().await;
     Ok(())
 }

@@ -166,6 +166,7 @@ pub struct Injector {
     /// The admin port's address.
     pub admin_addr: SocketAddr,
     generated_ca: Option<String>,
+    draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     controller_stop: Option<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -286,10 +287,13 @@ impl Injector {
             stop_rx.clone(),
         )));
 
-        let ready = synced.clone();
+        let (ready, draining) = (synced.clone(), Arc::new(AtomicBool::new(false)));
+        let not_draining = draining.clone();
         let admin = tunnel_proto::admin::AdminServer::new(
             Arc::new(registry),
-            Arc::new(move || ready.load(Ordering::Acquire)),
+            Arc::new(move || {
+                ready.load(Ordering::Acquire) && !not_draining.load(Ordering::Acquire)
+            }),
         );
         let mut admin_stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -305,6 +309,7 @@ impl Injector {
             webhook_addr,
             admin_addr,
             generated_ca,
+            draining,
             stop,
             controller_stop,
             tasks,
@@ -314,6 +319,15 @@ impl Injector {
     /// The generated CA (PEM), when the certificate was generated.
     pub fn generated_ca_pem(&self) -> Option<&str> {
         self.generated_ca.as_deref()
+    }
+
+    /// Starts draining: `/readyz` answers 503, so that the Service's
+    /// endpoints drop this replica, while the webhook keeps answering
+    /// reviews the API server still sends here.
+    pub fn drain(&self) {
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!("draining: not ready any more; reviews are still answered");
+        }
     }
 
     /// Stops accepting, lets open requests finish, stops the controller.
