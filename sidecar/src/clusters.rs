@@ -83,18 +83,25 @@ impl ClusterCache {
         }
     }
 
-    /// Refreshes unless a refresh happened within the last second, waiting
-    /// for one already under way. Does nothing while the server is
-    /// unreachable (the background refresh retries every second): a request
-    /// for a name outside the clusters must not wait for a hub outage.
+    /// Makes sure the list was fetched after `now` (a caller that just met
+    /// a name it does not know): waits for a refresh under way, or starts
+    /// one, at most one a second ([`MIN_REFRESH_GAP`]), for up to two
+    /// seconds in all. Does nothing while the server is unreachable (the
+    /// background refresh retries every second): a request must not wait for
+    /// a hub outage.
     pub async fn refresh_soon(&self, client: &TunnelClient) {
         if !self.is_connected() {
             return;
         }
+        let asked = Instant::now();
         let inline = async {
             let mut last = self.last.lock().await;
-            if matches!(*last, Some(t) if t.elapsed() < MIN_REFRESH_GAP) {
-                return;
+            if let Some(t) = *last {
+                if t >= asked {
+                    return; // fetched since we asked
+                }
+                let next = t + MIN_REFRESH_GAP;
+                tokio::time::sleep_until(next.into()).await;
             }
             *last = Some(Instant::now());
             self.fetch(client).await;

@@ -31,7 +31,7 @@ use tunnel_proto::error::{ErrorCode, TunnelError};
 use crate::clusters::ClusterCache;
 use crate::direct::DirectDialer;
 use crate::metrics::{RequestLabel, SidecarMetrics};
-use crate::names::{Naming, Route};
+use crate::names::{Naming, Route, is_single_label};
 
 /// Header carrying the typed error code of a failed proxy request.
 pub const ERROR_HEADER: &str = "x-tunnel-error";
@@ -173,10 +173,6 @@ impl ProxyState {
             return Err(bad_request("port 0 is not a destination"));
         }
         let user = proxy_user(req.headers()).map_err(|m| bad_request(&m))?;
-        // A single label may be a cluster that joined since the last refresh.
-        if !host.contains('.') && !host.contains(':') && !self.clusters.contains(host) {
-            self.clusters.refresh_soon(&self.client).await;
-        }
         let clusters = self.clusters.clone();
         self.naming
             .route(host, port, user.as_deref(), |c| clusters.contains(c))
@@ -223,36 +219,59 @@ impl ProxyState {
             .inc();
     }
 
-    /// Dials a destination outside the clusters, counting and logging a failure.
-    async fn dial_direct(
+    /// Where a request goes: its cluster, or a direct connection opened
+    /// now. Failures are counted under `kind` (`bad_request`) or `direct`,
+    /// and logged.
+    async fn upstream_of(
         &self,
-        host: &str,
-        port: u16,
-        what: &'static str,
-    ) -> Result<TcpStream, Response<Body>> {
-        match self.direct.dial(host, port).await {
-            Ok(tcp) => Ok(tcp),
-            Err(err) => {
-                self.count("direct", err.code.label());
-                tracing::info!(host, port, code = err.code.label(), %err, "direct {what} failed");
-                let mut err = err;
-                if err.code == ErrorCode::DestinationNotAllowed {
-                    err.message =
-                        format!("{}; {}", err.message, self.naming.how_to_name_a_cluster());
-                }
-                Err(error_response(&err))
+        req: &Request<Incoming>,
+        default_port: u16,
+        kind: &'static str,
+    ) -> Result<Upstream, Response<Body>> {
+        let (host, port) = match self.route_of(req, default_port).await {
+            Ok(Route::Tunnel(target)) => return Ok(Upstream::Tunnel(target)),
+            Ok(Route::Direct { host, port }) => (host, port),
+            Err(resp) => {
+                self.count(kind, "bad_request");
+                return Err(resp);
+            }
+        };
+        let mut err = match self.direct.dial(&host, port).await {
+            Ok(tcp) => return Ok(Upstream::Direct { tcp, host, port }),
+            Err(err) => err,
+        };
+        // A single label no resolver knows (or any, under --direct deny)
+        // may be a cluster that joined since the last refresh of the list.
+        // Asking only then spares the server a question per hub request.
+        let maybe_cluster = matches!(
+            err.code,
+            ErrorCode::DnsFailure | ErrorCode::DestinationNotAllowed
+        );
+        if maybe_cluster && is_single_label(&host.to_ascii_lowercase()) {
+            self.clusters.refresh_soon(&self.client).await;
+            let clusters = self.clusters.clone();
+            if let Ok(Route::Tunnel(target)) = self
+                .naming
+                .route(&host, port, None, |c| clusters.contains(c))
+            {
+                return Ok(Upstream::Tunnel(target));
             }
         }
+        self.count("direct", err.code.label());
+        tracing::info!(%host, port, code = err.code.label(), %err, "direct connection failed");
+        if err.code == ErrorCode::DestinationNotAllowed {
+            err.message = format!("{}; {}", err.message, self.naming.how_to_name_a_cluster());
+        }
+        Err(error_response(&err))
     }
 
     async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let target = match self.route_of(&req, 443).await {
-            Ok(Route::Tunnel(t)) => t,
-            Ok(Route::Direct { host, port }) => return self.connect_direct(req, host, port).await,
-            Err(resp) => {
-                self.count("connect", "bad_request");
-                return resp;
+        let target = match self.upstream_of(&req, 443, "connect").await {
+            Ok(Upstream::Tunnel(t)) => t,
+            Ok(Upstream::Direct { tcp, host, port }) => {
+                return self.connect_direct(req, tcp, host, port);
             }
+            Err(resp) => return resp,
         };
         let tunnel = match self.client.open(&target).await {
             Ok(t) => t,
@@ -276,16 +295,13 @@ impl ProxyState {
         empty_ok()
     }
 
-    async fn connect_direct(
-        self: Arc<Self>,
+    fn connect_direct(
+        &self,
         req: Request<Incoming>,
+        mut upstream: TcpStream,
         host: String,
         port: u16,
     ) -> Response<Body> {
-        let mut upstream = match self.dial_direct(&host, port, "CONNECT").await {
-            Ok(tcp) => tcp,
-            Err(resp) => return resp,
-        };
         self.count("direct", "ok");
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
@@ -311,12 +327,9 @@ impl ProxyState {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, hyper::Error> {
-        let route = match self.route_of(&req, 80).await {
-            Ok(r) => r,
-            Err(resp) => {
-                self.count("http", "bad_request");
-                return Ok(resp);
-            }
+        let upstream = match self.upstream_of(&req, 80, "http").await {
+            Ok(u) => u,
+            Err(resp) => return Ok(resp),
         };
         // Origin-form towards the destination.
         let path = req
@@ -327,8 +340,8 @@ impl ProxyState {
         let authority = req.uri().authority().map(|a| a.as_str().to_owned());
         *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
         strip_hop_by_hop(req.headers_mut());
-        match route {
-            Route::Tunnel(target) => {
+        match upstream {
+            Upstream::Tunnel(target) => {
                 let io = match self.client.open_io(&target).await {
                     Ok(io) => io,
                     Err(err) => {
@@ -343,11 +356,7 @@ impl ProxyState {
                 }
                 Ok(self.send(io, req, "http", &target.to_string()).await)
             }
-            Route::Direct { host, port } => {
-                let tcp = match self.dial_direct(&host, port, "request").await {
-                    Ok(tcp) => tcp,
-                    Err(resp) => return Ok(resp),
-                };
+            Upstream::Direct { tcp, host, port } => {
                 // The client's Host stays: the destination is the one it named.
                 if !req.headers().contains_key(header::HOST)
                     && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
@@ -404,6 +413,21 @@ impl ProxyState {
             }
         }
     }
+}
+
+/// Where one request goes, once decided.
+enum Upstream {
+    /// Through the tunnel.
+    Tunnel(Target),
+    /// A direct connection, already open.
+    Direct {
+        /// The connection.
+        tcp: TcpStream,
+        /// The host the client named.
+        host: String,
+        /// The port.
+        port: u16,
+    },
 }
 
 /// The `Host` header for a tunnelled destination.

@@ -132,7 +132,7 @@ impl Naming {
 }
 
 /// A name without dots (and not an IPv6 literal) that could be a cluster's.
-fn is_single_label(lower: &str) -> bool {
+pub fn is_single_label(lower: &str) -> bool {
     !lower.is_empty() && !lower.contains('.') && !lower.contains(':')
 }
 
