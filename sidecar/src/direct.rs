@@ -50,7 +50,7 @@ impl std::str::FromStr for DirectPolicy {
 }
 
 /// Opens direct connections.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DirectDialer {
     /// Allow or deny.
     pub policy: DirectPolicy,

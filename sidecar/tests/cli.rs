@@ -42,6 +42,20 @@ fn a_non_loopback_listener_needs_the_flag() {
 }
 
 #[test]
+fn a_proxy_beyond_loopback_must_not_dial_directly() {
+    fails_with(
+        &[
+            "--server",
+            "hub:8090",
+            "--proxy-listen",
+            "0.0.0.0:17080",
+            "--allow-non-loopback",
+        ],
+        "--direct deny",
+    );
+}
+
+#[test]
 fn an_unknown_key_in_the_config_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sidecar.toml");

@@ -365,42 +365,49 @@ impl System {
         )
         .await;
         let client_addr: SocketAddr = format!("127.0.0.1:{client_port}").parse().unwrap();
-        let (sidecar, sidecar_ports) =
-            match services {
-                None => (None, None),
-                Some(sv) => {
-                    let ports = [free_port(), free_port(), free_port(), free_port()];
-                    let (proxy, sc_admin) = (free_port(), free_port());
-                    let mut args = vec![
-                        s("--server"),
-                        client_addr.to_string(),
-                        s("--server-name"),
-                        s("localhost"),
-                        s("--cert-dir"),
-                        dir.display().to_string(),
-                        s("--client-name"),
-                        s("bench"),
-                        s("--proxy-listen"),
-                        format!("127.0.0.1:{proxy}"),
-                        s("--admin-listen"),
-                        format!("127.0.0.1:{sc_admin}"),
-                    ];
-                    for (p, svc) in ports.iter().zip([sv.sink, sv.hello, sv.echo, sv.flood]) {
-                        args.push(s("--port"));
-                        args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
-                    }
-                    let proc = RoleProc::spawn("sidecar", &args, dir);
-                    let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
-                    wait_until("the sidecar is ready", Duration::from_secs(20), || async move {
-                    matches!(http_get(sc_admin, "/readyz").await, Ok((200, _)))
-                })
-                .await;
-                    (
-                        Some(proc),
-                        Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())),
-                    )
+        let (sidecar, sidecar_ports) = match services {
+            None => (None, None),
+            Some(sv) => {
+                let ports = [free_port(), free_port(), free_port(), free_port()];
+                let (proxy, sc_admin) = (free_port(), free_port());
+                let mut args = vec![
+                    s("--server"),
+                    client_addr.to_string(),
+                    s("--server-name"),
+                    s("localhost"),
+                    s("--cert-dir"),
+                    dir.display().to_string(),
+                    s("--client-name"),
+                    s("bench"),
+                    s("--proxy-listen"),
+                    format!("127.0.0.1:{proxy}"),
+                    s("--admin-listen"),
+                    format!("127.0.0.1:{sc_admin}"),
+                ];
+                for (p, svc) in ports.iter().zip([sv.sink, sv.hello, sv.echo, sv.flood]) {
+                    args.push(s("--port"));
+                    args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
                 }
-            };
+                let proc = RoleProc::spawn("sidecar", &args, dir);
+                let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
+                // Ready means listening; measure once it also reaches the server.
+                wait_until(
+                    "the sidecar reaches the server",
+                    Duration::from_secs(20),
+                    || async move {
+                        metric(
+                            &fetch_metrics(sc_admin).await,
+                            "tunnel_sidecar_server_connected",
+                        ) == Some(1.0)
+                    },
+                )
+                .await;
+                (
+                    Some(proc),
+                    Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())),
+                )
+            }
+        };
         Self {
             server,
             agent,
