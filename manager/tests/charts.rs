@@ -309,6 +309,7 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             },
             "injector": { "failurePolicy": "Ignore", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"],
                           "certManager": { "enabled": true } },
+            "sidecar": { "issueCertificates": false },
             "serviceMonitor": { "enabled": true, "labels": { "release": "prometheus" } },
             "networkPolicy": { "enabled": true, "agentSourceCidrs": ["203.0.113.0/24"] },
             "imagePullSecrets": ["regcred"],
@@ -560,8 +561,25 @@ fn check_sidecar_certificates(r: &Rendered, issued: bool) {
             ]
         );
     } else {
+        assert!(on("secrets").is_empty(), "{rules:?}");
+    }
+    // Opted-in pods without the sidecar are looked for while there is an injector.
+    let injector = !r.kind("MutatingWebhookConfiguration").is_empty();
+    assert_eq!(args.contains("--no-pod-report"), !injector, "{args}");
+    if injector {
+        assert_eq!(
+            on("pods"),
+            [json!({ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] })]
+        );
         assert!(
-            on("namespaces").is_empty() && on("secrets").is_empty(),
+            on("namespaces")
+                .iter()
+                .any(|r| r["verbs"].as_array().unwrap().contains(&json!("list"))),
+            "{rules:?}"
+        );
+    } else {
+        assert!(
+            on("pods").is_empty() && on("namespaces").is_empty(),
             "{rules:?}"
         );
     }
