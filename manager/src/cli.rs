@@ -125,6 +125,10 @@ pub struct RunArgs {
     /// Do not issue sidecar certificates into labelled namespaces (the administrator provides the Secrets).
     #[arg(long, env = "TUNNEL_NO_SIDECAR_CERTS")]
     pub no_sidecar_certs: bool,
+    /// Do not look for opted-in pods running without the sidecar in labelled
+    /// namespaces (the `tunnel_manager_pods_without_sidecar` metric and its warning).
+    #[arg(long, env = "TUNNEL_NO_POD_REPORT")]
+    pub no_pod_report: bool,
     /// How often the server is asked which agents are connected.
     #[arg(long, env = "TUNNEL_LIVE_VIEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub live_view_interval: Duration,
@@ -187,6 +191,17 @@ pub struct HealthArgs {
     /// Look up which clusters have the agent installed (ManifestWorks on the hub, via the kubeconfig).
     #[arg(long)]
     pub kubernetes: bool,
+    /// Also list opted-in pods running without the sidecar (via the kubeconfig);
+    /// the command fails while there are any.
+    #[arg(long)]
+    pub pods: bool,
+    /// Label key of injection-enabled namespaces (value `enabled`), for --pods.
+    #[arg(
+        long,
+        env = "TUNNEL_NAMESPACE_LABEL",
+        default_value = crate::namespaces::DEFAULT_NAMESPACE_LABEL
+    )]
+    pub namespace_label: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -250,11 +265,31 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
     let rows = health::check(&client, installed.as_deref(), &opts)
         .await
         .map_err(|e| anyhow::anyhow!("cannot list clusters from {:?}: {e}", args.servers))?;
-    let all = rows.iter().all(|r| r.healthy);
-    let out = if args.json {
-        format!("{}\n", serde_json::to_string_pretty(&rows)?)
+    let mut all = rows.iter().all(|r| r.healthy);
+    let uninjected = if args.pods {
+        let kube = kube::Client::try_default()
+            .await
+            .context("--pods needs the hub's kubeconfig")?;
+        let found = crate::coverage::scan(&kube, &args.namespace_label)
+            .await
+            .context("cannot list pods in labelled namespaces")?;
+        all &= found.is_empty();
+        Some(found)
     } else {
-        health::table(&rows)
+        None
+    };
+    let out = match (args.json, &uninjected) {
+        (true, None) => format!("{}\n", serde_json::to_string_pretty(&rows)?),
+        (true, Some(pods)) => format!(
+            "{}\n",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "clusters": rows, "podsWithoutSidecar": pods })
+            )?
+        ),
+        (false, None) => health::table(&rows),
+        (false, Some(pods)) => {
+            format!("{}\n{}", health::table(&rows), crate::coverage::table(pods))
+        }
     };
     Ok((out, all))
 }
@@ -516,6 +551,18 @@ async fn controllers(
         }
     });
     ready.store(true, Ordering::Release);
+
+    // Opted-in pods admitted without the sidecar.
+    if !args.no_pod_report {
+        let stop = shutdown.clone();
+        tokio::spawn(crate::coverage::run(
+            client.clone(),
+            args.namespace_label.clone(),
+            metrics.clone(),
+            crate::coverage::SCAN_INTERVAL,
+            async move { stop.notified().await },
+        ));
+    }
 
     // The sidecars' certificate in every injection-enabled namespace.
     if args.no_sidecar_certs {

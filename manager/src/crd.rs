@@ -60,22 +60,30 @@ pub struct InjectorSpec {
     /// Namespaces never injected besides the manager's own.
     #[serde(default = "default_excluded_namespaces")]
     pub excluded_namespaces: Vec<String>,
-    /// `Ignore` (pods start without the sidecar while the injector is down) or `Fail`.
+    /// `Fail` (an opted-in pod waits for the injector rather than start
+    /// without its sidecar) or `Ignore`. The webhook's `matchConditions`
+    /// (Kubernetes 1.28+) send it only opted-in pods, so `Fail` holds no
+    /// other pod.
     #[serde(default)]
     pub failure_policy: FailurePolicy,
     /// Time the API server waits for the webhook, in seconds.
     #[serde(default = "default_webhook_timeout")]
     #[schemars(range(min = 1, max = 30))]
     pub timeout_seconds: i32,
+    /// `namespace/name` of the cert-manager Certificate whose CA cert-manager's
+    /// CA injector keeps in the `caBundle` (the annotation
+    /// `cert-manager.io/inject-ca-from`); absent: the injector keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_inject_from: Option<String>,
 }
 
 /// A webhook's failure policy.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum FailurePolicy {
     /// Admit the pod without the sidecar.
-    #[default]
     Ignore,
     /// Refuse the pod.
+    #[default]
     Fail,
 }
 

@@ -10,6 +10,8 @@
 //! - [`clusters`]: the kube-runtime controller over `ManagedCluster`s;
 //! - [`namespaces`]: the controller that keeps the sidecars' certificate
 //!   Secret in every injection-enabled namespace;
+//! - [`coverage`]: opted-in pods admitted without the sidecar, reported
+//!   (metric, log, `health --pods`);
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
 //! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
@@ -22,6 +24,7 @@ pub mod addon;
 pub mod agent_work;
 pub mod cli;
 pub mod clusters;
+pub mod coverage;
 pub mod crd;
 pub mod health;
 pub mod hub;

@@ -71,8 +71,15 @@ fn render(chart: &str, values: &Value) -> Option<Result<Rendered, String>> {
         "schema validation of {chart} with {values}"
     );
     for unchecked in report["unchecked"].as_array().unwrap() {
+        let unchecked = unchecked.as_str().unwrap();
         assert!(
-            unchecked.as_str().unwrap().starts_with("ServiceMonitor "),
+            [
+                "ServiceMonitor ",
+                "Certificate cert-manager.io/",
+                "Issuer cert-manager.io/"
+            ]
+            .iter()
+            .any(|k| unchecked.starts_with(k)),
             "no schema for {unchecked}"
         );
     }
@@ -300,7 +307,9 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 "resources": { "requests": { "cpu": "1", "memory": "256Mi" } },
                 "drainTimeout": "120s",
             },
-            "injector": { "failurePolicy": "Fail", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"] },
+            "injector": { "failurePolicy": "Ignore", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"],
+                          "certManager": { "enabled": true } },
+            "sidecar": { "issueCertificates": false },
             "serviceMonitor": { "enabled": true, "labels": { "release": "prometheus" } },
             "networkPolicy": { "enabled": true, "agentSourceCidrs": ["203.0.113.0/24"] },
             "imagePullSecrets": ["regcred"],
@@ -412,7 +421,12 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 hook["failurePolicy"],
                 values["injector"]["failurePolicy"]
                     .as_str()
-                    .unwrap_or("Ignore")
+                    .unwrap_or("Fail")
+            );
+            // Only opted-in pods reach the webhook, so Fail holds no other.
+            assert_eq!(
+                hook["matchConditions"],
+                json!([{ "name": "opted-in", "expression": tunnel_manager::hub::OPT_IN_CONDITION }])
             );
             assert_eq!(
                 hook["timeoutSeconds"],
@@ -441,6 +455,14 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 args.contains("--webhook-config-name=cluster-tunnel-injector"),
                 "{args}"
             );
+            assert!(args.contains("--shutdown-delay=5s"), "{args}");
+            let pod = &injector["spec"]["template"]["spec"];
+            assert_eq!(pod["terminationGracePeriodSeconds"], 20);
+            assert_eq!(
+                injector["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+                0
+            );
+            check_injector_certificates(&r, values["injector"]["certManager"]["enabled"] == true);
         }
         let monitors = r.kind("ServiceMonitor").len();
         assert_eq!(monitors > 0, values["serviceMonitor"]["enabled"] == true);
@@ -452,6 +474,44 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             values["manager"]["openClusterManagement"] != false
         );
         check_sidecar_certificates(&r, values["sidecar"]["issueCertificates"] != false);
+    }
+}
+
+/// With cert-manager, a Certificate for the injector's Service is mounted and
+/// served, its CA is injected into the webhook configuration, and the
+/// injector has no access to webhook configurations; without, the injector
+/// keeps the caBundle itself.
+fn check_injector_certificates(r: &Rendered, cert_manager: bool) {
+    let injector = r.one("Deployment", "cluster-tunnel-injector");
+    let args = injector["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    let hook = r.one("MutatingWebhookConfiguration", "cluster-tunnel-injector");
+    let role = r.one("ClusterRole", "cluster-tunnel-injector").to_string();
+    let inject_from = &hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"];
+    if cert_manager {
+        assert!(args.contains("--cert-manager"), "{args}");
+        let cert = r.one("Certificate", "cluster-tunnel-injector");
+        assert_eq!(cert["spec"]["secretName"], "cluster-tunnel-injector-tls");
+        assert!(
+            cert["spec"]["dnsNames"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("cluster-tunnel-injector.cluster-tunnel.svc")),
+            "{cert}"
+        );
+        assert_eq!(
+            cert["spec"]["issuerRef"]["name"],
+            "cluster-tunnel-injector-selfsigned"
+        );
+        r.one("Issuer", "cluster-tunnel-injector-selfsigned");
+        let volumes = injector["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(volumes.contains("cluster-tunnel-injector-tls"), "{volumes}");
+        assert_eq!(inject_from, "cluster-tunnel/cluster-tunnel-injector");
+        assert!(!role.contains("mutatingwebhookconfigurations"), "{role}");
+    } else {
+        assert!(!args.contains("--cert-manager"), "{args}");
+        assert!(r.kind("Certificate").is_empty());
+        assert!(inject_from.is_null(), "{hook}");
+        assert!(role.contains("mutatingwebhookconfigurations"), "{role}");
     }
 }
 
@@ -501,8 +561,25 @@ fn check_sidecar_certificates(r: &Rendered, issued: bool) {
             ]
         );
     } else {
+        assert!(on("secrets").is_empty(), "{rules:?}");
+    }
+    // Opted-in pods without the sidecar are looked for while there is an injector.
+    let injector = !r.kind("MutatingWebhookConfiguration").is_empty();
+    assert_eq!(args.contains("--no-pod-report"), !injector, "{args}");
+    if injector {
+        assert_eq!(
+            on("pods"),
+            [json!({ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] })]
+        );
         assert!(
-            on("namespaces").is_empty() && on("secrets").is_empty(),
+            on("namespaces")
+                .iter()
+                .any(|r| r["verbs"].as_array().unwrap().contains(&json!("list"))),
+            "{rules:?}"
+        );
+    } else {
+        assert!(
+            on("pods").is_empty() && on("namespaces").is_empty(),
             "{rules:?}"
         );
     }

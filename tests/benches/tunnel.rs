@@ -638,10 +638,16 @@ impl System {
                 }
                 let proc = RoleProc::spawn("sidecar", &args, dir);
                 let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
+                // Ready means listening; measure once it also reaches the server.
                 wait_until(
-                    "the sidecar is ready",
+                    "the sidecar reaches the server",
                     Duration::from_secs(20),
-                    || async move { matches!(http_get(sc_admin, "/readyz").await, Ok((200, _))) },
+                    || async move {
+                        metric(
+                            &fetch_metrics(sc_admin).await,
+                            "tunnel_sidecar_server_connected",
+                        ) == Some(1.0)
+                    },
                 )
                 .await;
                 (

@@ -1154,7 +1154,7 @@ pub async fn start_sidecar(
         .await
         .expect("sidecar starts");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sidecar.is_ready() {
+    while !sidecar.is_connected() {
         assert!(
             Instant::now() < deadline,
             "the sidecar did not connect to the server within 20 s"
