@@ -3,13 +3,10 @@
 //! what it may do, so an agent cannot claim another cluster's name.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +14,7 @@ use tokio_rustls::server::TlsStream;
 use tunnel_proto::grpc::GrpcChannel;
 use tunnel_proto::h2::{H2Server, PeerInfo, client_handshake};
 use tunnel_proto::identity::{Identity, peer_identity};
+use tunnel_proto::net::LingeringClose;
 use tunnel_proto::pb;
 use tunnel_proto::pb::agent_client::AgentClient;
 use tunnel_proto::pb::tunnel_server::TunnelServer;
@@ -66,8 +64,15 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     listener: &'static str,
-) -> Option<(TlsStream<TcpStream>, Identity)> {
+    closed: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Option<(TlsStream<LingeringClose>, Identity)> {
     tunnel_proto::net::tune_tunnel_socket(&tcp, &state.config.h2.liveness);
+    // Closed with a linger, so that the peer reads our last frames before
+    // our close could reset the connection; `closed` says when that is done.
+    let tcp = match closed {
+        Some(tx) => LingeringClose::with_signal(tcp, tx),
+        None => LingeringClose::new(tcp),
+    };
     let reject = |reason: &'static str| {
         state
             .metrics
@@ -130,7 +135,10 @@ async fn serve_agent(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some((tls, identity)) = handshake(&state, tcp, peer, "agent").await else {
+    // The socket is closed (after lingering) when HTTP/2 is done with it,
+    // which tells a draining server its last frames went out.
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "agent", Some(closed_tx)).await else {
         return;
     };
     let Identity::Agent { cluster } = identity else {
@@ -144,13 +152,6 @@ async fn serve_agent(
             })
             .inc();
         return;
-    };
-    // HTTP/2 drives the connection in a task of its own; the socket is dropped
-    // when that task is done, which tells a draining server its last frames went out.
-    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-    let tls = SignalOnDrop {
-        io: tls,
-        _closed: closed_tx,
     };
     let (channel, driver) = match client_handshake(tls, &state.config.h2).await {
         Ok(x) => x,
@@ -292,7 +293,7 @@ async fn serve_client(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some((tls, identity)) = handshake(&state, tcp, peer, "client").await else {
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "client", None).await else {
         return;
     };
     if !matches!(identity, Identity::Client { .. }) {
@@ -370,50 +371,4 @@ async fn serve_client(
         }
     }
     tracing::debug!(%peer, %identity, "client disconnected");
-}
-
-/// A connection's socket that drops `_closed` with itself.
-struct SignalOnDrop<IO> {
-    io: IO,
-    _closed: tokio::sync::oneshot::Sender<()>,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for SignalOnDrop<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for SignalOnDrop<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
