@@ -1,5 +1,6 @@
 //! The `tunnel-manager` binary: `crdgen`, `run` (the controllers) and `health`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,14 +12,14 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DynamicObject, ListParams};
-use tokio::sync::{OnceCell, watch};
+use kube::api::{Api, ListParams};
+use tokio::sync::watch;
 use tunnel_proto::cli::{LogFormat, init_logging, parse_duration};
 use tunnel_proto::client::{ClientOptions, TunnelClient};
 use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 
-use crate::clusters::{self, LiveView};
+use crate::addons::{self, LiveView};
 use crate::crd::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
 use crate::hub;
@@ -43,8 +44,12 @@ pub enum Command {
     Crdgen,
     /// Run the controllers: certificates (the server's, and the sidecars' in
     /// every injection-enabled namespace), and with --open-cluster-management
-    /// an agent ManifestWork and ManagedClusterAddOn status per ManagedCluster.
+    /// the addon: an agent ManifestWork and status per ManagedClusterAddOn,
+    /// and the agents' certificate requests signed.
     Run(RunArgs),
+    /// Remove the addon from every cluster (works, finalizers, agents) before
+    /// the manager goes: the hub chart's pre-delete hook.
+    Uninstall(UninstallArgs),
     /// For every cluster: agent installed, available, a probe through the tunnel, its latency.
     Health(HealthArgs),
 }
@@ -139,6 +144,23 @@ pub struct RunArgs {
     pub log_level: String,
 }
 
+/// Flags of `uninstall`.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Namespace of the manager (where older versions kept agent Secrets).
+    #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
+    pub namespace: String,
+    /// Time the manager gets to remove each cluster's agent before it is done here.
+    #[arg(long, env = "TUNNEL_UNINSTALL_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Log filter (`RUST_LOG` overrides).
+    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
 /// Flags of `health`.
 #[derive(Debug, Args)]
 pub struct HealthArgs {
@@ -184,7 +206,8 @@ pub struct HealthArgs {
     /// Time allowed for each probe.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// Look up which clusters have the agent installed (ManifestWorks on the hub, via the kubeconfig).
+    /// Look up which clusters have the addon enabled and whether OCM shows it
+    /// available (ManagedClusterAddOns on the hub, via the kubeconfig).
     #[arg(long)]
     pub kubernetes: bool,
     /// Print JSON instead of a table.
@@ -212,6 +235,20 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log_level);
             run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Uninstall(args) => {
+            init_logging(args.log_format, &args.log_level);
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            let removed = crate::uninstall::uninstall(&client, &args.namespace, args.wait).await?;
+            tracing::info!(
+                by_manager = ?removed.by_manager,
+                forced = ?removed.forced,
+                legacy = ?removed.legacy,
+                "addon removed from every cluster"
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -247,7 +284,7 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
         healthz: args.healthz,
         timeout: args.timeout,
     };
-    let rows = health::check(&client, installed.as_deref(), &opts)
+    let rows = health::check(&client, installed.as_ref(), &opts)
         .await
         .map_err(|e| anyhow::anyhow!("cannot list clusters from {:?}: {e}", args.servers))?;
     let all = rows.iter().all(|r| r.healthy);
@@ -259,22 +296,22 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
     Ok((out, all))
 }
 
-/// Clusters whose agent ManifestWork exists on the hub.
-async fn installed_clusters() -> anyhow::Result<Vec<String>> {
+/// Clusters the addon is enabled in (a `ManagedClusterAddOn` on the hub)
+/// and its `Available` condition there (`None`: unknown or not set yet).
+async fn installed_clusters() -> anyhow::Result<BTreeMap<String, Option<bool>>> {
     let client = kube::Client::try_default().await.context("kubeconfig")?;
-    let works: Api<DynamicObject> =
-        Api::all_with(client, &crate::agent_work::manifest_work_resource());
-    let list = works
-        .list(
-            &ListParams::default()
-                .fields(&format!("metadata.name={}", crate::agent_work::WORK_NAME)),
-        )
+    let addons: Api<crate::ocm::ManagedClusterAddOn> = Api::all(client);
+    let list = addons
+        .list(&ListParams::default().fields(&format!("metadata.name={}", crate::ocm::ADDON_NAME)))
         .await
-        .context("list ManifestWorks")?;
+        .context("list ManagedClusterAddOns")?;
     Ok(list
         .items
         .into_iter()
-        .filter_map(|w| w.metadata.namespace)
+        .filter_map(|a| {
+            let available = health::addon_available(&a);
+            Some((a.metadata.namespace?, available))
+        })
         .collect())
 }
 
@@ -479,7 +516,7 @@ async fn controllers(
                         .set(&current, "ServerCertificateReady", ok, reason, message)
                         .await;
                 }
-                tokio::time::sleep(clusters::RESYNC).await;
+                tokio::time::sleep(addons::RESYNC).await;
             }
         });
     }
@@ -537,19 +574,32 @@ async fn controllers(
     }
 
     if args.open_cluster_management {
-        let ctx = Arc::new(clusters::Context {
-            client,
-            namespace: args.namespace.clone(),
-            config: config_rx,
-            config_name: args.config_name.clone(),
+        if let Err(error) = crate::uninstall::remove_legacy(&client, &args.namespace).await {
+            tracing::warn!(%error, "cannot clean up what an older version left");
+        }
+        let csr = Arc::new(crate::csr::Context {
+            client: client.clone(),
+            signer: signer.clone(),
             trust_domain: args.trust_domain.clone(),
-            live: live_rx,
-            signer: OnceCell::new_with(Some(signer)),
+            config: config_rx.clone(),
+            config_name: args.config_name.clone(),
             clock: Arc::new(time::OffsetDateTime::now_utc),
             metrics: metrics.clone(),
         });
         let stop = shutdown.clone();
-        clusters::run(ctx, async move { stop.notified().await }).await;
+        tokio::spawn(crate::csr::run(csr, async move { stop.notified().await }));
+        let ctx = Arc::new(addons::Context {
+            client,
+            namespace: args.namespace.clone(),
+            config: config_rx,
+            config_name: args.config_name.clone(),
+            live: live_rx,
+            signer,
+            clock: Arc::new(time::OffsetDateTime::now_utc),
+            metrics: metrics.clone(),
+        });
+        let stop = shutdown.clone();
+        addons::run(ctx, async move { stop.notified().await }).await;
     } else {
         shutdown.notified().await;
     }

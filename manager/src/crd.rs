@@ -263,6 +263,14 @@ pub struct AgentSpec {
     /// The agent's `--allow` rules; empty: everything but loopback and link-local.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Resources of the agent container (an `AddOnDeploymentConfig` may
+    /// override them per cluster); absent: the agent chart's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// PodDisruptionBudget of the agents: at most this many down at once.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0))]
+    pub pdb_max_unavailable: i32,
 }
 
 /// Defaults of the injected sidecar.
