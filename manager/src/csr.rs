@@ -205,6 +205,12 @@ pub async fn reconcile(
     let now = (ctx.clock)();
     let (cluster, request) = match check(&csr) {
         Verdict::Skip => return Ok(Action::await_change()),
+        Verdict::Deny(reason) if has_condition(&csr, "Approved") => {
+            // Someone else approved it; an approval cannot be withdrawn, but
+            // nothing is signed.
+            tracing::warn!(csr = %name, %reason, "approved certificate request not signed");
+            return Ok(Action::await_change());
+        }
         Verdict::Deny(reason) => {
             tracing::warn!(csr = %name, %reason, "certificate request denied");
             let body = json!({ "status": { "conditions": [
@@ -301,4 +307,346 @@ pub async fn run(
             std::future::ready(())
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! One scenario per expected request sequence, against kube's mocked API
+    //! server (`tower_test`), each under a timeout. A request a scenario does
+    //! not expect is never answered, so the reconciliation times out.
+
+    use http::Method;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    use serde_json::{Value, json};
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::crd::TunnelConfigurationSpec;
+    use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
+
+    const TD: &str = "cluster-tunnel";
+    const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";
+    const ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/east/managedclusteraddons/cluster-tunnel";
+    const APPROVAL: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests/addon-east-cluster-tunnel-x7k2p/approval";
+    const STATUS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests/addon-east-cluster-tunnel-x7k2p/status";
+
+    fn config() -> watch::Receiver<Option<Arc<TunnelConfiguration>>> {
+        let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
+            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com" } } },
+            "agent": { "image": "a:1" },
+            "signer": { "certificateValidityDays": 30 },
+        }))
+        .unwrap();
+        let (tx, rx) = watch::channel(Some(Arc::new(TunnelConfiguration::new(
+            crate::crd::DEFAULT_NAME,
+            spec,
+        ))));
+        std::mem::forget(tx);
+        rx
+    }
+
+    fn scenario(now: OffsetDateTime) -> (Arc<Context>, ApiHandle) {
+        let (client, handle) = mock_api::client();
+        let ctx = Arc::new(Context {
+            client,
+            signer: Arc::new(Signer::generate(TD, now).unwrap()),
+            trust_domain: TD.into(),
+            config: config(),
+            config_name: crate::crd::DEFAULT_NAME.into(),
+            clock: Arc::new(move || now),
+            metrics: crate::metrics::ManagerMetrics::default(),
+        });
+        (ctx, handle)
+    }
+
+    /// A key made "in the managed cluster" and a request for `subject`.
+    fn request(cn: &str, org: Option<&str>) -> (rcgen::KeyPair, String) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, cn);
+        if let Some(o) = org {
+            dn.push(rcgen::DnType::OrganizationName, o);
+        }
+        params.distinguished_name = dn;
+        // OCM's registration agent asks for this name too; it is not copied.
+        params.subject_alt_names = vec![rcgen::SanType::DnsName(
+            "cluster-tunnel.addon.open-cluster-management.io".try_into().unwrap(),
+        )];
+        let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, pem)
+    }
+
+    /// A CSR as the API server holds it: labels, signer, the authenticated requester.
+    fn csr(labels: Value, signer: &str, user: &str, groups: &[&str], pem: &str) -> Arc<CertificateSigningRequest> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "certificates.k8s.io/v1",
+                "kind": "CertificateSigningRequest",
+                "metadata": { "name": "addon-east-cluster-tunnel-x7k2p", "labels": labels },
+                "spec": {
+                    "signerName": signer,
+                    "request": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem),
+                    "usages": ["digital signature", "client auth"],
+                    "username": user,
+                    "groups": groups,
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn ours() -> Value {
+        json!({ "open-cluster-management.io/cluster-name": "east", "open-cluster-management.io/addon-name": "cluster-tunnel" })
+    }
+
+    const EAST_AGENT: &str = "system:open-cluster-management:east:agent-8f2k";
+    const EAST_GROUPS: [&str; 3] = [
+        "system:open-cluster-management:east",
+        "system:open-cluster-management:managed-clusters",
+        "system:authenticated",
+    ];
+
+    fn cluster(accepted: bool) -> Reply {
+        Reply::With(200, json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+            "metadata": { "name": "east" }, "spec": { "hubAcceptsClient": accepted },
+        }))
+    }
+
+    fn addon() -> Reply {
+        Reply::With(200, json!({
+            "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": "ManagedClusterAddOn",
+            "metadata": { "name": "cluster-tunnel", "namespace": "east" }, "spec": {},
+        }))
+    }
+
+    fn csr_echo() -> Reply {
+        Reply::EchoWith(json!({
+            "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+            "metadata": { "name": "addon-east-cluster-tunnel-x7k2p" },
+            "spec": { "signerName": SIGNER_NAME, "request": "" },
+        }))
+    }
+
+    async fn reconcile_once(c: Arc<CertificateSigningRequest>, ctx: &Arc<Context>) -> Action {
+        tokio::time::timeout(TIMEOUT, reconcile(c, ctx.clone()))
+            .await
+            .expect("reconcile in time")
+            .unwrap()
+    }
+
+    fn denial(body: &Value) -> String {
+        let c = &body["status"]["conditions"][0];
+        assert_eq!((c["type"].as_str(), c["status"].as_str()), (Some("Denied"), Some("True")), "{body}");
+        c["message"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn an_agent_request_from_its_own_cluster_is_approved_and_signed_for_its_key() {
+        let now = OffsetDateTime::now_utc();
+        let (ctx, handle) = scenario(now);
+        let (key, pem) = request(&agent_user("east"), None);
+        let server = serve(
+            handle,
+            vec![
+                (Method::GET, CLUSTER, cluster(true)),
+                (Method::GET, ADDON, addon()),
+                (Method::PATCH, APPROVAL, csr_echo()),
+                (Method::PATCH, STATUS, csr_echo()),
+            ],
+        );
+        let c = csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &pem);
+        assert_eq!(reconcile_once(c, &ctx).await, Action::await_change());
+        let (_, b) = finish(server).await;
+        let approved = &b[2]["status"]["conditions"][0];
+        assert_eq!((approved["type"].as_str(), approved["status"].as_str()), (Some("Approved"), Some("True")));
+        let pem = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            b[3]["status"]["certificate"].as_str().unwrap(),
+        )
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        // The servers read the agent's identity from it.
+        assert_eq!(
+            tunnel_proto::identity::peer_identity(&der, TD).unwrap().uri(TD),
+            "spiffe://cluster-tunnel/agent/east"
+        );
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        // The requested subject (OCM's registration agent checks it), the requester's own key.
+        assert_eq!(
+            x509.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+            agent_user("east")
+        );
+        assert_eq!(x509.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+        // No name the request asked for besides the identity.
+        let san = format!("{:?}", x509.subject_alternative_name().unwrap().unwrap().value);
+        assert!(!san.contains("addon.open-cluster-management.io"), "{san}");
+        // Signed by the hub's CA, for the configured lifetime.
+        let ca = CertificateDer::from_pem_slice(ctx.signer.ca.cert_pem.as_bytes()).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca).unwrap();
+        x509.verify_signature(Some(ca.public_key())).unwrap();
+        assert_eq!(
+            x509.validity().not_after.timestamp(),
+            (now + time::Duration::days(30)).unix_timestamp()
+        );
+        assert!(!ctx.signer.needs_renewal(&pem, now + time::Duration::days(23)));
+        assert!(ctx.signer.needs_renewal(&pem, now + time::Duration::days(25)));
+    }
+
+    #[tokio::test]
+    async fn a_request_from_another_cluster_is_denied_and_never_signed() {
+        let (_, pem) = request(&agent_user("east"), None);
+        for (user, groups) in [
+            // west's registration agent asking for east's agent.
+            (
+                "system:open-cluster-management:west:agent-1",
+                vec!["system:open-cluster-management:west"],
+            ),
+            // A cluster whose name starts with east's.
+            (
+                "system:open-cluster-management:east2:agent-1",
+                vec!["system:open-cluster-management:east2"],
+            ),
+            // The right user name without the cluster's group (not a cluster credential).
+            (EAST_AGENT, vec!["system:authenticated"]),
+            // Anybody else.
+            ("system:serviceaccount:fleet:default", vec!["system:serviceaccounts"]),
+        ] {
+            let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+            let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
+            reconcile_once(csr(ours(), SIGNER_NAME, user, &groups, &pem), &ctx).await;
+            let (_, b) = finish(server).await;
+            assert!(denial(&b[0]).contains("registration agent"), "{user}: {}", b[0]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_for_another_signer_is_never_approved_nor_signed() {
+        let (_, pem) = request(&agent_user("east"), None);
+        for signer in ["kubernetes.io/kube-apiserver-client", "example.com/other"] {
+            let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+            // Not one request: an unexpected one would never be answered.
+            let server = serve(handle, vec![]);
+            let c = csr(ours(), signer, EAST_AGENT, &EAST_GROUPS, &pem);
+            assert_eq!(check(&c), Verdict::Skip);
+            assert_eq!(reconcile_once(c, &ctx).await, Action::await_change());
+            finish(server).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_for_another_subject_or_a_forged_one_is_denied() {
+        let (_, other_cluster) = request(&agent_user("west"), None);
+        let (_, with_group) = request(&agent_user("east"), Some("system:masters"));
+        let (_, good) = request(&agent_user("east"), None);
+        // A request whose signature does not verify: its sender does not hold the key.
+        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(good.as_bytes()).unwrap();
+        let mut bytes = der.as_ref().to_vec();
+        let n = bytes.len();
+        bytes[n - 5] ^= 0x55;
+        let forged = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes)
+        );
+        for (pem, why) in [
+            (other_cluster.as_str(), "subject"),
+            (with_group.as_str(), "subject"),
+            (forged.as_str(), "signature"),
+            ("not a request", "PEM"),
+        ] {
+            let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+            let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
+            reconcile_once(csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, pem), &ctx).await;
+            let (_, b) = finish(server).await;
+            let message = denial(&b[0]);
+            assert!(message.contains(why), "{why}: {message}");
+        }
+        // Labelled for another addon: denied too.
+        let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+        let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
+        let labels = json!({ "open-cluster-management.io/cluster-name": "east", "open-cluster-management.io/addon-name": "cluster-proxy" });
+        reconcile_once(csr(labels, SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &good), &ctx).await;
+        let (_, b) = finish(server).await;
+        assert!(denial(&b[0]).contains("addon-name"), "{}", b[0]);
+    }
+
+    #[tokio::test]
+    async fn a_request_for_a_cluster_not_accepted_or_without_the_addon_is_left_pending() {
+        let (_, pem) = request(&agent_user("east"), None);
+        let c = csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &pem);
+        // Not accepted (or detached): no certificate.
+        let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+        let server = serve(handle, vec![(Method::GET, CLUSTER, cluster(false))]);
+        assert_eq!(reconcile_once(c.clone(), &ctx).await, Action::requeue(PENDING_RECHECK));
+        finish(server).await;
+        // Gone.
+        let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+        let server = serve(handle, vec![(Method::GET, CLUSTER, not_found())]);
+        assert_eq!(reconcile_once(c.clone(), &ctx).await, Action::requeue(PENDING_RECHECK));
+        finish(server).await;
+        // Accepted, but the addon is not enabled there.
+        let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+        let server = serve(
+            handle,
+            vec![(Method::GET, CLUSTER, cluster(true)), (Method::GET, ADDON, not_found())],
+        );
+        assert_eq!(reconcile_once(c, &ctx).await, Action::requeue(PENDING_RECHECK));
+        finish(server).await;
+    }
+
+    #[tokio::test]
+    async fn a_request_approved_by_someone_else_is_still_checked_before_signing() {
+        let (_, pem) = request(&agent_user("east"), None);
+        let approved = |user: &str, groups: &[&str]| {
+            let mut c = (*csr(ours(), SIGNER_NAME, user, groups, &pem)).clone();
+            c.status = Some(serde_json::from_value(json!({ "conditions": [
+                { "type": "Approved", "status": "True", "reason": "ByHand" }
+            ] })).unwrap());
+            Arc::new(c)
+        };
+        // From another cluster: neither denied (an approval stays) nor signed.
+        let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+        let server = serve(handle, vec![]);
+        reconcile_once(approved("system:open-cluster-management:west:a", &["system:open-cluster-management:west"]), &ctx).await;
+        finish(server).await;
+        // From the cluster itself: signed without approving again; a lifetime
+        // the request asks for that is shorter is honoured.
+        let now = OffsetDateTime::now_utc();
+        let (ctx, handle) = scenario(now);
+        let server = serve(
+            handle,
+            vec![
+                (Method::GET, CLUSTER, cluster(true)),
+                (Method::GET, ADDON, addon()),
+                (Method::PATCH, STATUS, csr_echo()),
+            ],
+        );
+        let mut c = (*approved(EAST_AGENT, &EAST_GROUPS)).clone();
+        c.spec.expiration_seconds = Some(3600);
+        reconcile_once(Arc::new(c), &ctx).await;
+        let (_, b) = finish(server).await;
+        let pem = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            b[2]["status"]["certificate"].as_str().unwrap(),
+        )
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(x509.validity().not_after.timestamp(), (now + time::Duration::hours(1)).unix_timestamp());
+    }
+
+    #[tokio::test]
+    async fn an_issued_or_denied_request_is_left_alone() {
+        let (_, pem) = request(&agent_user("east"), None);
+        for status in [
+            json!({ "certificate": "Y2VydA==" }),
+            json!({ "conditions": [{ "type": "Denied", "status": "True" }] }),
+        ] {
+            let mut c = (*csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &pem)).clone();
+            c.status = Some(serde_json::from_value(status).unwrap());
+            assert_eq!(check(&c), Verdict::Skip);
+        }
+    }
 }

@@ -182,3 +182,97 @@ pub async fn remove_legacy(
     }
     Ok(cleaned)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The uninstall sequence against kube's mocked API server, with time
+    //! set by the test (paused: the wait passes at once).
+
+    use http::Method;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::mock_api::{self, Reply, deleted, finish, not_found, serve};
+
+    const CMA: &str = "/apis/addon.open-cluster-management.io/v1alpha1/clustermanagementaddons/cluster-tunnel";
+    const ADDONS: &str = "/apis/addon.open-cluster-management.io/v1alpha1/managedclusteraddons";
+    const EAST_ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/east/managedclusteraddons/cluster-tunnel";
+    const WEST_ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/west/managedclusteraddons/cluster-tunnel";
+    const WEST_WORK: &str = "/apis/work.open-cluster-management.io/v1/namespaces/west/manifestworks/cluster-tunnel-agent";
+    const NORTH_WORK: &str = "/apis/work.open-cluster-management.io/v1/namespaces/north/manifestworks/cluster-tunnel-agent";
+    const CLUSTERS: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters";
+    const NORTH: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/north";
+    const SECRETS: &str = "/api/v1/namespaces/cluster-tunnel/secrets";
+
+    fn addon(cluster: &str) -> Value {
+        json!({
+            "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": "ManagedClusterAddOn",
+            "metadata": { "name": "cluster-tunnel", "namespace": cluster, "resourceVersion": "11",
+                          "finalizers": ["example.io/other", FINALIZER] },
+            "spec": {},
+        })
+    }
+
+    fn list(kind: &str, items: Vec<Value>) -> Reply {
+        Reply::With(200, json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uninstall_removes_every_agent_and_leaves_no_finalizer_behind() {
+        let (client, handle) = mock_api::client();
+        let cluster = |name: &str, finalizer: bool| {
+            let mut c = json!({
+                "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+                "metadata": { "name": name, "resourceVersion": "5" }, "spec": { "hubAcceptsClient": true },
+            });
+            if finalizer {
+                c["metadata"]["finalizers"] = json!([FINALIZER]);
+            }
+            c
+        };
+        let secret = |name: &str| json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "cluster-tunnel" } });
+        let server = serve(
+            handle,
+            vec![
+                // No more addons from the install strategy.
+                (Method::DELETE, CMA, deleted()),
+                (Method::GET, ADDONS, list("ManagedClusterAddOnList", vec![addon("east"), addon("west")])),
+                (Method::DELETE, EAST_ADDON, Reply::With(200, addon("east"))),
+                (Method::DELETE, WEST_ADDON, not_found()),
+                // The manager cleans east; west stays (say the manager is gone).
+                (Method::GET, ADDONS, list("ManagedClusterAddOnList", vec![addon("west")])),
+                (Method::GET, ADDONS, list("ManagedClusterAddOnList", vec![addon("west")])),
+                // After the wait: done here.
+                (Method::DELETE, WEST_WORK, deleted()),
+                (Method::PATCH, WEST_ADDON, Reply::With(200, addon("west"))),
+                // An older version's finalizer on a cluster, and its key Secret.
+                (Method::GET, CLUSTERS, list("ManagedClusterList", vec![cluster("north", true), cluster("south", false)])),
+                (Method::DELETE, NORTH_WORK, not_found()),
+                (Method::PATCH, NORTH, Reply::With(200, cluster("north", false))),
+                (Method::GET, SECRETS, list("SecretList", vec![secret("cluster-tunnel-agent-north"), secret("cluster-tunnel-signer")])),
+                (Method::DELETE, "/api/v1/namespaces/cluster-tunnel/secrets/cluster-tunnel-agent-north", deleted()),
+            ],
+        );
+        let removed = uninstall(&client, "cluster-tunnel", Duration::from_secs(3))
+            .await
+            .unwrap();
+        let (_, b) = finish(server).await;
+        assert_eq!(
+            removed,
+            Removed {
+                by_manager: vec!["east".into()],
+                forced: vec!["west".into()],
+                legacy: vec!["north".into()],
+            }
+        );
+        // Only our finalizer goes, and only from the version read.
+        assert_eq!(
+            b[7],
+            json!({ "metadata": { "finalizers": ["example.io/other"], "resourceVersion": "11" } })
+        );
+        assert_eq!(
+            b[10],
+            json!({ "metadata": { "finalizers": [], "resourceVersion": "5" } })
+        );
+    }
+}
