@@ -86,6 +86,16 @@ pub struct Cli {
     /// Address of the admin port (/healthz, /readyz, /metrics).
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8093")]
     pub admin_listen: SocketAddr,
+    /// Renew the Lease of this name (the addon's, for open-cluster-management's
+    /// health check) while the agent holds a tunnel; needs in-cluster credentials.
+    #[arg(long, env = "TUNNEL_ADDON_LEASE")]
+    pub addon_lease: Option<String>,
+    /// Namespace of --addon-lease (the agent's install namespace).
+    #[arg(long, env = "TUNNEL_ADDON_LEASE_NAMESPACE", requires = "addon_lease")]
+    pub addon_lease_namespace: Option<String>,
+    /// How often --addon-lease is renewed.
+    #[arg(long, env = "TUNNEL_ADDON_LEASE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub addon_lease_interval: Duration,
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
@@ -168,8 +178,31 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::tls::install_crypto_provider();
     tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
     let config = cli.to_config()?;
+    let holder = config.agent_id.clone();
     let agent = Agent::start(config).await?;
+    let lease = match &cli.addon_lease {
+        Some(name) => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("--addon-lease needs in-cluster Kubernetes credentials: {e}")
+            })?;
+            let api = match &cli.addon_lease_namespace {
+                Some(ns) => kube::Api::namespaced(client, ns),
+                None => kube::Api::default_namespaced(client),
+            };
+            Some(tokio::spawn(crate::addon_lease::run(
+                api,
+                name.clone(),
+                holder,
+                agent.admin_addr,
+                cli.addon_lease_interval,
+            )))
+        }
+        None => None,
+    };
     tunnel_proto::cli::termination_signal().await;
+    if let Some(lease) = lease {
+        lease.abort();
+    }
     agent.shutdown(cli.drain_timeout).await;
     Ok(())
 }

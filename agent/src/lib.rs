@@ -9,7 +9,10 @@
 //!   `Dial` stream per proxied connection.
 //! - [`allowlist`]: which destinations may be dialed.
 //! - [`metrics`]: Prometheus metrics on the admin port.
+//! - [`addon_lease`]: the open-cluster-management addon's health Lease,
+//!   renewed while the agent holds a tunnel.
 
+pub mod addon_lease;
 pub mod allowlist;
 pub mod cli;
 pub mod dial;

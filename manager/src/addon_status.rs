@@ -46,7 +46,12 @@ pub struct AddonCondition {
     pub message: String,
 }
 
-fn c(type_: &'static str, status: &'static str, reason: &'static str, message: String) -> AddonCondition {
+fn c(
+    type_: &'static str,
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+) -> AddonCondition {
     AddonCondition {
         type_,
         status,
@@ -155,11 +160,23 @@ mod tests {
         let old = Some(now - Duration::hours(1));
         let new = Some(now - Duration::seconds(10));
         let s = |c: AddonCondition| (c.status, c.reason);
-        assert_eq!(s(degraded(Some(2), 2, old, now)), ("False", "AgentsConnected"));
+        assert_eq!(
+            s(degraded(Some(2), 2, old, now)),
+            ("False", "AgentsConnected")
+        );
         assert_eq!(s(degraded(Some(1), 2, old, now)), ("True", "AgentsMissing"));
-        assert_eq!(s(degraded(Some(0), 2, new, now)), ("False", "WaitingForAgents"));
-        assert_eq!(s(degraded(Some(0), 2, old, now)), ("True", "NoAgentConnected"));
-        assert_eq!(s(degraded(None, 2, old, now)), ("Unknown", "ServerUnreachable"));
+        assert_eq!(
+            s(degraded(Some(0), 2, new, now)),
+            ("False", "WaitingForAgents")
+        );
+        assert_eq!(
+            s(degraded(Some(0), 2, old, now)),
+            ("True", "NoAgentConnected")
+        );
+        assert_eq!(
+            s(degraded(None, 2, old, now)),
+            ("Unknown", "ServerUnreachable")
+        );
     }
 
     #[test]
@@ -169,13 +186,13 @@ mod tests {
             json!({ "type": "ManifestApplied", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z" }),
             json!({ "type": "Degraded", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z" }),
         ];
-        let conds = [
-            manifest_applied(Ok(())),
-            degraded(Some(2), 2, None, now),
-        ];
+        let conds = [manifest_applied(Ok(())), degraded(Some(2), 2, None, now)];
         let body = status_body("east", "cluster-tunnel-agent", &conds, &previous, now);
         let st = &body["status"];
-        assert_eq!(st["registrations"][0]["signerName"], "cluster-tunnel.io/agent");
+        assert_eq!(
+            st["registrations"][0]["signerName"],
+            "cluster-tunnel.io/agent"
+        );
         assert_eq!(
             st["registrations"][0]["subject"],
             json!({ "user": "system:open-cluster-management:cluster:east:addon:cluster-tunnel:agent:tunnel-agent" })
@@ -190,7 +207,13 @@ mod tests {
             .collect();
         assert_eq!(types, ["ManifestApplied", "Degraded"]);
         // An unchanged condition keeps its transition time, a changed one gets now.
-        assert_eq!(st["conditions"][0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
-        assert_ne!(st["conditions"][1]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        assert_eq!(
+            st["conditions"][0]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
+        assert_ne!(
+            st["conditions"][1]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
     }
 }

@@ -285,7 +285,9 @@ async fn apply(addon: &ManagedClusterAddOn, ctx: &Context) -> Result<Action, Rec
         remove_work(&ctx.client, &cluster).await?;
         let why = match &managed {
             None => "the ManagedCluster does not exist",
-            Some(m) if m.metadata.deletion_timestamp.is_some() => "the ManagedCluster is being deleted",
+            Some(m) if m.metadata.deletion_timestamp.is_some() => {
+                "the ManagedCluster is being deleted"
+            }
             Some(_) => "the hub does not accept the cluster (hubAcceptsClient is false)",
         };
         tracing::info!(%cluster, why, "no agent for this cluster");
@@ -367,7 +369,9 @@ async fn deployment_config(
     let adc = api
         .get(&desired.name)
         .await
-        .map_err(ReconcileError::api(format!("get AddOnDeploymentConfig {name}")))?;
+        .map_err(ReconcileError::api(format!(
+            "get AddOnDeploymentConfig {name}"
+        )))?;
     Ok(AgentOverrides::from_config(&name, &adc.spec))
 }
 
@@ -574,8 +578,13 @@ mod tests {
     async fn a_new_addon_first_gets_the_finalizer() {
         let s = scenario(config(2), OffsetDateTime::now_utc());
         let answer = serde_json::to_value(&*addon(true, false, false)).unwrap();
-        let server = serve(s.handle, vec![(Method::PATCH, ADDON, Reply::With(200, answer))]);
-        let action = reconcile_once(addon(false, false, false), &s.ctx).await.unwrap();
+        let server = serve(
+            s.handle,
+            vec![(Method::PATCH, ADDON, Reply::With(200, answer))],
+        );
+        let action = reconcile_once(addon(false, false, false), &s.ctx)
+            .await
+            .unwrap();
         assert_eq!(action, Action::await_change());
         let (_, bodies) = finish(server).await;
         assert!(bodies[0].to_string().contains(FINALIZER), "{}", bodies[0]);
@@ -586,7 +595,9 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let s = scenario(config(2), now);
         let server = serve(s.handle, steady("2026-01-01T00:00:00Z"));
-        let action = reconcile_once(addon(true, false, false), &s.ctx).await.unwrap();
+        let action = reconcile_once(addon(true, false, false), &s.ctx)
+            .await
+            .unwrap();
         assert_eq!(action, Action::requeue(RESYNC));
         let (_, b) = finish(server).await;
         // The work: in the cluster's namespace, owned by the addon, with the
@@ -594,7 +605,10 @@ mod tests {
         let work = &b[1];
         assert_eq!(work["metadata"]["namespace"], "east");
         assert_eq!(work["metadata"]["ownerReferences"][0]["uid"], "uid-addon");
-        assert_eq!(work["metadata"]["labels"]["open-cluster-management.io/addon-name"], "cluster-tunnel");
+        assert_eq!(
+            work["metadata"]["labels"]["open-cluster-management.io/addon-name"],
+            "cluster-tunnel"
+        );
         assert!(!work.to_string().contains("PRIVATE KEY"));
         assert_eq!(
             manifest(work, "ConfigMap")["data"]["ca.crt"],
@@ -603,7 +617,10 @@ mod tests {
         // The status: registration with our signer for the agent's user, the
         // install namespace, Lease health; Available is not ours to write.
         let st = &b[2]["status"];
-        assert_eq!(st["registrations"][0]["signerName"], "cluster-tunnel.io/agent");
+        assert_eq!(
+            st["registrations"][0]["signerName"],
+            "cluster-tunnel.io/agent"
+        );
         assert_eq!(
             st["registrations"][0]["subject"]["user"],
             "system:open-cluster-management:cluster:east:addon:cluster-tunnel:agent:tunnel-agent"
@@ -613,7 +630,11 @@ mod tests {
         assert_eq!(
             conditions_of(&b[2]),
             [
-                ("ManifestApplied".into(), "True".into(), "AddonManifestApplied".into()),
+                (
+                    "ManifestApplied".into(),
+                    "True".into(),
+                    "AddonManifestApplied".into()
+                ),
                 ("Degraded".into(), "True".into(), "NoAgentConnected".into()),
             ]
         );
@@ -635,14 +656,25 @@ mod tests {
             (Some(2), ("False", "AgentsConnected")),
             (None, ("Unknown", "ServerUnreachable")),
         ] {
-            s.live.send_replace(live.map(|n| HashMap::from([("east".to_string(), n)])));
+            s.live
+                .send_replace(live.map(|n| HashMap::from([("east".to_string(), n)])));
             let server = serve(handle, steady(created));
-            reconcile_once(addon(true, false, false), &s.ctx).await.unwrap();
+            reconcile_once(addon(true, false, false), &s.ctx)
+                .await
+                .unwrap();
             let (h, b) = finish(server).await;
             handle = h;
             let conds = conditions_of(&b[2]);
-            assert_eq!(conds[1], ("Degraded".into(), want.0.into(), want.1.into()), "{live:?}");
-            assert!(conds.iter().all(|c| c.0 != "Available" && c.0 != "Progressing"));
+            assert_eq!(
+                conds[1],
+                ("Degraded".into(), want.0.into(), want.1.into()),
+                "{live:?}"
+            );
+            assert!(
+                conds
+                    .iter()
+                    .all(|c| c.0 != "Available" && c.0 != "Progressing")
+            );
         }
     }
 
@@ -658,11 +690,17 @@ mod tests {
                 (Method::PATCH, ADDON_STATUS, status_echo()),
             ],
         );
-        reconcile_once(addon(true, false, false), &s.ctx).await.unwrap();
+        reconcile_once(addon(true, false, false), &s.ctx)
+            .await
+            .unwrap();
         let (_, b) = finish(server).await;
         assert_eq!(
             conditions_of(&b[2]),
-            [("ManifestApplied".into(), "False".into(), "ClusterNotAccepted".into())]
+            [(
+                "ManifestApplied".into(),
+                "False".into(),
+                "ClusterNotAccepted".into()
+            )]
         );
 
         // A cluster that is gone from the hub: the same.
@@ -675,7 +713,9 @@ mod tests {
                 (Method::PATCH, ADDON_STATUS, status_echo()),
             ],
         );
-        reconcile_once(addon(true, false, false), &s.ctx).await.unwrap();
+        reconcile_once(addon(true, false, false), &s.ctx)
+            .await
+            .unwrap();
         let (_, b) = finish(server).await;
         assert!(b[2].to_string().contains("does not exist"), "{}", b[2]);
     }
@@ -702,7 +742,9 @@ mod tests {
                 (Method::PATCH, ADDON_STATUS, status_echo()),
             ],
         );
-        reconcile_once(addon(true, false, true), &s.ctx).await.unwrap();
+        reconcile_once(addon(true, false, true), &s.ctx)
+            .await
+            .unwrap();
         let (_, b) = finish(server).await;
         let work = &b[2];
         let d = manifest(work, "Deployment");
@@ -710,7 +752,10 @@ mod tests {
         assert_eq!(d["spec"]["replicas"], 3);
         let pod = &d["spec"]["template"]["spec"];
         assert_eq!(pod["nodeSelector"]["role"], "infra");
-        assert_eq!(pod["containers"][0]["image"], "mirror.example.com/ct/tunnel-agent:1");
+        assert_eq!(
+            pod["containers"][0]["image"],
+            "mirror.example.com/ct/tunnel-agent:1"
+        );
         assert_eq!(
             work["metadata"]["annotations"]["work.open-cluster-management.io/manifest-config-spec-hash"],
             r#"{"addondeploymentconfigs.addon.open-cluster-management.io/fleet/agents":"hash-2"}"#
@@ -735,14 +780,23 @@ mod tests {
                 (Method::PATCH, ADDON_STATUS, status_echo()),
             ],
         );
-        reconcile_once(addon(true, false, true), &s.ctx).await.unwrap();
+        reconcile_once(addon(true, false, true), &s.ctx)
+            .await
+            .unwrap();
         let (_, b) = finish(server).await;
         assert_eq!(
             conditions_of(&b[2]),
-            [("ManifestApplied".into(), "False".into(), "InvalidDeploymentConfig".into())]
+            [(
+                "ManifestApplied".into(),
+                "False".into(),
+                "InvalidDeploymentConfig".into()
+            )]
         );
         let message = b[2]["status"]["conditions"][0]["message"].as_str().unwrap();
-        assert!(message.contains("fleet/agents") && message.contains("replicas"), "{message}");
+        assert!(
+            message.contains("fleet/agents") && message.contains("replicas"),
+            "{message}"
+        );
     }
 
     #[tokio::test]
@@ -756,7 +810,9 @@ mod tests {
                 (Method::PATCH, ADDON, Reply::With(200, answer)),
             ],
         );
-        let action = reconcile_once(addon(true, true, false), &s.ctx).await.unwrap();
+        let action = reconcile_once(addon(true, true, false), &s.ctx)
+            .await
+            .unwrap();
         assert_eq!(action, Action::await_change());
         let (_, b) = finish(server).await;
         // kube-runtime removes its finalizer with a JSON patch naming it.
@@ -795,17 +851,30 @@ mod tests {
                 (Method::GET, SERVICE, service(json!([]))),
             ],
         );
-        let err = reconcile_once(addon(true, false, false), &s.ctx).await.unwrap_err();
+        let err = reconcile_once(addon(true, false, false), &s.ctx)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ReconcileError::NoEntrypoint(_)), "{err}");
         finish(server).await;
 
         let s = scenario(Arc::new(config), now);
         let mut expected = steady("2026-01-01T00:00:00Z");
-        expected.insert(1, (Method::GET, SERVICE, service(json!([{ "ip": "203.0.113.10" }]))));
+        expected.insert(
+            1,
+            (
+                Method::GET,
+                SERVICE,
+                service(json!([{ "ip": "203.0.113.10" }])),
+            ),
+        );
         let server = serve(s.handle, expected);
-        reconcile_once(addon(true, false, false), &s.ctx).await.unwrap();
+        reconcile_once(addon(true, false, false), &s.ctx)
+            .await
+            .unwrap();
         let (_, b) = finish(server).await;
-        let args = manifest(&b[2], "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        let args =
+            manifest(&b[2], "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+                .to_string();
         assert!(args.contains("--server=203.0.113.10:8091"), "{args}");
         assert!(
             args.contains("--server-name=cluster-tunnel-server-agents.cluster-tunnel.svc"),

@@ -351,12 +351,19 @@ mod tests {
         let args = c["args"].to_string();
         assert!(args.contains("--addon-lease=cluster-tunnel"), "{args}");
         assert!(args.contains("--allow=*.svc:443"), "{args}");
-        assert!(c["env"].to_string().contains("TUNNEL_ADDON_LEASE_NAMESPACE"));
+        assert!(
+            c["env"]
+                .to_string()
+                .contains("TUNNEL_ADDON_LEASE_NAMESPACE")
+        );
         // The Role renews the Lease by name, and nothing else.
         let role = manifest(&w, "Role");
         assert_eq!(role["rules"][0]["resourceNames"], json!(["cluster-tunnel"]));
         assert_eq!(role["rules"].as_array().unwrap().len(), 2);
-        assert_eq!(manifest(&w, "PodDisruptionBudget")["spec"]["maxUnavailable"], 1);
+        assert_eq!(
+            manifest(&w, "PodDisruptionBudget")["spec"]["maxUnavailable"],
+            1
+        );
     }
 
     #[test]
@@ -364,7 +371,9 @@ mod tests {
         let overrides = AgentOverrides {
             namespace: Some("tunnel".into()),
             node_selector: BTreeMap::from([("role".into(), "infra".into())]),
-            tolerations: vec![serde_json::from_value(json!({ "key": "infra", "operator": "Exists" })).unwrap()],
+            tolerations: vec![
+                serde_json::from_value(json!({ "key": "infra", "operator": "Exists" })).unwrap(),
+            ],
             registries: vec![crate::ocm::ImageMirror {
                 source: "ghcr.io/cluster-tunnel".into(),
                 mirror: "mirror.example.com".into(),
@@ -391,14 +400,24 @@ mod tests {
         }
         let d = manifest(&w, "Deployment");
         let pod = &d["spec"]["template"]["spec"];
-        assert_eq!(pod["containers"][0]["image"], "mirror.example.com/tunnel-agent:1");
+        assert_eq!(
+            pod["containers"][0]["image"],
+            "mirror.example.com/tunnel-agent:1"
+        );
         assert_eq!(pod["nodeSelector"]["role"], "infra");
         assert_eq!(pod["tolerations"][0]["key"], "infra");
         assert_eq!(pod["containers"][0]["resources"]["requests"]["cpu"], "1");
         assert_eq!(d["spec"]["replicas"], 5);
         let env = pod["containers"][0]["env"].to_string();
-        assert!(env.contains("HTTPS_PROXY") && env.contains("http://proxy:3128"), "{env}");
-        assert!(pod["containers"][0]["args"].to_string().contains("--log-level=debug"));
+        assert!(
+            env.contains("HTTPS_PROXY") && env.contains("http://proxy:3128"),
+            "{env}"
+        );
+        assert!(
+            pod["containers"][0]["args"]
+                .to_string()
+                .contains("--log-level=debug")
+        );
         let annotation: BTreeMap<String, String> = serde_json::from_str(
             w["metadata"]["annotations"][CONFIG_SPEC_HASH_ANNOTATION]
                 .as_str()

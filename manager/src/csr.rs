@@ -218,7 +218,9 @@ pub async fn reconcile(
             ] } });
             api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(body))
                 .await
-                .map_err(CsrError::api(format!("deny CertificateSigningRequest {name}")))?;
+                .map_err(CsrError::api(format!(
+                    "deny CertificateSigningRequest {name}"
+                )))?;
             return Ok(Action::await_change());
         }
         Verdict::Valid { cluster, request } => (cluster, request),
@@ -263,7 +265,9 @@ pub async fn reconcile(
         ] } });
         api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(body))
             .await
-            .map_err(CsrError::api(format!("approve CertificateSigningRequest {name}")))?;
+            .map_err(CsrError::api(format!(
+                "approve CertificateSigningRequest {name}"
+            )))?;
     }
     let pem = ctx.signer.sign_request(
         &request,
@@ -277,7 +281,9 @@ pub async fn reconcile(
     let body = json!({ "status": { "certificate": k8s_openapi::ByteString(pem.into_bytes()) } });
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(body))
         .await
-        .map_err(CsrError::api(format!("sign CertificateSigningRequest {name}")))?;
+        .map_err(CsrError::api(format!(
+            "sign CertificateSigningRequest {name}"
+        )))?;
     tracing::info!(csr = %name, %cluster, "agent certificate issued");
     Ok(Action::await_change())
 }
@@ -372,14 +378,22 @@ mod tests {
         params.distinguished_name = dn;
         // OCM's registration agent asks for this name too; it is not copied.
         params.subject_alt_names = vec![rcgen::SanType::DnsName(
-            "cluster-tunnel.addon.open-cluster-management.io".try_into().unwrap(),
+            "cluster-tunnel.addon.open-cluster-management.io"
+                .try_into()
+                .unwrap(),
         )];
         let pem = params.serialize_request(&key).unwrap().pem().unwrap();
         (key, pem)
     }
 
     /// A CSR as the API server holds it: labels, signer, the authenticated requester.
-    fn csr(labels: Value, signer: &str, user: &str, groups: &[&str], pem: &str) -> Arc<CertificateSigningRequest> {
+    fn csr(
+        labels: Value,
+        signer: &str,
+        user: &str,
+        groups: &[&str],
+        pem: &str,
+    ) -> Arc<CertificateSigningRequest> {
         Arc::new(
             serde_json::from_value(json!({
                 "apiVersion": "certificates.k8s.io/v1",
@@ -409,17 +423,23 @@ mod tests {
     ];
 
     fn cluster(accepted: bool) -> Reply {
-        Reply::With(200, json!({
-            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
-            "metadata": { "name": "east" }, "spec": { "hubAcceptsClient": accepted },
-        }))
+        Reply::With(
+            200,
+            json!({
+                "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+                "metadata": { "name": "east" }, "spec": { "hubAcceptsClient": accepted },
+            }),
+        )
     }
 
     fn addon() -> Reply {
-        Reply::With(200, json!({
-            "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": "ManagedClusterAddOn",
-            "metadata": { "name": "cluster-tunnel", "namespace": "east" }, "spec": {},
-        }))
+        Reply::With(
+            200,
+            json!({
+                "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": "ManagedClusterAddOn",
+                "metadata": { "name": "cluster-tunnel", "namespace": "east" }, "spec": {},
+            }),
+        )
     }
 
     fn csr_echo() -> Reply {
@@ -439,7 +459,11 @@ mod tests {
 
     fn denial(body: &Value) -> String {
         let c = &body["status"]["conditions"][0];
-        assert_eq!((c["type"].as_str(), c["status"].as_str()), (Some("Denied"), Some("True")), "{body}");
+        assert_eq!(
+            (c["type"].as_str(), c["status"].as_str()),
+            (Some("Denied"), Some("True")),
+            "{body}"
+        );
         c["message"].as_str().unwrap().to_owned()
     }
 
@@ -461,7 +485,10 @@ mod tests {
         assert_eq!(reconcile_once(c, &ctx).await, Action::await_change());
         let (_, b) = finish(server).await;
         let approved = &b[2]["status"]["conditions"][0];
-        assert_eq!((approved["type"].as_str(), approved["status"].as_str()), (Some("Approved"), Some("True")));
+        assert_eq!(
+            (approved["type"].as_str(), approved["status"].as_str()),
+            (Some("Approved"), Some("True"))
+        );
         let pem = base64::Engine::decode(
             &base64::engine::general_purpose::STANDARD,
             b[3]["status"]["certificate"].as_str().unwrap(),
@@ -470,18 +497,31 @@ mod tests {
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         // The servers read the agent's identity from it.
         assert_eq!(
-            tunnel_proto::identity::peer_identity(&der, TD).unwrap().uri(TD),
+            tunnel_proto::identity::peer_identity(&der, TD)
+                .unwrap()
+                .uri(TD),
             "spiffe://cluster-tunnel/agent/east"
         );
         let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
         // The requested subject (OCM's registration agent checks it), the requester's own key.
         assert_eq!(
-            x509.subject().iter_common_name().next().unwrap().as_str().unwrap(),
+            x509.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
             agent_user("east")
         );
-        assert_eq!(x509.public_key().subject_public_key.data.as_ref(), key.public_key_raw());
+        assert_eq!(
+            x509.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
         // No name the request asked for besides the identity.
-        let san = format!("{:?}", x509.subject_alternative_name().unwrap().unwrap().value);
+        let san = format!(
+            "{:?}",
+            x509.subject_alternative_name().unwrap().unwrap().value
+        );
         assert!(!san.contains("addon.open-cluster-management.io"), "{san}");
         // Signed by the hub's CA, for the configured lifetime.
         let ca = CertificateDer::from_pem_slice(ctx.signer.ca.cert_pem.as_bytes()).unwrap();
@@ -491,8 +531,14 @@ mod tests {
             x509.validity().not_after.timestamp(),
             (now + time::Duration::days(30)).unix_timestamp()
         );
-        assert!(!ctx.signer.needs_renewal(&pem, now + time::Duration::days(23)));
-        assert!(ctx.signer.needs_renewal(&pem, now + time::Duration::days(25)));
+        assert!(
+            !ctx.signer
+                .needs_renewal(&pem, now + time::Duration::days(23))
+        );
+        assert!(
+            ctx.signer
+                .needs_renewal(&pem, now + time::Duration::days(25))
+        );
     }
 
     #[tokio::test]
@@ -512,13 +558,20 @@ mod tests {
             // The right user name without the cluster's group (not a cluster credential).
             (EAST_AGENT, vec!["system:authenticated"]),
             // Anybody else.
-            ("system:serviceaccount:fleet:default", vec!["system:serviceaccounts"]),
+            (
+                "system:serviceaccount:fleet:default",
+                vec!["system:serviceaccounts"],
+            ),
         ] {
             let (ctx, handle) = scenario(OffsetDateTime::now_utc());
             let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
             reconcile_once(csr(ours(), SIGNER_NAME, user, &groups, &pem), &ctx).await;
             let (_, b) = finish(server).await;
-            assert!(denial(&b[0]).contains("registration agent"), "{user}: {}", b[0]);
+            assert!(
+                denial(&b[0]).contains("registration agent"),
+                "{user}: {}",
+                b[0]
+            );
         }
     }
 
@@ -542,7 +595,8 @@ mod tests {
         let (_, with_group) = request(&agent_user("east"), Some("system:masters"));
         let (_, good) = request(&agent_user("east"), None);
         // A request whose signature does not verify: its sender does not hold the key.
-        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(good.as_bytes()).unwrap();
+        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(good.as_bytes())
+            .unwrap();
         let mut bytes = der.as_ref().to_vec();
         let n = bytes.len();
         bytes[n - 5] ^= 0x55;
@@ -558,7 +612,11 @@ mod tests {
         ] {
             let (ctx, handle) = scenario(OffsetDateTime::now_utc());
             let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
-            reconcile_once(csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, pem), &ctx).await;
+            reconcile_once(
+                csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, pem),
+                &ctx,
+            )
+            .await;
             let (_, b) = finish(server).await;
             let message = denial(&b[0]);
             assert!(message.contains(why), "{why}: {message}");
@@ -567,7 +625,11 @@ mod tests {
         let (ctx, handle) = scenario(OffsetDateTime::now_utc());
         let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
         let labels = json!({ "open-cluster-management.io/cluster-name": "east", "open-cluster-management.io/addon-name": "cluster-proxy" });
-        reconcile_once(csr(labels, SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &good), &ctx).await;
+        reconcile_once(
+            csr(labels, SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &good),
+            &ctx,
+        )
+        .await;
         let (_, b) = finish(server).await;
         assert!(denial(&b[0]).contains("addon-name"), "{}", b[0]);
     }
@@ -579,20 +641,32 @@ mod tests {
         // Not accepted (or detached): no certificate.
         let (ctx, handle) = scenario(OffsetDateTime::now_utc());
         let server = serve(handle, vec![(Method::GET, CLUSTER, cluster(false))]);
-        assert_eq!(reconcile_once(c.clone(), &ctx).await, Action::requeue(PENDING_RECHECK));
+        assert_eq!(
+            reconcile_once(c.clone(), &ctx).await,
+            Action::requeue(PENDING_RECHECK)
+        );
         finish(server).await;
         // Gone.
         let (ctx, handle) = scenario(OffsetDateTime::now_utc());
         let server = serve(handle, vec![(Method::GET, CLUSTER, not_found())]);
-        assert_eq!(reconcile_once(c.clone(), &ctx).await, Action::requeue(PENDING_RECHECK));
+        assert_eq!(
+            reconcile_once(c.clone(), &ctx).await,
+            Action::requeue(PENDING_RECHECK)
+        );
         finish(server).await;
         // Accepted, but the addon is not enabled there.
         let (ctx, handle) = scenario(OffsetDateTime::now_utc());
         let server = serve(
             handle,
-            vec![(Method::GET, CLUSTER, cluster(true)), (Method::GET, ADDON, not_found())],
+            vec![
+                (Method::GET, CLUSTER, cluster(true)),
+                (Method::GET, ADDON, not_found()),
+            ],
         );
-        assert_eq!(reconcile_once(c, &ctx).await, Action::requeue(PENDING_RECHECK));
+        assert_eq!(
+            reconcile_once(c, &ctx).await,
+            Action::requeue(PENDING_RECHECK)
+        );
         finish(server).await;
     }
 
@@ -601,15 +675,25 @@ mod tests {
         let (_, pem) = request(&agent_user("east"), None);
         let approved = |user: &str, groups: &[&str]| {
             let mut c = (*csr(ours(), SIGNER_NAME, user, groups, &pem)).clone();
-            c.status = Some(serde_json::from_value(json!({ "conditions": [
+            c.status = Some(
+                serde_json::from_value(json!({ "conditions": [
                 { "type": "Approved", "status": "True", "reason": "ByHand" }
-            ] })).unwrap());
+            ] }))
+                .unwrap(),
+            );
             Arc::new(c)
         };
         // From another cluster: neither denied (an approval stays) nor signed.
         let (ctx, handle) = scenario(OffsetDateTime::now_utc());
         let server = serve(handle, vec![]);
-        reconcile_once(approved("system:open-cluster-management:west:a", &["system:open-cluster-management:west"]), &ctx).await;
+        reconcile_once(
+            approved(
+                "system:open-cluster-management:west:a",
+                &["system:open-cluster-management:west"],
+            ),
+            &ctx,
+        )
+        .await;
         finish(server).await;
         // From the cluster itself: signed without approving again; a lifetime
         // the request asks for that is shorter is honoured.
@@ -634,7 +718,10 @@ mod tests {
         .unwrap();
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
-        assert_eq!(x509.validity().not_after.timestamp(), (now + time::Duration::hours(1)).unix_timestamp());
+        assert_eq!(
+            x509.validity().not_after.timestamp(),
+            (now + time::Duration::hours(1)).unix_timestamp()
+        );
     }
 
     #[tokio::test]

@@ -218,6 +218,10 @@ mod tests {
             &spec(json!({ "resourceRequirements": [{ "containerID": "agent", "resources": {} }] })),
         )
         .unwrap_err();
-        assert!(e.to_string().contains("resourceRequirements[0].containerID"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("resourceRequirements[0].containerID"),
+            "{e}"
+        );
     }
 }

@@ -226,7 +226,8 @@ pub fn table(rows: &[ClusterHealth]) -> String {
                 r.agents,
                 if r.agents == 1 { "" } else { "s" },
                 match (r.installed, r.addon_available) {
-                    (Some(true), Some(a)) => format!(", addon {}", if a { "True" } else { "False" }),
+                    (Some(true), Some(a)) =>
+                        format!(", addon {}", if a { "True" } else { "False" }),
                     (Some(true), None) => ", addon Unknown".into(),
                     _ => String::new(),
                 }

@@ -42,14 +42,17 @@ pub const ADDON_LABEL: &str = "open-cluster-management.io/addon-name";
 /// Annotation of an addon's ManifestWork: the spec hashes of the
 /// configurations it was built from, which OCM's addon manager compares with
 /// the addon's desired configurations to report the rollout.
-pub const CONFIG_SPEC_HASH_ANNOTATION: &str = "work.open-cluster-management.io/manifest-config-spec-hash";
+pub const CONFIG_SPEC_HASH_ANNOTATION: &str =
+    "work.open-cluster-management.io/manifest-config-spec-hash";
 /// Where OCM installs an addon when nothing says otherwise.
 pub const DEFAULT_INSTALL_NAMESPACE: &str = "open-cluster-management-agent-addon";
 
 /// The user name of `cluster`'s agent, as its certificate request carries
 /// it (the addon-framework's default form).
 pub fn agent_user(cluster: &str) -> String {
-    format!("system:open-cluster-management:cluster:{cluster}:addon:{ADDON_NAME}:agent:{AGENT_NAME}")
+    format!(
+        "system:open-cluster-management:cluster:{cluster}:addon:{ADDON_NAME}:agent:{AGENT_NAME}"
+    )
 }
 
 /// The prefix of the user names `cluster`'s own registration agent has on

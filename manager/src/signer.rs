@@ -350,8 +350,12 @@ impl CertRequest {
             return Err(RequestError::UnsupportedKey(oid.to_id_string()));
         };
         let text = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
-            it.map(|a| a.as_str().map(str::to_owned).map_err(|_| RequestError::Subject))
-                .collect::<Result<Vec<_>, _>>()
+            it.map(|a| {
+                a.as_str()
+                    .map(str::to_owned)
+                    .map_err(|_| RequestError::Subject)
+            })
+            .collect::<Result<Vec<_>, _>>()
         };
         Ok(Self {
             common_names: text(&mut info.subject.iter_common_name())?,

@@ -102,11 +102,8 @@ pub async fn uninstall(
     for addon in &left {
         let cluster = addon.namespace().unwrap_or_default();
         remove_work(client, &cluster).await?;
-        remove_finalizer::<ManagedClusterAddOn>(
-            Api::namespaced(client.clone(), &cluster),
-            addon,
-        )
-        .await?;
+        remove_finalizer::<ManagedClusterAddOn>(Api::namespaced(client.clone(), &cluster), addon)
+            .await?;
         tracing::warn!(%cluster, "the manager did not remove the addon in time; removed here");
         removed.forced.push(cluster);
     }
@@ -135,10 +132,16 @@ where
         return Ok(());
     }
     let name = obj.name_any();
-    let body = json!({ "metadata": { "finalizers": rest, "resourceVersion": obj.resource_version() } });
-    gone(api.patch(&name, &PatchParams::default(), &Patch::Merge(body)).await).map_err(
-        ReconcileError::api(format!("remove the finalizer of {} {name}", K::kind(&Default::default()))),
+    let body =
+        json!({ "metadata": { "finalizers": rest, "resourceVersion": obj.resource_version() } });
+    gone(
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(body))
+            .await,
     )
+    .map_err(ReconcileError::api(format!(
+        "remove the finalizer of {} {name}",
+        K::kind(&Default::default())
+    )))
 }
 
 /// Cleans what older versions left: their finalizer on `ManagedCluster`s
@@ -166,7 +169,8 @@ pub async fn remove_legacy(
         cleaned.push(name);
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let managed = ListParams::default().labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1));
+    let managed =
+        ListParams::default().labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1));
     for secret in secrets
         .list(&managed)
         .await
@@ -175,8 +179,9 @@ pub async fn remove_legacy(
     {
         let name = secret.name_any();
         if name.starts_with(LEGACY_SECRET_PREFIX) {
-            gone(secrets.delete(&name, &DeleteParams::default()).await)
-                .map_err(ReconcileError::api(format!("delete Secret {namespace}/{name}")))?;
+            gone(secrets.delete(&name, &DeleteParams::default()).await).map_err(
+                ReconcileError::api(format!("delete Secret {namespace}/{name}")),
+            )?;
             tracing::info!(secret = %name, "agent key Secret of an older version deleted");
         }
     }
@@ -194,7 +199,8 @@ mod tests {
     use super::*;
     use crate::mock_api::{self, Reply, deleted, finish, not_found, serve};
 
-    const CMA: &str = "/apis/addon.open-cluster-management.io/v1alpha1/clustermanagementaddons/cluster-tunnel";
+    const CMA: &str =
+        "/apis/addon.open-cluster-management.io/v1alpha1/clustermanagementaddons/cluster-tunnel";
     const ADDONS: &str = "/apis/addon.open-cluster-management.io/v1alpha1/managedclusteraddons";
     const EAST_ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/east/managedclusteraddons/cluster-tunnel";
     const WEST_ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/west/managedclusteraddons/cluster-tunnel";
@@ -214,7 +220,10 @@ mod tests {
     }
 
     fn list(kind: &str, items: Vec<Value>) -> Reply {
-        Reply::With(200, json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items }))
+        Reply::With(
+            200,
+            json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items }),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -236,21 +245,61 @@ mod tests {
             vec![
                 // No more addons from the install strategy.
                 (Method::DELETE, CMA, deleted()),
-                (Method::GET, ADDONS, list("ManagedClusterAddOnList", vec![addon("east"), addon("west")])),
+                (
+                    Method::GET,
+                    ADDONS,
+                    list(
+                        "ManagedClusterAddOnList",
+                        vec![addon("east"), addon("west")],
+                    ),
+                ),
                 (Method::DELETE, EAST_ADDON, Reply::With(200, addon("east"))),
                 (Method::DELETE, WEST_ADDON, not_found()),
                 // The manager cleans east; west stays (say the manager is gone).
-                (Method::GET, ADDONS, list("ManagedClusterAddOnList", vec![addon("west")])),
-                (Method::GET, ADDONS, list("ManagedClusterAddOnList", vec![addon("west")])),
+                (
+                    Method::GET,
+                    ADDONS,
+                    list("ManagedClusterAddOnList", vec![addon("west")]),
+                ),
+                (
+                    Method::GET,
+                    ADDONS,
+                    list("ManagedClusterAddOnList", vec![addon("west")]),
+                ),
                 // After the wait: done here.
                 (Method::DELETE, WEST_WORK, deleted()),
                 (Method::PATCH, WEST_ADDON, Reply::With(200, addon("west"))),
                 // An older version's finalizer on a cluster, and its key Secret.
-                (Method::GET, CLUSTERS, list("ManagedClusterList", vec![cluster("north", true), cluster("south", false)])),
+                (
+                    Method::GET,
+                    CLUSTERS,
+                    list(
+                        "ManagedClusterList",
+                        vec![cluster("north", true), cluster("south", false)],
+                    ),
+                ),
                 (Method::DELETE, NORTH_WORK, not_found()),
-                (Method::PATCH, NORTH, Reply::With(200, cluster("north", false))),
-                (Method::GET, SECRETS, list("SecretList", vec![secret("cluster-tunnel-agent-north"), secret("cluster-tunnel-signer")])),
-                (Method::DELETE, "/api/v1/namespaces/cluster-tunnel/secrets/cluster-tunnel-agent-north", deleted()),
+                (
+                    Method::PATCH,
+                    NORTH,
+                    Reply::With(200, cluster("north", false)),
+                ),
+                (
+                    Method::GET,
+                    SECRETS,
+                    list(
+                        "SecretList",
+                        vec![
+                            secret("cluster-tunnel-agent-north"),
+                            secret("cluster-tunnel-signer"),
+                        ],
+                    ),
+                ),
+                (
+                    Method::DELETE,
+                    "/api/v1/namespaces/cluster-tunnel/secrets/cluster-tunnel-agent-north",
+                    deleted(),
+                ),
             ],
         );
         let removed = uninstall(&client, "cluster-tunnel", Duration::from_secs(3))

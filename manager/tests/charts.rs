@@ -598,22 +598,30 @@ fn the_charts_tunnel_policy_crd_is_the_servers() {
 fn the_delivered_agent_uses_only_flags_the_agent_has() {
     let spec: tunnel_manager::crd::AgentSpec =
         serde_json::from_value(json!({ "image": "agent:1", "allow": ["*.svc:443"] })).unwrap();
-    let work = tunnel_manager::agent_work::manifest_work(
-        "east",
-        &spec,
-        &tunnel_manager::agent_work::HubAddress {
-            host: "hub.example.com".into(),
-            port: 443,
-            server_name: "hub.example.com".into(),
-        },
-        &tunnel_manager::agent_work::AgentCert {
-            cert: vec![],
-            key: vec![],
-            ca: vec![],
-        },
-        None,
-    );
-    let deployment = &work["spec"]["workload"]["manifests"][3];
+    let overrides = tunnel_manager::deployment_config::AgentOverrides {
+        log_level: Some("debug".into()),
+        ..Default::default()
+    };
+    let work =
+        tunnel_manager::agent_work::manifest_work(&tunnel_manager::agent_work::AgentWorkInput {
+            cluster: "east",
+            spec: &spec,
+            hub: &tunnel_manager::agent_work::HubAddress {
+                host: "hub.example.com".into(),
+                port: 443,
+                server_name: "hub.example.com".into(),
+            },
+            ca_pem: "",
+            overrides: &overrides,
+            config_hashes: &Default::default(),
+            owner: None,
+        });
+    let deployment = work["spec"]["workload"]["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["kind"] == "Deployment")
+        .unwrap();
     let mut cmd = tunnel_agent::cli::Cli::command();
     cmd.build();
     check_flags(

@@ -147,7 +147,10 @@ async fn health_probes_every_cluster_through_the_tunnel() {
             healthz: false,
             timeout: Duration::from_secs(10),
         };
-        let installed = std::collections::BTreeMap::from([("east".to_string(), Some(true)), ("north".to_string(), None)]);
+        let installed = std::collections::BTreeMap::from([
+            ("east".to_string(), Some(true)),
+            ("north".to_string(), None),
+        ]);
         let rows = health::check(&client, Some(&installed), &opts)
             .await
             .unwrap();
