@@ -150,6 +150,10 @@ pub struct UninstallArgs {
     /// Namespace of the manager (where older versions kept agent Secrets).
     #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
     pub namespace: String,
+    /// Only clean up what older versions left (finalizers on ManagedClusters,
+    /// agent key Secrets on the hub): the chart's post-upgrade hook.
+    #[arg(long)]
+    pub legacy_only: bool,
     /// Time the manager gets to remove each cluster's agent before it is done here.
     #[arg(long, env = "TUNNEL_UNINSTALL_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub wait: Duration,
@@ -241,13 +245,19 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = kube::Client::try_default()
                 .await
                 .context("Kubernetes client")?;
-            let removed = crate::uninstall::uninstall(&client, &args.namespace, args.wait).await?;
-            tracing::info!(
-                by_manager = ?removed.by_manager,
-                forced = ?removed.forced,
-                legacy = ?removed.legacy,
-                "addon removed from every cluster"
-            );
+            if args.legacy_only {
+                let legacy = crate::uninstall::remove_legacy(&client, &args.namespace).await?;
+                tracing::info!(?legacy, "what older versions left is cleaned up");
+            } else {
+                let removed =
+                    crate::uninstall::uninstall(&client, &args.namespace, args.wait).await?;
+                tracing::info!(
+                    by_manager = ?removed.by_manager,
+                    forced = ?removed.forced,
+                    legacy = ?removed.legacy,
+                    "addon removed from every cluster"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -574,9 +584,6 @@ async fn controllers(
     }
 
     if args.open_cluster_management {
-        if let Err(error) = crate::uninstall::remove_legacy(&client, &args.namespace).await {
-            tracing::warn!(%error, "cannot clean up what an older version left");
-        }
         let csr = Arc::new(crate::csr::Context {
             client: client.clone(),
             signer: signer.clone(),

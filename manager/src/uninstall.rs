@@ -13,7 +13,8 @@
 //! 3. What older versions left: the finalizer they put on `ManagedCluster`s
 //!    (with their agent work), and the agent key Secrets
 //!    `cluster-tunnel-agent-<cluster>` they kept in the manager's namespace.
-//!    The manager runs this step at start too.
+//!    With `--legacy-only` this step alone (the chart's post-upgrade hook),
+//!    so that the manager itself needs no right to these objects.
 
 use std::time::Duration;
 

@@ -162,6 +162,164 @@ fn check_every_deployment(r: &Rendered) {
     }
 }
 
+/// The hook Jobs run `tunnel-manager uninstall` with flags it has.
+fn check_every_job(r: &Rendered) {
+    for job in r.kind("Job") {
+        for c in job["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            let args = c["args"].as_array().unwrap();
+            assert_eq!(args[0], "uninstall", "{job}");
+            let mut cmd = tunnel_manager::cli::Cli::command()
+                .find_subcommand("uninstall")
+                .unwrap()
+                .clone();
+            cmd.build();
+            let mut c = c.clone();
+            c["args"] = Value::Array(args[1..].to_vec());
+            check_flags(&c, &cmd);
+        }
+    }
+}
+
+/// Writes Kubernetes cannot limit by name, each with the reason the chart gives.
+const UNNAMED_WRITES: [(&str, &str); 4] = [
+    // Request names are generated; the signers rule limits the signer.
+    (
+        "cluster-tunnel-manager",
+        "certificatesigningrequests/approval",
+    ),
+    (
+        "cluster-tunnel-manager",
+        "certificatesigningrequests/status",
+    ),
+    // Older versions' finalizer, on clusters of any name (the short-lived hook only).
+    ("cluster-tunnel-cleanup", "managedclusters"),
+    // Older versions' key Secrets, found by label (the short-lived hook only).
+    ("cluster-tunnel-cleanup", "secrets"),
+];
+
+/// Every rule of the manager's and the cleanup hook's roles that writes
+/// (patch, update, delete) names its objects, but for [`UNNAMED_WRITES`].
+fn check_writes_are_by_name(r: &Rendered) {
+    for kind in ["ClusterRole", "Role"] {
+        for role in r.kind(kind) {
+            let name = role["metadata"]["name"].as_str().unwrap();
+            if name != "cluster-tunnel-manager" && name != "cluster-tunnel-cleanup" {
+                continue;
+            }
+            for rule in role["rules"].as_array().unwrap() {
+                let writes = rule["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v == "patch" || v == "update" || v == "delete");
+                if !writes || rule["resourceNames"].is_array() {
+                    continue;
+                }
+                for resource in rule["resources"].as_array().unwrap() {
+                    assert!(
+                        UNNAMED_WRITES.contains(&(name, resource.as_str().unwrap())),
+                        "{kind} {name} writes {resource} without resourceNames: {rule}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The addon as OCM knows it: the ClusterManagementAddOn with its install
+/// strategy, the chart's Placement only when none is given, the default
+/// deployment config, and the uninstall and upgrade hooks.
+fn check_addon(r: &Rendered, values: &Value) {
+    if values["manager"]["openClusterManagement"] == false {
+        for kind in [
+            "ClusterManagementAddOn",
+            "Placement",
+            "Job",
+            "AddOnDeploymentConfig",
+        ] {
+            assert!(r.kind(kind).is_empty(), "{kind} without OCM");
+        }
+        return;
+    }
+    let cma = r.one("ClusterManagementAddOn", "cluster-tunnel");
+    assert_eq!(
+        cma["metadata"]["annotations"]["addon.open-cluster-management.io/lifecycle"],
+        "addon-manager"
+    );
+    let strategy = values["addon"]["installStrategy"]
+        .as_str()
+        .unwrap_or("Placements");
+    assert_eq!(cma["spec"]["installStrategy"]["type"], strategy);
+    let own_placement = strategy == "Placements" && values["addon"]["placements"].is_null();
+    assert_eq!(
+        r.find("Placement", "cluster-tunnel").is_some(),
+        own_placement
+    );
+    if own_placement {
+        assert_eq!(
+            cma["spec"]["installStrategy"]["placements"],
+            json!([{ "namespace": "cluster-tunnel", "name": "cluster-tunnel" }])
+        );
+        r.one("ManagedClusterSetBinding", "global");
+    } else if strategy == "Placements" {
+        assert_eq!(
+            cma["spec"]["installStrategy"]["placements"],
+            values["addon"]["placements"]
+        );
+    }
+    let adc = r.find("AddOnDeploymentConfig", "cluster-tunnel-agent");
+    assert_eq!(
+        adc.is_some(),
+        values["addon"]["deploymentConfig"].is_object()
+    );
+    if let Some(adc) = adc {
+        assert_eq!(adc["spec"], values["addon"]["deploymentConfig"]);
+        assert_eq!(
+            cma["spec"]["supportedConfigs"][0]["defaultConfig"]["name"],
+            "cluster-tunnel-agent"
+        );
+    }
+    for (job, hook) in [
+        ("cluster-tunnel-uninstall", "pre-delete"),
+        ("cluster-tunnel-upgrade-cleanup", "post-upgrade"),
+    ] {
+        let j = r.one("Job", job);
+        assert_eq!(j["metadata"]["annotations"]["helm.sh/hook"], hook);
+        let args = j["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert_eq!(
+            args.contains("--legacy-only"),
+            hook == "post-upgrade",
+            "{args}"
+        );
+    }
+    // The manager approves and signs for its own signer only, and never creates addons.
+    let rules = r.one("ClusterRole", "cluster-tunnel-manager")["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let signers: Vec<&Value> = rules
+        .iter()
+        .filter(|rule| rule["resources"] == json!(["signers"]))
+        .collect();
+    assert_eq!(
+        signers,
+        [
+            &json!({ "apiGroups": ["certificates.k8s.io"], "resources": ["signers"], "resourceNames": ["cluster-tunnel.io/agent"], "verbs": ["approve", "sign"] })
+        ]
+    );
+    for rule in &rules {
+        if rule["resources"]
+            .to_string()
+            .contains("managedclusteraddons")
+        {
+            assert!(!rule["verbs"].to_string().contains("create"), "{rule}");
+        }
+    }
+}
+
 fn check_rbac_is_narrow(r: &Rendered) {
     for kind in ["ClusterRole", "Role"] {
         for role in r.kind(kind) {
@@ -305,6 +463,19 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             "networkPolicy": { "enabled": true, "agentSourceCidrs": ["203.0.113.0/24"] },
             "imagePullSecrets": ["regcred"],
             "logFormat": "text",
+            "addon": {
+                "installStrategy": "Manual",
+                "deploymentConfig": {
+                    "agentInstallNamespace": "tunnel",
+                    "nodePlacement": { "nodeSelector": { "role": "infra" } },
+                    "registries": [{ "source": "ghcr.io/cluster-tunnel", "mirror": "mirror.example.com/ct" }],
+                    "customizedVariables": [{ "name": "replicas", "value": "3" }],
+                },
+            },
+        }),
+        json!({
+            "addon": { "placements": [{ "namespace": "fleet", "name": "tunnel-clusters" }] },
+            "agent": { "resources": { "requests": { "cpu": "10m" } }, "pdbMaxUnavailable": 0 },
         }),
         json!({
             "injector": { "enabled": false },
@@ -318,8 +489,20 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         };
         let r = rendered.unwrap_or_else(|e| panic!("render with {values}: {e}"));
         check_every_deployment(&r);
+        check_every_job(&r);
         check_rbac_is_narrow(&r);
+        check_writes_are_by_name(&r);
+        check_addon(&r, values);
         check_manager_keeps_what_the_chart_renders(&r);
+        // The manager's metrics have a Service (and a ServiceMonitor when asked).
+        assert_eq!(
+            r.one("Service", "cluster-tunnel-manager")["spec"]["ports"][0]["name"],
+            "admin"
+        );
+        assert_eq!(
+            r.find("ServiceMonitor", "cluster-tunnel-manager").is_some(),
+            values["serviceMonitor"]["enabled"] == true
+        );
         let manager_args =
             r.one("Deployment", "cluster-tunnel-manager")["spec"]["template"]["spec"]["containers"]
                 [0]["args"]
