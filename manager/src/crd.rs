@@ -107,6 +107,11 @@ pub struct ServerSpec {
     /// (authorization off, for trials).
     #[serde(default)]
     pub authorization: Authorization,
+    /// With `Kubernetes` authorization: policies select clusters by their
+    /// `ManagedCluster` labels and `ManagedClusterSet`s (the servers follow
+    /// them, `--clusters-from-ocm`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clusters_from_open_cluster_management: bool,
     /// Time a destination gets to answer a dial (e.g. `10s`).
     #[serde(default = "default_dial_timeout")]
     pub dial_timeout: String,
