@@ -50,6 +50,9 @@ pub enum Command {
     /// Remove the addon from every cluster (works, finalizers, agents) before
     /// the manager goes: the hub chart's pre-delete hook.
     Uninstall(UninstallArgs),
+    /// Print a short-lived token with which one cluster's `tunnel-agent join`
+    /// gets its agent certificate (no open-cluster-management needed).
+    JoinToken(JoinTokenArgs),
     /// For every cluster: agent installed, available, a probe through the tunnel, its latency.
     Health(HealthArgs),
 }
@@ -109,9 +112,14 @@ pub struct RunArgs {
     /// This replica's identity in the Lease (the pod's name; by default the host name).
     #[arg(long, env = "TUNNEL_POD_NAME", default_value_t = default_identity())]
     pub identity: String,
-    /// Manage ManifestWork and ManagedClusterAddOn objects for every ManagedCluster.
+    /// Be an open-cluster-management addon: an agent ManifestWork and status
+    /// per ManagedClusterAddOn, and OCM's agent certificate requests signed.
     #[arg(long, env = "TUNNEL_OPEN_CLUSTER_MANAGEMENT")]
     pub open_cluster_management: bool,
+    /// Sign the certificate requests of agents joining with a join token
+    /// (`tunnel-manager join-token`, `tunnel-agent join`), without OCM.
+    #[arg(long, env = "TUNNEL_JOIN")]
+    pub join: bool,
     /// Label key of namespaces whose pods get the sidecar (value `enabled`):
     /// each gets the sidecar certificate Secret.
     #[arg(
@@ -163,6 +171,23 @@ pub struct UninstallArgs {
     /// Log filter (`RUST_LOG` overrides).
     #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// Flags of `join-token`.
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    /// The cluster that joins (its agent's identity).
+    #[arg(long)]
+    pub cluster: String,
+    /// Namespace of the manager (the join service accounts live there).
+    #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
+    pub namespace: String,
+    /// Time the token is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// The chart's join ClusterRole (`<release>-join`).
+    #[arg(long, default_value = "cluster-tunnel-join")]
+    pub join_role: String,
 }
 
 /// Flags of `health`.
@@ -239,6 +264,21 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log_level);
             run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::JoinToken(args) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            let token = crate::join::join_token(
+                &client,
+                &args.namespace,
+                &args.cluster,
+                &args.join_role,
+                args.duration,
+            )
+            .await?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall(args) => {
             init_logging(args.log_format, &args.log_level);
@@ -583,7 +623,8 @@ async fn controllers(
         tokio::spawn(namespaces::run(ctx, async move { stop.notified().await }));
     }
 
-    if args.open_cluster_management {
+    // Agents' certificate requests: OCM's registration agents, and joins.
+    if args.open_cluster_management || args.join {
         let csr = Arc::new(crate::csr::Context {
             client: client.clone(),
             signer: signer.clone(),
@@ -592,9 +633,13 @@ async fn controllers(
             config_name: args.config_name.clone(),
             clock: Arc::new(time::OffsetDateTime::now_utc),
             metrics: metrics.clone(),
+            join_namespace: args.join.then(|| args.namespace.clone()),
+            addons: args.open_cluster_management,
         });
         let stop = shutdown.clone();
         tokio::spawn(crate::csr::run(csr, async move { stop.notified().await }));
+    }
+    if args.open_cluster_management {
         let ctx = Arc::new(addons::Context {
             client,
             namespace: args.namespace.clone(),

@@ -17,6 +17,15 @@
 //!   the addon is enabled there (its `ManagedClusterAddOn` exists and is not
 //!   being deleted).
 //!
+//! **Joining without open-cluster-management** (`--join`): a request
+//! labelled [`JOIN_CLUSTER_LABEL`]`=<cluster>` is approved and signed when
+//! the API server authenticated it as the service account
+//! `cluster-tunnel-join-<cluster>` of the manager's namespace (which only the
+//! hub's administrators can make, and whose short-lived tokens
+//! `tunnel-manager join-token` prints) and it asks for the subject
+//! `cluster-tunnel:agent:<cluster>` only. `tunnel-agent join` makes the key in
+//! the managed cluster and sends such a request.
+//!
 //! A request that names another cluster than its sender's, or asks for
 //! another subject, or is malformed, is **denied** (with the reason). One for
 //! a cluster that is not (or no longer) served is left pending and looked at
@@ -55,6 +64,27 @@ pub const PENDING_RECHECK: Duration = Duration::from_secs(30);
 pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 /// The shortest certificate lifetime a request may ask for (Kubernetes' minimum).
 const MIN_EXPIRATION_SECONDS: i64 = 600;
+/// Label of a join request: the cluster it is for.
+pub const JOIN_CLUSTER_LABEL: &str = "cluster-tunnel.io/cluster";
+
+/// The service account whose tokens let `cluster` join.
+pub fn join_service_account(cluster: &str) -> String {
+    format!("cluster-tunnel-join-{cluster}")
+}
+
+/// The subject a join request for `cluster` asks for.
+pub fn join_subject(cluster: &str) -> String {
+    format!("cluster-tunnel:agent:{cluster}")
+}
+
+/// How a request came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From OCM's registration agent, for the addon.
+    Addon,
+    /// From `tunnel-agent join`, with a join token.
+    Join,
+}
 
 /// A failed reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +129,11 @@ pub struct Context {
     pub clock: Clock,
     /// Reconciliations are counted here.
     pub metrics: crate::metrics::ManagerMetrics,
+    /// With `--join`: the manager's namespace, whose join service accounts
+    /// may request agent certificates.
+    pub join_namespace: Option<String>,
+    /// With `--open-cluster-management`: requests of OCM's registration agents.
+    pub addons: bool,
 }
 
 impl std::fmt::Debug for Context {
@@ -114,12 +149,14 @@ pub enum Verdict {
     Skip,
     /// Refused, with the reason.
     Deny(String),
-    /// A well-formed request from `cluster`'s registration agent for its own agent.
+    /// A well-formed request for `cluster`'s agent from one allowed to ask.
     Valid {
         /// The cluster.
         cluster: String,
         /// The request.
         request: Box<CertRequest>,
+        /// Who asked.
+        origin: Origin,
     },
 }
 
@@ -130,8 +167,13 @@ fn has_condition(csr: &CertificateSigningRequest, type_: &str) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
 }
 
-/// Checks everything a request says about itself (see the module doc).
-pub fn check(csr: &CertificateSigningRequest) -> Verdict {
+/// Checks everything a request says about itself (see the module doc):
+/// addon requests when `addons`, join requests when `join_namespace` is set.
+pub fn check(
+    csr: &CertificateSigningRequest,
+    addons: bool,
+    join_namespace: Option<&str>,
+) -> Verdict {
     if csr.spec.signer_name != SIGNER_NAME
         || has_condition(csr, "Denied")
         || has_condition(csr, "Failed")
@@ -144,8 +186,18 @@ pub fn check(csr: &CertificateSigningRequest) -> Verdict {
         return Verdict::Skip;
     }
     let labels = csr.labels();
-    if labels.get(ADDON_LABEL).map(String::as_str) != Some(ADDON_NAME) {
-        return Verdict::Deny(format!("not labelled {ADDON_LABEL}={ADDON_NAME}"));
+    if let (Some(cluster), Some(ns)) = (labels.get(JOIN_CLUSTER_LABEL), join_namespace) {
+        return check_join(csr, cluster, ns);
+    }
+    if !addons || labels.get(ADDON_LABEL).map(String::as_str) != Some(ADDON_NAME) {
+        return Verdict::Deny(format!(
+            "not labelled {ADDON_LABEL}={ADDON_NAME}{}",
+            if join_namespace.is_some() {
+                format!(" nor {JOIN_CLUSTER_LABEL}")
+            } else {
+                String::new()
+            }
+        ));
     }
     let Some(cluster) = labels.get(CLUSTER_LABEL).cloned() else {
         return Verdict::Deny(format!("no {CLUSTER_LABEL} label"));
@@ -181,6 +233,43 @@ pub fn check(csr: &CertificateSigningRequest) -> Verdict {
     Verdict::Valid {
         cluster,
         request: Box::new(request),
+        origin: Origin::Addon,
+    }
+}
+
+/// A join request for `cluster`: sent with `cluster`'s join token, for its agent's subject only.
+fn check_join(csr: &CertificateSigningRequest, cluster: &str, namespace: &str) -> Verdict {
+    if let Err(e) = tunnel_proto::identity::validate_cluster_name(cluster) {
+        return Verdict::Deny(format!("cluster {cluster:?}: {e}"));
+    }
+    let user = csr.spec.username.as_deref().unwrap_or_default();
+    let want_user = format!(
+        "system:serviceaccount:{namespace}:{}",
+        join_service_account(cluster)
+    );
+    if user != want_user {
+        return Verdict::Deny(format!(
+            "requested by {user:?}, not with cluster {cluster}'s join token ({want_user})"
+        ));
+    }
+    let request = match CertRequest::from_pem(&csr.spec.request.0) {
+        Ok(r) => r,
+        Err(e) => return Verdict::Deny(e.to_string()),
+    };
+    let want = join_subject(cluster);
+    if request.common_names != [want.clone()]
+        || !request.organizations.is_empty()
+        || !request.organizational_units.is_empty()
+    {
+        return Verdict::Deny(format!(
+            "the request asks for subject CN={:?} O={:?} OU={:?}; cluster {cluster}'s agent is CN={want:?} only",
+            request.common_names, request.organizations, request.organizational_units
+        ));
+    }
+    Verdict::Valid {
+        cluster: cluster.to_owned(),
+        request: Box::new(request),
+        origin: Origin::Join,
     }
 }
 
@@ -203,7 +292,7 @@ pub async fn reconcile(
     let name = csr.name_any();
     let api: Api<CertificateSigningRequest> = Api::all(ctx.client.clone());
     let now = (ctx.clock)();
-    let (cluster, request) = match check(&csr) {
+    let (cluster, request, origin) = match check(&csr, ctx.addons, ctx.join_namespace.as_deref()) {
         Verdict::Skip => return Ok(Action::await_change()),
         Verdict::Deny(reason) if has_condition(&csr, "Approved") => {
             // Someone else approved it; an approval cannot be withdrawn, but
@@ -223,25 +312,15 @@ pub async fn reconcile(
                 )))?;
             return Ok(Action::await_change());
         }
-        Verdict::Valid { cluster, request } => (cluster, request),
+        Verdict::Valid {
+            cluster,
+            request,
+            origin,
+        } => (cluster, request, origin),
     };
 
-    // The cluster must be served and the addon enabled there, now.
-    let clusters: Api<ManagedCluster> = Api::all(ctx.client.clone());
-    let served = clusters
-        .get_opt(&cluster)
-        .await
-        .map_err(CsrError::api(format!("get ManagedCluster {cluster}")))?
-        .is_some_and(|c| c.is_served());
-    let enabled = served
-        && Api::<ManagedClusterAddOn>::namespaced(ctx.client.clone(), &cluster)
-            .get_opt(ADDON_NAME)
-            .await
-            .map_err(CsrError::api(format!(
-                "get ManagedClusterAddOn {cluster}/{ADDON_NAME}"
-            )))?
-            .is_some_and(|a| a.meta().deletion_timestamp.is_none());
-    if !enabled {
+    // An addon's cluster must be served and the addon enabled there, now.
+    if origin == Origin::Addon && !addon_enabled(&ctx.client, &cluster).await? {
         tracing::info!(csr = %name, %cluster, "certificate request left pending: the cluster is not accepted or the addon is not enabled there");
         return Ok(Action::requeue(PENDING_RECHECK));
     }
@@ -261,7 +340,7 @@ pub async fn reconcile(
 
     if !has_condition(&csr, "Approved") {
         let body = json!({ "status": { "conditions": [
-            condition("Approved", "AutoApprovedByTunnelManager", &format!("cluster {cluster}'s agent"), &rfc3339(now))
+            condition("Approved", "AutoApprovedByTunnelManager", &format!("cluster {cluster}'s agent ({origin:?})"), &rfc3339(now))
         ] } });
         api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(body))
             .await
@@ -286,6 +365,24 @@ pub async fn reconcile(
         )))?;
     tracing::info!(csr = %name, %cluster, "agent certificate issued");
     Ok(Action::await_change())
+}
+
+/// Whether `cluster` is accepted and not going, and the addon is enabled there.
+async fn addon_enabled(client: &kube::Client, cluster: &str) -> Result<bool, CsrError> {
+    let clusters: Api<ManagedCluster> = Api::all(client.clone());
+    let served = clusters
+        .get_opt(cluster)
+        .await
+        .map_err(CsrError::api(format!("get ManagedCluster {cluster}")))?
+        .is_some_and(|c| c.is_served());
+    Ok(served
+        && Api::<ManagedClusterAddOn>::namespaced(client.clone(), cluster)
+            .get_opt(ADDON_NAME)
+            .await
+            .map_err(CsrError::api(format!(
+                "get ManagedClusterAddOn {cluster}/{ADDON_NAME}"
+            )))?
+            .is_some_and(|a| a.meta().deletion_timestamp.is_none()))
 }
 
 /// Logs a failure and retries after [`RETRY_DELAY`].
@@ -362,6 +459,8 @@ mod tests {
             config_name: crate::crd::DEFAULT_NAME.into(),
             clock: Arc::new(move || now),
             metrics: crate::metrics::ManagerMetrics::default(),
+            join_namespace: Some("cluster-tunnel".into()),
+            addons: true,
         });
         (ctx, handle)
     }
@@ -583,7 +682,7 @@ mod tests {
             // Not one request: an unexpected one would never be answered.
             let server = serve(handle, vec![]);
             let c = csr(ours(), signer, EAST_AGENT, &EAST_GROUPS, &pem);
-            assert_eq!(check(&c), Verdict::Skip);
+            assert_eq!(check(&c, true, Some("cluster-tunnel")), Verdict::Skip);
             assert_eq!(reconcile_once(c, &ctx).await, Action::await_change());
             finish(server).await;
         }
@@ -733,7 +832,99 @@ mod tests {
         ] {
             let mut c = (*csr(ours(), SIGNER_NAME, EAST_AGENT, &EAST_GROUPS, &pem)).clone();
             c.status = Some(serde_json::from_value(status).unwrap());
-            assert_eq!(check(&c), Verdict::Skip);
+            assert_eq!(check(&c, true, Some("cluster-tunnel")), Verdict::Skip);
         }
+    }
+
+    #[tokio::test]
+    async fn a_join_request_with_the_clusters_join_token_is_signed_without_ocm() {
+        let now = OffsetDateTime::now_utc();
+        let (ctx, handle) = scenario(now);
+        let (key, pem) = request(&join_subject("east"), None);
+        // No ManagedCluster, no addon: nothing of OCM is asked.
+        let server = serve(
+            handle,
+            vec![
+                (Method::PATCH, APPROVAL, csr_echo()),
+                (Method::PATCH, STATUS, csr_echo()),
+            ],
+        );
+        let c = csr(
+            json!({ JOIN_CLUSTER_LABEL: "east" }),
+            SIGNER_NAME,
+            "system:serviceaccount:cluster-tunnel:cluster-tunnel-join-east",
+            &[
+                "system:serviceaccounts",
+                "system:serviceaccounts:cluster-tunnel",
+            ],
+            &pem,
+        );
+        reconcile_once(c, &ctx).await;
+        let (_, b) = finish(server).await;
+        let pem = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            b[1]["status"]["certificate"].as_str().unwrap(),
+        )
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        assert_eq!(
+            tunnel_proto::identity::peer_identity(&der, TD)
+                .unwrap()
+                .uri(TD),
+            "spiffe://cluster-tunnel/agent/east"
+        );
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            x509.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_join_request_with_another_clusters_token_or_subject_is_denied() {
+        let (_, east) = request(&join_subject("east"), None);
+        let (_, west) = request(&join_subject("west"), None);
+        for (user, pem, why) in [
+            // west's join token asking for east.
+            (
+                "system:serviceaccount:cluster-tunnel:cluster-tunnel-join-west",
+                &east,
+                "join token",
+            ),
+            // A service account of the same name in another namespace.
+            (
+                "system:serviceaccount:fleet:cluster-tunnel-join-east",
+                &east,
+                "join token",
+            ),
+            // east's token asking for west's subject.
+            (
+                "system:serviceaccount:cluster-tunnel:cluster-tunnel-join-east",
+                &west,
+                "subject",
+            ),
+        ] {
+            let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+            let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
+            let c = csr(
+                json!({ JOIN_CLUSTER_LABEL: "east" }),
+                SIGNER_NAME,
+                user,
+                &[],
+                pem,
+            );
+            reconcile_once(c, &ctx).await;
+            let (_, b) = finish(server).await;
+            assert!(denial(&b[0]).contains(why), "{user}: {}", b[0]);
+        }
+        // With joining off (no --join), a join request is denied whoever sends it.
+        let c = csr(
+            json!({ JOIN_CLUSTER_LABEL: "east" }),
+            SIGNER_NAME,
+            "system:serviceaccount:cluster-tunnel:cluster-tunnel-join-east",
+            &[],
+            &east,
+        );
+        assert!(matches!(check(&c, true, None), Verdict::Deny(_)));
     }
 }

@@ -15,6 +15,7 @@
 //! - [`deployment_config`]: an `AddOnDeploymentConfig` applied to the agent;
 //! - [`csr`]: approves and signs the agents' certificate requests;
 //! - [`uninstall`]: the `uninstall` command (Helm's pre-delete hook);
+//! - [`join`]: the `join-token` command (joining without OCM);
 //! - [`namespaces`]: the controller that keeps the sidecars' certificate
 //!   Secret in every injection-enabled namespace;
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
@@ -34,6 +35,7 @@ pub mod csr;
 pub mod deployment_config;
 pub mod health;
 pub mod hub;
+pub mod join;
 pub mod leader;
 pub mod metrics;
 #[cfg(test)]
