@@ -483,6 +483,7 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             "injector": { "enabled": false },
             "manager": { "openClusterManagement": false, "keepHubObjects": false },
             "server": { "authorization": "allowAll" }, "sidecar": { "issueCertificates": false },
+            "join": { "enabled": true },
         }),
     ];
     for values in &sets {
@@ -637,6 +638,29 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             values["manager"]["openClusterManagement"] != false
         );
         check_sidecar_certificates(&r, values["sidecar"]["issueCertificates"] != false);
+        check_join(&r, values["join"]["enabled"] == true);
+    }
+}
+
+/// Joining without OCM: the manager signs join requests (`--join`), with
+/// the certificate request rights even without OCM, and the join
+/// ClusterRole lets a cluster's token create and read requests only.
+fn check_join(r: &Rendered, enabled: bool) {
+    let manager = r.one("Deployment", "cluster-tunnel-manager");
+    let args = manager["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert_eq!(args.contains("--join"), enabled, "{args}");
+    let role = r.find("ClusterRole", "cluster-tunnel-join");
+    assert_eq!(role.is_some(), enabled);
+    if let Some(role) = role {
+        assert_eq!(
+            role["rules"],
+            json!([{ "apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"] }])
+        );
+        let manager_role = r.one("ClusterRole", "cluster-tunnel-manager").to_string();
+        assert!(
+            manager_role.contains("cluster-tunnel.io/agent"),
+            "{manager_role}"
+        );
     }
 }
 
@@ -702,6 +726,11 @@ fn the_agent_chart_renders_valid_objects_with_every_value_set() {
     let sets = [
         json!({ "cluster": "east", "servers": ["hub.example.com:443"], "tls": { "cert": pem, "key": pem, "ca": pem } }),
         json!({
+            "cluster": "north", "servers": ["hub.example.com:443"],
+            "tls": { "ca": pem },
+            "join": { "enabled": true, "hubApiServer": "https://hub.example.com:6443", "hubApiCA": pem, "token": "eyJhbGciOi" },
+        }),
+        json!({
             "cluster": "west", "replicas": 3,
             "servers": ["hub-a.example.com:443", "hub-b.example.com:443"], "serverName": "hub.example.com",
             "tls": { "existingSecret": "agent-certs" },
@@ -728,6 +757,33 @@ fn the_agent_chart_renders_valid_objects_with_every_value_set() {
             )),
             "{args}"
         );
+        let pod = &d["spec"]["template"]["spec"];
+        if values["join"]["enabled"] == true {
+            // The key is made by the agent: in memory, kept in its own Secret,
+            // which its Role lets it read and renew by name, and nothing else.
+            assert_eq!(pod["automountServiceAccountToken"], true);
+            assert_eq!(pod["volumes"][0]["emptyDir"]["medium"], "Memory");
+            for flag in [
+                "--join-hub-api=https://hub.example.com:6443",
+                "--join-secret=cluster-tunnel-agent-tls",
+                "--join-token-file=",
+            ] {
+                assert!(args.contains(flag), "{args}");
+            }
+            let secret = r.one("Secret", "cluster-tunnel-agent-tls");
+            assert!(
+                secret["data"].is_null(),
+                "Helm owns the object, not the key"
+            );
+            assert_eq!(
+                r.one("Role", "cluster-tunnel-agent")["rules"],
+                json!([{ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cluster-tunnel-agent-tls"], "verbs": ["get", "update"] }])
+            );
+            r.one("PodDisruptionBudget", "cluster-tunnel-agent");
+            continue;
+        }
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert!(r.kind("Role").is_empty());
         let secret = d["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"].clone();
         if values["tls"]["existingSecret"].is_string() {
             assert_eq!(secret, values["tls"]["existingSecret"]);
@@ -813,4 +869,42 @@ fn the_delivered_agent_uses_only_flags_the_agent_has() {
         &deployment["spec"]["template"]["spec"]["containers"][0],
         &cmd,
     );
+}
+
+#[test]
+fn the_agent_asks_for_what_the_manager_signs() {
+    // The agent does not depend on the manager: the names they share are checked here.
+    assert_eq!(
+        tunnel_agent::join::SIGNER_NAME,
+        tunnel_manager::ocm::SIGNER_NAME
+    );
+    assert_eq!(
+        tunnel_agent::join::JOIN_CLUSTER_LABEL,
+        tunnel_manager::csr::JOIN_CLUSTER_LABEL
+    );
+    assert_eq!(
+        tunnel_agent::join::join_subject("east"),
+        tunnel_manager::csr::join_subject("east")
+    );
+    // The addon's health Lease is the one OCM reads: named after the addon.
+    let spec: tunnel_manager::crd::AgentSpec =
+        serde_json::from_value(json!({ "image": "agent:1" })).unwrap();
+    let work =
+        tunnel_manager::agent_work::manifest_work(&tunnel_manager::agent_work::AgentWorkInput {
+            cluster: "east",
+            spec: &spec,
+            hub: &tunnel_manager::agent_work::HubAddress {
+                host: "h".into(),
+                port: 1,
+                server_name: "h".into(),
+            },
+            ca_pem: "",
+            overrides: &Default::default(),
+            config_hashes: &Default::default(),
+            owner: None,
+        });
+    assert!(work.to_string().contains(&format!(
+        "--addon-lease={}",
+        tunnel_manager::ocm::ADDON_NAME
+    )));
 }
