@@ -908,3 +908,58 @@ fn the_agent_asks_for_what_the_manager_signs() {
         tunnel_manager::ocm::ADDON_NAME
     )));
 }
+
+#[test]
+fn values_the_schemas_refuse_fail_the_install_not_the_pod() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    for (chart, values, says) in [
+        (
+            "cluster-tunnel",
+            json!({ "manager": { "replicaz": 2 } }),
+            "replicaz",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "server": { "replicas": 0 } }),
+            "/server/replicas",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "server": { "authorization": "none" } }),
+            "/server/authorization",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "addon": { "installStrategy": "Auto" } }),
+            "/addon/installStrategy",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "server": { "drainTimeout": "1m" } }),
+            "/server/drainTimeout",
+        ),
+        (
+            "cluster-tunnel-agent",
+            json!({ "cluster": "East_1", "servers": ["hub:443"], "tls": { "existingSecret": "x" } }),
+            "/cluster",
+        ),
+        (
+            "cluster-tunnel-agent",
+            json!({ "cluster": "east", "servers": ["hub"], "tls": { "existingSecret": "x" } }),
+            "/servers/0",
+        ),
+        (
+            "cluster-tunnel-agent",
+            json!({ "cluster": "east", "servers": ["hub:443"], "tls": { "ca": pem }, "join": { "enabled": true, "hubApiServer": "http://hub" } }),
+            "/join/hubApiServer",
+        ),
+    ] {
+        let Some(result) = render(chart, &values) else {
+            return;
+        };
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{chart} rendered with {values}"));
+        assert!(err.contains(says), "{chart} {values}: {err}");
+    }
+}
