@@ -50,6 +50,9 @@ pub enum Command {
     /// Remove the addon from every cluster (works, finalizers, agents) before
     /// the manager goes: the hub chart's pre-delete hook.
     Uninstall(UninstallArgs),
+    /// Apply the CRDs of this version (server-side): the chart's pre-upgrade
+    /// hook, since Helm installs its `crds/` only once.
+    ApplyCrds,
     /// Print a short-lived token with which one cluster's `tunnel-agent join`
     /// gets its agent certificate (no open-cluster-management needed).
     JoinToken(JoinTokenArgs),
@@ -135,6 +138,10 @@ pub struct RunArgs {
         default_value = crate::namespaces::DEFAULT_SECRET_NAME
     )]
     pub sidecar_cert_secret: String,
+    /// Also keep a client certificate (`client/<name>`) in the Secret of this
+    /// name in --namespace: the chart's `helm test` probes through the tunnel with it.
+    #[arg(long, env = "TUNNEL_TEST_CLIENT_SECRET")]
+    pub test_client_secret: Option<String>,
     /// Do not issue sidecar certificates into labelled namespaces (the administrator provides the Secrets).
     #[arg(long, env = "TUNNEL_NO_SIDECAR_CERTS")]
     pub no_sidecar_certs: bool,
@@ -242,6 +249,10 @@ pub struct HealthArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Fail unless at least this many clusters answered the probe (`helm
+    /// test` proves a connection with 1; by default a hub without clusters passes).
+    #[arg(long, default_value_t = 0)]
+    pub min_healthy: usize,
 }
 
 /// Runs a command.
@@ -264,6 +275,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log_level);
             run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::ApplyCrds => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            for name in crate::crd::apply_crds(&client).await? {
+                println!("{name} applied");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::JoinToken(args) => {
             let client = kube::Client::try_default()
@@ -337,7 +357,8 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
     let rows = health::check(&client, installed.as_ref(), &opts)
         .await
         .map_err(|e| anyhow::anyhow!("cannot list clusters from {:?}: {e}", args.servers))?;
-    let all = rows.iter().all(|r| r.healthy);
+    let all = rows.iter().all(|r| r.healthy)
+        && rows.iter().filter(|r| r.healthy).count() >= args.min_healthy;
     let out = if args.json {
         format!("{}\n", serde_json::to_string_pretty(&rows)?)
     } else {
@@ -522,8 +543,9 @@ async fn controllers(
         });
     }
 
-    // The server certificate, kept current.
+    // The server certificate (and the helm test's client certificate), kept current.
     let names = server_names(&args.server_service, &args.namespace, &config);
+    let test_client = args.test_client_secret.clone();
     {
         let (secrets, signer, args_secret, td) = (
             secrets.clone(),
@@ -555,6 +577,21 @@ async fn controllers(
                 .await;
                 if let Err(error) = &result {
                     tracing::warn!(%error, "server certificate");
+                }
+                if let Some(name) = &test_client
+                    && let Err(error) = signer::ensure_leaf(
+                        &secrets,
+                        name,
+                        &Leaf::Client { name: name.clone() },
+                        &signer,
+                        &td,
+                        time::Duration::days(i64::from(validity)),
+                        None,
+                        now(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%error, "helm test client certificate");
                 }
                 let current = config_rx.borrow().clone();
                 if let Some(current) = current {

@@ -162,17 +162,22 @@ fn check_every_deployment(r: &Rendered) {
     }
 }
 
-/// The hook Jobs run `tunnel-manager uninstall` with flags it has.
+/// The hook Jobs and the test Pod run `tunnel-manager <command>` with flags it has.
 fn check_every_job(r: &Rendered) {
-    for job in r.kind("Job") {
-        for c in job["spec"]["template"]["spec"]["containers"]
-            .as_array()
-            .unwrap()
-        {
+    let pods = r
+        .kind("Job")
+        .into_iter()
+        .map(|j| &j["spec"]["template"]["spec"]);
+    for spec in pods.chain(r.kind("Pod").into_iter().map(|p| &p["spec"])) {
+        for c in spec["containers"].as_array().unwrap() {
             let args = c["args"].as_array().unwrap();
-            assert_eq!(args[0], "uninstall", "{job}");
+            let command = args[0].as_str().unwrap();
+            assert!(
+                ["uninstall", "apply-crds", "health"].contains(&command),
+                "{spec}"
+            );
             let mut cmd = tunnel_manager::cli::Cli::command()
-                .find_subcommand("uninstall")
+                .find_subcommand(command)
                 .unwrap()
                 .clone();
             cmd.build();
@@ -239,10 +244,12 @@ fn check_addon(r: &Rendered, values: &Value) {
         for kind in [
             "ClusterManagementAddOn",
             "Placement",
-            "Job",
             "AddOnDeploymentConfig",
         ] {
             assert!(r.kind(kind).is_empty(), "{kind} without OCM");
+        }
+        for job in ["cluster-tunnel-uninstall", "cluster-tunnel-upgrade-cleanup"] {
+            assert!(r.find("Job", job).is_none(), "{job} without OCM");
         }
         return;
     }
@@ -639,6 +646,58 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         );
         check_sidecar_certificates(&r, values["sidecar"]["issueCertificates"] != false);
         check_join(&r, values["join"]["enabled"] == true);
+        check_upgrades_and_tests(&r, values);
+    }
+}
+
+/// CRDs applied on upgrade by a hook that may patch only them; `helm test`
+/// connects through the tunnel with a certificate the manager keeps, allowed
+/// by a policy to reach the probe destination only.
+fn check_upgrades_and_tests(r: &Rendered, values: &Value) {
+    let job = r.one("Job", "cluster-tunnel-crds");
+    assert_eq!(
+        job["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-upgrade"
+    );
+    assert_eq!(
+        r.one("ClusterRole", "cluster-tunnel-crds")["rules"],
+        json!([{ "apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                 "resourceNames": ["tunnelconfigurations.cluster-tunnel.io", "tunnelpolicies.cluster-tunnel.io"],
+                 "verbs": ["get", "patch"] }])
+    );
+    let pod = r.one("Pod", "cluster-tunnel-test");
+    assert_eq!(pod["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let args = pod["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--min-healthy=1"), "{args}");
+    assert_eq!(
+        pod["spec"]["volumes"][0]["secret"]["secretName"],
+        "cluster-tunnel-test"
+    );
+    let manager = r.one("Deployment", "cluster-tunnel-manager");
+    assert!(
+        manager["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string()
+            .contains("--test-client-secret=cluster-tunnel-test")
+    );
+    let policy = r.find("TunnelPolicy", "cluster-tunnel-test");
+    assert_eq!(
+        policy.is_some(),
+        values["server"]["authorization"] != "allowAll"
+    );
+    if let Some(policy) = policy {
+        let rule = &policy["spec"]["rules"][0];
+        assert_eq!(
+            rule["subjects"],
+            json!([{ "identity": "client/cluster-tunnel-test" }])
+        );
+        assert_eq!(
+            rule["destinations"],
+            json!([{ "host": "kubernetes.default.svc", "ports": [443] }])
+        );
+        // The policy the chart ships is one the server accepts.
+        let spec: tunnel_server::policy::TunnelPolicySpec =
+            serde_json::from_value(policy["spec"].clone()).unwrap();
+        tunnel_server::policy::Policy::compile("cluster-tunnel-test", &spec).unwrap();
     }
 }
 
