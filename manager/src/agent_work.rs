@@ -241,13 +241,25 @@ pub fn manifest_work(input: &AgentWorkInput<'_>) -> Value {
     if let Some(owner) = &input.owner {
         metadata["ownerReferences"] = json!([owner]);
     }
+    // The configured namespace is the agent's own and goes with it (and
+    // with it the key Secret). One a deployment config names may be shared
+    // (OCM's `open-cluster-management-agent-addon`): it is left in place;
+    // the agent's objects in it still go.
+    let delete_option = if ns == spec.namespace {
+        json!({ "propagationPolicy": "Foreground" })
+    } else {
+        json!({
+            "propagationPolicy": "SelectivelyOrphan",
+            "selectivelyOrphans": { "orphaningRules": [{ "group": "", "resource": "namespaces", "name": ns }] },
+        })
+    };
     json!({
         "apiVersion": "work.open-cluster-management.io/v1",
         "kind": "ManifestWork",
         "metadata": metadata,
         "spec": {
             "workload": { "manifests": manifests },
-            "deleteOption": { "propagationPolicy": "Foreground" },
+            "deleteOption": delete_option,
         },
     })
 }
@@ -391,6 +403,15 @@ mod tests {
             "abc".to_string(),
         )]);
         let w = work(&overrides, &hashes);
+        // A namespace the deployment config names may be shared: removing the agent leaves it.
+        assert_eq!(
+            w["spec"]["deleteOption"],
+            json!({ "propagationPolicy": "SelectivelyOrphan", "selectivelyOrphans": { "orphaningRules": [{ "group": "", "resource": "namespaces", "name": "tunnel" }] } })
+        );
+        assert_eq!(
+            work(&AgentOverrides::default(), &hashes)["spec"]["deleteOption"],
+            json!({ "propagationPolicy": "Foreground" })
+        );
         for m in w["spec"]["workload"]["manifests"].as_array().unwrap() {
             if m["kind"] == "Namespace" {
                 assert_eq!(m["metadata"]["name"], "tunnel");
