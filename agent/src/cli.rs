@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 use tunnel_proto::backoff::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 use tunnel_proto::cli::{LogFormat, parse_duration};
-use tunnel_proto::h2::H2Settings;
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
 
@@ -74,6 +73,9 @@ pub struct Cli {
     /// A server that answers nothing for this long is declared dead.
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub dead_peer_timeout: Duration,
+    /// Flow control of the tunnels.
+    #[command(flatten)]
+    pub flow: tunnel_proto::cli::FlowArgs,
     /// First reconnection delay (doubles up to --reconnect-max, with jitter).
     #[arg(long, env = "TUNNEL_RECONNECT_BASE", default_value = "200ms", value_parser = parse_duration)]
     pub reconnect_base: Duration,
@@ -183,10 +185,10 @@ impl Cli {
                 .clone()
                 .unwrap_or_else(tunnel_proto::cli::default_instance_id),
             tls: tunnel_proto::tls::ClientTls::client(files)?,
-            h2: H2Settings {
-                liveness: Liveness::from_timeout(self.dead_peer_timeout),
-                ..H2Settings::default()
-            },
+            h2: self
+                .flow
+                .settings(Liveness::from_timeout(self.dead_peer_timeout))
+                .map_err(|e| anyhow::anyhow!(e))?,
             allowlist,
             dial_timeout: self.dial_timeout,
             host_aliases,

@@ -14,7 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
-use tunnel_proto::h2::{PeerInfo, WithPeer, client_handshake, serve_connection};
+use tunnel_proto::grpc::GrpcChannel;
+use tunnel_proto::h2::{H2Server, PeerInfo, client_handshake};
 use tunnel_proto::identity::{Identity, peer_identity};
 use tunnel_proto::pb;
 use tunnel_proto::pb::agent_client::AgentClient;
@@ -168,7 +169,7 @@ async fn serve_agent(
     };
     let driver = tokio::spawn(driver);
     let mut client = AgentClient::with_origin(
-        channel.clone(),
+        GrpcChannel::new(channel.clone()),
         http::Uri::from_static("https://cluster-tunnel.agent"),
     );
     let hello = tokio::time::timeout(
@@ -276,34 +277,99 @@ pub async fn accept_clients(
     state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
 ) {
-    let svc = TunnelServer::new(TunnelService::new(state.clone()))
-        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
     let stop_conn = stop.clone();
     accept_loop(listener, stop, move |tcp, peer| {
         let state = state.clone();
-        let svc = svc.clone();
-        let mut stop = stop_conn.clone();
-        async move {
-            let Some((tls, identity)) = handshake(&state, tcp, peer, "client").await else {
-                return;
-            };
-            if !matches!(identity, Identity::Client { .. }) {
-                // Served, so that each call gets a typed `unauthenticated` answer
-                // rather than a bare connection error.
-                tracing::warn!(%peer, %identity, "only client certificates may use the client port; its calls will be refused");
-                state.metrics.rejected.get_or_create(&RejectLabel { listener: "client", reason: "identity" }).inc();
-            }
-            tracing::debug!(%peer, %identity, "client connected");
-            let svc = WithPeer::new(svc, PeerInfo { identity: identity.clone(), remote_addr: peer });
-            let shutdown = async move { stopped(&mut stop).await };
-            if let Err(err) = serve_connection(tls, svc, &state.config.h2, shutdown).await {
-                tracing::warn!(%peer, %identity, %err, "client connection failed");
-            } else {
-                tracing::debug!(%peer, %identity, "client disconnected");
-            }
-        }
+        let stop = stop_conn.clone();
+        async move { serve_client(state, tcp, peer, stop).await }
     })
     .await;
+}
+
+async fn serve_client(
+    state: Arc<ServerState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "client").await else {
+        return;
+    };
+    if !matches!(identity, Identity::Client { .. }) {
+        // Served, so that each call gets a typed `unauthenticated` answer
+        // rather than a bare connection error.
+        tracing::warn!(%peer, %identity, "only client certificates may use the client port; its calls will be refused");
+        state
+            .metrics
+            .rejected
+            .get_or_create(&RejectLabel {
+                listener: "client",
+                reason: "identity",
+            })
+            .inc();
+    }
+    let mut conn = match H2Server::handshake(tls, &state.config.h2).await {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::warn!(%peer, %identity, %err, "HTTP/2 handshake with client failed");
+            state
+                .metrics
+                .rejected
+                .get_or_create(&RejectLabel {
+                    listener: "client",
+                    reason: "http2",
+                })
+                .inc();
+            return;
+        }
+    };
+    tracing::debug!(%peer, %identity, "client connected");
+    let info = Arc::new(PeerInfo {
+        identity: identity.clone(),
+        remote_addr: peer,
+    });
+    let control = TunnelServer::new(TunnelService::new(state.clone()))
+        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = stopped(&mut stop), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((mut req, respond))) => {
+                if req.method() == http::Method::CONNECT {
+                    let guard = match conn.conn().try_stream_opened(u64::MAX) {
+                        Ok(guard) => guard,
+                        Err(full) => {
+                            crate::tunnel::refuse_full(&state, respond, &info, &full);
+                            continue;
+                        }
+                    };
+                    tokio::spawn(crate::tunnel::serve_stream(
+                        state.clone(),
+                        info.clone(),
+                        req,
+                        respond,
+                        guard,
+                    ));
+                } else {
+                    req.extensions_mut().insert(info.clone());
+                    tokio::spawn(tunnel_proto::grpc::serve(control.clone(), req, respond));
+                }
+            }
+            Some(Err(err)) => {
+                tracing::warn!(%peer, %identity, %err, "client connection failed");
+                return;
+            }
+            None => break,
+        }
+    }
+    tracing::debug!(%peer, %identity, "client disconnected");
 }
 
 /// A connection's socket that drops `_closed` with itself.

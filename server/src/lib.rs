@@ -86,6 +86,35 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// The server's own periodic probes of every cluster ([`probes`]).
     pub probe: probes::ProbeConfig,
+    /// Bounds on connections.
+    pub limits: Limits,
+}
+
+/// Default most connections one client identity may have open.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: u64 = 10_000;
+/// Default most connections one agent tunnel may carry.
+pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: u64 = 10_000;
+
+/// Bounds on connections. A connection beyond one is refused with
+/// `resource_exhausted` and a log line.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections one identity (token subject, else certificate) may have open.
+    pub max_connections_per_identity: u64,
+    /// Connections one agent tunnel may carry.
+    pub max_connections_per_agent: u64,
+    /// Cut a connection that moved no byte for this long (off by default).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            max_connections_per_agent: DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            idle_timeout: None,
+        }
+    }
 }
 
 /// Where the authorization policy comes from.
@@ -134,6 +163,8 @@ pub struct ServerState {
     pub policy: Option<watch::Receiver<Arc<policy::Policy>>>,
     /// Token validation, when on.
     pub token_reviewer: Option<authn::TokenReviewer>,
+    /// Connections open per identity.
+    pub identity_counts: tunnel::IdentityCounts,
     draining: AtomicBool,
     open: AtomicUsize,
     all_closed: Notify,
@@ -255,6 +286,7 @@ impl Server {
             pool: AgentPool::with_known_clusters(&config.known_clusters),
             policy,
             token_reviewer,
+            identity_counts: tunnel::IdentityCounts::default(),
             metrics,
             config,
             draining: AtomicBool::new(false),

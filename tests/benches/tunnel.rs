@@ -4,10 +4,28 @@
 //!
 //! The server and the agent run as child processes (this executable, re-run
 //! in a role), so their memory and CPU are measured apart from the load.
+//!
+//! Besides the per-path workloads (`--workloads idle,throughput,first_byte,
+//! rtt,isolation`), three scenarios, each selectable the same way:
+//! - `stalled_1000`: one bulk transfer beside [`STALLED_EACH_WAY`] connections
+//!   whose destination never reads and as many whose client never reads,
+//!   all through one sidecar, server and agent; `stalled_1000_ratio` is its
+//!   throughput over the same transfer's without the stalls, in this run.
+//! - `wan`: one stream over an emulated WAN (25 ms each way, 1 Gbit/s, see
+//!   `tunnel_tests::wan`) on the agent's path to the server, against a
+//!   plain TCP connection through an identical relay: `wan_ratio`.
+//! - `scale`: one server process holding [`SCALE_AGENTS`] agents and
+//!   [`SCALE_CONNS`] open connections: `scale_rss_mib`, its idle CPU, and a
+//!   new connection's first byte under that load (`scale_first_byte_p99_ratio`
+//!   to the unloaded p99 of the same run).
+//!
+//! Every scenario is bounded in count and time; a frozen tunnel shows as a
+//! figure of 0 and a `*_message`, never as a hang.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +42,40 @@ const FIRST_BYTE_CONNS: usize = 2000;
 const RTT_ROUNDS: usize = 5000;
 const IDLE_CONNS: usize = 1000;
 const ISOLATION_BYTES: u64 = 256 << 20;
+
+/// Stalled connections per direction in `stalled_1000` (1,000 in all).
+const STALLED_EACH_WAY: usize = 500;
+/// The bulk transfer beside the stalls (and without them).
+const STALLED_BULK_BYTES: u64 = 512 << 20;
+/// Deadline for every stalled connection to open and fill up.
+const STALL_FILL_DEADLINE: Duration = Duration::from_secs(180);
+/// Deadline of each measurement beside the stalls: only a freeze misses it.
+const STALL_CHECK_DEADLINE: Duration = Duration::from_secs(60);
+/// A write that makes no progress for this long: the connection is full.
+const STALL_BLOCKED_AFTER: Duration = Duration::from_secs(1);
+/// A stalled connection that takes more than this is buffered without bound.
+const STALL_FILL_LIMIT: u64 = 128 << 20;
+/// Kernel buffers of the bench's own ends of stalled connections.
+const STALL_OWN_BUFFER: u32 = 32 * 1024;
+/// The fill stops (and says so) if the tunnel's processes grow beyond this.
+const STALL_RSS_LIMIT_KIB: u64 = 6 << 20;
+const STALL_FIRST_BYTE_CONNS: usize = 200;
+const STALL_RTT_ROUNDS: usize = 1000;
+
+/// Each WAN transfer runs this long, or until [`WAN_MAX_BYTES`].
+const WAN_SECS: Duration = Duration::from_secs(5);
+const WAN_MAX_BYTES: u64 = 500_000_000;
+const WAN_DEADLINE: Duration = Duration::from_secs(60);
+
+const SCALE_CLUSTERS: usize = 100;
+const SCALE_AGENTS_PER_CLUSTER: usize = 10;
+const SCALE_AGENTS: usize = SCALE_CLUSTERS * SCALE_AGENTS_PER_CLUSTER;
+const SCALE_CONNS: usize = 10_000;
+/// Connections opened at once while building up the load.
+const SCALE_OPEN_CONCURRENCY: usize = 200;
+const SCALE_FIRST_BYTE_CONNS: usize = 1000;
+const SCALE_IDLE: Duration = Duration::from_secs(5);
+const SCALE_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() {
     if let Ok(role) = std::env::var(ROLE_ENV) {
@@ -118,15 +170,19 @@ impl RoleProc {
 
     /// CPU seconds used so far (user + system).
     fn cpu_secs(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start after ')'.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        ticks / clock_ticks()
+        cpu_secs_of(&self.pid().to_string())
     }
+}
+
+/// CPU seconds (user + system) of process `pid` ("self" for this one).
+fn cpu_secs_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
 }
 
 fn clock_ticks() -> f64 {
@@ -204,6 +260,130 @@ async fn start_flood() -> SocketAddr {
     .await
 }
 
+/// Writes for [`WAN_SECS`] or [`WAN_MAX_BYTES`], then FIN (downloads).
+async fn start_source() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let buf = vec![0x3cu8; 256 * 1024];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < WAN_SECS && sent < WAN_MAX_BYTES {
+            let n = buf.len().min((WAN_MAX_BYTES - sent) as usize);
+            if tcp.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            sent += n as u64;
+        }
+        let _ = tcp.shutdown().await;
+        let mut b = [0u8; 1];
+        let _ = tcp.read(&mut b).await;
+    })
+    .await
+}
+
+/// What the stalled connections of `stalled_1000` did.
+#[derive(Default)]
+struct StallCounters {
+    /// Connections whose writer blocked (reported once each).
+    blocked: AtomicUsize,
+    /// Connections that failed (cut, reset, refused).
+    cut: AtomicUsize,
+    /// Connections that took more than [`STALL_FILL_LIMIT`].
+    unbounded: AtomicUsize,
+    /// Bytes the blocked ones took before blocking.
+    held: AtomicU64,
+}
+
+impl StallCounters {
+    fn settled(&self) -> usize {
+        self.blocked.load(Ordering::SeqCst)
+            + self.cut.load(Ordering::SeqCst)
+            + self.unbounded.load(Ordering::SeqCst)
+    }
+}
+
+/// Writes into `tcp` whenever it takes bytes until `stop` or a failure,
+/// counting into `c`; returns the socket (to be reset).
+async fn keep_full(
+    mut tcp: TcpStream,
+    c: Arc<StallCounters>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> TcpStream {
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut total = 0u64;
+    let mut reported = false;
+    while total <= STALL_FILL_LIMIT {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return tcp,
+            res = tokio::time::timeout(STALL_BLOCKED_AFTER, tcp.write(&chunk)) => match res {
+                Ok(Ok(n)) => total += n as u64,
+                Ok(Err(_)) => {
+                    c.cut.fetch_add(1, Ordering::SeqCst);
+                    return tcp;
+                }
+                Err(_) => {
+                    if !reported {
+                        reported = true;
+                        c.held.fetch_add(total, Ordering::SeqCst);
+                        c.blocked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            },
+        }
+    }
+    c.unbounded.fetch_add(1, Ordering::SeqCst);
+    let _ = stop.wait_for(|s| *s).await;
+    tcp
+}
+
+/// The destinations of stalled connections: one never reads, one floods.
+struct StallDestinations {
+    never_reads: SocketAddr,
+    floods: SocketAddr,
+    /// Connections the never-reading destination holds.
+    held: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    /// What the flooding destination's writers did.
+    flood: Arc<StallCounters>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl StallDestinations {
+    fn start() -> Self {
+        let small = |send: Option<u32>, recv: Option<u32>| {
+            SocketBuffers { send, recv }.listen().expect("listener")
+        };
+        let never = small(None, Some(STALL_OWN_BUFFER));
+        let never_reads = never.local_addr().unwrap();
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let h = held.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = never.accept().await {
+                h.lock().unwrap().push(tcp);
+            }
+        });
+        let flooding = small(Some(STALL_OWN_BUFFER), None);
+        let floods = flooding.local_addr().unwrap();
+        let flood = Arc::new(StallCounters::default());
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let f = flood.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = flooding.accept().await {
+                let (f, stop_rx) = (f.clone(), stop_rx.clone());
+                tokio::spawn(async move {
+                    let tcp = keep_full(tcp, f, stop_rx).await;
+                    reset(tcp);
+                });
+            }
+        });
+        Self {
+            never_reads,
+            floods,
+            held,
+            flood,
+            stop,
+        }
+    }
+}
+
 async fn serve<F, Fut>(handler: F) -> SocketAddr
 where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
@@ -227,6 +407,23 @@ struct Services {
     hello: SocketAddr,
     echo: SocketAddr,
     flood: SocketAddr,
+    source: SocketAddr,
+    stall: StallDestinations,
+}
+
+impl Services {
+    /// In the order of [`Path_`]'s fields (the sidecar's ports).
+    fn all(&self) -> [SocketAddr; 7] {
+        [
+            self.sink,
+            self.hello,
+            self.echo,
+            self.flood,
+            self.source,
+            self.stall.never_reads,
+            self.stall.floods,
+        ]
+    }
 }
 
 /// How the app reaches one service on a path.
@@ -241,33 +438,31 @@ enum Endpoint {
 
 impl Endpoint {
     async fn connect(self) -> TcpStream {
+        self.try_connect(SocketBuffers::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A new connection whose socket has `buffers`.
+    async fn try_connect(self, buffers: SocketBuffers) -> Result<TcpStream, String> {
         match self {
             Endpoint::Tcp(addr) => {
-                let tcp = TcpStream::connect(addr).await.expect("connect");
+                let tcp = buffers
+                    .connect(addr)
+                    .await
+                    .map_err(|e| format!("connect to {addr}: {e}"))?;
                 tcp.set_nodelay(true).unwrap();
-                tcp
+                Ok(tcp)
             }
             Endpoint::Connect { proxy, port } => {
-                let mut tcp = TcpStream::connect(proxy).await.expect("connect to proxy");
+                let mut tcp = buffers
+                    .connect(proxy)
+                    .await
+                    .map_err(|e| format!("connect to the proxy {proxy}: {e}"))?;
                 tcp.set_nodelay(true).unwrap();
-                // "bench:" in base64: the proxy user names the cluster.
-                let req = format!(
-                    "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Authorization: Basic YmVuY2g6\r\n\r\n"
-                );
-                tcp.write_all(req.as_bytes()).await.unwrap();
-                // Read the response head byte by byte: nothing after it may be consumed.
-                let mut head = Vec::with_capacity(128);
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    tcp.read_exact(&mut b).await.expect("CONNECT response");
-                    head.push(b[0]);
-                }
-                assert!(
-                    head.starts_with(b"HTTP/1.1 200"),
-                    "CONNECT refused: {}",
-                    String::from_utf8_lossy(&head)
-                );
-                tcp
+                // The proxy user names the cluster.
+                connect_on(&mut tcp, "bench", "127.0.0.1", port).await?;
+                Ok(tcp)
             }
         }
     }
@@ -279,45 +474,53 @@ struct Path_ {
     hello: Endpoint,
     echo: Endpoint,
     flood: Endpoint,
+    source: Endpoint,
+    never_reads: Endpoint,
+    floods: Endpoint,
+}
+
+impl Path_ {
+    /// One endpoint per service, in the order of [`Services::all`].
+    fn from_endpoints(e: [Endpoint; 7]) -> Self {
+        let [sink, hello, echo, flood, source, never_reads, floods] = e;
+        Self {
+            sink,
+            hello,
+            echo,
+            flood,
+            source,
+            never_reads,
+            floods,
+        }
+    }
 }
 
 fn direct_path(s: &Services) -> Path_ {
-    Path_ {
-        sink: Endpoint::Tcp(s.sink),
-        hello: Endpoint::Tcp(s.hello),
-        echo: Endpoint::Tcp(s.echo),
-        flood: Endpoint::Tcp(s.flood),
-    }
+    Path_::from_endpoints(s.all().map(Endpoint::Tcp))
 }
 
 async fn tunnel_path(s: &Services, client: Arc<tunnel_proto::client::TunnelClient>) -> Path_ {
-    let t = |a: SocketAddr| Target::new("bench", "127.0.0.1", a.port());
-    Path_ {
-        sink: Endpoint::Tcp(forward_port(client.clone(), t(s.sink)).await),
-        hello: Endpoint::Tcp(forward_port(client.clone(), t(s.hello)).await),
-        echo: Endpoint::Tcp(forward_port(client.clone(), t(s.echo)).await),
-        flood: Endpoint::Tcp(forward_port(client, t(s.flood)).await),
+    let mut eps = Vec::new();
+    for a in s.all() {
+        let target = Target::new("bench", "127.0.0.1", a.port());
+        eps.push(Endpoint::Tcp(forward_port(client.clone(), target).await));
     }
+    Path_::from_endpoints(eps.try_into().ok().expect("seven endpoints"))
 }
 
-/// The tunnel's processes for one path, started fresh so that memory freed by
-/// an earlier path cannot hide this one's growth.
-struct System {
-    server: RoleProc,
-    agent: RoleProc,
-    sidecar: Option<RoleProc>,
+/// A server process on free loopback ports, ready.
+struct ServerProc {
+    proc: RoleProc,
     client_addr: SocketAddr,
-    /// Sidecar ports for sink, hello, echo, flood; and its proxy.
-    sidecar_ports: Option<([u16; 4], SocketAddr)>,
+    agent_addr: SocketAddr,
 }
 
-impl System {
-    async fn start(pki: &Pki, services: Option<&Services>) -> Self {
+impl ServerProc {
+    async fn start(pki: &Pki) -> Self {
         let dir = pki.dir.path();
-        let (agent_port, client_port, admin_port, agent_admin) =
-            (free_port(), free_port(), free_port(), free_port());
+        let (agent_port, client_port, admin_port) = (free_port(), free_port(), free_port());
         let s = |v: &str| v.to_string();
-        let server = RoleProc::spawn(
+        let proc = RoleProc::spawn(
             "server",
             &[
                 s("--agent-listen"),
@@ -339,11 +542,56 @@ impl System {
             || async move { matches!(http_get(admin, "/readyz").await, Ok((200, _))) },
         )
         .await;
+        Self {
+            proc,
+            client_addr: format!("127.0.0.1:{client_port}").parse().unwrap(),
+            agent_addr: format!("127.0.0.1:{agent_port}").parse().unwrap(),
+        }
+    }
+}
+
+/// The tunnel's processes for one path, started fresh so that memory freed by
+/// an earlier path cannot hide this one's growth.
+struct System {
+    server: RoleProc,
+    agent: RoleProc,
+    sidecar: Option<RoleProc>,
+    client_addr: SocketAddr,
+    /// Sidecar ports, one per service in the order of [`Services::all`]; and its proxy.
+    sidecar_ports: Option<([u16; 7], SocketAddr)>,
+    /// The emulated WAN on the agent's path to the server, if any.
+    _relay: Option<tunnel_tests::wan::WanRelay>,
+}
+
+impl System {
+    async fn start(pki: &Pki, services: Option<&Services>) -> Self {
+        Self::start_with(pki, services, None).await
+    }
+
+    /// With `wan`, the agent dials the server through an emulated link.
+    async fn start_with(
+        pki: &Pki,
+        services: Option<&Services>,
+        wan: Option<tunnel_tests::wan::Link>,
+    ) -> Self {
+        let dir = pki.dir.path();
+        let server = ServerProc::start(pki).await;
+        let relay = match wan {
+            Some(link) => Some(
+                tunnel_tests::wan::WanRelay::start(server.agent_addr, link)
+                    .await
+                    .expect("WAN relay"),
+            ),
+            None => None,
+        };
+        let agent_dials = relay.as_ref().map(|r| r.addr).unwrap_or(server.agent_addr);
+        let agent_admin = free_port();
+        let s = |v: &str| v.to_string();
         let agent = RoleProc::spawn(
             "agent",
             &[
                 s("--server"),
-                format!("127.0.0.1:{agent_port}"),
+                agent_dials.to_string(),
                 s("--server-name"),
                 s("localhost"),
                 s("--cluster"),
@@ -364,49 +612,51 @@ impl System {
             || async move { matches!(http_get(agent_admin, "/readyz").await, Ok((200, _))) },
         )
         .await;
-        let client_addr: SocketAddr = format!("127.0.0.1:{client_port}").parse().unwrap();
-        let (sidecar, sidecar_ports) =
-            match services {
-                None => (None, None),
-                Some(sv) => {
-                    let ports = [free_port(), free_port(), free_port(), free_port()];
-                    let (proxy, sc_admin) = (free_port(), free_port());
-                    let mut args = vec![
-                        s("--server"),
-                        client_addr.to_string(),
-                        s("--server-name"),
-                        s("localhost"),
-                        s("--cert-dir"),
-                        dir.display().to_string(),
-                        s("--client-name"),
-                        s("bench"),
-                        s("--proxy-listen"),
-                        format!("127.0.0.1:{proxy}"),
-                        s("--admin-listen"),
-                        format!("127.0.0.1:{sc_admin}"),
-                    ];
-                    for (p, svc) in ports.iter().zip([sv.sink, sv.hello, sv.echo, sv.flood]) {
-                        args.push(s("--port"));
-                        args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
-                    }
-                    let proc = RoleProc::spawn("sidecar", &args, dir);
-                    let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
-                    wait_until("the sidecar is ready", Duration::from_secs(20), || async move {
-                    matches!(http_get(sc_admin, "/readyz").await, Ok((200, _)))
-                })
-                .await;
-                    (
-                        Some(proc),
-                        Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())),
-                    )
+        let client_addr = server.client_addr;
+        let (sidecar, sidecar_ports) = match services {
+            None => (None, None),
+            Some(sv) => {
+                let ports = [(); 7].map(|_| free_port());
+                let (proxy, sc_admin) = (free_port(), free_port());
+                let mut args = vec![
+                    s("--server"),
+                    client_addr.to_string(),
+                    s("--server-name"),
+                    s("localhost"),
+                    s("--cert-dir"),
+                    dir.display().to_string(),
+                    s("--client-name"),
+                    s("bench"),
+                    s("--proxy-listen"),
+                    format!("127.0.0.1:{proxy}"),
+                    s("--admin-listen"),
+                    format!("127.0.0.1:{sc_admin}"),
+                ];
+                for (p, svc) in ports.iter().zip(sv.all()) {
+                    args.push(s("--port"));
+                    args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
                 }
-            };
+                let proc = RoleProc::spawn("sidecar", &args, dir);
+                let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
+                wait_until(
+                    "the sidecar is ready",
+                    Duration::from_secs(20),
+                    || async move { matches!(http_get(sc_admin, "/readyz").await, Ok((200, _))) },
+                )
+                .await;
+                (
+                    Some(proc),
+                    Some((ports, format!("127.0.0.1:{proxy}").parse().unwrap())),
+                )
+            }
+        };
         Self {
-            server,
+            server: server.proc,
             agent,
             sidecar,
             client_addr,
             sidecar_ports,
+            _relay: relay,
         }
     }
 
@@ -420,27 +670,15 @@ impl System {
 
     fn port_path(&self) -> Path_ {
         let (p, _) = self.sidecar_ports.expect("sidecar");
-        let e = |port: u16| Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
-        Path_ {
-            sink: e(p[0]),
-            hello: e(p[1]),
-            echo: e(p[2]),
-            flood: e(p[3]),
-        }
+        Path_::from_endpoints(p.map(|port| Endpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], port)))))
     }
 
     fn connect_path(&self, s: &Services) -> Path_ {
         let (_, proxy) = self.sidecar_ports.expect("sidecar");
-        let e = |a: SocketAddr| Endpoint::Connect {
+        Path_::from_endpoints(s.all().map(|a| Endpoint::Connect {
             proxy,
             port: a.port(),
-        };
-        Path_ {
-            sink: e(s.sink),
-            hello: e(s.hello),
-            echo: e(s.echo),
-            flood: e(s.flood),
-        }
+        }))
     }
 }
 
@@ -448,19 +686,29 @@ impl System {
 
 /// Sends `bytes` and waits for the sink's acknowledgement; returns Gbit/s.
 async fn send_bytes(ep: Endpoint, bytes: u64) -> f64 {
-    let mut tcp = ep.connect().await;
+    try_send_bytes(ep, bytes)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn try_send_bytes(ep: Endpoint, bytes: u64) -> Result<f64, String> {
+    let mut tcp = ep.try_connect(SocketBuffers::default()).await?;
     let buf = vec![0x5au8; 256 * 1024];
     let start = Instant::now();
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        tcp.write_all(&buf[..n]).await.expect("write");
+        tcp.write_all(&buf[..n])
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         left -= n as u64;
     }
-    tcp.shutdown().await.unwrap();
+    tcp.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
     let mut ack = [0u8; 1];
-    tcp.read_exact(&mut ack).await.expect("sink acknowledges");
-    gbps(bytes, start.elapsed())
+    tcp.read_exact(&mut ack)
+        .await
+        .map_err(|e| format!("the sink's acknowledgement: {e}"))?;
+    Ok(gbps(bytes, start.elapsed()))
 }
 
 fn gbps(bytes: u64, d: Duration) -> f64 {
@@ -486,40 +734,57 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 /// New connection to first byte, sequentially; returns (p50, p99) in µs.
 async fn first_byte(ep: Endpoint) -> (f64, f64) {
-    let mut samples = Vec::with_capacity(FIRST_BYTE_CONNS);
-    for _ in 0..FIRST_BYTE_CONNS {
+    first_byte_n(ep, FIRST_BYTE_CONNS)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn first_byte_n(ep: Endpoint, n: usize) -> Result<(f64, f64), String> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
         let start = Instant::now();
-        let mut tcp = ep.connect().await;
+        let mut tcp = ep.try_connect(SocketBuffers::default()).await?;
         let mut b = [0u8; 1];
-        tcp.read_exact(&mut b).await.expect("first byte");
+        tcp.read_exact(&mut b)
+            .await
+            .map_err(|e| format!("first byte: {e}"))?;
         samples.push(start.elapsed().as_secs_f64() * 1e6);
     }
-    (
+    Ok((
         percentile(&mut samples, 0.5),
         percentile(&mut samples, 0.99),
-    )
+    ))
 }
 
 /// 64-byte request/response on one open connection; (p50, p99) in µs.
 async fn round_trips(ep: Endpoint) -> (f64, f64) {
-    let mut tcp = ep.connect().await;
+    round_trips_n(ep, RTT_ROUNDS)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn round_trips_n(ep: Endpoint, rounds: usize) -> Result<(f64, f64), String> {
+    let mut tcp = ep.try_connect(SocketBuffers::default()).await?;
     let msg = [0x42u8; 64];
     let mut back = [0u8; 64];
-    for _ in 0..200 {
-        tcp.write_all(&msg).await.unwrap();
-        tcp.read_exact(&mut back).await.unwrap();
-    }
-    let mut samples = Vec::with_capacity(RTT_ROUNDS);
-    for _ in 0..RTT_ROUNDS {
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..200 + rounds {
         let start = Instant::now();
-        tcp.write_all(&msg).await.unwrap();
-        tcp.read_exact(&mut back).await.unwrap();
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
+        tcp.write_all(&msg)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        tcp.read_exact(&mut back)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        // The first 200 warm up.
+        if i >= 200 {
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+        }
     }
-    (
+    Ok((
         percentile(&mut samples, 0.5),
         percentile(&mut samples, 0.99),
-    )
+    ))
 }
 
 /// Opens IDLE_CONNS connections that each completed one round trip, then
@@ -548,6 +813,581 @@ async fn stalled_ratio(p: &Path_) -> f64 {
     with_stall / unstalled
 }
 
+// ---------------------------------------------------------------- scenarios
+
+/// A figure of a scenario: a number (null when not measured) or a message.
+enum Extra {
+    Num(Option<f64>),
+    Text(String),
+}
+
+impl Extra {
+    fn json(&self) -> String {
+        match self {
+            Extra::Num(Some(v)) => format!("{}", (v * 1000.0).round() / 1000.0),
+            Extra::Num(None) => "null".into(),
+            Extra::Text(t) => serde_json::to_string(t).unwrap(),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Extra::Num(Some(v)) => format!("{v:.3}"),
+            Extra::Num(None) => "-".into(),
+            Extra::Text(t) => t.clone(),
+        }
+    }
+}
+
+type Extras = Vec<(&'static str, Extra)>;
+
+fn num(v: f64) -> Extra {
+    Extra::Num(Some(v))
+}
+
+/// Runs `f` within `deadline`; a timeout is a freeze, said in the error.
+async fn within<T>(
+    what: &str,
+    deadline: Duration,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(deadline, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no result within {deadline:?} (frozen)")),
+    }
+}
+
+/// The kernel's memory for TCP buffers, all sockets (MiB).
+fn kernel_tcp_mib() -> f64 {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pages: f64 = stat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.iter()
+                .position(|w| *w == "mem")
+                .and_then(|i| f.get(i + 1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+/// One bulk transfer through the sidecar's port beside 1,000 stalled
+/// connections (half whose destination never reads, half whose client never
+/// reads; each half split between the sidecar's port and CONNECT), as a
+/// ratio to the same transfer without them; and a fresh connection's first
+/// byte and 64-byte round trip while they are stalled.
+async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
+    let total = 2 * STALLED_EACH_WAY;
+    // Four descriptors per stalled connection, at most in this process.
+    ensure_fd_limit(4 * total as u64 + 8192);
+    let sys = System::start(pki, Some(services)).await;
+    let (port, connect) = (sys.port_path(), sys.connect_path(services));
+    let mut out: Extras = vec![(
+        "stalled_1000_stalled_each_way",
+        num(STALLED_EACH_WAY as f64),
+    )];
+    eprintln!(
+        "[stalled_1000] baseline: one stream of {} MiB",
+        STALLED_BULK_BYTES >> 20
+    );
+    let baseline = match within(
+        "the bulk transfer without stalls",
+        STALL_CHECK_DEADLINE,
+        try_send_bytes(port.sink, STALLED_BULK_BYTES),
+    )
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            out.push(("stalled_1000_ratio", num(0.0)));
+            out.push(("stalled_1000_message", Extra::Text(e)));
+            return out;
+        }
+    };
+    out.push(("stalled_1000_baseline_gbps", num(baseline)));
+
+    eprintln!("[stalled_1000] opening {total} stalled connections");
+    let kernel_before = kernel_tcp_mib();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let writers = Arc::new(StallCounters::default());
+    let open_failed = Arc::new(AtomicUsize::new(0));
+    let unread = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let client_stalls = i % 2 == 1;
+        let path = if (i / 2) % 2 == 0 { &port } else { &connect };
+        let (ep, buffers) = if client_stalls {
+            (
+                path.floods,
+                SocketBuffers {
+                    send: None,
+                    recv: Some(STALL_OWN_BUFFER),
+                },
+            )
+        } else {
+            (
+                path.never_reads,
+                SocketBuffers {
+                    send: Some(STALL_OWN_BUFFER),
+                    recv: None,
+                },
+            )
+        };
+        let (gate, writers, open_failed, unread, stop_rx) = (
+            gate.clone(),
+            writers.clone(),
+            open_failed.clone(),
+            unread.clone(),
+            stop_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let opened = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
+            drop(permit);
+            match opened {
+                Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
+                Ok(Ok(tcp)) => reset(keep_full(tcp, writers, stop_rx).await),
+                _ => {
+                    open_failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    let flood = services.stall.flood.clone();
+    let started = Instant::now();
+    let mut fill_message = None;
+    loop {
+        let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
+        if settled >= total {
+            break;
+        }
+        let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
+        if rss > STALL_RSS_LIMIT_KIB {
+            fill_message = Some(format!(
+                "the tunnel's processes grew to {} MiB with {settled} of {total} stalled connections settled; fill stopped",
+                rss >> 10
+            ));
+            break;
+        }
+        if started.elapsed() > STALL_FILL_DEADLINE {
+            fill_message = Some(format!(
+                "only {settled} of {total} stalled connections opened and filled within {STALL_FILL_DEADLINE:?}"
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (blocked, held) = (
+        writers.blocked.load(Ordering::SeqCst) + flood.blocked.load(Ordering::SeqCst),
+        writers.held.load(Ordering::SeqCst) + flood.held.load(Ordering::SeqCst),
+    );
+    let failed = writers.cut.load(Ordering::SeqCst)
+        + flood.cut.load(Ordering::SeqCst)
+        + open_failed.load(Ordering::SeqCst);
+    let unbounded =
+        writers.unbounded.load(Ordering::SeqCst) + flood.unbounded.load(Ordering::SeqCst);
+    eprintln!(
+        "[stalled_1000] {blocked} blocked ({} MiB held by the bench's writers before blocking), {failed} failed, {unbounded} unbounded, after {:.1} s",
+        held >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    out.push(("stalled_1000_blocked", num(blocked as f64)));
+    out.push(("stalled_1000_failed", num(failed as f64)));
+    out.push(("stalled_1000_held_mib", num((held >> 20) as f64)));
+    let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
+    out.push(("stalled_1000_tunnel_rss_mib", num((rss >> 10) as f64)));
+    out.push((
+        "stalled_1000_kernel_tcp_mib",
+        num(kernel_tcp_mib() - kernel_before),
+    ));
+
+    let mut messages: Vec<String> = fill_message.into_iter().collect();
+    if unbounded > 0 {
+        messages.push(format!(
+            "{unbounded} stalled connection(s) took more than {} MiB without blocking",
+            STALL_FILL_LIMIT >> 20
+        ));
+    }
+    eprintln!("[stalled_1000] first byte and round trips beside the stalls");
+    match within(
+        "first byte beside the stalls",
+        STALL_CHECK_DEADLINE,
+        first_byte_n(port.hello, STALL_FIRST_BYTE_CONNS),
+    )
+    .await
+    {
+        Ok((p50, _)) => out.push(("stalled_1000_first_byte_p50_us", num(p50))),
+        Err(e) => {
+            out.push(("stalled_1000_first_byte_p50_us", Extra::Num(None)));
+            messages.push(e);
+        }
+    }
+    match within(
+        "64-byte round trips beside the stalls",
+        STALL_CHECK_DEADLINE,
+        round_trips_n(port.echo, STALL_RTT_ROUNDS),
+    )
+    .await
+    {
+        Ok((p50, _)) => out.push(("stalled_1000_rtt_p50_us", num(p50))),
+        Err(e) => {
+            out.push(("stalled_1000_rtt_p50_us", Extra::Num(None)));
+            messages.push(e);
+        }
+    }
+    eprintln!(
+        "[stalled_1000] one stream of {} MiB beside the stalls",
+        STALLED_BULK_BYTES >> 20
+    );
+    match within(
+        "the bulk transfer beside the stalls",
+        STALL_CHECK_DEADLINE,
+        try_send_bytes(port.sink, STALLED_BULK_BYTES),
+    )
+    .await
+    {
+        Ok(g) => {
+            out.push(("stalled_1000_bulk_gbps", num(g)));
+            out.push(("stalled_1000_ratio", num(g / baseline)));
+        }
+        Err(e) => {
+            out.push(("stalled_1000_bulk_gbps", num(0.0)));
+            out.push(("stalled_1000_ratio", num(0.0)));
+            messages.push(e);
+        }
+    }
+    if !messages.is_empty() {
+        out.push(("stalled_1000_message", Extra::Text(messages.join("; "))));
+    }
+
+    // Reset both ends of every stall, then stop the tunnel.
+    stop.send_replace(true);
+    services.stall.stop.send_replace(true);
+    for tcp in unread.lock().unwrap().drain(..) {
+        reset(tcp);
+    }
+    for tcp in services.stall.held.lock().unwrap().drain(..) {
+        reset(tcp);
+    }
+    // Writers reset their sockets once stopped; openers still waiting are
+    // abandoned.
+    let mut tasks = tasks;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::future::join_all(tasks.iter_mut()),
+    )
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+    drop(sys);
+    out
+}
+
+/// Sends for [`WAN_SECS`] (or [`WAN_MAX_BYTES`]) into a sink and waits for
+/// its acknowledgement; Gbit/s over the whole transfer.
+async fn timed_upload(ep: Endpoint) -> Result<f64, String> {
+    let mut tcp = ep.try_connect(SocketBuffers::default()).await?;
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < WAN_SECS && sent < WAN_MAX_BYTES {
+        let n = buf.len().min((WAN_MAX_BYTES - sent) as usize);
+        tcp.write_all(&buf[..n])
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        sent += n as u64;
+    }
+    tcp.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    let mut ack = [0u8; 1];
+    tcp.read_exact(&mut ack)
+        .await
+        .map_err(|e| format!("the sink's acknowledgement: {e}"))?;
+    Ok(gbps(sent, start.elapsed()))
+}
+
+/// Reads a source (see [`start_source`]) to its end; Gbit/s from connect.
+async fn timed_download(ep: Endpoint) -> Result<f64, String> {
+    let start = Instant::now();
+    let mut tcp = ep.try_connect(SocketBuffers::default()).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) => return Err(format!("read after {got} bytes: {e}")),
+        }
+    }
+    Ok(gbps(got, start.elapsed()))
+}
+
+/// One stream over an emulated WAN (25 ms each way, 1 Gbit/s) between the
+/// agent and the server, against a plain TCP connection through an
+/// identical relay; each direction. `wan_ratio` is the worse direction.
+async fn wan(pki: &Pki, services: &Services) -> Extras {
+    use tunnel_tests::wan::{Link, WanRelay};
+    let link = Link::wan_1g_25ms();
+    let mut out = Extras::new();
+    let mut messages = Vec::new();
+    let mut run = async |what: &'static str, f: Result<f64, String>| -> Option<f64> {
+        match f {
+            Ok(g) => {
+                eprintln!("[wan] {what}: {g:.3} Gbit/s");
+                Some(g)
+            }
+            Err(e) => {
+                eprintln!("[wan] {what}: {e}");
+                messages.push(e);
+                None
+            }
+        }
+    };
+    eprintln!("[wan] direct TCP through the relay, {WAN_SECS:?} each way");
+    let to_sink = WanRelay::start(services.sink, link).await.expect("relay");
+    let direct_up = run(
+        "direct up",
+        within(
+            "direct up",
+            WAN_DEADLINE,
+            timed_upload(Endpoint::Tcp(to_sink.addr)),
+        )
+        .await,
+    )
+    .await;
+    let to_source = WanRelay::start(services.source, link).await.expect("relay");
+    let direct_down = run(
+        "direct down",
+        within(
+            "direct down",
+            WAN_DEADLINE,
+            timed_download(Endpoint::Tcp(to_source.addr)),
+        )
+        .await,
+    )
+    .await;
+    drop((to_sink, to_source));
+
+    eprintln!("[wan] one tunnelled stream, the agent dialing through the relay");
+    let sys = System::start_with(pki, None, Some(link)).await;
+    let client = client(pki, "bench", sys.client_addr);
+    client.ensure_connected().await.expect("client connects");
+    let path = tunnel_path(services, client).await;
+    let tunnel_up = run(
+        "tunnel up",
+        within("tunnel up", WAN_DEADLINE, timed_upload(path.sink)).await,
+    )
+    .await;
+    let tunnel_down = run(
+        "tunnel down",
+        within("tunnel down", WAN_DEADLINE, timed_download(path.source)).await,
+    )
+    .await;
+    drop(sys);
+
+    let ratio = |t: Option<f64>, d: Option<f64>| match (t, d) {
+        (Some(t), Some(d)) if d > 0.0 => t / d,
+        _ => 0.0,
+    };
+    let (up, down) = (ratio(tunnel_up, direct_up), ratio(tunnel_down, direct_down));
+    out.push(("wan_ratio", num(up.min(down))));
+    out.push(("wan_up_ratio", num(up)));
+    out.push(("wan_down_ratio", num(down)));
+    out.push(("wan_direct_up_gbps", Extra::Num(direct_up)));
+    out.push(("wan_direct_down_gbps", Extra::Num(direct_down)));
+    out.push(("wan_tunnel_up_gbps", Extra::Num(tunnel_up)));
+    out.push(("wan_tunnel_down_gbps", Extra::Num(tunnel_down)));
+    if !messages.is_empty() {
+        out.push(("wan_message", Extra::Text(messages.join("; "))));
+    }
+    out
+}
+
+/// An in-process agent `j` of `cluster` (its own TLS + HTTP/2 connection).
+async fn scale_agent(
+    pki: &Pki,
+    cluster: &str,
+    j: usize,
+    server: SocketAddr,
+) -> tunnel_agent::Agent {
+    let mut config = agent_config(pki, cluster, &[server]);
+    config.agent_id = format!("{cluster}-agent-{j}");
+    tunnel_agent::Agent::start(config)
+        .await
+        .expect("agent starts")
+}
+
+/// Waits until the server lists `n` agents in all.
+async fn wait_agents(client: &tunnel_proto::client::TunnelClient, n: usize) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let listed: usize = match client.list_clusters().await {
+            Ok(c) => c.iter().map(|c| c.agents.len()).sum(),
+            Err(_) => 0,
+        };
+        if listed >= n {
+            return Ok(());
+        }
+        if start.elapsed() > SCALE_DEADLINE {
+            return Err(format!(
+                "the server lists {listed} of {n} agents after {SCALE_DEADLINE:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One server process with [`SCALE_AGENTS`] agents (in this process, real
+/// TLS and HTTP/2 each) and [`SCALE_CONNS`] open connections through it
+/// (client library, spread over every cluster, to an idle echo).
+async fn scale(services: &Services) -> Extras {
+    // This process: the agents' tunnels and admin ports, and per connection
+    // the agent's dial and the echo's end.
+    ensure_fd_limit((3 * SCALE_CONNS + 3 * SCALE_AGENTS + 8192) as u64);
+    let mut out = Extras::new();
+    let mut messages = Vec::new();
+    let names: Vec<String> = (0..SCALE_CLUSTERS)
+        .map(|i| format!("scale{i:03}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pki = Pki::new(&refs, &["bench"]);
+    let server = ServerProc::start(&pki).await;
+    let client = client(&pki, "bench", server.client_addr);
+    client.ensure_connected().await.expect("client connects");
+
+    eprintln!("[scale] unloaded: {SCALE_AGENTS_PER_CLUSTER} agents of one cluster");
+    let mut agents = Vec::new();
+    for j in 0..SCALE_AGENTS_PER_CLUSTER {
+        agents.push(scale_agent(&pki, &names[0], j, server.agent_addr).await);
+    }
+    if let Err(e) = wait_agents(&client, SCALE_AGENTS_PER_CLUSTER).await {
+        messages.push(e);
+    }
+    let hello = Endpoint::Tcp(
+        forward_port(
+            client.clone(),
+            Target::new(&names[0], "127.0.0.1", services.hello.port()),
+        )
+        .await,
+    );
+    let unloaded = within(
+        "unloaded first byte",
+        SCALE_DEADLINE,
+        first_byte_n(hello, SCALE_FIRST_BYTE_CONNS),
+    )
+    .await;
+
+    eprintln!("[scale] {SCALE_AGENTS} agents");
+    for name in &names[1..] {
+        for j in 0..SCALE_AGENTS_PER_CLUSTER {
+            agents.push(scale_agent(&pki, name, j, server.agent_addr).await);
+        }
+    }
+    let started = Instant::now();
+    if let Err(e) = wait_agents(&client, SCALE_AGENTS).await {
+        messages.push(e);
+    }
+    eprintln!(
+        "[scale] {SCALE_AGENTS} agents listed after {:.1} s; opening {SCALE_CONNS} connections",
+        started.elapsed().as_secs_f64()
+    );
+    let gate = Arc::new(tokio::sync::Semaphore::new(SCALE_OPEN_CONCURRENCY));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(SCALE_CONNS);
+    for i in 0..SCALE_CONNS {
+        let target = Target::new(
+            &names[i % SCALE_CLUSTERS],
+            "127.0.0.1",
+            services.echo.port(),
+        );
+        let (client, gate) = (client.clone(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            let open = async {
+                let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
+                io.write_all(b"x").await.map_err(|e| e.to_string())?;
+                let mut b = [0u8; 1];
+                io.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(io)
+            };
+            within("open", SCALE_DEADLINE, open).await
+        }));
+    }
+    let mut open = Vec::with_capacity(SCALE_CONNS);
+    let mut first_error = None;
+    for t in tasks {
+        match t.await.expect("open task") {
+            Ok(io) => open.push(io),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    eprintln!(
+        "[scale] {} connections open after {:.1} s",
+        open.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(e) = first_error {
+        messages.push(format!(
+            "{} of {SCALE_CONNS} connections failed to open; first: {e}",
+            SCALE_CONNS - open.len()
+        ));
+    }
+    out.push(("scale_agents", num(agents.len() as f64)));
+    out.push(("scale_connections", num(open.len() as f64)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    out.push(("scale_rss_mib", num(server.proc.rss_kib() as f64 / 1024.0)));
+    let cpu0 = server.proc.cpu_secs();
+    tokio::time::sleep(SCALE_IDLE).await;
+    out.push((
+        "scale_idle_cpu_s_per_s",
+        num((server.proc.cpu_secs() - cpu0) / SCALE_IDLE.as_secs_f64()),
+    ));
+    eprintln!("[scale] first byte under load");
+    let loaded = within(
+        "first byte under load",
+        SCALE_DEADLINE,
+        first_byte_n(hello, SCALE_FIRST_BYTE_CONNS),
+    )
+    .await;
+    out.push((
+        "scale_rss_mib_after",
+        num(server.proc.rss_kib() as f64 / 1024.0),
+    ));
+    match (&unloaded, &loaded) {
+        (Ok((u50, u99)), Ok((l50, l99))) => {
+            out.push(("scale_unloaded_first_byte_p50_us", num(*u50)));
+            out.push(("scale_unloaded_first_byte_p99_us", num(*u99)));
+            out.push(("scale_first_byte_p50_us", num(*l50)));
+            out.push(("scale_first_byte_p99_us", num(*l99)));
+            out.push(("scale_first_byte_p99_ratio", num(l99 / u99)));
+        }
+        _ => {
+            out.push(("scale_first_byte_p99_ratio", Extra::Num(None)));
+            for r in [unloaded, loaded] {
+                if let Err(e) = r {
+                    messages.push(e);
+                }
+            }
+        }
+    }
+    if !messages.is_empty() {
+        out.push(("scale_message", Extra::Text(messages.join("; "))));
+    }
+
+    eprintln!("[scale] cleaning up");
+    drop(open);
+    futures_util::future::join_all(agents.into_iter().map(|a| a.shutdown(Duration::ZERO))).await;
+    drop(server);
+    out
+}
+
 // ---------------------------------------------------------------- report
 
 #[derive(Default, Clone)]
@@ -560,7 +1400,11 @@ struct Figures {
     rtt_p99_us: Option<f64>,
     idle_kib_per_conn: Option<f64>,
     stalled_ratio: Option<f64>,
+    /// CPU seconds of all tunnel processes per GB moved (throughput workload).
     cpu_s_per_gb: Option<f64>,
+    /// This process's CPU seconds per GB in the same workload (the load and
+    /// the sink; on the `tunnel` path also the client library).
+    self_cpu_s_per_gb: Option<f64>,
 }
 
 impl Figures {
@@ -624,16 +1468,18 @@ async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
     if want("throughput") {
         eprintln!("[{label}] single stream, {} MiB", SINGLE_BYTES >> 20);
         let cpu0 = cpu(procs);
+        let self0 = cpu_secs_of("self");
         f.single_stream_gbps = Some(send_bytes(p.sink, SINGLE_BYTES).await);
         eprintln!(
             "[{label}] {MULTI_STREAMS} streams x {} MiB",
             MULTI_BYTES_EACH >> 20
         );
         f.multi_stream_gbps = Some(multi_stream(p.sink).await);
+        let moved = (SINGLE_BYTES + MULTI_BYTES_EACH * MULTI_STREAMS as u64) as f64 / 1e9;
         if !procs.is_empty() {
-            let moved = (SINGLE_BYTES + MULTI_BYTES_EACH * MULTI_STREAMS as u64) as f64 / 1e9;
             f.cpu_s_per_gb = Some((cpu(procs) - cpu0) / moved);
         }
+        f.self_cpu_s_per_gb = Some((cpu_secs_of("self") - self0) / moved);
     }
     if want("first_byte") {
         eprintln!("[{label}] {FIRST_BYTE_CONNS} connections to first byte");
@@ -662,6 +1508,8 @@ async fn bench(json: bool) {
         hello: start_hello().await,
         echo: start_fast_echo().await,
         flood: start_flood().await,
+        source: start_source().await,
+        stall: StallDestinations::start(),
     };
     let mut results: Vec<(&str, Figures)> = Vec::new();
     let want_path = |p: &str| selected("--paths", p);
@@ -691,12 +1539,35 @@ async fn bench(json: bool) {
             measure(&path, &sys.procs(), "sidecar-connect").await,
         ));
     }
+    // The client library runs in this process: its share is what this
+    // process spent per GB beyond what the same load cost it directly.
+    let direct_self = results[0].1.self_cpu_s_per_gb;
+    for (k, f) in &mut results {
+        if *k == "tunnel"
+            && let (Some(c), Some(t), Some(d)) = (f.cpu_s_per_gb, f.self_cpu_s_per_gb, direct_self)
+        {
+            f.cpu_s_per_gb = Some(c + (t - d).max(0.0));
+        }
+    }
+
+    let want_scenario = |w: &str| selected("--workloads", w);
+    let mut extras = Extras::new();
+    if want_scenario("stalled_1000") {
+        extras.extend(stalled_1000(&pki, &services).await);
+    }
+    if want_scenario("wan") {
+        extras.extend(wan(&pki, &services).await);
+    }
+    if want_scenario("scale") {
+        extras.extend(scale(&services).await);
+    }
 
     if json {
-        let body: Vec<String> = results
+        let mut body: Vec<String> = results
             .iter()
             .map(|(k, f)| format!("\"{k}\": {}", f.json()))
             .collect();
+        body.extend(extras.iter().map(|(k, v)| format!("\"{k}\": {}", v.json())));
         println!("{{{}}}", body.join(", "));
         return;
     }
@@ -726,5 +1597,11 @@ async fn bench(json: bool) {
             print!(" {ratio:>16}");
         }
         println!();
+    }
+    if !extras.is_empty() {
+        println!("\nscenarios");
+        for (k, v) in &extras {
+            println!("{k:<36} {}", v.text());
+        }
     }
 }

@@ -18,6 +18,7 @@ use tunnel_proto::tls::TlsFiles;
 use tunnel_server::{Server, ServerConfig};
 
 pub mod netns;
+pub mod wan;
 
 /// Installs the crypto provider and a test log subscriber (RUST_LOG decides).
 pub fn init() {
@@ -95,6 +96,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         auth: Default::default(),
         // Off by default so that tests' dial counts stay their own; see tests/tests/probes.rs.
         probe: tunnel_server::probes::ProbeConfig::disabled(),
+        limits: tunnel_server::Limits::default(),
     }
 }
 
@@ -1105,4 +1107,228 @@ impl Pki {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
+}
+
+// ---------------------------------------------------------------------------
+// Sidecars, proxies and sockets for the stall, reset and benchmark suites.
+
+/// Starts a sidecar in this process (the library the `tunnel-sidecar`
+/// binary runs), configured through the binary's own flags so that new
+/// settings keep their defaults: client certificate `client-<client_name>`,
+/// the server's client port `server`, an HTTP proxy on a free loopback port,
+/// and one per-cluster port per `ports` entry (`CLUSTER:HOST:PORT`), in
+/// order (`Sidecar::port_addrs`). Waits until it is connected to the server.
+pub async fn start_sidecar(
+    pki: &Pki,
+    client_name: &str,
+    server: SocketAddr,
+    ports: &[String],
+) -> tunnel_sidecar::Sidecar {
+    use clap::Parser as _;
+    let mut args: Vec<String> = [
+        "tunnel-sidecar",
+        "--server",
+        &server.to_string(),
+        "--server-name",
+        "localhost",
+        "--cert-dir",
+        &pki.dir.path().display().to_string(),
+        "--client-name",
+        client_name,
+        "--proxy-listen",
+        &free_addr().to_string(),
+        "--admin-listen",
+        &free_addr().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for p in ports {
+        args.push("--port".into());
+        args.push(format!("{}={p}", free_listen_port()));
+    }
+    let config = tunnel_sidecar::config::Cli::parse_from(args)
+        .resolve()
+        .expect("sidecar configuration");
+    let sidecar = tunnel_sidecar::Sidecar::start(config)
+        .await
+        .expect("sidecar starts");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sidecar.is_ready() {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar did not connect to the server within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sidecar
+}
+
+/// `Proxy-Authorization` value naming `cluster` as the proxy user (what
+/// `http://<cluster>@proxy` makes a client send).
+pub fn proxy_user(cluster: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{cluster}:"))
+    )
+}
+
+/// Sends `CONNECT host:port` for `cluster` on `tcp` (already connected to a
+/// sidecar's proxy) and reads the response head byte by byte, so that no
+/// tunnelled byte is consumed. Returns the head; `Ok` only for a 200.
+pub async fn connect_on(
+    tcp: &mut TcpStream,
+    cluster: &str,
+    host: &str,
+    port: u16,
+) -> Result<String, String> {
+    let req = format!(
+        "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+        proxy_user(cluster)
+    );
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("sending CONNECT: {e}"))?;
+    let mut head = Vec::with_capacity(128);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut b).await {
+            Ok(0) => {
+                return Err(format!(
+                    "the proxy closed the connection after {:?}",
+                    String::from_utf8_lossy(&head)
+                ));
+            }
+            Ok(_) => head.push(b[0]),
+            Err(e) => {
+                return Err(format!(
+                    "reading the CONNECT answer after {:?}: {e}",
+                    String::from_utf8_lossy(&head)
+                ));
+            }
+        }
+        if head.len() > 16 * 1024 {
+            return Err("CONNECT answer head larger than 16 KiB".into());
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(head)
+    } else {
+        Err(format!("CONNECT refused: {head:?}"))
+    }
+}
+
+/// Kernel buffer sizes for a test's own end of a connection. Small buffers
+/// make a stalled connection block after little data, so that what a stall
+/// holds is the tunnel's own buffering, and keep the kernel's memory small.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SocketBuffers {
+    /// `SO_SNDBUF`, if set.
+    pub send: Option<u32>,
+    /// `SO_RCVBUF`, if set.
+    pub recv: Option<u32>,
+}
+
+impl SocketBuffers {
+    /// Both buffers set to `bytes`.
+    pub fn small(bytes: u32) -> Self {
+        Self {
+            send: Some(bytes),
+            recv: Some(bytes),
+        }
+    }
+
+    fn apply(&self, socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+        if let Some(b) = self.send {
+            socket.set_send_buffer_size(b)?;
+        }
+        if let Some(b) = self.recv {
+            socket.set_recv_buffer_size(b)?;
+        }
+        Ok(())
+    }
+
+    /// Connects to `addr` with these buffers.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        self.apply(&socket)?;
+        socket.connect(addr).await
+    }
+
+    /// A loopback listener whose accepted connections have these buffers.
+    pub fn listen(&self) -> std::io::Result<TcpListener> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        self.apply(&socket)?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        socket.listen(4096)
+    }
+}
+
+/// Whether `err` is a reset by the peer (as opposed to a clean end).
+pub fn is_reset(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// How a connection ended for a reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// A clean end of data (the peer's FIN), after `n` bytes.
+    Fin(usize),
+    /// A reset (or abort) after `n` bytes.
+    Reset(usize),
+    /// Another error after `n` bytes.
+    Error(usize, String),
+    /// Still open when the deadline passed, after `n` bytes.
+    Open(usize),
+}
+
+/// Reads `r` (discarding the data) until it ends or `deadline` passes;
+/// reports how it ended.
+pub async fn read_ending<R: AsyncReadExt + Unpin>(r: &mut R, deadline: Duration) -> Ending {
+    let mut n = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match tokio::time::timeout_at(until, r.read(&mut buf)).await {
+            Err(_) => return Ending::Open(n),
+            Ok(Ok(0)) => return Ending::Fin(n),
+            Ok(Ok(k)) => n += k,
+            Ok(Err(e)) if is_reset(&e) => return Ending::Reset(n),
+            Ok(Err(e)) => return Ending::Error(n, e.to_string()),
+        }
+    }
+}
+
+/// Closes `tcp` with a reset (RST), not a FIN: `SO_LINGER` 0, then close.
+pub fn reset(tcp: TcpStream) {
+    tcp.set_zero_linger().expect("SO_LINGER 0");
+    drop(tcp);
+}
+
+/// Like [`exchange`], on any byte stream (a [`TunnelIo`](tunnel_proto::client::TunnelIo), a TLS stream, ...).
+pub async fn exchange_io<IO>(io: IO, len: usize, seed: u64) -> std::io::Result<Exchanged>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+{
+    let (mut r, mut w) = tokio::io::split(io);
+    let write = async move {
+        let hash = write_random(&mut w, len, seed).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(hash)
+    };
+    let (sent_hash, (received, received_hash)) = tokio::try_join!(write, read_hash(&mut r))?;
+    Ok(Exchanged {
+        sent: len,
+        sent_hash,
+        received,
+        received_hash,
+    })
 }

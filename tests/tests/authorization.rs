@@ -309,6 +309,44 @@ async fn a_changed_policy_file_applies_to_new_connections_and_a_malformed_one_is
         .await;
 }
 
+/// An echo destination that reports how each of its connections ended.
+async fn start_reporting_echo() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Ending>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = start_service(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut n = 0;
+            let ending = loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) => break Ending::Fin(n),
+                    Ok(k) => {
+                        n += k;
+                        if let Err(e) = tcp.write_all(&buf[..k]).await {
+                            break if is_reset(&e) {
+                                Ending::Reset(n)
+                            } else {
+                                Ending::Error(n, e.to_string())
+                            };
+                        }
+                    }
+                    Err(e) if is_reset(&e) => break Ending::Reset(n),
+                    Err(e) => break Ending::Error(n, e.to_string()),
+                }
+            };
+            let _ = tx.send(ending);
+        }
+    })
+    .await;
+    (addr, rx)
+}
+
+/// A revoked connection is cut in both directions: the client's end and the
+/// destination's end each see a reset (an abort, not a clean end of data),
+/// for a connection of the client library and one through its port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_enforce_on_change_a_revoked_connection_is_cut() {
     init();
@@ -324,28 +362,60 @@ async fn with_enforce_on_change_a_revoked_connection_is_cut() {
     )
     .await;
     let _east = start_agent(&pki, "east", &server).await;
-    let echo = start_echo().await;
+    let (echo, mut dest_endings) = start_reporting_echo().await;
+    let target = Target::new("east", "127.0.0.1", echo.port());
     let client = workload_client(&pki, server.client_addr);
-    let mut io = client
-        .open_io(&Target::new("east", "127.0.0.1", echo.port()))
-        .await
-        .expect("allowed");
+    let mut io = client.open_io(&target).await.expect("allowed");
     echo_once(&mut io, b"allowed").await;
+    let port = forward_port(client.clone(), target.clone()).await;
+    let mut tcp = TcpStream::connect(port).await.unwrap();
+    tcp.write_all(b"allowed too").await.unwrap();
+    let mut back = [0u8; 11];
+    tokio::time::timeout(DEADLINE, tcp.read_exact(&mut back))
+        .await
+        .expect("echo through the port")
+        .unwrap();
     // A change that still allows it leaves it alone.
     tx.send_replace(Arc::new(
         parse_policy_text("test2", &allow("east")).unwrap(),
     ));
     echo_once(&mut io, b"still allowed").await;
     tx.send_replace(Arc::new(Policy::deny_all()));
+
+    let mut failures = Vec::new();
+    // The client library's connection.
     let mut buf = [0u8; 16];
     let res = tokio::time::timeout(DEADLINE, async {
         let _ = io.write_all(b"x").await;
         io.read(&mut buf).await
     })
-    .await
-    .expect("the connection ends");
-    assert!(
-        res.is_err() || res.unwrap() == 0,
-        "the revoked connection still answers"
-    );
+    .await;
+    match res {
+        Ok(Err(e)) if is_reset(&e) => {}
+        other => failures.push(format!(
+            "client library: the revoked connection's client end saw {other:?} instead of a reset"
+        )),
+    }
+    // The connection through the port: the app's TCP connection is reset.
+    let ending = read_ending(&mut tcp, DEADLINE).await;
+    if ending != Ending::Reset(0) {
+        failures.push(format!(
+            "port: the revoked connection's client end saw {ending:?} instead of a reset"
+        ));
+    }
+    // Both connections' destination ends are cut too, as aborts.
+    let mut ends = Vec::new();
+    while ends.len() < 2 {
+        match tokio::time::timeout(DEADLINE, dest_endings.recv()).await {
+            Ok(Some(ending)) => ends.push(ending),
+            _ => break,
+        }
+    }
+    if ends.len() < 2 || ends.iter().any(|e| !matches!(e, Ending::Reset(_))) {
+        failures.push(format!(
+            "destination ends of the 2 revoked connections: saw {ends:?}; {} still open {DEADLINE:?} after the revocation (each should see a reset)",
+            2 - ends.len()
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -1,5 +1,7 @@
-//! Data integrity and half-close through client -> server -> agent ->
-//! destination, in one process over real TLS on loopback.
+//! Data integrity, half-close and aborts through client -> server -> agent
+//! -> destination, in one process over real TLS on loopback: a FIN travels
+//! as a FIN, a reset as a reset, on the sidecar's port, its CONNECT and the
+//! client library's port.
 
 use std::time::{Duration, Instant};
 
@@ -118,4 +120,149 @@ async fn destination_closes_first_and_still_receives_everything() {
         Some(SIZE as f64),
         "{metrics}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Aborts: a reset (RST) from either end reaches the other end as a reset,
+// never as a clean end of data, on every path an app uses.
+
+/// Deadline of each step of the abort tests: only a hang misses it.
+const ABORT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A server, an agent of `east`, a sidecar (per-cluster port to `dest` and
+/// its proxy) and the client library's own port to `dest`.
+struct AbortPaths {
+    _pki: Pki,
+    _server: tunnel_server::Server,
+    _agent: tunnel_agent::Agent,
+    _sidecar: tunnel_sidecar::Sidecar,
+    sidecar_port: std::net::SocketAddr,
+    proxy: std::net::SocketAddr,
+    library_port: std::net::SocketAddr,
+    dest: std::net::SocketAddr,
+}
+
+impl AbortPaths {
+    async fn start(dest: std::net::SocketAddr) -> Self {
+        init();
+        let pki = Pki::new(&["east"], &["app"]);
+        let server = start_server(&pki).await;
+        let agent = start_agent(&pki, "east", &server).await;
+        let sidecar = start_sidecar(
+            &pki,
+            "app",
+            server.client_addr,
+            &[format!("east:127.0.0.1:{}", dest.port())],
+        )
+        .await;
+        let library_port = forward_port(
+            client(&pki, "app", server.client_addr),
+            Target::new("east", "127.0.0.1", dest.port()),
+        )
+        .await;
+        Self {
+            sidecar_port: sidecar.port_addrs[0],
+            proxy: sidecar.proxy_addr.expect("proxy"),
+            library_port,
+            dest,
+            _pki: pki,
+            _server: server,
+            _agent: agent,
+            _sidecar: sidecar,
+        }
+    }
+
+    const NAMES: [&'static str; 3] = [
+        "the sidecar's per-cluster port",
+        "the sidecar's CONNECT",
+        "the client library's port",
+    ];
+
+    /// A new connection to `dest` on path `i` of [`Self::NAMES`].
+    async fn open(&self, i: usize) -> TcpStream {
+        match i {
+            0 => TcpStream::connect(self.sidecar_port).await.unwrap(),
+            1 => {
+                let mut tcp = TcpStream::connect(self.proxy).await.unwrap();
+                connect_on(&mut tcp, "east", "127.0.0.1", self.dest.port())
+                    .await
+                    .expect("CONNECT answered 200");
+                tcp
+            }
+            _ => TcpStream::connect(self.library_port).await.unwrap(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_reaches_the_destination_as_a_reset() {
+    // The destination answers "ok" to the client's "hello" (so the client
+    // knows the whole path is up), then reads until the connection ends.
+    let (tx, mut endings) = tokio::sync::mpsc::unbounded_channel();
+    let dest = start_service(move |mut tcp| {
+        let tx = tx.clone();
+        async move {
+            let mut hello = [0u8; 5];
+            if tcp.read_exact(&mut hello).await.is_ok() && tcp.write_all(b"ok").await.is_ok() {
+                let _ = tx.send(read_ending(&mut tcp, ABORT_DEADLINE).await);
+            }
+        }
+    })
+    .await;
+    let paths = AbortPaths::start(dest).await;
+    let mut failures = Vec::new();
+    for (i, name) in AbortPaths::NAMES.iter().enumerate() {
+        let mut tcp = paths.open(i).await;
+        tcp.write_all(b"hello").await.unwrap();
+        let mut ok = [0u8; 2];
+        tokio::time::timeout(ABORT_DEADLINE, tcp.read_exact(&mut ok))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the destination answers"))
+            .unwrap();
+        reset(tcp);
+        let ending = tokio::time::timeout(ABORT_DEADLINE + Duration::from_secs(5), endings.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the destination reports"))
+            .expect("a report");
+        println!("{name}: the destination saw {ending:?}");
+        if ending != Ending::Reset(0) {
+            failures.push(format!(
+                "{name}: the client reset; the destination saw {ending:?} instead of a reset"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_reset_reaches_the_client_as_a_reset() {
+    // The destination greets, waits for the client's "ok", then resets.
+    let dest = start_service(|mut tcp| async move {
+        if tcp.write_all(b"hello").await.is_ok() {
+            let mut ok = [0u8; 2];
+            if tcp.read_exact(&mut ok).await.is_ok() {
+                reset(tcp);
+            }
+        }
+    })
+    .await;
+    let paths = AbortPaths::start(dest).await;
+    let mut failures = Vec::new();
+    for (i, name) in AbortPaths::NAMES.iter().enumerate() {
+        let mut tcp = paths.open(i).await;
+        let mut hello = [0u8; 5];
+        tokio::time::timeout(ABORT_DEADLINE, tcp.read_exact(&mut hello))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the destination greets"))
+            .unwrap();
+        tcp.write_all(b"ok").await.unwrap();
+        let ending = read_ending(&mut tcp, ABORT_DEADLINE).await;
+        println!("{name}: the client saw {ending:?}");
+        if ending != Ending::Reset(0) {
+            failures.push(format!(
+                "{name}: the destination reset; the client saw {ending:?} instead of a reset"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -370,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             },
             ..Default::default()
         },
+        limits: tunnel_server::Limits::default(),
     })
     .await?;
     let mut clusters = Vec::new();
