@@ -124,7 +124,7 @@ pub fn desired_objects(
     let server = &config.spec.server;
     let mut out = vec![service_account(names)];
     if server.authorization == Authorization::Kubernetes {
-        out.extend(server_rbac(names));
+        out.extend(server_rbac(server, names));
     }
     out.push(headless_service(server, names));
     out.push(agent_service(server, names));
@@ -146,18 +146,25 @@ fn service_account(names: &HubNames) -> Value {
     })
 }
 
-/// The servers read TunnelPolicy objects and check sidecars' tokens: nothing more.
-fn server_rbac(names: &HubNames) -> [Value; 2] {
+/// The servers read TunnelPolicy objects (and write their `Accepted`
+/// condition), check sidecars' tokens, and with open-cluster-management read
+/// the clusters' labels and sets: nothing more.
+fn server_rbac(server: &ServerSpec, names: &HubNames) -> [Value; 2] {
     let name = names.server();
+    let mut rules = vec![
+        json!({ "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies"], "verbs": ["get", "list", "watch"] }),
+        json!({ "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies/status"], "verbs": ["patch"] }),
+        json!({ "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] }),
+    ];
+    if server.clusters_from_open_cluster_management {
+        rules.push(json!({ "apiGroups": ["cluster.open-cluster-management.io"], "resources": ["managedclusters", "managedclustersets"], "verbs": ["get", "list", "watch"] }));
+    }
     [
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": names.meta(&name, false, None),
-            "rules": [
-                { "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies"], "verbs": ["get", "list", "watch"] },
-                { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
-            ],
+            "rules": rules,
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -275,6 +282,9 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
     match server.authorization {
         Authorization::Kubernetes => {
             args.extend(["--policy-kubernetes".into(), "--token-review".into()]);
+            if server.clusters_from_open_cluster_management {
+                args.push("--clusters-from-ocm".into());
+            }
         }
         Authorization::AllowAll => args.push("--allow-all".into()),
     }

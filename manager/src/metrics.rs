@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 /// Label: a controller and how its reconciliation ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabel {
-    /// `hub`, `clusters`, `namespaces`.
+    /// `hub`, `addons`, `csr`, `namespaces`.
     pub controller: &'static str,
     /// `ok` or `error`.
     pub result: &'static str,

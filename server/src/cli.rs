@@ -170,6 +170,11 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub cluster_labels: Vec<String>,
+    /// With --policy-kubernetes: also follow open-cluster-management's
+    /// ManagedClusters and ManagedClusterSets, so that policies select clusters
+    /// by their own labels (matchLabels) and by cluster set (clusterSet).
+    #[arg(long, env = "TUNNEL_CLUSTERS_FROM_OCM", requires = "policy_kubernetes")]
+    pub clusters_from_ocm: bool,
     /// Cut open connections that a changed policy no longer allows.
     #[arg(long, env = "TUNNEL_ENFORCE_ON_CHANGE")]
     pub enforce_on_change: bool,
@@ -254,6 +259,7 @@ impl RunArgs {
         let auth = AuthConfig {
             policy,
             cluster_labels,
+            clusters_from_ocm: self.clusters_from_ocm,
             enforce_on_change: self.enforce_on_change,
             token_review: self.token_review.then(|| crate::authn::TokenReviewConfig {
                 audiences: self.token_audiences.clone(),

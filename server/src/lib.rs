@@ -8,7 +8,8 @@
 //! - [`pool`]: the connected agents by cluster, and how one is picked.
 //! - [`policy`]: who may reach which clusters and destinations (the
 //!   `TunnelPolicy` resource and the standalone policy file);
-//!   [`policy_watch`]: `TunnelPolicy` objects followed with kube-runtime.
+//!   [`policy_watch`]: `TunnelPolicy` objects followed with kube-runtime;
+//!   [`ocm_clusters`]: open-cluster-management clusters' labels and sets.
 //! - [`authn`]: the caller's identity: its certificate, or a service-account
 //!   token checked with the Kubernetes `TokenReview` API.
 //! - [`metrics`]: Prometheus metrics, served on the admin port with
@@ -22,6 +23,7 @@ pub mod agents;
 pub mod authn;
 pub mod cli;
 pub mod metrics;
+pub mod ocm_clusters;
 pub mod policy;
 pub mod policy_watch;
 pub mod pool;
@@ -141,6 +143,8 @@ pub struct AuthConfig {
     pub policy: PolicySource,
     /// Labels of each cluster, for policies that select clusters by label.
     pub cluster_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// With a Kubernetes policy: clusters' labels and sets from open-cluster-management.
+    pub clusters_from_ocm: bool,
     /// Cut open connections that a changed policy no longer allows.
     pub enforce_on_change: bool,
     /// Validate service-account tokens with the TokenReview API.
@@ -264,7 +268,11 @@ impl Server {
             }
             PolicySource::Kubernetes => {
                 let client = kube_client.clone().expect("created above");
-                let (rx, task) = policy_watch::watch_policies(client, metrics.clone());
+                let (rx, task) = policy_watch::watch_policies(
+                    client,
+                    metrics.clone(),
+                    config.auth.clusters_from_ocm,
+                );
                 tasks.push(task);
                 Some(rx)
             }
