@@ -21,6 +21,9 @@ use crate::stream::{Open, Opened, read_answer};
 
 /// Default time allowed to connect to a server (TCP + TLS + HTTP/2).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed attempt to reach the servers answers for later callers.
+const FAILED_DIAL_REUSE: Duration = Duration::from_secs(1);
+
 /// Default time allowed from `Open` to the tunnel's answer.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -138,6 +141,9 @@ pub struct TunnelClient {
     token: Option<TokenFile>,
     conn: tokio::sync::Mutex<Option<H2Client>>,
     next_server: std::sync::atomic::AtomicUsize,
+    /// The last failed attempt to reach any server: callers that queued
+    /// behind it get its error at once instead of dialing again.
+    last_failure: std::sync::Mutex<Option<(std::time::Instant, TunnelError)>>,
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -198,6 +204,7 @@ impl TunnelClient {
             opts,
             conn: tokio::sync::Mutex::new(None),
             next_server: std::sync::atomic::AtomicUsize::new(0),
+            last_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -219,6 +226,13 @@ impl TunnelClient {
             return Ok(ch.clone());
         }
         *guard = None;
+        // A dial that just failed (perhaps while we waited for the lock)
+        // answers for everyone who asked meanwhile.
+        if let Some((at, err)) = &*self.last_failure.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < FAILED_DIAL_REUSE
+        {
+            return Err(err.clone());
+        }
         let n = self.opts.servers.len();
         if n == 0 {
             return Err(TunnelError::new(
@@ -251,10 +265,13 @@ impl TunnelClient {
                 }
             }
         }
-        Err(TunnelError::new(
+        let err = TunnelError::new(
             ErrorCode::TunnelBroken,
             format!("no tunnel server reachable: {}", last.unwrap_or_default()),
-        ))
+        );
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), err.clone()));
+        Err(err)
     }
 
     async fn dial(&self, addr: &str) -> Result<H2Client, String> {
@@ -317,7 +334,17 @@ impl TunnelClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ch = self.channel().await?;
+            let ch = tokio::time::timeout(self.opts.open_timeout, self.channel())
+                .await
+                .map_err(|_| {
+                    TunnelError::new(
+                        ErrorCode::TunnelBroken,
+                        format!(
+                            "no connection to a tunnel server within {:?}",
+                            self.opts.open_timeout
+                        ),
+                    )
+                })??;
             match tokio::time::timeout(self.opts.open_timeout, attempt_fn(ch)).await {
                 Ok(Err(err)) if attempt < 2 && err.code.is_retryable_on_other_agent() => {
                     // A connection that failed was marked and is replaced by

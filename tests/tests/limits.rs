@@ -127,3 +127,50 @@ async fn the_idle_timeout_resets_a_silent_connection_and_spares_a_busy_one() {
         Ok(n) => panic!("the silent connection ended with a clean read of {n} bytes, not a reset"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_waiting_on_a_silent_server_share_one_dial_and_all_get_the_error() {
+    init();
+    let pki = Pki::new(&["east"], &["app"]);
+    // A "server" that accepts TCP but never answers the TLS handshake.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let client = std::sync::Arc::new(tunnel_proto::client::TunnelClient::new(
+        tunnel_proto::client::ClientOptions {
+            servers: vec![addr.to_string()],
+            server_name: Some("localhost".into()),
+            tls: tunnel_proto::tls::ClientTls::client(pki.files("client-app")).unwrap(),
+            h2: tunnel_proto::h2::H2Settings::default(),
+            connect_timeout: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(30),
+            token_file: None,
+        },
+    ));
+    let target = Target::new("east", "127.0.0.1", 9);
+    let opens: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            let target = target.clone();
+            tokio::spawn(async move { client.open_io(&target).await.map(|_| ()) })
+        })
+        .collect();
+    for open in opens {
+        let err = tokio::time::timeout(Duration::from_secs(20), open)
+            .await
+            .expect("every open is answered")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::TunnelBroken, "{err}");
+    }
+    // One dial answered all five: they did not queue one dial each.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
