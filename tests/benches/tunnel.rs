@@ -195,6 +195,33 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+impl RoleProc {
+    /// The last `n` lines of the process's log.
+    fn tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl System {
+    /// Prints the last log lines of every tunnel process (after a failure).
+    fn print_logs(&self, what: &str) {
+        for (name, p) in [
+            ("server", Some(&self.server)),
+            ("agent", Some(&self.agent)),
+            ("sidecar", self.sidecar.as_ref()),
+        ] {
+            if let Some(p) = p {
+                eprintln!(
+                    "[{what}] ----- {name} log (last lines) -----\n{}",
+                    p.tail(20)
+                );
+            }
+        }
+    }
+}
+
 impl Drop for RoleProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -613,6 +640,12 @@ impl System {
         )
         .await;
         let client_addr = server.client_addr;
+        // The agent is ready once its tunnel is up, which can be a round trip
+        // before the server lists it: wait for the server.
+        let lister = client(pki, "bench", client_addr);
+        if let Err(e) = wait_agents(&lister, 1).await {
+            panic!("{e}");
+        }
         let (sidecar, sidecar_ports) = match services {
             None => (None, None),
             Some(sv) => {
@@ -1062,6 +1095,7 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
         }
     }
     if !messages.is_empty() {
+        sys.print_logs("stalled_1000");
         out.push(("stalled_1000_message", Extra::Text(messages.join("; "))));
     }
 
@@ -1123,6 +1157,9 @@ async fn timed_download(ep: Endpoint) -> Result<f64, String> {
             Ok(n) => got += n as u64,
             Err(e) => return Err(format!("read after {got} bytes: {e}")),
         }
+    }
+    if got == 0 {
+        return Err("the connection ended before any data".into());
     }
     Ok(gbps(got, start.elapsed()))
 }
@@ -1188,6 +1225,9 @@ async fn wan(pki: &Pki, services: &Services) -> Extras {
         within("tunnel down", WAN_DEADLINE, timed_download(path.source)).await,
     )
     .await;
+    if tunnel_up.is_none() || tunnel_down.is_none() {
+        sys.print_logs("wan");
+    }
     drop(sys);
 
     let ratio = |t: Option<f64>, d: Option<f64>| match (t, d) {
