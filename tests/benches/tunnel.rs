@@ -74,7 +74,8 @@ const SCALE_CONNS: usize = 10_000;
 /// Connections opened at once while building up the load.
 const SCALE_OPEN_CONCURRENCY: usize = 200;
 const SCALE_FIRST_BYTE_CONNS: usize = 1000;
-const SCALE_IDLE: Duration = Duration::from_secs(5);
+/// Covers one whole keepalive interval (pings every 10 s by default).
+const SCALE_IDLE: Duration = Duration::from_secs(10);
 const SCALE_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() {
@@ -118,6 +119,23 @@ fn run_role(role: &str) {
                     std::iter::once("tunnel-sidecar".to_string()).chain(args),
                 );
                 tunnel_sidecar::main(cli).await
+            }
+            // An echo service in a process of its own (`ADDR` as the only
+            // argument), so that its sockets do not count against this
+            // process's descriptor limit.
+            "echo" => {
+                let addr = args.first().cloned().unwrap_or_default();
+                let listener = SocketBuffers::default()
+                    .listen_on(addr.parse()?)
+                    .map_err(|e| anyhow::anyhow!("echo cannot listen on {addr}: {e}"))?;
+                while let Ok((mut tcp, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        let (mut r, mut w) = tcp.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+                Ok(())
             }
             other => Err(anyhow::anyhow!("unknown role {other}")),
         }
@@ -908,6 +926,15 @@ fn kernel_tcp_mib() -> f64 {
     pages * 4096.0 / (1024.0 * 1024.0)
 }
 
+/// The kernel's TCP memory pressure threshold (`tcp_mem[1]`, MiB).
+fn kernel_tcp_pressure_mib() -> f64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
+        .unwrap_or(f64::MAX)
+}
+
 /// One bulk transfer through the sidecar's port beside 1,000 stalled
 /// connections (half whose destination never reads, half whose client never
 /// reads; each half split between the sidecar's port and CONNECT), as a
@@ -997,6 +1024,16 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     loop {
         let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
         if settled >= total {
+            break;
+        }
+        // Stalled sockets keep their (autotuned) kernel buffers full: stop
+        // before the kernel's TCP memory pressure, which would slow every
+        // TCP socket of the machine, not only ours.
+        let kernel = kernel_tcp_mib();
+        if kernel > 0.9 * kernel_tcp_pressure_mib() {
+            fill_message = Some(format!(
+                "the kernel's TCP memory reached {kernel:.0} MiB (90% of its pressure threshold) with {settled} of {total} stalled connections settled; fill stopped"
+            ));
             break;
         }
         let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
@@ -1287,8 +1324,14 @@ async fn wait_agents(client: &tunnel_proto::client::TunnelClient, n: usize) -> R
 /// (client library, spread over every cluster, to an idle echo).
 async fn scale(services: &Services) -> Extras {
     // This process: the agents' tunnels and admin ports, and per connection
-    // the agent's dial and the echo's end.
-    ensure_fd_limit((3 * SCALE_CONNS + 3 * SCALE_AGENTS + 8192) as u64);
+    // the agent's dial. The echo runs in a process of its own: hard limits
+    // of 20,000 descriptors are common and cannot be raised without
+    // CAP_SYS_RESOURCE (not even by root in a container).
+    ensure_fd_limit((SCALE_CONNS + 3 * SCALE_AGENTS + 4096) as u64);
+    let echo_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let echo_dir = tempfile::tempdir().unwrap();
+    let _echo = RoleProc::spawn("echo", &[echo_addr.to_string()], echo_dir.path());
+    wait_listening(echo_addr, "the echo process").await;
     let mut out = Extras::new();
     let mut messages = Vec::new();
     let names: Vec<String> = (0..SCALE_CLUSTERS)
@@ -1340,11 +1383,7 @@ async fn scale(services: &Services) -> Extras {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(SCALE_CONNS);
     for i in 0..SCALE_CONNS {
-        let target = Target::new(
-            &names[i % SCALE_CLUSTERS],
-            "127.0.0.1",
-            services.echo.port(),
-        );
+        let target = Target::new(&names[i % SCALE_CLUSTERS], "127.0.0.1", echo_addr.port());
         let (client, gate) = (client.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.unwrap();
