@@ -57,6 +57,14 @@ const STALL_BLOCKED_AFTER: Duration = Duration::from_secs(1);
 const STALL_FILL_LIMIT: u64 = 128 << 20;
 /// Kernel buffers of the bench's own ends of stalled connections.
 const STALL_OWN_BUFFER: u32 = 32 * 1024;
+/// Stalled connections are filled at [`STALL_CHUNK`] per [`STALL_PACE`]
+/// (3.2 MB/s each): written at full speed, the tunnel's app-facing sockets
+/// read fast at first, Linux autotunes their receive buffers to ~1.3 MiB
+/// each, and 1,000 full ones bring the kernel's TCP memory close to its
+/// pressure threshold (slowing every socket of the machine). Paced, they
+/// keep their initial size; the tunnel's own buffering is the same.
+const STALL_CHUNK: usize = 16 * 1024;
+const STALL_PACE: Duration = Duration::from_millis(5);
 /// The fill stops (and says so) if the tunnel's processes grow beyond this.
 const STALL_RSS_LIMIT_KIB: u64 = 6 << 20;
 const STALL_FIRST_BYTE_CONNS: usize = 200;
@@ -347,13 +355,14 @@ impl StallCounters {
 }
 
 /// Writes into `tcp` whenever it takes bytes until `stop` or a failure,
-/// counting into `c`; returns the socket (to be reset).
+/// counting into `c`; returns the socket (to be reset). Paced (see
+/// [`STALL_PACE`]).
 async fn keep_full(
     mut tcp: TcpStream,
     c: Arc<StallCounters>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> TcpStream {
-    let chunk = vec![0x5au8; 64 * 1024];
+    let chunk = vec![0x5au8; STALL_CHUNK];
     let mut total = 0u64;
     let mut reported = false;
     while total <= STALL_FILL_LIMIT {
@@ -374,6 +383,7 @@ async fn keep_full(
                 }
             },
         }
+        tokio::time::sleep(STALL_PACE).await;
     }
     c.unbounded.fetch_add(1, Ordering::SeqCst);
     let _ = stop.wait_for(|s| *s).await;
@@ -1358,6 +1368,8 @@ async fn scale(services: &Services) -> Extras {
         )
         .await,
     );
+    // Warm-up, not measured.
+    let _ = within("warm-up", SCALE_DEADLINE, first_byte_n(hello, 100)).await;
     let unloaded = within(
         "unloaded first byte",
         SCALE_DEADLINE,
