@@ -57,6 +57,14 @@ const STALL_BLOCKED_AFTER: Duration = Duration::from_secs(1);
 const STALL_FILL_LIMIT: u64 = 128 << 20;
 /// Kernel buffers of the bench's own ends of stalled connections.
 const STALL_OWN_BUFFER: u32 = 32 * 1024;
+/// Stalled connections are filled at [`STALL_CHUNK`] per [`STALL_PACE`]
+/// (3.2 MB/s each): written at full speed, the tunnel's app-facing sockets
+/// read fast at first, Linux autotunes their receive buffers to ~1.3 MiB
+/// each, and 1,000 full ones bring the kernel's TCP memory close to its
+/// pressure threshold (slowing every socket of the machine). Paced, they
+/// keep their initial size; the tunnel's own buffering is the same.
+const STALL_CHUNK: usize = 16 * 1024;
+const STALL_PACE: Duration = Duration::from_millis(5);
 /// The fill stops (and says so) if the tunnel's processes grow beyond this.
 const STALL_RSS_LIMIT_KIB: u64 = 6 << 20;
 const STALL_FIRST_BYTE_CONNS: usize = 200;
@@ -74,7 +82,8 @@ const SCALE_CONNS: usize = 10_000;
 /// Connections opened at once while building up the load.
 const SCALE_OPEN_CONCURRENCY: usize = 200;
 const SCALE_FIRST_BYTE_CONNS: usize = 1000;
-const SCALE_IDLE: Duration = Duration::from_secs(5);
+/// Covers one whole keepalive interval (pings every 10 s by default).
+const SCALE_IDLE: Duration = Duration::from_secs(10);
 const SCALE_DEADLINE: Duration = Duration::from_secs(300);
 
 fn main() {
@@ -118,6 +127,23 @@ fn run_role(role: &str) {
                     std::iter::once("tunnel-sidecar".to_string()).chain(args),
                 );
                 tunnel_sidecar::main(cli).await
+            }
+            // An echo service in a process of its own (`ADDR` as the only
+            // argument), so that its sockets do not count against this
+            // process's descriptor limit.
+            "echo" => {
+                let addr = args.first().cloned().unwrap_or_default();
+                let listener = SocketBuffers::default()
+                    .listen_on(addr.parse()?)
+                    .map_err(|e| anyhow::anyhow!("echo cannot listen on {addr}: {e}"))?;
+                while let Ok((mut tcp, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        let (mut r, mut w) = tcp.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+                Ok(())
             }
             other => Err(anyhow::anyhow!("unknown role {other}")),
         }
@@ -193,6 +219,33 @@ fn clock_ticks() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+impl RoleProc {
+    /// The last `n` lines of the process's log.
+    fn tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl System {
+    /// Prints the last log lines of every tunnel process (after a failure).
+    fn print_logs(&self, what: &str) {
+        for (name, p) in [
+            ("server", Some(&self.server)),
+            ("agent", Some(&self.agent)),
+            ("sidecar", self.sidecar.as_ref()),
+        ] {
+            if let Some(p) = p {
+                eprintln!(
+                    "[{what}] ----- {name} log (last lines) -----\n{}",
+                    p.tail(20)
+                );
+            }
+        }
+    }
 }
 
 impl Drop for RoleProc {
@@ -302,13 +355,14 @@ impl StallCounters {
 }
 
 /// Writes into `tcp` whenever it takes bytes until `stop` or a failure,
-/// counting into `c`; returns the socket (to be reset).
+/// counting into `c`; returns the socket (to be reset). Paced (see
+/// [`STALL_PACE`]).
 async fn keep_full(
     mut tcp: TcpStream,
     c: Arc<StallCounters>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> TcpStream {
-    let chunk = vec![0x5au8; 64 * 1024];
+    let chunk = vec![0x5au8; STALL_CHUNK];
     let mut total = 0u64;
     let mut reported = false;
     while total <= STALL_FILL_LIMIT {
@@ -329,6 +383,7 @@ async fn keep_full(
                 }
             },
         }
+        tokio::time::sleep(STALL_PACE).await;
     }
     c.unbounded.fetch_add(1, Ordering::SeqCst);
     let _ = stop.wait_for(|s| *s).await;
@@ -613,6 +668,12 @@ impl System {
         )
         .await;
         let client_addr = server.client_addr;
+        // The agent is ready once its tunnel is up, which can be a round trip
+        // before the server lists it: wait for the server.
+        let lister = client(pki, "bench", client_addr);
+        if let Err(e) = wait_agents(&lister, 1).await {
+            panic!("{e}");
+        }
         let (sidecar, sidecar_ports) = match services {
             None => (None, None),
             Some(sv) => {
@@ -881,6 +942,15 @@ fn kernel_tcp_mib() -> f64 {
     pages * 4096.0 / (1024.0 * 1024.0)
 }
 
+/// The kernel's TCP memory pressure threshold (`tcp_mem[1]`, MiB).
+fn kernel_tcp_pressure_mib() -> f64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
+        .unwrap_or(f64::MAX)
+}
+
 /// One bulk transfer through the sidecar's port beside 1,000 stalled
 /// connections (half whose destination never reads, half whose client never
 /// reads; each half split between the sidecar's port and CONNECT), as a
@@ -970,6 +1040,16 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     loop {
         let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
         if settled >= total {
+            break;
+        }
+        // Stalled sockets keep their (autotuned) kernel buffers full: stop
+        // before the kernel's TCP memory pressure, which would slow every
+        // TCP socket of the machine, not only ours.
+        let kernel = kernel_tcp_mib();
+        if kernel > 0.9 * kernel_tcp_pressure_mib() {
+            fill_message = Some(format!(
+                "the kernel's TCP memory reached {kernel:.0} MiB (90% of its pressure threshold) with {settled} of {total} stalled connections settled; fill stopped"
+            ));
             break;
         }
         let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
@@ -1068,6 +1148,7 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
         }
     }
     if !messages.is_empty() {
+        sys.print_logs("stalled_1000");
         out.push(("stalled_1000_message", Extra::Text(messages.join("; "))));
     }
 
@@ -1129,6 +1210,9 @@ async fn timed_download(ep: Endpoint) -> Result<f64, String> {
             Ok(n) => got += n as u64,
             Err(e) => return Err(format!("read after {got} bytes: {e}")),
         }
+    }
+    if got == 0 {
+        return Err("the connection ended before any data".into());
     }
     Ok(gbps(got, start.elapsed()))
 }
@@ -1194,6 +1278,9 @@ async fn wan(pki: &Pki, services: &Services) -> Extras {
         within("tunnel down", WAN_DEADLINE, timed_download(path.source)).await,
     )
     .await;
+    if tunnel_up.is_none() || tunnel_down.is_none() {
+        sys.print_logs("wan");
+    }
     drop(sys);
 
     let ratio = |t: Option<f64>, d: Option<f64>| match (t, d) {
@@ -1253,8 +1340,14 @@ async fn wait_agents(client: &tunnel_proto::client::TunnelClient, n: usize) -> R
 /// (client library, spread over every cluster, to an idle echo).
 async fn scale(services: &Services) -> Extras {
     // This process: the agents' tunnels and admin ports, and per connection
-    // the agent's dial and the echo's end.
-    ensure_fd_limit((3 * SCALE_CONNS + 3 * SCALE_AGENTS + 8192) as u64);
+    // the agent's dial. The echo runs in a process of its own: hard limits
+    // of 20,000 descriptors are common and cannot be raised without
+    // CAP_SYS_RESOURCE (not even by root in a container).
+    ensure_fd_limit((SCALE_CONNS + 3 * SCALE_AGENTS + 4096) as u64);
+    let echo_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let echo_dir = tempfile::tempdir().unwrap();
+    let _echo = RoleProc::spawn("echo", &[echo_addr.to_string()], echo_dir.path());
+    wait_listening(echo_addr, "the echo process").await;
     let mut out = Extras::new();
     let mut messages = Vec::new();
     let names: Vec<String> = (0..SCALE_CLUSTERS)
@@ -1281,6 +1374,8 @@ async fn scale(services: &Services) -> Extras {
         )
         .await,
     );
+    // Warm-up, not measured.
+    let _ = within("warm-up", SCALE_DEADLINE, first_byte_n(hello, 100)).await;
     let unloaded = within(
         "unloaded first byte",
         SCALE_DEADLINE,
@@ -1306,11 +1401,7 @@ async fn scale(services: &Services) -> Extras {
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(SCALE_CONNS);
     for i in 0..SCALE_CONNS {
-        let target = Target::new(
-            &names[i % SCALE_CLUSTERS],
-            "127.0.0.1",
-            services.echo.port(),
-        );
+        let target = Target::new(&names[i % SCALE_CLUSTERS], "127.0.0.1", echo_addr.port());
         let (client, gate) = (client.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.unwrap();

@@ -1259,10 +1259,15 @@ impl SocketBuffers {
 
     /// A loopback listener whose accepted connections have these buffers.
     pub fn listen(&self) -> std::io::Result<TcpListener> {
+        self.listen_on(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// A listener on `addr` whose accepted connections have these buffers.
+    pub fn listen_on(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let socket = tokio::net::TcpSocket::new_v4()?;
         socket.set_reuseaddr(true)?;
         self.apply(&socket)?;
-        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        socket.bind(addr)?;
         socket.listen(4096)
     }
 }

@@ -190,6 +190,9 @@ async fn direction(
         failed.notify_one();
         let stream: &TcpStream = output.as_ref();
         let _ = stream.set_zero_linger();
+        // Dropping a write half would send a FIN first; the socket closes
+        // (with a reset) when the other direction drops the read half.
+        output.forget();
     }
     clean
 }

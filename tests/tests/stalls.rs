@@ -17,7 +17,7 @@
 //! a freeze misses it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,11 +74,13 @@ enum Fill {
 type Events = mpsc::UnboundedSender<(usize, Fill)>;
 
 /// Writes into `w` whenever it takes bytes, until `stop` or a failure;
-/// reports to `events` as connection `i`. Returns the writer.
+/// reports to `events` as connection `i` and adds what it wrote to
+/// `progress`. Returns the writer.
 async fn keep_writing<W: AsyncWrite + Unpin>(
     mut w: W,
     i: usize,
     events: Events,
+    progress: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) -> W {
     let chunk = vec![0x5au8; CHUNK];
@@ -88,7 +90,10 @@ async fn keep_writing<W: AsyncWrite + Unpin>(
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return w,
             res = tokio::time::timeout(BLOCKED_AFTER, w.write(&chunk)) => match res {
-                Ok(Ok(n)) => total += n as u64,
+                Ok(Ok(n)) => {
+                    total += n as u64;
+                    progress.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Ok(Err(e)) => {
                     let _ = events.send((i, Fill::Cut(total, e.to_string())));
                     return w;
@@ -130,6 +135,48 @@ async fn first_reports(
         }
     }
     first
+}
+
+/// Waits until the writers counted by `progress` all stopped making
+/// progress (every stalled connection full at once); a failure if they
+/// never do within [`FILL_DEADLINE`].
+async fn settle(what: &str, progress: &AtomicU64, failures: &mut Vec<String>) {
+    let until = tokio::time::Instant::now() + FILL_DEADLINE;
+    let mut last = progress.load(Ordering::Relaxed);
+    let mut quiet_since = tokio::time::Instant::now();
+    while quiet_since.elapsed() < 2 * BLOCKED_AFTER {
+        if tokio::time::Instant::now() > until {
+            failures.push(format!(
+                "{what}: still taking data after {FILL_DEADLINE:?} ({last} bytes in all)"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = progress.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = tokio::time::Instant::now();
+        }
+    }
+    println!(
+        "{what}: {:.1} MiB in all when full",
+        last as f64 / (1024.0 * 1024.0)
+    );
+}
+
+/// Waits until `count` reaches `n`; a failure if not within [`DEADLINE`].
+async fn reached(what: &str, count: &AtomicUsize, n: usize, failures: &mut Vec<String>) {
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while count.load(Ordering::SeqCst) < n {
+        if tokio::time::Instant::now() > until {
+            failures.push(format!(
+                "{} of {n} {what} reached the destination within {DEADLINE:?}",
+                count.load(Ordering::SeqCst)
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Checks the first reports: every connection blocked, none failed or
@@ -231,6 +278,9 @@ struct Flood {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     events: mpsc::UnboundedReceiver<(usize, Fill)>,
+    /// Bytes written by all the flood's writers.
+    progress: Arc<AtomicU64>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Flood {
@@ -244,18 +294,26 @@ impl Flood {
         let addr = listener.local_addr().unwrap();
         let (stop, stop_rx) = watch::channel(false);
         let (tx, events) = mpsc::unbounded_channel();
+        let progress = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (p, a) = (progress.clone(), accepted.clone());
         tokio::spawn(async move {
-            let mut i = 0;
             while let Ok((tcp, _)) = listener.accept().await {
-                let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
+                let i = a.fetch_add(1, Ordering::SeqCst);
+                let (tx, stop_rx, p) = (tx.clone(), stop_rx.clone(), p.clone());
                 tokio::spawn(async move {
-                    let tcp = keep_writing(tcp, i, tx, stop_rx).await;
+                    let tcp = keep_writing(tcp, i, tx, p, stop_rx).await;
                     reset(tcp);
                 });
-                i += 1;
             }
         });
-        Self { addr, stop, events }
+        Self {
+            addr,
+            stop,
+            events,
+            progress,
+            accepted,
+        }
     }
 }
 
@@ -607,12 +665,13 @@ async fn sixty_four_stalled_destinations_leave_other_connections_alone() {
             recv: None,
         },
     );
+    let progress = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..STALLED)
         .map(|i| {
-            let (tx, stop_rx) = (tx.clone(), stop_rx.clone());
+            let (tx, stop_rx, progress) = (tx.clone(), stop_rx.clone(), progress.clone());
             tokio::spawn(async move {
                 match opener.open(i % 2 == 1).await {
-                    Ok(tcp) => Some(keep_writing(tcp, i, tx, stop_rx).await),
+                    Ok(tcp) => Some(keep_writing(tcp, i, tx, progress, stop_rx).await),
                     Err(e) => {
                         let _ = tx.send((i, Fill::Cut(0, e)));
                         None
@@ -623,12 +682,14 @@ async fn sixty_four_stalled_destinations_leave_other_connections_alone() {
         .collect();
     let reports = first_reports(&mut events, STALLED, FILL_DEADLINE).await;
     judge_fill("stalled connections", &reports, &mut failures);
-    let reached = hub.never_reads.accepted.load(Ordering::SeqCst);
-    if reached != STALLED {
-        failures.push(format!(
-            "{reached} of {STALLED} stalled connections reached the destination"
-        ));
-    }
+    reached(
+        "stalled connections",
+        &hub.never_reads.accepted,
+        STALLED,
+        &mut failures,
+    )
+    .await;
+    settle("stalled connections", &progress, &mut failures).await;
 
     sidecar_connections_work(&mut hub, &mut failures).await;
     judge_later("stalled connection", &mut events, &mut failures);
@@ -674,6 +735,14 @@ async fn sixty_four_stalled_clients_leave_other_connections_alone() {
         &reports,
         &mut failures,
     );
+    reached(
+        "stalled clients",
+        &hub.flood.accepted,
+        STALLED,
+        &mut failures,
+    )
+    .await;
+    settle("stalled clients", &hub.flood.progress, &mut failures).await;
 
     sidecar_connections_work(&mut hub, &mut failures).await;
     judge_later(
@@ -703,13 +772,19 @@ async fn stalled_connections_of_the_client_library_leave_its_other_connections_a
     let (tx, mut events) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
     let never = hub.east(hub.never_reads.addr);
+    let progress = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..STALLED)
         .map(|i| {
-            let (tx, stop_rx, lib, never) =
-                (tx.clone(), stop_rx.clone(), hub.lib.clone(), never.clone());
+            let (tx, stop_rx, lib, never, progress) = (
+                tx.clone(),
+                stop_rx.clone(),
+                hub.lib.clone(),
+                never.clone(),
+                progress.clone(),
+            );
             tokio::spawn(async move {
                 match lib.open_io(&never).await {
-                    Ok(io) => drop(keep_writing(io, i, tx, stop_rx).await),
+                    Ok(io) => drop(keep_writing(io, i, tx, progress, stop_rx).await),
                     Err(e) => {
                         let _ = tx.send((i, Fill::Cut(0, format!("open: {e}"))));
                     }
@@ -740,6 +815,22 @@ async fn stalled_connections_of_the_client_library_leave_its_other_connections_a
         &reports,
         &mut failures,
     );
+    reached(
+        "stalled writers",
+        &hub.never_reads.accepted,
+        STALLED,
+        &mut failures,
+    )
+    .await;
+    reached(
+        "stalled readers",
+        &hub.flood.accepted,
+        STALLED,
+        &mut failures,
+    )
+    .await;
+    settle("stalled writers", &progress, &mut failures).await;
+    settle("stalled readers", &hub.flood.progress, &mut failures).await;
 
     let lib = hub.lib.clone();
     let (echo, port_echo) = (hub.east(hub.echo), hub.port(PORT_ECHO));
