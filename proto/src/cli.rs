@@ -77,9 +77,9 @@ pub struct FlowArgs {
     /// reach on a long fat link; also the most one stalled stream may hold.
     #[arg(long, env = "TUNNEL_MAX_STREAM_WINDOW", default_value = "16MiB", value_parser = parse_window)]
     pub max_stream_window: u32,
-    /// What the open streams of one tunnel connection may hold together
-    /// before their windows shrink towards --min-stream-window.
-    #[arg(long, env = "TUNNEL_WINDOW_BUDGET", default_value = "256MiB", value_parser = parse_bytes)]
+    /// What the open streams of one tunnel connection may hold together, at
+    /// most: beyond it new streams are refused (resource_exhausted). At most 1536MiB.
+    #[arg(long, env = "TUNNEL_WINDOW_BUDGET", default_value = "1GiB", value_parser = parse_bytes)]
     pub window_budget: u64,
     /// Streams the peer may open on one tunnel connection.
     #[arg(long, env = "TUNNEL_MAX_STREAMS_PER_CONNECTION", default_value_t = crate::h2::DEFAULT_MAX_CONCURRENT_STREAMS)]
@@ -94,6 +94,14 @@ impl FlowArgs {
     ) -> Result<crate::h2::H2Settings, String> {
         if self.min_stream_window > self.max_stream_window {
             return Err("--min-stream-window is larger than --max-stream-window".into());
+        }
+        if !(u64::from(self.max_stream_window)..=crate::h2::MAX_WINDOW_BUDGET)
+            .contains(&self.window_budget)
+        {
+            return Err(format!(
+                "--window-budget must be between --max-stream-window and {} bytes (1536MiB)",
+                crate::h2::MAX_WINDOW_BUDGET
+            ));
         }
         Ok(crate::h2::H2Settings {
             stream_window: self.stream_window,
@@ -212,5 +220,43 @@ mod tests {
         );
         assert!(parse_duration("10y").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("256KiB").unwrap(), 256 * 1024);
+        assert_eq!(parse_bytes("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("16MB").unwrap_err().contains("unknown unit"));
+        assert!(parse_window("512").unwrap_err().contains("between"));
+    }
+
+    #[test]
+    fn flow_flags_refuse_a_budget_the_connection_window_cannot_hold() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flow: FlowArgs,
+        }
+        let live = crate::net::Liveness::default();
+        let ok = Cli::parse_from(["x"]).flow.settings(live).unwrap();
+        assert_eq!(ok.window_budget, 1 << 30);
+        let big = Cli::parse_from(["x", "--window-budget", "2GiB"]);
+        assert!(
+            big.flow
+                .settings(live)
+                .unwrap_err()
+                .contains("--window-budget")
+        );
+        let inverted = Cli::parse_from([
+            "x",
+            "--min-stream-window",
+            "1MiB",
+            "--max-stream-window",
+            "512KiB",
+        ]);
+        assert!(inverted.flow.settings(live).is_err());
     }
 }

@@ -704,10 +704,13 @@ impl System {
                     "the sidecar reaches the server",
                     Duration::from_secs(20),
                     || async move {
-                        metric(
-                            &fetch_metrics(sc_admin).await,
-                            "tunnel_sidecar_server_connected",
-                        ) == Some(1.0)
+                        // The admin port may not listen yet: not ready, not a failure.
+                        match http_get(sc_admin, "/metrics").await {
+                            Ok((200, body)) => {
+                                metric(&body, "tunnel_sidecar_server_connected") == Some(1.0)
+                            }
+                            _ => false,
+                        }
                     },
                 )
                 .await;

@@ -122,7 +122,10 @@ async fn a_stalled_reader_does_not_slow_another_connection() {
         after <= most,
         "A must stay stalled while B runs: its destination wrote {after} bytes, {pending} before B ran (at most {most})"
     );
-    println!("stalled connection while B ran: {} MiB pending", after / MIB);
+    println!(
+        "stalled connection while B ran: {} MiB pending",
+        after / MIB
+    );
 
     // A resumes and gets every byte, in order.
     let (got, hash) = tokio::time::timeout(Duration::from_secs(120), read_hash(&mut stalled))
