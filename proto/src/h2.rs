@@ -15,8 +15,9 @@
 //!   freeze every other stream of the connection. Memory is bounded by the
 //!   stream windows instead.
 //! - **Stream windows adapt per connection.** They start at
-//!   [`H2Settings::stream_window`]; a bandwidth-delay-product estimate (PING
-//!   round trips and the bytes that arrived meanwhile, as in hyper and gRPC)
+//!   [`H2Settings::stream_window`]; a bandwidth-delay-product estimate (the bytes
+//!   that arrive during a PING round trip, scaled to the smallest round trip
+//!   seen so that queueing does not inflate it)
 //!   raises them on a long fat link, up to [`H2Settings::max_stream_window`];
 //!   they shrink as streams pile up (each gets at most half the budget
 //!   divided by the open streams, never less than
@@ -410,6 +411,7 @@ async fn pinger(mut pings: ::h2::PingPong, shared: Arc<ConnShared>) {
         }
         let after = shared.received.load(Ordering::Relaxed);
         last_received = after;
+        tracing::trace!(bytes = after - before, rtt = ?sent.elapsed(), window = bdp.window, "window estimate sample");
         if let Some(window) = bdp.sample(after - before, sent.elapsed(), &shared.settings) {
             shared.bdp_window.store(window, Ordering::Relaxed);
             shared.wake_if_window_changes();
@@ -417,14 +419,18 @@ async fn pinger(mut pings: ::h2::PingPong, shared: Arc<ConnShared>) {
     }
 }
 
-/// Bandwidth-delay product estimate (hyper's algorithm): the bytes that
-/// arrive during one PING round trip are what the link holds; when they
-/// reach 2/3 of the window, the window is too small, so it doubles.
+/// Bandwidth-delay product estimate. A PING's round trip is sampled with
+/// the bytes that arrived meanwhile: when they reach 2/3 of the window, the
+/// window may be the limit (as in hyper's algorithm). The link's product is
+/// then the delivery rate times the *smallest* round trip seen, and the
+/// window is set to twice that. Using the smallest round trip keeps queueing
+/// out of it: when the window only fills buffers (a fast link, a busy
+/// machine), the PING waits behind the data, its round trip grows with the
+/// window, and an estimate from that round trip would grow without end.
 #[derive(Debug)]
 struct Bdp {
     window: u32,
-    rtt: f64,
-    max_bandwidth: f64,
+    min_rtt: f64,
     delay: Duration,
 }
 
@@ -432,8 +438,7 @@ impl Bdp {
     fn new(window: u32) -> Self {
         Self {
             window,
-            rtt: 0.0,
-            max_bandwidth: 0.0,
+            min_rtt: f64::INFINITY,
             delay: BDP_PING_DELAY,
         }
     }
@@ -445,18 +450,19 @@ impl Bdp {
     fn sample(&mut self, bytes: u64, rtt: Duration, settings: &H2Settings) -> Option<u32> {
         let max = settings.stream_window_bounds().1;
         let rtt = rtt.as_secs_f64().max(1e-6);
-        self.rtt = if self.rtt == 0.0 {
-            rtt
-        } else {
-            self.rtt + (rtt - self.rtt) * 0.125
-        };
-        let bandwidth = bytes as f64 / (self.rtt * 1.5);
-        if bandwidth < self.max_bandwidth || bytes < u64::from(self.window) * 2 / 3 {
+        self.min_rtt = self.min_rtt.min(rtt);
+        if bytes < u64::from(self.window) * 2 / 3 {
+            // Not limited by the window.
             self.delay = (self.delay * 2).min(BDP_PING_DELAY_MAX);
             return None;
         }
-        self.max_bandwidth = bandwidth;
-        self.window = u32::try_from((bytes * 2).min(u64::from(max))).unwrap_or(max);
+        let product = bytes as f64 * (self.min_rtt / rtt);
+        let target = (2.0 * product).min(f64::from(max));
+        if target < f64::from(self.window) * 1.25 {
+            self.delay = (self.delay * 2).min(BDP_PING_DELAY_MAX);
+            return None;
+        }
+        self.window = target as u32;
         self.delay = (self.delay / 2).max(BDP_PING_DELAY);
         Some(self.window)
     }
@@ -675,7 +681,7 @@ mod tests {
     fn the_estimate_doubles_the_window_only_while_the_link_fills_it() {
         let settings = H2Settings::default();
         let mut bdp = Bdp::new(DEFAULT_STREAM_WINDOW);
-        // A full window arrived within one round trip: the window is the limit.
+        // A full window arrived within one (unqueued) round trip: the window is the limit.
         let w = bdp
             .sample(
                 u64::from(DEFAULT_STREAM_WINDOW),
@@ -696,6 +702,24 @@ mod tests {
             .unwrap();
         assert_eq!(w, DEFAULT_MAX_STREAM_WINDOW);
         assert!(!bdp.enabled(&settings));
+    }
+
+    #[test]
+    fn a_round_trip_inflated_by_queued_data_does_not_grow_the_window() {
+        let settings = H2Settings::default();
+        let mut bdp = Bdp::new(DEFAULT_STREAM_WINDOW);
+        // An idle round trip of 200 µs: the link's own delay.
+        assert_eq!(bdp.sample(0, Duration::from_micros(200), &settings), None);
+        // A full window arrives, but the PING waited 5 ms behind it: the
+        // window only filled a queue; the product is 10 KiB, not 256 KiB.
+        assert_eq!(
+            bdp.sample(
+                u64::from(DEFAULT_STREAM_WINDOW),
+                Duration::from_millis(5),
+                &settings
+            ),
+            None
+        );
     }
 
     #[test]
