@@ -19,8 +19,8 @@
 //!   that arrive during a PING round trip, scaled to the smallest round trip
 //!   seen so that queueing does not inflate it)
 //!   raises them on a long fat link, up to [`H2Settings::max_stream_window`];
-//!   they shrink as streams pile up (each gets at most half the budget
-//!   divided by the open streams, never less than
+//!   they shrink as streams pile up (each gets at most an eighth of the
+//!   budget divided by the open streams, never less than
 //!   [`H2Settings::min_stream_window`]). Changes travel as
 //!   `SETTINGS_INITIAL_WINDOW_SIZE`.
 //! - **A hard budget per connection.** A stream may come to hold the largest
@@ -166,10 +166,7 @@ impl ConnShared {
             received: AtomicU64::new(0),
             idle: AtomicBool::new(true),
             data_started: Notify::new(),
-            ledger: std::sync::Mutex::new(Ledger {
-                previous_window: initial,
-                ..Ledger::default()
-            }),
+            ledger: std::sync::Mutex::new(Ledger::default()),
             bdp_window: AtomicU32::new(initial),
             current_window: AtomicU32::new(initial),
             dead: AtomicBool::new(false),
@@ -216,6 +213,8 @@ impl ConnShared {
         self: &Arc<Self>,
         max_streams: u64,
     ) -> Result<StreamGuard, BudgetExhausted> {
+        // A shrink not yet applied by the peer lets it send up to the old
+        // window for one round trip; the ledger counts the window in force.
         let window = u64::from(self.stream_window());
         let guard = {
             let mut ledger = self.ledger();
@@ -225,8 +224,6 @@ impl ConnShared {
                     committed: ledger.committed(),
                 });
             }
-            // Before the peer acknowledged a smaller window, a new stream gets the old one.
-            let window = window.max(u64::from(ledger.previous_window));
             let committed = ledger.committed();
             if committed + window > self.settings.budget() {
                 return Err(BudgetExhausted {
@@ -249,7 +246,10 @@ impl ConnShared {
     fn desired_window(&self) -> u32 {
         let (min, max) = self.settings.stream_window_bounds();
         let active = self.ledger().active.max(1);
-        let share = u32::try_from(self.settings.budget() / 2 / active).unwrap_or(u32::MAX);
+        // An eighth of the budget shared by the open streams: streams opened
+        // at a larger window keep it, and the sum stays within the budget
+        // up to the defaults' 10,000 streams.
+        let share = u32::try_from(self.settings.budget() / 8 / active).unwrap_or(u32::MAX);
         self.bdp_window
             .load(Ordering::Relaxed)
             .min(share)
@@ -285,7 +285,6 @@ impl ConnShared {
         if want > current {
             ledger.growth += u64::from(want - current);
         }
-        ledger.previous_window = current;
         drop(ledger);
         tracing::debug!(
             from = current,
@@ -322,8 +321,6 @@ struct Ledger {
     base: i128,
     /// Sum of every raise of the window over the connection's life.
     growth: u64,
-    /// The window before the last change (the peer may not have applied it yet).
-    previous_window: u32,
 }
 
 impl Ledger {
@@ -726,10 +723,10 @@ mod tests {
     fn many_open_streams_share_the_budget_down_to_the_floor() {
         let shared = ConnShared::new(H2Settings::default());
         assert_eq!(shared.desired_window(), DEFAULT_STREAM_WINDOW);
-        let guards: Vec<_> = (0..4096)
+        let guards: Vec<_> = (0..1024)
             .map(|_| shared.try_stream_opened(u64::MAX).unwrap())
             .collect();
-        // Half of 1 GiB over 4,096 streams is 128 KiB each.
+        // An eighth of 1 GiB over 1,024 streams is 128 KiB each.
         assert_eq!(shared.desired_window(), 128 * 1024);
         drop(guards);
         assert_eq!(shared.active_streams(), 0);
@@ -752,10 +749,10 @@ mod tests {
         let err = shared.try_stream_opened(u64::MAX).unwrap_err();
         assert_eq!(err.streams, 32);
         // Closing streams makes room again.
-        guards.truncate(4);
-        assert_eq!(shared.committed_bytes(), 1 << 20);
-        // The estimate asks for 16 MiB windows; half the budget over 4
-        // streams allows 1 MiB each, and every open stream gets the raise.
+        guards.truncate(2);
+        assert_eq!(shared.committed_bytes(), 512 * 1024);
+        // The estimate asks for 16 MiB windows; an eighth of the budget over
+        // 2 streams allows 512 KiB each, and every open stream gets the raise.
         shared
             .bdp_window
             .store(DEFAULT_MAX_STREAM_WINDOW, Ordering::Relaxed);
@@ -764,24 +761,40 @@ mod tests {
             sent = Some(w);
             Ok(())
         }));
-        assert_eq!(sent, Some(1 << 20));
-        assert_eq!(shared.committed_bytes(), 4 << 20);
-        // Four more streams at 1 MiB fill the budget.
-        guards.extend((0..4).map(|_| shared.try_stream_opened(u64::MAX).unwrap()));
+        assert_eq!(sent, Some(512 * 1024));
+        assert_eq!(shared.committed_bytes(), 1 << 20);
+        // Fourteen more streams at 512 KiB fill the budget.
+        guards.extend((0..14).map(|_| shared.try_stream_opened(u64::MAX).unwrap()));
         assert_eq!(shared.committed_bytes(), 8 << 20);
         assert!(shared.try_stream_opened(u64::MAX).is_err());
-        // The window shrinks for 8 streams, but that takes back no credit:
+        // The window shrinks for 16 streams, but that takes back no credit:
         // the open streams may still hold what they were given.
         assert!(shared.adjust(|w| {
             sent = Some(w);
             Ok(())
         }));
-        assert_eq!(sent, Some(512 * 1024));
+        assert_eq!(sent, Some(64 * 1024));
         assert_eq!(shared.committed_bytes(), 8 << 20);
         assert!(shared.try_stream_opened(u64::MAX).is_err());
         drop(guards);
         assert_eq!(shared.committed_bytes(), 0);
         assert!(shared.try_stream_opened(u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn ten_thousand_streams_fit_the_default_budget_as_they_open() {
+        let shared = ConnShared::new(H2Settings::default());
+        let mut guards = Vec::new();
+        for i in 0..10_000 {
+            // The driver follows the stream count as it polls.
+            shared.adjust(|_| Ok(()));
+            guards.push(
+                shared
+                    .try_stream_opened(u64::MAX)
+                    .unwrap_or_else(|e| panic!("stream {i}: {e}")),
+            );
+        }
+        assert!(shared.committed_bytes() <= DEFAULT_WINDOW_BUDGET);
     }
 
     #[test]
