@@ -166,20 +166,21 @@ struct Asked {
 }
 
 impl ProxyState {
-    fn asked(req: &Request<Incoming>, default_port: u16) -> Result<Asked, Response<Body>> {
+    /// What `req` asks for; why it is a bad request otherwise.
+    fn asked(req: &Request<Incoming>, default_port: u16) -> Result<Asked, String> {
         let authority = req
             .uri()
             .authority()
-            .ok_or_else(|| bad_request("the request names no destination host"))?;
+            .ok_or("the request names no destination host")?;
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(default_port);
         if port == 0 {
-            return Err(bad_request("port 0 is not a destination"));
+            return Err("port 0 is not a destination".into());
         }
-        let user = proxy_user(req.headers()).map_err(|m| bad_request(&m))?;
+        let user = proxy_user(req.headers())?;
         Ok(Asked {
             host: host.to_owned(),
             port,
@@ -187,13 +188,14 @@ impl ProxyState {
         })
     }
 
-    fn route(&self, asked: &Asked) -> Result<Route, Response<Body>> {
+    /// Where `asked` goes with the clusters known now.
+    fn route(&self, asked: &Asked) -> Result<Route, String> {
         let clusters = self.clusters.clone();
         self.naming
             .route(&asked.host, asked.port, asked.user.as_deref(), |c| {
                 clusters.contains(c)
             })
-            .map_err(|e| bad_request(&e.to_string()))
+            .map_err(|e| e.to_string())
     }
 
     /// Where `req` goes. A single label that is no known cluster is decided
@@ -208,8 +210,9 @@ impl ProxyState {
         req: &Request<Incoming>,
         default_port: u16,
     ) -> Result<Route, (Response<Body>, &'static str)> {
-        let asked = Self::asked(req, default_port).map_err(|r| (r, "bad_request"))?;
-        let route = self.route(&asked).map_err(|r| (r, "bad_request"))?;
+        let bad = |m: String| (bad_request(&m), "bad_request");
+        let asked = Self::asked(req, default_port).map_err(bad)?;
+        let route = self.route(&asked).map_err(bad)?;
         let lower = asked.host.trim_end_matches('.').to_ascii_lowercase();
         if !is_single_label(&lower) || self.clusters.contains(&lower) || self.clusters.was_fetched()
         {
@@ -220,7 +223,7 @@ impl ProxyState {
             .wait_first_list(&self.client, self.list_timeout)
             .await
         {
-            return self.route(&asked).map_err(|r| (r, "bad_request"));
+            return self.route(&asked).map_err(bad);
         }
         let err = TunnelError::new(
             ErrorCode::TunnelBroken,
