@@ -732,6 +732,95 @@ fn the_webhook_fits_the_cluster_s_version() {
     }
 }
 
+/// Evaluates `expression` for each of `activations` with `charts/tests/cel.py`
+/// (cel-python); `None` when it is missing (and not in CI).
+fn cel(expression: &str, activations: &[Value]) -> Option<Vec<Value>> {
+    let out = match Command::new("python3")
+        .arg(root().join("charts/tests/cel.py"))
+        .arg(expression)
+        .arg(Value::from(activations.to_vec()).to_string())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => return skip(&format!("python3 cannot be run: {e}")),
+    };
+    if out.status.code() == Some(3) {
+        return skip(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(
+        out.status.success(),
+        "cel.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("cel.py prints JSON"))
+}
+
+/// The webhook's matchConditions, evaluated as CEL, call the injector for
+/// every pod the injector does not read as opted out: "true" in any case
+/// and spacing, and every value it refuses ("yes", ""), so that a typo gets
+/// the injector's message instead of a pod silently without its sidecar;
+/// pods without the annotation or with "false" never wait for it. The
+/// manager's report of pods without the sidecar reads it the same way.
+#[test]
+fn the_match_condition_calls_the_injector_for_every_pod_it_does_not_skip() {
+    use std::collections::BTreeMap;
+    use tunnel_injector::annotations::{INJECT, OptIn, opt_in};
+    let values: [Option<&str>; 9] = [
+        None,
+        Some("true"),
+        Some(" True "),
+        Some("TRUE"),
+        Some("yes"),
+        Some(""),
+        Some("1"),
+        Some("false"),
+        Some(" FALSE "),
+    ];
+    let pods: Vec<Value> = values
+        .iter()
+        .map(|v| {
+            let annotations = match v {
+                Some(v) => json!({ INJECT: v, "other": "x" }),
+                None => json!({ "other": "x" }),
+            };
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "app", "namespace": "fleet", "annotations": annotations },
+                "spec": { "containers": [{ "name": "app" }] },
+                "status": { "phase": "Running" },
+            })
+        })
+        .collect();
+    let activations: Vec<Value> = pods.iter().map(|p| json!({ "object": p })).collect();
+    let Some(called) = cel(tunnel_manager::hub::OPT_IN_CONDITION, &activations) else {
+        return;
+    };
+    for ((value, pod), called) in values.iter().zip(&pods).zip(called) {
+        let annotations: BTreeMap<String, String> = value
+            .map(|v| (INJECT.to_owned(), v.to_owned()))
+            .into_iter()
+            .collect();
+        let skipped = matches!(opt_in(&annotations, &BTreeMap::new()), Ok(OptIn::No(_)));
+        assert_eq!(
+            called,
+            json!(!skipped),
+            "{value:?}: the webhook is called iff the injector does not skip the pod"
+        );
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod.clone()).unwrap();
+        assert_eq!(
+            tunnel_manager::coverage::is_uninjected(&pod),
+            !skipped,
+            "{value:?}: reported without the sidecar iff the webhook would have been called"
+        );
+    }
+    // A pod without any annotation at all.
+    let bare = json!({ "object": { "metadata": { "name": "app" } } });
+    assert_eq!(
+        cel(tunnel_manager::hub::OPT_IN_CONDITION, &[bare]),
+        Some(vec![json!(false)])
+    );
+}
+
 /// CRDs applied on upgrade by a hook that may patch only them; `helm test`
 /// connects through the tunnel with a certificate the manager keeps, allowed
 /// by a policy to reach the probe destination only.
