@@ -4,7 +4,9 @@ validates every rendered object against the Kubernetes schemas
 (kubernetes-validate, strict: unknown fields are errors).
 
 usage: render.py CHART VALUES_JSON [KUBE_VERSION]
-prints one JSON object: {"lint": [...], "objects": [...], "invalid": [...], "unchecked": [...]}
+prints one JSON object: {"lint": [...], "objects": [...], "invalid": [...], "unchecked": [...],
+"notes": "..."}; KUBE_VERSION (default 1.33.0) is the cluster's version the chart is linted,
+rendered (.Capabilities.KubeVersion) and validated for.
 exit 3 when a package is missing (the caller says how to install it).
 """
 import json
@@ -29,7 +31,18 @@ lint = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + [
 ]
 
 chart = helm.Chart.load(chart_dir)
-rendered = chart.render(values, name="cluster-tunnel", namespace="cluster-tunnel", is_install=True)
+# Chart.render has no parameter for the cluster's version; the native call it
+# wraps takes it (render options as JSON).
+from helm_python import _native
+rendered = json.loads(_native.call_string(
+    "helm_render",
+    chart._raw(),
+    json.dumps(values),
+    json.dumps({"name": "cluster-tunnel", "namespace": "cluster-tunnel", "is_install": True,
+                "kube_version": f"v{kube_version}"}),
+))
+notes = "".join(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+rendered = {path: text for path, text in rendered.items() if not path.endswith("NOTES.txt")}
 objects, invalid, unchecked = [], [], []
 texts = list(rendered.items())
 for crd in chart.crds:
@@ -71,4 +84,4 @@ for path, text in texts:
         except kubernetes_validate.ValidationError as e:
             where = ".".join(str(p) for p in e.caught.path)
             invalid.append(f"{path}: {doc['kind']}/{doc['metadata'].get('name')}: {where}: {e.caught.message}")
-print(json.dumps({"lint": lint, "objects": objects, "invalid": invalid, "unchecked": unchecked}))
+print(json.dumps({"lint": lint, "objects": objects, "invalid": invalid, "unchecked": unchecked, "notes": notes}))

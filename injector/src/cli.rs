@@ -120,10 +120,20 @@ pub struct Cli {
     /// The sidecar's admin port (probes, metrics, POST /shutdown).
     #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = tunnel_sidecar::config::DEFAULT_ADMIN_PORT)]
     pub sidecar_admin_port: u16,
-    /// Address the sidecar's admin port binds to (the kubelet probes the pod
-    /// IP; use :: on IPv6-only clusters).
-    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_BIND", default_value = "0.0.0.0")]
+    /// Address the sidecar's admin port binds to: loopback, where its exec
+    /// probes ask; 0.0.0.0 (or ::) to let Prometheus scrape its /metrics
+    /// from the pod's IP (POST /shutdown still takes loopback only).
+    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_BIND", default_value = "127.0.0.1")]
     pub sidecar_admin_bind: IpAddr,
+    /// The sidecar's exec probes: this command (split on spaces, no shell)
+    /// plus readyz (startup probe) or healthz (liveness probe), run in its
+    /// container.
+    #[arg(
+        long,
+        env = "TUNNEL_SIDECAR_PROBE_COMMAND",
+        default_value = "tunnel-sidecar probe"
+    )]
+    pub sidecar_probe_command: String,
     /// Default port of the sidecar's HTTP proxy, or "off".
     #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value = "17080")]
     pub sidecar_proxy_port: String,
@@ -238,6 +248,15 @@ impl Cli {
             !legacy_wait_command.is_empty(),
             "--legacy-wait-command: must not be empty"
         );
+        let probe_command: Vec<String> = self
+            .sidecar_probe_command
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        anyhow::ensure!(
+            !probe_command.is_empty(),
+            "--sidecar-probe-command: must not be empty"
+        );
         anyhow::ensure!(self.ca_bundle_keep >= 1, "--ca-bundle-keep: at least 1");
 
         let mut no_proxy: Vec<String> = BASE_NO_PROXY.iter().map(|s| (*s).to_owned()).collect();
@@ -286,6 +305,7 @@ impl Cli {
                 .unwrap_or(i64::MAX),
             admin_port: self.sidecar_admin_port,
             admin_bind: self.sidecar_admin_bind.to_string(),
+            probe_command,
             run_as_user: self.sidecar_run_as_user,
             startup_timeout: self.sidecar_startup_timeout,
             legacy_wait_command,
@@ -391,6 +411,9 @@ mod tests {
             c.template.legacy_wait_command,
             ["tunnel-sidecar", "wait-ready"]
         );
+        // The admin port stays on loopback, where the exec probes ask.
+        assert_eq!(c.template.admin_bind, "127.0.0.1");
+        assert_eq!(c.template.probe_command, ["tunnel-sidecar", "probe"]);
     }
 
     #[test]

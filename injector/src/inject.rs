@@ -14,13 +14,12 @@ use std::time::Duration;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction, Lifecycle,
-    LifecycleHandler, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, Container, ContainerPort, EnvVar, ExecAction, Lifecycle, LifecycleHandler, Pod,
+    PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use tunnel_sidecar::direct::DirectPolicy;
 
@@ -80,9 +79,14 @@ pub struct SidecarTemplate {
     pub token_expiration_seconds: i64,
     /// The sidecar's admin port (probes, metrics, `POST /shutdown`).
     pub admin_port: u16,
-    /// Address the admin port binds to: the kubelet probes the pod's IP, so
-    /// not loopback (`0.0.0.0`, or `::` on IPv6-only clusters).
+    /// Address the admin port binds to: loopback by default, since the
+    /// probes are `exec`s of [`SidecarTemplate::probe_command`] inside the
+    /// container (an `httpGet` to the pod's IP would meet a mesh's traffic
+    /// redirection); `0.0.0.0` (or `::`) for Prometheus to scrape the pod.
     pub admin_bind: String,
+    /// Command of the exec probes, run in the sidecar's container; `readyz`
+    /// or `healthz` is appended (`tunnel-sidecar probe`).
+    pub probe_command: Vec<String>,
     /// User and group the sidecar runs as.
     pub run_as_user: i64,
     /// How long the sidecar may take to become ready before the kubelet
@@ -506,18 +510,46 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-fn http_probe(path: &str, port: u16, period: i32, failures: i32) -> Probe {
+/// Seconds the kubelet gives one exec probe: starting a process in the
+/// container takes longer than an HTTP request, and the probe's own timeout
+/// (1 s) must end first so that its message reaches the pod's events.
+const EXEC_PROBE_TIMEOUT_SECONDS: i32 = 3;
+
+/// An exec probe: `command` plus `check` (`readyz` or `healthz`), which asks
+/// the admin port on loopback. Not an `httpGet`: the kubelet sends those to
+/// the pod's IP, where Istio's or Linkerd's redirection (and Istio's strict
+/// mTLS) would take them, and Istio rewrites the probes only of containers
+/// its own injector saw.
+fn exec_probe(command: &[String], check: &str, period: i32, failures: i32) -> Probe {
+    let mut command = command.to_vec();
+    command.push(check.to_owned());
     Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::Int(i32::from(port)),
-            ..Default::default()
+        exec: Some(ExecAction {
+            command: Some(command),
         }),
         period_seconds: Some(period),
-        timeout_seconds: Some(1),
+        timeout_seconds: Some(EXEC_PROBE_TIMEOUT_SECONDS),
         failure_threshold: Some(failures),
         ..Default::default()
     }
+}
+
+/// The clusters the pod's annotations name (its ports' and its default
+/// cluster), for the sidecar's `--known-cluster`: a bare name that is one of
+/// them is a cluster before the server's list is known.
+fn known_clusters(options: &PodOptions) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let named = options
+        .ports
+        .iter()
+        .map(|(_, m)| &m.target.cluster)
+        .chain(options.default_cluster.as_ref());
+    for cluster in named {
+        if !out.contains(cluster) {
+            out.push(cluster.clone());
+        }
+    }
+    out
 }
 
 fn quantities(pairs: [(&str, &Option<String>); 2]) -> Option<BTreeMap<String, Quantity>> {
@@ -558,12 +590,16 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
     } else {
         format!("{}:{}", t.admin_bind, t.admin_port)
     };
-    // Only the admin port leaves loopback (for the kubelet's probes; the
+    // Loopback unless the injector was told otherwise (for Prometheus; the
     // sidecar allows that for its admin port alone); the per-cluster ports
     // and the proxy stay on 127.0.0.1 as set above.
     env.push(env_var("TUNNEL_ADMIN_LISTEN", admin_bind));
     if let Some(cluster) = &options.default_cluster {
         env.push(env_var("TUNNEL_DEFAULT_CLUSTER", cluster.clone()));
+    }
+    let known = known_clusters(options);
+    if !known.is_empty() {
+        env.push(env_var("TUNNEL_KNOWN_CLUSTERS", known.join(",")));
     }
     if options.direct == DirectPolicy::Deny {
         env.push(env_var("TUNNEL_DIRECT", DirectPolicy::Deny.as_str()));
@@ -580,7 +616,7 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
     let (restart_policy, startup_probe, lifecycle) = match options.mode {
         Mode::Native => (
             Some("Always".to_owned()),
-            Some(http_probe("/readyz", t.admin_port, 1, startup_failures)),
+            Some(exec_probe(&t.probe_command, "readyz", 1, startup_failures)),
             None,
         ),
         Mode::Legacy => (
@@ -611,7 +647,7 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
         resources: Some(resources),
         restart_policy,
         startup_probe,
-        liveness_probe: Some(http_probe("/healthz", t.admin_port, 10, 3)),
+        liveness_probe: Some(exec_probe(&t.probe_command, "healthz", 10, 3)),
         lifecycle,
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
@@ -663,7 +699,8 @@ pub(crate) mod tests {
             token_audience: "cluster-tunnel".into(),
             token_expiration_seconds: 3600,
             admin_port: 17090,
-            admin_bind: "0.0.0.0".into(),
+            admin_bind: "127.0.0.1".into(),
+            probe_command: vec!["tunnel-sidecar".into(), "probe".into()],
             run_as_user: 65532,
             startup_timeout: Duration::from_secs(120),
             legacy_wait_command: vec!["tunnel-sidecar".into(), "wait-ready".into()],
@@ -788,8 +825,21 @@ pub(crate) mod tests {
         let init = out["spec"]["initContainers"].as_array().unwrap();
         assert_eq!(init[0]["name"], SIDECAR_NAME);
         assert_eq!(init[0]["restartPolicy"], "Always");
-        assert_eq!(init[0]["startupProbe"]["httpGet"]["path"], "/readyz");
-        assert_eq!(init[0]["startupProbe"]["httpGet"]["port"], 17090);
+        assert_eq!(
+            init[0]["startupProbe"]["exec"]["command"],
+            json!(["tunnel-sidecar", "probe", "readyz"])
+        );
+        assert_eq!(
+            init[0]["livenessProbe"]["exec"]["command"],
+            json!(["tunnel-sidecar", "probe", "healthz"])
+        );
+        assert!(init[0]["startupProbe"].get("httpGet").is_none());
+        // The probes ask loopback, where the admin port listens.
+        assert!(
+            env_of(&init[0]).contains(&("TUNNEL_ADMIN_LISTEN".into(), "127.0.0.1:17090".into())),
+            "{:?}",
+            env_of(&init[0])
+        );
         assert_eq!(init[1]["name"], "migrate");
         assert!(env_of(&init[1]).iter().any(|(n, _)| n == "HTTP_PROXY"));
         assert_eq!(out["spec"]["containers"][0]["name"], "app");
@@ -1133,7 +1183,9 @@ pub(crate) mod tests {
                 (annotations::DIRECT, "deny"),
             ],
         ];
-        for (annotations, admin_bind) in cases.iter().zip(["0.0.0.0", "::", "0.0.0.0"]) {
+        let known = [vec![], vec!["east", "west"], vec!["east"]];
+        let binds = ["127.0.0.1", "::", "0.0.0.0"];
+        for ((annotations, admin_bind), known) in cases.iter().zip(binds).zip(known) {
             let mut t = template();
             t.admin_bind = admin_bind.into();
             let map = annotations
@@ -1160,13 +1212,36 @@ pub(crate) mod tests {
                 .unwrap_or_else(|e| panic!("{args:?}: {e}"));
             let config = cli.resolve().unwrap_or_else(|e| panic!("{args:?}: {e}"));
             assert_eq!(config.admin_listen.port(), 17090);
-            assert!(config.admin_listen.ip().is_unspecified());
+            assert_eq!(
+                config.admin_listen.ip(),
+                admin_bind.parse::<std::net::IpAddr>().unwrap()
+            );
+            assert_eq!(config.known_clusters, known);
             assert_eq!(config.ports.len(), options.ports.len());
             assert_eq!(config.proxy_listen.map(|a| a.port()), options.proxy_port);
             assert_eq!(
                 config.tls.key,
                 std::path::Path::new(TLS_DIR).join("tls.key")
             );
+            // The exec probes are commands of the sidecar, given the same
+            // environment (the command's first word is the binary).
+            for probe in [&container.startup_probe, &container.liveness_probe]
+                .into_iter()
+                .flatten()
+            {
+                let command = probe.exec.as_ref().unwrap().command.clone().unwrap();
+                let mut with_env = args.clone();
+                with_env.extend(command[1..].iter().cloned());
+                let cli = tunnel_sidecar::config::Cli::try_parse_from(&with_env)
+                    .unwrap_or_else(|e| panic!("{with_env:?}: {e}"));
+                assert!(
+                    matches!(
+                        cli.command,
+                        Some(tunnel_sidecar::config::Command::Probe { .. })
+                    ),
+                    "{command:?}"
+                );
+            }
         }
     }
 

@@ -28,7 +28,10 @@
 //! In **native** mode (the default, Kubernetes 1.29+), the sidecar
 //! `cluster-tunnel-sidecar` is the first init container (after a service
 //! mesh's own leading ones), with `restartPolicy: Always` and a startup probe
-//! on its `/readyz`: the kubelet starts the other init containers and the app
+//! on its `/readyz` (an `exec` of `tunnel-sidecar probe readyz`, which asks
+//! loopback: an `httpGet` to the pod's IP would be redirected by a mesh, and
+//! Istio rewrites only the probes of containers its own injector saw): the
+//! kubelet starts the other init containers and the app
 //! only once the sidecar's listeners are bound (not once it reached a server,
 //! so that pods start during a hub outage), stops it after the app, and a
 //! Job's pod completes when its app containers do. In **legacy** mode (older clusters) it is the first app
@@ -42,9 +45,10 @@
 //!
 //! The sidecar is configured through its `TUNNEL_*` environment variables:
 //! servers and resources from the injector's flags, ports, proxy port, default
-//! cluster and log level from the pod's annotations. Its admin port listens
-//! beyond loopback (the kubelet probes the pod's IP); its per-cluster ports
-//! and HTTP proxy stay on `127.0.0.1`. It mounts a projected service-account
+//! cluster, the clusters the pod names (`TUNNEL_KNOWN_CLUSTERS`) and log level
+//! from the pod's annotations. Its admin port, per-cluster ports and HTTP
+//! proxy listen on `127.0.0.1` (the admin port beyond it only with
+//! `--sidecar-admin-bind`, for Prometheus). It mounts a projected service-account
 //! token (audience `cluster-tunnel`) at `/var/run/secrets/cluster-tunnel/token`
 //! for the workload identity, and its client certificate from a Secret in the
 //! pod's namespace at `/etc/cluster-tunnel/tls` (`tls.crt`, `tls.key`,

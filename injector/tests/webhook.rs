@@ -48,7 +48,8 @@ fn template() -> SidecarTemplate {
         token_audience: "cluster-tunnel".into(),
         token_expiration_seconds: 3600,
         admin_port: 17090,
-        admin_bind: "0.0.0.0".into(),
+        admin_bind: "127.0.0.1".into(),
+        probe_command: vec!["tunnel-sidecar".into(), "probe".into()],
         run_as_user: 65532,
         startup_timeout: Duration::from_secs(120),
         legacy_wait_command: vec!["tunnel-sidecar".into(), "wait-ready".into()],
@@ -551,8 +552,26 @@ async fn an_istio_injected_pod_gets_the_sidecar_after_istio_s_containers() {
                 }
             }
         }
+        // Istio redirects what reaches the pod's IP (the kubelet's httpGet
+        // probes too) and rewrites only the probes of containers its own
+        // injector saw: the sidecar's probes are execs that ask its admin
+        // port on loopback, where it listens.
         let sidecar = sidecar_of(&pod, "initContainers");
-        assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], 17090);
+        for probe in ["startupProbe", "livenessProbe"] {
+            assert!(sidecar[probe].get("httpGet").is_none(), "{name}: {probe}");
+            assert_eq!(
+                sidecar[probe]["exec"]["command"].as_array().unwrap()[..2],
+                [json!("tunnel-sidecar"), json!("probe")],
+                "{name}: {probe}"
+            );
+        }
+        let admin = sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "TUNNEL_ADMIN_LISTEN")
+            .unwrap();
+        assert_eq!(admin["value"], "127.0.0.1:17090", "{name}");
     }
     webhook.injector.shutdown().await;
 }

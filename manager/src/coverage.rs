@@ -1,9 +1,12 @@
 //! Opted-in pods running without the sidecar: a pod annotated
-//! `cluster-tunnel.io/inject: "true"` (and not opted out by label) in an
-//! injection-enabled namespace that has no `cluster-tunnel-sidecar`
-//! container. Such a pod was admitted while the webhook did not answer
-//! (`failurePolicy: Ignore`, a cluster that ignores `matchConditions`, a
-//! deleted webhook configuration) and cannot reach any cluster.
+//! `cluster-tunnel.io/inject` with any value but `"false"` (and not opted
+//! out by label) in an injection-enabled namespace that has no
+//! `cluster-tunnel-sidecar` container. Such a pod was admitted while the
+//! webhook did not answer (`failurePolicy: Ignore`, a cluster older than
+//! 1.28 without `matchConditions`, a deleted webhook configuration, the
+//! injector's own trouble without `--fail-closed`) and cannot reach any
+//! cluster. A value other than `"true"` counts: the webhook refuses it, so
+//! a pod that carries one was not seen by it.
 //!
 //! [`run`] looks every [`SCAN_INTERVAL`], sets
 //! `tunnel_manager_pods_without_sidecar{namespace}` and logs a warning naming
@@ -37,13 +40,15 @@ pub struct Uninjected {
     pub pod: String,
 }
 
-/// Whether `pod` asked for the sidecar (as the injector reads it) and runs
-/// without it. Finished pods are left out.
+/// Whether `pod` asked for the sidecar (any value of the annotation but
+/// "false", as the webhook's `matchConditions` read it) and runs without it.
+/// Finished pods are left out.
 pub fn is_uninjected(pod: &Pod) -> bool {
+    // As the webhook's matchConditions: present and not "false".
     let opted_in = pod
         .annotations()
         .get(INJECT)
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("false"));
     let opted_out = pod
         .labels()
         .get(INJECT)
@@ -227,6 +232,22 @@ mod tests {
                 "Running",
             ),
             pod("not-asking", json!({}), json!({}), app.clone(), "Running"),
+            // A mistyped opt-in: the webhook would have refused it, so it
+            // was admitted without being seen.
+            pod(
+                "mistyped",
+                json!({ INJECT: "yes" }),
+                json!({}),
+                app.clone(),
+                "Running",
+            ),
+            pod(
+                "declined",
+                json!({ INJECT: " FALSE " }),
+                json!({}),
+                app.clone(),
+                "Running",
+            ),
             pod("done", opt_in.clone(), json!({}), app.clone(), "Succeeded"),
         ];
         let batch = vec![pod("nightly", opt_in, json!({}), app, "Pending")];
@@ -272,6 +293,10 @@ mod tests {
                     namespace: "fleet".into(),
                     pod: "missed".into()
                 },
+                Uninjected {
+                    namespace: "fleet".into(),
+                    pod: "mistyped".into()
+                },
             ]
         );
 
@@ -285,7 +310,7 @@ mod tests {
         };
         let t = text(&registry);
         assert!(
-            t.contains(r#"tunnel_manager_pods_without_sidecar{namespace="fleet"} 1"#),
+            t.contains(r#"tunnel_manager_pods_without_sidecar{namespace="fleet"} 2"#),
             "{t}"
         );
         assert!(
@@ -302,7 +327,7 @@ mod tests {
 
         let out = table(&found);
         assert!(
-            out.starts_with("2 opted-in pod(s) without the sidecar"),
+            out.starts_with("3 opted-in pod(s) without the sidecar"),
             "{out}"
         );
         assert!(out.contains("  fleet/missed\n"), "{out}");

@@ -115,11 +115,75 @@ pub enum HubError {
     },
 }
 
+/// What the API server can be given in the webhook configuration, from its
+/// version: `matchConditions` are beta, on by default, from Kubernetes 1.28.
+/// Older API servers drop them (1.27 with the feature gate off) or refuse
+/// them (1.26 and older), and without them `failurePolicy: Fail` would hold
+/// every pod of a labelled namespace while no injector answers: there the
+/// webhook has no conditions and `Ignore`, as the chart renders it
+/// (`semverCompare ">=1.28-0" .Capabilities.KubeVersion.Version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookSupport {
+    /// Whether `matchConditions` are honoured.
+    pub match_conditions: bool,
+}
+
+impl WebhookSupport {
+    /// What a 1.28 or later API server supports.
+    pub const CURRENT: Self = Self {
+        match_conditions: true,
+    };
+
+    /// From a version as `/version` reports it (`gitVersion`, e.g.
+    /// `v1.27.3-eks-2d98532`, else `major` and `minor`, e.g. "1" and "27+").
+    /// A version that cannot be read counts as old: the safe side.
+    pub fn of_version(git_version: &str, major: &str, minor: &str) -> Self {
+        let number = |s: &str| -> Option<u32> {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let from_git = || {
+            let mut parts = git_version.trim_start_matches('v').split('.');
+            Some((number(parts.next()?)?, number(parts.next()?)?))
+        };
+        let version = from_git().or_else(|| Some((number(major)?, number(minor)?)));
+        if version.is_none() {
+            tracing::warn!(
+                git_version,
+                major,
+                minor,
+                "cannot read the API server's version; the webhook gets no matchConditions and failurePolicy Ignore"
+            );
+        }
+        Self {
+            match_conditions: version.is_some_and(|v| v >= (1, 28)),
+        }
+    }
+
+    /// Asks the API server.
+    pub async fn of_api_server(client: &kube::Client) -> Result<Self, HubError> {
+        let info = client
+            .apiserver_version()
+            .await
+            .map_err(|source| HubError::Api {
+                action: "read the API server's version".into(),
+                source,
+            })?;
+        Ok(Self::of_version(
+            &info.git_version,
+            &info.major,
+            &info.minor,
+        ))
+    }
+}
+
 /// Every object the configuration asks for, in the order they are applied
-/// (identity and permissions before the pods that use them).
+/// (identity and permissions before the pods that use them); the webhook
+/// configuration as `webhooks` allows.
 pub fn desired_objects(
     config: &TunnelConfiguration,
     names: &HubNames,
+    webhooks: WebhookSupport,
 ) -> Result<Vec<Value>, HubError> {
     let server = &config.spec.server;
     let mut out = vec![service_account(names)];
@@ -132,7 +196,7 @@ pub fn desired_objects(
     out.push(disruption_budget(server, names));
     out.push(server_deployment(server, names)?);
     if let Some(injector) = &config.spec.injector {
-        out.push(webhook_configuration(injector, names));
+        out.push(webhook_configuration(injector, names, webhooks));
     }
     Ok(out)
 }
@@ -361,19 +425,26 @@ fn restricted_security_context() -> Value {
     })
 }
 
-/// The webhook's `matchConditions` expression: the pod opts in as the
-/// injector reads it (annotation `cluster-tunnel.io/inject` "true", any case,
-/// spaces trimmed). The chart renders the same (`ct.injectOptIn`).
-pub const OPT_IN_CONDITION: &str = "has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() == 'true'";
+/// The webhook's `matchConditions` expression: the pod carries the
+/// annotation `cluster-tunnel.io/inject` with any value but "false" (any
+/// case, spaces trimmed), which the injector reads as an opt-out. So "true"
+/// reaches the injector, and so does a mistyped value ("yes"), which it
+/// refuses with a message naming the annotation instead of the pod starting
+/// silently without its sidecar. The chart renders the same (`ct.injectOptIn`).
+pub const OPT_IN_CONDITION: &str = "has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() != 'false'";
 
-fn webhook_configuration(injector: &InjectorSpec, names: &HubNames) -> Value {
+fn webhook_configuration(
+    injector: &InjectorSpec,
+    names: &HubNames,
+    webhooks: WebhookSupport,
+) -> Value {
     let mut excluded = vec![names.namespace.clone()];
     excluded.extend(injector.excluded_namespaces.iter().cloned());
     let mut metadata = names.meta(&injector.service_name, false, None);
     if let Some(from) = &injector.ca_inject_from {
         metadata["annotations"] = json!({ "cert-manager.io/inject-ca-from": from });
     }
-    json!({
+    let mut config = json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": metadata,
@@ -399,7 +470,15 @@ fn webhook_configuration(injector: &InjectorSpec, names: &HubNames) -> Value {
             "timeoutSeconds": injector.timeout_seconds,
             "failurePolicy": injector.failure_policy,
         }],
-    })
+    });
+    if !webhooks.match_conditions {
+        let hook = &mut config["webhooks"][0];
+        if let Some(hook) = hook.as_object_mut() {
+            hook.remove("matchConditions");
+        }
+        hook["failurePolicy"] = json!("Ignore");
+    }
+    config
 }
 
 /// What the controller needs.
@@ -487,7 +566,14 @@ pub async fn apply_all(
     let ns = names.namespace.as_str();
     let owner = owner_reference(config);
     let mut deployment = None;
-    for mut object in desired_objects(config, names)? {
+    // Read each time: a cluster upgraded past 1.28 gets matchConditions
+    // without a restart of the manager.
+    let webhooks = if config.spec.injector.is_some() {
+        WebhookSupport::of_api_server(client).await?
+    } else {
+        WebhookSupport::CURRENT
+    };
+    for mut object in desired_objects(config, names, webhooks)? {
         object["metadata"]["ownerReferences"] = json!([owner]);
         match object["kind"].as_str().unwrap_or_default() {
             "ServiceAccount" => {
@@ -687,22 +773,67 @@ mod tests {
         };
         let spec: InjectorSpec =
             serde_json::from_value(json!({ "serviceName": "cluster-tunnel-injector" })).unwrap();
-        let config = webhook_configuration(&spec, &names);
+        let config = webhook_configuration(&spec, &names, WebhookSupport::CURRENT);
         let hook = &config["webhooks"][0];
         assert_eq!(hook["failurePolicy"], "Fail");
         assert_eq!(hook["matchConditions"][0]["expression"], OPT_IN_CONDITION);
         assert!(config["metadata"].get("annotations").is_none());
+        // Before 1.28: no conditions, so Ignore whatever is configured.
+        let old = WebhookSupport {
+            match_conditions: false,
+        };
+        let config = webhook_configuration(&spec, &names, old);
+        let hook = &config["webhooks"][0];
+        assert_eq!(hook["failurePolicy"], "Ignore");
+        assert!(hook.get("matchConditions").is_none(), "{hook}");
         // cert-manager keeps the caBundle.
         let spec: InjectorSpec = serde_json::from_value(json!({
             "serviceName": "cluster-tunnel-injector",
             "caInjectFrom": "cluster-tunnel/cluster-tunnel-injector",
         }))
         .unwrap();
-        let config = webhook_configuration(&spec, &names);
+        let config = webhook_configuration(&spec, &names, WebhookSupport::CURRENT);
         assert_eq!(
             config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
             "cluster-tunnel/cluster-tunnel-injector"
         );
+    }
+
+    #[test]
+    fn match_conditions_come_with_kubernetes_1_28() {
+        for (git, major, minor, want) in [
+            ("v1.28.0", "1", "28", true),
+            ("v1.33.1", "1", "33", true),
+            ("v1.30.4-eks-a737599", "1", "30+", true),
+            ("v1.29.2-gke.1217000", "1", "29+", true),
+            ("v2.0.0", "2", "0", true),
+            ("v1.27.9", "1", "27", false),
+            ("v1.26.15+k3s1", "1", "26", false),
+            // No usable gitVersion: major and minor.
+            ("", "1", "28+", true),
+            ("", "1", "27+", false),
+            // Nothing readable: the safe side.
+            ("", "", "", false),
+        ] {
+            assert_eq!(
+                WebhookSupport::of_version(git, major, minor).match_conditions,
+                want,
+                "{git} {major}.{minor}"
+            );
+        }
+    }
+
+    /// `/version` as an API server of `git_version` answers it.
+    fn version(git_version: &str) -> Reply {
+        let minor = git_version.split('.').nth(1).unwrap_or_default();
+        Reply::With(
+            200,
+            json!({
+                "major": "1", "minor": minor, "gitVersion": git_version,
+                "gitCommit": "0", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64",
+            }),
+        )
     }
 
     fn context() -> (Arc<Context>, mock_api::ApiHandle) {
@@ -751,10 +882,15 @@ mod tests {
         }))
     }
 
-    /// The applies of one reconciliation, in order: RBAC when `rbac`, the
+    /// The requests of one reconciliation, in order: the API server's
+    /// version when `webhook` (a 1.33 one), RBAC when `rbac`, the
     /// Deployment answered with `deployment`, the webhook when `webhook`.
     fn applies(rbac: bool, deployment: Reply, webhook: bool) -> Vec<(Method, &'static str, Reply)> {
-        let mut out = vec![(Method::PATCH, SA, Reply::Echo(None))];
+        let mut out = Vec::new();
+        if webhook {
+            out.push((Method::GET, "/version", version("v1.33.1")));
+        }
+        out.push((Method::PATCH, SA, Reply::Echo(None)));
         if rbac {
             out.push((Method::PATCH, ROLE, Reply::Echo(None)));
             out.push((Method::PATCH, BINDING, Reply::Echo(None)));
@@ -780,7 +916,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(action, Action::requeue(RETRY_DELAY), "looks again soon");
-        let (_, bodies) = finish(server).await;
+        let (_, mut bodies) = finish(server).await;
+        assert_eq!(bodies.remove(0), Value::Null, "GET /version first");
         for body in &bodies[..9] {
             let owner = &body["metadata"]["ownerReferences"][0];
             assert_eq!(owner["kind"], "TunnelConfiguration", "{body}");
@@ -832,6 +969,25 @@ mod tests {
         );
         assert_eq!(condition(status, "Ready")["status"], "False");
         assert_eq!(status["status"]["observedGeneration"], 4);
+    }
+
+    /// On an API server older than 1.28 the webhook gets no matchConditions
+    /// and failurePolicy Ignore, whatever the configuration says.
+    #[tokio::test]
+    async fn an_older_api_server_gets_the_webhook_without_conditions_and_ignore() {
+        let (ctx, handle) = context();
+        let mut expected = applies(true, rolled_out(4, 3), true);
+        expected[0] = (Method::GET, "/version", version("v1.27.9"));
+        expected.push((Method::PATCH, STATUS, Reply::Echo(None)));
+        let server = serve(handle, expected);
+        reconcile_once(config(default_server(), true), &ctx)
+            .await
+            .unwrap();
+        let (_, bodies) = finish(server).await;
+        let hook = &bodies[9]["webhooks"][0];
+        assert_eq!(hook["name"], "inject.cluster-tunnel.io");
+        assert_eq!(hook["failurePolicy"], "Ignore", "configured Fail");
+        assert!(hook.get("matchConditions").is_none(), "{hook}");
     }
 
     #[tokio::test]

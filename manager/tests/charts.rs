@@ -24,6 +24,8 @@ fn root() -> PathBuf {
 
 struct Rendered {
     objects: Vec<Value>,
+    /// What `helm install` prints (NOTES.txt).
+    notes: String,
 }
 
 impl Rendered {
@@ -41,13 +43,23 @@ impl Rendered {
     }
 }
 
+/// The Kubernetes version charts are rendered for unless a test says otherwise.
+const KUBE_VERSION: &str = "1.33.0";
+
 /// Renders `chart` with `values`; `None` when the tools are missing (and not in CI).
 fn render(chart: &str, values: &Value) -> Option<Result<Rendered, String>> {
+    render_at(chart, values, KUBE_VERSION)
+}
+
+/// Renders `chart` with `values` for a cluster of `kube_version` (lint,
+/// `.Capabilities.KubeVersion` and the schemas validated against).
+fn render_at(chart: &str, values: &Value, kube_version: &str) -> Option<Result<Rendered, String>> {
     let script = root().join("charts/tests/render.py");
     let out = match Command::new("python3")
         .arg(&script)
         .arg(root().join("charts").join(chart))
         .arg(values.to_string())
+        .arg(kube_version)
         .output()
     {
         Ok(out) => out,
@@ -85,6 +97,7 @@ fn render(chart: &str, values: &Value) -> Option<Result<Rendered, String>> {
     }
     Some(Ok(Rendered {
         objects: report["objects"].as_array().unwrap().clone(),
+        notes: report["notes"].as_str().unwrap_or_default().to_owned(),
     }))
 }
 
@@ -385,7 +398,10 @@ const HELM_ONLY_LABELS: [&str; 3] = [
 /// The objects the manager keeps, built from the chart's own
 /// TunnelConfiguration and the manager's flags, are the chart's objects
 /// field for field, so that Helm and the manager never undo each other.
-fn check_manager_keeps_what_the_chart_renders(r: &Rendered) {
+fn check_manager_keeps_what_the_chart_renders(
+    r: &Rendered,
+    webhooks: tunnel_manager::hub::WebhookSupport,
+) {
     let config: tunnel_manager::crd::TunnelConfiguration =
         serde_json::from_value(r.kind("TunnelConfiguration")[0].clone())
             .expect("the chart's TunnelConfiguration is one the manager reads");
@@ -407,7 +423,7 @@ fn check_manager_keeps_what_the_chart_renders(r: &Rendered) {
         namespace: flag("namespace"),
         trust_domain: flag("trust-domain"),
     };
-    let desired = tunnel_manager::hub::desired_objects(&config, &names).unwrap();
+    let desired = tunnel_manager::hub::desired_objects(&config, &names, webhooks).unwrap();
     let kinds: Vec<&str> = desired
         .iter()
         .map(|o| o["kind"].as_str().unwrap())
@@ -512,7 +528,10 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         check_rbac_is_narrow(&r);
         check_writes_are_by_name(&r);
         check_addon(&r, values);
-        check_manager_keeps_what_the_chart_renders(&r);
+        check_manager_keeps_what_the_chart_renders(
+            &r,
+            tunnel_manager::hub::WebhookSupport::CURRENT,
+        );
         // The manager's metrics have a Service (and a ServiceMonitor when asked).
         assert_eq!(
             r.one("Service", "cluster-tunnel-manager")["spec"]["ports"][0]["name"],
@@ -649,6 +668,8 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 "{args}"
             );
             assert!(args.contains("--shutdown-delay=5s"), "{args}");
+            // The sidecars' admin port stays on loopback, where their exec probes ask.
+            assert!(args.contains("--sidecar-admin-bind=127.0.0.1"), "{args}");
             let pod = &injector["spec"]["template"]["spec"];
             assert_eq!(pod["terminationGracePeriodSeconds"], 20);
             assert_eq!(
@@ -670,6 +691,134 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         check_join(&r, values["join"]["enabled"] == true);
         check_upgrades_and_tests(&r, values);
     }
+}
+
+/// The webhook fits the cluster's version: from Kubernetes 1.28 with its
+/// matchConditions and the configured failurePolicy; before (1.27, where
+/// the field is dropped unless a feature gate is on, and 1.26, which does
+/// not know it) without them and with Ignore, so that no pod of a labelled
+/// namespace waits for the injector, and `helm install` says so. The
+/// manager, told the same version, keeps the same objects.
+#[test]
+fn the_webhook_fits_the_cluster_s_version() {
+    let values = json!({ "injector": { "failurePolicy": "Fail" } });
+    for (version, current) in [("1.26.0", false), ("1.27.0", false), ("1.28.0", true)] {
+        let Some(rendered) = render_at("cluster-tunnel", &values, version) else {
+            return;
+        };
+        let r = rendered.unwrap_or_else(|e| panic!("render for {version}: {e}"));
+        let hook = &r.one("MutatingWebhookConfiguration", "cluster-tunnel-injector")["webhooks"][0];
+        if current {
+            assert_eq!(hook["failurePolicy"], "Fail", "{version}");
+            assert_eq!(
+                hook["matchConditions"][0]["expression"],
+                tunnel_manager::hub::OPT_IN_CONDITION,
+                "{version}"
+            );
+            assert!(!r.notes.contains("WARNING"), "{version}: {}", r.notes);
+        } else {
+            assert_eq!(hook["failurePolicy"], "Ignore", "{version}");
+            assert!(hook.get("matchConditions").is_none(), "{version}: {hook}");
+            assert!(
+                r.notes.contains(&format!("v{version} is older than 1.28")),
+                "{version}: {}",
+                r.notes
+            );
+        }
+        let webhooks =
+            tunnel_manager::hub::WebhookSupport::of_version(&format!("v{version}"), "", "");
+        assert_eq!(webhooks.match_conditions, current, "{version}");
+        check_manager_keeps_what_the_chart_renders(&r, webhooks);
+    }
+}
+
+/// Evaluates `expression` for each of `activations` with `charts/tests/cel.py`
+/// (cel-python); `None` when it is missing (and not in CI).
+fn cel(expression: &str, activations: &[Value]) -> Option<Vec<Value>> {
+    let out = match Command::new("python3")
+        .arg(root().join("charts/tests/cel.py"))
+        .arg(expression)
+        .arg(Value::from(activations.to_vec()).to_string())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => return skip(&format!("python3 cannot be run: {e}")),
+    };
+    if out.status.code() == Some(3) {
+        return skip(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(
+        out.status.success(),
+        "cel.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).expect("cel.py prints JSON"))
+}
+
+/// The webhook's matchConditions, evaluated as CEL, call the injector for
+/// every pod the injector does not read as opted out: "true" in any case
+/// and spacing, and every value it refuses ("yes", ""), so that a typo gets
+/// the injector's message instead of a pod silently without its sidecar;
+/// pods without the annotation or with "false" never wait for it. The
+/// manager's report of pods without the sidecar reads it the same way.
+#[test]
+fn the_match_condition_calls_the_injector_for_every_pod_it_does_not_skip() {
+    use std::collections::BTreeMap;
+    use tunnel_injector::annotations::{INJECT, OptIn, opt_in};
+    let values: [Option<&str>; 9] = [
+        None,
+        Some("true"),
+        Some(" True "),
+        Some("TRUE"),
+        Some("yes"),
+        Some(""),
+        Some("1"),
+        Some("false"),
+        Some(" FALSE "),
+    ];
+    let pods: Vec<Value> = values
+        .iter()
+        .map(|v| {
+            let annotations = match v {
+                Some(v) => json!({ INJECT: v, "other": "x" }),
+                None => json!({ "other": "x" }),
+            };
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "app", "namespace": "fleet", "annotations": annotations },
+                "spec": { "containers": [{ "name": "app" }] },
+                "status": { "phase": "Running" },
+            })
+        })
+        .collect();
+    let activations: Vec<Value> = pods.iter().map(|p| json!({ "object": p })).collect();
+    let Some(called) = cel(tunnel_manager::hub::OPT_IN_CONDITION, &activations) else {
+        return;
+    };
+    for ((value, pod), called) in values.iter().zip(&pods).zip(called) {
+        let annotations: BTreeMap<String, String> = value
+            .map(|v| (INJECT.to_owned(), v.to_owned()))
+            .into_iter()
+            .collect();
+        let skipped = matches!(opt_in(&annotations, &BTreeMap::new()), Ok(OptIn::No(_)));
+        assert_eq!(
+            called,
+            json!(!skipped),
+            "{value:?}: the webhook is called iff the injector does not skip the pod"
+        );
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod.clone()).unwrap();
+        assert_eq!(
+            tunnel_manager::coverage::is_uninjected(&pod),
+            !skipped,
+            "{value:?}: reported without the sidecar iff the webhook would have been called"
+        );
+    }
+    // A pod without any annotation at all.
+    let bare = json!({ "object": { "metadata": { "name": "app" } } });
+    assert_eq!(
+        cel(tunnel_manager::hub::OPT_IN_CONDITION, &[bare]),
+        Some(vec![json!(false)])
+    );
 }
 
 /// CRDs applied on upgrade by a hook that may patch only them; `helm test`
@@ -766,13 +915,35 @@ fn check_injector_certificates(r: &Rendered, cert_manager: bool) {
                 .contains(&json!("cluster-tunnel-injector.cluster-tunnel.svc")),
             "{cert}"
         );
+        // The standard chain: self-signed Issuer -> CA Certificate -> CA
+        // Issuer -> serving Certificate, so that the anchor in the caBundle
+        // (the serving certificate's ca.crt) outlives its renewals.
         assert_eq!(
             cert["spec"]["issuerRef"]["name"],
-            "cluster-tunnel-injector-selfsigned"
+            "cluster-tunnel-injector-ca"
         );
-        r.one("Issuer", "cluster-tunnel-injector-selfsigned");
+        assert_eq!(cert["spec"]["issuerRef"]["kind"], "Issuer");
+        assert!(
+            cert["spec"]["isCA"].is_null(),
+            "the serving certificate is no CA"
+        );
+        let ca_issuer = r.one("Issuer", "cluster-tunnel-injector-ca");
+        let ca_secret = &ca_issuer["spec"]["ca"]["secretName"];
+        let ca = r
+            .kind("Certificate")
+            .into_iter()
+            .find(|c| &c["spec"]["secretName"] == ca_secret)
+            .unwrap_or_else(|| panic!("no Certificate makes the CA Issuer's Secret {ca_secret}"));
+        assert_eq!(ca["spec"]["isCA"], true, "{ca}");
+        assert_eq!(ca["spec"]["privateKey"]["rotationPolicy"], "Never", "{ca}");
+        let root_issuer = r.one("Issuer", ca["spec"]["issuerRef"]["name"].as_str().unwrap());
+        assert!(
+            root_issuer["spec"]["selfSigned"].is_object(),
+            "{root_issuer}"
+        );
         let volumes = injector["spec"]["template"]["spec"]["volumes"].to_string();
         assert!(volumes.contains("cluster-tunnel-injector-tls"), "{volumes}");
+        // The CA injector reads the serving certificate (its ca.crt is the CA).
         assert_eq!(inject_from, "cluster-tunnel/cluster-tunnel-injector");
         assert!(!role.contains("mutatingwebhookconfigurations"), "{role}");
     } else {

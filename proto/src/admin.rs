@@ -3,6 +3,11 @@
 //!
 //! Routes: `GET /healthz`, `GET /readyz`, `GET /metrics` and, when enabled with
 //! [`AdminServer::with_shutdown_endpoint`], `POST /shutdown`.
+//!
+//! `POST /shutdown` is accepted only on a connection whose both ends are
+//! loopback addresses: a loopback peer alone is not enough, since a mesh's
+//! proxy (Istio's Envoy forwards inbound traffic from 127.0.0.6) hands
+//! connections from anywhere to the pod's own address with a loopback source.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,6 +31,10 @@ use tokio::task::JoinSet;
 
 /// Answers whether the process is ready to serve traffic (`GET /readyz`).
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// More about readiness for `GET /readyz`'s body, after `ready; ` or
+/// `not ready; ` (e.g. `server: connected`); it does not change the status.
+pub type ReadyDetail = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// How long a client may take to send request headers before it is cut off.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +63,7 @@ pub struct AdminServer {
 struct State {
     registry: Arc<Registry>,
     ready: ReadyCheck,
+    ready_detail: Option<ReadyDetail>,
     shutdown: Option<Arc<Notify>>,
 }
 
@@ -67,14 +77,23 @@ impl AdminServer {
             state: State {
                 registry,
                 ready,
+                ready_detail: None,
                 shutdown: None,
             },
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 
-    /// Enables `POST /shutdown` (loopback peers only, else 403), which notifies the given
-    /// Notify (for a sidecar in pods without native sidecars).
+    /// Adds `detail` to `GET /readyz`'s body: `ready; <detail>` (or `not ready; ...`), so
+    /// that a probe or a person sees more than the status (the status stays the check's).
+    pub fn with_ready_detail(mut self, detail: ReadyDetail) -> Self {
+        self.state.ready_detail = Some(detail);
+        self
+    }
+
+    /// Enables `POST /shutdown` (only on connections from and to loopback addresses,
+    /// else 403), which notifies the given Notify (for a sidecar in pods without native
+    /// sidecars).
     ///
     /// Uses [`Notify::notify_one`], so a task that starts waiting after the request
     /// still sees it.
@@ -121,9 +140,12 @@ impl AdminServer {
             while connections.try_join_next().is_some() {}
             match accepted {
                 Ok((stream, peer)) => {
+                    // The address this connection came to: the listener's, or
+                    // for a wildcard listener the one the client dialed.
+                    let to = stream.local_addr().unwrap_or(local);
                     connections.spawn(serve_connection(
                         stream,
-                        peer,
+                        Ends { peer, local: to },
                         state.clone(),
                         self.header_read_timeout,
                         stop_rx.clone(),
@@ -161,16 +183,34 @@ impl AdminServer {
     }
 }
 
+/// Both ends of one admin connection.
+#[derive(Debug, Clone, Copy)]
+struct Ends {
+    /// The client.
+    peer: SocketAddr,
+    /// The address it connected to.
+    local: SocketAddr,
+}
+
+impl Ends {
+    /// Whether the connection is inside this host's network namespace: made
+    /// to a loopback address from a loopback address.
+    fn is_loopback(&self) -> bool {
+        self.peer.ip().to_canonical().is_loopback() && self.local.ip().to_canonical().is_loopback()
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
-    peer: SocketAddr,
+    ends: Ends,
     state: Arc<State>,
     header_read_timeout: Duration,
     mut stop: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let peer = ends.peer;
     let service = service_fn(move |req: Request<Incoming>| {
-        let response = respond(&state, peer, req.method(), req.uri().path());
+        let response = respond(&state, ends, req.method(), req.uri().path());
         async move { Ok::<_, Infallible>(response) }
     });
     let mut builder = http1::Builder::new();
@@ -201,27 +241,36 @@ async fn serve_connection(
 }
 
 /// The response to one request; pure so routing is testable without sockets.
-fn respond(state: &State, peer: SocketAddr, method: &Method, path: &str) -> Response<Full<Bytes>> {
+fn respond(state: &State, ends: Ends, method: &Method, path: &str) -> Response<Full<Bytes>> {
     let read_only = *method == Method::GET || *method == Method::HEAD;
+    let peer = ends.peer;
     match path {
         "/healthz" | "/readyz" | "/metrics" if !read_only => method_not_allowed("GET, HEAD"),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if (state.ready)() {
-                text(StatusCode::OK, "ready\n")
+            let (status, word) = if (state.ready)() {
+                (StatusCode::OK, "ready")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+            };
+            match &state.ready_detail {
+                None => response(status, TEXT_CONTENT_TYPE, format!("{word}\n").into()),
+                Some(detail) => response(
+                    status,
+                    TEXT_CONTENT_TYPE,
+                    format!("{word}; {}\n", detail()).into(),
+                ),
             }
         }
         "/metrics" => metrics(&state.registry),
         "/shutdown" => match &state.shutdown {
             None => text(StatusCode::NOT_FOUND, "not found\n"),
             Some(_) if *method != Method::POST => method_not_allowed("POST"),
-            Some(_) if !peer.ip().to_canonical().is_loopback() => {
-                tracing::warn!(%peer, "refused /shutdown from a non-loopback peer");
+            Some(_) if !ends.is_loopback() => {
+                tracing::warn!(%peer, local = %ends.local, "refused /shutdown on a connection that is not loopback at both ends");
                 text(
                     StatusCode::FORBIDDEN,
-                    "forbidden: /shutdown accepts loopback peers only\n",
+                    "forbidden: /shutdown accepts connections to a loopback address from one only\n",
                 )
             }
             Some(notify) => {
@@ -532,26 +581,106 @@ mod tests {
         running.stop().await;
     }
 
+    fn ends(peer: &str, local: &str) -> Ends {
+        Ends {
+            peer: peer.parse().expect("peer"),
+            local: local.parse().expect("local"),
+        }
+    }
+
     #[test]
-    fn shutdown_refuses_non_loopback_peers() {
+    fn shutdown_takes_only_connections_loopback_at_both_ends() {
         let notify = Arc::new(Notify::new());
         let admin = server(true).with_shutdown_endpoint(notify);
         let state = &admin.state;
-        let remote: SocketAddr = "10.0.0.7:5555".parse().expect("addr");
-        let response = respond(state, remote, &Method::POST, "/shutdown");
-        assert_eq!(response.status(), StatusCode::FORBIDDEN);
-        let mapped: SocketAddr = "[::ffff:10.0.0.7]:5555".parse().expect("addr");
+        let status = |peer: &str, local: &str| {
+            respond(state, ends(peer, local), &Method::POST, "/shutdown").status()
+        };
+        // From elsewhere, to the pod's address.
+        assert_eq!(status("10.0.0.7:5555", "10.0.0.9:17090"), 403);
         assert_eq!(
-            respond(state, mapped, &Method::POST, "/shutdown").status(),
+            status("[::ffff:10.0.0.7]:5555", "[::ffff:10.0.0.9]:17090"),
             403
         );
-        for local in ["127.0.0.1:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
-            let local: SocketAddr = local.parse().expect("addr");
-            assert_eq!(
-                respond(state, local, &Method::POST, "/shutdown").status(),
-                200
-            );
+        // Istio's Envoy hands inbound connections to the pod's address from
+        // 127.0.0.6: a loopback peer, but from outside the pod.
+        assert_eq!(status("127.0.0.6:40000", "10.0.0.9:17090"), 403);
+        assert_eq!(status("[::1]:40000", "[fd00::9]:17090"), 403);
+        for (peer, local) in [
+            ("127.0.0.1:1", "127.0.0.1:17090"),
+            ("[::1]:1", "[::1]:17090"),
+            ("[::ffff:127.0.0.1]:1", "[::ffff:127.0.0.1]:17090"),
+        ] {
+            assert_eq!(status(peer, local), 200, "{peer} -> {local}");
         }
+    }
+
+    #[tokio::test]
+    async fn shutdown_through_a_wildcard_listener_needs_the_loopback_address() {
+        let notify = Arc::new(Notify::new());
+        let listener = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server(true).with_shutdown_endpoint(notify.clone()).serve(
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        // This host's own non-loopback address, if it has one: a connection
+        // to it is not loopback at the local end, whatever its source.
+        let outward = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|u| u.connect("192.0.2.1:9").map(|()| u))
+            .and_then(|u| u.local_addr())
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+        if let Some(ip) = outward {
+            let reply = request(SocketAddr::new(ip, port), "POST", "/shutdown").await;
+            assert_eq!(reply.status, 403, "{}", reply.body);
+        }
+        let reply = request(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "POST",
+            "/shutdown",
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        tokio::time::timeout(TEST_TIMEOUT, notify.notified())
+            .await
+            .expect("notified");
+        let _ = stop.send(());
+        tokio::time::timeout(TEST_TIMEOUT, task)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+            .expect("serve result");
+    }
+
+    #[tokio::test]
+    async fn readyz_carries_the_detail_and_keeps_the_status() {
+        let connected = Arc::new(AtomicBool::new(false));
+        let c = connected.clone();
+        let admin = server(true).with_ready_detail(Arc::new(move || {
+            if c.load(Ordering::SeqCst) {
+                "server: connected".into()
+            } else {
+                "server: not connected".into()
+            }
+        }));
+        let running = start(admin).await;
+        let reply = request(running.addr, "GET", "/readyz").await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "ready; server: not connected\n")
+        );
+        connected.store(true, Ordering::SeqCst);
+        let reply = request(running.addr, "GET", "/readyz").await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "ready; server: connected\n")
+        );
+        running.stop().await;
     }
 
     #[tokio::test]

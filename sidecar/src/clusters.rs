@@ -2,10 +2,16 @@
 //! also keeps the connection to the server up and tells whether the server
 //! is reachable (the `tunnel_sidecar_server_connected` gauge); the sidecar's
 //! readiness does not wait for it, so pods start during a hub outage.
+//!
+//! The clusters the pod itself names (`--known-cluster`, which the injector
+//! fills from its annotations) count as known from the start. Until the
+//! server's list was fetched once, whether another single label is a
+//! cluster cannot be told: [`ClusterCache::wait_first_list`] lets a request
+//! wait for that first answer rather than guess.
 
 use std::collections::HashSet;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,10 +22,16 @@ const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
 /// Longest a proxy request waits for a refresh triggered by its name.
 const INLINE_REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The cluster names the server reported last.
+/// The cluster names the server reported last, and those the pod names.
 #[derive(Debug, Default)]
 pub struct ClusterCache {
     names: RwLock<HashSet<String>>,
+    /// Clusters the pod names: known whatever the server says.
+    configured: HashSet<String>,
+    /// Whether a list was ever fetched.
+    fetched: AtomicBool,
+    /// Fetches finished, successful or not.
+    attempts: AtomicU64,
     /// When the last refresh started; held across a refresh so that
     /// concurrent callers wait for it instead of starting their own.
     last: tokio::sync::Mutex<Option<Instant>>,
@@ -28,21 +40,55 @@ pub struct ClusterCache {
 }
 
 impl ClusterCache {
-    /// A cache that mirrors the connection state into `connected_gauge`
-    /// (1 connected, 0 not).
-    pub fn new(connected_gauge: Gauge) -> Self {
+    /// A cache that knows `configured` from the start and mirrors the
+    /// connection state into `connected_gauge` (1 connected, 0 not).
+    pub fn new(connected_gauge: Gauge, configured: &[String]) -> Self {
         Self {
             connected_gauge,
+            configured: configured.iter().map(|c| c.to_ascii_lowercase()).collect(),
             ..Self::default()
         }
     }
 
-    /// Whether `name` is a known cluster.
+    /// Whether `name` is a known cluster: one the pod names, or one in the
+    /// server's last list.
     pub fn contains(&self, name: &str) -> bool {
-        self.names
-            .read()
-            .map(|n| n.contains(&name.to_ascii_lowercase()))
-            .unwrap_or(false)
+        let name = name.to_ascii_lowercase();
+        self.configured.contains(&name)
+            || self
+                .names
+                .read()
+                .map(|n| n.contains(&name))
+                .unwrap_or(false)
+    }
+
+    /// Whether the server's list was fetched at least once.
+    pub fn was_fetched(&self) -> bool {
+        self.fetched.load(Ordering::Acquire)
+    }
+
+    /// Waits, for at most `timeout`, until the server's list was fetched
+    /// once; returns whether it was. While it never was, waits for one
+    /// attempt that ends after the call (one under way, or its own), so
+    /// that during a hub outage a request learns at once that nobody can
+    /// tell, and many requests cost the server one attempt.
+    pub async fn wait_first_list(&self, client: &TunnelClient, timeout: Duration) -> bool {
+        if self.was_fetched() {
+            return true;
+        }
+        let seen = self.attempts.load(Ordering::Acquire);
+        let wait = async {
+            let mut last = self.last.lock().await;
+            if self.was_fetched() || self.attempts.load(Ordering::Acquire) > seen {
+                return; // an attempt ended since we asked
+            }
+            *last = Some(Instant::now());
+            self.fetch(client).await;
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::debug!(?timeout, "no cluster list in time");
+        }
+        self.was_fetched()
     }
 
     /// Whether the last contact with the server succeeded.
@@ -67,6 +113,7 @@ impl ClusterCache {
                     }
                     *n = names;
                 }
+                self.fetched.store(true, Ordering::Release);
                 self.connected_gauge.set(1);
                 if !self.connected.swap(true, Ordering::AcqRel) {
                     tracing::info!("connected to the tunnel server");
@@ -81,6 +128,7 @@ impl ClusterCache {
                 }
             }
         }
+        self.attempts.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Makes sure the list was fetched after `now` (a caller that just met

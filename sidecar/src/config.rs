@@ -12,7 +12,7 @@ use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::client::Target;
 use tunnel_proto::identity::validate_cluster_name;
 
-use crate::direct::{DirectDialer, DirectPolicy, parse_host_aliases};
+use crate::direct::{DirectDialer, DirectPolicy, parse_allowed_ips, parse_host_aliases};
 use crate::names::{DEFAULT_APISERVER_HOST, DEFAULT_CLUSTER_SUFFIX, Naming};
 
 /// Default port of the HTTP proxy. The sidecar's default ports stay clear of
@@ -204,6 +204,25 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub host_aliases: Vec<String>,
+    /// An address (or ADDR/PREFIX network) the proxy may dial directly
+    /// although it is loopback, unspecified or link-local, which it refuses
+    /// otherwise (this pod's own ports, a cloud's metadata service);
+    /// repeatable or comma-separated.
+    #[arg(
+        long = "direct-allow-ip",
+        env = "TUNNEL_DIRECT_ALLOW_IPS",
+        value_delimiter = ','
+    )]
+    pub direct_allow_ips: Vec<String>,
+    /// A cluster this pod names (its ports, its default cluster): a bare
+    /// name that is one goes through the tunnel even before the server's
+    /// cluster list is known (repeatable or comma-separated).
+    #[arg(
+        long = "known-cluster",
+        env = "TUNNEL_KNOWN_CLUSTERS",
+        value_delimiter = ','
+    )]
+    pub known_clusters: Vec<String>,
     /// Address of the admin port (/healthz, /readyz, /metrics, POST /shutdown)
     /// [default: 127.0.0.1:17090].
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
@@ -264,6 +283,37 @@ pub enum Command {
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Ask the sidecar of this pod (at --admin-listen, or TUNNEL_ADMIN_LISTEN,
+    /// on loopback) once: print its answer and exit 0 if it is 200, else
+    /// print why and exit 1. The injected sidecar's exec probes: they reach
+    /// the admin port on loopback, where no mesh redirects them.
+    Probe {
+        /// Which endpoint: readyz (also says whether a server is connected) or healthz.
+        #[arg(value_enum)]
+        check: ProbeCheck,
+        /// Give up after this long (keep it below the probe's timeoutSeconds).
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// What `tunnel-sidecar probe` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeCheck {
+    /// `GET /readyz`: listeners bound (the body says whether a server is connected).
+    Readyz,
+    /// `GET /healthz`: the process answers.
+    Healthz,
+}
+
+impl ProbeCheck {
+    /// The admin path.
+    pub fn path(self) -> &'static str {
+        match self {
+            ProbeCheck::Readyz => "/readyz",
+            ProbeCheck::Healthz => "/healthz",
+        }
+    }
 }
 
 /// The configuration file: the same settings as the flags, snake_case.
@@ -297,6 +347,12 @@ pub struct FileConfig {
     /// See `--host-alias`.
     #[serde(default)]
     pub host_aliases: Vec<String>,
+    /// See `--direct-allow-ip`.
+    #[serde(default)]
+    pub direct_allow_ips: Vec<String>,
+    /// See `--known-cluster`.
+    #[serde(default)]
+    pub known_clusters: Vec<String>,
     /// See `--admin-listen`.
     pub admin_listen: Option<String>,
     /// See `--bind-address`.
@@ -364,6 +420,8 @@ pub struct SidecarConfig {
     pub bind_address: IpAddr,
     /// How proxy requests name clusters.
     pub naming: Naming,
+    /// Clusters this pod names, known before the server's list.
+    pub known_clusters: Vec<String>,
     /// Cluster list refresh interval.
     pub cluster_refresh: Duration,
     /// Request head timeout.
@@ -485,8 +543,9 @@ impl Cli {
                 SocketAddr::new(bind_address, m.port),
             ));
         }
-        // The admin port serves health and metrics (and POST /shutdown only to
-        // loopback peers), so it may face the kubelet's probes from the pod IP.
+        // The admin port serves health and metrics (POST /shutdown only on
+        // connections from loopback to loopback), so it may listen beyond
+        // loopback for Prometheus to scrape.
         for (name, a) in listeners.iter().filter(|(n, _)| n != "--admin-listen") {
             if !a.ip().is_loopback() && !allow_non_loopback {
                 return Err(invalid(
@@ -536,6 +595,29 @@ impl Cli {
         };
         let host_aliases =
             parse_host_aliases(alias_specs).map_err(|e| invalid("--host-alias", e))?;
+        let allowed_specs = if self.direct_allow_ips.is_empty() {
+            &file.direct_allow_ips
+        } else {
+            &self.direct_allow_ips
+        };
+        let allowed =
+            parse_allowed_ips(allowed_specs).map_err(|e| invalid("--direct-allow-ip", e))?;
+        let known_specs = if self.known_clusters.is_empty() {
+            &file.known_clusters
+        } else {
+            &self.known_clusters
+        };
+        let mut known_clusters = Vec::new();
+        for c in known_specs
+            .iter()
+            .map(|c| c.trim())
+            .filter(|c| !c.is_empty())
+        {
+            validate_cluster_name(c).map_err(|e| invalid("--known-cluster", e.to_string()))?;
+            if !known_clusters.iter().any(|k| k == c) {
+                known_clusters.push(c.to_owned());
+            }
+        }
         let default_cluster = self
             .default_cluster
             .clone()
@@ -600,8 +682,10 @@ impl Cli {
             direct: DirectDialer {
                 policy: direct_policy,
                 host_aliases,
+                allowed,
                 timeout: open_timeout,
             },
+            known_clusters,
             admin_listen,
             bind_address,
             naming: Naming {
@@ -706,7 +790,7 @@ mod tests {
     }
 
     #[test]
-    fn the_admin_port_may_face_the_kubelet() {
+    fn the_admin_port_may_face_prometheus() {
         let ok = cli(&["--server", "hub:8090", "--admin-listen", "0.0.0.0:17090"]).resolve();
         assert!(ok.is_ok(), "{ok:?}");
     }
@@ -811,6 +895,33 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("--host-alias"), "{err}");
+        let c = cli(&[
+            "--server",
+            "hub:8090",
+            "--direct-allow-ip",
+            "127.0.3.1,127.0.4.0/24",
+            "--known-cluster",
+            "east,west,east",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.direct.allowed.len(), 2);
+        assert_eq!(c.known_clusters, ["east", "west"]);
+        assert!(
+            cli(&["--server", "hub:8090"])
+                .resolve()
+                .unwrap()
+                .direct
+                .allowed
+                .is_empty(),
+            "nothing refused is allowed by default"
+        );
+        for (flag, value) in [("--direct-allow-ip", "hub"), ("--known-cluster", "East")] {
+            let err = cli(&["--server", "hub:8090", flag, value])
+                .resolve()
+                .unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
     }
 
     #[test]

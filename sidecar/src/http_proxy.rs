@@ -29,7 +29,7 @@ use tunnel_proto::client::{Target, TunnelClient};
 use tunnel_proto::error::{ErrorCode, TunnelError};
 
 use crate::clusters::ClusterCache;
-use crate::direct::DirectDialer;
+use crate::direct::{DirectDialer, DirectPolicy};
 use crate::metrics::{RequestLabel, SidecarMetrics};
 use crate::names::{Naming, Route, is_single_label};
 
@@ -85,6 +85,9 @@ pub struct ProxyState {
     pub clusters: Arc<ClusterCache>,
     /// Dials destinations outside the clusters.
     pub direct: DirectDialer,
+    /// Longest a request for a single label waits for the server's first
+    /// cluster list (the open timeout).
+    pub list_timeout: Duration,
     /// Metrics.
     pub metrics: SidecarMetrics,
 }
@@ -154,29 +157,84 @@ fn proxy_user(headers: &HeaderMap) -> Result<Option<String>, String> {
     Ok((!user.is_empty()).then(|| user.to_owned()))
 }
 
+/// What a proxy request names: the host (without brackets), the port, and
+/// the cluster of its proxy user.
+struct Asked {
+    host: String,
+    port: u16,
+    user: Option<String>,
+}
+
 impl ProxyState {
-    async fn route_of(
-        &self,
-        req: &Request<Incoming>,
-        default_port: u16,
-    ) -> Result<Route, Response<Body>> {
+    /// What `req` asks for; why it is a bad request otherwise.
+    fn asked(req: &Request<Incoming>, default_port: u16) -> Result<Asked, String> {
         let authority = req
             .uri()
             .authority()
-            .ok_or_else(|| bad_request("the request names no destination host"))?;
+            .ok_or("the request names no destination host")?;
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(default_port);
         if port == 0 {
-            return Err(bad_request("port 0 is not a destination"));
+            return Err("port 0 is not a destination".into());
         }
-        let user = proxy_user(req.headers()).map_err(|m| bad_request(&m))?;
+        let user = proxy_user(req.headers())?;
+        Ok(Asked {
+            host: host.to_owned(),
+            port,
+            user,
+        })
+    }
+
+    /// Where `asked` goes with the clusters known now.
+    fn route(&self, asked: &Asked) -> Result<Route, String> {
         let clusters = self.clusters.clone();
         self.naming
-            .route(host, port, user.as_deref(), |c| clusters.contains(c))
-            .map_err(|e| bad_request(&e.to_string()))
+            .route(&asked.host, asked.port, asked.user.as_deref(), |c| {
+                clusters.contains(c)
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where `req` goes. A single label that is no known cluster is decided
+    /// only once the server's cluster list was fetched: before that (the
+    /// pod's first moments, or a start during a hub outage) it waits for
+    /// the list, up to the open timeout, and fails with `tunnel_broken`
+    /// without it, rather than be dialed directly (a hub Service named like
+    /// a cluster would take that cluster's kube-API traffic) or sent to a
+    /// default cluster as a host.
+    async fn route_of(
+        &self,
+        req: &Request<Incoming>,
+        default_port: u16,
+    ) -> Result<Route, (Response<Body>, &'static str)> {
+        let bad = |m: String| (bad_request(&m), "bad_request");
+        let asked = Self::asked(req, default_port).map_err(bad)?;
+        let route = self.route(&asked).map_err(bad)?;
+        let lower = asked.host.trim_end_matches('.').to_ascii_lowercase();
+        if !is_single_label(&lower) || self.clusters.contains(&lower) || self.clusters.was_fetched()
+        {
+            return Ok(route);
+        }
+        if self
+            .clusters
+            .wait_first_list(&self.client, self.list_timeout)
+            .await
+        {
+            return self.route(&asked).map_err(bad);
+        }
+        let err = TunnelError::new(
+            ErrorCode::TunnelBroken,
+            format!(
+                "no tunnel server reachable to tell whether {lower:?} is a cluster (the cluster list \
+                 was never fetched), so it is neither tunnelled nor dialed directly; retry once the \
+                 server is reachable, or name a hub Service as {lower}.<namespace>"
+            ),
+        );
+        tracing::info!(host = %lower, "single label before any cluster list: refused");
+        Err((error_response(&err), ErrorCode::TunnelBroken.label()))
     }
 
     async fn handle(
@@ -231,8 +289,8 @@ impl ProxyState {
         let (host, port) = match self.route_of(req, default_port).await {
             Ok(Route::Tunnel(target)) => return Ok(Upstream::Tunnel(target)),
             Ok(Route::Direct { host, port }) => (host, port),
-            Err(resp) => {
-                self.count(kind, "bad_request");
+            Err((resp, code)) => {
+                self.count(kind, code);
                 return Err(resp);
             }
         };
@@ -259,7 +317,8 @@ impl ProxyState {
         }
         self.count("direct", err.code.label());
         tracing::info!(%host, port, code = err.code.label(), %err, "direct connection failed");
-        if err.code == ErrorCode::DestinationNotAllowed {
+        if err.code == ErrorCode::DestinationNotAllowed && self.direct.policy == DirectPolicy::Deny
+        {
             err.message = format!("{}; {}", err.message, self.naming.how_to_name_a_cluster());
         }
         Err(error_response(&err))
@@ -337,7 +396,9 @@ impl ProxyState {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        // The absolute URI names the destination; any Host the client sent
+        // is replaced by it (RFC 9112 3.2.2), never with its userinfo.
+        let uri_host = origin_host_header(req.uri());
         *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
         strip_hop_by_hop(req.headers_mut());
         match upstream {
@@ -357,10 +418,10 @@ impl ProxyState {
                 Ok(self.send(io, req, "http", &target.to_string()).await)
             }
             Upstream::Direct { tcp, host, port } => {
-                // The client's Host stays: the destination is the one it named.
-                if !req.headers().contains_key(header::HOST)
-                    && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
-                {
+                // The destination is the one the client named: its Host is
+                // the URI's authority as written, without userinfo.
+                req.headers_mut().remove(header::HOST);
+                if let Some(v) = uri_host {
                     req.headers_mut().insert(header::HOST, v);
                 }
                 Ok(self
@@ -386,9 +447,11 @@ impl ProxyState {
         {
             Ok(x) => x,
             Err(err) => {
-                self.count(kind, ErrorCode::TunnelBroken.label());
-                let err =
-                    TunnelError::new(ErrorCode::TunnelBroken, format!("HTTP/1 to {dest}: {err}"));
+                let err = TunnelError::new(
+                    handshake_failure_code(kind),
+                    format!("HTTP/1 to {dest}: {err}"),
+                );
+                self.count(kind, err.code.label());
                 return error_response(&err);
             }
         };
@@ -428,6 +491,29 @@ enum Upstream {
         /// The port.
         port: u16,
     },
+}
+
+/// The code of a failed HTTP/1 handshake on a fresh upstream connection:
+/// the tunnel's for a tunnelled one, the destination's for a direct one
+/// (no tunnel is involved).
+fn handshake_failure_code(kind: &str) -> ErrorCode {
+    if kind == "direct" {
+        ErrorCode::DestinationUnreachable
+    } else {
+        ErrorCode::TunnelBroken
+    }
+}
+
+/// The `Host` header of an absolute-form request, from its URI: host and
+/// port as the client wrote them, never the userinfo.
+fn origin_host_header(uri: &http::Uri) -> Option<HeaderValue> {
+    let authority = uri.authority()?;
+    let host = authority.host();
+    let value = match authority.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 /// The `Host` header for a tunnelled destination.
@@ -571,6 +657,28 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::ACCEPT));
+    }
+
+    #[test]
+    fn a_direct_request_s_host_comes_from_its_uri_without_userinfo() {
+        for (uri, host) in [
+            ("http://backend:8080/x", "backend:8080"),
+            ("http://user:secret@backend:8080/x", "backend:8080"),
+            ("http://user@backend.team/", "backend.team"),
+            ("http://[fd00::1]:81/", "[fd00::1]:81"),
+        ] {
+            let uri: http::Uri = uri.parse().unwrap();
+            assert_eq!(origin_host_header(&uri).unwrap(), host, "{uri}");
+        }
+    }
+
+    #[test]
+    fn a_direct_handshake_failure_is_no_broken_tunnel() {
+        assert_eq!(
+            handshake_failure_code("direct"),
+            ErrorCode::DestinationUnreachable
+        );
+        assert_eq!(handshake_failure_code("http"), ErrorCode::TunnelBroken);
     }
 
     #[test]

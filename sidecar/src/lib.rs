@@ -12,8 +12,11 @@
 //! - [`metrics`]: the Prometheus metrics;
 //! - an admin port with `/healthz`, `/readyz` (ready once every listener is
 //!   bound, whether or not a server is reachable, so that pods start during
-//!   a hub outage; `tunnel_sidecar_server_connected` says whether one is),
-//!   `/metrics` and `POST /shutdown`.
+//!   a hub outage; its body, `ready; server: connected` or `ready; server:
+//!   not connected`, and `tunnel_sidecar_server_connected` say whether one
+//!   is), `/metrics` and `POST /shutdown` (loopback to loopback only);
+//! - `tunnel-sidecar probe readyz|healthz` and `wait-ready`: the exec probe
+//!   and the legacy `postStart` hook, which ask the admin port on loopback.
 
 pub mod clusters;
 pub mod config;
@@ -106,7 +109,10 @@ impl Sidecar {
         }));
         let mut registry = Registry::default();
         let metrics = SidecarMetrics::register(&mut registry);
-        let clusters = Arc::new(ClusterCache::new(metrics.server_connected.clone()));
+        let clusters = Arc::new(ClusterCache::new(
+            metrics.server_connected.clone(),
+            &config.known_clusters,
+        ));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -137,7 +143,17 @@ impl Sidecar {
         // Ready once bound (every listener is, by now): connections made
         // while no server is reachable get a typed error, and direct ones
         // work, so an outage of the hub never holds a pod's start.
+        // The body says whether a server is reachable now (`tunnel-sidecar
+        // probe readyz` prints it); the status does not wait for one.
+        let cl = clusters.clone();
         let admin = tunnel_proto::admin::AdminServer::new(Arc::new(registry), Arc::new(|| true))
+            .with_ready_detail(Arc::new(move || {
+                if cl.is_connected() {
+                    "server: connected".to_owned()
+                } else {
+                    "server: not connected".to_owned()
+                }
+            }))
             .with_shutdown_endpoint(shutdown_requested.clone());
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -183,6 +199,7 @@ impl Sidecar {
                 naming: config.naming.clone(),
                 clusters: clusters.clone(),
                 direct: config.direct.clone(),
+                list_timeout: config.open_timeout,
                 metrics: metrics.clone(),
             });
             let limits = ProxyLimits {
@@ -229,8 +246,14 @@ impl Sidecar {
 /// Runs the command line: the binary's whole `main`. Exits on SIGTERM,
 /// Ctrl-C or `POST /shutdown`.
 pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
-    if let Some(config::Command::WaitReady { timeout }) = cli.command {
-        return wait_ready(cli.admin_listen, timeout).await;
+    match cli.command {
+        Some(config::Command::WaitReady { timeout }) => {
+            return wait_ready(cli.admin_listen, timeout).await;
+        }
+        Some(config::Command::Probe { check, timeout }) => {
+            return probe(cli.admin_listen, check, timeout).await;
+        }
+        None => {}
     }
     tunnel_proto::tls::install_crypto_provider();
     let config = cli.resolve()?;
@@ -245,26 +268,9 @@ pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One readiness probe of the sidecar at `addr`.
-async fn ready_once(addr: SocketAddr) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let probe = async {
-        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-        tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut head = [0u8; 12];
-        tcp.read_exact(&mut head).await?;
-        Ok::<bool, std::io::Error>(head.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(
-        tokio::time::timeout(std::time::Duration::from_secs(2), probe).await,
-        Ok(Ok(true))
-    )
-}
-
-/// `tunnel-sidecar wait-ready`: polls the sidecar's `/readyz` until it answers
-/// 200 or `timeout` passes.
-async fn wait_ready(admin: Option<SocketAddr>, timeout: std::time::Duration) -> anyhow::Result<()> {
+/// The admin address a command of this pod talks to: `--admin-listen`, with
+/// a wildcard address replaced by loopback (the command runs in the pod).
+fn local_admin(admin: Option<SocketAddr>) -> SocketAddr {
     let mut addr =
         admin.unwrap_or_else(|| config::DEFAULT_ADMIN_LISTEN.parse().expect("valid default"));
     if addr.ip().is_unspecified() {
@@ -273,9 +279,51 @@ async fn wait_ready(admin: Option<SocketAddr>, timeout: std::time::Duration) -> 
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
+    addr
+}
+
+/// Most of an admin answer a command reads.
+const MAX_ADMIN_ANSWER: u64 = 64 * 1024;
+
+/// One `GET path` to the admin port at `addr`: the status and the body.
+async fn admin_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut answer = Vec::new();
+        tcp.take(MAX_ADMIN_ANSWER).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {timeout:?}"))?
+        .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{addr} answered no HTTP/1.1 status line"))?;
+    Ok((status, body.trim_end().to_owned()))
+}
+
+/// `tunnel-sidecar wait-ready`: polls the sidecar's `/readyz` until it answers
+/// 200 or `timeout` passes.
+async fn wait_ready(admin: Option<SocketAddr>, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let addr = local_admin(admin);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if ready_once(addr).await {
+        let once = admin_get(addr, "/readyz", std::time::Duration::from_secs(2)).await;
+        if matches!(once, Ok((200, _))) {
             return Ok(());
         }
         anyhow::ensure!(
@@ -284,4 +332,25 @@ async fn wait_ready(admin: Option<SocketAddr>, timeout: std::time::Duration) -> 
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// `tunnel-sidecar probe readyz|healthz`: one request; its body on stdout
+/// and `Ok` for a 200, an error saying what was answered otherwise (the
+/// kubelet shows a failed exec probe's output in the pod's events).
+async fn probe(
+    admin: Option<SocketAddr>,
+    check: config::ProbeCheck,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let addr = local_admin(admin);
+    let path = check.path();
+    let (status, body) = admin_get(addr, path, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("probe {path}: {e:#}"))?;
+    anyhow::ensure!(
+        status == 200,
+        "probe {path}: the sidecar at {addr} answered {status}: {body}"
+    );
+    println!("{body}");
+    Ok(())
 }

@@ -7,10 +7,13 @@
 //!    private use, so it never collides with a public name): `<host>` in
 //!    `<cluster>`, e.g. `prometheus.monitoring.svc.east.tunnel.internal:9090`.
 //!    `<cluster>.<suffix>` alone is the cluster's kube-apiserver.
-//! 2. A bare name that is a cluster the server lists (`east:443`): that
-//!    cluster's kube-apiserver, as in cluster-proxy. The cluster wins over a
-//!    hub Service of the same name, which stays reachable as
-//!    `<name>.<namespace>` or `<name>.<namespace>.svc`.
+//! 2. A bare name that is a cluster the server lists, or one the pod names
+//!    (`--known-cluster`) (`east:443`): that cluster's kube-apiserver, as in
+//!    cluster-proxy. The cluster wins over a hub Service of the same name,
+//!    which stays reachable as `<name>.<namespace>` or
+//!    `<name>.<namespace>.svc`. Before the server's list was ever fetched,
+//!    the proxy does not decide an unknown bare name at all
+//!    ([`crate::clusters::ClusterCache::wait_first_list`]).
 //! 3. A default cluster — the proxy URL's user name
 //!    (`http://east@127.0.0.1:17080` makes clients send
 //!    `Proxy-Authorization`), else the sidecar's `--default-cluster` — takes

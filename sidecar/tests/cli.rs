@@ -137,3 +137,81 @@ fn wait_ready_returns_once_readyz_answers_200() {
     );
     server.join().unwrap();
 }
+
+/// A one-request admin port: answers `status` with `body` and returns the
+/// request line it was sent.
+fn one_answer(status: &'static str, body: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let _ = write!(
+            s,
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    });
+    (port, server)
+}
+
+/// The exec probe of an injected sidecar: asks the admin port on loopback
+/// (the injected environment may name a wildcard address), prints the
+/// answer, and exits 0 only for a 200.
+#[test]
+fn probe_asks_loopback_once_and_exits_by_the_status() {
+    let (port, server) = one_answer("200 OK", "ready; server: not connected\n");
+    let out = sidecar()
+        .env("TUNNEL_ADMIN_LISTEN", format!("0.0.0.0:{port}"))
+        .args(["probe", "readyz"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ready; server: not connected\n"
+    );
+    assert_eq!(server.join().unwrap(), "GET /readyz HTTP/1.1");
+
+    let (port, server) = one_answer("503 Service Unavailable", "not ready\n");
+    let out = sidecar()
+        .args([
+            "--admin-listen",
+            &format!("127.0.0.1:{port}"),
+            "probe",
+            "healthz",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(server.join().unwrap(), "GET /healthz HTTP/1.1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("answered 503: not ready"), "{err}");
+
+    // Nothing listening: a message naming the address.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = sidecar()
+        .args(["--admin-listen", &closed.to_string(), "probe", "readyz"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("probe /readyz") && err.contains(&closed.to_string()),
+        "{err}"
+    );
+}

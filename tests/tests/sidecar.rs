@@ -15,7 +15,9 @@
 //! by `backend.team` through `--host-alias` entries, standing in for the
 //! pod's resolver and its search domains (`team.svc.cluster.local`, ...),
 //! which the sidecar uses for direct connections in a real pod. No agent may
-//! dial 127.0.3.1, so an answer from it came straight from the sidecar.
+//! dial 127.0.3.1, so an answer from it came straight from the sidecar. The
+//! sidecar never dials loopback addresses directly (they are the pod's own
+//! ports), so every sidecar here allows that one with `--direct-allow-ip`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -40,6 +42,9 @@ const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 const HUB_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1));
 /// The `--host-alias` entries that resolve the hub Service's names.
 const HUB_ALIASES: &str = "backend=127.0.3.1,backend.team=127.0.3.1";
+/// What the sidecars here may dial directly although it is loopback: the
+/// stand-in for the hub's network, [`HUB_IP`].
+const HUB_ALLOWED: &str = "127.0.3.1";
 
 /// The loopback address standing for a cluster's network.
 fn cluster_ip(cluster: &str) -> IpAddr {
@@ -253,6 +258,8 @@ impl Clusters {
             &format!("{west_port}=west:hello.default.svc:{}", self.svc.http),
             "--log-format",
             "text",
+            "--direct-allow-ip",
+            HUB_ALLOWED,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1203,18 +1210,48 @@ async fn post_shutdown_ends_the_sidecar_with_status_0() {
     assert!(status.success(), "exit status {status}\n{}", sc.proc.logs());
 }
 
+/// Runs `tunnel-sidecar probe readyz` against the sidecar at `admin`, as the
+/// kubelet's exec probe does; returns what it printed.
+async fn probe_readyz(admin: SocketAddr) -> String {
+    let binary = bin("tunnel-sidecar");
+    let out = run(
+        binary.to_str().unwrap(),
+        &["--admin-listen", &admin.to_string(), "probe", "readyz"],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "tunnel-sidecar probe readyz: {out:?}");
+    out.stdout
+}
+
 /// A sidecar started while no tunnel server can be reached — a pod created
 /// during a hub outage — is ready as soon as its listeners are bound, says
-/// `tunnel_sidecar_server_connected 0`, answers connections for the
-/// clusters with a typed error (and closes its per-cluster ports' ones),
-/// still reaches the hub directly, and carries cluster traffic once the
+/// `tunnel_sidecar_server_connected 0` (and `server: not connected` in its
+/// readiness probe's output), answers connections for the clusters with a
+/// typed error (and closes its per-cluster ports' ones), still reaches the
+/// hub directly by a dotted name, and carries cluster traffic once the
 /// server is up, without a restart.
+///
+/// A bare name is never dialed directly before the server's cluster list
+/// is known: here the hub has a Service named `east`, like a cluster, and
+/// while no list was ever fetched `east` gets `tunnel_broken` saying why,
+/// instead of the hub Service taking east's kube-API traffic; a name the
+/// pod names as a cluster (`--known-cluster`, from the injector) goes to
+/// the tunnel at once. With the list, `east` is the cluster and `backend`
+/// the hub's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes() {
     let c = Clusters::new().await;
     let server_addr = free_addr();
-    let sc = c.sidecar(server_addr, &["--host-alias", HUB_ALIASES]);
+    // A hub Service named like the cluster east, beside backend.
+    let aliases = format!("{HUB_ALIASES},east={HUB_IP}");
+    let sc = c.sidecar(server_addr, &["--host-alias", &aliases]);
+    let known = c.sidecar(
+        server_addr,
+        &["--host-alias", &aliases, "--known-cluster", "east"],
+    );
     wait_ready(sc.admin, "the sidecar, with no server anywhere").await;
+    wait_ready(known.admin, "the sidecar with --known-cluster").await;
     let (status, _) = http_get(sc.admin, "/healthz").await.unwrap();
     assert_eq!(status, 200, "alive without a server");
     sc.proc
@@ -1230,9 +1267,14 @@ async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes(
         Some(0.0),
         "no server reached yet"
     );
+    assert_eq!(
+        probe_readyz(sc.admin).await,
+        "ready; server: not connected\n"
+    );
 
     // Cluster traffic meanwhile: a typed error, over both proxy forms.
     let http = c.svc.http;
+    let hub_http = c.svc.hub_http;
     let east = format!("hello.default.svc.east.tunnel.internal:{http}");
     for request in [get(&format!("http://{east}/"), None), connect(&east, None)] {
         let a = ask(sc.proxy, &request).await;
@@ -1241,6 +1283,29 @@ async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes(
         assert_eq!(a.header("x-tunnel-error"), Some("tunnel_broken"), "{a:?}");
         assert!(a.body.starts_with("tunnel_broken: "), "{a:?}");
     }
+    // A bare name, cluster or hub Service, cannot be told without the list:
+    // refused, not dialed (the hub Service `east` would answer).
+    for name in ["east", "backend"] {
+        let authority = format!("{name}:{hub_http}");
+        for request in [
+            get(&format!("http://{authority}/"), None),
+            connect(&authority, None),
+        ] {
+            let a = ask(sc.proxy, &request).await;
+            let line = request.lines().next().unwrap();
+            assert_eq!(a.status, 502, "{line}: {a:?}");
+            assert_eq!(a.header("x-tunnel-error"), Some("tunnel_broken"), "{a:?}");
+            assert!(
+                a.body.contains(&format!("whether \"{name}\" is a cluster")),
+                "{line}: {a:?}"
+            );
+        }
+    }
+    // A cluster the pod names is a cluster from the start: the tunnel's
+    // own error, not the unknown name's.
+    let a = ask(known.proxy, get(&format!("http://east:{hub_http}/"), None)).await;
+    assert_eq!(a.header("x-tunnel-error"), Some("tunnel_broken"), "{a:?}");
+    assert!(!a.body.contains("is a cluster"), "{a:?}");
     // A per-cluster port's connection is closed, without a byte.
     let mut tcp = TcpStream::connect(("127.0.0.1", sc.east_port))
         .await
@@ -1250,10 +1315,10 @@ async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes(
         .await
         .expect("the per-cluster port closes the connection");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    // The hub is reached directly, outage or not.
+    // The hub is reached directly by a dotted name, outage or not.
     let a = ask(
         sc.proxy,
-        get(&format!("http://backend.team:{}/", c.svc.hub_http), None),
+        get(&format!("http://backend.team:{hub_http}/"), None),
     )
     .await;
     assert_eq!(a.status, 200, "{a:?}");
@@ -1268,10 +1333,29 @@ async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes(
         || async move { metric(&fetch_metrics(sc.admin).await, connected) == Some(1.0) },
     )
     .await;
+    assert_eq!(probe_readyz(sc.admin).await, "ready; server: connected\n");
     let out = curl(&[&format!("http://127.0.0.1:{}/", sc.east_port)], &[]).await;
     expect_hello(&out, "east", "the per-cluster port, once the server is up");
     let out = curl(&["-x", &sc.url(None), &format!("http://{east}/")], &[]).await;
     expect_hello(&out, "east", "the proxy, once the server is up");
+    // With the list: east is the cluster (its kube-apiserver, here the hello
+    // service), backend the hub's Service.
+    let out = curl(&["-x", &sc.url(None), &format!("http://east:{http}/")], &[]).await;
+    expect_hello(
+        &out,
+        "east",
+        "the bare cluster name, once the list is known",
+    );
+    let out = curl(
+        &["-x", &sc.url(None), &format!("http://backend:{hub_http}/")],
+        &[],
+    )
+    .await;
+    expect_hello(
+        &out,
+        "hub",
+        "a hub Service's short name, once the list is known",
+    );
     let metrics = fetch_metrics(sc.admin).await;
     for (kind, code) in [
         ("http", "tunnel_broken"),
@@ -1285,6 +1369,47 @@ async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes(
             "{series}\n{metrics}"
         );
     }
+}
+
+/// The proxy is no way into the pod's own ports or the cloud's metadata
+/// service: the sidecar's admin port (its `POST /shutdown`) by loopback
+/// address, by `localhost`, by an IPv4-mapped address or by `0.0.0.0`, and
+/// `169.254.169.254`, get 403 `destination_not_allowed` saying why, over
+/// both proxy forms, and the sidecar keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_does_not_dial_the_pod_s_own_ports_or_the_metadata_service() {
+    let (c, server, _agents) = hub(&[], DIAL_TIMEOUT).await;
+    let mut sc = c.sidecar(server.client_addr, &[]);
+    sc.ready().await;
+    let port = sc.admin.port();
+    for authority in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::ffff:127.0.0.1]:{port}"),
+        format!("0.0.0.0:{port}"),
+        "169.254.169.254:80".to_owned(),
+    ] {
+        let shutdown = format!(
+            "POST http://{authority}/shutdown HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\n\r\n"
+        );
+        for request in [shutdown, connect(&authority, None)] {
+            let a = ask(sc.proxy, &request).await;
+            let line = request.lines().next().unwrap();
+            assert_eq!(a.status, 403, "{line}: {a:?}");
+            assert_eq!(
+                a.header("x-tunnel-error"),
+                Some("destination_not_allowed"),
+                "{line}: {a:?}"
+            );
+            assert!(a.body.contains("--direct-allow-ip"), "{line}: {a:?}");
+        }
+    }
+    assert!(
+        tokio::task::block_in_place(|| sc.wait_exit(Duration::from_millis(500))).is_none(),
+        "the sidecar is still running"
+    );
+    let (status, _) = http_get(sc.admin, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
 }
 
 /// One process, configured only by `HTTP_PROXY` and `HTTPS_PROXY` (Python's

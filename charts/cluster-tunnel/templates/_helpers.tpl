@@ -30,9 +30,11 @@ securityContext:
     type: RuntimeDefault
 {{- end -}}
 
-{{/* The webhook's matchConditions: the pod opts in as the injector reads it
-(annotation cluster-tunnel.io/inject "true", any case, spaces trimmed). The
-manager renders the same expression (hub.rs, OPT_IN_CONDITION). */}}
+{{/* The webhook's matchConditions: the pod carries the annotation
+cluster-tunnel.io/inject with any value but "false" (any case, spaces trimmed):
+"true" is injected, and a mistyped value reaches the injector, which refuses it
+naming the annotation. The manager renders the same expression (hub.rs,
+OPT_IN_CONDITION). */}}
 {{- define "ct.injectOptIn" -}}
-has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() == 'true'
+has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() != 'false'
 {{- end -}}

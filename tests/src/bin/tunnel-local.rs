@@ -406,6 +406,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         format!("{}=west:hello.default.svc:{HTTP_PORT}", cli.west_port),
         "--cluster-refresh".into(),
         "2s".into(),
+        // The "hub" here is this machine's loopback, which a sidecar never
+        // dials directly otherwise: allow the server's admin address, which
+        // the guide reaches through the proxy (on one machine it is also the
+        // sidecar's own admin address; in a pod nothing needs this).
+        "--direct-allow-ip".into(),
+        cli.server_admin_listen.ip().to_string(),
     ])?;
     let sidecar = Sidecar::start(sidecar_cli.resolve()?).await?;
     let start = Instant::now();
