@@ -731,6 +731,26 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 role.contains("tunnelpolicies") && role.contains("tokenreviews"),
                 "{role}"
             );
+            // With OCM the servers admit only agents of accepted clusters with
+            // the addon: they read the addons, by name only.
+            let ocm = values["manager"]["openClusterManagement"] != false;
+            assert_eq!(args.contains("--clusters-from-ocm"), ocm, "{args}");
+            let addons: Vec<&Value> = r.one("ClusterRole", "cluster-tunnel-server")["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|rule| rule["resources"] == json!(["managedclusteraddons"]))
+                .collect();
+            if ocm {
+                assert_eq!(
+                    addons,
+                    [
+                        &json!({ "apiGroups": ["addon.open-cluster-management.io"], "resources": ["managedclusteraddons"], "resourceNames": ["cluster-tunnel"], "verbs": ["get", "list", "watch"] })
+                    ]
+                );
+            } else {
+                assert!(addons.is_empty(), "{role}");
+            }
         }
         r.one("PodDisruptionBudget", "cluster-tunnel-server");
         r.one(
