@@ -145,6 +145,7 @@ impl Cli {
         tunnel_proto::identity::validate_cluster_name(&self.cluster)
             .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", self.cluster))?;
         let files = self.tls_files();
+        let proxy = crate::proxy::ProxySettings::from_env()?;
         for s in &self.servers {
             if !s.contains(':') || s.ends_with(':') {
                 anyhow::bail!("--server {s:?}: expected host:port");
@@ -195,6 +196,7 @@ impl Cli {
             resolve_interval: self.resolve_interval.max(Duration::from_secs(1)),
             admin_listen: self.admin_listen,
             backoff: (base, max),
+            proxy,
         })
     }
 }
@@ -242,6 +244,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         _ => None,
     };
     let config = cli.to_config()?;
+    if config.proxy.is_set() {
+        tracing::info!(proxy = ?config.proxy, "servers are reached through the HTTPS_PROXY (HTTP CONNECT), but those NO_PROXY exempts");
+    }
     let holder = config.agent_id.clone();
     let agent = Agent::start(config).await?;
     let lease = match &cli.addon_lease {

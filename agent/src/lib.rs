@@ -8,6 +8,8 @@
 //! - [`dial`]: the `Agent` service the server calls on each tunnel: one
 //!   `Dial` stream per proxied connection.
 //! - [`allowlist`]: which destinations may be dialed.
+//! - [`proxy`]: the connection to a server through an HTTP proxy (`CONNECT`,
+//!   `HTTPS_PROXY` and `NO_PROXY`), before the TLS handshake.
 //! - [`metrics`]: Prometheus metrics on the admin port.
 //! - [`addon_lease`]: the open-cluster-management addon's health Lease,
 //!   renewed while the agent holds a tunnel.
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod dial;
 pub mod join;
 pub mod metrics;
+pub mod proxy;
 pub mod servers;
 pub mod tunnels;
 

@@ -75,6 +75,8 @@ pub struct AgentConfig {
     pub admin_listen: SocketAddr,
     /// Backoff between reconnection attempts: base and cap.
     pub backoff: (Duration, Duration),
+    /// The HTTP proxy servers are reached through, if any (`HTTPS_PROXY`, `NO_PROXY`).
+    pub proxy: crate::proxy::ProxySettings,
 }
 
 /// A running agent.
@@ -476,9 +478,9 @@ impl ServerAddress {
         let config = &self.config;
         let host = tunnel_proto::client::host_of(&self.entry);
         tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let tcp = TcpStream::connect(self.addr)
+            let tcp = crate::proxy::connect(&config.proxy, host, self.addr.port(), self.addr)
                 .await
-                .map_err(|e| format!("connect: {e}"))?;
+                .map_err(|e| e.to_string())?;
             tunnel_proto::net::tune_tunnel_socket(&tcp, &config.h2.liveness);
             let name_str = config.server_name.as_deref().unwrap_or(host);
             let name = match name_str.parse::<IpAddr>() {

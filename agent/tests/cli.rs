@@ -46,3 +46,19 @@ fn missing_certificates_name_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("agent-east"), "{err}");
 }
+
+#[test]
+fn a_proxy_url_the_agent_cannot_use_names_the_variable() {
+    let out = agent()
+        .args(["--server", "hub.example.com:443", "--cluster", "east"])
+        .env_remove("HTTPS_PROXY")
+        .env("https_proxy", "https://proxy.example.com:3128")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("https_proxy=\"https://proxy.example.com:3128\"") && err.contains("http://"),
+        "{err}"
+    );
+}

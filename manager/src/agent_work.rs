@@ -190,7 +190,8 @@ pub fn manifest_work(input: &AgentWorkInput<'_>) -> Value {
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": { "name": AGENT_NAME, "namespace": ns, "labels": labels },
             "rules": [
-                // The health Lease, by name; create cannot be limited by name.
+                // The health Lease, by name. It is made by a create (POST), which names no
+                // object to RBAC, so that one verb is not limited by name.
                 { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [ADDON_NAME], "verbs": ["get", "update"] },
                 { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"] },
             ],

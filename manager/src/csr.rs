@@ -9,7 +9,17 @@
 //! - the API server says it was sent by that cluster's own registration
 //!   agent: user `system:open-cluster-management:<cluster>:<agent>` in group
 //!   `system:open-cluster-management:<cluster>` (labels are only hints; the
-//!   requester is what the API server authenticated);
+//!   requester is what the API server authenticated). A registration agent
+//!   that reaches the hub over **gRPC** (OCM's gRPC registration driver) does
+//!   not create its request itself: OCM's gRPC server does, as
+//!   [`GRPC_SERVER_USER`], and names the agent user it authenticated in the
+//!   annotation [`CSR_USER_ANNOTATION`]. That annotation is read only on a
+//!   request the API server says came from that service account, as
+//!   addon-framework's approver does, and must name the cluster's own agent
+//!   (the prefix up to its colon, so that `east2` is not `east`). The
+//!   requester's groups are the gRPC server's there; OCM's gRPC hub driver
+//!   takes the agent's from the request's Organization, which an agent request
+//!   must leave empty (below), so none can be claimed;
 //! - its signature verifies (the sender holds the key) and its subject is
 //!   exactly the agent user the addon registered ([`agent_user`]), no
 //!   organization or unit;
@@ -33,8 +43,10 @@
 //!
 //! The certificate keeps the requested subject (OCM's registration agent
 //! checks it) and names the agent `spiffe://<trust-domain>/agent/<cluster>`,
-//! the identity the servers read; it lives `certificateValidityDays` (or
-//! less, if the request's `expirationSeconds` asks so), never beyond the CA.
+//! the identity the servers read; it lives `addonCertificateValidityDays`
+//! (7 days by default) when registered through OCM and
+//! `certificateValidityDays` when joined (or less, if the request's
+//! `expirationSeconds` asks so), never beyond the CA.
 //! OCM's registration agent asks for a new one when a fifth of its lifetime
 //! is left.
 
@@ -66,6 +78,14 @@ pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 const MIN_EXPIRATION_SECONDS: i64 = 600;
 /// Label of a join request: the cluster it is for.
 pub const JOIN_CLUSTER_LABEL: &str = "cluster-tunnel.io/cluster";
+/// The user OCM's gRPC server creates certificate requests as, for
+/// registration agents that reach the hub over gRPC (as addon-framework
+/// knows it).
+pub const GRPC_SERVER_USER: &str =
+    "system:serviceaccount:open-cluster-management-hub:grpc-server-sa";
+/// Where OCM's gRPC server names the agent user it authenticated
+/// (`operatorv1.CSRUsernameAnnotation` of open-cluster-management's API).
+pub const CSR_USER_ANNOTATION: &str = "open-cluster-management.io/csr-user";
 
 /// The service account whose tokens let `cluster` join.
 pub fn join_service_account(cluster: &str) -> String {
@@ -205,16 +225,33 @@ pub fn check(
     if let Err(e) = tunnel_proto::identity::validate_cluster_name(&cluster) {
         return Verdict::Deny(format!("cluster {cluster:?}: {e}"));
     }
-    let user = csr.spec.username.as_deref().unwrap_or_default();
-    let in_group = csr
-        .spec
-        .groups
-        .as_ref()
-        .is_some_and(|g| g.contains(&cluster_group(&cluster)));
-    if !user.starts_with(&cluster_user_prefix(&cluster)) || !in_group {
-        return Verdict::Deny(format!(
-            "requested by {user:?}, which is not cluster {cluster}'s registration agent"
-        ));
+    let sender = csr.spec.username.as_deref().unwrap_or_default();
+    let is_agent = |user: &str| {
+        user.strip_prefix(&cluster_user_prefix(&cluster))
+            .is_some_and(|id| !id.is_empty())
+    };
+    if sender == GRPC_SERVER_USER {
+        // Created by OCM's gRPC server for the agent it authenticated.
+        let user = csr
+            .annotations()
+            .get(CSR_USER_ANNOTATION)
+            .map_or("", String::as_str);
+        if !is_agent(user) {
+            return Verdict::Deny(format!(
+                "requested through OCM's gRPC server for {user:?} ({CSR_USER_ANNOTATION}), which is not cluster {cluster}'s registration agent"
+            ));
+        }
+    } else {
+        let in_group = csr
+            .spec
+            .groups
+            .as_ref()
+            .is_some_and(|g| g.contains(&cluster_group(&cluster)));
+        if !is_agent(sender) || !in_group {
+            return Verdict::Deny(format!(
+                "requested by {sender:?}, which is not cluster {cluster}'s registration agent"
+            ));
+        }
     }
     let request = match CertRequest::from_pem(&csr.spec.request.0) {
         Ok(r) => r,
@@ -329,7 +366,15 @@ pub async fn reconcile(
         .config
         .borrow()
         .as_ref()
-        .map(|c| c.spec.signer.certificate_validity_days)
+        .map(|c| match origin {
+            // Short: a cluster detached from OCM keeps its identity for days at most.
+            Origin::Addon => c
+                .spec
+                .signer
+                .addon_certificate_validity_days
+                .min(c.spec.signer.certificate_validity_days),
+            Origin::Join => c.spec.signer.certificate_validity_days,
+        })
         .ok_or_else(|| CsrError::NoConfiguration(ctx.config_name.clone()))?;
     let mut validity = time::Duration::days(i64::from(validity_days));
     if let Some(secs) = csr.spec.expiration_seconds {
@@ -622,21 +667,23 @@ mod tests {
             x509.subject_alternative_name().unwrap().unwrap().value
         );
         assert!(!san.contains("addon.open-cluster-management.io"), "{san}");
-        // Signed by the hub's CA, for the configured lifetime.
+        // Signed by the hub's CA, for the short lifetime of OCM-registered
+        // agents (7 days, not the 30 configured for other certificates): a
+        // detached cluster's identity ends within days.
         let ca = CertificateDer::from_pem_slice(ctx.signer.ca.cert_pem.as_bytes()).unwrap();
         let (_, ca) = x509_parser::parse_x509_certificate(&ca).unwrap();
         x509.verify_signature(Some(ca.public_key())).unwrap();
         assert_eq!(
             x509.validity().not_after.timestamp(),
-            (now + time::Duration::days(30)).unix_timestamp()
+            (now + time::Duration::days(7)).unix_timestamp()
         );
         assert!(
             !ctx.signer
-                .needs_renewal(&pem, now + time::Duration::days(23))
+                .needs_renewal(&pem, now + time::Duration::days(5))
         );
         assert!(
             ctx.signer
-                .needs_renewal(&pem, now + time::Duration::days(25))
+                .needs_renewal(&pem, now + time::Duration::days(6))
         );
     }
 
@@ -672,6 +719,111 @@ mod tests {
                 b[0]
             );
         }
+    }
+
+    /// A request OCM's gRPC server created for the agent user it authenticated.
+    fn grpc_csr(agent: Option<&str>, pem: &str) -> Arc<CertificateSigningRequest> {
+        let mut c = (*csr(
+            ours(),
+            SIGNER_NAME,
+            GRPC_SERVER_USER,
+            &[
+                "system:serviceaccounts",
+                "system:serviceaccounts:open-cluster-management-hub",
+                "system:authenticated",
+            ],
+            pem,
+        ))
+        .clone();
+        if let Some(agent) = agent {
+            c.metadata.annotations = Some(
+                [(CSR_USER_ANNOTATION.to_string(), agent.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        Arc::new(c)
+    }
+
+    #[tokio::test]
+    async fn a_request_through_ocms_grpc_server_for_the_clusters_agent_is_signed() {
+        let now = OffsetDateTime::now_utc();
+        let (ctx, handle) = scenario(now);
+        let (key, pem) = request(&agent_user("east"), None);
+        let server = serve(
+            handle,
+            vec![
+                (Method::GET, CLUSTER, cluster(true)),
+                (Method::GET, ADDON, addon()),
+                (Method::PATCH, APPROVAL, csr_echo()),
+                (Method::PATCH, STATUS, csr_echo()),
+            ],
+        );
+        reconcile_once(grpc_csr(Some(EAST_AGENT), &pem), &ctx).await;
+        let (_, b) = finish(server).await;
+        assert_eq!(b[2]["status"]["conditions"][0]["type"], "Approved");
+        let pem = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            b[3]["status"]["certificate"].as_str().unwrap(),
+        )
+        .unwrap();
+        let der = CertificateDer::from_pem_slice(&pem).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            x509.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_through_ocms_grpc_server_for_another_agent_is_denied() {
+        let (_, pem) = request(&agent_user("east"), None);
+        for (c, why) in [
+            // west's agent asking for east's certificate.
+            (
+                grpc_csr(Some("system:open-cluster-management:west:agent-1"), &pem),
+                "gRPC",
+            ),
+            // A cluster whose name starts with east's.
+            (
+                grpc_csr(Some("system:open-cluster-management:east2:agent-1"), &pem),
+                "gRPC",
+            ),
+            // The prefix alone names no agent.
+            (
+                grpc_csr(Some("system:open-cluster-management:east:"), &pem),
+                "gRPC",
+            ),
+            // No agent named.
+            (grpc_csr(None, &pem), "gRPC"),
+            // The annotation counts only on what the gRPC server sent: anyone
+            // else who sets it is still only who the API server says.
+            (
+                {
+                    let mut c = (*grpc_csr(Some(EAST_AGENT), &pem)).clone();
+                    c.spec.username = Some("system:serviceaccount:fleet:default".into());
+                    Arc::new(c)
+                },
+                "system:serviceaccount:fleet:default",
+            ),
+        ] {
+            let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+            let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
+            reconcile_once(c.clone(), &ctx).await;
+            let (_, b) = finish(server).await;
+            let message = denial(&b[0]);
+            assert!(
+                message.contains(why) && message.contains("registration agent"),
+                "{why}: {message}"
+            );
+        }
+        // A request for another subject is denied whoever sent it.
+        let (_, west) = request(&agent_user("west"), None);
+        let (ctx, handle) = scenario(OffsetDateTime::now_utc());
+        let server = serve(handle, vec![(Method::PATCH, APPROVAL, csr_echo())]);
+        reconcile_once(grpc_csr(Some(EAST_AGENT), &west), &ctx).await;
+        let (_, b) = finish(server).await;
+        assert!(denial(&b[0]).contains("subject"), "{}", b[0]);
     }
 
     #[tokio::test]
@@ -877,6 +1029,11 @@ mod tests {
         assert_eq!(
             x509.public_key().subject_public_key.data.as_ref(),
             key.public_key_raw()
+        );
+        // A joined agent's certificate lives certificateValidityDays.
+        assert_eq!(
+            x509.validity().not_after.timestamp(),
+            (now + time::Duration::days(30)).unix_timestamp()
         );
     }
 

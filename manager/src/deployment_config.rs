@@ -71,6 +71,19 @@ impl AgentOverrides {
             }),
             ..Default::default()
         };
+        // The agent reaches the hub through an http:// proxy (HTTP CONNECT);
+        // one reached over TLS (and its proxyConfig.caBundle) it cannot use.
+        if let Some(url) = out.proxy.as_ref().and_then(|p| p.https_proxy.as_deref())
+            && let Some((scheme, _)) = url.split_once("://")
+            && !scheme.eq_ignore_ascii_case("http")
+        {
+            return Err(err(
+                "proxyConfig.httpsProxy".into(),
+                format!(
+                    "{scheme}:// is not supported; the agent dials the hub through an http:// proxy (HTTP CONNECT)"
+                ),
+            ));
+        }
         if let Some(p) = &spec.node_placement {
             out.node_selector = p.node_selector.clone().unwrap_or_default();
             out.tolerations = p.tolerations.clone().unwrap_or_default();
@@ -223,5 +236,13 @@ mod tests {
                 .contains("resourceRequirements[0].containerID"),
             "{e}"
         );
+        // A proxy reached over TLS: the agent cannot dial through it.
+        let e = AgentOverrides::from_config(
+            "fleet/agents",
+            &spec(json!({ "proxyConfig": { "httpsProxy": "https://proxy:3129", "caBundle": "Y2E=" } })),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "proxyConfig.httpsProxy");
+        assert!(e.reason.contains("https://"), "{e}");
     }
 }

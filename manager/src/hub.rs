@@ -212,7 +212,8 @@ fn service_account(names: &HubNames) -> Value {
 
 /// The servers read TunnelPolicy objects (and write their `Accepted`
 /// condition), check sidecars' tokens, and with open-cluster-management read
-/// the clusters' labels and sets: nothing more.
+/// the clusters' labels and sets and which clusters have the addon (only
+/// their agents are admitted): nothing more.
 fn server_rbac(server: &ServerSpec, names: &HubNames) -> [Value; 2] {
     let name = names.server();
     let mut rules = vec![
@@ -222,6 +223,7 @@ fn server_rbac(server: &ServerSpec, names: &HubNames) -> [Value; 2] {
     ];
     if server.clusters_from_open_cluster_management {
         rules.push(json!({ "apiGroups": ["cluster.open-cluster-management.io"], "resources": ["managedclusters", "managedclustersets"], "verbs": ["get", "list", "watch"] }));
+        rules.push(json!({ "apiGroups": ["addon.open-cluster-management.io"], "resources": ["managedclusteraddons"], "resourceNames": [crate::ocm::ADDON_NAME], "verbs": ["get", "list", "watch"] }));
     }
     [
         json!({

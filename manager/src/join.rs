@@ -10,6 +10,10 @@
 //! `tunnel-agent join` in the managed cluster makes the key there and sends
 //! a certificate request with that token; the manager (`--join`) signs it
 //! only for cluster `<c>`'s agent (see [`crate::csr`]).
+//!
+//! A name that is an open-cluster-management `ManagedCluster` is refused:
+//! that cluster's agent identity is OCM's to give (and to end when the
+//! cluster is detached); a join token would be a second way to it.
 
 use std::time::Duration;
 
@@ -20,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 
 use crate::csr::join_service_account;
+use crate::ocm::ManagedCluster;
 use crate::signer::MANAGED_BY_LABEL;
 
 /// A join token could not be made.
@@ -40,6 +45,11 @@ pub enum JoinError {
     /// The API server answered without a token.
     #[error("the TokenRequest was answered without a token")]
     NoToken,
+    /// The name is an open-cluster-management cluster's.
+    #[error(
+        "{0} is a ManagedCluster: its agent registers through open-cluster-management, not with a join token"
+    )]
+    ManagedCluster(String),
 }
 
 fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> JoinError {
@@ -66,6 +76,14 @@ pub async fn join_token(
 ) -> Result<String, JoinError> {
     tunnel_proto::identity::validate_cluster_name(cluster)
         .map_err(|e| JoinError::BadCluster(cluster.to_owned(), e))?;
+    // 404 also when OCM is not installed (no such resource): nothing to clash with.
+    let managed = Api::<ManagedCluster>::all(client.clone())
+        .get_opt(cluster)
+        .await
+        .map_err(api(format!("get ManagedCluster {cluster}")))?;
+    if managed.is_some() {
+        return Err(JoinError::ManagedCluster(cluster.to_owned()));
+    }
     let name = join_service_account(cluster);
     let labels = Some(std::collections::BTreeMap::from([
         (MANAGED_BY_LABEL.0.to_owned(), MANAGED_BY_LABEL.1.to_owned()),
@@ -132,12 +150,16 @@ mod tests {
     use super::*;
     use crate::mock_api::{self, Reply, finish, serve, status_reply};
 
+    const MANAGED_EAST: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";
+
     #[tokio::test]
     async fn a_join_token_is_a_short_lived_token_of_the_clusters_own_service_account() {
         let (client, handle) = mock_api::client();
         let server = serve(
             handle,
             vec![
+                // Not an OCM cluster (here: OCM is not installed).
+                (Method::GET, MANAGED_EAST, mock_api::not_found()),
                 // Made before: fine.
                 (
                     Method::POST,
@@ -169,10 +191,42 @@ mod tests {
         .unwrap();
         assert_eq!(token, "eyJ.token");
         let (_, b) = finish(server).await;
-        assert_eq!(b[0]["metadata"]["name"], "cluster-tunnel-join-east");
-        assert_eq!(b[1]["roleRef"]["name"], "cluster-tunnel-join");
-        assert_eq!(b[1]["subjects"][0]["name"], "cluster-tunnel-join-east");
-        assert_eq!(b[2]["spec"]["expirationSeconds"], 3600);
+        assert_eq!(b[1]["metadata"]["name"], "cluster-tunnel-join-east");
+        assert_eq!(b[2]["roleRef"]["name"], "cluster-tunnel-join");
+        assert_eq!(b[2]["subjects"][0]["name"], "cluster-tunnel-join-east");
+        assert_eq!(b[3]["spec"]["expirationSeconds"], 3600);
+    }
+
+    #[tokio::test]
+    async fn a_name_that_is_a_managed_cluster_gets_no_join_token() {
+        let (client, handle) = mock_api::client();
+        let server = serve(
+            handle,
+            vec![(
+                Method::GET,
+                MANAGED_EAST,
+                Reply::With(
+                    200,
+                    json!({
+                        "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+                        "metadata": { "name": "east" }, "spec": { "hubAcceptsClient": true },
+                    }),
+                ),
+            )],
+        );
+        let err = join_token(
+            &client,
+            "cluster-tunnel",
+            "east",
+            "cluster-tunnel-join",
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, JoinError::ManagedCluster(_)), "{err}");
+        assert!(err.to_string().contains("open-cluster-management"), "{err}");
+        // Nothing was made.
+        finish(server).await;
     }
 
     #[tokio::test]

@@ -10,22 +10,35 @@
 //!    its namespace the agent's key).
 //! 2. After `--wait`, whatever addon is left (the manager is gone or stuck)
 //!    has its work deleted and the finalizer removed here.
-//! 3. What older versions left: the finalizer they put on `ManagedCluster`s
-//!    (with their agent work), and the agent key Secrets
-//!    `cluster-tunnel-agent-<cluster>` they kept in the manager's namespace.
-//!    With `--legacy-only` this step alone (the chart's post-upgrade hook),
-//!    so that the manager itself needs no right to these objects.
+//! 3. What older versions left: the finalizer they put on `ManagedCluster`s,
+//!    their agent work where this version will not take it over, and the
+//!    agent key Secrets `cluster-tunnel-agent-<cluster>` they kept in the
+//!    manager's namespace. With `--legacy-only` this step alone (the chart's
+//!    post-upgrade hook), so that the manager itself needs no right to these
+//!    objects.
+//!
+//! The agent work kept its name (`cluster-tunnel-agent`) across versions, so
+//! after an upgrade the work in a cluster's namespace may already be this
+//! version's (owned by the cluster's `ManagedClusterAddOn`), or be about to
+//! become it (the manager applies over it, server-side, when the addon is
+//! enabled there). Only a work that is neither is an older version's alone
+//! and deleted, conditionally on the version read, so that one the manager
+//! applies in between survives.
+//!
+//! A list answered 404 (the resource's CRD is not installed, say OCM is not
+//! there) means there is nothing of that kind to remove.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions};
 use kube::discovery::ApiResource;
 use kube::{Resource, ResourceExt as _};
 use serde_json::json;
 
 use crate::addons::{FINALIZER, ReconcileError, remove_work};
-use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
+use crate::agent_work::WORK_NAME;
+use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, manifest_work_resource};
 use crate::signer::MANAGED_BY_LABEL;
 
 /// How often the addons are listed while waiting for them to go.
@@ -48,6 +61,19 @@ fn gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match r {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The items of a list; none when the resource does not exist (404: its CRD
+/// is not installed).
+async fn list_or_none<K>(api: &Api<K>, params: &ListParams) -> Result<Vec<K>, kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(params).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
         Err(e) => Err(e),
     }
 }
@@ -78,10 +104,8 @@ pub async fn uninstall(
     let addons: Api<ManagedClusterAddOn> = Api::all(client.clone());
     let by_name = ListParams::default().fields(&format!("metadata.name={ADDON_NAME}"));
     let list = |addons: Api<ManagedClusterAddOn>, by_name: ListParams| async move {
-        addons
-            .list(&by_name)
+        list_or_none(&addons, &by_name)
             .await
-            .map(|l| l.items)
             .map_err(ReconcileError::api("list ManagedClusterAddOns"))
     };
     let first = list(addons.clone(), by_name.clone()).await?;
@@ -145,26 +169,24 @@ where
     )))
 }
 
-/// Cleans what older versions left: their finalizer on `ManagedCluster`s
-/// (and the agent work it guarded) and the agent key Secrets in `namespace`.
-/// Returns the clusters cleaned.
+/// Cleans what older versions left: their finalizer on `ManagedCluster`s,
+/// their agent work where no addon takes it over (see the module doc) and
+/// the agent key Secrets in `namespace`. Returns the clusters cleaned.
 pub async fn remove_legacy(
     client: &kube::Client,
     namespace: &str,
 ) -> Result<Vec<String>, ReconcileError> {
     let clusters: Api<ManagedCluster> = Api::all(client.clone());
     let mut cleaned = Vec::new();
-    for cluster in clusters
-        .list(&ListParams::default())
+    for cluster in list_or_none(&clusters, &ListParams::default())
         .await
         .map_err(ReconcileError::api("list ManagedClusters"))?
-        .items
     {
         if !cluster.finalizers().iter().any(|f| f == FINALIZER) {
             continue;
         }
         let name = cluster.name_any();
-        remove_work(client, &name).await?;
+        remove_legacy_work(client, &name).await?;
         remove_finalizer(clusters.clone(), &cluster).await?;
         tracing::info!(cluster = %name, "finalizer of an older version removed");
         cleaned.push(name);
@@ -187,6 +209,76 @@ pub async fn remove_legacy(
         }
     }
     Ok(cleaned)
+}
+
+/// Whether a `ManagedClusterAddOn` owns `work` (this version's work).
+fn owned_by_addon(work: &DynamicObject) -> bool {
+    work.owner_references().iter().any(|o| {
+        o.kind == ManagedClusterAddOn::kind(&())
+            && o.api_version.split('/').next() == Some(ManagedClusterAddOn::group(&()).as_ref())
+    })
+}
+
+/// How often a legacy work is looked at again when it changed between the
+/// read and the delete.
+const LEGACY_WORK_ATTEMPTS: usize = 3;
+
+/// Deletes the agent work in `cluster`'s namespace if it is an older
+/// version's alone: not owned by a `ManagedClusterAddOn`, and no addon there
+/// for the manager to apply this version's work over it. The delete holds
+/// only for the version read. Returns whether a work was deleted.
+async fn remove_legacy_work(client: &kube::Client, cluster: &str) -> Result<bool, ReconcileError> {
+    let works: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), cluster, &manifest_work_resource());
+    let addons: Api<ManagedClusterAddOn> = Api::namespaced(client.clone(), cluster);
+    for _ in 0..LEGACY_WORK_ATTEMPTS {
+        let Some(work) = works
+            .get_opt(WORK_NAME)
+            .await
+            .map_err(ReconcileError::api(format!(
+                "get ManifestWork {cluster}/{WORK_NAME}"
+            )))?
+        else {
+            return Ok(false);
+        };
+        if owned_by_addon(&work) {
+            tracing::info!(%cluster, "the agent work is this version's (owned by the addon); kept");
+            return Ok(false);
+        }
+        let addon = addons
+            .get_opt(ADDON_NAME)
+            .await
+            .map_err(ReconcileError::api(format!(
+                "get ManagedClusterAddOn {cluster}/{ADDON_NAME}"
+            )))?;
+        if addon.is_some() {
+            tracing::info!(%cluster, "the addon is enabled here; the manager applies this version's agent work over the older one");
+            return Ok(false);
+        }
+        let read = Preconditions {
+            resource_version: work.resource_version(),
+            uid: work.uid(),
+        };
+        match works
+            .delete(WORK_NAME, &DeleteParams::default().preconditions(read))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(%cluster, "agent work of an older version deleted");
+                return Ok(true);
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(false),
+            // Changed since it was read (the manager applied it): look again.
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => {
+                return Err(ReconcileError::api(format!(
+                    "delete ManifestWork {cluster}/{WORK_NAME}"
+                ))(e));
+            }
+        }
+    }
+    tracing::warn!(%cluster, "the agent work kept changing; left to the manager");
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -279,7 +371,7 @@ mod tests {
                         vec![cluster("north", true), cluster("south", false)],
                     ),
                 ),
-                (Method::DELETE, NORTH_WORK, not_found()),
+                (Method::GET, NORTH_WORK, not_found()),
                 (
                     Method::PATCH,
                     NORTH,
@@ -324,5 +416,163 @@ mod tests {
             b[10],
             json!({ "metadata": { "finalizers": [], "resourceVersion": "5" } })
         );
+    }
+
+    fn work(cluster: &str, owner: Option<&str>, version: &str) -> Value {
+        let mut w = json!({
+            "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+            "metadata": { "name": "cluster-tunnel-agent", "namespace": cluster, "uid": format!("uid-{cluster}"), "resourceVersion": version },
+            "spec": {},
+        });
+        if let Some(kind) = owner {
+            w["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": kind,
+                "name": "cluster-tunnel", "uid": "uid-addon", "controller": true,
+            }]);
+        }
+        w
+    }
+
+    fn legacy_cluster(name: &str) -> Value {
+        json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+            "metadata": { "name": name, "resourceVersion": "5", "finalizers": [FINALIZER] },
+            "spec": { "hubAcceptsClient": true },
+        })
+    }
+
+    #[tokio::test]
+    async fn after_an_upgrade_only_works_no_addon_takes_over_are_deleted() {
+        const CLUSTERS_PATH: &str = CLUSTERS;
+        let work_path = |c: &str| -> &'static str {
+            Box::leak(format!("/apis/work.open-cluster-management.io/v1/namespaces/{c}/manifestworks/cluster-tunnel-agent").into_boxed_str())
+        };
+        let addon_path = |c: &str| -> &'static str {
+            Box::leak(format!("/apis/addon.open-cluster-management.io/v1alpha1/namespaces/{c}/managedclusteraddons/cluster-tunnel").into_boxed_str())
+        };
+        let cluster_path = |c: &str| -> &'static str {
+            Box::leak(format!("{CLUSTERS_PATH}/{c}").into_boxed_str())
+        };
+        let (client, handle) = mock_api::client();
+        let server = serve(
+            handle,
+            vec![
+                (
+                    Method::GET,
+                    CLUSTERS,
+                    list(
+                        "ManagedClusterList",
+                        vec![
+                            legacy_cluster("east"),
+                            legacy_cluster("west"),
+                            legacy_cluster("north"),
+                            legacy_cluster("south"),
+                        ],
+                    ),
+                ),
+                // east: the new manager already applied this version's work (owned by the addon).
+                (
+                    Method::GET,
+                    work_path("east"),
+                    Reply::With(200, work("east", Some("ManagedClusterAddOn"), "20")),
+                ),
+                (
+                    Method::PATCH,
+                    cluster_path("east"),
+                    Reply::With(200, cluster_json("east")),
+                ),
+                // west: still the old work, but the addon is enabled there: the manager applies over it.
+                (
+                    Method::GET,
+                    work_path("west"),
+                    Reply::With(200, work("west", None, "3")),
+                ),
+                (
+                    Method::GET,
+                    addon_path("west"),
+                    Reply::With(200, addon("west")),
+                ),
+                (
+                    Method::PATCH,
+                    cluster_path("west"),
+                    Reply::With(200, cluster_json("west")),
+                ),
+                // north: an old work and no addon: deleted, for the version read only. The
+                // manager applied it in between (409): read again, now owned, kept.
+                (
+                    Method::GET,
+                    work_path("north"),
+                    Reply::With(200, work("north", None, "4")),
+                ),
+                (Method::GET, addon_path("north"), not_found()),
+                (
+                    Method::DELETE,
+                    work_path("north"),
+                    mock_api::status_reply(409, "Conflict"),
+                ),
+                (
+                    Method::GET,
+                    work_path("north"),
+                    Reply::With(200, work("north", Some("ManagedClusterAddOn"), "21")),
+                ),
+                (
+                    Method::PATCH,
+                    cluster_path("north"),
+                    Reply::With(200, cluster_json("north")),
+                ),
+                // south: an old work and no addon: deleted.
+                (
+                    Method::GET,
+                    work_path("south"),
+                    Reply::With(200, work("south", None, "6")),
+                ),
+                (Method::GET, addon_path("south"), not_found()),
+                (Method::DELETE, work_path("south"), deleted()),
+                (
+                    Method::PATCH,
+                    cluster_path("south"),
+                    Reply::With(200, cluster_json("south")),
+                ),
+                (Method::GET, SECRETS, list("SecretList", vec![])),
+            ],
+        );
+        let cleaned = remove_legacy(&client, "cluster-tunnel").await.unwrap();
+        let (_, b) = finish(server).await;
+        assert_eq!(cleaned, ["east", "west", "north", "south"]);
+        // Each delete names the version it read.
+        assert_eq!(
+            b[8]["preconditions"],
+            json!({ "resourceVersion": "4", "uid": "uid-north" })
+        );
+        assert_eq!(
+            b[13]["preconditions"],
+            json!({ "resourceVersion": "6", "uid": "uid-south" })
+        );
+    }
+
+    fn cluster_json(name: &str) -> Value {
+        json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+            "metadata": { "name": name, "resourceVersion": "6" }, "spec": {},
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uninstall_without_the_ocm_crds_finds_nothing_to_remove() {
+        let (client, handle) = mock_api::client();
+        let server = serve(
+            handle,
+            vec![
+                (Method::DELETE, CMA, not_found()),
+                (Method::GET, ADDONS, not_found()),
+                (Method::GET, CLUSTERS, not_found()),
+                (Method::GET, SECRETS, list("SecretList", vec![])),
+            ],
+        );
+        let removed = uninstall(&client, "cluster-tunnel", Duration::from_secs(60))
+            .await
+            .unwrap();
+        finish(server).await;
+        assert_eq!(removed, Removed::default());
     }
 }

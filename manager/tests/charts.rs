@@ -208,27 +208,45 @@ fn check_every_job(r: &Rendered) {
     }
 }
 
-/// Writes Kubernetes cannot limit by name, each with the reason the chart gives.
-const UNNAMED_WRITES: [(&str, &str); 5] = [
+/// Writes Kubernetes cannot limit by name, each with the reason the chart gives:
+/// (kind of role, role, resource).
+const UNNAMED_WRITES: [(&str, &str, &str); 8] = [
     // Held only to grant it to the servers, which write every policy's status.
-    ("cluster-tunnel-manager", "tunnelpolicies/status"),
+    (
+        "ClusterRole",
+        "cluster-tunnel-manager",
+        "tunnelpolicies/status",
+    ),
     // Request names are generated; the signers rule limits the signer.
     (
+        "ClusterRole",
         "cluster-tunnel-manager",
         "certificatesigningrequests/approval",
     ),
     (
+        "ClusterRole",
         "cluster-tunnel-manager",
         "certificatesigningrequests/status",
     ),
+    // A review, not an object; held to grant it to the servers.
+    ("ClusterRole", "cluster-tunnel-manager", "tokenreviews"),
+    // The signer CA is created once, by a create that must fail when another
+    // replica made it first (POST names no object to RBAC); the admission
+    // policy keeps it a kubernetes.io/tls Secret.
+    ("Role", "cluster-tunnel-manager", "secrets"),
+    // Leader election: taking the Lease is such a create too.
+    ("Role", "cluster-tunnel-manager", "leases"),
     // Older versions' finalizer, on clusters of any name (the short-lived hook only).
-    ("cluster-tunnel-cleanup", "managedclusters"),
+    ("ClusterRole", "cluster-tunnel-cleanup", "managedclusters"),
     // Older versions' key Secrets, found by label (the short-lived hook only).
-    ("cluster-tunnel-cleanup", "secrets"),
+    ("Role", "cluster-tunnel-cleanup", "secrets"),
 ];
 
 /// Every rule of the manager's and the cleanup hook's roles that writes
-/// (patch, update, delete) names its objects, but for [`UNNAMED_WRITES`].
+/// (create, patch, update, delete) names its objects, but for
+/// [`UNNAMED_WRITES`]. Server-side apply, which the manager writes with, is
+/// authorized as create of the object's name when the object is missing, so
+/// create is limitable by name for everything it applies.
 fn check_writes_are_by_name(r: &Rendered) {
     for kind in ["ClusterRole", "Role"] {
         for role in r.kind(kind) {
@@ -241,13 +259,13 @@ fn check_writes_are_by_name(r: &Rendered) {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|v| v == "patch" || v == "update" || v == "delete");
+                    .any(|v| v == "create" || v == "patch" || v == "update" || v == "delete");
                 if !writes || rule["resourceNames"].is_array() {
                     continue;
                 }
                 for resource in rule["resources"].as_array().unwrap() {
                     assert!(
-                        UNNAMED_WRITES.contains(&(name, resource.as_str().unwrap())),
+                        UNNAMED_WRITES.contains(&(kind, name, resource.as_str().unwrap())),
                         "{kind} {name} writes {resource} without resourceNames: {rule}"
                     );
                 }
@@ -256,10 +274,83 @@ fn check_writes_are_by_name(r: &Rendered) {
     }
 }
 
+/// The manager's Secrets are kubernetes.io/tls only, and outside the release
+/// namespace only the sidecars' Secret in labelled namespaces: an admission
+/// policy, bound, for the manager's service account alone.
+fn check_secret_policy(r: &Rendered, sidecar_certs: bool) {
+    let policy = r.one(
+        "ValidatingAdmissionPolicy",
+        "cluster-tunnel-manager-secrets",
+    );
+    let spec = &policy["spec"];
+    assert_eq!(spec["failurePolicy"], "Fail");
+    assert_eq!(
+        spec["matchConstraints"]["resourceRules"],
+        json!([{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["secrets"] }])
+    );
+    assert_eq!(
+        spec["matchConditions"][0]["expression"],
+        r#"request.userInfo.username == "system:serviceaccount:cluster-tunnel:cluster-tunnel-manager""#
+    );
+    let validations: Vec<&str> = spec["validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["expression"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        validations[0],
+        r#"has(object.type) && object.type == "kubernetes.io/tls""#
+    );
+    if sidecar_certs {
+        for part in [
+            r#"request.namespace == "cluster-tunnel""#,
+            r#"object.metadata.name == "cluster-tunnel-sidecar""#,
+            r#"namespaceObject.metadata.labels["cluster-tunnel.io/injection"] == "enabled""#,
+        ] {
+            assert!(
+                validations[1].contains(part),
+                "{part} in {}",
+                validations[1]
+            );
+        }
+    } else {
+        assert_eq!(validations[1], r#"request.namespace == "cluster-tunnel""#);
+    }
+    let binding = r.one(
+        "ValidatingAdmissionPolicyBinding",
+        "cluster-tunnel-manager-secrets",
+    );
+    assert_eq!(
+        binding["spec"],
+        json!({ "policyName": "cluster-tunnel-manager-secrets", "validationActions": ["Deny"] })
+    );
+    // Every Secret the manager writes is one the policy lets through.
+    let (now, td) = (time::OffsetDateTime::now_utc(), "cluster-tunnel");
+    let signer = tunnel_manager::signer::Signer::generate(td, now).unwrap();
+    let secret = tunnel_manager::signer::tls_secret("x", "ns", &signer.ca, "", None);
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+}
+
 /// The addon as OCM knows it: the ClusterManagementAddOn with its install
 /// strategy, the chart's Placement only when none is given, the default
 /// deployment config, and the uninstall and upgrade hooks.
 fn check_addon(r: &Rendered, values: &Value) {
+    // The hook's rights go when it ends, also when it fails.
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        let o = r.one(kind, "cluster-tunnel-cleanup");
+        assert_eq!(
+            o["metadata"]["annotations"]["helm.sh/hook-delete-policy"],
+            "before-hook-creation,hook-succeeded,hook-failed",
+            "{kind}"
+        );
+    }
     if values["manager"]["openClusterManagement"] == false {
         for kind in [
             "ClusterManagementAddOn",
@@ -271,8 +362,10 @@ fn check_addon(r: &Rendered, values: &Value) {
         for job in ["cluster-tunnel-uninstall", "cluster-tunnel-upgrade-cleanup"] {
             assert!(r.find("Job", job).is_none(), "{job} without OCM");
         }
+        check_ocm_off_hook(r);
         return;
     }
+    assert!(r.find("Job", "cluster-tunnel-ocm-off").is_none());
     let cma = r.one("ClusterManagementAddOn", "cluster-tunnel");
     assert_eq!(
         cma["metadata"]["annotations"]["addon.open-cluster-management.io/lifecycle"],
@@ -346,6 +439,47 @@ fn check_addon(r: &Rendered, values: &Value) {
         {
             assert!(!rule["verbs"].to_string().contains("create"), "{rule}");
         }
+    }
+}
+
+/// With OCM integration off, an upgrade (or a rollback) to the release first
+/// removes the addon everywhere, while the previous manager still runs: Helm
+/// is about to delete the ClusterManagementAddOn and no manager of this
+/// version would remove its finalizer from the ManagedClusterAddOns OCM then
+/// deletes.
+fn check_ocm_off_hook(r: &Rendered) {
+    let job = r.one("Job", "cluster-tunnel-ocm-off");
+    assert_eq!(
+        job["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-upgrade,pre-rollback"
+    );
+    let args = &job["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args[0], "uninstall");
+    assert!(!args.to_string().contains("--legacy-only"), "{args}");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["serviceAccountName"],
+        "cluster-tunnel-cleanup"
+    );
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ] {
+        assert_eq!(
+            r.one(kind, "cluster-tunnel-cleanup")["metadata"]["annotations"]["helm.sh/hook"],
+            "pre-upgrade,pre-rollback",
+            "{kind}"
+        );
+    }
+    let role = r.one("ClusterRole", "cluster-tunnel-cleanup").to_string();
+    for want in [
+        "clustermanagementaddons",
+        "managedclusteraddons",
+        "manifestworks",
+    ] {
+        assert!(role.contains(want), "{role}");
     }
 }
 
@@ -527,6 +661,7 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         check_every_job(&r);
         check_rbac_is_narrow(&r);
         check_writes_are_by_name(&r);
+        check_secret_policy(&r, values["sidecar"]["issueCertificates"] != false);
         check_addon(&r, values);
         check_manager_keeps_what_the_chart_renders(
             &r,
@@ -615,6 +750,26 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 role.contains("tunnelpolicies") && role.contains("tokenreviews"),
                 "{role}"
             );
+            // With OCM the servers admit only agents of accepted clusters with
+            // the addon: they read the addons, by name only.
+            let ocm = values["manager"]["openClusterManagement"] != false;
+            assert_eq!(args.contains("--clusters-from-ocm"), ocm, "{args}");
+            let addons: Vec<&Value> = r.one("ClusterRole", "cluster-tunnel-server")["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|rule| rule["resources"] == json!(["managedclusteraddons"]))
+                .collect();
+            if ocm {
+                assert_eq!(
+                    addons,
+                    [
+                        &json!({ "apiGroups": ["addon.open-cluster-management.io"], "resources": ["managedclusteraddons"], "resourceNames": ["cluster-tunnel"], "verbs": ["get", "list", "watch"] })
+                    ]
+                );
+            } else {
+                assert!(addons.is_empty(), "{role}");
+            }
         }
         r.one("PodDisruptionBudget", "cluster-tunnel-server");
         r.one(
@@ -995,8 +1150,7 @@ fn check_sidecar_certificates(r: &Rendered, issued: bool) {
         assert_eq!(
             on("secrets"),
             [
-                json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cluster-tunnel-sidecar"], "verbs": ["get", "patch", "delete"] }),
-                json!({ "apiGroups": [""], "resources": ["secrets"], "verbs": ["create"] }),
+                json!({ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cluster-tunnel-sidecar"], "verbs": ["get", "create", "patch", "delete"] }),
             ]
         );
     } else {
@@ -1269,4 +1423,19 @@ fn values_the_schemas_refuse_fail_the_install_not_the_pod() {
             .unwrap_or_else(|| panic!("{chart} rendered with {values}"));
         assert!(err.contains(says), "{chart} {values}: {err}");
     }
+}
+
+#[test]
+fn turning_the_manager_off_with_an_upgrade_removes_the_addon_first() {
+    // manager.enabled=false: no manager of this version at all; the previous
+    // one still runs when the pre-upgrade hook removes the addon.
+    let values = json!({ "manager": { "enabled": false } });
+    let Some(rendered) = render("cluster-tunnel", &values) else {
+        return;
+    };
+    let r = rendered.unwrap_or_else(|e| panic!("render with {values}: {e}"));
+    assert!(r.find("Deployment", "cluster-tunnel-manager").is_none());
+    assert!(r.kind("ClusterManagementAddOn").is_empty());
+    check_ocm_off_hook(&r);
+    check_every_job(&r);
 }

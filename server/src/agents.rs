@@ -153,6 +153,22 @@ async fn serve_agent(
             .inc();
         return;
     };
+    // With --clusters-from-ocm: only accepted ManagedClusters with the addon.
+    let mut admitted = state.ocm_admitted.clone();
+    if let Some(rx) = admitted.as_mut()
+        && let Some(why) = crate::ocm_clusters::refusal(rx, &cluster, HELLO_TIMEOUT).await
+    {
+        tracing::warn!(%peer, %cluster, why, "agent refused");
+        state
+            .metrics
+            .rejected
+            .get_or_create(&RejectLabel {
+                listener: "agent",
+                reason: "cluster",
+            })
+            .inc();
+        return;
+    }
     let (channel, driver) = match client_handshake(tls, &state.config.h2).await {
         Ok(x) => x,
         Err(err) => {
@@ -245,12 +261,19 @@ async fn serve_agent(
     gauge.inc();
     tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, agents_of_cluster = n, "agent connected");
     let mut driver = driver;
+    let mut revoked = false;
     let res = tokio::select! {
         res = &mut driver => Some(res),
         () = stopped(&mut stop) => None,
+        () = crate::ocm_clusters::revoked(&mut admitted, &cluster) => { revoked = true; None }
     };
     let left = state.pool.remove(&tunnel);
     gauge.dec();
+    if revoked {
+        driver.abort();
+        tracing::warn!(%peer, %cluster, agent = %agent_id, "the cluster is no longer an accepted ManagedCluster with the addon; agent tunnel closed");
+        return;
+    }
     let Some(res) = res else {
         // Shutting down: nothing new is routed here. The open connections hold
         // the last senders; once they end, HTTP/2 flushes and closes the connection.

@@ -172,7 +172,9 @@ pub struct RunArgs {
     pub cluster_labels: Vec<String>,
     /// With --policy-kubernetes: also follow open-cluster-management's
     /// ManagedClusters and ManagedClusterSets, so that policies select clusters
-    /// by their own labels (matchLabels) and by cluster set (clusterSet).
+    /// by their own labels (matchLabels) and by cluster set (clusterSet); and
+    /// admit only agents of accepted ManagedClusters with the cluster-tunnel
+    /// addon (a ManagedClusterAddOn), closing their tunnels when that ends.
     #[arg(long, env = "TUNNEL_CLUSTERS_FROM_OCM", requires = "policy_kubernetes")]
     pub clusters_from_ocm: bool,
     /// Cut open connections that a changed policy no longer allows.
@@ -260,6 +262,7 @@ impl RunArgs {
             policy,
             cluster_labels,
             clusters_from_ocm: self.clusters_from_ocm,
+            admitted_clusters: None,
             enforce_on_change: self.enforce_on_change,
             token_review: self.token_review.then(|| crate::authn::TokenReviewConfig {
                 audiences: self.token_audiences.clone(),

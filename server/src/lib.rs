@@ -143,8 +143,13 @@ pub struct AuthConfig {
     pub policy: PolicySource,
     /// Labels of each cluster, for policies that select clusters by label.
     pub cluster_labels: BTreeMap<String, BTreeMap<String, String>>,
-    /// With a Kubernetes policy: clusters' labels and sets from open-cluster-management.
+    /// With a Kubernetes policy: clusters' labels and sets from
+    /// open-cluster-management, and agents admitted only for accepted
+    /// `ManagedCluster`s with the addon ([`ocm_clusters::admitted`]).
     pub clusters_from_ocm: bool,
+    /// The clusters whose agents are admitted, kept by the caller (tests,
+    /// embedding); with `clusters_from_ocm` they come from OCM instead.
+    pub admitted_clusters: Option<ocm_clusters::Admitted>,
     /// Cut open connections that a changed policy no longer allows.
     pub enforce_on_change: bool,
     /// Validate service-account tokens with the TokenReview API.
@@ -165,6 +170,8 @@ pub struct ServerState {
     pub token_reviewer: Option<authn::TokenReviewer>,
     /// Connections open per identity.
     pub identity_counts: tunnel::IdentityCounts,
+    /// With `--clusters-from-ocm`: the clusters whose agents are admitted.
+    pub ocm_admitted: Option<ocm_clusters::Admitted>,
     draining: AtomicBool,
     open: AtomicUsize,
     all_closed: Notify,
@@ -241,6 +248,7 @@ impl Server {
             None
         };
         let mut tasks = Vec::new();
+        let mut ocm_admitted = config.auth.admitted_clusters.clone();
         let policy = match &config.auth.policy {
             PolicySource::None => {
                 tracing::warn!(
@@ -268,12 +276,13 @@ impl Server {
             }
             PolicySource::Kubernetes => {
                 let client = kube_client.clone().expect("created above");
-                let (rx, task) = policy_watch::watch_policies(
+                let (rx, admitted, task) = policy_watch::watch_policies(
                     client,
                     metrics.clone(),
                     config.auth.clusters_from_ocm,
                 );
                 tasks.push(task);
+                ocm_admitted = admitted.or(ocm_admitted);
                 Some(rx)
             }
         };
@@ -287,6 +296,7 @@ impl Server {
             policy,
             token_reviewer,
             identity_counts: tunnel::IdentityCounts::default(),
+            ocm_admitted,
             metrics,
             config,
             draining: AtomicBool::new(false),

@@ -8,19 +8,31 @@
 //!   `cluster.open-cluster-management.io/clusterset=<set>`;
 //! - a `LabelSelector` set holds the clusters its `labelSelector` matches
 //!   (an empty selector, as the `global` set has, matches every cluster).
+//!
+//! And which clusters' agents the servers admit at all ([`admitted`]): an
+//! accepted `ManagedCluster` (`hubAcceptsClient`) with the addon enabled (a
+//! `ManagedClusterAddOn` [`ADDON_NAME`] in its namespace), neither being
+//! deleted. An agent of any other cluster is refused when it connects, and
+//! its tunnels close when its cluster stops being admitted: a cluster
+//! detached from OCM keeps no working identity here, whatever certificate it
+//! still holds.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use kube::{CustomResource, ResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::policy::ClusterInventory;
 
 /// The label that puts a cluster in an exclusive cluster set.
 pub const CLUSTER_SET_LABEL: &str = "cluster.open-cluster-management.io/clusterset";
+/// Name of the addon's `ManagedClusterAddOn` in each cluster's namespace.
+pub const ADDON_NAME: &str = "cluster-tunnel";
 
-/// A `ManagedCluster`: only its name and labels are read.
+/// A `ManagedCluster`: its name, labels and whether the hub accepts it.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
 #[kube(
     group = "cluster.open-cluster-management.io",
@@ -28,7 +40,77 @@ pub const CLUSTER_SET_LABEL: &str = "cluster.open-cluster-management.io/clusters
     kind = "ManagedCluster",
     plural = "managedclusters"
 )]
-pub struct ManagedClusterSpec {}
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterSpec {
+    /// Whether the hub accepted the cluster.
+    #[serde(default)]
+    pub hub_accepts_client: bool,
+}
+
+/// A `ManagedClusterAddOn`: only its name and namespace (the cluster) are read.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[kube(
+    group = "addon.open-cluster-management.io",
+    version = "v1alpha1",
+    kind = "ManagedClusterAddOn",
+    plural = "managedclusteraddons",
+    namespaced
+)]
+pub struct ManagedClusterAddOnSpec {}
+
+/// The clusters whose agents are admitted, `None` until the
+/// `ManagedCluster`s and `ManagedClusterAddOn`s were first listed.
+pub type Admitted = watch::Receiver<Option<Arc<BTreeSet<String>>>>;
+
+/// The clusters that are accepted, not being deleted, and have the addon
+/// [`ADDON_NAME`] (not being deleted) in their namespace.
+pub fn admitted<'a>(
+    clusters: impl IntoIterator<Item = &'a ManagedCluster>,
+    addons: impl IntoIterator<Item = &'a ManagedClusterAddOn>,
+) -> BTreeSet<String> {
+    let enabled: BTreeSet<String> = addons
+        .into_iter()
+        .filter(|a| a.name_any() == ADDON_NAME && a.metadata.deletion_timestamp.is_none())
+        .filter_map(|a| a.namespace())
+        .collect();
+    clusters
+        .into_iter()
+        .filter(|c| c.spec.hub_accepts_client && c.metadata.deletion_timestamp.is_none())
+        .map(|c| c.name_any())
+        .filter(|name| enabled.contains(name))
+        .collect()
+}
+
+/// Why an agent of `cluster` is not admitted now, waiting up to `first_list`
+/// for the clusters to be known; `None` when it is.
+pub async fn refusal(
+    admitted: &mut Admitted,
+    cluster: &str,
+    first_list: std::time::Duration,
+) -> Option<&'static str> {
+    match tokio::time::timeout(first_list, admitted.wait_for(Option::is_some)).await {
+        Ok(Ok(set)) => {
+            let known = set.as_ref().is_some_and(|s| s.contains(cluster));
+            (!known)
+                .then_some("not an accepted ManagedCluster with the cluster-tunnel addon enabled")
+        }
+        Ok(Err(_)) => Some("the open-cluster-management watch ended"),
+        Err(_) => Some("the open-cluster-management clusters are not known yet"),
+    }
+}
+
+/// Completes once `cluster` is no longer admitted; never without a watch.
+pub async fn revoked(admitted: &mut Option<Admitted>, cluster: &str) {
+    let Some(rx) = admitted else {
+        return std::future::pending().await;
+    };
+    let still =
+        |set: &Option<Arc<BTreeSet<String>>>| set.as_ref().is_none_or(|s| s.contains(cluster));
+    if rx.wait_for(|set| !still(set)).await.is_err() {
+        // The watch ended (the server is stopping): nothing is revoked.
+        std::future::pending::<()>().await;
+    }
+}
 
 /// A `ManagedClusterSet`: which clusters it holds.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]

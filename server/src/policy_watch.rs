@@ -11,7 +11,9 @@
 //!
 //! With `--clusters-from-ocm` the `ManagedCluster`s and `ManagedClusterSet`s
 //! are followed too, and the published policy decides with their labels and
-//! set membership ([`crate::ocm_clusters`]).
+//! set membership ([`crate::ocm_clusters`]); with the addon's
+//! `ManagedClusterAddOn`s they also give the clusters whose agents are
+//! admitted ([`crate::ocm_clusters::admitted`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,22 +26,27 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::metrics::ServerMetrics;
-use crate::ocm_clusters::{self, ManagedCluster, ManagedClusterSet};
+use crate::ocm_clusters::{
+    self, ADDON_NAME, Admitted, ManagedCluster, ManagedClusterAddOn, ManagedClusterSet,
+};
 use crate::policy::{ClusterInventory, Policy, PolicyError, TunnelPolicy};
 
 /// The condition the servers write on each object.
 pub const ACCEPTED: &str = "Accepted";
 
 /// Which source changed.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Change {
     Policies,
     Clusters,
     Sets,
+    Addons,
 }
 
 /// One watch as a stream of changes; `synced` once its first list is in.
 fn changes<K>(
     api: Api<K>,
+    config: watcher::Config,
     writer: reflector::store::Writer<K>,
     change: fn() -> Change,
 ) -> impl Stream<Item = Option<(Change, bool)>> + Send
@@ -53,7 +60,7 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    reflector(writer, watcher(api, watcher::Config::default()))
+    reflector(writer, watcher(api, config))
         .default_backoff()
         .map(move |event| match event {
             Ok(watcher::Event::InitDone) => Some((change(), true)),
@@ -67,26 +74,38 @@ where
 }
 
 /// Starts following `TunnelPolicy` objects (and, with `clusters_from_ocm`,
-/// the clusters and cluster sets). Until every first list arrived the policy
-/// denies everything.
+/// the clusters, cluster sets and the addon's `ManagedClusterAddOn`s). Until
+/// every first list arrived the policy denies everything and no cluster is
+/// admitted. The second receiver (with `clusters_from_ocm`) says which
+/// clusters' agents are admitted.
 pub fn watch_policies(
     client: Client,
     metrics: ServerMetrics,
     clusters_from_ocm: bool,
-) -> (watch::Receiver<Arc<Policy>>, tokio::task::JoinHandle<()>) {
+) -> (
+    watch::Receiver<Arc<Policy>>,
+    Option<Admitted>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = watch::channel(Arc::new(Policy::deny_all()));
+    let (admitted_tx, admitted_rx) = watch::channel(None);
     let task = tokio::spawn(async move {
         let policies: Api<TunnelPolicy> = Api::all(client.clone());
         let (policy_reader, policy_writer) = reflector::store();
         let (cluster_reader, cluster_writer) = reflector::store();
         let (set_reader, set_writer) = reflector::store();
+        let (addon_reader, addon_writer) = reflector::store();
+        let all = watcher::Config::default;
         let mut streams =
-            vec![changes(policies.clone(), policy_writer, || Change::Policies).boxed()];
+            vec![changes(policies.clone(), all(), policy_writer, || Change::Policies).boxed()];
         if clusters_from_ocm {
             let clusters: Api<ManagedCluster> = Api::all(client.clone());
             let sets: Api<ManagedClusterSet> = Api::all(client.clone());
-            streams.push(changes(clusters, cluster_writer, || Change::Clusters).boxed());
-            streams.push(changes(sets, set_writer, || Change::Sets).boxed());
+            let addons: Api<ManagedClusterAddOn> = Api::all(client.clone());
+            let ours = all().fields(&format!("metadata.name={ADDON_NAME}"));
+            streams.push(changes(clusters, all(), cluster_writer, || Change::Clusters).boxed());
+            streams.push(changes(sets, all(), set_writer, || Change::Sets).boxed());
+            streams.push(changes(addons, ours, addon_writer, || Change::Addons).boxed());
         }
         let mut pending = streams.len();
         let mut merged = futures_util::stream::select_all(streams);
@@ -96,30 +115,47 @@ pub fn watch_policies(
             let Some((change, init_done)) = event else {
                 continue;
             };
+            let first = init_done && pending == 1;
             if init_done && pending > 0 {
                 pending -= 1;
             }
             if pending > 0 {
                 continue;
             }
-            match change {
-                Change::Policies => {
-                    let objects = policy_reader.state();
-                    let ok = compiled.update(objects.iter().map(|o| o.as_ref()));
-                    metrics.policy_reload(ok);
-                    let now = now_rfc3339();
-                    for obj in &objects {
-                        write_status(&policies, obj, compiled.verdict(&obj.name_any()), &now).await;
+            // Once every first list is in, everything is computed once.
+            let changed = |c: Change| first || change == c;
+            if changed(Change::Policies) {
+                let objects = policy_reader.state();
+                let ok = compiled.update(objects.iter().map(|o| o.as_ref()));
+                metrics.policy_reload(ok);
+                let now = now_rfc3339();
+                for obj in &objects {
+                    write_status(&policies, obj, compiled.verdict(&obj.name_any()), &now).await;
+                }
+            }
+            if clusters_from_ocm && (changed(Change::Clusters) || changed(Change::Sets)) {
+                let clusters = cluster_reader.state();
+                let sets = set_reader.state();
+                inventory = Arc::new(ocm_clusters::inventory(
+                    clusters.iter().map(|c| c.as_ref()),
+                    sets.iter().map(|s| s.as_ref()),
+                ));
+            }
+            if clusters_from_ocm && (changed(Change::Clusters) || changed(Change::Addons)) {
+                let clusters = cluster_reader.state();
+                let addons = addon_reader.state();
+                let now = ocm_clusters::admitted(
+                    clusters.iter().map(|c| c.as_ref()),
+                    addons.iter().map(|a| a.as_ref()),
+                );
+                admitted_tx.send_if_modified(|old| {
+                    if old.as_deref() == Some(&now) {
+                        return false;
                     }
-                }
-                Change::Clusters | Change::Sets => {
-                    let clusters = cluster_reader.state();
-                    let sets = set_reader.state();
-                    inventory = Arc::new(ocm_clusters::inventory(
-                        clusters.iter().map(|c| c.as_ref()),
-                        sets.iter().map(|s| s.as_ref()),
-                    ));
-                }
+                    tracing::info!(clusters = ?now, "clusters whose agents are admitted (accepted, with the addon)");
+                    *old = Some(Arc::new(now));
+                    true
+                });
             }
             let policy = compiled.policy().with_inventory(inventory.clone());
             tracing::info!(
@@ -133,7 +169,7 @@ pub fn watch_policies(
             }
         }
     });
-    (rx, task)
+    (rx, clusters_from_ocm.then_some(admitted_rx), task)
 }
 
 /// Every object's compilation, by name: its rules, or why it grants nothing.
@@ -426,5 +462,168 @@ mod tests {
             .expect("written in time");
         let body = server.await.unwrap();
         assert_eq!(body["status"]["conditions"][0]["status"], "False");
+    }
+
+    #[tokio::test]
+    async fn with_ocm_the_first_lists_give_the_policy_and_the_admitted_clusters_at_once() {
+        use http::{Method, Request, Response};
+        use kube::client::Body;
+        use std::collections::BTreeSet;
+        use tower_test::mock;
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let list = |kind: &str, items: Value| json!({ "apiVersion": "v1", "kind": kind, "metadata": { "resourceVersion": "1" }, "items": items });
+        let cluster = |name: &str, accepted: bool, deleting: bool| {
+            let mut c = json!({
+                "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+                "metadata": { "name": name }, "spec": { "hubAcceptsClient": accepted },
+            });
+            if deleting {
+                c["metadata"]["deletionTimestamp"] = json!("2026-11-30T12:00:00Z");
+                c["metadata"]["finalizers"] = json!(["x"]);
+            }
+            c
+        };
+        let addon = |cluster: &str| {
+            json!({
+                "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": "ManagedClusterAddOn",
+                "metadata": { "name": "cluster-tunnel", "namespace": cluster }, "spec": {},
+            })
+        };
+        let policy = json!({
+            "apiVersion": "cluster-tunnel.io/v1alpha1", "kind": "TunnelPolicy",
+            "metadata": { "name": "p1", "resourceVersion": "1", "generation": 1 },
+            "spec": { "rules": [{ "subjects": [{ "namespace": "a" }], "clusters": [{ "name": "*" }] }] },
+        });
+        let answers = [
+            (
+                "/apis/cluster-tunnel.io/v1alpha1/tunnelpolicies",
+                list("TunnelPolicyList", json!([policy])),
+            ),
+            (
+                "/apis/cluster.open-cluster-management.io/v1/managedclusters",
+                list(
+                    "ManagedClusterList",
+                    json!([
+                        // Accepted, with the addon: admitted.
+                        cluster("east", true, false),
+                        // Accepted, without the addon.
+                        cluster("west", true, false),
+                        // With the addon, not (or no longer) accepted.
+                        cluster("north", false, false),
+                        // Being deleted.
+                        cluster("south", true, true),
+                    ]),
+                ),
+            ),
+            (
+                "/apis/cluster.open-cluster-management.io/v1beta2/managedclustersets",
+                list("ManagedClusterSetList", json!([])),
+            ),
+            (
+                "/apis/addon.open-cluster-management.io/v1alpha1/managedclusteraddons",
+                list(
+                    "ManagedClusterAddOnList",
+                    json!([addon("east"), addon("north"), addon("south")]),
+                ),
+            ),
+        ];
+        let respond = |send: mock::SendResponse<Response<Body>>, body: &Value| {
+            send.send_response(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(body).unwrap()))
+                    .unwrap(),
+            );
+        };
+        let server = tokio::spawn(async move {
+            // The four first lists, answered policies first: the policy's
+            // list is complete before the others are.
+            let mut lists = Vec::new();
+            let mut queries = Vec::new();
+            let mut held = Vec::new();
+            while lists.len() < answers.len() {
+                let (req, send) = handle.next_request().await.expect("a request");
+                let query = req.uri().query().unwrap_or_default().to_owned();
+                assert_eq!(req.method(), Method::GET, "{}", req.uri());
+                if query.contains("watch=true") {
+                    held.push(send);
+                    continue;
+                }
+                queries.push((req.uri().path().to_owned(), query));
+                lists.push((req.uri().path().to_owned(), send));
+            }
+            lists.sort_by_key(|(path, _)| !path.ends_with("/tunnelpolicies"));
+            for (i, (path, send)) in lists.into_iter().enumerate() {
+                let (_, body) = answers
+                    .iter()
+                    .find(|(p, _)| *p == path)
+                    .expect("a known list");
+                respond(send, body);
+                if i == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+            // Then the watches (held open) and the policy's status.
+            loop {
+                let Some((req, send)) = handle.next_request().await else {
+                    return queries;
+                };
+                if req.uri().query().unwrap_or_default().contains("watch=true") {
+                    held.push(send);
+                } else {
+                    assert_eq!(
+                        (req.method(), req.uri().path()),
+                        (
+                            &Method::PATCH,
+                            "/apis/cluster-tunnel.io/v1alpha1/tunnelpolicies/p1/status"
+                        )
+                    );
+                    let mut answer = policy.clone();
+                    let body = req.into_body().collect_bytes().await.unwrap();
+                    answer["status"] =
+                        serde_json::from_slice::<Value>(&body).unwrap()["status"].clone();
+                    respond(send, &answer);
+                }
+            }
+        });
+        let (mut policy_rx, admitted, task) = watch_policies(
+            client,
+            ServerMetrics::register(&mut Default::default()),
+            true,
+        );
+        let mut admitted = admitted.expect("admitted clusters with --clusters-from-ocm");
+        let set = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            admitted.wait_for(Option::is_some),
+        )
+        .await
+        .expect("the admitted clusters are published")
+        .unwrap()
+        .clone()
+        .unwrap();
+        assert_eq!(*set, BTreeSet::from(["east".to_string()]));
+        // The policy listed first is in force too, with the clusters' inventory.
+        let policy = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            policy_rx.wait_for(|p| !p.is_empty()),
+        )
+        .await
+        .expect("the policy is compiled once every first list is in")
+        .unwrap()
+        .clone();
+        assert!(allowed(&policy, "east"));
+        task.abort();
+        let _ = task.await;
+        let queries = server.await.unwrap();
+        // The addons are watched by name: the servers may read no other.
+        let (_, addons) = queries
+            .iter()
+            .find(|(p, _)| p.ends_with("/managedclusteraddons"))
+            .unwrap();
+        assert!(
+            addons.contains("fieldSelector=metadata.name%3Dcluster-tunnel"),
+            "{addons}"
+        );
     }
 }

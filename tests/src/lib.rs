@@ -123,6 +123,7 @@ pub fn agent_config(pki: &Pki, cluster: &str, servers: &[SocketAddr]) -> AgentCo
         resolve_interval: Duration::from_secs(30),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+        proxy: tunnel_agent::proxy::ProxySettings::none(),
     }
 }
 

@@ -419,3 +419,75 @@ async fn with_enforce_on_change_a_revoked_connection_is_cut() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Connections of `cluster`'s kind the server refused because the cluster
+/// is not admitted (`--clusters-from-ocm`: not an accepted ManagedCluster
+/// with the addon).
+async fn refused_clusters(server: &Server) -> f64 {
+    let body = fetch_metrics(server.admin_addr).await;
+    metric(
+        &body,
+        r#"tunnel_server_rejected_connections_total{listener="agent",reason="cluster"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admitted_clusters_agents_connect_and_a_detached_clusters_tunnel_closes() {
+    use std::collections::BTreeSet;
+    init();
+    let pki = Pki::new(&["east", "west"], &[WORKLOAD]);
+    // What --clusters-from-ocm keeps from OCM: east is accepted with the addon, west is not.
+    let (admitted, rx) = watch::channel(Some(Arc::new(BTreeSet::from(["east".to_string()]))));
+    let server = server_with(
+        &pki,
+        AuthConfig {
+            admitted_clusters: Some(rx),
+            ..Default::default()
+        },
+    )
+    .await;
+    let east = start_agent(&pki, "east", &server).await;
+    // west holds a valid agent certificate, and is refused each time it connects.
+    let west = tunnel_agent::Agent::start(agent_config(&pki, "west", &[server.agent_addr]))
+        .await
+        .unwrap();
+    wait_until("west's agent is refused twice", DEADLINE, || async {
+        refused_clusters(&server).await >= 2.0
+    })
+    .await;
+    assert_eq!(server.state().pool.agent_count(), 1, "east's agent only");
+    assert_eq!(west.tunnels_up(), 0);
+    assert_eq!(east.tunnels_up(), 1);
+
+    // east detached from OCM (or its addon disabled): its open tunnel closes,
+    // and it is refused when it connects again.
+    let before = refused_clusters(&server).await;
+    admitted.send_replace(Some(Arc::new(BTreeSet::new())));
+    wait_until("east's tunnel is closed", DEADLINE, || {
+        let n = server.state().pool.agent_count();
+        async move { n == 0 }
+    })
+    .await;
+    wait_until("east's agent knows its tunnel is gone", DEADLINE, || {
+        let up = east.tunnels_up();
+        async move { up == 0 }
+    })
+    .await;
+    wait_until(
+        "east's agent is refused when it reconnects",
+        DEADLINE,
+        || async { refused_clusters(&server).await > before },
+    )
+    .await;
+    assert_eq!(server.state().pool.agent_count(), 0);
+
+    // Admitted again (re-accepted): east comes back by itself.
+    admitted.send_replace(Some(Arc::new(BTreeSet::from(["east".to_string()]))));
+    wait_until("east's agent is back", DEADLINE, || {
+        let up = east.tunnels_up();
+        async move { up == 1 }
+    })
+    .await;
+    assert_eq!(west.tunnels_up(), 0);
+}

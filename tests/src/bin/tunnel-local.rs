@@ -258,6 +258,7 @@ async fn start_agent(
         resolve_interval: Duration::from_secs(30),
         admin_listen: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 0),
         backoff: (Duration::from_millis(100), Duration::from_secs(2)),
+        proxy: tunnel_agent::proxy::ProxySettings::none(),
     })
     .await
 }
