@@ -19,8 +19,8 @@
 //!   that arrive during a PING round trip, scaled to the smallest round trip
 //!   seen so that queueing does not inflate it)
 //!   raises them on a long fat link, up to [`H2Settings::max_stream_window`];
-//!   they shrink as streams pile up (each gets at most an eighth of the
-//!   budget divided by the open streams, never less than
+//!   they shrink as streams pile up (each gets at most half the budget
+//!   divided by the open streams, never less than
 //!   [`H2Settings::min_stream_window`]). Changes travel as
 //!   `SETTINGS_INITIAL_WINDOW_SIZE`.
 //! - **A hard budget per connection.** A stream may come to hold the largest
@@ -246,10 +246,10 @@ impl ConnShared {
     fn desired_window(&self) -> u32 {
         let (min, max) = self.settings.stream_window_bounds();
         let active = self.ledger().active.max(1);
-        // An eighth of the budget shared by the open streams: streams opened
-        // at a larger window keep it, and the sum stays within the budget
-        // up to the defaults' 10,000 streams.
-        let share = u32::try_from(self.settings.budget() / 8 / active).unwrap_or(u32::MAX);
+        // Half the budget shared by the open streams; streams opened at a
+        // larger window keep it, so with the defaults about 4,500 streams fit
+        // the budget as they open one after another.
+        let share = u32::try_from(self.settings.budget() / 2 / active).unwrap_or(u32::MAX);
         self.bdp_window
             .load(Ordering::Relaxed)
             .min(share)
@@ -723,10 +723,10 @@ mod tests {
     fn many_open_streams_share_the_budget_down_to_the_floor() {
         let shared = ConnShared::new(H2Settings::default());
         assert_eq!(shared.desired_window(), DEFAULT_STREAM_WINDOW);
-        let guards: Vec<_> = (0..1024)
+        let guards: Vec<_> = (0..4096)
             .map(|_| shared.try_stream_opened(u64::MAX).unwrap())
             .collect();
-        // An eighth of 1 GiB over 1,024 streams is 128 KiB each.
+        // Half of 1 GiB over 4,096 streams is 128 KiB each.
         assert_eq!(shared.desired_window(), 128 * 1024);
         drop(guards);
         assert_eq!(shared.active_streams(), 0);
@@ -751,8 +751,8 @@ mod tests {
         // Closing streams makes room again.
         guards.truncate(2);
         assert_eq!(shared.committed_bytes(), 512 * 1024);
-        // The estimate asks for 16 MiB windows; an eighth of the budget over
-        // 2 streams allows 512 KiB each, and every open stream gets the raise.
+        // The estimate asks for 16 MiB windows; half the budget over 2
+        // streams allows 2 MiB each, and every open stream gets the raise.
         shared
             .bdp_window
             .store(DEFAULT_MAX_STREAM_WINDOW, Ordering::Relaxed);
@@ -761,19 +761,19 @@ mod tests {
             sent = Some(w);
             Ok(())
         }));
-        assert_eq!(sent, Some(512 * 1024));
-        assert_eq!(shared.committed_bytes(), 1 << 20);
-        // Fourteen more streams at 512 KiB fill the budget.
-        guards.extend((0..14).map(|_| shared.try_stream_opened(u64::MAX).unwrap()));
+        assert_eq!(sent, Some(2 << 20));
+        assert_eq!(shared.committed_bytes(), 4 << 20);
+        // Two more streams at 2 MiB fill the budget.
+        guards.extend((0..2).map(|_| shared.try_stream_opened(u64::MAX).unwrap()));
         assert_eq!(shared.committed_bytes(), 8 << 20);
         assert!(shared.try_stream_opened(u64::MAX).is_err());
-        // The window shrinks for 16 streams, but that takes back no credit:
+        // The window shrinks for 4 streams, but that takes back no credit:
         // the open streams may still hold what they were given.
         assert!(shared.adjust(|w| {
             sent = Some(w);
             Ok(())
         }));
-        assert_eq!(sent, Some(64 * 1024));
+        assert_eq!(sent, Some(1 << 20));
         assert_eq!(shared.committed_bytes(), 8 << 20);
         assert!(shared.try_stream_opened(u64::MAX).is_err());
         drop(guards);
@@ -782,10 +782,10 @@ mod tests {
     }
 
     #[test]
-    fn ten_thousand_streams_fit_the_default_budget_as_they_open() {
+    fn four_thousand_five_hundred_streams_fit_the_default_budget_as_they_open() {
         let shared = ConnShared::new(H2Settings::default());
         let mut guards = Vec::new();
-        for i in 0..10_000 {
+        for i in 0..4_500 {
             // The driver follows the stream count as it polls.
             shared.adjust(|_| Ok(()));
             guards.push(

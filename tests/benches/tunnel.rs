@@ -79,6 +79,8 @@ const SCALE_CLUSTERS: usize = 100;
 const SCALE_AGENTS_PER_CLUSTER: usize = 10;
 const SCALE_AGENTS: usize = SCALE_CLUSTERS * SCALE_AGENTS_PER_CLUSTER;
 const SCALE_CONNS: usize = 10_000;
+/// Client connections the scale load is spread over.
+const SCALE_CLIENTS: usize = 4;
 /// Connections opened at once while building up the load.
 const SCALE_OPEN_CONCURRENCY: usize = 200;
 const SCALE_FIRST_BYTE_CONNS: usize = 1000;
@@ -1341,6 +1343,10 @@ async fn wait_agents(client: &tunnel_proto::client::TunnelClient, n: usize) -> R
 /// One server process with [`SCALE_AGENTS`] agents (in this process, real
 /// TLS and HTTP/2 each) and [`SCALE_CONNS`] open connections through it
 /// (client library, spread over every cluster, to an idle echo).
+fn client_of(pki: &Pki, name: &str, server: SocketAddr) -> Arc<tunnel_proto::client::TunnelClient> {
+    client(pki, name, server)
+}
+
 async fn scale(services: &Services) -> Extras {
     // This process: the agents' tunnels and admin ports, and per connection
     // the agent's dial. The echo runs in a process of its own: hard limits
@@ -1403,9 +1409,15 @@ async fn scale(services: &Services) -> Extras {
     let gate = Arc::new(tokio::sync::Semaphore::new(SCALE_OPEN_CONCURRENCY));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(SCALE_CONNS);
+    // The load comes from several clients (a connection of the client
+    // library admits about 4,500 streams within its window budget), as it
+    // would from several sidecars.
+    let loaders: Vec<_> = (0..SCALE_CLIENTS)
+        .map(|_| client_of(&pki, "bench", server.client_addr))
+        .collect();
     for i in 0..SCALE_CONNS {
         let target = Target::new(&names[i % SCALE_CLUSTERS], "127.0.0.1", echo_addr.port());
-        let (client, gate) = (client.clone(), gate.clone());
+        let (client, gate) = (loaders[i % SCALE_CLIENTS].clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.unwrap();
             let open = async {
