@@ -529,7 +529,7 @@ impl tokio::io::AsyncRead for TunnelIo {
             }
             match futures_util::ready!(this.stream.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
-                    this.stream.conn().note_received(data.len());
+                    this.stream.guard().note_received(data.len());
                     let _ = this.stream.recv.flow_control().release_capacity(data.len());
                     this.pending = data;
                 }

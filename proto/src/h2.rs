@@ -146,6 +146,11 @@ pub struct ConnShared {
     received: AtomicU64,
     /// Set while the connection is idle; the first data wakes the pinger.
     idle: AtomicBool,
+    /// Counts window-estimate samples; a stream that receives data in a new
+    /// one counts itself in `busy`.
+    epoch: AtomicU64,
+    /// Streams that received data during the current sample.
+    busy: AtomicU64,
     data_started: Notify,
     /// Open streams and what they may hold.
     ledger: std::sync::Mutex<Ledger>,
@@ -165,6 +170,8 @@ impl ConnShared {
             settings,
             received: AtomicU64::new(0),
             idle: AtomicBool::new(true),
+            epoch: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
             data_started: Notify::new(),
             ledger: std::sync::Mutex::new(Ledger::default()),
             bdp_window: AtomicU32::new(initial),
@@ -237,6 +244,7 @@ impl ConnShared {
             StreamGuard {
                 conn: self.clone(),
                 base,
+                epoch: AtomicU64::new(u64::MAX),
             }
         };
         self.wake_if_window_changes();
@@ -347,12 +355,22 @@ pub struct BudgetExhausted {
 pub struct StreamGuard {
     conn: Arc<ConnShared>,
     base: i128,
+    epoch: AtomicU64,
 }
 
 impl StreamGuard {
     /// The connection's shared state.
     pub fn conn(&self) -> &Arc<ConnShared> {
         &self.conn
+    }
+
+    /// Counts `n` bytes received on this stream.
+    pub fn note_received(&self, n: usize) {
+        self.conn.note_received(n);
+        let now = self.conn.epoch.load(Ordering::Relaxed);
+        if self.epoch.swap(now, Ordering::Relaxed) != now {
+            self.conn.busy.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -391,6 +409,8 @@ async fn pinger(mut pings: ::h2::PingPong, shared: Arc<ConnShared>) {
             }
             shared.idle.store(false, Ordering::Release);
         }
+        shared.epoch.fetch_add(1, Ordering::Relaxed);
+        shared.busy.store(0, Ordering::Relaxed);
         let before = shared.received.load(Ordering::Relaxed);
         let sent = Instant::now();
         match tokio::time::timeout(liveness.ping_timeout(), pings.ping(::h2::Ping::opaque())).await
@@ -408,8 +428,12 @@ async fn pinger(mut pings: ::h2::PingPong, shared: Arc<ConnShared>) {
         }
         let after = shared.received.load(Ordering::Relaxed);
         last_received = after;
+        // The window is per stream: what one stream moved is what counts,
+        // not many streams' sum.
+        let busy = shared.busy.load(Ordering::Relaxed).max(1);
         tracing::trace!(bytes = after - before, rtt = ?sent.elapsed(), window = bdp.window, "window estimate sample");
-        if let Some(window) = bdp.sample(after - before, sent.elapsed(), &shared.settings) {
+        if let Some(window) = bdp.sample((after - before) / busy, sent.elapsed(), &shared.settings)
+        {
             shared.bdp_window.store(window, Ordering::Relaxed);
             shared.wake_if_window_changes();
         }

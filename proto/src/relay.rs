@@ -68,6 +68,11 @@ impl TunnelStream {
         self.guard.conn()
     }
 
+    /// The stream's place in its connection's count.
+    pub fn guard(&self) -> &StreamGuard {
+        &self.guard
+    }
+
     /// Aborts the stream (RST_STREAM).
     pub fn reset(&mut self, reason: Reason) {
         self.send.send_reset(reason);
@@ -158,7 +163,7 @@ const COALESCE_MAX: usize = 64 * 1024;
 /// byte it wrote.
 async fn next_data(
     recv: &mut RecvStream,
-    conn: &ConnShared,
+    conn: &StreamGuard,
     stop: &CancellationToken,
 ) -> Result<Option<Bytes>, Option<h2::Error>> {
     let first = tokio::select! {
@@ -205,7 +210,6 @@ pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) 
         mut recv,
         guard,
     } = stream;
-    let conn = guard.conn().clone();
     let sent = ByteCounter::default();
     let received = ByteCounter::default();
     let abort = CancellationToken::new();
@@ -230,7 +234,7 @@ pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) 
             end
         };
         let inbound = async {
-            let end = stream_to_tcp(&mut recv, &conn, &mut wr, &received, &abort).await;
+            let end = stream_to_tcp(&mut recv, &guard, &mut wr, &received, &abort).await;
             if end != DirectionEnd::Eof {
                 abort.cancel();
             }
@@ -338,7 +342,7 @@ async fn tcp_to_stream(
 /// Writes the stream's data to `tcp`, releasing its window as it goes.
 async fn stream_to_tcp(
     recv: &mut RecvStream,
-    conn: &ConnShared,
+    conn: &StreamGuard,
     tcp: &mut tokio::net::tcp::WriteHalf<'_>,
     received: &ByteCounter,
     abort: &CancellationToken,
@@ -407,8 +411,8 @@ pub struct SpliceOutcome {
 /// stream resets the other. `idle_timeout` cuts a connection that moved no
 /// byte for that long.
 pub async fn splice(
-    mut client: TunnelStream,
-    mut agent: TunnelStream,
+    client: TunnelStream,
+    agent: TunnelStream,
     counters: &SpliceCounters,
     cut: impl std::future::Future<Output = ()>,
     idle_timeout: Option<Duration>,
@@ -417,31 +421,39 @@ pub async fn splice(
     let activity = AtomicU64::new(0);
     let up_done = CancellationToken::new();
     let down_done = CancellationToken::new();
-    let client_conn = client.conn().clone();
-    let agent_conn = agent.conn().clone();
+    let TunnelStream {
+        send: mut client_send,
+        recv: mut client_recv,
+        guard: client_guard,
+    } = client;
+    let TunnelStream {
+        send: mut agent_send,
+        recv: mut agent_recv,
+        guard: agent_guard,
+    } = agent;
     let up = async {
         let end = pass(
-            &mut client.recv,
-            &client_conn,
-            &mut agent.send,
+            &mut client_recv,
+            &client_guard,
+            &mut agent_send,
             &counters.to_cluster,
             &activity,
             &abort,
         )
         .await;
-        finish_direction(end, &mut agent.send, &up_done, &down_done, &abort).await
+        finish_direction(end, &mut agent_send, &up_done, &down_done, &abort).await
     };
     let down = async {
         let end = pass(
-            &mut agent.recv,
-            &agent_conn,
-            &mut client.send,
+            &mut agent_recv,
+            &agent_guard,
+            &mut client_send,
             &counters.from_cluster,
             &activity,
             &abort,
         )
         .await;
-        finish_direction(end, &mut client.send, &down_done, &up_done, &abort).await
+        finish_direction(end, &mut client_send, &down_done, &up_done, &abort).await
     };
     let idle = async {
         let Some(limit) = idle_timeout else {
@@ -476,8 +488,8 @@ pub async fn splice(
         }
     };
     if abort.is_cancelled() {
-        client.reset(Reason::CANCEL);
-        agent.reset(Reason::CANCEL);
+        client_send.send_reset(Reason::CANCEL);
+        agent_send.send_reset(Reason::CANCEL);
     }
     SpliceOutcome {
         to_cluster,
@@ -513,7 +525,7 @@ async fn finish_direction(
 /// One direction of a splice.
 async fn pass(
     from: &mut RecvStream,
-    from_conn: &ConnShared,
+    from_conn: &StreamGuard,
     to: &mut SendStream<Bytes>,
     counter: &ByteCounter,
     activity: &AtomicU64,
