@@ -65,6 +65,10 @@ const STALL_OWN_BUFFER: u32 = 32 * 1024;
 /// keep their initial size; the tunnel's own buffering is the same.
 const STALL_CHUNK: usize = 16 * 1024;
 const STALL_PACE: Duration = Duration::from_millis(5);
+/// The fill stops (and says so) when the kernel's TCP memory reaches this
+/// share of its pressure threshold (`tcp_mem[1]`): beyond it, the kernel
+/// throttles every TCP socket of the machine, other users' too.
+const STALL_KERNEL_SHARE: f64 = 0.75;
 /// The fill stops (and says so) if the tunnel's processes grow beyond this.
 const STALL_RSS_LIMIT_KIB: u64 = 6 << 20;
 const STALL_FIRST_BYTE_CONNS: usize = 200;
@@ -356,16 +360,22 @@ impl StallCounters {
 
 /// Writes into `tcp` whenever it takes bytes until `stop` or a failure,
 /// counting into `c`; returns the socket (to be reset). Paced (see
-/// [`STALL_PACE`]).
+/// [`STALL_PACE`]); once `pause` is set, stops writing and holds it.
 async fn keep_full(
     mut tcp: TcpStream,
     c: Arc<StallCounters>,
+    pause: tokio::sync::watch::Receiver<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> TcpStream {
     let chunk = vec![0x5au8; STALL_CHUNK];
     let mut total = 0u64;
     let mut reported = false;
     while total <= STALL_FILL_LIMIT {
+        if *pause.borrow() {
+            // Holds the connection as it is: stalled, no longer filling.
+            let _ = stop.wait_for(|s| *s).await;
+            return tcp;
+        }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return tcp,
             res = tokio::time::timeout(STALL_BLOCKED_AFTER, tcp.write(&chunk)) => match res {
@@ -398,6 +408,8 @@ struct StallDestinations {
     held: Arc<std::sync::Mutex<Vec<TcpStream>>>,
     /// What the flooding destination's writers did.
     flood: Arc<StallCounters>,
+    /// Stops the flooding destination's writers from writing more.
+    pause: tokio::sync::watch::Sender<bool>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -419,12 +431,13 @@ impl StallDestinations {
         let floods = flooding.local_addr().unwrap();
         let flood = Arc::new(StallCounters::default());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (pause, pause_rx) = tokio::sync::watch::channel(false);
         let f = flood.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = flooding.accept().await {
-                let (f, stop_rx) = (f.clone(), stop_rx.clone());
+                let (f, pause_rx, stop_rx) = (f.clone(), pause_rx.clone(), stop_rx.clone());
                 tokio::spawn(async move {
-                    let tcp = keep_full(tcp, f, stop_rx).await;
+                    let tcp = keep_full(tcp, f, pause_rx, stop_rx).await;
                     reset(tcp);
                 });
             }
@@ -434,6 +447,7 @@ impl StallDestinations {
             floods,
             held,
             flood,
+            pause,
             stop,
         }
     }
@@ -983,8 +997,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     eprintln!("[stalled_1000] opening {total} stalled connections");
     let kernel_before = kernel_tcp_mib();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (pause, pause_rx) = tokio::sync::watch::channel(false);
     let writers = Arc::new(StallCounters::default());
     let open_failed = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicUsize::new(0));
     let unread = Arc::new(std::sync::Mutex::new(Vec::new()));
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::new();
@@ -1008,20 +1024,25 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
                 },
             )
         };
-        let (gate, writers, open_failed, unread, stop_rx) = (
+        let (gate, writers, open_failed, opened, unread, pause_rx, stop_rx) = (
             gate.clone(),
             writers.clone(),
             open_failed.clone(),
+            opened.clone(),
             unread.clone(),
+            pause_rx.clone(),
             stop_rx.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
-            let opened = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
+            let conn = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
             drop(permit);
-            match opened {
+            if matches!(conn, Ok(Ok(_))) {
+                opened.fetch_add(1, Ordering::SeqCst);
+            }
+            match conn {
                 Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
-                Ok(Ok(tcp)) => reset(keep_full(tcp, writers, stop_rx).await),
+                Ok(Ok(tcp)) => reset(keep_full(tcp, writers, pause_rx, stop_rx).await),
                 _ => {
                     open_failed.fetch_add(1, Ordering::SeqCst);
                 }
@@ -1040,9 +1061,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
         // before the kernel's TCP memory pressure, which would slow every
         // TCP socket of the machine, not only ours.
         let kernel = kernel_tcp_mib();
-        if kernel > 0.9 * kernel_tcp_pressure_mib() {
+        if kernel > STALL_KERNEL_SHARE * kernel_tcp_pressure_mib() {
             fill_message = Some(format!(
-                "the kernel's TCP memory reached {kernel:.0} MiB (90% of its pressure threshold) with {settled} of {total} stalled connections settled; fill stopped"
+                "the kernel's TCP memory reached {kernel:.0} MiB ({:.0}% of its pressure threshold) with {settled} of {total} stalled connections settled; filling stopped there",
+                STALL_KERNEL_SHARE * 100.0
             ));
             break;
         }
@@ -1062,6 +1084,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Whatever stopped the fill, the stalls stop growing now (they stay
+    // stalled): the measurements run beside what is held.
+    pause.send_replace(true);
+    services.stall.pause.send_replace(true);
     let (blocked, held) = (
         writers.blocked.load(Ordering::SeqCst) + flood.blocked.load(Ordering::SeqCst),
         writers.held.load(Ordering::SeqCst) + flood.held.load(Ordering::SeqCst),
@@ -1076,6 +1102,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
         held >> 20,
         started.elapsed().as_secs_f64()
     );
+    out.push((
+        "stalled_1000_opened",
+        num(opened.load(Ordering::SeqCst) as f64),
+    ));
     out.push(("stalled_1000_blocked", num(blocked as f64)));
     out.push(("stalled_1000_failed", num(failed as f64)));
     out.push(("stalled_1000_held_mib", num((held >> 20) as f64)));
