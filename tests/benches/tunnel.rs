@@ -48,7 +48,9 @@ const STALLED_EACH_WAY: usize = 500;
 /// The bulk transfer beside the stalls (and without them).
 const STALLED_BULK_BYTES: u64 = 512 << 20;
 /// Deadline for every stalled connection to open and fill up.
-const STALL_FILL_DEADLINE: Duration = Duration::from_secs(180);
+const STALL_FILL_DEADLINE: Duration = Duration::from_secs(300);
+/// Stalled connections opened and filled at once.
+const STALL_BATCH: usize = 100;
 /// Deadline of each measurement beside the stalls: only a freeze misses it.
 const STALL_CHECK_DEADLINE: Duration = Duration::from_secs(60);
 /// A write that makes no progress for this long: the connection is full.
@@ -1002,87 +1004,101 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     let open_failed = Arc::new(AtomicUsize::new(0));
     let opened = Arc::new(AtomicUsize::new(0));
     let unread = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let gate = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        let client_stalls = i % 2 == 1;
-        let path = if (i / 2) % 2 == 0 { &port } else { &connect };
-        let (ep, buffers) = if client_stalls {
-            (
-                path.floods,
-                SocketBuffers {
-                    send: None,
-                    recv: Some(STALL_OWN_BUFFER),
-                },
-            )
-        } else {
-            (
-                path.never_reads,
-                SocketBuffers {
-                    send: Some(STALL_OWN_BUFFER),
-                    recv: None,
-                },
-            )
-        };
-        let (gate, writers, open_failed, opened, unread, pause_rx, stop_rx) = (
-            gate.clone(),
-            writers.clone(),
-            open_failed.clone(),
-            opened.clone(),
-            unread.clone(),
-            pause_rx.clone(),
-            stop_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let permit = gate.acquire_owned().await.unwrap();
-            let conn = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
-            drop(permit);
-            if matches!(conn, Ok(Ok(_))) {
-                opened.fetch_add(1, Ordering::SeqCst);
-            }
-            match conn {
-                Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
-                Ok(Ok(tcp)) => reset(keep_full(tcp, writers, pause_rx, stop_rx).await),
-                _ => {
-                    open_failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
     let flood = services.stall.flood.clone();
+    let mut tasks = Vec::new();
     let started = Instant::now();
     let mut fill_message = None;
-    loop {
-        let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
-        if settled >= total {
-            break;
+    let mut launched = 0;
+    'fill: while launched < total {
+        // One batch at a time: at most STALL_BATCH connections fill at
+        // once, so that data waits in the tunnel, not in kernel buffers.
+        let batch = launched..(launched + STALL_BATCH).min(total);
+        for i in batch.clone() {
+            let client_stalls = i % 2 == 1;
+            let path = if (i / 2) % 2 == 0 { &port } else { &connect };
+            let (ep, buffers) = if client_stalls {
+                (
+                    path.floods,
+                    SocketBuffers {
+                        send: None,
+                        recv: Some(STALL_OWN_BUFFER),
+                    },
+                )
+            } else {
+                (
+                    path.never_reads,
+                    SocketBuffers {
+                        send: Some(STALL_OWN_BUFFER),
+                        recv: None,
+                    },
+                )
+            };
+            let (writers, open_failed, opened, unread, pause_rx, stop_rx) = (
+                writers.clone(),
+                open_failed.clone(),
+                opened.clone(),
+                unread.clone(),
+                pause_rx.clone(),
+                stop_rx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let conn = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
+                if matches!(conn, Ok(Ok(_))) {
+                    opened.fetch_add(1, Ordering::SeqCst);
+                }
+                match conn {
+                    Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
+                    Ok(Ok(tcp)) => reset(keep_full(tcp, writers, pause_rx, stop_rx).await),
+                    _ => {
+                        open_failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
         }
-        // Stalled sockets keep their (autotuned) kernel buffers full: stop
-        // before the kernel's TCP memory pressure, which would slow every
-        // TCP socket of the machine, not only ours.
-        let kernel = kernel_tcp_mib();
-        if kernel > STALL_KERNEL_SHARE * kernel_tcp_pressure_mib() {
-            fill_message = Some(format!(
-                "the kernel's TCP memory reached {kernel:.0} MiB ({:.0}% of its pressure threshold) with {settled} of {total} stalled connections settled; filling stopped there",
-                STALL_KERNEL_SHARE * 100.0
-            ));
-            break;
+        launched = batch.end;
+        loop {
+            let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
+            if settled >= launched {
+                let failed = writers.cut.load(Ordering::SeqCst)
+                    + flood.cut.load(Ordering::SeqCst)
+                    + open_failed.load(Ordering::SeqCst);
+                if failed > 0 {
+                    // New connections fail beside the stalls: more would
+                    // only fail the same way.
+                    fill_message = Some(format!(
+                        "{failed} of {launched} stalled connections failed to open or were cut; filling stopped there"
+                    ));
+                    break 'fill;
+                }
+                break;
+            }
+            // Stalled sockets keep their (autotuned) kernel buffers full:
+            // stop before the kernel's TCP memory pressure, which would
+            // slow every TCP socket of the machine, not only ours.
+            let kernel = kernel_tcp_mib();
+            if kernel > STALL_KERNEL_SHARE * kernel_tcp_pressure_mib() {
+                fill_message = Some(format!(
+                    "the kernel's TCP memory reached {kernel:.0} MiB ({:.0}% of its pressure threshold) with {settled} of {total} stalled connections full; filling stopped there",
+                    STALL_KERNEL_SHARE * 100.0
+                ));
+                break 'fill;
+            }
+            let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
+            if rss > STALL_RSS_LIMIT_KIB {
+                fill_message = Some(format!(
+                    "the tunnel's processes grew to {} MiB with {settled} of {total} stalled connections full; filling stopped there",
+                    rss >> 10
+                ));
+                break 'fill;
+            }
+            if started.elapsed() > STALL_FILL_DEADLINE {
+                fill_message = Some(format!(
+                    "only {settled} of {total} stalled connections opened and filled within {STALL_FILL_DEADLINE:?}"
+                ));
+                break 'fill;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
-        if rss > STALL_RSS_LIMIT_KIB {
-            fill_message = Some(format!(
-                "the tunnel's processes grew to {} MiB with {settled} of {total} stalled connections settled; fill stopped",
-                rss >> 10
-            ));
-            break;
-        }
-        if started.elapsed() > STALL_FILL_DEADLINE {
-            fill_message = Some(format!(
-                "only {settled} of {total} stalled connections opened and filled within {STALL_FILL_DEADLINE:?}"
-            ));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Whatever stopped the fill, the stalls stop growing now (they stay
     // stalled): the measurements run beside what is held.
