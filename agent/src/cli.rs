@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 use tunnel_proto::backoff::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
 use tunnel_proto::cli::{LogFormat, parse_duration};
-use tunnel_proto::h2::H2Settings;
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
 
@@ -74,6 +73,9 @@ pub struct Cli {
     /// A server that answers nothing for this long is declared dead.
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub dead_peer_timeout: Duration,
+    /// Flow control of the tunnels.
+    #[command(flatten)]
+    pub flow: tunnel_proto::cli::FlowArgs,
     /// First reconnection delay (doubles up to --reconnect-max, with jitter).
     #[arg(long, env = "TUNNEL_RECONNECT_BASE", default_value = "200ms", value_parser = parse_duration)]
     pub reconnect_base: Duration,
@@ -86,6 +88,34 @@ pub struct Cli {
     /// Address of the admin port (/healthz, /readyz, /metrics).
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8093")]
     pub admin_listen: SocketAddr,
+    /// Join the hub without open-cluster-management: the hub's API server,
+    /// where the agent's certificate request goes (with --join-token-file).
+    /// The key is made here and written to --tls-key, the certificate to --tls-cert.
+    #[arg(long, env = "TUNNEL_JOIN_HUB_API", requires = "join_token_file")]
+    pub join_hub_api: Option<String>,
+    /// CA bundle of the hub's API server (default: the system's roots).
+    #[arg(long, env = "TUNNEL_JOIN_HUB_CA", requires = "join_hub_api")]
+    pub join_hub_ca: Option<PathBuf>,
+    /// The join token (`tunnel-manager join-token`), re-read when it changes.
+    #[arg(long, env = "TUNNEL_JOIN_TOKEN_FILE", requires = "join_hub_api")]
+    pub join_token_file: Option<PathBuf>,
+    /// Secret of the agent's namespace that keeps its key and certificate.
+    #[arg(
+        long,
+        env = "TUNNEL_JOIN_SECRET",
+        default_value = "cluster-tunnel-agent-tls"
+    )]
+    pub join_secret: String,
+    /// Renew the Lease of this name (the addon's, for open-cluster-management's
+    /// health check) while the agent holds a tunnel; needs in-cluster credentials.
+    #[arg(long, env = "TUNNEL_ADDON_LEASE")]
+    pub addon_lease: Option<String>,
+    /// Namespace of --addon-lease (the agent's install namespace).
+    #[arg(long, env = "TUNNEL_ADDON_LEASE_NAMESPACE", requires = "addon_lease")]
+    pub addon_lease_namespace: Option<String>,
+    /// How often --addon-lease is renewed.
+    #[arg(long, env = "TUNNEL_ADDON_LEASE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub addon_lease_interval: Duration,
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
@@ -95,10 +125,8 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The agent configuration these flags describe.
-    pub fn to_config(&self) -> anyhow::Result<AgentConfig> {
-        tunnel_proto::identity::validate_cluster_name(&self.cluster)
-            .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", self.cluster))?;
+    /// The certificate, key and CA files these flags name.
+    pub fn tls_files(&self) -> TlsFiles {
         let mut files = TlsFiles::in_dir(&self.cert_dir, &format!("agent-{}", self.cluster));
         if let Some(c) = &self.tls_cert {
             files.cert = c.clone();
@@ -109,6 +137,14 @@ impl Cli {
         if let Some(ca) = &self.ca {
             files.ca = ca.clone();
         }
+        files
+    }
+
+    /// The agent configuration these flags describe.
+    pub fn to_config(&self) -> anyhow::Result<AgentConfig> {
+        tunnel_proto::identity::validate_cluster_name(&self.cluster)
+            .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", self.cluster))?;
+        let files = self.tls_files();
         for s in &self.servers {
             if !s.contains(':') || s.ends_with(':') {
                 anyhow::bail!("--server {s:?}: expected host:port");
@@ -149,10 +185,10 @@ impl Cli {
                 .clone()
                 .unwrap_or_else(tunnel_proto::cli::default_instance_id),
             tls: tunnel_proto::tls::ClientTls::client(files)?,
-            h2: H2Settings {
-                liveness: Liveness::from_timeout(self.dead_peer_timeout),
-                ..H2Settings::default()
-            },
+            h2: self
+                .flow
+                .settings(Liveness::from_timeout(self.dead_peer_timeout))
+                .map_err(|e| anyhow::anyhow!(e))?,
             allowlist,
             dial_timeout: self.dial_timeout,
             host_aliases,
@@ -167,9 +203,70 @@ impl Cli {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::tls::install_crypto_provider();
     tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
+    let join = match (&cli.join_hub_api, &cli.join_token_file) {
+        (Some(url), Some(token)) => {
+            tunnel_proto::identity::validate_cluster_name(&cli.cluster)
+                .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", cli.cluster))?;
+            let ca = match &cli.join_hub_ca {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("--join-hub-ca {}: {e}", path.display()))?,
+                ),
+                None => None,
+            };
+            let hub = crate::join::hub_client(url, ca.as_deref(), &token.to_string_lossy())?;
+            let local = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("--join-hub-api needs in-cluster Kubernetes credentials: {e}")
+            })?;
+            let files = cli.tls_files();
+            let join = crate::join::Join {
+                hub,
+                local: kube::Api::default_namespaced(local),
+                secret: cli.join_secret.clone(),
+                cluster: cli.cluster.clone(),
+                cert_file: files.cert,
+                key_file: files.key,
+            };
+            // The agent starts once it has a certificate.
+            loop {
+                match join.ensure(crate::join::unix_now()).await {
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot join the hub yet; retrying");
+                        tokio::time::sleep(crate::join::RETRY).await;
+                    }
+                }
+            }
+            Some(tokio::spawn(join.run()))
+        }
+        _ => None,
+    };
     let config = cli.to_config()?;
+    let holder = config.agent_id.clone();
     let agent = Agent::start(config).await?;
+    let lease = match &cli.addon_lease {
+        Some(name) => {
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!("--addon-lease needs in-cluster Kubernetes credentials: {e}")
+            })?;
+            let api = match &cli.addon_lease_namespace {
+                Some(ns) => kube::Api::namespaced(client, ns),
+                None => kube::Api::default_namespaced(client),
+            };
+            Some(tokio::spawn(crate::addon_lease::run(
+                api,
+                name.clone(),
+                holder,
+                agent.admin_addr,
+                cli.addon_lease_interval,
+            )))
+        }
+        None => None,
+    };
     tunnel_proto::cli::termination_signal().await;
+    for task in [lease, join].into_iter().flatten() {
+        task.abort();
+    }
     agent.shutdown(cli.drain_timeout).await;
     Ok(())
 }

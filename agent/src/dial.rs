@@ -1,25 +1,23 @@
 //! The `Agent` service: answers the server's hello and dials destinations.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{Stream, StreamExt};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tunnel_proto::error::{ErrorCode, TunnelError, dial_error};
-use tunnel_proto::pb::{self, Frame, agent_server::Agent as AgentRpc, frame::Kind};
-use tunnel_proto::relay::relay_tcp;
+use tunnel_proto::h2::StreamGuard;
+use tunnel_proto::pb::{self, agent_server::Agent as AgentRpc};
+use tunnel_proto::relay::{TunnelStream, relay_tcp};
+use tunnel_proto::stream::{Open, Opened, error_response, opened_response};
 
 use crate::allowlist::Allowlist;
 use crate::metrics::{AgentMetrics, CodeLabel, DirectionLabel};
 use crate::servers::{Claim, Duplicate, ServerRegistry};
-
-/// How long the server may take to send `Open` on a new stream.
-const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every tunnel's service shares.
 #[derive(Debug)]
@@ -36,6 +34,8 @@ pub struct DialerShared {
     pub host_aliases: std::collections::HashMap<String, IpAddr>,
     /// Metrics.
     pub metrics: AgentMetrics,
+    /// Keepalive and user timeout for destination sockets.
+    pub liveness: tunnel_proto::net::Liveness,
 }
 
 /// What the server's hello on a tunnel said, handed to the task that opened
@@ -137,12 +137,6 @@ impl AgentService {
     }
 }
 
-type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
-
-fn single(frame: Frame) -> FrameStream {
-    Box::pin(futures_util::stream::once(async move { Ok(frame) }))
-}
-
 impl DialerShared {
     /// Resolves and connects to `host:port`, within the allowlist and the timeout.
     pub async fn dial(
@@ -211,8 +205,6 @@ impl DialerShared {
 
 #[tonic::async_trait]
 impl AgentRpc for AgentService {
-    type DialStream = FrameStream;
-
     async fn hello(
         &self,
         req: Request<pb::HelloRequest>,
@@ -233,76 +225,42 @@ impl AgentRpc for AgentService {
             version: env!("CARGO_PKG_VERSION").into(),
         }))
     }
+}
 
-    async fn dial(&self, req: Request<Streaming<Frame>>) -> Result<Response<FrameStream>, Status> {
+impl AgentService {
+    /// Serves one stream the server opened: dials its destination, answers,
+    /// and relays until both directions ended.
+    pub async fn serve_stream(
+        &self,
+        req: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        guard: StreamGuard,
+    ) {
         let shared = &self.shared;
-        let mut inbound = req.into_inner();
-        let open = match tokio::time::timeout(OPEN_FRAME_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(Frame {
-                kind: Some(Kind::Open(open)),
-            }))) => open,
-            Ok(Err(status)) => return Err(status),
-            _ => {
-                let err = TunnelError::new(ErrorCode::BadRequest, "the first frame must be open");
-                return Ok(Response::new(single(err.to_frame())));
+        let open = match Open::from_request(&req) {
+            Ok(open) => open,
+            Err(err) => {
+                tracing::warn!(code = err.code.label(), %err, "the server opened a bad stream");
+                let _ = respond.send_response(error_response(&err), true);
+                return;
             }
         };
-        let id = uuid::Uuid::from_slice(&open.connection_id).unwrap_or_default();
-        let Some(port) = u16::try_from(open.port).ok().filter(|p| *p != 0) else {
-            let err =
-                TunnelError::new(ErrorCode::BadRequest, format!("invalid port {}", open.port));
-            return Ok(Response::new(single(err.to_frame())));
-        };
-        let timeout = match open.dial_timeout_ms {
-            0 => shared.dial_timeout,
-            ms => Duration::from_millis(u64::from(ms)).min(shared.dial_timeout),
-        };
+        let id = open.id;
+        let timeout = open
+            .dial_timeout
+            .map_or(shared.dial_timeout, |t| t.min(shared.dial_timeout));
         let started = Instant::now();
-        let dialed = shared.dial(&open.host, port, timeout).await;
+        let dialed = tokio::select! {
+            // The server gave up (the client went away) while we dialed.
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
+            d = shared.dial(&open.host, open.port, timeout) => d,
+        };
         shared
             .metrics
             .dial_latency
             .observe(started.elapsed().as_secs_f64());
-        match dialed {
-            Ok((tcp, peer)) => {
-                shared
-                    .metrics
-                    .dials
-                    .get_or_create(&CodeLabel { code: "ok" })
-                    .inc();
-                tunnel_proto::net::set_nodelay_or_warn(&tcp);
-                let (outbound, done) = relay_tcp(tcp, bytes::Bytes::new(), inbound);
-                let metrics = shared.metrics.clone();
-                metrics.open_connections.inc();
-                let host = open.host.clone();
-                tokio::spawn(async move {
-                    let outcome = done.await;
-                    metrics.open_connections.dec();
-                    metrics
-                        .bytes
-                        .get_or_create(&DirectionLabel {
-                            direction: "from_destination",
-                        })
-                        .inc_by(outcome.sent);
-                    metrics
-                        .bytes
-                        .get_or_create(&DirectionLabel {
-                            direction: "to_destination",
-                        })
-                        .inc_by(outcome.received);
-                    tracing::debug!(%id, destination = %host, port, %peer, ?outcome, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
-                });
-                let opened = Frame {
-                    kind: Some(Kind::Opened(pb::Opened {
-                        agent_id: shared.agent_id.clone(),
-                        peer: peer.to_string(),
-                    })),
-                };
-                let out = futures_util::stream::once(async move { opened })
-                    .chain(outbound)
-                    .map(Ok);
-                Ok(Response::new(Box::pin(out)))
-            }
+        let (tcp, peer) = match dialed {
+            Ok(x) => x,
             Err(err) => {
                 shared
                     .metrics
@@ -311,9 +269,47 @@ impl AgentRpc for AgentService {
                         code: err.code.label(),
                     })
                     .inc();
-                tracing::info!(%id, destination = %open.host, port, code = err.code.label(), %err, "dial failed");
-                Ok(Response::new(single(err.to_frame())))
+                tracing::info!(%id, destination = %open.host, port = open.port, code = err.code.label(), %err, "dial failed");
+                let _ = respond.send_response(error_response(&err), true);
+                return;
             }
-        }
+        };
+        shared
+            .metrics
+            .dials
+            .get_or_create(&CodeLabel { code: "ok" })
+            .inc();
+        // Like tunnel sockets: no Nagle delay, and a dead destination is
+        // found by TCP keepalive and TCP_USER_TIMEOUT, not after minutes.
+        tunnel_proto::net::tune_tunnel_socket(&tcp, &shared.liveness);
+        let opened = Opened {
+            agent_id: shared.agent_id.clone(),
+            peer: peer.to_string(),
+        };
+        let send = match respond.send_response(opened_response(&opened), false) {
+            Ok(send) => send,
+            Err(err) => {
+                tracing::debug!(%id, %err, "the server went away before the answer");
+                return;
+            }
+        };
+        let stream = TunnelStream::new(send, req.into_body(), guard);
+        let metrics = shared.metrics.clone();
+        metrics.open_connections.inc();
+        let outcome = relay_tcp(tcp, Bytes::new(), stream).await;
+        metrics.open_connections.dec();
+        metrics
+            .bytes
+            .get_or_create(&DirectionLabel {
+                direction: "from_destination",
+            })
+            .inc_by(outcome.sent);
+        metrics
+            .bytes
+            .get_or_create(&DirectionLabel {
+                direction: "to_destination",
+            })
+            .inc_by(outcome.received);
+        tracing::debug!(%id, destination = %open.host, port = open.port, %peer, ?outcome, duration_ms = started.elapsed().as_millis() as u64, "connection closed");
     }
 }

@@ -9,10 +9,16 @@
 //!   `Dial` stream per proxied connection.
 //! - [`allowlist`]: which destinations may be dialed.
 //! - [`metrics`]: Prometheus metrics on the admin port.
+//! - [`addon_lease`]: the open-cluster-management addon's health Lease,
+//!   renewed while the agent holds a tunnel.
+//! - [`join`]: joining a hub without open-cluster-management: the key made
+//!   here, a certificate request to the hub, renewed at a fifth of its life.
 
+pub mod addon_lease;
 pub mod allowlist;
 pub mod cli;
 pub mod dial;
+pub mod join;
 pub mod metrics;
 pub mod servers;
 pub mod tunnels;

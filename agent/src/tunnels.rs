@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tunnel_proto::backoff::Backoff;
-use tunnel_proto::h2::{H2Settings, serve_connection};
+use tunnel_proto::h2::{H2Server, H2Settings};
 use tunnel_proto::pb::agent_server::AgentServer;
 
 use crate::allowlist::Allowlist;
@@ -105,6 +105,7 @@ impl Agent {
             dial_timeout: config.dial_timeout,
             host_aliases: config.host_aliases.clone(),
             metrics: metrics.clone(),
+            liveness: config.h2.liveness,
         });
         let gauge = metrics.tunnels_up.clone();
         let admin = tunnel_proto::admin::AdminServer::new(
@@ -495,20 +496,60 @@ impl ServerAddress {
     }
 }
 
-/// Serves the `Agent` service on a tunnel's TLS connection until it ends;
-/// `stop` sends GOAWAY (open connections run to their end).
+/// Serves a tunnel's TLS connection until it ends: the server's streams
+/// (each a connection to dial) and its control calls (hello). `stop` sends
+/// GOAWAY (open connections run to their end).
 fn serve_tunnel(
     tls: TlsStream<TcpStream>,
     svc: AgentService,
     config: Arc<AgentConfig>,
     mut stop: watch::Receiver<bool>,
 ) -> Connection {
-    let server = AgentServer::new(svc).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+    let control =
+        AgentServer::new(svc.clone()).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
     Box::pin(async move {
-        let shutdown = async move { stopped(&mut stop).await };
-        serve_connection(tls, server, &config.h2, shutdown)
+        let mut conn = H2Server::handshake(tls, &config.h2)
             .await
-            .map_err(|e| format!("HTTP/2: {e}"))
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                () = stopped(&mut stop), if !draining => {
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok((req, respond))) => {
+                    if req.method() == http::Method::CONNECT {
+                        let guard = match conn.conn().try_stream_opened(u64::MAX) {
+                            Ok(guard) => guard,
+                            Err(full) => {
+                                tracing::warn!(%full, "stream refused");
+                                let err = tunnel_proto::error::TunnelError::new(
+                                    tunnel_proto::error::ErrorCode::ResourceExhausted,
+                                    format!("agent: {full}"),
+                                );
+                                let mut respond = respond;
+                                let _ = respond.send_response(
+                                    tunnel_proto::stream::error_response(&err),
+                                    true,
+                                );
+                                continue;
+                            }
+                        };
+                        let svc = svc.clone();
+                        tokio::spawn(async move { svc.serve_stream(req, respond, guard).await });
+                    } else {
+                        tokio::spawn(tunnel_proto::grpc::serve(control.clone(), req, respond));
+                    }
+                }
+                Some(Err(err)) => return Err(format!("HTTP/2: {err}")),
+                None => return Ok(()),
+            }
+        }
     })
 }
 

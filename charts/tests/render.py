@@ -41,6 +41,16 @@ for _, text in texts:
         if doc and doc.get("kind") == "CustomResourceDefinition":
             for v in doc["spec"]["versions"]:
                 crd_schemas[(f"{doc['spec']['group']}/{v['name']}", doc["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+# open-cluster-management's own CRDs (copied in ocm-crds/), for the addon objects the hub chart renders.
+import os
+ocm_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ocm-crds")
+for name in sorted(os.listdir(ocm_dir)):
+    if name.endswith(".yaml"):
+        with open(os.path.join(ocm_dir, name)) as f:
+            for doc in yaml.safe_load_all(f):
+                if doc and doc.get("kind") == "CustomResourceDefinition":
+                    for v in doc["spec"]["versions"]:
+                        crd_schemas[(f"{doc['spec']['group']}/{v['name']}", doc["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
 for path, text in texts:
     for doc in yaml.safe_load_all(text):
         if not doc:

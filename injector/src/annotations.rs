@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use tunnel_proto::identity::validate_cluster_name;
 use tunnel_sidecar::config::PortMapping;
+use tunnel_sidecar::direct::DirectPolicy;
 
 /// Prefix of every annotation and label of the injector.
 pub const PREFIX: &str = "cluster-tunnel.io/";
@@ -26,6 +27,9 @@ pub const PROXY_PORT: &str = "cluster-tunnel.io/proxy-port";
 pub const SET_PROXY_ENV: &str = "cluster-tunnel.io/set-proxy-env";
 /// Cluster of unqualified proxy names (the sidecar's `--default-cluster`).
 pub const DEFAULT_CLUSTER: &str = "cluster-tunnel.io/default-cluster";
+/// `allow` (default) or `deny`: whether the proxy dials destinations outside
+/// every cluster from the pod (the sidecar's `--direct`).
+pub const DIRECT: &str = "cluster-tunnel.io/direct";
 /// The sidecar's CPU request.
 pub const CPU_REQUEST: &str = "cluster-tunnel.io/cpu-request";
 /// The sidecar's memory request.
@@ -43,12 +47,13 @@ pub const MODE: &str = "cluster-tunnel.io/mode";
 pub const INJECTED: &str = "cluster-tunnel.io/injected";
 
 /// Every annotation the injector reads or writes.
-pub const KNOWN: [&str; 12] = [
+pub const KNOWN: [&str; 13] = [
     INJECT,
     PORTS,
     PROXY_PORT,
     SET_PROXY_ENV,
     DEFAULT_CLUSTER,
+    DIRECT,
     CPU_REQUEST,
     MEMORY_REQUEST,
     CPU_LIMIT,
@@ -173,6 +178,8 @@ pub struct PodOptions {
     pub set_proxy_env: bool,
     /// The sidecar's default cluster.
     pub default_cluster: Option<String>,
+    /// Whether the proxy dials destinations outside the clusters.
+    pub direct: DirectPolicy,
     /// Sidecar resources.
     pub resources: Resources,
     /// Sidecar log filter.
@@ -253,6 +260,13 @@ impl PodOptions {
             }
         };
 
+        let direct = match get(DIRECT) {
+            None => DirectPolicy::Allow,
+            Some(v) => v
+                .parse()
+                .map_err(|e: String| AnnotationError::new(DIRECT, e))?,
+        };
+
         let mut resources = defaults.resources.clone();
         for (key, slot) in [
             (CPU_REQUEST, &mut resources.cpu_request),
@@ -321,6 +335,7 @@ impl PodOptions {
             proxy_port,
             set_proxy_env,
             default_cluster,
+            direct,
             resources,
             log_level,
             mode,
@@ -453,7 +468,7 @@ mod tests {
 
     fn defaults() -> Defaults {
         Defaults {
-            proxy_port: Some(15080),
+            proxy_port: Some(17080),
             set_proxy_env: true,
             resources: Resources {
                 cpu_request: Some("10m".into()),
@@ -467,7 +482,7 @@ mod tests {
     }
 
     fn options(pairs: &[(&str, &str)]) -> Result<PodOptions, AnnotationError> {
-        PodOptions::from_annotations(&map(pairs), &defaults(), 15090)
+        PodOptions::from_annotations(&map(pairs), &defaults(), 17090)
     }
 
     #[test]
@@ -493,9 +508,10 @@ mod tests {
     fn defaults_apply_without_annotations() {
         let o = options(&[(INJECT, "true")]).unwrap();
         assert!(o.ports.is_empty());
-        assert_eq!(o.proxy_port, Some(15080));
+        assert_eq!(o.proxy_port, Some(17080));
         assert!(o.set_proxy_env);
         assert_eq!(o.mode, Mode::Native);
+        assert_eq!(o.direct, DirectPolicy::Allow);
         assert_eq!(o.resources, defaults().resources);
         assert_eq!(o.log_level, "info");
         assert!(o.unknown.is_empty());
@@ -506,28 +522,30 @@ mod tests {
         let o = options(&[
             (
                 PORTS,
-                " 15001=east, 15002=east:prometheus.monitoring.svc:9090 ,",
+                " 17001=east, 17002=east:prometheus.monitoring.svc:9090 ,",
             ),
             (PROXY_PORT, "18080"),
             (SET_PROXY_ENV, "false"),
             (DEFAULT_CLUSTER, "west"),
+            (DIRECT, "deny"),
             (CPU_REQUEST, "50m"),
             (MEMORY_REQUEST, "64Mi"),
             (CPU_LIMIT, "1"),
             (MEMORY_LIMIT, "128Mi"),
             (LOG_LEVEL, "tunnel_sidecar=debug,info"),
             (MODE, "legacy"),
-            ("cluster-tunnel.io/port", "15001=east"),
+            ("cluster-tunnel.io/port", "17001=east"),
         ])
         .unwrap();
         assert_eq!(
             o.ports.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
-            ["15001=east", "15002=east:prometheus.monitoring.svc:9090"]
+            ["17001=east", "17002=east:prometheus.monitoring.svc:9090"]
         );
         assert_eq!(o.ports[1].1.target.host, "prometheus.monitoring.svc");
         assert_eq!(o.proxy_port, Some(18080));
         assert!(!o.set_proxy_env);
         assert_eq!(o.default_cluster.as_deref(), Some("west"));
+        assert_eq!(o.direct, DirectPolicy::Deny);
         assert_eq!(o.resources.cpu_limit.as_deref(), Some("1"));
         assert_eq!(o.resources.memory_request.as_deref(), Some("64Mi"));
         assert_eq!(o.log_level, "tunnel_sidecar=debug,info");
@@ -543,16 +561,17 @@ mod tests {
     #[test]
     fn invalid_values_name_their_annotation() {
         for (pairs, key, why) in [
-            (&[(PORTS, "15001=East")][..], PORTS, "lowercase"),
-            (&[(PORTS, "15001")], PORTS, "expected PORT=CLUSTER"),
-            (&[(PORTS, "15001=east,15001=west")], PORTS, "used twice"),
-            (&[(PORTS, "15080=east")], PORTS, "HTTP proxy port"),
-            (&[(PORTS, "15090=east")], PORTS, "admin port"),
-            (&[(PROXY_PORT, "15090")], PROXY_PORT, "admin port"),
+            (&[(PORTS, "17001=East")][..], PORTS, "lowercase"),
+            (&[(PORTS, "17001")], PORTS, "expected PORT=CLUSTER"),
+            (&[(PORTS, "17001=east,17001=west")], PORTS, "used twice"),
+            (&[(PORTS, "17080=east")], PORTS, "HTTP proxy port"),
+            (&[(PORTS, "17090=east")], PORTS, "admin port"),
+            (&[(PROXY_PORT, "17090")], PROXY_PORT, "admin port"),
             (&[(PROXY_PORT, "http")], PROXY_PORT, "not a port"),
             (&[(PROXY_PORT, "0")], PROXY_PORT, "not a port"),
             (&[(SET_PROXY_ENV, "no")], SET_PROXY_ENV, "expected"),
             (&[(DEFAULT_CLUSTER, "East_1")], DEFAULT_CLUSTER, "lowercase"),
+            (&[(DIRECT, "sometimes")], DIRECT, "allow or deny"),
             (&[(CPU_REQUEST, "lots")], CPU_REQUEST, "quantity"),
             (&[(MEMORY_LIMIT, "-1Gi")], MEMORY_LIMIT, "quantity"),
             (&[(MEMORY_LIMIT, "1Gb")], MEMORY_LIMIT, "quantity"),

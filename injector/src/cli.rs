@@ -69,6 +69,11 @@ pub struct Cli {
     /// replica, plus the previous pod's during a rolling update).
     #[arg(long, env = "TUNNEL_CA_BUNDLE_KEEP", default_value_t = crate::ca_bundle::DEFAULT_KEEP)]
     pub ca_bundle_keep: usize,
+    /// On SIGTERM, time to keep answering reviews while not ready, before
+    /// stopping: the API server keeps calling a replica until the endpoint
+    /// removal reaches it, so a rollout loses no review.
+    #[arg(long, env = "TUNNEL_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// Deny pods the injector cannot handle (our own failure) instead of
     /// letting them through without the sidecar.
     #[arg(long, env = "TUNNEL_FAIL_CLOSED")]
@@ -113,14 +118,14 @@ pub struct Cli {
     #[arg(long, env = "TUNNEL_TOKEN_EXPIRATION", default_value = "1h", value_parser = parse_duration)]
     pub token_expiration: Duration,
     /// The sidecar's admin port (probes, metrics, POST /shutdown).
-    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = 15090)]
+    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = tunnel_sidecar::config::DEFAULT_ADMIN_PORT)]
     pub sidecar_admin_port: u16,
     /// Address the sidecar's admin port binds to (the kubelet probes the pod
     /// IP; use :: on IPv6-only clusters).
     #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_BIND", default_value = "0.0.0.0")]
     pub sidecar_admin_bind: IpAddr,
     /// Default port of the sidecar's HTTP proxy, or "off".
-    #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value = "15080")]
+    #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value = "17080")]
     pub sidecar_proxy_port: String,
     /// Whether app containers get HTTP_PROXY and friends by default.
     #[arg(long, env = "TUNNEL_SET_PROXY_ENV", default_value_t = true, action = clap::ArgAction::Set)]
@@ -317,6 +322,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::tls::install_crypto_provider();
     tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
     let config = cli.to_config()?;
+    let shutdown_delay = cli.shutdown_delay;
     let client = if config.ca_bundle_sync.is_some() || config.config_name.is_some() {
         Some(kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!(
@@ -329,6 +335,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     };
     let injector = Injector::start(config, client).await?;
     tunnel_proto::cli::termination_signal().await;
+    injector.drain();
+    tokio::time::sleep(shutdown_delay).await;
     injector.shutdown().await;
     Ok(())
 }
@@ -376,7 +384,7 @@ mod tests {
                 "10.96.0.1"
             ]
         );
-        assert_eq!(c.template.defaults.proxy_port, Some(15080));
+        assert_eq!(c.template.defaults.proxy_port, Some(17080));
         assert_eq!(c.template.defaults.mode, Mode::Native);
         assert_eq!(c.template.token_expiration_seconds, 3600);
         assert_eq!(
@@ -431,7 +439,7 @@ mod tests {
                 "--sidecar-memory-request",
             ),
             (&["--token-expiration", "5m"], "--token-expiration"),
-            (&["--sidecar-proxy-port", "15090"], "--sidecar-proxy-port"),
+            (&["--sidecar-proxy-port", "17090"], "--sidecar-proxy-port"),
             (&["--server", "nohost"], "--server"),
         ] {
             let err = cli(args).unwrap().to_config().unwrap_err();

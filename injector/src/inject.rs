@@ -15,15 +15,17 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, ExecAction, HTTPGetAction, Lifecycle,
-    LifecycleHandler, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    LifecycleHandler, Pod, PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
+use tunnel_sidecar::direct::DirectPolicy;
 
 use crate::annotations::{self, AnnotationError, Defaults, Mode, OptIn, PodOptions};
+use crate::mesh::{self, Mesh};
 
 /// Name of the injected container; a pod that has a container of this name
 /// (init or app) is left alone.
@@ -134,12 +136,15 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
         return Ok(Outcome::Skipped("pod has no spec"));
     };
     let init_containers = spec.init_containers.as_deref().unwrap_or_default();
-    if spec
+    if let Some(ours) = spec
         .containers
         .iter()
         .chain(init_containers)
-        .any(|c| c.name == SIDECAR_NAME)
+        .find(|c| c.name == SIDECAR_NAME)
     {
+        // Re-invoked (or a pod re-created from an injected spec): another
+        // webhook, a mesh's injector say, may have added a container since.
+        check_ports(&injected_ports(ours), spec, "was added after the sidecar")?;
         return Ok(Outcome::AlreadyInjected);
     }
     if let OptIn::No(why) = annotations::opt_in(annotations, labels)? {
@@ -163,23 +168,11 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
             )));
         }
     }
-    let listening = options.listening_ports(template.admin_port);
-    for container in spec.containers.iter().chain(init_containers) {
-        for declared in container.ports.iter().flatten() {
-            let port = u16::try_from(declared.container_port).ok();
-            if let Some((port, chosen_by)) = listening.iter().find(|(p, _)| Some(*p) == port) {
-                return Err(Refusal::Conflict(format!(
-                    "container {:?} declares port {port}, which the cluster-tunnel sidecar listens on ({chosen_by}); choose another with {}",
-                    container.name,
-                    if *chosen_by == annotations::PORTS {
-                        annotations::PORTS
-                    } else {
-                        annotations::PROXY_PORT
-                    }
-                )));
-            }
-        }
-    }
+    check_ports(
+        &options.listening_ports(template.admin_port),
+        spec,
+        "is already in the pod",
+    )?;
 
     let mut ops = Vec::new();
     let mut warnings: Vec<String> = options
@@ -192,7 +185,7 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
     let mut new_annotations = vec![(annotations::INJECTED, template.version.clone())];
     if options.mode == Mode::Legacy
         && !annotations.contains_key(DEFAULT_CONTAINER_ANNOTATION)
-        && let Some(first) = spec.containers.first()
+        && let Some(first) = spec.containers.iter().find(|c| Mesh::of(c).is_none())
     {
         new_annotations.push((DEFAULT_CONTAINER_ANNOTATION, first.name.clone()));
     }
@@ -213,26 +206,36 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
 
     // The app's environment, by index in the pod as received: done before the
     // sidecar is inserted, which shifts the indices of its list.
+    // A mesh's own containers are left alone.
     let env = app_env(&options, template);
     for (i, container) in spec.containers.iter().enumerate() {
-        add_env(&mut ops, "containers", i, container, &env);
+        if Mesh::of(container).is_none() {
+            add_env(&mut ops, "containers", i, container, &env);
+        }
     }
     // A native sidecar starts before the other init containers, so they can use
     // the tunnel too; in legacy mode they run before it exists.
     if options.mode == Mode::Native {
         for (i, container) in init_containers.iter().enumerate() {
-            add_env(&mut ops, "initContainers", i, container, &env);
+            if Mesh::of(container).is_none() {
+                add_env(&mut ops, "initContainers", i, container, &env);
+            }
         }
     }
 
+    // First, or right after a mesh's leading containers.
     let sidecar = to_value(sidecar_container(&options, template));
     match options.mode {
         Mode::Native => match &spec.init_containers {
             None => ops.push(add(&["spec", "initContainers"], json!([sidecar]))),
-            Some(_) => ops.push(add(&["spec", "initContainers", "0"], sidecar)),
+            Some(list) => {
+                let at = mesh::insert_index(list).to_string();
+                ops.push(add(&["spec", "initContainers", &at], sidecar));
+            }
         },
         Mode::Legacy => {
-            ops.push(add(&["spec", "containers", "0"], sidecar));
+            let at = mesh::insert_index(&spec.containers).to_string();
+            ops.push(add(&["spec", "containers", &at], sidecar));
             if is_job_pod(pod) {
                 warnings.push(format!(
                     "cluster-tunnel: legacy mode in a Job's pod: the sidecar keeps the pod running \
@@ -246,6 +249,62 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
         patch: Patch(ops),
         warnings,
     })
+}
+
+/// Refuses the pod when a port the sidecar listens on is held by another
+/// of its containers (declared, or reserved by a mesh's proxy).
+fn check_ports(listening: &[(u16, &str)], spec: &PodSpec, when: &str) -> Result<(), Refusal> {
+    let held = mesh::held_ports(spec, SIDECAR_NAME);
+    for (port, chosen_by) in listening {
+        if let Some(h) = held.iter().find(|h| h.port == *port) {
+            let change =
+                if *chosen_by == annotations::PORTS || *chosen_by == annotations::PROXY_PORT {
+                    format!("choose another with {chosen_by}")
+                } else {
+                    format!("the injector's {chosen_by} must change")
+                };
+            return Err(Refusal::Conflict(format!(
+                "port {port}, which the cluster-tunnel sidecar listens on ({chosen_by}), is held by {} that {when}; {change}",
+                h.holder
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The ports an injected sidecar listens on, read back from its
+/// environment (its defaults where a variable is absent).
+fn injected_ports(sidecar: &Container) -> Vec<(u16, &'static str)> {
+    use tunnel_sidecar::config::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, PortMapping};
+    let var = |name: &str| {
+        sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    };
+    let port_of = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+    };
+    let mut out = Vec::new();
+    match var("TUNNEL_ADMIN_LISTEN").map(port_of) {
+        Some(Some(p)) => out.push((p, "--sidecar-admin-port")),
+        Some(None) => {}
+        None => out.push((DEFAULT_ADMIN_PORT, "--sidecar-admin-port")),
+    }
+    match var("TUNNEL_PROXY_LISTEN") {
+        Some("off") => {}
+        Some(addr) => out.extend(port_of(addr).map(|p| (p, annotations::PROXY_PORT))),
+        None => out.push((DEFAULT_PROXY_PORT, annotations::PROXY_PORT)),
+    }
+    for spec in var("TUNNEL_PORTS").unwrap_or("").split(',') {
+        if let Ok(m) = spec.trim().parse::<PortMapping>() {
+            out.push((m.port, annotations::PORTS));
+        }
+    }
+    out
 }
 
 /// Whether a Job controls the pod.
@@ -506,6 +565,9 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
     if let Some(cluster) = &options.default_cluster {
         env.push(env_var("TUNNEL_DEFAULT_CLUSTER", cluster.clone()));
     }
+    if options.direct == DirectPolicy::Deny {
+        env.push(env_var("TUNNEL_DIRECT", DirectPolicy::Deny.as_str()));
+    }
     env.push(env_var("TUNNEL_LOG_LEVEL", options.log_level.clone()));
 
     let r = &options.resources;
@@ -600,7 +662,7 @@ pub(crate) mod tests {
             cert_secret: "cluster-tunnel-sidecar".into(),
             token_audience: "cluster-tunnel".into(),
             token_expiration_seconds: 3600,
-            admin_port: 15090,
+            admin_port: 17090,
             admin_bind: "0.0.0.0".into(),
             run_as_user: 65532,
             startup_timeout: Duration::from_secs(120),
@@ -611,7 +673,7 @@ pub(crate) mod tests {
                 .chain(["10.96.0.1".to_owned()])
                 .collect(),
             defaults: Defaults {
-                proxy_port: Some(15080),
+                proxy_port: Some(17080),
                 set_proxy_env: true,
                 resources: Resources {
                     cpu_request: Some("10m".into()),
@@ -707,7 +769,7 @@ pub(crate) mod tests {
     #[test]
     fn injecting_twice_changes_nothing_the_second_time() {
         let p = opted_in(
-            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "17001=east" }),
             json!({ "containers": [{ "name": "app" }] }),
         );
         let (patch, _) = injected(&p);
@@ -727,7 +789,7 @@ pub(crate) mod tests {
         assert_eq!(init[0]["name"], SIDECAR_NAME);
         assert_eq!(init[0]["restartPolicy"], "Always");
         assert_eq!(init[0]["startupProbe"]["httpGet"]["path"], "/readyz");
-        assert_eq!(init[0]["startupProbe"]["httpGet"]["port"], 15090);
+        assert_eq!(init[0]["startupProbe"]["httpGet"]["port"], 17090);
         assert_eq!(init[1]["name"], "migrate");
         assert!(env_of(&init[1]).iter().any(|(n, _)| n == "HTTP_PROXY"));
         assert_eq!(out["spec"]["containers"][0]["name"], "app");
@@ -766,7 +828,7 @@ pub(crate) mod tests {
     #[test]
     fn proxy_variables_the_pod_sets_are_kept_by_pair() {
         let p = opted_in(
-            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "17001=east" }),
             json!({ "containers": [{ "name": "app", "env": [
                 { "name": "HTTP_PROXY", "value": "http://corp-proxy:3128" },
                 { "name": "no_proxy", "value": "internal.example.com" },
@@ -790,7 +852,7 @@ pub(crate) mod tests {
         );
         assert_eq!(env[0].1, "http://corp-proxy:3128");
         assert_eq!(env[2].1, "mine");
-        assert_eq!(env[3].1, "http://127.0.0.1:15080");
+        assert_eq!(env[3].1, "http://127.0.0.1:17080");
     }
 
     #[test]
@@ -798,27 +860,27 @@ pub(crate) mod tests {
         let o = PodOptions::from_annotations(
             &[(
                 annotations::PORTS.to_owned(),
-                "15001=us-east-1,15002=us-east-1:prometheus.monitoring.svc:9090,15003=west:[fd00::1]:8443"
+                "17001=us-east-1,17002=us-east-1:prometheus.monitoring.svc:9090,17003=west:[fd00::1]:8443"
                     .to_owned(),
             )]
             .into(),
             &template().defaults,
-            15090,
+            17090,
         )
         .unwrap();
         let env = cluster_port_env(&o);
         let expect = [
-            ("CLUSTER_TUNNEL_US_EAST_1_ADDR", "127.0.0.1:15001"),
+            ("CLUSTER_TUNNEL_US_EAST_1_ADDR", "127.0.0.1:17001"),
             (
                 "CLUSTER_TUNNEL_US_EAST_1_KUBERNETES_DEFAULT_SVC_443_ADDR",
-                "127.0.0.1:15001",
+                "127.0.0.1:17001",
             ),
             (
                 "CLUSTER_TUNNEL_US_EAST_1_PROMETHEUS_MONITORING_SVC_9090_ADDR",
-                "127.0.0.1:15002",
+                "127.0.0.1:17002",
             ),
-            ("CLUSTER_TUNNEL_WEST_ADDR", "127.0.0.1:15003"),
-            ("CLUSTER_TUNNEL_WEST_FD00__1_8443_ADDR", "127.0.0.1:15003"),
+            ("CLUSTER_TUNNEL_WEST_ADDR", "127.0.0.1:17003"),
+            ("CLUSTER_TUNNEL_WEST_FD00__1_8443_ADDR", "127.0.0.1:17003"),
         ];
         assert_eq!(
             env,
@@ -829,7 +891,7 @@ pub(crate) mod tests {
     #[test]
     fn set_proxy_env_false_keeps_only_the_cluster_addresses() {
         let p = opted_in(
-            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/set-proxy-env": "false", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/set-proxy-env": "false", "cluster-tunnel.io/ports": "17001=east" }),
             json!({ "containers": [{ "name": "app" }] }),
         );
         let (patch, _) = injected(&p);
@@ -856,22 +918,184 @@ pub(crate) mod tests {
                 "rename it",
             ),
             (
-                json!({ "containers": [{ "name": "app", "ports": [{ "containerPort": 15080 }] }] }),
+                json!({ "containers": [{ "name": "app", "ports": [{ "containerPort": 17080 }] }] }),
                 "cluster-tunnel.io/proxy-port",
             ),
             (
-                json!({ "containers": [{ "name": "app", "ports": [{ "containerPort": 15001 }] }] }),
+                json!({ "containers": [{ "name": "app", "ports": [{ "containerPort": 17001 }] }] }),
                 "cluster-tunnel.io/ports",
             ),
         ];
         for (spec, why) in cases {
             let p = opted_in(
-                json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+                json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "17001=east" }),
                 spec.clone(),
             );
             let err = plan(&pod(p), &template()).unwrap_err();
             assert!(err.to_string().contains(why), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn a_port_a_mesh_holds_is_refused_naming_the_mesh() {
+        // istio-proxy declares only 15090, but listens on 15001 (outbound).
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "15001=east" }),
+            json!({
+                "initContainers": [{ "name": "istio-init" }],
+                "containers": [
+                    { "name": "app" },
+                    { "name": "istio-proxy", "ports": [{ "containerPort": 15090 }] },
+                ],
+            }),
+        );
+        let err = plan(&pod(p), &template()).unwrap_err().to_string();
+        assert!(err.contains("port 15001"), "{err}");
+        assert!(err.contains("\"istio-proxy\" (Istio's)"), "{err}");
+        assert!(
+            err.contains("choose another with cluster-tunnel.io/ports"),
+            "{err}"
+        );
+        // Linkerd's outbound port, chosen as the proxy port.
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/proxy-port": "4140" }),
+            json!({ "containers": [{ "name": "linkerd-proxy" }, { "name": "app" }] }),
+        );
+        let err = plan(&pod(p), &template()).unwrap_err().to_string();
+        assert!(err.contains("\"linkerd-proxy\" (Linkerd's)"), "{err}");
+        assert!(err.contains("cluster-tunnel.io/proxy-port"), "{err}");
+    }
+
+    #[test]
+    fn the_default_ports_fit_beside_istio_and_linkerd() {
+        for spec in [
+            json!({ "initContainers": [{ "name": "istio-init" }, { "name": "istio-proxy", "restartPolicy": "Always" }],
+                    "containers": [{ "name": "app" }] }),
+            json!({ "initContainers": [{ "name": "linkerd-init" }],
+                    "containers": [{ "name": "linkerd-proxy", "ports": [{ "containerPort": 4143 }, { "containerPort": 4191 }] }, { "name": "app" }] }),
+        ] {
+            let p = opted_in(json!({ "cluster-tunnel.io/inject": "true" }), spec.clone());
+            assert!(
+                matches!(plan(&pod(p), &template()), Ok(Outcome::Injected { .. })),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_sidecar_follows_a_mesh_s_leading_containers_which_get_no_proxy_env() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true" }),
+            json!({
+                "initContainers": [{ "name": "istio-init" }, { "name": "istio-proxy", "restartPolicy": "Always" }, { "name": "migrate" }],
+                "containers": [{ "name": "app" }],
+            }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let init = out["spec"]["initContainers"].as_array().unwrap();
+        let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["istio-init", "istio-proxy", SIDECAR_NAME, "migrate"]
+        );
+        assert!(init[0].get("env").is_none() && init[1].get("env").is_none());
+        assert!(env_of(&init[3]).iter().any(|(n, _)| n == "HTTP_PROXY"));
+
+        // Legacy: after linkerd-proxy, before the app, which stays kubectl's default.
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/mode": "legacy" }),
+            json!({ "containers": [{ "name": "linkerd-proxy" }, { "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let containers = out["spec"]["containers"].as_array().unwrap();
+        let names: Vec<&str> = containers
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["linkerd-proxy", SIDECAR_NAME, "app"]);
+        assert!(containers[0].get("env").is_none());
+        assert_eq!(
+            out["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION],
+            "app"
+        );
+    }
+
+    #[test]
+    fn a_mesh_added_after_the_sidecar_is_checked_on_reinvocation() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/ports": "17001=east" }),
+            json!({ "containers": [{ "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let mut once = apply(&p, &patch);
+        // Istio's webhook runs next and adds its containers.
+        once["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, json!({ "name": "istio-init" }));
+        once["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "name": "istio-proxy", "ports": [{ "containerPort": 15090 }] }));
+        assert_eq!(
+            plan(&pod(once.clone()), &template()),
+            Ok(Outcome::AlreadyInjected)
+        );
+        // A sidecar injected with Istio's ports (an older injector's
+        // defaults: admin 15090, proxy 15080 is fine) clashes.
+        let sidecar = once["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|c| c["name"] == SIDECAR_NAME)
+            .unwrap();
+        for var in sidecar["env"].as_array_mut().unwrap() {
+            if var["name"] == "TUNNEL_ADMIN_LISTEN" {
+                var["value"] = json!("0.0.0.0:15090");
+            }
+        }
+        let err = plan(&pod(once.clone()), &template())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port 15090"), "{err}");
+        assert!(err.contains("was added after the sidecar"), "{err}");
+        assert!(err.contains("--sidecar-admin-port"), "{err}");
+        // Without the variables, the sidecar's defaults count.
+        let sidecar = once["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|c| c["name"] == SIDECAR_NAME)
+            .unwrap();
+        once["spec"]["initContainers"][sidecar]["env"] = json!([]);
+        once["spec"]["containers"][0]["ports"] = json!([{ "containerPort": 17080 }]);
+        let err = plan(&pod(once), &template()).unwrap_err().to_string();
+        assert!(err.contains("port 17080"), "{err}");
+    }
+
+    #[test]
+    fn direct_deny_reaches_the_sidecar() {
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/direct": "deny" }),
+            json!({ "containers": [{ "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let env = env_of(&out["spec"]["initContainers"][0]);
+        assert!(
+            env.contains(&("TUNNEL_DIRECT".to_owned(), "deny".to_owned())),
+            "{env:?}"
+        );
+        let p = opted_in(
+            json!({ "cluster-tunnel.io/inject": "true" }),
+            json!({ "containers": [{ "name": "app" }] }),
+        );
+        let (patch, _) = injected(&p);
+        let out = apply(&p, &patch);
+        let env = env_of(&out["spec"]["initContainers"][0]);
+        assert!(!env.iter().any(|(n, _)| n == "TUNNEL_DIRECT"), "{env:?}");
     }
 
     #[test]
@@ -884,7 +1108,7 @@ pub(crate) mod tests {
         let (_, warnings) = injected(&p);
         assert_eq!(warnings.len(), 1);
         assert!(
-            warnings[0].contains("POST http://127.0.0.1:15090/shutdown"),
+            warnings[0].contains("POST http://127.0.0.1:17090/shutdown"),
             "{warnings:?}"
         );
     }
@@ -899,13 +1123,14 @@ pub(crate) mod tests {
         let cases = [
             vec![],
             vec![
-                (annotations::PORTS, "15001=east,15002=west:[fd00::1]:8443"),
+                (annotations::PORTS, "17001=east,17002=west:[fd00::1]:8443"),
                 (annotations::DEFAULT_CLUSTER, "east"),
                 (annotations::LOG_LEVEL, "debug"),
             ],
             vec![
                 (annotations::PROXY_PORT, "off"),
-                (annotations::PORTS, "15001=east"),
+                (annotations::PORTS, "17001=east"),
+                (annotations::DIRECT, "deny"),
             ],
         ];
         for (annotations, admin_bind) in cases.iter().zip(["0.0.0.0", "::", "0.0.0.0"]) {
@@ -934,7 +1159,7 @@ pub(crate) mod tests {
             let cli = tunnel_sidecar::config::Cli::try_parse_from(&args)
                 .unwrap_or_else(|e| panic!("{args:?}: {e}"));
             let config = cli.resolve().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-            assert_eq!(config.admin_listen.port(), 15090);
+            assert_eq!(config.admin_listen.port(), 17090);
             assert!(config.admin_listen.ip().is_unspecified());
             assert_eq!(config.ports.len(), options.ports.len());
             assert_eq!(config.proxy_listen.map(|a| a.port()), options.proxy_port);

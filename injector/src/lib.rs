@@ -10,6 +10,8 @@
 //!   annotation);
 //! - [`inject`]: the decision about one pod and the JSON Patch that adds the
 //!   sidecar, its volumes and the app's environment;
+//! - [`mesh`]: Istio's and Linkerd's containers already in a pod, where the
+//!   sidecar goes among them, and every port the pod's containers hold;
 //! - [`review`]: `AdmissionReview` in, `AdmissionReview` out (with the patch
 //!   as the base64 string Kubernetes documents);
 //! - [`server`]: the HTTPS server (warp over hyper-util over tokio-rustls);
@@ -24,11 +26,12 @@
 //! # What an injected pod looks like
 //!
 //! In **native** mode (the default, Kubernetes 1.29+), the sidecar
-//! `cluster-tunnel-sidecar` is the first init container, with
-//! `restartPolicy: Always` and a startup probe on its `/readyz`: the kubelet
-//! starts the other init containers and the app only once the sidecar reached
-//! a server, stops it after the app, and a Job's pod completes when its app
-//! containers do. In **legacy** mode (older clusters) it is the first app
+//! `cluster-tunnel-sidecar` is the first init container (after a service
+//! mesh's own leading ones), with `restartPolicy: Always` and a startup probe
+//! on its `/readyz`: the kubelet starts the other init containers and the app
+//! only once the sidecar's listeners are bound (not once it reached a server,
+//! so that pods start during a hub outage), stops it after the app, and a
+//! Job's pod completes when its app containers do. In **legacy** mode (older clusters) it is the first app
 //! container with a `postStart` hook that blocks until it is ready (the kubelet
 //! starts containers in order and waits for each `postStart`); the hook is an
 //! `exec` of `--legacy-wait-command`, because an `httpGet` hook is one request
@@ -66,7 +69,9 @@
 //!   with a warning) unless `--fail-closed`; a malformed review gets HTTP 400,
 //!   and the configuration's `failurePolicy` decides.
 //! - **Idempotent**: a pod with a container named `cluster-tunnel-sidecar` is
-//!   left alone, so `reinvocationPolicy: IfNeeded` is safe.
+//!   left alone, so `reinvocationPolicy: IfNeeded` is safe — unless a
+//!   container added since (by a mesh's injector, say) holds one of the
+//!   sidecar's ports: then the pod is refused, as it is at first injection.
 //! - **The environment the pod sets wins**: variables are only added. Values
 //!   from `envFrom` cannot be seen by the webhook; since `env` overrides
 //!   `envFrom`, a pod that sets proxy variables through `envFrom` should say
@@ -87,6 +92,7 @@ pub mod certs;
 pub mod cli;
 pub mod defaults;
 pub mod inject;
+pub mod mesh;
 pub mod metrics;
 pub mod review;
 pub mod server;
@@ -160,6 +166,7 @@ pub struct Injector {
     /// The admin port's address.
     pub admin_addr: SocketAddr,
     generated_ca: Option<String>,
+    draining: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     controller_stop: Option<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -280,10 +287,13 @@ impl Injector {
             stop_rx.clone(),
         )));
 
-        let ready = synced.clone();
+        let (ready, draining) = (synced.clone(), Arc::new(AtomicBool::new(false)));
+        let not_draining = draining.clone();
         let admin = tunnel_proto::admin::AdminServer::new(
             Arc::new(registry),
-            Arc::new(move || ready.load(Ordering::Acquire)),
+            Arc::new(move || {
+                ready.load(Ordering::Acquire) && !not_draining.load(Ordering::Acquire)
+            }),
         );
         let mut admin_stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -299,6 +309,7 @@ impl Injector {
             webhook_addr,
             admin_addr,
             generated_ca,
+            draining,
             stop,
             controller_stop,
             tasks,
@@ -308,6 +319,15 @@ impl Injector {
     /// The generated CA (PEM), when the certificate was generated.
     pub fn generated_ca_pem(&self) -> Option<&str> {
         self.generated_ca.as_deref()
+    }
+
+    /// Starts draining: `/readyz` answers 503, so that the Service's
+    /// endpoints drop this replica, while the webhook keeps answering
+    /// reviews the API server still sends here.
+    pub fn drain(&self) {
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            tracing::info!("draining: not ready any more; reviews are still answered");
+        }
     }
 
     /// Stops accepting, lets open requests finish, stops the controller.

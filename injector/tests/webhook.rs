@@ -47,7 +47,7 @@ fn template() -> SidecarTemplate {
         cert_secret: "cluster-tunnel-sidecar".into(),
         token_audience: "cluster-tunnel".into(),
         token_expiration_seconds: 3600,
-        admin_port: 15090,
+        admin_port: 17090,
         admin_bind: "0.0.0.0".into(),
         run_as_user: 65532,
         startup_timeout: Duration::from_secs(120),
@@ -58,7 +58,7 @@ fn template() -> SidecarTemplate {
             .chain(["10.96.0.1".to_owned()])
             .collect(),
         defaults: Defaults {
-            proxy_port: Some(15080),
+            proxy_port: Some(17080),
             set_proxy_env: true,
             resources: Resources {
                 cpu_request: Some("10m".into()),
@@ -428,7 +428,7 @@ async fn proxy_variables_the_pod_sets_are_kept() {
     assert!(value("https_proxy").is_empty(), "the pair counts as set");
     assert_eq!(value("no_proxy"), ["localhost,.corp.example.com"]);
     assert!(value("NO_PROXY").is_empty());
-    assert_eq!(value("HTTP_PROXY"), ["http://127.0.0.1:15080"]);
+    assert_eq!(value("HTTP_PROXY"), ["http://127.0.0.1:17080"]);
     assert_eq!(value("CLUSTER_TUNNEL_EAST_ADDR"), ["127.0.0.1:25001"]);
     webhook.injector.shutdown().await;
 }
@@ -483,7 +483,7 @@ async fn a_jobs_pod_in_legacy_mode_is_warned_about_shutdown() {
         warnings[0]
             .as_str()
             .unwrap()
-            .contains("POST http://127.0.0.1:15090/shutdown"),
+            .contains("POST http://127.0.0.1:17090/shutdown"),
         "{warnings:?}"
     );
     let pod = patched("job-legacy");
@@ -508,6 +508,148 @@ async fn odd_annotation_keys_survive_and_unknown_ones_are_warned_about() {
     for (key, value) in before.as_object().unwrap() {
         assert_eq!(&after[key], value, "{key}");
     }
+    webhook.injector.shutdown().await;
+}
+
+/// The names of a container list of a patched pod.
+fn names(pod: &Value, list: &str) -> Vec<String> {
+    pod["spec"][list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn has_var(container: &Value, name: &str) -> bool {
+    container["env"]
+        .as_array()
+        .is_some_and(|env| env.iter().any(|e| e["name"] == name))
+}
+
+/// Pods Istio's injector already changed (fixtures written from its
+/// documented output: `istio-init`, `istio-proxy` as a native sidecar or as
+/// the last container, `sidecar.istio.io/status`): the sidecar's default
+/// ports fit beside Istio's, it goes after Istio's leading init containers,
+/// and Istio's containers get none of the app's proxy variables.
+#[tokio::test]
+async fn an_istio_injected_pod_gets_the_sidecar_after_istio_s_containers() {
+    let webhook = start().await;
+    for name in ["istio-native", "istio-classic"] {
+        let response = assert_injection_matches_golden(&webhook, name).await;
+        assert!(response.get("warnings").is_none(), "{name}: {response}");
+        let pod = patched(name);
+        let init = names(&pod, "initContainers");
+        let at = init.iter().position(|n| n == SIDECAR_NAME).unwrap();
+        let want = if name == "istio-native" { 2 } else { 1 };
+        assert_eq!(at, want, "{name}: {init:?}");
+        for list in ["initContainers", "containers"] {
+            for c in pod["spec"][list].as_array().unwrap() {
+                let istio = c["name"].as_str().unwrap().starts_with("istio-");
+                if c["name"] != SIDECAR_NAME {
+                    assert_eq!(has_var(c, "HTTP_PROXY"), !istio, "{name}: {}", c["name"]);
+                }
+            }
+        }
+        let sidecar = sidecar_of(&pod, "initContainers");
+        assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], 17090);
+    }
+    webhook.injector.shutdown().await;
+}
+
+/// Pods Linkerd's injector already changed (`linkerd-init`, `linkerd-proxy`
+/// first among the containers with its `linkerd-await` hook, or as a native
+/// sidecar): in legacy mode the sidecar goes after `linkerd-proxy` and
+/// before the app, which stays kubectl's default container.
+#[tokio::test]
+async fn a_linkerd_injected_pod_gets_the_sidecar_after_linkerd_s_containers() {
+    let webhook = start().await;
+    assert_injection_matches_golden(&webhook, "linkerd-legacy").await;
+    let pod = patched("linkerd-legacy");
+    assert_eq!(
+        names(&pod, "containers"),
+        ["linkerd-proxy", SIDECAR_NAME, "reports"]
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+        "reports"
+    );
+    assert!(!has_var(&pod["spec"]["containers"][0], "HTTP_PROXY"));
+    assert!(has_var(&pod["spec"]["containers"][2], "HTTP_PROXY"));
+
+    assert_injection_matches_golden(&webhook, "linkerd-native").await;
+    let pod = patched("linkerd-native");
+    assert_eq!(
+        names(&pod, "initContainers"),
+        ["linkerd-init", "linkerd-proxy", SIDECAR_NAME]
+    );
+    assert!(!has_var(&pod["spec"]["initContainers"][1], "HTTP_PROXY"));
+    webhook.injector.shutdown().await;
+}
+
+/// A port the pod's mesh holds — declared or not — refuses the pod with a
+/// message naming the container, also when the mesh's injector ran after
+/// ours and ours is re-invoked (`reinvocationPolicy: IfNeeded`).
+#[tokio::test]
+async fn a_port_a_mesh_holds_refuses_the_pod_also_on_reinvocation() {
+    let webhook = start().await;
+    let refused = |response: &Value| -> String {
+        assert_eq!(response["allowed"], false, "{response}");
+        assert_eq!(response["status"]["code"], 400);
+        assert!(response.get("patch").is_none());
+        response["status"]["message"].as_str().unwrap().to_owned()
+    };
+    // Istio's outbound port, which istio-proxy does not declare.
+    let mut review = fixture("istio-native");
+    review["request"]["object"]["metadata"]["annotations"]["cluster-tunnel.io/ports"] =
+        json!("15001=east");
+    let message = refused(&webhook.review(&review).await);
+    assert!(message.contains("port 15001"), "{message}");
+    assert!(message.contains("\"istio-proxy\" (Istio's)"), "{message}");
+    // Linkerd's admin port as the proxy port.
+    let mut review = fixture("linkerd-native");
+    review["request"]["object"]["metadata"]["annotations"]["cluster-tunnel.io/proxy-port"] =
+        json!("4191");
+    let message = refused(&webhook.review(&review).await);
+    assert!(
+        message.contains("\"linkerd-proxy\" (Linkerd's)"),
+        "{message}"
+    );
+
+    // Ours first, then Istio's webhook adds its containers: re-invoked, the
+    // pod passes unchanged when nothing clashes...
+    let istio = fixture("istio-classic")["request"]["object"]["spec"].clone();
+    let mut review = fixture("one-container");
+    let response = webhook.review(&review).await;
+    let pod = &mut review["request"]["object"];
+    json_patch::patch(pod, &patch_of(&response)).unwrap();
+    pod["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .insert(0, istio["initContainers"][0].clone());
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(istio["containers"][1].clone());
+    let again = webhook.review(&review).await;
+    assert_eq!(again["allowed"], true, "{again}");
+    assert!(again.get("patch").is_none(), "{again}");
+    // ...and is refused when the sidecar holds one of Istio's ports (here
+    // its admin port at the old default, 15090).
+    let sidecar = review["request"]["object"]["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|c| c["name"] == SIDECAR_NAME)
+        .unwrap();
+    for var in sidecar["env"].as_array_mut().unwrap() {
+        if var["name"] == "TUNNEL_ADMIN_LISTEN" {
+            var["value"] = json!("0.0.0.0:15090");
+        }
+    }
+    let message = refused(&webhook.review(&review).await);
+    assert!(message.contains("port 15090"), "{message}");
+    assert!(message.contains("was added after the sidecar"), "{message}");
     webhook.injector.shutdown().await;
 }
 
@@ -538,7 +680,7 @@ async fn an_invalid_annotation_refuses_the_pod_and_names_it() {
         message.contains("annotation cluster-tunnel.io/ports"),
         "{message}"
     );
-    assert!(message.contains("15001=East"), "{message}");
+    assert!(message.contains("17001=East"), "{message}");
     assert!(response.get("patch").is_none());
     webhook.injector.shutdown().await;
 }
@@ -767,7 +909,7 @@ async fn sidecar_defaults_follow_the_tunnel_configuration_without_a_restart() {
         "items": [tunnel_configuration("registry.example/tunnel-sidecar:2", 18080)],
     });
     send.send_response(api_answer(serde_json::to_vec(&list).unwrap()));
-    // ...and the next pod gets its defaults (the flags said another image and 15080).
+    // ...and the next pod gets its defaults (the flags said another image and 17080).
     let proxy = wait_for_image(&webhook, "registry.example/tunnel-sidecar:2").await;
     assert_eq!(proxy.as_deref(), Some("127.0.0.1:18080"));
 
@@ -791,6 +933,6 @@ async fn sidecar_defaults_follow_the_tunnel_configuration_without_a_restart() {
         format!("{}\n", serde_json::to_string(&event).unwrap()).into_bytes(),
     ));
     let proxy = wait_for_image(&webhook, &template().image).await;
-    assert_eq!(proxy.as_deref(), Some("127.0.0.1:15080"));
+    assert_eq!(proxy.as_deref(), Some("127.0.0.1:17080"));
     webhook.injector.shutdown().await;
 }

@@ -1,5 +1,6 @@
 //! The `tunnel-manager` binary: `crdgen`, `run` (the controllers) and `health`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,14 +12,14 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DynamicObject, ListParams};
-use tokio::sync::{OnceCell, watch};
+use kube::api::{Api, ListParams};
+use tokio::sync::watch;
 use tunnel_proto::cli::{LogFormat, init_logging, parse_duration};
 use tunnel_proto::client::{ClientOptions, TunnelClient};
 use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 
-use crate::clusters::{self, LiveView};
+use crate::addons::{self, LiveView};
 use crate::crd::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
 use crate::hub;
@@ -43,8 +44,18 @@ pub enum Command {
     Crdgen,
     /// Run the controllers: certificates (the server's, and the sidecars' in
     /// every injection-enabled namespace), and with --open-cluster-management
-    /// an agent ManifestWork and ManagedClusterAddOn status per ManagedCluster.
+    /// the addon: an agent ManifestWork and status per ManagedClusterAddOn,
+    /// and the agents' certificate requests signed.
     Run(RunArgs),
+    /// Remove the addon from every cluster (works, finalizers, agents) before
+    /// the manager goes: the hub chart's pre-delete hook.
+    Uninstall(UninstallArgs),
+    /// Apply the CRDs of this version (server-side): the chart's pre-upgrade
+    /// hook, since Helm installs its `crds/` only once.
+    ApplyCrds,
+    /// Print a short-lived token with which one cluster's `tunnel-agent join`
+    /// gets its agent certificate (no open-cluster-management needed).
+    JoinToken(JoinTokenArgs),
     /// For every cluster: agent installed, available, a probe through the tunnel, its latency.
     Health(HealthArgs),
 }
@@ -104,9 +115,14 @@ pub struct RunArgs {
     /// This replica's identity in the Lease (the pod's name; by default the host name).
     #[arg(long, env = "TUNNEL_POD_NAME", default_value_t = default_identity())]
     pub identity: String,
-    /// Manage ManifestWork and ManagedClusterAddOn objects for every ManagedCluster.
+    /// Be an open-cluster-management addon: an agent ManifestWork and status
+    /// per ManagedClusterAddOn, and OCM's agent certificate requests signed.
     #[arg(long, env = "TUNNEL_OPEN_CLUSTER_MANAGEMENT")]
     pub open_cluster_management: bool,
+    /// Sign the certificate requests of agents joining with a join token
+    /// (`tunnel-manager join-token`, `tunnel-agent join`), without OCM.
+    #[arg(long, env = "TUNNEL_JOIN")]
+    pub join: bool,
     /// Label key of namespaces whose pods get the sidecar (value `enabled`):
     /// each gets the sidecar certificate Secret.
     #[arg(
@@ -122,9 +138,17 @@ pub struct RunArgs {
         default_value = crate::namespaces::DEFAULT_SECRET_NAME
     )]
     pub sidecar_cert_secret: String,
+    /// Also keep a client certificate (`client/<name>`) in the Secret of this
+    /// name in --namespace: the chart's `helm test` probes through the tunnel with it.
+    #[arg(long, env = "TUNNEL_TEST_CLIENT_SECRET")]
+    pub test_client_secret: Option<String>,
     /// Do not issue sidecar certificates into labelled namespaces (the administrator provides the Secrets).
     #[arg(long, env = "TUNNEL_NO_SIDECAR_CERTS")]
     pub no_sidecar_certs: bool,
+    /// Do not look for opted-in pods running without the sidecar in labelled
+    /// namespaces (the `tunnel_manager_pods_without_sidecar` metric and its warning).
+    #[arg(long, env = "TUNNEL_NO_POD_REPORT")]
+    pub no_pod_report: bool,
     /// How often the server is asked which agents are connected.
     #[arg(long, env = "TUNNEL_LIVE_VIEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub live_view_interval: Duration,
@@ -137,6 +161,44 @@ pub struct RunArgs {
     /// Log filter (`RUST_LOG` overrides).
     #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// Flags of `uninstall`.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Namespace of the manager (where older versions kept agent Secrets).
+    #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
+    pub namespace: String,
+    /// Only clean up what older versions left (finalizers on ManagedClusters,
+    /// agent key Secrets on the hub): the chart's post-upgrade hook.
+    #[arg(long)]
+    pub legacy_only: bool,
+    /// Time the manager gets to remove each cluster's agent before it is done here.
+    #[arg(long, env = "TUNNEL_UNINSTALL_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Log format.
+    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Log filter (`RUST_LOG` overrides).
+    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Flags of `join-token`.
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    /// The cluster that joins (its agent's identity).
+    #[arg(long)]
+    pub cluster: String,
+    /// Namespace of the manager (the join service accounts live there).
+    #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
+    pub namespace: String,
+    /// Time the token is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// The chart's join ClusterRole (`<release>-join`).
+    #[arg(long, default_value = "cluster-tunnel-join")]
+    pub join_role: String,
 }
 
 /// Flags of `health`.
@@ -184,12 +246,28 @@ pub struct HealthArgs {
     /// Time allowed for each probe.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// Look up which clusters have the agent installed (ManifestWorks on the hub, via the kubeconfig).
+    /// Look up which clusters have the addon enabled and whether OCM shows it
+    /// available (ManagedClusterAddOns on the hub, via the kubeconfig).
     #[arg(long)]
     pub kubernetes: bool,
+    /// Also list opted-in pods running without the sidecar (via the kubeconfig);
+    /// the command fails while there are any.
+    #[arg(long)]
+    pub pods: bool,
+    /// Label key of injection-enabled namespaces (value `enabled`), for --pods.
+    #[arg(
+        long,
+        env = "TUNNEL_NAMESPACE_LABEL",
+        default_value = crate::namespaces::DEFAULT_NAMESPACE_LABEL
+    )]
+    pub namespace_label: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Fail unless at least this many clusters answered the probe (`helm
+    /// test` proves a connection with 1; by default a hub without clusters passes).
+    #[arg(long, default_value_t = 0)]
+    pub min_healthy: usize,
 }
 
 /// Runs a command.
@@ -212,6 +290,50 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log_level);
             run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::ApplyCrds => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            for name in crate::crd::apply_crds(&client).await? {
+                println!("{name} applied");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::JoinToken(args) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            let token = crate::join::join_token(
+                &client,
+                &args.namespace,
+                &args.cluster,
+                &args.join_role,
+                args.duration,
+            )
+            .await?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall(args) => {
+            init_logging(args.log_format, &args.log_level);
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client")?;
+            if args.legacy_only {
+                let legacy = crate::uninstall::remove_legacy(&client, &args.namespace).await?;
+                tracing::info!(?legacy, "what older versions left is cleaned up");
+            } else {
+                let removed =
+                    crate::uninstall::uninstall(&client, &args.namespace, args.wait).await?;
+                tracing::info!(
+                    by_manager = ?removed.by_manager,
+                    forced = ?removed.forced,
+                    legacy = ?removed.legacy,
+                    "addon removed from every cluster"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -247,34 +369,55 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
         healthz: args.healthz,
         timeout: args.timeout,
     };
-    let rows = health::check(&client, installed.as_deref(), &opts)
+    let rows = health::check(&client, installed.as_ref(), &opts)
         .await
         .map_err(|e| anyhow::anyhow!("cannot list clusters from {:?}: {e}", args.servers))?;
-    let all = rows.iter().all(|r| r.healthy);
-    let out = if args.json {
-        format!("{}\n", serde_json::to_string_pretty(&rows)?)
+    let mut all = rows.iter().all(|r| r.healthy)
+        && rows.iter().filter(|r| r.healthy).count() >= args.min_healthy;
+    let uninjected = if args.pods {
+        let kube = kube::Client::try_default()
+            .await
+            .context("--pods needs the hub's kubeconfig")?;
+        let found = crate::coverage::scan(&kube, &args.namespace_label)
+            .await
+            .context("cannot list pods in labelled namespaces")?;
+        all &= found.is_empty();
+        Some(found)
     } else {
-        health::table(&rows)
+        None
+    };
+    let out = match (args.json, &uninjected) {
+        (true, None) => format!("{}\n", serde_json::to_string_pretty(&rows)?),
+        (true, Some(pods)) => format!(
+            "{}\n",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "clusters": rows, "podsWithoutSidecar": pods })
+            )?
+        ),
+        (false, None) => health::table(&rows),
+        (false, Some(pods)) => {
+            format!("{}\n{}", health::table(&rows), crate::coverage::table(pods))
+        }
     };
     Ok((out, all))
 }
 
-/// Clusters whose agent ManifestWork exists on the hub.
-async fn installed_clusters() -> anyhow::Result<Vec<String>> {
+/// Clusters the addon is enabled in (a `ManagedClusterAddOn` on the hub)
+/// and its `Available` condition there (`None`: unknown or not set yet).
+async fn installed_clusters() -> anyhow::Result<BTreeMap<String, Option<bool>>> {
     let client = kube::Client::try_default().await.context("kubeconfig")?;
-    let works: Api<DynamicObject> =
-        Api::all_with(client, &crate::agent_work::manifest_work_resource());
-    let list = works
-        .list(
-            &ListParams::default()
-                .fields(&format!("metadata.name={}", crate::agent_work::WORK_NAME)),
-        )
+    let addons: Api<crate::ocm::ManagedClusterAddOn> = Api::all(client);
+    let list = addons
+        .list(&ListParams::default().fields(&format!("metadata.name={}", crate::ocm::ADDON_NAME)))
         .await
-        .context("list ManifestWorks")?;
+        .context("list ManagedClusterAddOns")?;
     Ok(list
         .items
         .into_iter()
-        .filter_map(|w| w.metadata.namespace)
+        .filter_map(|a| {
+            let available = health::addon_available(&a);
+            Some((a.metadata.namespace?, available))
+        })
         .collect())
 }
 
@@ -435,8 +578,9 @@ async fn controllers(
         });
     }
 
-    // The server certificate, kept current.
+    // The server certificate (and the helm test's client certificate), kept current.
     let names = server_names(&args.server_service, &args.namespace, &config);
+    let test_client = args.test_client_secret.clone();
     {
         let (secrets, signer, args_secret, td) = (
             secrets.clone(),
@@ -469,6 +613,21 @@ async fn controllers(
                 if let Err(error) = &result {
                     tracing::warn!(%error, "server certificate");
                 }
+                if let Some(name) = &test_client
+                    && let Err(error) = signer::ensure_leaf(
+                        &secrets,
+                        name,
+                        &Leaf::Client { name: name.clone() },
+                        &signer,
+                        &td,
+                        time::Duration::days(i64::from(validity)),
+                        None,
+                        now(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%error, "helm test client certificate");
+                }
                 let current = config_rx.borrow().clone();
                 if let Some(current) = current {
                     let (ok, reason, message) = match result {
@@ -479,7 +638,7 @@ async fn controllers(
                         .set(&current, "ServerCertificateReady", ok, reason, message)
                         .await;
                 }
-                tokio::time::sleep(clusters::RESYNC).await;
+                tokio::time::sleep(addons::RESYNC).await;
             }
         });
     }
@@ -517,6 +676,18 @@ async fn controllers(
     });
     ready.store(true, Ordering::Release);
 
+    // Opted-in pods admitted without the sidecar.
+    if !args.no_pod_report {
+        let stop = shutdown.clone();
+        tokio::spawn(crate::coverage::run(
+            client.clone(),
+            args.namespace_label.clone(),
+            metrics.clone(),
+            crate::coverage::SCAN_INTERVAL,
+            async move { stop.notified().await },
+        ));
+    }
+
     // The sidecars' certificate in every injection-enabled namespace.
     if args.no_sidecar_certs {
         tracing::info!("sidecar certificates are not issued (--no-sidecar-certs)");
@@ -536,20 +707,35 @@ async fn controllers(
         tokio::spawn(namespaces::run(ctx, async move { stop.notified().await }));
     }
 
+    // Agents' certificate requests: OCM's registration agents, and joins.
+    if args.open_cluster_management || args.join {
+        let csr = Arc::new(crate::csr::Context {
+            client: client.clone(),
+            signer: signer.clone(),
+            trust_domain: args.trust_domain.clone(),
+            config: config_rx.clone(),
+            config_name: args.config_name.clone(),
+            clock: Arc::new(time::OffsetDateTime::now_utc),
+            metrics: metrics.clone(),
+            join_namespace: args.join.then(|| args.namespace.clone()),
+            addons: args.open_cluster_management,
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(crate::csr::run(csr, async move { stop.notified().await }));
+    }
     if args.open_cluster_management {
-        let ctx = Arc::new(clusters::Context {
+        let ctx = Arc::new(addons::Context {
             client,
             namespace: args.namespace.clone(),
             config: config_rx,
             config_name: args.config_name.clone(),
-            trust_domain: args.trust_domain.clone(),
             live: live_rx,
-            signer: OnceCell::new_with(Some(signer)),
+            signer,
             clock: Arc::new(time::OffsetDateTime::now_utc),
             metrics: metrics.clone(),
         });
         let stop = shutdown.clone();
-        clusters::run(ctx, async move { stop.notified().await }).await;
+        addons::run(ctx, async move { stop.notified().await }).await;
     } else {
         shutdown.notified().await;
     }

@@ -1,8 +1,10 @@
 //! The `health` command, like `clusteradm proxy health`: for every cluster,
-//! whether its agent is installed (a `ManifestWork` on the hub, when asked
-//! to look), available (agents the server lists now), and a probe through
-//! the tunnel — a TCP connect to the cluster's kube-apiserver and, with
-//! `--healthz`, `GET /healthz` over TLS — with its latency.
+//! whether the addon is installed (a `ManagedClusterAddOn` on the hub, when
+//! asked to look) and what OCM shows as its `Available` condition, whether
+//! agents are connected (the servers' live view, the same facts the agents'
+//! health Lease follows), and a probe through the tunnel — a TCP connect to
+//! the cluster's kube-apiserver and, with `--healthz`, `GET /healthz` over
+//! TLS — with its latency.
 //!
 //! The probe's TLS does not verify the apiserver's certificate: it checks
 //! liveness through the tunnel and trusts nothing it reads.
@@ -20,8 +22,11 @@ use tunnel_proto::client::{Target, TunnelClient};
 pub struct ClusterHealth {
     /// The cluster.
     pub cluster: String,
-    /// Whether its agent is delivered (`None`: not looked up).
+    /// Whether the addon is enabled there (`None`: not looked up).
     pub installed: Option<bool>,
+    /// The addon's `Available` condition as OCM shows it (`None`: not
+    /// looked up, unknown, or not set yet).
+    pub addon_available: Option<bool>,
     /// Agents connected to the server asked.
     pub agents: usize,
     /// At least one agent connected.
@@ -47,11 +52,28 @@ pub struct ProbeOptions {
     pub timeout: Duration,
 }
 
+/// The `Available` condition of an addon: `Some(true)` / `Some(false)`, or
+/// `None` when it is `Unknown` or not set.
+pub fn addon_available(addon: &crate::ocm::ManagedClusterAddOn) -> Option<bool> {
+    let c = addon
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c["type"] == "Available")?;
+    match c["status"].as_str() {
+        Some("True") => Some(true),
+        Some("False") => Some(false),
+        _ => None,
+    }
+}
+
 /// Probes every cluster the server lists plus `installed` ones it does not.
-/// `installed` is `None` when installation was not looked up.
+/// `installed` maps the clusters the addon is enabled in to its `Available`
+/// condition; `None` when installation was not looked up.
 pub async fn check(
     client: &TunnelClient,
-    installed: Option<&[String]>,
+    installed: Option<&BTreeMap<String, Option<bool>>>,
     opts: &ProbeOptions,
 ) -> Result<Vec<ClusterHealth>, tunnel_proto::error::TunnelError> {
     let listed = client.list_clusters().await?;
@@ -59,7 +81,7 @@ pub async fn check(
         .into_iter()
         .map(|c| (c.name, c.agents.len()))
         .collect();
-    for name in installed.unwrap_or_default() {
+    for name in installed.into_iter().flat_map(BTreeMap::keys) {
         agents.entry(name.clone()).or_insert(0);
     }
     let probes = agents.iter().map(|(cluster, &n)| async move {
@@ -74,7 +96,8 @@ pub async fn check(
         };
         ClusterHealth {
             cluster: cluster.clone(),
-            installed: installed.map(|i| i.contains(cluster)),
+            installed: installed.map(|i| i.contains_key(cluster)),
+            addon_available: installed.and_then(|i| i.get(cluster).copied().flatten()),
             agents: n,
             available: n > 0,
             probe,
@@ -198,10 +221,16 @@ pub fn table(rows: &[ClusterHealth]) -> String {
             r.cluster.clone(),
             r.installed.map_or("-".into(), |i| i.to_string()),
             format!(
-                "{} ({} agent{})",
+                "{} ({} agent{}{})",
                 r.available,
                 r.agents,
-                if r.agents == 1 { "" } else { "s" }
+                if r.agents == 1 { "" } else { "s" },
+                match (r.installed, r.addon_available) {
+                    (Some(true), Some(a)) =>
+                        format!(", addon {}", if a { "True" } else { "False" }),
+                    (Some(true), None) => ", addon Unknown".into(),
+                    _ => String::new(),
+                }
             ),
             if r.healthy {
                 "true".into()
@@ -243,6 +272,7 @@ mod tests {
             ClusterHealth {
                 cluster: "east".into(),
                 installed: Some(true),
+                addon_available: Some(true),
                 agents: 2,
                 available: true,
                 probe: "ok".into(),
@@ -252,6 +282,7 @@ mod tests {
             ClusterHealth {
                 cluster: "west".into(),
                 installed: None,
+                addon_available: None,
                 agents: 0,
                 available: false,
                 probe: "skipped: no agent connected".into(),

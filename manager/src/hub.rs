@@ -124,7 +124,7 @@ pub fn desired_objects(
     let server = &config.spec.server;
     let mut out = vec![service_account(names)];
     if server.authorization == Authorization::Kubernetes {
-        out.extend(server_rbac(names));
+        out.extend(server_rbac(server, names));
     }
     out.push(headless_service(server, names));
     out.push(agent_service(server, names));
@@ -146,18 +146,25 @@ fn service_account(names: &HubNames) -> Value {
     })
 }
 
-/// The servers read TunnelPolicy objects and check sidecars' tokens: nothing more.
-fn server_rbac(names: &HubNames) -> [Value; 2] {
+/// The servers read TunnelPolicy objects (and write their `Accepted`
+/// condition), check sidecars' tokens, and with open-cluster-management read
+/// the clusters' labels and sets: nothing more.
+fn server_rbac(server: &ServerSpec, names: &HubNames) -> [Value; 2] {
     let name = names.server();
+    let mut rules = vec![
+        json!({ "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies"], "verbs": ["get", "list", "watch"] }),
+        json!({ "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies/status"], "verbs": ["patch"] }),
+        json!({ "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] }),
+    ];
+    if server.clusters_from_open_cluster_management {
+        rules.push(json!({ "apiGroups": ["cluster.open-cluster-management.io"], "resources": ["managedclusters", "managedclustersets"], "verbs": ["get", "list", "watch"] }));
+    }
     [
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": names.meta(&name, false, None),
-            "rules": [
-                { "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies"], "verbs": ["get", "list", "watch"] },
-                { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
-            ],
+            "rules": rules,
         }),
         json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -275,6 +282,9 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
     match server.authorization {
         Authorization::Kubernetes => {
             args.extend(["--policy-kubernetes".into(), "--token-review".into()]);
+            if server.clusters_from_open_cluster_management {
+                args.push("--clusters-from-ocm".into());
+            }
         }
         Authorization::AllowAll => args.push("--allow-all".into()),
     }
@@ -351,13 +361,22 @@ fn restricted_security_context() -> Value {
     })
 }
 
+/// The webhook's `matchConditions` expression: the pod opts in as the
+/// injector reads it (annotation `cluster-tunnel.io/inject` "true", any case,
+/// spaces trimmed). The chart renders the same (`ct.injectOptIn`).
+pub const OPT_IN_CONDITION: &str = "has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() == 'true'";
+
 fn webhook_configuration(injector: &InjectorSpec, names: &HubNames) -> Value {
     let mut excluded = vec![names.namespace.clone()];
     excluded.extend(injector.excluded_namespaces.iter().cloned());
+    let mut metadata = names.meta(&injector.service_name, false, None);
+    if let Some(from) = &injector.ca_inject_from {
+        metadata["annotations"] = json!({ "cert-manager.io/inject-ca-from": from });
+    }
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
-        "metadata": names.meta(&injector.service_name, false, None),
+        "metadata": metadata,
         "webhooks": [{
             "name": "inject.cluster-tunnel.io",
             "clientConfig": {
@@ -371,6 +390,9 @@ fn webhook_configuration(injector: &InjectorSpec, names: &HubNames) -> Value {
             "objectSelector": { "matchExpressions": [
                 { "key": "cluster-tunnel.io/inject", "operator": "NotIn", "values": ["false"] },
             ]},
+            // Only opted-in pods reach the webhook (an objectSelector cannot
+            // see annotations), so failurePolicy Fail holds no other pod.
+            "matchConditions": [{ "name": "opted-in", "expression": OPT_IN_CONDITION }],
             "admissionReviewVersions": ["v1"],
             "sideEffects": "None",
             "reinvocationPolicy": "IfNeeded",
@@ -656,6 +678,33 @@ mod tests {
         })
     }
 
+    #[test]
+    fn the_webhook_takes_only_opted_in_pods_and_fails_closed_by_default() {
+        let names = HubNames {
+            instance: "cluster-tunnel".into(),
+            namespace: "cluster-tunnel".into(),
+            trust_domain: "cluster.local".into(),
+        };
+        let spec: InjectorSpec =
+            serde_json::from_value(json!({ "serviceName": "cluster-tunnel-injector" })).unwrap();
+        let config = webhook_configuration(&spec, &names);
+        let hook = &config["webhooks"][0];
+        assert_eq!(hook["failurePolicy"], "Fail");
+        assert_eq!(hook["matchConditions"][0]["expression"], OPT_IN_CONDITION);
+        assert!(config["metadata"].get("annotations").is_none());
+        // cert-manager keeps the caBundle.
+        let spec: InjectorSpec = serde_json::from_value(json!({
+            "serviceName": "cluster-tunnel-injector",
+            "caInjectFrom": "cluster-tunnel/cluster-tunnel-injector",
+        }))
+        .unwrap();
+        let config = webhook_configuration(&spec, &names);
+        assert_eq!(
+            config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+            "cluster-tunnel/cluster-tunnel-injector"
+        );
+    }
+
     fn context() -> (Arc<Context>, mock_api::ApiHandle) {
         let (client, handle) = mock_api::client();
         let metrics = crate::metrics::ManagerMetrics::default();
@@ -765,6 +814,10 @@ mod tests {
         assert_eq!(bodies[3]["spec"]["clusterIP"], "None");
         let hook = &bodies[8]["webhooks"][0];
         assert_eq!(hook["failurePolicy"], "Fail");
+        assert_eq!(
+            hook["matchConditions"],
+            json!([{ "name": "opted-in", "expression": OPT_IN_CONDITION }])
+        );
         assert!(
             hook["clientConfig"].get("caBundle").is_none(),
             "the caBundle is the injector's"

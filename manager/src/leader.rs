@@ -19,7 +19,7 @@ use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::clusters::Clock;
+use crate::addons::Clock;
 
 /// A Lease not renewed this long may be taken over.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);

@@ -5,11 +5,21 @@
 //! - [`crd`]: the `TunnelConfiguration` resource and its generated CRD;
 //! - [`signer`]: the signer CA kept in a Secret (generated if absent) and
 //!   the certificates it issues, renewed when a fifth of their lifetime is left;
-//! - [`agent_work`]: the `ManifestWork` that delivers an agent to a managed cluster;
-//! - [`addon`]: `ManagedClusterAddOn` conditions from the server's live view;
-//! - [`clusters`]: the kube-runtime controller over `ManagedCluster`s;
+//! - [`ocm`]: the open-cluster-management resources read and written, and
+//!   the names OCM derives from them;
+//! - [`addons`]: the controller over `ManagedClusterAddOn`s: the agent's
+//!   work per cluster, removed with a finalizer;
+//! - [`addon_status`]: registration, health check mode and conditions of
+//!   each `ManagedClusterAddOn`;
+//! - [`agent_work`]: the `ManifestWork` that delivers an agent (no key in it);
+//! - [`deployment_config`]: an `AddOnDeploymentConfig` applied to the agent;
+//! - [`csr`]: approves and signs the agents' certificate requests;
+//! - [`uninstall`]: the `uninstall` command (Helm's pre-delete hook);
+//! - [`join`]: the `join-token` command (joining without OCM);
 //! - [`namespaces`]: the controller that keeps the sidecars' certificate
 //!   Secret in every injection-enabled namespace;
+//! - [`coverage`]: opted-in pods admitted without the sidecar, reported
+//!   (metric, log, `health --pods`);
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
 //! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
@@ -18,17 +28,23 @@
 //! - [`metrics`]: reconciliations and conditions on the admin port;
 //! - [`cli`]: the binary's commands and flags.
 
-pub mod addon;
+pub mod addon_status;
+pub mod addons;
 pub mod agent_work;
 pub mod cli;
-pub mod clusters;
+pub mod coverage;
 pub mod crd;
+pub mod csr;
+pub mod deployment_config;
 pub mod health;
 pub mod hub;
+pub mod join;
 pub mod leader;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod namespaces;
+pub mod ocm;
 pub mod signer;
 pub mod status;
+pub mod uninstall;

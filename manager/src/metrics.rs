@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 /// Label: a controller and how its reconciliation ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabel {
-    /// `hub`, `clusters`, `namespaces`.
+    /// `hub`, `addons`, `csr`, `namespaces`.
     pub controller: &'static str,
     /// `ok` or `error`.
     pub result: &'static str,
@@ -22,6 +22,13 @@ pub struct ConditionLabel {
     pub condition: String,
 }
 
+/// Label: a namespace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    /// The namespace.
+    pub namespace: String,
+}
+
 /// Every metric of the manager.
 #[derive(Clone, Debug, Default)]
 pub struct ManagerMetrics {
@@ -31,6 +38,8 @@ pub struct ManagerMetrics {
     pub conditions: Family<ConditionLabel, Gauge>,
     /// 1 while this manager holds the leader Lease (runs the controllers).
     pub leader: Gauge,
+    /// Opted-in pods running without the sidecar, per namespace.
+    pub pods_without_sidecar: Family<NamespaceLabel, Gauge>,
 }
 
 impl ManagerMetrics {
@@ -47,6 +56,11 @@ impl ManagerMetrics {
             "leader",
             "1 while this manager holds the leader lease and runs the controllers",
             m.leader.clone(),
+        );
+        r.register(
+            "pods_without_sidecar",
+            "Opted-in pods running without the cluster-tunnel sidecar, per namespace",
+            m.pods_without_sidecar.clone(),
         );
         r.register(
             "configuration_condition",

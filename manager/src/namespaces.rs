@@ -43,7 +43,7 @@ use sha2::Digest as _;
 use tokio::sync::watch;
 use tunnel_proto::identity::{IdentityError, validate_client_name};
 
-use crate::clusters::Clock;
+use crate::addons::Clock;
 use crate::crd::TunnelConfiguration;
 use crate::signer::{self, Leaf, LeafOutcome, Signer, SignerError};
 

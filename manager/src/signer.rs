@@ -258,6 +258,151 @@ impl Signer {
     }
 }
 
+/// A certificate request (PKCS #10) that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not a PEM `CERTIFICATE REQUEST`.
+    #[error("not a PEM CERTIFICATE REQUEST")]
+    NotPem,
+    /// The DER does not parse.
+    #[error("the certificate request does not parse: {0}")]
+    Parse(String),
+    /// Its signature does not verify: the sender does not hold the key.
+    #[error("the certificate request's signature does not verify")]
+    BadSignature,
+    /// A key type the signer does not issue for.
+    #[error("unsupported public key algorithm {0}")]
+    UnsupportedKey(String),
+    /// The subject holds something else than UTF-8 or printable text.
+    #[error("the subject is not text")]
+    Subject,
+}
+
+/// A certificate request whose signature verified: the subject it asks for
+/// and its public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRequest {
+    /// Common names of the subject (a well-formed request has one).
+    pub common_names: Vec<String>,
+    /// Organizations (OCM's groups).
+    pub organizations: Vec<String>,
+    /// Organizational units.
+    pub organizational_units: Vec<String>,
+    key: RequestKey,
+}
+
+/// The public key of a request, as rcgen writes it into a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RequestKey {
+    alg: &'static rcgen::SignatureAlgorithm,
+    key: Vec<u8>,
+}
+
+impl rcgen::PublicKeyData for RequestKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.key
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl CertRequest {
+    /// Reads a PEM certificate request and verifies its signature.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, RequestError> {
+        use rustls_pki_types::CertificateSigningRequestDer;
+        use x509_parser::oid_registry as oids;
+        use x509_parser::prelude::FromDer as _;
+        let der =
+            CertificateSigningRequestDer::from_pem_slice(pem).map_err(|_| RequestError::NotPem)?;
+        let (rest, req) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())
+                .map_err(|e| RequestError::Parse(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(RequestError::Parse("trailing bytes".into()));
+        }
+        req.verify_signature()
+            .map_err(|_| RequestError::BadSignature)?;
+        let info = &req.certification_request_info;
+        let spki = &info.subject_pki;
+        let oid = &spki.algorithm.algorithm;
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let alg: &'static rcgen::SignatureAlgorithm = if *oid == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
+            match curve {
+                Some(c) if c == oids::OID_EC_P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+                Some(c) if c == oids::OID_NIST_EC_P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+                other => {
+                    return Err(RequestError::UnsupportedKey(format!(
+                        "EC curve {}",
+                        other.map_or_else(|| "(none)".into(), |c| c.to_id_string())
+                    )));
+                }
+            }
+        } else if *oid == oids::OID_SIG_ED25519 {
+            &rcgen::PKCS_ED25519
+        } else if *oid == oids::OID_PKCS1_RSAENCRYPTION {
+            &rcgen::PKCS_RSA_SHA256
+        } else {
+            return Err(RequestError::UnsupportedKey(oid.to_id_string()));
+        };
+        let text = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+            it.map(|a| {
+                a.as_str()
+                    .map(str::to_owned)
+                    .map_err(|_| RequestError::Subject)
+            })
+            .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            common_names: text(&mut info.subject.iter_common_name())?,
+            organizations: text(&mut info.subject.iter_organization())?,
+            organizational_units: text(&mut info.subject.iter_organizational_unit())?,
+            key: RequestKey {
+                alg,
+                key: spki.subject_public_key.data.to_vec(),
+            },
+        })
+    }
+}
+
+impl Signer {
+    /// Signs `request` for `leaf`: the certificate keeps the subject the
+    /// request asked for (its one common name, as OCM's registration agent
+    /// checks it) and carries the identity URI of `leaf`, which is the only
+    /// name the servers read; nothing else the request asks for (other
+    /// names, extensions) is copied. Valid from `now` for `validity`, never
+    /// beyond the CA. Returns the certificate, PEM.
+    pub fn sign_request(
+        &self,
+        request: &CertRequest,
+        leaf: &Leaf,
+        trust_domain: &str,
+        now: OffsetDateTime,
+        validity: Duration,
+    ) -> Result<String, SignerError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if let Some(cn) = request.common_names.first() {
+            dn.push(DnType::CommonName, cn.clone());
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(leaf.uri(trust_domain).try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = now - BACKDATE;
+        params.not_after = (now + validity).min(self.not_after);
+        let cert = params.signed_by(&request.key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
 /// The rcgen issuer of a CA certificate: its subject name (UTF-8 and
 /// printable strings, which is what CAs use) and its subject key identifier.
 fn issuer_of(

@@ -71,8 +71,15 @@ fn render(chart: &str, values: &Value) -> Option<Result<Rendered, String>> {
         "schema validation of {chart} with {values}"
     );
     for unchecked in report["unchecked"].as_array().unwrap() {
+        let unchecked = unchecked.as_str().unwrap();
         assert!(
-            unchecked.as_str().unwrap().starts_with("ServiceMonitor "),
+            [
+                "ServiceMonitor ",
+                "Certificate cert-manager.io/",
+                "Issuer cert-manager.io/"
+            ]
+            .iter()
+            .any(|k| unchecked.starts_with(k)),
             "no schema for {unchecked}"
         );
     }
@@ -158,6 +165,173 @@ fn check_every_deployment(r: &Rendered) {
             c["args"] = Value::Array(args);
             cmd.build();
             check_flags(&c, &cmd);
+        }
+    }
+}
+
+/// The hook Jobs and the test Pod run `tunnel-manager <command>` with flags it has.
+fn check_every_job(r: &Rendered) {
+    let pods = r
+        .kind("Job")
+        .into_iter()
+        .map(|j| &j["spec"]["template"]["spec"]);
+    for spec in pods.chain(r.kind("Pod").into_iter().map(|p| &p["spec"])) {
+        for c in spec["containers"].as_array().unwrap() {
+            let args = c["args"].as_array().unwrap();
+            let command = args[0].as_str().unwrap();
+            assert!(
+                ["uninstall", "apply-crds", "health"].contains(&command),
+                "{spec}"
+            );
+            let mut cmd = tunnel_manager::cli::Cli::command()
+                .find_subcommand(command)
+                .unwrap()
+                .clone();
+            cmd.build();
+            let mut c = c.clone();
+            c["args"] = Value::Array(args[1..].to_vec());
+            check_flags(&c, &cmd);
+        }
+    }
+}
+
+/// Writes Kubernetes cannot limit by name, each with the reason the chart gives.
+const UNNAMED_WRITES: [(&str, &str); 5] = [
+    // Held only to grant it to the servers, which write every policy's status.
+    ("cluster-tunnel-manager", "tunnelpolicies/status"),
+    // Request names are generated; the signers rule limits the signer.
+    (
+        "cluster-tunnel-manager",
+        "certificatesigningrequests/approval",
+    ),
+    (
+        "cluster-tunnel-manager",
+        "certificatesigningrequests/status",
+    ),
+    // Older versions' finalizer, on clusters of any name (the short-lived hook only).
+    ("cluster-tunnel-cleanup", "managedclusters"),
+    // Older versions' key Secrets, found by label (the short-lived hook only).
+    ("cluster-tunnel-cleanup", "secrets"),
+];
+
+/// Every rule of the manager's and the cleanup hook's roles that writes
+/// (patch, update, delete) names its objects, but for [`UNNAMED_WRITES`].
+fn check_writes_are_by_name(r: &Rendered) {
+    for kind in ["ClusterRole", "Role"] {
+        for role in r.kind(kind) {
+            let name = role["metadata"]["name"].as_str().unwrap();
+            if name != "cluster-tunnel-manager" && name != "cluster-tunnel-cleanup" {
+                continue;
+            }
+            for rule in role["rules"].as_array().unwrap() {
+                let writes = rule["verbs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v == "patch" || v == "update" || v == "delete");
+                if !writes || rule["resourceNames"].is_array() {
+                    continue;
+                }
+                for resource in rule["resources"].as_array().unwrap() {
+                    assert!(
+                        UNNAMED_WRITES.contains(&(name, resource.as_str().unwrap())),
+                        "{kind} {name} writes {resource} without resourceNames: {rule}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The addon as OCM knows it: the ClusterManagementAddOn with its install
+/// strategy, the chart's Placement only when none is given, the default
+/// deployment config, and the uninstall and upgrade hooks.
+fn check_addon(r: &Rendered, values: &Value) {
+    if values["manager"]["openClusterManagement"] == false {
+        for kind in [
+            "ClusterManagementAddOn",
+            "Placement",
+            "AddOnDeploymentConfig",
+        ] {
+            assert!(r.kind(kind).is_empty(), "{kind} without OCM");
+        }
+        for job in ["cluster-tunnel-uninstall", "cluster-tunnel-upgrade-cleanup"] {
+            assert!(r.find("Job", job).is_none(), "{job} without OCM");
+        }
+        return;
+    }
+    let cma = r.one("ClusterManagementAddOn", "cluster-tunnel");
+    assert_eq!(
+        cma["metadata"]["annotations"]["addon.open-cluster-management.io/lifecycle"],
+        "addon-manager"
+    );
+    let strategy = values["addon"]["installStrategy"]
+        .as_str()
+        .unwrap_or("Placements");
+    assert_eq!(cma["spec"]["installStrategy"]["type"], strategy);
+    let own_placement = strategy == "Placements" && values["addon"]["placements"].is_null();
+    assert_eq!(
+        r.find("Placement", "cluster-tunnel").is_some(),
+        own_placement
+    );
+    if own_placement {
+        assert_eq!(
+            cma["spec"]["installStrategy"]["placements"],
+            json!([{ "namespace": "cluster-tunnel", "name": "cluster-tunnel" }])
+        );
+        r.one("ManagedClusterSetBinding", "global");
+    } else if strategy == "Placements" {
+        assert_eq!(
+            cma["spec"]["installStrategy"]["placements"],
+            values["addon"]["placements"]
+        );
+    }
+    let adc = r.find("AddOnDeploymentConfig", "cluster-tunnel-agent");
+    assert_eq!(
+        adc.is_some(),
+        values["addon"]["deploymentConfig"].is_object()
+    );
+    if let Some(adc) = adc {
+        assert_eq!(adc["spec"], values["addon"]["deploymentConfig"]);
+        assert_eq!(
+            cma["spec"]["supportedConfigs"][0]["defaultConfig"]["name"],
+            "cluster-tunnel-agent"
+        );
+    }
+    for (job, hook) in [
+        ("cluster-tunnel-uninstall", "pre-delete"),
+        ("cluster-tunnel-upgrade-cleanup", "post-upgrade"),
+    ] {
+        let j = r.one("Job", job);
+        assert_eq!(j["metadata"]["annotations"]["helm.sh/hook"], hook);
+        let args = j["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert_eq!(
+            args.contains("--legacy-only"),
+            hook == "post-upgrade",
+            "{args}"
+        );
+    }
+    // The manager approves and signs for its own signer only, and never creates addons.
+    let rules = r.one("ClusterRole", "cluster-tunnel-manager")["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let signers: Vec<&Value> = rules
+        .iter()
+        .filter(|rule| rule["resources"] == json!(["signers"]))
+        .collect();
+    assert_eq!(
+        signers,
+        [
+            &json!({ "apiGroups": ["certificates.k8s.io"], "resources": ["signers"], "resourceNames": ["cluster-tunnel.io/agent"], "verbs": ["approve", "sign"] })
+        ]
+    );
+    for rule in &rules {
+        if rule["resources"]
+            .to_string()
+            .contains("managedclusteraddons")
+        {
+            assert!(!rule["verbs"].to_string().contains("create"), "{rule}");
         }
     }
 }
@@ -300,16 +474,32 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 "resources": { "requests": { "cpu": "1", "memory": "256Mi" } },
                 "drainTimeout": "120s",
             },
-            "injector": { "failurePolicy": "Fail", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"] },
+            "injector": { "failurePolicy": "Ignore", "timeoutSeconds": 5, "failClosed": true, "excludedNamespaces": ["kube-system", "monitoring"],
+                          "certManager": { "enabled": true } },
+            "sidecar": { "issueCertificates": false },
             "serviceMonitor": { "enabled": true, "labels": { "release": "prometheus" } },
             "networkPolicy": { "enabled": true, "agentSourceCidrs": ["203.0.113.0/24"] },
             "imagePullSecrets": ["regcred"],
             "logFormat": "text",
+            "addon": {
+                "installStrategy": "Manual",
+                "deploymentConfig": {
+                    "agentInstallNamespace": "tunnel",
+                    "nodePlacement": { "nodeSelector": { "role": "infra" } },
+                    "registries": [{ "source": "ghcr.io/cluster-tunnel", "mirror": "mirror.example.com/ct" }],
+                    "customizedVariables": [{ "name": "replicas", "value": "3" }],
+                },
+            },
+        }),
+        json!({
+            "addon": { "placements": [{ "namespace": "fleet", "name": "tunnel-clusters" }] },
+            "agent": { "resources": { "requests": { "cpu": "10m" } }, "pdbMaxUnavailable": 0 },
         }),
         json!({
             "injector": { "enabled": false },
             "manager": { "openClusterManagement": false, "keepHubObjects": false },
             "server": { "authorization": "allowAll" }, "sidecar": { "issueCertificates": false },
+            "join": { "enabled": true },
         }),
     ];
     for values in &sets {
@@ -318,8 +508,20 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         };
         let r = rendered.unwrap_or_else(|e| panic!("render with {values}: {e}"));
         check_every_deployment(&r);
+        check_every_job(&r);
         check_rbac_is_narrow(&r);
+        check_writes_are_by_name(&r);
+        check_addon(&r, values);
         check_manager_keeps_what_the_chart_renders(&r);
+        // The manager's metrics have a Service (and a ServiceMonitor when asked).
+        assert_eq!(
+            r.one("Service", "cluster-tunnel-manager")["spec"]["ports"][0]["name"],
+            "admin"
+        );
+        assert_eq!(
+            r.find("ServiceMonitor", "cluster-tunnel-manager").is_some(),
+            values["serviceMonitor"]["enabled"] == true
+        );
         let manager_args =
             r.one("Deployment", "cluster-tunnel-manager")["spec"]["template"]["spec"]["containers"]
                 [0]["args"]
@@ -412,7 +614,12 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 hook["failurePolicy"],
                 values["injector"]["failurePolicy"]
                     .as_str()
-                    .unwrap_or("Ignore")
+                    .unwrap_or("Fail")
+            );
+            // Only opted-in pods reach the webhook, so Fail holds no other.
+            assert_eq!(
+                hook["matchConditions"],
+                json!([{ "name": "opted-in", "expression": tunnel_manager::hub::OPT_IN_CONDITION }])
             );
             assert_eq!(
                 hook["timeoutSeconds"],
@@ -441,6 +648,14 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
                 args.contains("--webhook-config-name=cluster-tunnel-injector"),
                 "{args}"
             );
+            assert!(args.contains("--shutdown-delay=5s"), "{args}");
+            let pod = &injector["spec"]["template"]["spec"];
+            assert_eq!(pod["terminationGracePeriodSeconds"], 20);
+            assert_eq!(
+                injector["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+                0
+            );
+            check_injector_certificates(&r, values["injector"]["certManager"]["enabled"] == true);
         }
         let monitors = r.kind("ServiceMonitor").len();
         assert_eq!(monitors > 0, values["serviceMonitor"]["enabled"] == true);
@@ -452,6 +667,119 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             values["manager"]["openClusterManagement"] != false
         );
         check_sidecar_certificates(&r, values["sidecar"]["issueCertificates"] != false);
+        check_join(&r, values["join"]["enabled"] == true);
+        check_upgrades_and_tests(&r, values);
+    }
+}
+
+/// CRDs applied on upgrade by a hook that may patch only them; `helm test`
+/// connects through the tunnel with a certificate the manager keeps, allowed
+/// by a policy to reach the probe destination only.
+fn check_upgrades_and_tests(r: &Rendered, values: &Value) {
+    let job = r.one("Job", "cluster-tunnel-crds");
+    assert_eq!(
+        job["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-upgrade"
+    );
+    assert_eq!(
+        r.one("ClusterRole", "cluster-tunnel-crds")["rules"],
+        json!([{ "apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                 "resourceNames": ["tunnelconfigurations.cluster-tunnel.io", "tunnelpolicies.cluster-tunnel.io"],
+                 "verbs": ["get", "patch"] }])
+    );
+    let pod = r.one("Pod", "cluster-tunnel-test");
+    assert_eq!(pod["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let args = pod["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--min-healthy=1"), "{args}");
+    assert_eq!(
+        pod["spec"]["volumes"][0]["secret"]["secretName"],
+        "cluster-tunnel-test"
+    );
+    let manager = r.one("Deployment", "cluster-tunnel-manager");
+    assert!(
+        manager["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string()
+            .contains("--test-client-secret=cluster-tunnel-test")
+    );
+    let policy = r.find("TunnelPolicy", "cluster-tunnel-test");
+    assert_eq!(
+        policy.is_some(),
+        values["server"]["authorization"] != "allowAll"
+    );
+    if let Some(policy) = policy {
+        let rule = &policy["spec"]["rules"][0];
+        assert_eq!(
+            rule["subjects"],
+            json!([{ "identity": "client/cluster-tunnel-test" }])
+        );
+        assert_eq!(
+            rule["destinations"],
+            json!([{ "host": "kubernetes.default.svc", "ports": [443] }])
+        );
+        // The policy the chart ships is one the server accepts.
+        let spec: tunnel_server::policy::TunnelPolicySpec =
+            serde_json::from_value(policy["spec"].clone()).unwrap();
+        tunnel_server::policy::Policy::compile("cluster-tunnel-test", &spec).unwrap();
+    }
+}
+
+/// Joining without OCM: the manager signs join requests (`--join`), with
+/// the certificate request rights even without OCM, and the join
+/// ClusterRole lets a cluster's token create and read requests only.
+fn check_join(r: &Rendered, enabled: bool) {
+    let manager = r.one("Deployment", "cluster-tunnel-manager");
+    let args = manager["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert_eq!(args.contains("--join"), enabled, "{args}");
+    let role = r.find("ClusterRole", "cluster-tunnel-join");
+    assert_eq!(role.is_some(), enabled);
+    if let Some(role) = role {
+        assert_eq!(
+            role["rules"],
+            json!([{ "apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"] }])
+        );
+        let manager_role = r.one("ClusterRole", "cluster-tunnel-manager").to_string();
+        assert!(
+            manager_role.contains("cluster-tunnel.io/agent"),
+            "{manager_role}"
+        );
+    }
+}
+
+/// With cert-manager, a Certificate for the injector's Service is mounted and
+/// served, its CA is injected into the webhook configuration, and the
+/// injector has no access to webhook configurations; without, the injector
+/// keeps the caBundle itself.
+fn check_injector_certificates(r: &Rendered, cert_manager: bool) {
+    let injector = r.one("Deployment", "cluster-tunnel-injector");
+    let args = injector["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    let hook = r.one("MutatingWebhookConfiguration", "cluster-tunnel-injector");
+    let role = r.one("ClusterRole", "cluster-tunnel-injector").to_string();
+    let inject_from = &hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"];
+    if cert_manager {
+        assert!(args.contains("--cert-manager"), "{args}");
+        let cert = r.one("Certificate", "cluster-tunnel-injector");
+        assert_eq!(cert["spec"]["secretName"], "cluster-tunnel-injector-tls");
+        assert!(
+            cert["spec"]["dnsNames"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("cluster-tunnel-injector.cluster-tunnel.svc")),
+            "{cert}"
+        );
+        assert_eq!(
+            cert["spec"]["issuerRef"]["name"],
+            "cluster-tunnel-injector-selfsigned"
+        );
+        r.one("Issuer", "cluster-tunnel-injector-selfsigned");
+        let volumes = injector["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(volumes.contains("cluster-tunnel-injector-tls"), "{volumes}");
+        assert_eq!(inject_from, "cluster-tunnel/cluster-tunnel-injector");
+        assert!(!role.contains("mutatingwebhookconfigurations"), "{role}");
+    } else {
+        assert!(!args.contains("--cert-manager"), "{args}");
+        assert!(r.kind("Certificate").is_empty());
+        assert!(inject_from.is_null(), "{hook}");
+        assert!(role.contains("mutatingwebhookconfigurations"), "{role}");
     }
 }
 
@@ -501,8 +829,25 @@ fn check_sidecar_certificates(r: &Rendered, issued: bool) {
             ]
         );
     } else {
+        assert!(on("secrets").is_empty(), "{rules:?}");
+    }
+    // Opted-in pods without the sidecar are looked for while there is an injector.
+    let injector = !r.kind("MutatingWebhookConfiguration").is_empty();
+    assert_eq!(args.contains("--no-pod-report"), !injector, "{args}");
+    if injector {
+        assert_eq!(
+            on("pods"),
+            [json!({ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] })]
+        );
         assert!(
-            on("namespaces").is_empty() && on("secrets").is_empty(),
+            on("namespaces")
+                .iter()
+                .any(|r| r["verbs"].as_array().unwrap().contains(&json!("list"))),
+            "{rules:?}"
+        );
+    } else {
+        assert!(
+            on("pods").is_empty() && on("namespaces").is_empty(),
             "{rules:?}"
         );
     }
@@ -516,6 +861,11 @@ fn the_agent_chart_renders_valid_objects_with_every_value_set() {
     let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
     let sets = [
         json!({ "cluster": "east", "servers": ["hub.example.com:443"], "tls": { "cert": pem, "key": pem, "ca": pem } }),
+        json!({
+            "cluster": "north", "servers": ["hub.example.com:443"],
+            "tls": { "ca": pem },
+            "join": { "enabled": true, "hubApiServer": "https://hub.example.com:6443", "hubApiCA": pem, "token": "eyJhbGciOi" },
+        }),
         json!({
             "cluster": "west", "replicas": 3,
             "servers": ["hub-a.example.com:443", "hub-b.example.com:443"], "serverName": "hub.example.com",
@@ -543,6 +893,33 @@ fn the_agent_chart_renders_valid_objects_with_every_value_set() {
             )),
             "{args}"
         );
+        let pod = &d["spec"]["template"]["spec"];
+        if values["join"]["enabled"] == true {
+            // The key is made by the agent: in memory, kept in its own Secret,
+            // which its Role lets it read and renew by name, and nothing else.
+            assert_eq!(pod["automountServiceAccountToken"], true);
+            assert_eq!(pod["volumes"][0]["emptyDir"]["medium"], "Memory");
+            for flag in [
+                "--join-hub-api=https://hub.example.com:6443",
+                "--join-secret=cluster-tunnel-agent-tls",
+                "--join-token-file=",
+            ] {
+                assert!(args.contains(flag), "{args}");
+            }
+            let secret = r.one("Secret", "cluster-tunnel-agent-tls");
+            assert!(
+                secret["data"].is_null(),
+                "Helm owns the object, not the key"
+            );
+            assert_eq!(
+                r.one("Role", "cluster-tunnel-agent")["rules"],
+                json!([{ "apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cluster-tunnel-agent-tls"], "verbs": ["get", "update"] }])
+            );
+            r.one("PodDisruptionBudget", "cluster-tunnel-agent");
+            continue;
+        }
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert!(r.kind("Role").is_empty());
         let secret = d["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"].clone();
         if values["tls"]["existingSecret"].is_string() {
             assert_eq!(secret, values["tls"]["existingSecret"]);
@@ -598,26 +975,127 @@ fn the_charts_tunnel_policy_crd_is_the_servers() {
 fn the_delivered_agent_uses_only_flags_the_agent_has() {
     let spec: tunnel_manager::crd::AgentSpec =
         serde_json::from_value(json!({ "image": "agent:1", "allow": ["*.svc:443"] })).unwrap();
-    let work = tunnel_manager::agent_work::manifest_work(
-        "east",
-        &spec,
-        &tunnel_manager::agent_work::HubAddress {
-            host: "hub.example.com".into(),
-            port: 443,
-            server_name: "hub.example.com".into(),
-        },
-        &tunnel_manager::agent_work::AgentCert {
-            cert: vec![],
-            key: vec![],
-            ca: vec![],
-        },
-        None,
-    );
-    let deployment = &work["spec"]["workload"]["manifests"][3];
+    let overrides = tunnel_manager::deployment_config::AgentOverrides {
+        log_level: Some("debug".into()),
+        ..Default::default()
+    };
+    let work =
+        tunnel_manager::agent_work::manifest_work(&tunnel_manager::agent_work::AgentWorkInput {
+            cluster: "east",
+            spec: &spec,
+            hub: &tunnel_manager::agent_work::HubAddress {
+                host: "hub.example.com".into(),
+                port: 443,
+                server_name: "hub.example.com".into(),
+            },
+            ca_pem: "",
+            overrides: &overrides,
+            config_hashes: &Default::default(),
+            owner: None,
+        });
+    let deployment = work["spec"]["workload"]["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["kind"] == "Deployment")
+        .unwrap();
     let mut cmd = tunnel_agent::cli::Cli::command();
     cmd.build();
     check_flags(
         &deployment["spec"]["template"]["spec"]["containers"][0],
         &cmd,
     );
+}
+
+#[test]
+fn the_agent_asks_for_what_the_manager_signs() {
+    // The agent does not depend on the manager: the names they share are checked here.
+    assert_eq!(
+        tunnel_agent::join::SIGNER_NAME,
+        tunnel_manager::ocm::SIGNER_NAME
+    );
+    assert_eq!(
+        tunnel_agent::join::JOIN_CLUSTER_LABEL,
+        tunnel_manager::csr::JOIN_CLUSTER_LABEL
+    );
+    assert_eq!(
+        tunnel_agent::join::join_subject("east"),
+        tunnel_manager::csr::join_subject("east")
+    );
+    // The addon's health Lease is the one OCM reads: named after the addon.
+    let spec: tunnel_manager::crd::AgentSpec =
+        serde_json::from_value(json!({ "image": "agent:1" })).unwrap();
+    let work =
+        tunnel_manager::agent_work::manifest_work(&tunnel_manager::agent_work::AgentWorkInput {
+            cluster: "east",
+            spec: &spec,
+            hub: &tunnel_manager::agent_work::HubAddress {
+                host: "h".into(),
+                port: 1,
+                server_name: "h".into(),
+            },
+            ca_pem: "",
+            overrides: &Default::default(),
+            config_hashes: &Default::default(),
+            owner: None,
+        });
+    assert!(work.to_string().contains(&format!(
+        "--addon-lease={}",
+        tunnel_manager::ocm::ADDON_NAME
+    )));
+}
+
+#[test]
+fn values_the_schemas_refuse_fail_the_install_not_the_pod() {
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    for (chart, values, says) in [
+        (
+            "cluster-tunnel",
+            json!({ "manager": { "replicaz": 2 } }),
+            "replicaz",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "server": { "replicas": 0 } }),
+            "/server/replicas",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "server": { "authorization": "none" } }),
+            "/server/authorization",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "addon": { "installStrategy": "Auto" } }),
+            "/addon/installStrategy",
+        ),
+        (
+            "cluster-tunnel",
+            json!({ "server": { "drainTimeout": "1m" } }),
+            "/server/drainTimeout",
+        ),
+        (
+            "cluster-tunnel-agent",
+            json!({ "cluster": "East_1", "servers": ["hub:443"], "tls": { "existingSecret": "x" } }),
+            "/cluster",
+        ),
+        (
+            "cluster-tunnel-agent",
+            json!({ "cluster": "east", "servers": ["hub"], "tls": { "existingSecret": "x" } }),
+            "/servers/0",
+        ),
+        (
+            "cluster-tunnel-agent",
+            json!({ "cluster": "east", "servers": ["hub:443"], "tls": { "ca": pem }, "join": { "enabled": true, "hubApiServer": "http://hub" } }),
+            "/join/hubApiServer",
+        ),
+    ] {
+        let Some(result) = render(chart, &values) else {
+            return;
+        };
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{chart} rendered with {values}"));
+        assert!(err.contains(says), "{chart} {values}: {err}");
+    }
 }

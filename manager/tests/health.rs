@@ -119,6 +119,17 @@ async fn health_probes_every_cluster_through_the_tunnel() {
             lines[2].starts_with("west ") && lines[2].contains("true (1 agent)"),
             "{table}"
         );
+        // `helm test` asks for at least one answering cluster: two answered;
+        // asking for three fails the command.
+        for (min, ok) in [("--min-healthy=1", true), ("--min-healthy=3", false)] {
+            let args = health_args(
+                &pki,
+                server.client_addr,
+                &["--probe-host=127.0.0.1", "--probe-port", &port, min],
+            );
+            let (table, all_healthy) = tunnel_manager::cli::health_command(&args).await.unwrap();
+            assert_eq!(all_healthy, ok, "{min}: {table}");
+        }
 
         // JSON, and a probe that fails: nothing listens on the port in either cluster.
         let closed = harness::free_port().to_string();
@@ -147,7 +158,10 @@ async fn health_probes_every_cluster_through_the_tunnel() {
             healthz: false,
             timeout: Duration::from_secs(10),
         };
-        let installed = ["east".to_string(), "north".to_string()];
+        let installed = std::collections::BTreeMap::from([
+            ("east".to_string(), Some(true)),
+            ("north".to_string(), None),
+        ]);
         let rows = health::check(&client, Some(&installed), &opts)
             .await
             .unwrap();

@@ -29,6 +29,92 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses byte sizes such as `256KiB`, `16MiB`, `1GiB`, or bare bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with a unit, e.g. 256KiB"))?;
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {unit:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("invalid size {s:?}: out of range"))
+}
+
+fn parse_window(s: &str) -> Result<u32, String> {
+    let v = parse_bytes(s)?;
+    if !(1024..=u64::from(crate::h2::CONNECTION_WINDOW)).contains(&v) {
+        return Err(format!(
+            "invalid window {s:?}: must be between 1KiB and 2GiB - 1 byte"
+        ));
+    }
+    Ok(v as u32)
+}
+
+/// Flow-control flags of tunnel connections (see [`crate::h2`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FlowArgs {
+    /// Receive window of a new stream (one proxied connection) on a tunnel
+    /// connection; adapts between --min-stream-window and --max-stream-window.
+    #[arg(long, env = "TUNNEL_STREAM_WINDOW", default_value = "256KiB", value_parser = parse_window)]
+    pub stream_window: u32,
+    /// Floor of the stream window when many streams share a connection's budget.
+    #[arg(long, env = "TUNNEL_MIN_STREAM_WINDOW", default_value = "64KiB", value_parser = parse_window)]
+    pub min_stream_window: u32,
+    /// Ceiling of the stream window that the bandwidth-delay estimate may
+    /// reach on a long fat link; also the most one stalled stream may hold.
+    #[arg(long, env = "TUNNEL_MAX_STREAM_WINDOW", default_value = "16MiB", value_parser = parse_window)]
+    pub max_stream_window: u32,
+    /// What the open streams of one tunnel connection may hold together, at
+    /// most: beyond it new streams are refused (resource_exhausted). At most 1536MiB.
+    #[arg(long, env = "TUNNEL_WINDOW_BUDGET", default_value = "1GiB", value_parser = parse_bytes)]
+    pub window_budget: u64,
+    /// Streams the peer may open on one tunnel connection.
+    #[arg(long, env = "TUNNEL_MAX_STREAMS_PER_CONNECTION", default_value_t = crate::h2::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_streams_per_connection: u32,
+}
+
+impl FlowArgs {
+    /// The HTTP/2 settings these flags give, with `liveness`.
+    pub fn settings(
+        &self,
+        liveness: crate::net::Liveness,
+    ) -> Result<crate::h2::H2Settings, String> {
+        if self.min_stream_window > self.max_stream_window {
+            return Err("--min-stream-window is larger than --max-stream-window".into());
+        }
+        if !(u64::from(self.max_stream_window)..=crate::h2::MAX_WINDOW_BUDGET)
+            .contains(&self.window_budget)
+        {
+            return Err(format!(
+                "--window-budget must be between --max-stream-window and {} bytes (1536MiB)",
+                crate::h2::MAX_WINDOW_BUDGET
+            ));
+        }
+        Ok(crate::h2::H2Settings {
+            stream_window: self.stream_window,
+            min_stream_window: self.min_stream_window,
+            max_stream_window: self.max_stream_window,
+            window_budget: self.window_budget,
+            max_concurrent_streams: self.max_streams_per_connection,
+            liveness,
+            ..crate::h2::H2Settings::default()
+        })
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -134,5 +220,43 @@ mod tests {
         );
         assert!(parse_duration("10y").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units_and_bad_ones_say_why() {
+        assert_eq!(parse_bytes("256KiB").unwrap(), 256 * 1024);
+        assert_eq!(parse_bytes("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("16MB").unwrap_err().contains("unknown unit"));
+        assert!(parse_window("512").unwrap_err().contains("between"));
+    }
+
+    #[test]
+    fn flow_flags_refuse_a_budget_the_connection_window_cannot_hold() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flow: FlowArgs,
+        }
+        let live = crate::net::Liveness::default();
+        let ok = Cli::parse_from(["x"]).flow.settings(live).unwrap();
+        assert_eq!(ok.window_budget, 1 << 30);
+        let big = Cli::parse_from(["x", "--window-budget", "2GiB"]);
+        assert!(
+            big.flow
+                .settings(live)
+                .unwrap_err()
+                .contains("--window-budget")
+        );
+        let inverted = Cli::parse_from([
+            "x",
+            "--min-stream-window",
+            "1MiB",
+            "--max-stream-window",
+            "512KiB",
+        ]);
+        assert!(inverted.flow.settings(live).is_err());
     }
 }

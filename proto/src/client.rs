@@ -9,18 +9,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tonic::codec::Streaming;
 
 use crate::error::{ErrorCode, TunnelError};
-use crate::h2::{H2Channel, H2Settings, client_handshake};
-use crate::pb::{self, Frame, frame::Kind, tunnel_client::TunnelClient as GrpcClient};
-use crate::relay::{GateOpener, Gated, RelayOutcome, TcpFrames, gated, relay_tcp};
+use crate::grpc::GrpcChannel;
+use crate::h2::{H2Client, H2Settings, client_handshake};
+use crate::pb::{self, tunnel_client::TunnelClient as GrpcClient};
+use crate::relay::{RelayOutcome, TunnelStream, relay_tcp};
+use crate::stream::{Open, Opened, read_answer};
 
 /// Default time allowed to connect to a server (TCP + TLS + HTTP/2).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed attempt to reach the servers answers for later callers.
+const FAILED_DIAL_REUSE: Duration = Duration::from_secs(1);
+
 /// Default time allowed from `Open` to the tunnel's answer.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,21 +58,12 @@ impl Target {
         }
     }
 
-    /// The `Open` frame for this target with a fresh 128-bit connection id.
-    pub fn open_frame(&self, dial_timeout: Option<Duration>) -> (uuid::Uuid, Frame) {
-        let id = uuid::Uuid::new_v4();
-        let frame = Frame {
-            kind: Some(Kind::Open(pb::Open {
-                connection_id: id.as_bytes().to_vec(),
-                cluster: self.cluster.clone(),
-                host: self.host.clone(),
-                port: u32::from(self.port),
-                dial_timeout_ms: dial_timeout
-                    .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
-                    .unwrap_or(0),
-            })),
-        };
-        (id, frame)
+    /// The open for this target, with a fresh 128-bit connection id.
+    pub fn open(&self, dial_timeout: Option<Duration>) -> Open {
+        Open {
+            dial_timeout,
+            ..Open::new(self.cluster.clone(), self.host.clone(), self.port)
+        }
     }
 }
 
@@ -145,8 +139,11 @@ impl TokenFile {
 pub struct TunnelClient {
     opts: ClientOptions,
     token: Option<TokenFile>,
-    conn: tokio::sync::Mutex<Option<H2Channel>>,
+    conn: tokio::sync::Mutex<Option<H2Client>>,
     next_server: std::sync::atomic::AtomicUsize,
+    /// The last failed attempt to reach any server: callers that queued
+    /// behind it get its error at once instead of dialing again.
+    last_failure: std::sync::Mutex<Option<(std::time::Instant, TunnelError)>>,
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -162,9 +159,8 @@ pub struct OpenedTunnel {
     /// The connection id chosen for this connection.
     pub id: uuid::Uuid,
     /// The agent's answer.
-    pub opened: pb::Opened,
-    gate: GateOpener<TcpFrames>,
-    inbound: Streaming<Frame>,
+    pub opened: Opened,
+    stream: TunnelStream,
 }
 
 impl std::fmt::Debug for OpenedTunnel {
@@ -186,11 +182,17 @@ impl OpenedTunnel {
     /// `tcp`, e.g. by an HTTP parser) first.
     pub async fn relay_with_prefix(self, tcp: TcpStream, prefix: Bytes) -> RelayOutcome {
         crate::net::set_nodelay_or_warn(&tcp);
-        let (outbound, done) = relay_tcp(tcp, prefix, self.inbound);
-        if self.gate.open(outbound).is_err() {
-            tracing::debug!(id = %self.id, "tunnel stream ended before the relay started");
+        relay_tcp(tcp, prefix, self.stream).await
+    }
+
+    /// The tunnel as an in-process byte stream.
+    pub fn into_io(self) -> TunnelIo {
+        TunnelIo {
+            stream: self.stream,
+            pending: Bytes::new(),
+            read_done: false,
+            write_done: false,
         }
-        done.await
     }
 }
 
@@ -202,6 +204,7 @@ impl TunnelClient {
             opts,
             conn: tokio::sync::Mutex::new(None),
             next_server: std::sync::atomic::AtomicUsize::new(0),
+            last_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -215,7 +218,7 @@ impl TunnelClient {
         matches!(&*self.conn.lock().await, Some(ch) if !ch.is_closed())
     }
 
-    async fn channel(&self) -> Result<H2Channel, TunnelError> {
+    async fn channel(&self) -> Result<H2Client, TunnelError> {
         let mut guard = self.conn.lock().await;
         if let Some(ch) = &*guard
             && !ch.is_closed()
@@ -223,6 +226,13 @@ impl TunnelClient {
             return Ok(ch.clone());
         }
         *guard = None;
+        // A dial that just failed (perhaps while we waited for the lock)
+        // answers for everyone who asked meanwhile.
+        if let Some((at, err)) = &*self.last_failure.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < FAILED_DIAL_REUSE
+        {
+            return Err(err.clone());
+        }
         let n = self.opts.servers.len();
         if n == 0 {
             return Err(TunnelError::new(
@@ -255,13 +265,16 @@ impl TunnelClient {
                 }
             }
         }
-        Err(TunnelError::new(
+        let err = TunnelError::new(
             ErrorCode::TunnelBroken,
             format!("no tunnel server reachable: {}", last.unwrap_or_default()),
-        ))
+        );
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), err.clone()));
+        Err(err)
     }
 
-    async fn dial(&self, addr: &str) -> Result<H2Channel, String> {
+    async fn dial(&self, addr: &str) -> Result<H2Client, String> {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect to {addr}: {e}"))?;
@@ -288,9 +301,11 @@ impl TunnelClient {
         Ok(channel)
     }
 
-    fn grpc(&self, ch: H2Channel) -> GrpcClient<H2Channel> {
-        GrpcClient::with_origin(ch, http::Uri::from_static("https://cluster-tunnel.server"))
-            .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+    fn grpc(&self, ch: H2Client) -> GrpcClient<GrpcChannel> {
+        GrpcClient::with_origin(
+            GrpcChannel::new(ch),
+            http::Uri::from_static("https://cluster-tunnel.server"),
+        )
     }
 
     /// Opens a tunnelled connection to `target` and waits for the far end's answer.
@@ -302,20 +317,7 @@ impl TunnelClient {
     /// Opens a tunnelled connection to `target` as an in-process byte stream
     /// (for protocols the caller speaks itself, such as HTTP/1 to the destination).
     pub async fn open_io(&self, target: &Target) -> Result<TunnelIo, TunnelError> {
-        self.with_retry(target, |ch| async move {
-            let (_, open) = target.open_frame(None);
-            let (tx, rx) = tokio::sync::mpsc::channel(IO_QUEUE_FRAMES);
-            let request = futures_util::stream::once(async move { open })
-                .chain(tokio_stream::wrappers::ReceiverStream::new(rx));
-            let (_, inbound) = self.start_stream(ch, request).await?;
-            Ok(TunnelIo {
-                tx: tokio_util::sync::PollSender::new(tx),
-                inbound,
-                pending: Bytes::new(),
-                read_done: false,
-            })
-        })
-        .await
+        Ok(self.open(target).await?.into_io())
     }
 
     async fn with_retry<'a, T, F, Fut>(
@@ -324,7 +326,7 @@ impl TunnelClient {
         attempt_fn: F,
     ) -> Result<T, TunnelError>
     where
-        F: Fn(H2Channel) -> Fut,
+        F: Fn(H2Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, TunnelError>> + 'a,
     {
         // One retry covers a connection that broke (or a server that began to
@@ -332,11 +334,22 @@ impl TunnelClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let ch = self.channel().await?;
+            let ch = tokio::time::timeout(self.opts.open_timeout, self.channel())
+                .await
+                .map_err(|_| {
+                    TunnelError::new(
+                        ErrorCode::TunnelBroken,
+                        format!(
+                            "no connection to a tunnel server within {:?}",
+                            self.opts.open_timeout
+                        ),
+                    )
+                })??;
             match tokio::time::timeout(self.opts.open_timeout, attempt_fn(ch)).await {
                 Ok(Err(err)) if attempt < 2 && err.code.is_retryable_on_other_agent() => {
-                    tracing::debug!(%target, %err, "retrying open on a fresh connection");
-                    *self.conn.lock().await = None;
+                    // A connection that failed was marked and is replaced by
+                    // `channel`; an answer from the far end keeps it.
+                    tracing::debug!(%target, %err, "retrying open");
                 }
                 Ok(res) => return res,
                 Err(_) => {
@@ -349,69 +362,44 @@ impl TunnelClient {
         }
     }
 
-    async fn try_open(&self, ch: H2Channel, target: &Target) -> Result<OpenedTunnel, TunnelError> {
-        let (id, open) = target.open_frame(None);
-        let (request, gate): (Gated<TcpFrames>, _) = gated(open);
-        let (opened, inbound) = self.start_stream(ch, request).await?;
-        Ok(OpenedTunnel {
-            id,
-            opened,
-            gate,
-            inbound,
-        })
-    }
-
-    /// Sends `request` (which starts with `Open`) and waits for the answer.
-    async fn start_stream<S>(
-        &self,
-        ch: H2Channel,
-        request: S,
-    ) -> Result<(pb::Opened, Streaming<Frame>), TunnelError>
-    where
-        S: futures_util::Stream<Item = Frame> + Send + 'static,
-    {
-        let mut request = tonic::Request::new(request);
-        if let Some(token) = &self.token {
-            let value = format!("Bearer {}", token.current()?)
-                .parse()
-                .map_err(|_| {
-                    TunnelError::new(
-                        ErrorCode::Unauthenticated,
-                        "the token file holds characters a header cannot carry",
-                    )
-                })?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        let response = self
-            .grpc(ch)
-            .connect(request)
-            .await
-            .map_err(|s| TunnelError::from_status(&s))?;
-        let mut inbound = response.into_inner();
-        match inbound.next().await {
-            Some(Ok(Frame {
-                kind: Some(Kind::Opened(opened)),
-            })) => Ok((opened, inbound)),
-            Some(Ok(Frame {
-                kind: Some(Kind::Error(e)),
-            })) => Err(TunnelError::from_pb(&e)),
-            Some(Ok(other)) => Err(TunnelError::new(
-                ErrorCode::Internal,
-                format!(
-                    "server answered with a {} frame instead of opened",
-                    other
-                        .kind
-                        .as_ref()
-                        .map(crate::relay::kind_name)
-                        .unwrap_or("empty")
-                ),
-            )),
-            Some(Err(status)) => Err(TunnelError::from_status(&status)),
-            None => Err(TunnelError::new(
+    async fn try_open(&self, ch: H2Client, target: &Target) -> Result<OpenedTunnel, TunnelError> {
+        let guard = ch
+            .stream_slot()
+            .map_err(|e| TunnelError::new(ErrorCode::ResourceExhausted, e.to_string()))?;
+        let open = target.open(None);
+        let token = match &self.token {
+            Some(t) => Some(t.current()?),
+            None => None,
+        };
+        let request = open.to_request(token.as_deref())?;
+        // A failure of the connection itself (not an answer from the far
+        // end): no new streams go on it; the next open reconnects.
+        let broken = |e: h2::Error| {
+            ch.mark_broken();
+            TunnelError::new(
                 ErrorCode::TunnelBroken,
-                "server closed the stream without an answer",
-            )),
-        }
+                format!("the connection to the server failed: {e}"),
+            )
+        };
+        let mut send = ch.sender().ready().await.map_err(broken)?;
+        let (response, stream) = send.send_request(request, false).map_err(broken)?;
+        let response = response.await.map_err(|e| {
+            if e.is_reset() && !e.is_go_away() {
+                // The server reset this one stream; the connection is fine.
+                TunnelError::new(
+                    ErrorCode::TunnelBroken,
+                    format!("the server reset the stream: {e}"),
+                )
+            } else {
+                broken(e)
+            }
+        })?;
+        let opened = read_answer(&response)?;
+        Ok(OpenedTunnel {
+            id: open.id,
+            opened,
+            stream: TunnelStream::new(stream, response.into_body(), guard),
+        })
     }
 
     /// Opens a tunnel to `target` and relays `tcp` through it.
@@ -496,24 +484,30 @@ pub fn host_of(addr: &str) -> &str {
     }
 }
 
-/// Frames a [`TunnelIo`] may queue before writes wait for HTTP/2.
-const IO_QUEUE_FRAMES: usize = 4;
-
 /// A tunnelled connection as an in-process byte stream (`AsyncRead` +
-/// `AsyncWrite`); shutting down the write side sends `eof`.
+/// `AsyncWrite`); shutting down the write side sends END_STREAM (a FIN),
+/// dropping it before both directions ended resets the stream.
 pub struct TunnelIo {
-    tx: tokio_util::sync::PollSender<Frame>,
-    inbound: Streaming<Frame>,
+    stream: TunnelStream,
     pending: Bytes,
     read_done: bool,
+    write_done: bool,
 }
 
 impl std::fmt::Debug for TunnelIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelIo")
             .field("read_done", &self.read_done)
+            .field("write_done", &self.write_done)
             .finish()
     }
+}
+
+fn reset_error(err: &h2::Error) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        format!("tunnel stream aborted: {err}"),
+    )
 }
 
 impl tokio::io::AsyncRead for TunnelIo {
@@ -523,40 +517,24 @@ impl tokio::io::AsyncRead for TunnelIo {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
+        let this = &mut *self;
         loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending.split_to(n));
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
                 return Poll::Ready(Ok(()));
             }
-            if self.read_done {
+            if this.read_done {
                 return Poll::Ready(Ok(()));
             }
-            match futures_util::ready!(self.inbound.poll_next_unpin(cx)) {
-                Some(Ok(Frame {
-                    kind: Some(Kind::Data(d)),
-                })) => self.pending = d,
-                Some(Ok(Frame {
-                    kind: Some(Kind::Eof(_)),
-                })) => self.read_done = true,
-                Some(Ok(_)) => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "unexpected frame in data phase",
-                    )));
+            match futures_util::ready!(this.stream.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    this.stream.conn().note_received(data.len());
+                    let _ = this.stream.recv.flow_control().release_capacity(data.len());
+                    this.pending = data;
                 }
-                Some(Err(status)) => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        format!("tunnel stream failed: {}", status.message()),
-                    )));
-                }
-                None => {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "tunnel stream ended without eof",
-                    )));
-                }
+                Some(Err(err)) => return Poll::Ready(Err(reset_error(&err))),
+                None => this.read_done = true,
             }
         }
     }
@@ -572,12 +550,26 @@ impl tokio::io::AsyncWrite for TunnelIo {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        futures_util::ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
-        let n = buf.len().min(crate::relay::MAX_READ);
-        self.tx
-            .send_item(crate::relay::data_frame(Bytes::copy_from_slice(&buf[..n])))
-            .map_err(|_| closed())?;
-        std::task::Poll::Ready(Ok(n))
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.stream.send;
+        send.reserve_capacity(buf.len().min(crate::relay::MAX_READ));
+        loop {
+            let cap = send.capacity();
+            if cap > 0 {
+                let n = cap.min(buf.len());
+                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(|_| closed())?;
+                return Poll::Ready(Ok(n));
+            }
+            match futures_util::ready!(send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Poll::Ready(Err(reset_error(&err))),
+                None => return Poll::Ready(Err(closed())),
+            }
+        }
     }
 
     fn poll_flush(
@@ -589,16 +581,16 @@ impl tokio::io::AsyncWrite for TunnelIo {
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.tx.is_closed() {
-            return std::task::Poll::Ready(Ok(()));
+        if !self.write_done {
+            self.write_done = true;
+            self.stream.send.reserve_capacity(0);
+            self.stream
+                .send
+                .send_data(Bytes::new(), true)
+                .map_err(|_| closed())?;
         }
-        futures_util::ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
-        self.tx
-            .send_item(crate::relay::eof_frame())
-            .map_err(|_| closed())?;
-        self.tx.close();
         std::task::Poll::Ready(Ok(()))
     }
 }

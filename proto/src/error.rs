@@ -1,10 +1,8 @@
 //! Typed tunnel errors: a code every side understands, plus a message for humans.
 //!
-//! The code travels in an `Error` frame; callers branch on [`ErrorCode`], never on
+//! The code travels as its label in a response header; callers branch on [`ErrorCode`], never on
 //! message text. Each code has a stable metric label and an HTTP status for
 //! proxies that speak HTTP to applications.
-
-use crate::pb;
 
 pub use crate::pb::ErrorCode;
 
@@ -27,23 +25,17 @@ impl TunnelError {
         }
     }
 
-    /// The `Error` frame that carries this error.
-    pub fn to_frame(&self) -> pb::Frame {
-        pb::Frame {
-            kind: Some(pb::frame::Kind::Error(pb::Error {
-                code: self.code as i32,
-                message: self.message.clone(),
-            })),
+    /// An error a peer sent as its code label and message (the
+    /// `tunnel-error` and `tunnel-message` headers). An unknown label (a newer
+    /// peer) becomes `Internal`, keeping the label in the message.
+    pub fn from_wire(label: &str, message: &str) -> Self {
+        match ErrorCode::from_label(label) {
+            Some(code) => Self::new(code, message),
+            None => Self::new(ErrorCode::Internal, format!("{label}: {message}")),
         }
     }
 
-    /// Reads an `Error` message; an unknown code (a newer peer) becomes `Internal`.
-    pub fn from_pb(err: &pb::Error) -> Self {
-        let code = ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Internal);
-        Self::new(code, err.message.clone())
-    }
-
-    /// A stream that broke for a transport reason (gRPC status, HTTP/2 reset).
+    /// A gRPC control call that failed (status from the peer or transport).
     pub fn from_status(status: &tonic::Status) -> Self {
         let code = match status.code() {
             tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
@@ -55,9 +47,10 @@ impl TunnelError {
             | tonic::Code::Aborted => ErrorCode::TunnelBroken,
             tonic::Code::DeadlineExceeded => ErrorCode::DialTimeout,
             tonic::Code::InvalidArgument => ErrorCode::BadRequest,
+            tonic::Code::ResourceExhausted => ErrorCode::ResourceExhausted,
             _ => ErrorCode::Internal,
         };
-        Self::new(code, format!("tunnel stream failed: {}", status.message()))
+        Self::new(code, format!("call failed: {}", status.message()))
     }
 }
 
@@ -79,7 +72,13 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::TunnelBroken => "tunnel_broken",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
         }
+    }
+
+    /// The code whose [`label`](Self::label) is `label`.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.label() == label)
     }
 
     /// The HTTP status an HTTP proxy answers with for this error.
@@ -93,7 +92,7 @@ impl ErrorCode {
             | ErrorCode::DestinationUnreachable
             | ErrorCode::DnsFailure
             | ErrorCode::TunnelBroken => 502,
-            ErrorCode::NoAgent | ErrorCode::ServerDraining => 503,
+            ErrorCode::NoAgent | ErrorCode::ServerDraining | ErrorCode::ResourceExhausted => 503,
             ErrorCode::DialTimeout => 504,
             ErrorCode::Unspecified | ErrorCode::Internal => 500,
         }
@@ -106,7 +105,7 @@ impl ErrorCode {
     }
 
     /// Every code a peer can send, for exhaustive tests and docs.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::UnknownCluster,
         ErrorCode::NoAgent,
         ErrorCode::DestinationRefused,
@@ -120,6 +119,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::BadRequest,
         ErrorCode::TunnelBroken,
+        ErrorCode::ResourceExhausted,
     ];
 }
 
@@ -142,24 +142,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_frames_round_trip_every_code() {
+    fn every_code_round_trips_through_its_label() {
         for code in ErrorCode::ALL {
             let err = TunnelError::new(code, "why");
-            let Some(pb::frame::Kind::Error(e)) = err.to_frame().kind else {
-                panic!("not an error frame")
-            };
-            assert_eq!(TunnelError::from_pb(&e), err);
+            assert_eq!(TunnelError::from_wire(code.label(), "why"), err);
             assert!(!code.label().is_empty());
         }
     }
 
     #[test]
-    fn an_unknown_code_from_a_newer_peer_reads_as_internal() {
-        let e = pb::Error {
-            code: 999,
-            message: "new".into(),
-        };
-        assert_eq!(TunnelError::from_pb(&e).code, ErrorCode::Internal);
+    fn an_unknown_label_from_a_newer_peer_reads_as_internal() {
+        let e = TunnelError::from_wire("quota_gone", "new");
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert!(e.message.contains("quota_gone"), "{e}");
     }
 
     #[test]

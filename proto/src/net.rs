@@ -87,12 +87,25 @@ pub const LINGER: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct LingeringClose {
     tcp: Option<TcpStream>,
+    closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl LingeringClose {
     /// Wraps `tcp`.
     pub fn new(tcp: TcpStream) -> Self {
-        Self { tcp: Some(tcp) }
+        Self {
+            tcp: Some(tcp),
+            closed: None,
+        }
+    }
+
+    /// Wraps `tcp`; `closed` is dropped once the socket is closed, after the
+    /// lingering (so that a process that waits for it exits only then).
+    pub fn with_signal(tcp: TcpStream, closed: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self {
+            tcp: Some(tcp),
+            closed: Some(closed),
+        }
     }
 
     fn tcp(&mut self) -> Pin<&mut TcpStream> {
@@ -108,7 +121,9 @@ impl Drop for LingeringClose {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let closed = self.closed.take();
         runtime.spawn(async move {
+            let _closed = closed;
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let _ = tcp.shutdown().await;
             let mut buf = [0u8; 4096];

@@ -1,49 +1,36 @@
-//! The one relay loop: a TCP connection on one side, a tunnel stream of
-//! [`Frame`]s on the other. Used by the agent (destination side) and by the
-//! client library (application side); the server only splices frames.
+//! Moving bytes: between a TCP connection and a tunnel stream ([`relay_tcp`],
+//! used by the agent and the client library), and between two tunnel streams
+//! ([`splice`], used by the server).
 //!
-//! Reading: [`TcpFrames`] is a stream that HTTP/2 polls when it has room to
-//! send, so the TCP socket is read only as fast as the tunnel drains it (no
-//! unbounded buffer anywhere), and the read buffer exists only while data is
-//! ready, so an idle connection holds no buffer. Writing: [`frames_to_tcp`]
-//! writes each data frame's bytes straight to the socket, without copying.
+//! Backpressure end to end, and no buffer of our own: a socket is read only
+//! as much as the stream may send (its HTTP/2 send capacity), received DATA
+//! is written to the socket (or handed to the next hop) as the buffer it
+//! arrived in, and its window is released only once it was written. So a
+//! stalled reader holds at most one stream window per hop, and an idle
+//! connection holds no buffer at all.
 //!
-//! Close semantics: an `eof` frame is a FIN in that direction (the socket's
-//! write side is shut down, the other direction keeps flowing). A stream that
-//! ends without `eof`, or fails, is an abort: the TCP connection is reset.
+//! Close semantics: END_STREAM is a FIN in that direction (the socket's write
+//! side is shut down, the other direction keeps flowing). A reset in either
+//! direction is an abort of both: the TCP connection is reset (RST, not FIN)
+//! and the stream is reset (RST_STREAM), on every hop.
 
-use std::future::Future as _;
-use std::pin::Pin;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use h2::{Reason, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
-use crate::pb::{self, Frame, frame::Kind};
+use crate::h2::{ConnShared, StreamGuard};
 
 /// First read size after a pause; small so interactive traffic stays cheap.
 pub const MIN_READ: usize = 16 * 1024;
-/// Largest read, and so the largest data frame: grows from [`MIN_READ`]
-/// while the socket keeps filling the buffer.
-pub const MAX_READ: usize = 256 * 1024 - 1024;
-
-/// A data frame.
-pub fn data_frame(data: Bytes) -> Frame {
-    Frame {
-        kind: Some(Kind::Data(data)),
-    }
-}
-
-/// An end-of-data (half-close) frame.
-pub fn eof_frame() -> Frame {
-    Frame {
-        kind: Some(Kind::Eof(pb::Eof {})),
-    }
-}
+/// Largest read: grows from [`MIN_READ`] while the socket keeps filling it.
+pub const MAX_READ: usize = 256 * 1024;
 
 /// Bytes moved by one side of a relay; shared with whoever reports on it.
 #[derive(Debug, Default)]
@@ -60,97 +47,42 @@ impl ByteCounter {
     }
 }
 
-/// Shared state of one relayed connection.
-#[derive(Debug, Default)]
-pub struct RelayState {
-    /// Payload bytes read from the TCP connection and sent into the tunnel.
-    pub sent: ByteCounter,
-    /// Payload bytes received from the tunnel and written to the TCP connection.
-    pub received: ByteCounter,
-    aborted: std::sync::atomic::AtomicBool,
+/// One open tunnel stream: both halves, and its place in the connection's count.
+#[derive(Debug)]
+pub struct TunnelStream {
+    /// Towards the peer.
+    pub send: SendStream<Bytes>,
+    /// From the peer.
+    pub recv: RecvStream,
+    guard: StreamGuard,
 }
 
-/// Reads a TCP connection as data frames, then one `eof` frame at FIN.
-/// A read error, or an abort of the other direction, ends the stream without
-/// `eof` (an abort). Reports how it ended through the `done` channel.
-pub struct TcpFrames {
-    prefix: Option<Bytes>,
-    half: Option<OwnedReadHalf>,
-    buf: BytesMut,
-    next_read: usize,
-    state: Arc<RelayState>,
-    done: Option<tokio::sync::oneshot::Sender<DirectionEnd>>,
-}
+impl TunnelStream {
+    /// A stream of the connection `guard` counts it on.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream, guard: StreamGuard) -> Self {
+        Self { send, recv, guard }
+    }
 
-impl TcpFrames {
-    fn finish(&mut self, end: DirectionEnd) {
-        self.half = None;
-        self.buf = BytesMut::new();
-        if let Some(done) = self.done.take() {
-            let _ = done.send(end);
-        }
+    /// The connection the stream belongs to.
+    pub fn conn(&self) -> &Arc<ConnShared> {
+        self.guard.conn()
+    }
+
+    /// Aborts the stream (RST_STREAM).
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
     }
 }
 
-impl Drop for TcpFrames {
-    fn drop(&mut self) {
-        // Dropped by HTTP/2 before the end (stream reset): an abort.
-        self.finish(DirectionEnd::Aborted);
-    }
-}
-
-impl Stream for TcpFrames {
-    type Item = Frame;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
-        let this = self.get_mut();
-        if let Some(prefix) = this.prefix.take() {
-            this.state.sent.add(prefix.len() as u64);
-            return Poll::Ready(Some(data_frame(prefix)));
-        }
-        loop {
-            let Some(half) = &this.half else {
-                return Poll::Ready(None);
-            };
-            let sock = half.as_ref();
-            if let Err(err) = ready!(sock.poll_read_ready(cx)) {
-                tracing::debug!(%err, "tcp read readiness failed");
-                this.finish(DirectionEnd::Aborted);
-                return Poll::Ready(None);
-            }
-            if this.buf.capacity() < this.next_read {
-                this.buf.reserve(this.next_read);
-            }
-            match sock.try_read_buf(&mut this.buf) {
-                Ok(0) if this.state.aborted.load(Ordering::Acquire) => {
-                    this.finish(DirectionEnd::Aborted);
-                    return Poll::Ready(None);
-                }
-                Ok(0) => {
-                    this.finish(DirectionEnd::Eof);
-                    return Poll::Ready(Some(eof_frame()));
-                }
-                Ok(n) => {
-                    // A full read means more is waiting: read more at once next time.
-                    if n >= this.next_read {
-                        this.next_read = (this.next_read * 2).min(MAX_READ);
-                    }
-                    this.state.sent.add(n as u64);
-                    return Poll::Ready(Some(data_frame(this.buf.split().freeze())));
-                }
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                    // Idle: hold no buffer; start small again.
-                    this.buf = BytesMut::new();
-                    this.next_read = MIN_READ;
-                }
-                Err(err) => {
-                    tracing::debug!(%err, "tcp read failed");
-                    this.finish(DirectionEnd::Aborted);
-                    return Poll::Ready(None);
-                }
-            }
-        }
-    }
+/// How one direction of a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectionEnd {
+    /// A half-close was passed on (END_STREAM or FIN).
+    Eof,
+    /// The direction was aborted: a reset from either side, or a failure.
+    Aborted,
+    /// Writing to the TCP connection failed (the local peer went away).
+    WriteFailed,
 }
 
 /// How a relayed connection ended, with its byte counts.
@@ -173,189 +105,447 @@ impl RelayOutcome {
     }
 }
 
-/// Starts relaying `tcp` over a tunnel stream whose incoming frames are
-/// `inbound`; `prefix` (bytes already read from `tcp`, may be empty) is sent first. Returns the outgoing frame stream, to be handed to HTTP/2 as the
-/// request or response body, and a future that writes the incoming side and
-/// completes when both directions have ended.
-pub fn relay_tcp<S, E>(
-    tcp: tokio::net::TcpStream,
-    prefix: Bytes,
-    inbound: S,
-) -> (
-    TcpFrames,
-    impl std::future::Future<Output = RelayOutcome> + Send,
-)
-where
-    S: Stream<Item = Result<Frame, E>> + Unpin + Send,
-    E: std::fmt::Display + Send,
-{
-    let (read, write) = tcp.into_split();
-    let state = Arc::new(RelayState::default());
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let outbound = TcpFrames {
-        prefix: (!prefix.is_empty()).then_some(prefix),
-        half: Some(read),
-        buf: BytesMut::new(),
-        next_read: MIN_READ,
-        state: state.clone(),
-        done: Some(done_tx),
-    };
-    let fut = async move {
-        let inbound_end = frames_to_tcp(inbound, write, &state).await;
-        let outbound_end = done_rx.await.unwrap_or(DirectionEnd::Aborted);
-        RelayOutcome {
-            sent: state.sent.get(),
-            received: state.received.get(),
-            outbound: outbound_end,
-            inbound: inbound_end,
-        }
-    };
-    (outbound, fut)
+/// Waits for send capacity and sends all of `data` (split to what the
+/// window allows, without copying). Fails if the stream was reset or `stop`
+/// fired.
+pub async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    while !data.is_empty() {
+        let cap = capacity(send, data.len(), stop).await?;
+        let chunk = data.split_to(cap.min(data.len()));
+        send.send_data(chunk, false).map_err(|_| ())?;
+    }
+    send.reserve_capacity(0);
+    Ok(())
 }
 
-/// How one direction of a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirectionEnd {
-    /// An `eof` arrived and was passed on as a FIN.
-    Eof,
-    /// The stream ended or failed without `eof`; the TCP connection was reset.
-    Aborted,
-    /// Writing to the TCP connection failed (the local peer went away).
-    WriteFailed,
-}
-
-/// Writes the data of `frames` to `half` until `eof` (then shuts down the
-/// write side) or until the stream ends without it (then resets the
-/// connection and ends the other direction too).
-async fn frames_to_tcp<S, E>(
-    mut frames: S,
-    mut half: OwnedWriteHalf,
-    state: &RelayState,
-) -> DirectionEnd
-where
-    S: Stream<Item = Result<Frame, E>> + Unpin,
-    E: std::fmt::Display,
-{
+/// Reserves up to `want` bytes of send capacity and waits until some is assigned.
+async fn capacity(
+    send: &mut SendStream<Bytes>,
+    want: usize,
+    stop: &CancellationToken,
+) -> Result<usize, ()> {
+    send.reserve_capacity(want);
     loop {
-        match frames.next().await {
-            Some(Ok(Frame {
-                kind: Some(Kind::Data(data)),
-            })) => {
-                let n = data.len() as u64;
-                if let Err(err) = half.write_all(&data).await {
+        let cap = send.capacity();
+        if cap > 0 {
+            return Ok(cap);
+        }
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Err(()),
+            c = poll_fn(|cx| send.poll_capacity(cx)) => match c {
+                Some(Ok(_)) => {}
+                // The stream was reset or the connection is gone.
+                Some(Err(_)) | None => return Err(()),
+            },
+        }
+    }
+}
+
+/// DATA smaller than this is merged with what else is already buffered.
+const COALESCE_BELOW: usize = 4 * 1024;
+/// Most bytes merged into one buffer.
+const COALESCE_MAX: usize = 64 * 1024;
+
+/// The next DATA of `recv`, counted on its connection; `None` at END_STREAM,
+/// `Err` on a reset or a failed connection, or when `stop` fired. Small
+/// frames already buffered behind it are merged into one buffer (copied),
+/// so that a peer writing tiny frames costs one frame per hop, not one per
+/// byte it wrote.
+async fn next_data(
+    recv: &mut RecvStream,
+    conn: &ConnShared,
+    stop: &CancellationToken,
+) -> Result<Option<Bytes>, Option<h2::Error>> {
+    let first = tokio::select! {
+        biased;
+        () = stop.cancelled() => return Err(None),
+        d = recv.data() => match d {
+            Some(Ok(data)) => data,
+            Some(Err(err)) => return Err(Some(err)),
+            None => return Ok(None),
+        },
+    };
+    conn.note_received(first.len());
+    if first.len() >= COALESCE_BELOW {
+        return Ok(Some(first));
+    }
+    let mut merged: Option<BytesMut> = None;
+    let mut len = first.len();
+    while len < COALESCE_MAX && !recv.is_end_stream() {
+        use futures_util::FutureExt as _;
+        match recv.data().now_or_never() {
+            Some(Some(Ok(more))) => {
+                conn.note_received(more.len());
+                len += more.len();
+                merged
+                    .get_or_insert_with(|| {
+                        let mut b = BytesMut::with_capacity(COALESCE_MAX.max(len));
+                        b.extend_from_slice(&first);
+                        b
+                    })
+                    .extend_from_slice(&more);
+            }
+            // Nothing more buffered now; an error or the end shows at the next call.
+            _ => break,
+        }
+    }
+    Ok(Some(merged.map_or(first, BytesMut::freeze)))
+}
+
+/// Relays `tcp` over `stream` until both directions have ended; `prefix`
+/// (bytes already read from `tcp`, may be empty) is sent first.
+pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) -> RelayOutcome {
+    let TunnelStream {
+        mut send,
+        mut recv,
+        guard,
+    } = stream;
+    let conn = guard.conn().clone();
+    let sent = ByteCounter::default();
+    let received = ByteCounter::default();
+    let abort = CancellationToken::new();
+    let inbound_done = CancellationToken::new();
+    let (outbound, inbound) = {
+        let (rd, mut wr) = tcp.split();
+        let outbound = async {
+            let end = tcp_to_stream(rd.as_ref(), prefix, &mut send, &sent, &abort).await;
+            if end != DirectionEnd::Eof {
+                abort.cancel();
+                return end;
+            }
+            // Our side is done sending, but a reset from the peer or from
+            // the local socket must still end the other direction.
+            tokio::select! {
+                biased;
+                () = abort.cancelled() => {}
+                () = inbound_done.cancelled() => {}
+                _ = poll_fn(|cx| send.poll_reset(cx)) => abort.cancel(),
+                _ = tcp_error(rd.as_ref()) => abort.cancel(),
+            }
+            end
+        };
+        let inbound = async {
+            let end = stream_to_tcp(&mut recv, &conn, &mut wr, &received, &abort).await;
+            if end != DirectionEnd::Eof {
+                abort.cancel();
+            }
+            inbound_done.cancel();
+            end
+        };
+        tokio::join!(outbound, inbound)
+    };
+    if abort.is_cancelled() {
+        // Both sides learn of the abort as an abort.
+        send.send_reset(Reason::CANCEL);
+        reset_tcp(tcp);
+    }
+    drop(guard);
+    RelayOutcome {
+        sent: sent.get(),
+        received: received.get(),
+        outbound,
+        inbound,
+    }
+}
+
+/// Completes when the socket has a pending error (the peer reset it).
+async fn tcp_error(tcp: &TcpStream) -> std::io::Error {
+    let res = tcp
+        .async_io(tokio::io::Interest::ERROR, || match tcp.take_error() {
+            Ok(Some(err)) => Ok(err),
+            Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+            Err(err) => Ok(err),
+        })
+        .await;
+    res.unwrap_or_else(|e| e)
+}
+
+/// Reads `tcp` into the stream, at most what the stream may send.
+async fn tcp_to_stream(
+    tcp: &TcpStream,
+    prefix: Bytes,
+    send: &mut SendStream<Bytes>,
+    sent: &ByteCounter,
+    abort: &CancellationToken,
+) -> DirectionEnd {
+    if !prefix.is_empty() {
+        let n = prefix.len() as u64;
+        if send_all(send, prefix, abort).await.is_err() {
+            return DirectionEnd::Aborted;
+        }
+        sent.add(n);
+    }
+    let mut next_read = MIN_READ;
+    loop {
+        tokio::select! {
+            biased;
+            () = abort.cancelled() => return DirectionEnd::Aborted,
+            _ = poll_fn(|cx| send.poll_reset(cx)) => return DirectionEnd::Aborted,
+            r = tcp.readable() => if let Err(err) = r {
+                tracing::debug!(%err, "tcp read readiness failed");
+                return DirectionEnd::Aborted;
+            },
+        }
+        let cap = tokio::select! {
+            c = capacity(send, next_read, abort) => match c {
+                Ok(cap) => cap,
+                Err(()) => return DirectionEnd::Aborted,
+            },
+            // The local peer reset while the stream had no room.
+            err = tcp_error(tcp) => {
+                tracing::debug!(%err, "tcp connection reset while waiting for the tunnel");
+                return DirectionEnd::Aborted;
+            }
+        };
+        let mut buf = BytesMut::with_capacity(cap.min(next_read));
+        match tcp.try_read_buf(&mut buf) {
+            Ok(0) => {
+                send.reserve_capacity(0);
+                return match send.send_data(Bytes::new(), true) {
+                    Ok(()) => DirectionEnd::Eof,
+                    Err(_) => DirectionEnd::Aborted,
+                };
+            }
+            Ok(n) => {
+                // A full read means more is waiting: read more at once next time.
+                if n >= next_read {
+                    next_read = (next_read * 2).min(MAX_READ);
+                }
+                sent.add(n as u64);
+                if send.send_data(buf.freeze(), false).is_err() {
+                    return DirectionEnd::Aborted;
+                }
+                // Hold no connection send capacity while idle.
+                send.reserve_capacity(0);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                send.reserve_capacity(0);
+                next_read = MIN_READ;
+            }
+            Err(err) => {
+                tracing::debug!(%err, "tcp read failed");
+                return DirectionEnd::Aborted;
+            }
+        }
+    }
+}
+
+/// Writes the stream's data to `tcp`, releasing its window as it goes.
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    conn: &ConnShared,
+    tcp: &mut tokio::net::tcp::WriteHalf<'_>,
+    received: &ByteCounter,
+    abort: &CancellationToken,
+) -> DirectionEnd {
+    loop {
+        match next_data(recv, conn, abort).await {
+            Ok(Some(data)) => {
+                let n = data.len();
+                let written = tokio::select! {
+                    biased;
+                    () = abort.cancelled() => return DirectionEnd::Aborted,
+                    w = tcp.write_all(&data) => w,
+                };
+                if let Err(err) = written {
                     tracing::debug!(%err, "tcp write failed");
-                    reset(half, state);
                     return DirectionEnd::WriteFailed;
                 }
-                state.received.add(n);
+                received.add(n as u64);
+                let _ = recv.flow_control().release_capacity(n);
             }
-            Some(Ok(Frame {
-                kind: Some(Kind::Eof(_)),
-            })) => {
-                if let Err(err) = half.shutdown().await {
+            Ok(None) => {
+                if let Err(err) = tcp.shutdown().await {
                     tracing::debug!(%err, "tcp shutdown failed");
                 }
                 return DirectionEnd::Eof;
             }
-            Some(Ok(other)) => {
-                tracing::debug!(frame = ?other.kind.as_ref().map(kind_name), "unexpected frame in data phase");
-                reset(half, state);
+            Err(Some(err)) => {
+                tracing::debug!(%err, "tunnel stream aborted");
                 return DirectionEnd::Aborted;
             }
-            Some(Err(err)) => {
-                tracing::debug!(%err, "tunnel stream failed");
-                reset(half, state);
-                return DirectionEnd::Aborted;
-            }
-            None => {
-                reset(half, state);
-                return DirectionEnd::Aborted;
-            }
+            Err(None) => return DirectionEnd::Aborted,
         }
     }
 }
 
-/// Resets the TCP connection (RST, not FIN) once both halves are dropped.
-fn reset(half: OwnedWriteHalf, state: &RelayState) {
-    state.aborted.store(true, Ordering::Release);
-    let sock = socket2::SockRef::from(half.as_ref());
-    if let Err(err) = sock.set_linger(Some(std::time::Duration::ZERO)) {
+/// Resets a TCP connection (RST, not FIN).
+pub fn reset_tcp(tcp: TcpStream) {
+    if let Err(err) = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)) {
         tracing::debug!(%err, "cannot set SO_LINGER for reset");
     }
-    // Ends the reading direction too; it sees `aborted` and sends no eof.
-    let _ = sock.shutdown(std::net::Shutdown::Read);
-    // Dropping the write half would send a FIN first.
-    half.forget();
+    drop(tcp);
 }
 
-/// The name of a frame kind, for logs.
-pub fn kind_name(kind: &Kind) -> &'static str {
-    match kind {
-        Kind::Open(_) => "open",
-        Kind::Opened(_) => "opened",
-        Kind::Data(_) => "data",
-        Kind::Eof(_) => "eof",
-        Kind::Error(_) => "error",
-    }
+/// What the server counts of one spliced connection.
+#[derive(Debug, Default)]
+pub struct SpliceCounters {
+    /// Bytes from the client towards the cluster.
+    pub to_cluster: ByteCounter,
+    /// Bytes from the cluster towards the client.
+    pub from_cluster: ByteCounter,
 }
 
-/// A stream that yields `first`, then waits until [`GateOpener::open`] hands
-/// it the rest. Lets an opener send `Open` before it commits the rest of the
-/// connection (the client keeps its socket until the tunnel answered; the
-/// server keeps the client's stream so it can retry another agent).
-pub struct Gated<S> {
-    first: Option<Frame>,
-    gate: Option<tokio::sync::oneshot::Receiver<S>>,
-    rest: Option<S>,
+/// How a spliced connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpliceOutcome {
+    /// The client-to-cluster direction.
+    pub to_cluster: DirectionEnd,
+    /// The cluster-to-client direction.
+    pub from_cluster: DirectionEnd,
+    /// `cut` fired (a revocation, an idle timeout) and reset both streams.
+    pub cut: bool,
 }
 
-/// Hands the rest of the stream to a [`Gated`] stream.
-#[derive(Debug)]
-pub struct GateOpener<S>(tokio::sync::oneshot::Sender<S>);
-
-impl<S> GateOpener<S> {
-    /// Continues the gated stream with `rest`. Gives `rest` back if the gated
-    /// stream is gone.
-    pub fn open(self, rest: S) -> Result<(), S> {
-        self.0.send(rest)
-    }
-}
-
-/// A gated stream that starts with `first`, and its opener.
-pub fn gated<S>(first: Frame) -> (Gated<S>, GateOpener<S>) {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    (
-        Gated {
-            first: Some(first),
-            gate: Some(rx),
-            rest: None,
-        },
-        GateOpener(tx),
-    )
-}
-
-impl<S: Stream<Item = Frame> + Unpin> Stream for Gated<S> {
-    type Item = Frame;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
-        let this = self.get_mut();
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(first));
-        }
-        if let Some(gate) = &mut this.gate {
-            match ready!(Pin::new(gate).poll(cx)) {
-                Ok(rest) => this.rest = Some(rest),
-                // The opener gave up: end without eof (an abort).
-                Err(_) => {
-                    this.gate = None;
-                    return Poll::Ready(None);
-                }
+/// Passes DATA between two streams until both directions have ended, or
+/// until `cut` completes (then both streams are reset). A reset of either
+/// stream resets the other. `idle_timeout` cuts a connection that moved no
+/// byte for that long.
+pub async fn splice(
+    mut client: TunnelStream,
+    mut agent: TunnelStream,
+    counters: &SpliceCounters,
+    cut: impl std::future::Future<Output = ()>,
+    idle_timeout: Option<Duration>,
+) -> SpliceOutcome {
+    let abort = CancellationToken::new();
+    let activity = AtomicU64::new(0);
+    let up_done = CancellationToken::new();
+    let down_done = CancellationToken::new();
+    let client_conn = client.conn().clone();
+    let agent_conn = agent.conn().clone();
+    let up = async {
+        let end = pass(
+            &mut client.recv,
+            &client_conn,
+            &mut agent.send,
+            &counters.to_cluster,
+            &activity,
+            &abort,
+        )
+        .await;
+        finish_direction(end, &mut agent.send, &up_done, &down_done, &abort).await
+    };
+    let down = async {
+        let end = pass(
+            &mut agent.recv,
+            &agent_conn,
+            &mut client.send,
+            &counters.from_cluster,
+            &activity,
+            &abort,
+        )
+        .await;
+        finish_direction(end, &mut client.send, &down_done, &up_done, &abort).await
+    };
+    let idle = async {
+        let Some(limit) = idle_timeout else {
+            return std::future::pending().await;
+        };
+        let mut seen = activity.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(limit).await;
+            let now = activity.load(Ordering::Relaxed);
+            if now == seen {
+                tracing::debug!(?limit, "connection idle; cut");
+                return;
             }
-            this.gate = None;
+            seen = now;
         }
-        match &mut this.rest {
-            Some(rest) => rest.poll_next_unpin(cx),
-            None => Poll::Ready(None),
+    };
+    let (to_cluster, from_cluster, cut) = {
+        let directions = async { tokio::join!(up, down) };
+        tokio::pin!(directions, cut, idle);
+        tokio::select! {
+        (a, b) = &mut directions => (a, b, false),
+        () = &mut cut => {
+            abort.cancel();
+            let (a, b) = directions.await;
+            (a, b, true)
+        }
+        () = &mut idle => {
+            abort.cancel();
+            let (a, b) = directions.await;
+            (a, b, true)
+        }
+        }
+    };
+    if abort.is_cancelled() {
+        client.reset(Reason::CANCEL);
+        agent.reset(Reason::CANCEL);
+    }
+    SpliceOutcome {
+        to_cluster,
+        from_cluster,
+        cut,
+    }
+}
+
+/// Ends one direction of a splice: an abort ends both; a clean end keeps
+/// watching its outgoing stream for a reset until the other direction is
+/// done too (nobody else polls that stream any more).
+async fn finish_direction(
+    end: DirectionEnd,
+    to: &mut SendStream<Bytes>,
+    done: &CancellationToken,
+    other_done: &CancellationToken,
+    abort: &CancellationToken,
+) -> DirectionEnd {
+    done.cancel();
+    if end != DirectionEnd::Eof {
+        abort.cancel();
+        return end;
+    }
+    tokio::select! {
+        biased;
+        () = abort.cancelled() => {}
+        () = other_done.cancelled() => {}
+        _ = poll_fn(|cx| to.poll_reset(cx)) => abort.cancel(),
+    }
+    end
+}
+
+/// One direction of a splice.
+async fn pass(
+    from: &mut RecvStream,
+    from_conn: &ConnShared,
+    to: &mut SendStream<Bytes>,
+    counter: &ByteCounter,
+    activity: &AtomicU64,
+    abort: &CancellationToken,
+) -> DirectionEnd {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = poll_fn(|cx| to.poll_reset(cx)) => return DirectionEnd::Aborted,
+            d = next_data(from, from_conn, abort) => d,
+        };
+        match next {
+            Ok(Some(data)) => {
+                let n = data.len();
+                if send_all(to, data, abort).await.is_err() {
+                    return DirectionEnd::Aborted;
+                }
+                counter.add(n as u64);
+                activity.fetch_add(1, Ordering::Relaxed);
+                let _ = from.flow_control().release_capacity(n);
+            }
+            Ok(None) => {
+                if to.send_data(Bytes::new(), true).is_err() {
+                    return DirectionEnd::Aborted;
+                }
+                return DirectionEnd::Eof;
+            }
+            Err(Some(err)) => {
+                tracing::debug!(%err, "stream aborted");
+                return DirectionEnd::Aborted;
+            }
+            Err(None) => return DirectionEnd::Aborted,
         }
     }
 }

@@ -12,8 +12,6 @@ fn generated_code_matches_the_proto_file() {
     let out = tempfile::tempdir().expect("temp dir");
     tonic_prost_build::configure()
         .build_transport(false)
-        .bytes(".clustertunnel.v1.Frame.data")
-        .codec_path("crate::codec::FrameCodec")
         .out_dir(out.path())
         .compile_fds(fds)
         .expect("code generation");

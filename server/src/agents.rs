@@ -3,19 +3,18 @@
 //! what it may do, so an agent cannot claim another cluster's name.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
-use tunnel_proto::h2::{PeerInfo, WithPeer, client_handshake, serve_connection};
+use tunnel_proto::grpc::GrpcChannel;
+use tunnel_proto::h2::{H2Server, PeerInfo, client_handshake};
 use tunnel_proto::identity::{Identity, peer_identity};
+use tunnel_proto::net::LingeringClose;
 use tunnel_proto::pb;
 use tunnel_proto::pb::agent_client::AgentClient;
 use tunnel_proto::pb::tunnel_server::TunnelServer;
@@ -65,8 +64,15 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     listener: &'static str,
-) -> Option<(TlsStream<TcpStream>, Identity)> {
+    closed: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Option<(TlsStream<LingeringClose>, Identity)> {
     tunnel_proto::net::tune_tunnel_socket(&tcp, &state.config.h2.liveness);
+    // Closed with a linger, so that the peer reads our last frames before
+    // our close could reset the connection; `closed` says when that is done.
+    let tcp = match closed {
+        Some(tx) => LingeringClose::with_signal(tcp, tx),
+        None => LingeringClose::new(tcp),
+    };
     let reject = |reason: &'static str| {
         state
             .metrics
@@ -129,7 +135,10 @@ async fn serve_agent(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some((tls, identity)) = handshake(&state, tcp, peer, "agent").await else {
+    // The socket is closed (after lingering) when HTTP/2 is done with it,
+    // which tells a draining server its last frames went out.
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "agent", Some(closed_tx)).await else {
         return;
     };
     let Identity::Agent { cluster } = identity else {
@@ -143,13 +152,6 @@ async fn serve_agent(
             })
             .inc();
         return;
-    };
-    // HTTP/2 drives the connection in a task of its own; the socket is dropped
-    // when that task is done, which tells a draining server its last frames went out.
-    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-    let tls = SignalOnDrop {
-        io: tls,
-        _closed: closed_tx,
     };
     let (channel, driver) = match client_handshake(tls, &state.config.h2).await {
         Ok(x) => x,
@@ -168,7 +170,7 @@ async fn serve_agent(
     };
     let driver = tokio::spawn(driver);
     let mut client = AgentClient::with_origin(
-        channel.clone(),
+        GrpcChannel::new(channel.clone()),
         http::Uri::from_static("https://cluster-tunnel.agent"),
     );
     let hello = tokio::time::timeout(
@@ -276,78 +278,97 @@ pub async fn accept_clients(
     state: Arc<ServerState>,
     stop: watch::Receiver<bool>,
 ) {
-    let svc = TunnelServer::new(TunnelService::new(state.clone()))
-        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
     let stop_conn = stop.clone();
     accept_loop(listener, stop, move |tcp, peer| {
         let state = state.clone();
-        let svc = svc.clone();
-        let mut stop = stop_conn.clone();
-        async move {
-            let Some((tls, identity)) = handshake(&state, tcp, peer, "client").await else {
-                return;
-            };
-            if !matches!(identity, Identity::Client { .. }) {
-                // Served, so that each call gets a typed `unauthenticated` answer
-                // rather than a bare connection error.
-                tracing::warn!(%peer, %identity, "only client certificates may use the client port; its calls will be refused");
-                state.metrics.rejected.get_or_create(&RejectLabel { listener: "client", reason: "identity" }).inc();
-            }
-            tracing::debug!(%peer, %identity, "client connected");
-            let svc = WithPeer::new(svc, PeerInfo { identity: identity.clone(), remote_addr: peer });
-            let shutdown = async move { stopped(&mut stop).await };
-            if let Err(err) = serve_connection(tls, svc, &state.config.h2, shutdown).await {
-                tracing::warn!(%peer, %identity, %err, "client connection failed");
-            } else {
-                tracing::debug!(%peer, %identity, "client disconnected");
-            }
-        }
+        let stop = stop_conn.clone();
+        async move { serve_client(state, tcp, peer, stop).await }
     })
     .await;
 }
 
-/// A connection's socket that drops `_closed` with itself.
-struct SignalOnDrop<IO> {
-    io: IO,
-    _closed: tokio::sync::oneshot::Sender<()>,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for SignalOnDrop<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+async fn serve_client(
+    state: Arc<ServerState>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "client", None).await else {
+        return;
+    };
+    if !matches!(identity, Identity::Client { .. }) {
+        // Served, so that each call gets a typed `unauthenticated` answer
+        // rather than a bare connection error.
+        tracing::warn!(%peer, %identity, "only client certificates may use the client port; its calls will be refused");
+        state
+            .metrics
+            .rejected
+            .get_or_create(&RejectLabel {
+                listener: "client",
+                reason: "identity",
+            })
+            .inc();
     }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for SignalOnDrop<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+    let mut conn = match H2Server::handshake(tls, &state.config.h2).await {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::warn!(%peer, %identity, %err, "HTTP/2 handshake with client failed");
+            state
+                .metrics
+                .rejected
+                .get_or_create(&RejectLabel {
+                    listener: "client",
+                    reason: "http2",
+                })
+                .inc();
+            return;
+        }
+    };
+    tracing::debug!(%peer, %identity, "client connected");
+    let info = Arc::new(PeerInfo {
+        identity: identity.clone(),
+        remote_addr: peer,
+    });
+    let control = TunnelServer::new(TunnelService::new(state.clone()))
+        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = stopped(&mut stop), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        match next {
+            Some(Ok((mut req, respond))) => {
+                if req.method() == http::Method::CONNECT {
+                    let guard = match conn.conn().try_stream_opened(u64::MAX) {
+                        Ok(guard) => guard,
+                        Err(full) => {
+                            crate::tunnel::refuse_full(&state, respond, &info, &full);
+                            continue;
+                        }
+                    };
+                    tokio::spawn(crate::tunnel::serve_stream(
+                        state.clone(),
+                        info.clone(),
+                        req,
+                        respond,
+                        guard,
+                    ));
+                } else {
+                    req.extensions_mut().insert(info.clone());
+                    tokio::spawn(tunnel_proto::grpc::serve(control.clone(), req, respond));
+                }
+            }
+            Some(Err(err)) => {
+                tracing::warn!(%peer, %identity, %err, "client connection failed");
+                return;
+            }
+            None => break,
+        }
     }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    tracing::debug!(%peer, %identity, "client disconnected");
 }

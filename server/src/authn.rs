@@ -174,9 +174,7 @@ fn service_account(username: &str) -> Verdict {
 }
 
 /// The bearer token of a call, if it sent one.
-pub fn bearer_token(
-    metadata: &tonic::metadata::MetadataMap,
-) -> Result<Option<String>, TunnelError> {
+pub fn bearer_token(metadata: &http::HeaderMap) -> Result<Option<String>, TunnelError> {
     let Some(value) = metadata.get("authorization") else {
         return Ok(None);
     };
@@ -422,7 +420,7 @@ mod tests {
 
     #[test]
     fn bearer_tokens_are_read_from_metadata() {
-        let mut m = tonic::metadata::MetadataMap::new();
+        let mut m = http::HeaderMap::new();
         assert_eq!(bearer_token(&m).unwrap(), None);
         m.insert("authorization", "Bearer abc".parse().unwrap());
         assert_eq!(bearer_token(&m).unwrap().as_deref(), Some("abc"));

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tunnel_proto::cli::{LogFormat, parse_duration};
-use tunnel_proto::h2::H2Settings;
 use tunnel_proto::identity::DEFAULT_TRUST_DOMAIN;
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
@@ -135,6 +134,20 @@ pub struct RunArgs {
     /// A tunnel peer that answers nothing for this long is declared dead.
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub dead_peer_timeout: Duration,
+    /// Flow control of tunnel connections.
+    #[command(flatten)]
+    pub flow: tunnel_proto::cli::FlowArgs,
+    /// Connections one client identity (token subject, else certificate) may
+    /// have open; more are refused with resource_exhausted.
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = crate::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY)]
+    pub max_connections_per_identity: u64,
+    /// Connections one agent tunnel may carry; when every agent of a cluster
+    /// is full, more are refused with resource_exhausted.
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS_PER_AGENT", default_value_t = crate::DEFAULT_MAX_CONNECTIONS_PER_AGENT)]
+    pub max_connections_per_agent: u64,
+    /// Cut (reset) a connection that moved no byte for this long; 0 = never.
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
     /// Authorization policy file (YAML, the `spec` of a TunnelPolicy); re-read
     /// when it changes. Without it, --policy-kubernetes or --allow-all, every
     /// connection is refused (deny unless a policy allows).
@@ -157,6 +170,11 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub cluster_labels: Vec<String>,
+    /// With --policy-kubernetes: also follow open-cluster-management's
+    /// ManagedClusters and ManagedClusterSets, so that policies select clusters
+    /// by their own labels (matchLabels) and by cluster set (clusterSet).
+    #[arg(long, env = "TUNNEL_CLUSTERS_FROM_OCM", requires = "policy_kubernetes")]
+    pub clusters_from_ocm: bool,
     /// Cut open connections that a changed policy no longer allows.
     #[arg(long, env = "TUNNEL_ENFORCE_ON_CHANGE")]
     pub enforce_on_change: bool,
@@ -224,10 +242,10 @@ impl RunArgs {
             tunnel_proto::identity::validate_cluster_name(c)
                 .map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
         }
-        let h2 = H2Settings {
-            liveness: Liveness::from_timeout(self.dead_peer_timeout),
-            ..H2Settings::default()
-        };
+        let h2 = self
+            .flow
+            .settings(Liveness::from_timeout(self.dead_peer_timeout))
+            .map_err(|e| anyhow::anyhow!(e))?;
         let mut cluster_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for l in &self.cluster_labels {
             let (cluster, k, v) = crate::policy::parse_cluster_label(l)
@@ -241,6 +259,7 @@ impl RunArgs {
         let auth = AuthConfig {
             policy,
             cluster_labels,
+            clusters_from_ocm: self.clusters_from_ocm,
             enforce_on_change: self.enforce_on_change,
             token_review: self.token_review.then(|| crate::authn::TokenReviewConfig {
                 audiences: self.token_audiences.clone(),
@@ -266,6 +285,11 @@ impl RunArgs {
             probe: crate::probes::ProbeConfig {
                 interval: self.probe_interval,
                 target: self.probe_target.clone(),
+            },
+            limits: crate::Limits {
+                max_connections_per_identity: self.max_connections_per_identity,
+                max_connections_per_agent: self.max_connections_per_agent,
+                idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             },
         })
     }

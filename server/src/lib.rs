@@ -8,7 +8,8 @@
 //! - [`pool`]: the connected agents by cluster, and how one is picked.
 //! - [`policy`]: who may reach which clusters and destinations (the
 //!   `TunnelPolicy` resource and the standalone policy file);
-//!   [`policy_watch`]: `TunnelPolicy` objects followed with kube-runtime.
+//!   [`policy_watch`]: `TunnelPolicy` objects followed with kube-runtime;
+//!   [`ocm_clusters`]: open-cluster-management clusters' labels and sets.
 //! - [`authn`]: the caller's identity: its certificate, or a service-account
 //!   token checked with the Kubernetes `TokenReview` API.
 //! - [`metrics`]: Prometheus metrics, served on the admin port with
@@ -22,6 +23,7 @@ pub mod agents;
 pub mod authn;
 pub mod cli;
 pub mod metrics;
+pub mod ocm_clusters;
 pub mod policy;
 pub mod policy_watch;
 pub mod pool;
@@ -84,6 +86,35 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// The server's own periodic probes of every cluster ([`probes`]).
     pub probe: probes::ProbeConfig,
+    /// Bounds on connections.
+    pub limits: Limits,
+}
+
+/// Default most connections one client identity may have open.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: u64 = 10_000;
+/// Default most connections one agent tunnel may carry.
+pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: u64 = 10_000;
+
+/// Bounds on connections. A connection beyond one is refused with
+/// `resource_exhausted` and a log line.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections one identity (token subject, else certificate) may have open.
+    pub max_connections_per_identity: u64,
+    /// Connections one agent tunnel may carry.
+    pub max_connections_per_agent: u64,
+    /// Cut a connection that moved no byte for this long (off by default).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            max_connections_per_agent: DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            idle_timeout: None,
+        }
+    }
 }
 
 /// Where the authorization policy comes from.
@@ -112,6 +143,8 @@ pub struct AuthConfig {
     pub policy: PolicySource,
     /// Labels of each cluster, for policies that select clusters by label.
     pub cluster_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// With a Kubernetes policy: clusters' labels and sets from open-cluster-management.
+    pub clusters_from_ocm: bool,
     /// Cut open connections that a changed policy no longer allows.
     pub enforce_on_change: bool,
     /// Validate service-account tokens with the TokenReview API.
@@ -130,6 +163,8 @@ pub struct ServerState {
     pub policy: Option<watch::Receiver<Arc<policy::Policy>>>,
     /// Token validation, when on.
     pub token_reviewer: Option<authn::TokenReviewer>,
+    /// Connections open per identity.
+    pub identity_counts: tunnel::IdentityCounts,
     draining: AtomicBool,
     open: AtomicUsize,
     all_closed: Notify,
@@ -233,7 +268,11 @@ impl Server {
             }
             PolicySource::Kubernetes => {
                 let client = kube_client.clone().expect("created above");
-                let (rx, task) = policy_watch::watch_policies(client, metrics.clone());
+                let (rx, task) = policy_watch::watch_policies(
+                    client,
+                    metrics.clone(),
+                    config.auth.clusters_from_ocm,
+                );
                 tasks.push(task);
                 Some(rx)
             }
@@ -247,6 +286,7 @@ impl Server {
             pool: AgentPool::with_known_clusters(&config.known_clusters),
             policy,
             token_reviewer,
+            identity_counts: tunnel::IdentityCounts::default(),
             metrics,
             config,
             draining: AtomicBool::new(false),

@@ -9,6 +9,16 @@
 //! Cluster-scoped because a policy grants access to *other* clusters: a
 //! namespaced policy would let whoever can write in a namespace grant its own
 //! workloads access. Only the hub's administrators write policies.
+//!
+//! Clusters are selected by name, by labels (`matchLabels`) or by
+//! open-cluster-management `ManagedClusterSet` (`clusterSet`). Labels come
+//! from the server's `--cluster-label` flags and, with
+//! `--clusters-from-ocm`, from the `ManagedCluster`s themselves, as
+//! Placements see them; set membership from the `ManagedClusterSet`s (see
+//! [`ClusterInventory`]). The CRD validates what it can before an object is
+//! stored (CEL rules: one kind of subject, cluster selector and destination
+//! each; ports in range; at least one rule, subject and cluster), and the
+//! server reports each object's `Accepted` condition.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -34,12 +44,52 @@ pub const DEFAULT_POLICY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
     kind = "TunnelPolicy",
     plural = "tunnelpolicies",
     shortname = "tunpol",
+    status = "TunnelPolicyStatus",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Accepted\")].message"}"#,
     doc = "Allows workloads on the hub to reach destinations in managed clusters through cluster-tunnel. Deny unless a rule allows."
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TunnelPolicySpec {
     /// Each rule allows its subjects to reach its destinations in its clusters.
+    #[schemars(length(min = 1, max = 256))]
     pub rules: Vec<PolicyRule>,
+}
+
+/// What the servers observed of a policy: its `Accepted` condition (false
+/// with the field at fault when it does not compile; it then grants nothing).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TunnelPolicyStatus {
+    /// `Accepted`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PolicyCondition>,
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A condition, as in `metav1.Condition`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    /// Type, in CamelCase.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Last time the status changed (RFC 3339).
+    pub last_transition_time: String,
+    /// Machine-readable reason, in CamelCase.
+    pub reason: String,
+    /// Human-readable details.
+    #[serde(default)]
+    pub message: String,
+    /// The generation this condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// One rule: subjects x clusters x destinations.
@@ -50,17 +100,24 @@ pub struct PolicyRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Who the rule is for (at least one).
+    #[schemars(length(min = 1, max = 64))]
     pub subjects: Vec<SubjectSelector>,
     /// Which clusters (at least one).
+    #[schemars(length(min = 1, max = 64))]
     pub clusters: Vec<ClusterSelector>,
     /// Which destinations in those clusters; none listed means any destination.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub destinations: Vec<DestinationSelector>,
 }
 
 /// A subject: exactly one field set.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.serviceAccount) ? 1 : 0) + (has(self.namespace) ? 1 : 0) + (has(self.identity) ? 1 : 0) == 1",
+    "message": "exactly one of serviceAccount, namespace, identity must be set",
+}]))]
 pub struct SubjectSelector {
     /// A service account, `<namespace>/<name>` (from a token or a workload certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,21 +130,37 @@ pub struct SubjectSelector {
     pub identity: Option<String>,
 }
 
-/// Clusters: by name (`*` for all) or by labels; exactly one field set.
+/// Clusters: by name (`*` for all), by labels or by cluster set; exactly one field set.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.name) ? 1 : 0) + (has(self.matchLabels) ? 1 : 0) + (has(self.clusterSet) ? 1 : 0) == 1",
+    "message": "exactly one of name, matchLabels, clusterSet must be set",
+}, {
+    "rule": "!has(self.matchLabels) || size(self.matchLabels) > 0",
+    "message": "matchLabels must name at least one label (use name: \"*\" for every cluster)",
+}]))]
 pub struct ClusterSelector {
     /// A cluster name, or `*` for every cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Labels the cluster must carry (the server's `--cluster-label`), all of them.
+    /// Labels the cluster must carry, all of them: its `ManagedCluster`'s
+    /// labels (with `--clusters-from-ocm`) and the server's `--cluster-label`s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub match_labels: Option<BTreeMap<String, String>>,
+    /// An open-cluster-management `ManagedClusterSet`: every cluster in it
+    /// (with `--clusters-from-ocm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_set: Option<String>,
 }
 
 /// Destinations: a host pattern or a CIDR (exactly one), on some ports.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.host) ? 1 : 0) + (has(self.cidr) ? 1 : 0) == 1",
+    "message": "exactly one of host, cidr must be set",
+}]))]
 pub struct DestinationSelector {
     /// A host name (`kubernetes.default.svc`), a wildcard (`*.monitoring.svc`,
     /// which matches any name ending so) or `*`; matched case-insensitively
@@ -100,9 +173,11 @@ pub struct DestinationSelector {
     pub cidr: Option<String>,
     /// Allowed ports; with `portRanges` empty too, any port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(range(min = 1, max = 65535)))]
     pub ports: Vec<u16>,
     /// Allowed port ranges, `FROM-TO` inclusive, e.g. `8000-8999`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(regex(pattern = r"^[0-9]{1,5}-[0-9]{1,5}$")))]
     pub port_ranges: Vec<String>,
 }
 
@@ -191,6 +266,17 @@ enum ClusterMatch {
     Any,
     Name(String),
     Labels(BTreeMap<String, String>),
+    Set(String),
+}
+
+/// What the hub knows of its clusters besides their names: the labels of
+/// each `ManagedCluster` and the `ManagedClusterSet`s each belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterInventory {
+    /// Labels by cluster.
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Cluster sets by cluster.
+    pub sets: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +307,7 @@ struct Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    inventory: Arc<ClusterInventory>,
 }
 
 impl Policy {
@@ -300,6 +387,13 @@ impl Policy {
         self.rules.extend(other.rules.iter().cloned());
     }
 
+    /// Decides with the clusters' labels and sets from `inventory` too (a
+    /// label the server's flags give wins over the cluster's own).
+    pub fn with_inventory(mut self, inventory: Arc<ClusterInventory>) -> Self {
+        self.inventory = inventory;
+        self
+    }
+
     /// Number of rules.
     pub fn len(&self) -> usize {
         self.rules.len()
@@ -314,6 +408,23 @@ impl Policy {
     pub fn decide(&self, access: &Access<'_>) -> Decision {
         let host = access.host.trim_end_matches('.').to_ascii_lowercase();
         let ip: Option<IpAddr> = host.parse().ok();
+        let merged;
+        let labels = match self.inventory.labels.get(access.cluster) {
+            Some(own) => {
+                let mut all = own.clone();
+                all.extend(
+                    access
+                        .cluster_labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
+                merged = all;
+                &merged
+            }
+            None => access.cluster_labels,
+        };
+        let no_sets = std::collections::BTreeSet::new();
+        let sets = self.inventory.sets.get(access.cluster).unwrap_or(&no_sets);
         for rule in &self.rules {
             if rule
                 .subjects
@@ -322,7 +433,7 @@ impl Policy {
                 && rule
                     .clusters
                     .iter()
-                    .any(|c| cluster_matches(c, access.cluster, access.cluster_labels))
+                    .any(|c| cluster_matches(c, access.cluster, labels, sets))
                 && (rule.destinations.is_empty()
                     || rule
                         .destinations
@@ -395,14 +506,15 @@ fn compile_cluster(c: &ClusterSelector) -> Result<ClusterMatch, FieldError> {
     exactly_one(&[
         ("name", c.name.is_some()),
         ("matchLabels", c.match_labels.is_some()),
+        ("clusterSet", c.cluster_set.is_some()),
     ])?;
-    match (&c.name, &c.match_labels) {
-        (Some(n), _) if n == "*" => Ok(ClusterMatch::Any),
-        (Some(n), _) => {
+    match (&c.name, &c.match_labels, &c.cluster_set) {
+        (Some(n), _, _) if n == "*" => Ok(ClusterMatch::Any),
+        (Some(n), _, _) => {
             identity::validate_cluster_name(n).map_err(|e| (".name".into(), e.to_string()))?;
             Ok(ClusterMatch::Name(n.clone()))
         }
-        (None, Some(labels)) => {
+        (None, Some(labels), _) => {
             if labels.is_empty() {
                 return Err((
                     ".matchLabels".into(),
@@ -411,7 +523,13 @@ fn compile_cluster(c: &ClusterSelector) -> Result<ClusterMatch, FieldError> {
             }
             Ok(ClusterMatch::Labels(labels.clone()))
         }
-        (None, None) => unreachable!("checked by exactly_one"),
+        (None, None, Some(set)) => {
+            if set.is_empty() {
+                return Err((".clusterSet".into(), "must name a ManagedClusterSet".into()));
+            }
+            Ok(ClusterMatch::Set(set.clone()))
+        }
+        (None, None, None) => unreachable!("checked by exactly_one"),
     }
 }
 
@@ -489,11 +607,17 @@ fn subject_matches(m: &SubjectMatch, subject: &Identity) -> bool {
     }
 }
 
-fn cluster_matches(m: &ClusterMatch, cluster: &str, labels: &BTreeMap<String, String>) -> bool {
+fn cluster_matches(
+    m: &ClusterMatch,
+    cluster: &str,
+    labels: &BTreeMap<String, String>,
+    sets: &std::collections::BTreeSet<String>,
+) -> bool {
     match m {
         ClusterMatch::Any => true,
         ClusterMatch::Name(n) => n == cluster,
         ClusterMatch::Labels(want) => want.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        ClusterMatch::Set(set) => sets.contains(set),
     }
 }
 
@@ -740,6 +864,74 @@ rules:
     }
 
     #[test]
+    fn a_cluster_selector_is_one_of_name_labels_or_cluster_set() {
+        let err = parse_policy_text(
+            "p",
+            "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{name: east, clusterSet: prod}]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("rules[0].clusters[0]: exactly one of name, matchLabels, clusterSet"),
+            "{err}"
+        );
+        let p = parse_policy_text(
+            "p",
+            "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{clusterSet: prod}]\n",
+        )
+        .unwrap();
+        // Without an inventory no cluster is in any set.
+        assert!(!decide(&p, &wl("a", "x"), "east", "svc", 1).is_allowed());
+        let inventory = ClusterInventory {
+            sets: BTreeMap::from([(
+                "east".to_string(),
+                std::collections::BTreeSet::from(["prod".to_string()]),
+            )]),
+            ..Default::default()
+        };
+        let p = p.with_inventory(Arc::new(inventory));
+        assert!(decide(&p, &wl("a", "x"), "east", "svc", 1).is_allowed());
+        assert!(!decide(&p, &wl("a", "x"), "west", "svc", 1).is_allowed());
+    }
+
+    #[test]
+    fn a_clusters_own_labels_count_and_the_servers_flags_win() {
+        let p = parse_policy_text(
+            "p",
+            "rules:\n  - subjects: [{namespace: a}]\n    clusters: [{matchLabels: {env: prod}}]\n",
+        )
+        .unwrap()
+        .with_inventory(Arc::new(ClusterInventory {
+            labels: BTreeMap::from([
+                (
+                    "east".to_string(),
+                    BTreeMap::from([("env".to_string(), "prod".to_string())]),
+                ),
+                // west calls itself prod, but the server's flag says dev.
+                (
+                    "west".to_string(),
+                    BTreeMap::from([("env".to_string(), "prod".to_string())]),
+                ),
+            ]),
+            ..Default::default()
+        }));
+        let who = wl("a", "x");
+        let flags = BTreeMap::from([("env".to_string(), "dev".to_string())]);
+        let at = |cluster: &str, labels: &BTreeMap<String, String>| {
+            p.decide(&Access {
+                subject: &who,
+                cluster,
+                cluster_labels: labels,
+                host: "svc",
+                port: 1,
+            })
+            .is_allowed()
+        };
+        assert!(at("east", &BTreeMap::new()));
+        assert!(!at("west", &flags));
+    }
+
+    #[test]
     fn cluster_labels_parse() {
         assert_eq!(
             parse_cluster_label("east=env=prod").unwrap(),
@@ -759,5 +951,37 @@ rules:
         // What the chart will apply must be what the server reads.
         let crd: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
         assert_eq!(crd["kind"], "CustomResourceDefinition");
+        // The API server refuses what it can check, before any server sees it.
+        let v = &crd["spec"]["versions"][0];
+        assert!(v["subresources"]["status"].is_mapping());
+        let columns: Vec<&str> = v["additionalPrinterColumns"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Accepted", "Reason", "Age", "Message"]);
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["rules"]["minItems"], 1);
+        let rule = &spec["rules"]["items"]["properties"];
+        for (field, one_of) in [
+            ("subjects", "serviceAccount, namespace, identity"),
+            ("clusters", "name, matchLabels, clusterSet"),
+            ("destinations", "host, cidr"),
+        ] {
+            let cel =
+                serde_yaml::to_string(&rule[field]["items"]["x-kubernetes-validations"]).unwrap();
+            assert!(
+                cel.contains(&format!("exactly one of {one_of}")),
+                "{field}: {cel}"
+            );
+        }
+        assert_eq!(rule["subjects"]["minItems"], 1);
+        assert_eq!(rule["clusters"]["minItems"], 1);
+        let ports = &rule["destinations"]["items"]["properties"]["ports"]["items"];
+        assert_eq!(
+            (ports["minimum"].as_f64(), ports["maximum"].as_f64()),
+            (Some(1.0), Some(65535.0))
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use tunnel_proto::h2::H2Channel;
+use tunnel_proto::h2::H2Client;
 use tunnel_proto::pb;
 
 /// One agent's reverse tunnel to this server.
@@ -22,7 +22,7 @@ pub struct AgentTunnel {
     /// Proxied connections open through this tunnel.
     pub open: AtomicU64,
     /// Opens streams towards the agent.
-    pub channel: H2Channel,
+    pub channel: H2Client,
     /// When a dial through this tunnel last failed at the transport level.
     pub last_failure: std::sync::Mutex<Option<std::time::Instant>>,
 }

@@ -22,7 +22,7 @@
 //! probes start or stop failing at info). A known cluster without a usable
 //! agent is not dialed but reported: success 0, code `no_agent`.
 //!
-//! The connection is closed cleanly once it is open: an `eof` goes to the
+//! The connection is closed cleanly once it is open: END_STREAM goes to the
 //! destination, and the agent's side is read (and discarded) until its `eof`
 //! for up to [`CLOSE_TIMEOUT`]; a destination that keeps it open longer is
 //! aborted (reset).
@@ -31,12 +31,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{Once, once};
 use tokio::sync::watch;
 use tunnel_proto::client::Target;
 use tunnel_proto::error::{ErrorCode, TunnelError};
-use tunnel_proto::pb::{Frame, frame::Kind};
-use tunnel_proto::relay::eof_frame;
 
 use crate::ServerState;
 use crate::metrics::{ClusterLabel, ProbeLabel, ServerMetrics};
@@ -254,21 +251,17 @@ pub async fn probe_all(state: &ServerState) -> Vec<ProbeResult> {
     .await
 }
 
-type CloseStream = Once<std::future::Ready<Frame>>;
-
-/// One probe of `cluster`: the time from `Open` to `Opened`, then a clean close.
+/// One probe of `cluster`: the time from the open to the agent's answer,
+/// then a clean close.
 pub async fn probe(state: &ServerState, cluster: &str) -> Result<Duration, TunnelError> {
     let target = &state.config.probe.target;
     let dial_timeout = state.config.dial_timeout;
-    let (id, frame) =
-        Target::new(cluster, target.host.clone(), target.port).open_frame(Some(dial_timeout));
-    let Some(Kind::Open(open)) = frame.kind else {
-        unreachable!("open_frame makes an open frame");
-    };
+    let open = Target::new(cluster, target.host.clone(), target.port).open(Some(dial_timeout));
+    let id = open.id;
     let started = Instant::now();
     let routed = tokio::time::timeout(
         dial_timeout + crate::tunnel::AGENT_ANSWER_MARGIN,
-        crate::tunnel::route::<CloseStream>(&state.pool, &open, |_| {}),
+        crate::tunnel::route(&state.pool, &open, u64::MAX, |_| {}),
     )
     .await
     .unwrap_or_else(|_| {
@@ -278,7 +271,7 @@ pub async fn probe(state: &ServerState, cluster: &str) -> Result<Duration, Tunne
         ))
     });
     let latency = started.elapsed();
-    let (_opened, mut inbound, gate, agent) = match routed {
+    let (_opened, mut stream, lease) = match routed {
         Ok(r) => r,
         Err(err) => {
             tracing::debug!(%id, %cluster, destination = %target, code = err.code.label(), %err, "probe failed");
@@ -286,26 +279,23 @@ pub async fn probe(state: &ServerState, cluster: &str) -> Result<Duration, Tunne
         }
     };
     // Half-close towards the destination, then wait for its side to end.
-    let _ = gate.open(once(std::future::ready(eof_frame())));
+    let _ = stream.send.send_data(bytes::Bytes::new(), true);
     let closed = tokio::time::timeout(CLOSE_TIMEOUT, async {
         loop {
-            match inbound.message().await {
-                Ok(Some(Frame {
-                    kind: Some(Kind::Eof(_)),
-                })) => {
-                    // The stream ends after eof; reading on sees its end.
+            match stream.recv.data().await {
+                Some(Ok(data)) => {
+                    let _ = stream.recv.flow_control().release_capacity(data.len());
                 }
-                Ok(Some(_)) => {}
-                Ok(None) => return true,
-                Err(_) => return false,
+                Some(Err(_)) => return false,
+                None => return true,
             }
         }
     })
     .await
     .unwrap_or(false);
-    // Dropping `inbound` resets the stream if the destination has not closed.
-    drop(inbound);
-    tracing::debug!(%id, %cluster, destination = %target, agent = %agent.agent_id, ?latency, clean_close = closed, "probe ok");
+    // Dropping the stream resets it if the destination has not closed.
+    drop(stream);
+    tracing::debug!(%id, %cluster, destination = %target, agent = %lease.0.agent_id, ?latency, clean_close = closed, "probe ok");
     Ok(latency)
 }
 

@@ -1,28 +1,26 @@
-//! The client-facing `Tunnel` service: routes each connection to an agent of
-//! its cluster and splices the two streams.
+//! Tunnel streams from clients: each is authenticated, authorized, routed
+//! to an agent of its cluster and spliced to a stream on that agent's tunnel.
+//! Also the client port's control service (`Tunnel.ListClusters`).
 //!
-//! The server never touches a TCP socket for a proxied connection: it passes
-//! the client's stream to the agent as the request body and the agent's
-//! response stream back as the response body, so HTTP/2 flow control runs end
-//! to end and a connection costs no task of its own here.
+//! The server never touches a TCP socket for a proxied connection: it hands
+//! each DATA buffer received on one leg to the other leg, so HTTP/2 flow
+//! control runs end to end, hop by hop, and no payload is copied here.
 
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
-use tunnel_proto::error::{ErrorCode, TunnelError};
-use tunnel_proto::identity::Identity;
-use tunnel_proto::pb::agent_client::AgentClient;
-use tunnel_proto::pb::{self, Frame, frame::Kind, tunnel_server::Tunnel};
-use tunnel_proto::relay::{ByteCounter, GateOpener, gated};
-
-use std::collections::BTreeMap;
-
+use bytes::Bytes;
 use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tunnel_proto::error::{ErrorCode, TunnelError};
+use tunnel_proto::h2::{PeerInfo, StreamGuard};
+use tunnel_proto::identity::Identity;
+use tunnel_proto::pb::{self, tunnel_server::Tunnel};
+use tunnel_proto::relay::{DirectionEnd, SpliceCounters, TunnelStream, splice};
+use tunnel_proto::stream::{Open, Opened, error_response, opened_response, read_answer};
 
 use crate::ServerState;
 use crate::metrics::{BytesLabel, CodeLabel, DecisionLabel, ResultLabel};
@@ -32,12 +30,10 @@ use crate::pool::{AgentPool, AgentTunnel, Pick};
 /// Tracing target of the audit log: one line per decision, one per closed connection.
 pub const AUDIT_TARGET: &str = "tunnel_server::audit";
 
-/// How long a client may take to send its `Open` frame.
-pub const OPEN_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time the server waits beyond the dial timeout it gave the agent.
 pub(crate) const AGENT_ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
-/// The `Tunnel` gRPC service.
+/// The client port's control service.
 #[derive(Clone)]
 pub struct TunnelService {
     state: Arc<ServerState>,
@@ -49,8 +45,6 @@ impl TunnelService {
         Self { state }
     }
 }
-
-type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
 
 /// One proxied connection's record: counted while it lives, logged and
 /// measured once when both directions are done (on drop).
@@ -64,16 +58,17 @@ struct ConnRecord {
     cluster: String,
     destination: String,
     /// The rule that allowed the connection (`authorization-off` without a policy).
-    rule: std::sync::Mutex<String>,
-    agent_id: std::sync::Mutex<String>,
+    rule: Mutex<String>,
+    agent_id: Mutex<String>,
     start: Instant,
-    to_cluster: ByteCounter,
-    from_cluster: ByteCounter,
+    counters: SpliceCounters,
     to_cluster_eof: AtomicBool,
     from_cluster_eof: AtomicBool,
     /// 0 = no error; else an `ErrorCode` value.
     error: AtomicU8,
     counted_open: AtomicBool,
+    /// Cut by the idle timeout.
+    idle_cut: AtomicBool,
 }
 
 impl ConnRecord {
@@ -82,6 +77,9 @@ impl ConnRecord {
     }
 
     fn result(&self) -> &'static str {
+        if self.idle_cut.load(Ordering::Relaxed) {
+            return "idle_timeout";
+        }
         match ErrorCode::try_from(i32::from(self.error.load(Ordering::Relaxed))) {
             Ok(ErrorCode::Unspecified) | Err(_) => {
                 if self.to_cluster_eof.load(Ordering::Relaxed)
@@ -104,8 +102,8 @@ impl Drop for ConnRecord {
             m.open_connections.dec();
             self.state.connection_closed();
         }
-        let up = self.to_cluster.get();
-        let down = self.from_cluster.get();
+        let up = self.counters.to_cluster.get();
+        let down = self.counters.from_cluster.get();
         if up > 0 {
             m.bytes
                 .get_or_create(&BytesLabel {
@@ -143,122 +141,133 @@ impl Drop for ConnRecord {
     }
 }
 
-/// The client's frames on their way to the agent: data counted, the stream
-/// ended (without eof, an abort) if the client's stream fails.
-struct ToCluster {
-    inner: Streaming<Frame>,
-    record: Arc<ConnRecord>,
+/// Connections open per client identity, bounded by `--max-connections-per-identity`.
+#[derive(Debug, Default)]
+pub struct IdentityCounts(Mutex<HashMap<String, u64>>);
+
+/// One connection counted against its identity until dropped.
+pub(crate) struct IdentitySlot {
+    counts: Arc<ServerState>,
+    subject: String,
 }
 
-impl Stream for ToCluster {
-    type Item = Frame;
+impl IdentityCounts {
+    fn take(state: &Arc<ServerState>, subject: &str) -> Result<IdentitySlot, TunnelError> {
+        let limit = state.config.limits.max_connections_per_identity;
+        let mut map = state
+            .identity_counts
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(subject.to_owned()).or_default();
+        if *n >= limit {
+            return Err(TunnelError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "{subject} has {n} connections open, the most one identity may have (--max-connections-per-identity)"
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(IdentitySlot {
+            counts: state.clone(),
+            subject: subject.to_owned(),
+        })
+    }
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Frame>> {
-        match futures_util::ready!(self.inner.poll_next_unpin(cx)) {
-            Some(Ok(frame)) => {
-                match &frame.kind {
-                    Some(Kind::Data(d)) => self.record.to_cluster.add(d.len() as u64),
-                    Some(Kind::Eof(_)) => self.record.to_cluster_eof.store(true, Ordering::Relaxed),
-                    _ => {}
-                }
-                Poll::Ready(Some(frame))
+    /// Connections open now for `subject`.
+    pub fn get(&self, subject: &str) -> u64 {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(subject).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .counts
+            .identity_counts
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.subject) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.subject);
             }
-            Some(Err(status)) => {
-                tracing::debug!(id = %self.record.id, %status, "client stream failed");
-                Poll::Ready(None)
-            }
-            None => Poll::Ready(None),
         }
     }
 }
 
-/// The agent's frames on their way back to the client, counted.
-struct FromCluster {
-    inner: Streaming<Frame>,
-    record: Arc<ConnRecord>,
-}
+/// A connection counted against its agent from the moment the agent is
+/// picked (so that an agent that hangs does not look idle) until dropped.
+pub(crate) struct AgentLease(pub(crate) Arc<AgentTunnel>);
 
-impl Stream for FromCluster {
-    type Item = Result<Frame, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let item = futures_util::ready!(self.inner.poll_next_unpin(cx));
-        if let Some(Ok(frame)) = &item {
-            match &frame.kind {
-                Some(Kind::Data(d)) => self.record.from_cluster.add(d.len() as u64),
-                Some(Kind::Eof(_)) => self.record.from_cluster_eof.store(true, Ordering::Relaxed),
-                _ => {}
-            }
-        }
-        Poll::Ready(item)
+impl AgentLease {
+    /// Counts one more connection on `agent`, unless it carries `max` already.
+    fn try_new(agent: Arc<AgentTunnel>, max: u64) -> Option<Self> {
+        agent
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self(agent))
     }
 }
 
-fn single(frame: Frame) -> FrameStream {
-    Box::pin(futures_util::stream::once(async move { Ok(frame) }))
-}
-
-fn caller(req: &Request<Streaming<Frame>>) -> String {
-    match req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>() {
-        Some(peer) => peer.identity.to_string(),
-        None => "unknown".into(),
+impl Drop for AgentLease {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Checks an `Open` frame's fields.
-fn validate_open(open: &pb::Open) -> Result<(uuid::Uuid, u16), TunnelError> {
-    let id = uuid::Uuid::from_slice(&open.connection_id).map_err(|_| {
+/// What [`route`] hands back: the agent's answer, the agent-side stream and
+/// the lease on the agent.
+pub(crate) type Routed = (Opened, TunnelStream, AgentLease);
+
+fn tunnel_broken(agent: &AgentTunnel, err: &h2::Error) -> TunnelError {
+    TunnelError::new(
+        ErrorCode::TunnelBroken,
+        format!("tunnel to agent {} failed: {err}", agent.agent_id),
+    )
+}
+
+/// Opens `open` as a stream on `agent`'s tunnel and reads the answer.
+async fn open_on(agent: &AgentTunnel, open: &Open) -> Result<(Opened, TunnelStream), TunnelError> {
+    let ch = &agent.channel;
+    let guard = ch.stream_slot().map_err(|e| {
         TunnelError::new(
-            ErrorCode::BadRequest,
-            format!(
-                "connection_id must be 16 bytes, got {}",
-                open.connection_id.len()
-            ),
+            ErrorCode::ResourceExhausted,
+            format!("the tunnel to agent {}: {e}", agent.agent_id),
         )
     })?;
-    tunnel_proto::identity::validate_cluster_name(&open.cluster)
-        .map_err(|e| TunnelError::new(ErrorCode::BadRequest, format!("cluster: {e}")))?;
-    if open.host.is_empty()
-        || open.host.len() > 253
-        || open
-            .host
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(TunnelError::new(
-            ErrorCode::BadRequest,
-            format!("invalid destination host {:?}", open.host),
-        ));
-    }
-    let port = u16::try_from(open.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| {
-            TunnelError::new(
-                ErrorCode::BadRequest,
-                format!("invalid destination port {}", open.port),
-            )
-        })?;
-    Ok((id, port))
+    let request = open.to_request(None)?;
+    // A failure to open on the connection (GOAWAY, broken): no new streams go there.
+    let unusable = |e: h2::Error| {
+        ch.mark_broken();
+        tunnel_broken(agent, &e)
+    };
+    let mut send = ch.sender().ready().await.map_err(unusable)?;
+    let (response, stream) = send.send_request(request, false).map_err(unusable)?;
+    let response = response.await.map_err(|e| tunnel_broken(agent, &e))?;
+    let opened = read_answer(&response)?;
+    Ok((
+        opened,
+        TunnelStream::new(stream, response.into_body(), guard),
+    ))
 }
-
-/// What [`route`] hands back: the agent's `Opened` frame, the agent's
-/// stream after it, the gate through which the caller's stream goes on, and
-/// the agent.
-pub(crate) type Routed<S> = (Frame, Streaming<Frame>, GateOpener<S>, Arc<AgentTunnel>);
 
 /// Opens the connection `open` on an agent of its cluster, retrying others
 /// while the failure happened before the destination answered. `on_pick` is
 /// told each agent tried. Used for clients' connections and the server's own
-/// probes ([`crate::probes`]); counts nothing.
-pub(crate) async fn route<S>(
+/// probes ([`crate::probes`]); counts nothing but the agents' leases.
+pub(crate) async fn route(
     pool: &AgentPool,
-    open: &pb::Open,
+    open: &Open,
+    max_per_agent: u64,
     mut on_pick: impl FnMut(&AgentTunnel),
-) -> Result<Routed<S>, TunnelError>
-where
-    S: Stream<Item = Frame> + Unpin + Send + 'static,
-{
+) -> Result<Routed, TunnelError> {
     let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
     let mut last_err: Option<TunnelError> = None;
     loop {
@@ -279,50 +288,23 @@ where
                 }));
             }
         };
+        // The least loaded agent is full: so are the others.
+        let Some(lease) = AgentLease::try_new(agent.clone(), max_per_agent) else {
+            return Err(TunnelError::new(
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "every agent of cluster {:?} carries its maximum of {max_per_agent} connections (--max-connections-per-agent)",
+                    open.cluster
+                ),
+            ));
+        };
         tried.push(agent.clone());
         on_pick(&agent);
-        let frame = Frame {
-            kind: Some(Kind::Open(open.clone())),
-        };
-        let (request, gate) = gated::<S>(frame);
-        let mut client = AgentClient::with_origin(
-            agent.channel.clone(),
-            http::Uri::from_static("https://cluster-tunnel.agent"),
-        )
-        .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
-        let answer = async {
-            let mut inbound = client
-                .dial(request)
-                .await
-                .map_err(|s| tunnel_broken(&agent, &s))?
-                .into_inner();
-            match inbound.message().await {
-                Ok(Some(
-                    f @ Frame {
-                        kind: Some(Kind::Opened(_)),
-                    },
-                )) => Ok((f, inbound)),
-                Ok(Some(Frame {
-                    kind: Some(Kind::Error(e)),
-                })) => Err(TunnelError::from_pb(&e)),
-                Ok(Some(_)) => Err(TunnelError::new(
-                    ErrorCode::Internal,
-                    "agent answered out of protocol",
-                )),
-                Ok(None) => Err(TunnelError::new(
-                    ErrorCode::TunnelBroken,
-                    "agent closed the stream without an answer",
-                )),
-                Err(s) => Err(tunnel_broken(&agent, &s)),
-            }
-        }
-        .await;
-        match answer {
-            Ok((opened, inbound)) => return Ok((opened, inbound, gate, agent)),
+        match open_on(&agent, open).await {
+            Ok((opened, stream)) => return Ok((opened, stream, lease)),
             Err(err) if err.code.is_retryable_on_other_agent() => {
                 agent.mark_failed();
-                let id = uuid::Uuid::from_slice(&open.connection_id).unwrap_or_default();
-                tracing::warn!(%id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
+                tracing::warn!(id = %open.id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
                 last_err = Some(err);
             }
             Err(err) => return Err(err),
@@ -330,68 +312,206 @@ where
     }
 }
 
-fn tunnel_broken(agent: &AgentTunnel, status: &Status) -> TunnelError {
-    TunnelError::new(
-        ErrorCode::TunnelBroken,
-        format!(
-            "tunnel to agent {} failed: {}",
-            agent.agent_id,
-            status.message()
-        ),
-    )
+/// A stream's opening that is refused before a record exists: answered,
+/// counted and logged.
+fn refuse_early(
+    state: &ServerState,
+    respond: &mut h2::server::SendResponse<Bytes>,
+    peer: &PeerInfo,
+    err: &TunnelError,
+) {
+    tracing::warn!(peer = %peer.remote_addr, client = %peer.identity, code = err.code.label(), %err, "connection refused before routing");
+    count_dial(state, err.code);
+    let _ = respond.send_response(error_response(err), true);
 }
 
-/// Checks the caller and reads and validates its `Open` frame. A refusal is
-/// `Err(Ok(error))`, to be answered with an `Error` frame; a broken stream is
-/// `Err(Err(status))`.
-async fn read_open(
-    req: Request<Streaming<Frame>>,
-) -> Result<(pb::Open, Streaming<Frame>, uuid::Uuid, u16), Result<TunnelError, Status>> {
-    if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
-        && !peer.identity.is_caller()
-    {
-        return Err(Ok(TunnelError::new(
+/// Refuses a stream that the client connection's budget cannot take.
+pub(crate) fn refuse_full(
+    state: &ServerState,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: &PeerInfo,
+    full: &tunnel_proto::h2::BudgetExhausted,
+) {
+    let err = TunnelError::new(ErrorCode::ResourceExhausted, full.to_string());
+    refuse_early(state, &mut respond, peer, &err);
+}
+
+fn count_dial(state: &ServerState, code: ErrorCode) {
+    state
+        .metrics
+        .dials
+        .get_or_create(&CodeLabel { code: code.label() })
+        .inc();
+}
+
+/// Serves one tunnel stream a client opened, until both directions ended.
+pub(crate) async fn serve_stream(
+    state: Arc<ServerState>,
+    peer: Arc<PeerInfo>,
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    guard: StreamGuard,
+) {
+    if !peer.identity.is_caller() {
+        let err = TunnelError::new(
             ErrorCode::Unauthenticated,
             format!("{} may not open connections", peer.identity),
-        )));
+        );
+        return refuse_early(&state, &mut respond, &peer, &err);
     }
-    let mut inbound = req.into_inner();
-    let open = match tokio::time::timeout(OPEN_FRAME_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(Frame {
-            kind: Some(Kind::Open(open)),
-        }))) => open,
-        Ok(Ok(other)) => {
-            return Err(Ok(TunnelError::new(
-                ErrorCode::BadRequest,
-                format!(
-                    "the first frame must be open, got {}",
-                    other
-                        .as_ref()
-                        .and_then(|f| f.kind.as_ref())
-                        .map(tunnel_proto::relay::kind_name)
-                        .unwrap_or("nothing")
-                ),
-            )));
-        }
-        Ok(Err(status)) => return Err(Err(status)),
-        Err(_) => {
-            return Err(Ok(TunnelError::new(
-                ErrorCode::BadRequest,
-                format!("no open frame within {OPEN_FRAME_TIMEOUT:?}"),
-            )));
+    let open = match Open::from_request(&req) {
+        Ok(o) => o,
+        Err(err) => return refuse_early(&state, &mut respond, &peer, &err),
+    };
+    let token = crate::authn::bearer_token(req.headers());
+    let svc = TunnelService::new(state.clone());
+    let subject = svc.authenticate(Some(peer.identity.clone()), token).await;
+    let record = Arc::new(ConnRecord {
+        state: state.clone(),
+        id: open.id,
+        subject: match &subject {
+            Ok(s) => s.to_string(),
+            Err(_) => "unauthenticated".into(),
+        },
+        certificate: peer.identity.to_string(),
+        cluster: open.cluster.clone(),
+        destination: open.destination(),
+        rule: Mutex::new(String::new()),
+        agent_id: Mutex::new(String::new()),
+        start: Instant::now(),
+        counters: SpliceCounters::default(),
+        to_cluster_eof: AtomicBool::new(false),
+        from_cluster_eof: AtomicBool::new(false),
+        error: AtomicU8::new(0),
+        counted_open: AtomicBool::new(false),
+        idle_cut: AtomicBool::new(false),
+    });
+    let answer = |respond: &mut h2::server::SendResponse<Bytes>, err: &TunnelError| {
+        let _ = respond.send_response(error_response(err), true);
+    };
+    let subject = match subject {
+        Ok(s) => s,
+        Err(err) => {
+            audit_decision(&record, "unauthenticated", "-", Some(&err));
+            svc.refuse(&record, &err, "unauthenticated");
+            return answer(&mut respond, &err);
         }
     };
-    let (id, port) = validate_open(&open).map_err(Ok)?;
-    Ok((open, inbound, id, port))
+    if state.is_draining() {
+        let err = TunnelError::new(
+            ErrorCode::ServerDraining,
+            "server is shutting down; retry on another replica",
+        );
+        record.fail(&err);
+        count_dial(&state, err.code);
+        return answer(&mut respond, &err);
+    }
+    let revoked = match svc.authorize(&subject, &open, &record) {
+        Ok(revoked) => revoked,
+        Err(err) => return answer(&mut respond, &err),
+    };
+    let slot = match IdentityCounts::take(&state, &record.subject) {
+        Ok(slot) => slot,
+        Err(err) => {
+            tracing::warn!(id = %open.id, subject = %record.subject, code = err.code.label(), %err, "connection refused");
+            record.fail(&err);
+            count_dial(&state, err.code);
+            return answer(&mut respond, &err);
+        }
+    };
+    record.counted_open.store(true, Ordering::Relaxed);
+    state.connection_opened();
+    state.metrics.open_connections.inc();
+
+    let dial_timeout = open.dial_timeout.map_or(state.config.dial_timeout, |t| {
+        t.min(state.config.dial_timeout)
+    });
+    let mut to_agent = open.clone();
+    to_agent.dial_timeout = Some(dial_timeout);
+    let started = Instant::now();
+    let routed = tokio::select! {
+        // The client gave up (reset) while the agent dialed.
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => Err(TunnelError::new(
+            ErrorCode::TunnelBroken,
+            "the client reset the stream before the destination answered",
+        )),
+        r = tokio::time::timeout(
+            dial_timeout + AGENT_ANSWER_MARGIN,
+            route(
+                &state.pool,
+                &to_agent,
+                state.config.limits.max_connections_per_agent,
+                |agent| {
+                    if let Ok(mut a) = record.agent_id.lock() {
+                        a.clone_from(&agent.agent_id);
+                    }
+                },
+            ),
+        ) => r.unwrap_or_else(|_| Err(TunnelError::new(
+            ErrorCode::DialTimeout,
+            format!("no answer from the agent within {dial_timeout:?}"),
+        ))),
+    };
+    state
+        .metrics
+        .dial_latency
+        .observe(started.elapsed().as_secs_f64());
+    let (opened, agent_stream, lease) = match routed {
+        Ok(r) => r,
+        Err(err) => {
+            record.fail(&err);
+            count_dial(&state, err.code);
+            tracing::debug!(id = %open.id, code = err.code.label(), %err, "connection not opened");
+            return answer(&mut respond, &err);
+        }
+    };
+    count_dial_ok(&state);
+    let send = match respond.send_response(opened_response(&opened), false) {
+        Ok(send) => send,
+        Err(err) => {
+            tracing::debug!(id = %open.id, %err, "client went away before the answer");
+            return;
+        }
+    };
+    let client_stream = TunnelStream::new(send, req.into_body(), guard);
+    let cut = async {
+        match revoked {
+            Some(revoked) => revoked.await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = splice(
+        client_stream,
+        agent_stream,
+        &record.counters,
+        cut,
+        state.config.limits.idle_timeout,
+    )
+    .await;
+    record
+        .to_cluster_eof
+        .store(outcome.to_cluster == DirectionEnd::Eof, Ordering::Relaxed);
+    record
+        .from_cluster_eof
+        .store(outcome.from_cluster == DirectionEnd::Eof, Ordering::Relaxed);
+    if outcome.cut && record.error.load(Ordering::Relaxed) == 0 {
+        record.idle_cut.store(true, Ordering::Relaxed);
+    }
+    drop(lease);
+    drop(slot);
+}
+
+fn count_dial_ok(state: &ServerState) {
+    state
+        .metrics
+        .dials
+        .get_or_create(&CodeLabel { code: "ok" })
+        .inc();
 }
 
 impl TunnelService {
     fn count_dial(&self, code: ErrorCode) {
-        self.state
-            .metrics
-            .dials
-            .get_or_create(&CodeLabel { code: code.label() })
-            .inc();
+        count_dial(&self.state, code);
     }
 
     /// Fails `record` with `err` and counts it.
@@ -448,8 +568,7 @@ impl TunnelService {
     fn authorize(
         &self,
         subject: &Identity,
-        open: &pb::Open,
-        port: u16,
+        open: &Open,
         record: &Arc<ConnRecord>,
     ) -> Result<Option<Revoked>, TunnelError> {
         let Some(policy_rx) = &self.state.policy else {
@@ -470,7 +589,7 @@ impl TunnelService {
             cluster: &open.cluster,
             cluster_labels: labels,
             host: &open.host,
-            port,
+            port: open.port,
         };
         let decision = policy_rx.borrow().decide(&access);
         if let Decision::Allow { rule } = &decision {
@@ -489,7 +608,7 @@ impl TunnelService {
                 cluster: open.cluster.clone(),
                 labels: labels.clone(),
                 host: open.host.clone(),
-                port,
+                port: open.port,
             };
             return Ok(Some(Box::pin(revoked(
                 policy_rx.clone(),
@@ -604,149 +723,11 @@ fn audit_decision(record: &ConnRecord, decision: &str, rule: &str, err: Option<&
 
 #[tonic::async_trait]
 impl Tunnel for TunnelService {
-    type ConnectStream = FrameStream;
-
-    async fn connect(
-        &self,
-        req: Request<Streaming<Frame>>,
-    ) -> Result<Response<FrameStream>, Status> {
-        let client = caller(&req);
-        let certificate = req
-            .extensions()
-            .get::<Arc<tunnel_proto::h2::PeerInfo>>()
-            .map(|p| p.identity.clone());
-        let token = crate::authn::bearer_token(req.metadata());
-        let (open, inbound, id, port) = match read_open(req).await {
-            Ok(x) => x,
-            Err(Ok(err)) => {
-                tracing::warn!(%client, code = err.code.label(), %err, "connection refused before routing");
-                self.count_dial(err.code);
-                return Ok(Response::new(single(err.to_frame())));
-            }
-            Err(Err(status)) => return Err(status),
-        };
-        let subject = self.authenticate(certificate, token).await;
-        let record = Arc::new(ConnRecord {
-            state: self.state.clone(),
-            id,
-            subject: match &subject {
-                Ok(s) => s.to_string(),
-                Err(_) => "unauthenticated".into(),
-            },
-            certificate: client,
-            cluster: open.cluster.clone(),
-            destination: if open.host.contains(':') {
-                format!("[{}]:{port}", open.host)
-            } else {
-                format!("{}:{port}", open.host)
-            },
-            rule: std::sync::Mutex::new(String::new()),
-            agent_id: std::sync::Mutex::new(String::new()),
-            start: Instant::now(),
-            to_cluster: ByteCounter::default(),
-            from_cluster: ByteCounter::default(),
-            to_cluster_eof: AtomicBool::new(false),
-            from_cluster_eof: AtomicBool::new(false),
-            error: AtomicU8::new(0),
-            counted_open: AtomicBool::new(false),
-        });
-        let subject = match subject {
-            Ok(s) => s,
-            Err(err) => {
-                audit_decision(&record, "unauthenticated", "-", Some(&err));
-                self.refuse(&record, &err, "unauthenticated");
-                return Ok(Response::new(single(err.to_frame())));
-            }
-        };
-        if self.state.is_draining() {
-            let err = TunnelError::new(
-                ErrorCode::ServerDraining,
-                "server is shutting down; retry on another replica",
-            );
-            record.fail(&err);
-            self.count_dial(err.code);
-            return Ok(Response::new(single(err.to_frame())));
-        }
-        let revoked = match self.authorize(&subject, &open, port, &record) {
-            Ok(revoked) => revoked,
-            Err(err) => return Ok(Response::new(single(err.to_frame()))),
-        };
-        record.counted_open.store(true, Ordering::Relaxed);
-        self.state.connection_opened();
-        self.state.metrics.open_connections.inc();
-
-        let dial_timeout = match open.dial_timeout_ms {
-            0 => self.state.config.dial_timeout,
-            ms => Duration::from_millis(u64::from(ms)).min(self.state.config.dial_timeout),
-        };
-        let mut to_agent = open.clone();
-        to_agent.dial_timeout_ms = u32::try_from(dial_timeout.as_millis()).unwrap_or(u32::MAX);
-        let started = Instant::now();
-        let routed = match tokio::time::timeout(
-            dial_timeout + AGENT_ANSWER_MARGIN,
-            route::<ToCluster>(&self.state.pool, &to_agent, |agent| {
-                if let Ok(mut a) = record.agent_id.lock() {
-                    a.clone_from(&agent.agent_id);
-                }
-            }),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(TunnelError::new(
-                ErrorCode::DialTimeout,
-                format!("no answer from the agent within {dial_timeout:?}"),
-            )),
-        };
-        self.state
-            .metrics
-            .dial_latency
-            .observe(started.elapsed().as_secs_f64());
-        match routed {
-            Ok((opened, agent_stream, gate, agent)) => {
-                self.state
-                    .metrics
-                    .dials
-                    .get_or_create(&CodeLabel { code: "ok" })
-                    .inc();
-                agent.open.fetch_add(1, Ordering::Relaxed);
-                let guard = AgentOpenGuard(agent);
-                let to_cluster = ToCluster {
-                    inner: inbound,
-                    record: record.clone(),
-                };
-                if gate.open(to_cluster).is_err() {
-                    tracing::debug!(%id, "agent stream ended before the client's data flowed");
-                }
-                let from_cluster = FromCluster {
-                    inner: agent_stream,
-                    record,
-                };
-                let out = futures_util::stream::once(async move { Ok(opened) })
-                    .chain(from_cluster)
-                    .map(move |item| {
-                        let _ = &guard;
-                        item
-                    });
-                match revoked {
-                    // Ending the stream without eof aborts the connection on both legs.
-                    Some(revoked) => Ok(Response::new(Box::pin(out.take_until(revoked)))),
-                    None => Ok(Response::new(Box::pin(out))),
-                }
-            }
-            Err(err) => {
-                record.fail(&err);
-                self.count_dial(err.code);
-                Ok(Response::new(single(err.to_frame())))
-            }
-        }
-    }
-
     async fn list_clusters(
         &self,
         req: Request<pb::ListClustersRequest>,
     ) -> Result<Response<pb::ListClustersResponse>, Status> {
-        if let Some(peer) = req.extensions().get::<Arc<tunnel_proto::h2::PeerInfo>>()
+        if let Some(peer) = req.extensions().get::<Arc<PeerInfo>>()
             && !peer.identity.is_caller()
         {
             return Err(Status::unauthenticated(format!(
@@ -757,44 +738,5 @@ impl Tunnel for TunnelService {
         Ok(Response::new(pb::ListClustersResponse {
             clusters: self.state.pool.snapshot(),
         }))
-    }
-}
-
-/// Counts a connection against its agent while the response stream lives.
-struct AgentOpenGuard(Arc<AgentTunnel>);
-
-impl Drop for AgentOpenGuard {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(id_len: usize, cluster: &str, host: &str, port: u32) -> pb::Open {
-        pb::Open {
-            connection_id: vec![7; id_len],
-            cluster: cluster.into(),
-            host: host.into(),
-            port,
-            dial_timeout_ms: 0,
-        }
-    }
-
-    #[test]
-    fn opens_are_validated_field_by_field() {
-        assert!(validate_open(&open(16, "east", "kubernetes.default.svc", 443)).is_ok());
-        let e = validate_open(&open(4, "east", "a", 1)).unwrap_err();
-        assert!(e.message.contains("16 bytes"), "{e}");
-        let e = validate_open(&open(16, "East!", "a", 1)).unwrap_err();
-        assert!(e.message.starts_with("cluster"), "{e}");
-        let e = validate_open(&open(16, "east", "", 1)).unwrap_err();
-        assert!(e.message.contains("host"), "{e}");
-        let e = validate_open(&open(16, "east", "a", 70000)).unwrap_err();
-        assert!(e.message.contains("port"), "{e}");
-        let e = validate_open(&open(16, "east", "a", 0)).unwrap_err();
-        assert_eq!(e.code, ErrorCode::BadRequest);
     }
 }

@@ -12,12 +12,18 @@ use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::client::Target;
 use tunnel_proto::identity::validate_cluster_name;
 
+use crate::direct::{DirectDialer, DirectPolicy, parse_host_aliases};
 use crate::names::{DEFAULT_APISERVER_HOST, DEFAULT_CLUSTER_SUFFIX, Naming};
 
+/// Default port of the HTTP proxy. The sidecar's default ports stay clear of
+/// the ports Istio (15000-15090) and Linkerd (4140-4191) reserve in a pod.
+pub const DEFAULT_PROXY_PORT: u16 = 17080;
+/// Default port of the admin endpoint (see [`DEFAULT_PROXY_PORT`]).
+pub const DEFAULT_ADMIN_PORT: u16 = 17090;
 /// Default address of the HTTP proxy.
-pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:15080";
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:17080";
 /// Default address of the admin port.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:15090";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:17090";
 /// Default port of the kube-apiserver when a port mapping names only a cluster.
 pub const DEFAULT_APISERVER_PORT: u16 = 443;
 /// Default limit on the size of a request head.
@@ -182,11 +188,24 @@ pub struct Cli {
     #[arg(long = "port", env = "TUNNEL_PORTS", value_delimiter = ',')]
     pub ports: Vec<String>,
     /// Address of the HTTP proxy (CONNECT and http:// requests); "off" disables it
-    /// [default: 127.0.0.1:15080].
+    /// [default: 127.0.0.1:17080].
     #[arg(long, env = "TUNNEL_PROXY_LISTEN")]
     pub proxy_listen: Option<String>,
+    /// Whether the proxy dials destinations outside every cluster (hub
+    /// Services, pod and ClusterIP addresses, public names) from the pod:
+    /// allow or deny [default: allow].
+    #[arg(long, env = "TUNNEL_DIRECT", value_enum)]
+    pub direct: Option<DirectPolicy>,
+    /// NAME=IP: answer NAME with IP before the resolver for direct
+    /// connections, like an /etc/hosts entry (repeatable or comma-separated).
+    #[arg(
+        long = "host-alias",
+        env = "TUNNEL_HOST_ALIASES",
+        value_delimiter = ','
+    )]
+    pub host_aliases: Vec<String>,
     /// Address of the admin port (/healthz, /readyz, /metrics, POST /shutdown)
-    /// [default: 127.0.0.1:15090].
+    /// [default: 127.0.0.1:17090].
     #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
     /// IP address the per-cluster ports bind to [default: 127.0.0.1].
@@ -219,7 +238,8 @@ pub struct Cli {
     /// Most request headers the proxy accepts [default: 100].
     #[arg(long, env = "TUNNEL_MAX_HEADERS")]
     pub max_headers: Option<usize>,
-    /// Time allowed from opening a tunnel to the destination's answer [default: 30s].
+    /// Time allowed from opening a tunnel to the destination's answer, and
+    /// for a direct connection to resolve and connect [default: 30s].
     #[arg(long, env = "TUNNEL_OPEN_TIMEOUT", value_parser = parse_duration)]
     pub open_timeout: Option<Duration>,
     /// A server that answers nothing for this long is declared dead [default: 20s].
@@ -272,6 +292,11 @@ pub struct FileConfig {
     pub ports: Vec<String>,
     /// See `--proxy-listen`.
     pub proxy_listen: Option<String>,
+    /// See `--direct` ("allow" or "deny").
+    pub direct: Option<String>,
+    /// See `--host-alias`.
+    #[serde(default)]
+    pub host_aliases: Vec<String>,
     /// See `--admin-listen`.
     pub admin_listen: Option<String>,
     /// See `--bind-address`.
@@ -331,6 +356,8 @@ pub struct SidecarConfig {
     pub ports: Vec<PortMapping>,
     /// HTTP proxy address, if enabled.
     pub proxy_listen: Option<SocketAddr>,
+    /// How the proxy reaches destinations outside every cluster.
+    pub direct: DirectDialer,
     /// Admin address.
     pub admin_listen: SocketAddr,
     /// Address the per-cluster ports bind to.
@@ -484,6 +511,31 @@ impl Cli {
                 }
             }
         }
+        let direct_policy = match (self.direct, file.direct.as_deref()) {
+            (Some(p), _) => p,
+            (None, Some(s)) => s.parse().map_err(|e: String| invalid("direct", e))?,
+            (None, None) => DirectPolicy::default(),
+        };
+        // Direct connections are safe because only the pod can reach the
+        // proxy; a proxy beyond loopback that dials anything would be open.
+        if let Some(p) = proxy_listen
+            && !p.ip().is_loopback()
+            && direct_policy == DirectPolicy::Allow
+        {
+            return Err(invalid(
+                "--direct",
+                format!(
+                    "the proxy listens on {p}, beyond loopback: with direct connections allowed it would be an open proxy; pass --direct deny"
+                ),
+            ));
+        }
+        let alias_specs = if self.host_aliases.is_empty() {
+            &file.host_aliases
+        } else {
+            &self.host_aliases
+        };
+        let host_aliases =
+            parse_host_aliases(alias_specs).map_err(|e| invalid("--host-alias", e))?;
         let default_cluster = self
             .default_cluster
             .clone()
@@ -532,6 +584,12 @@ impl Cli {
         if !(1..=1000).contains(&max_headers) {
             return Err(invalid("--max-headers", "must be between 1 and 1000"));
         }
+        let open_timeout = dur(
+            "--open-timeout",
+            self.open_timeout,
+            file.open_timeout.as_ref(),
+            tunnel_proto::client::DEFAULT_OPEN_TIMEOUT,
+        )?;
         Ok(SidecarConfig {
             servers,
             server_name: self.server_name.clone().or(file.server_name.clone()),
@@ -539,6 +597,11 @@ impl Cli {
             token_file: self.token_file.clone().or(file.token_file.clone()),
             ports,
             proxy_listen,
+            direct: DirectDialer {
+                policy: direct_policy,
+                host_aliases,
+                timeout: open_timeout,
+            },
             admin_listen,
             bind_address,
             naming: Naming {
@@ -565,12 +628,7 @@ impl Cli {
             )?,
             max_header_bytes,
             max_headers,
-            open_timeout: dur(
-                "--open-timeout",
-                self.open_timeout,
-                file.open_timeout.as_ref(),
-                tunnel_proto::client::DEFAULT_OPEN_TIMEOUT,
-            )?,
+            open_timeout,
             dead_peer_timeout: dur(
                 "--dead-peer-timeout",
                 self.dead_peer_timeout,
@@ -597,27 +655,27 @@ mod tests {
 
     #[test]
     fn port_mappings_default_to_the_apiserver() {
-        let m: PortMapping = "15001=east".parse().unwrap();
-        assert_eq!(m.port, 15001);
+        let m: PortMapping = "17001=east".parse().unwrap();
+        assert_eq!(m.port, 17001);
         assert_eq!(m.target, Target::new("east", "kubernetes.default.svc", 443));
-        let m: PortMapping = "15002=east:prometheus.monitoring.svc:9090".parse().unwrap();
+        let m: PortMapping = "17002=east:prometheus.monitoring.svc:9090".parse().unwrap();
         assert_eq!(
             m.target,
             Target::new("east", "prometheus.monitoring.svc", 9090)
         );
-        let m: PortMapping = "15003=west:[fd00::1]:8443".parse().unwrap();
+        let m: PortMapping = "17003=west:[fd00::1]:8443".parse().unwrap();
         assert_eq!(m.target, Target::new("west", "fd00::1", 8443));
     }
 
     #[test]
     fn invalid_destinations_say_why() {
         for (spec, why) in [
-            ("15001", "expected PORT=CLUSTER"),
+            ("17001", "expected PORT=CLUSTER"),
             ("0=east", "not a port"),
-            ("15001=East", "east"),
-            ("15001=east:svc", "HOST:PORT"),
-            ("15001=east:svc:http", "not a port"),
-            ("15001=east:svc:70000", "not a port"),
+            ("17001=East", "east"),
+            ("17001=east:svc", "HOST:PORT"),
+            ("17001=east:svc:http", "not a port"),
+            ("17001=east:svc:70000", "not a port"),
         ] {
             let err = spec.parse::<PortMapping>().unwrap_err();
             assert!(
@@ -629,7 +687,7 @@ mod tests {
 
     #[test]
     fn a_port_clash_names_both_users() {
-        let err = cli(&["--server", "hub:8090", "--port", "15080=east"])
+        let err = cli(&["--server", "hub:8090", "--port", "17080=east"])
             .resolve()
             .unwrap_err();
         assert!(matches!(err, ConfigError::PortClash { .. }), "{err}");
@@ -638,36 +696,121 @@ mod tests {
             "--server",
             "hub:8090",
             "--port",
-            "15001=east",
+            "17001=east",
             "--port",
-            "15001=west",
+            "17001=west",
         ])
         .resolve()
         .unwrap_err();
-        assert!(err.to_string().contains("15001"), "{err}");
+        assert!(err.to_string().contains("17001"), "{err}");
     }
 
     #[test]
     fn the_admin_port_may_face_the_kubelet() {
-        let ok = cli(&["--server", "hub:8090", "--admin-listen", "0.0.0.0:15090"]).resolve();
+        let ok = cli(&["--server", "hub:8090", "--admin-listen", "0.0.0.0:17090"]).resolve();
         assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]
-    fn non_loopback_needs_the_flag() {
-        let err = cli(&["--server", "hub:8090", "--proxy-listen", "0.0.0.0:15080"])
+    fn non_loopback_needs_the_flag_and_no_direct_connections() {
+        let err = cli(&["--server", "hub:8090", "--proxy-listen", "0.0.0.0:17080"])
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("--allow-non-loopback"), "{err}");
+        // Beyond loopback, dialing anything for anyone would be an open proxy.
+        let err = cli(&[
+            "--server",
+            "hub:8090",
+            "--proxy-listen",
+            "0.0.0.0:17080",
+            "--allow-non-loopback",
+        ])
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("--direct deny"), "{err}");
         let ok = cli(&[
             "--server",
             "hub:8090",
             "--proxy-listen",
-            "0.0.0.0:15080",
+            "0.0.0.0:17080",
+            "--allow-non-loopback",
+            "--direct",
+            "deny",
+        ])
+        .resolve();
+        assert!(ok.is_ok(), "{ok:?}");
+        // Per-cluster ports reach one destination each: no direct question.
+        let ok = cli(&[
+            "--server",
+            "hub:8090",
+            "--bind-address",
+            "0.0.0.0",
+            "--port",
+            "17001=east",
             "--allow-non-loopback",
         ])
         .resolve();
-        assert!(ok.is_ok());
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn the_defaults_stay_clear_of_istio_and_linkerd() {
+        // Istio's and Linkerd's documented ports inside a pod.
+        const MESH_PORTS: [u16; 14] = [
+            15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090, 4140, 4143, 4190,
+            4191,
+        ];
+        let c = cli(&["--server", "hub:8090"]).resolve().unwrap();
+        for port in [c.admin_listen.port(), c.proxy_listen.unwrap().port()] {
+            assert!(!MESH_PORTS.contains(&port), "{port}");
+            assert!(
+                !(15000..=15090).contains(&port),
+                "{port} is in Istio's range"
+            );
+        }
+        assert_eq!(c.proxy_listen.unwrap().port(), DEFAULT_PROXY_PORT);
+        assert_eq!(c.admin_listen.port(), DEFAULT_ADMIN_PORT);
+        assert_eq!(c.direct.policy, DirectPolicy::Allow);
+    }
+
+    #[test]
+    fn direct_and_host_aliases_come_from_flags_or_file() {
+        let c = cli(&[
+            "--server",
+            "hub:8090",
+            "--direct",
+            "deny",
+            "--host-alias",
+            "backend=127.0.3.1,backend.team=127.0.3.1",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.direct.policy, DirectPolicy::Deny);
+        assert_eq!(c.direct.host_aliases.len(), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sidecar.toml");
+        std::fs::write(
+            &path,
+            "servers = [\"hub:8090\"]\ndirect = \"deny\"\nhost_aliases = [\"db=10.0.0.5\"]\n",
+        )
+        .unwrap();
+        let c = cli(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.direct.policy, DirectPolicy::Deny);
+        assert_eq!(
+            c.direct.host_aliases.get("db"),
+            Some(&"10.0.0.5".parse().unwrap())
+        );
+        std::fs::write(&path, "servers = [\"hub:8090\"]\ndirect = \"sometimes\"\n").unwrap();
+        let err = cli(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("allow or deny"), "{err}");
+        let err = cli(&["--server", "hub:8090", "--host-alias", "db"])
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("--host-alias"), "{err}");
     }
 
     #[test]
@@ -676,7 +819,7 @@ mod tests {
         let path = dir.path().join("sidecar.toml");
         std::fs::write(
             &path,
-            "servers = [\"hub:8090\"]\nports = [\"15001=east\"]\ndefault_cluster = \"east\"\nheader_timeout = \"3s\"\n",
+            "servers = [\"hub:8090\"]\nports = [\"17001=east\"]\ndefault_cluster = \"east\"\nheader_timeout = \"3s\"\n",
         )
         .unwrap();
         let c = cli(&[
@@ -697,7 +840,7 @@ mod tests {
     fn unknown_file_keys_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sidecar.toml");
-        std::fs::write(&path, "servers = [\"hub:8090\"]\nprot = [\"15001=east\"]\n").unwrap();
+        std::fs::write(&path, "servers = [\"hub:8090\"]\nprot = [\"17001=east\"]\n").unwrap();
         let err = cli(&["--config", path.to_str().unwrap()])
             .resolve()
             .unwrap_err();

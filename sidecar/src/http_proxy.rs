@@ -1,7 +1,13 @@
 //! The HTTP proxy on loopback: `CONNECT host[:port]` (a byte tunnel, so TLS
 //! from the app passes through untouched) and absolute-form `http://` requests
-//! (forwarded as origin-form over a fresh tunnel each), with keep-alive
+//! (forwarded as origin-form over a fresh connection each), with keep-alive
 //! towards the app.
+//!
+//! Each request is routed on its own ([`crate::names`]): a destination in a
+//! cluster goes through the tunnel; anything else is dialed directly from
+//! the pod ([`crate::direct`]), with the same limits, error answers, metrics
+//! (`kind="direct"`) and logs, so that hub traffic works as before the
+//! sidecar was injected.
 //!
 //! Errors carry the tunnel's typed code in an `X-Tunnel-Error` header and as
 //! the first word of a text body, with a status an HTTP client can act on
@@ -17,13 +23,15 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_proto::client::{Target, TunnelClient};
 use tunnel_proto::error::{ErrorCode, TunnelError};
 
 use crate::clusters::ClusterCache;
+use crate::direct::DirectDialer;
 use crate::metrics::{RequestLabel, SidecarMetrics};
-use crate::names::Naming;
+use crate::names::{Naming, Route, is_single_label};
 
 /// Header carrying the typed error code of a failed proxy request.
 pub const ERROR_HEADER: &str = "x-tunnel-error";
@@ -75,6 +83,8 @@ pub struct ProxyState {
     pub naming: Naming,
     /// Clusters the server knows.
     pub clusters: Arc<ClusterCache>,
+    /// Dials destinations outside the clusters.
+    pub direct: DirectDialer,
     /// Metrics.
     pub metrics: SidecarMetrics,
 }
@@ -145,11 +155,11 @@ fn proxy_user(headers: &HeaderMap) -> Result<Option<String>, String> {
 }
 
 impl ProxyState {
-    async fn target_of(
+    async fn route_of(
         &self,
         req: &Request<Incoming>,
         default_port: u16,
-    ) -> Result<Target, Response<Body>> {
+    ) -> Result<Route, Response<Body>> {
         let authority = req
             .uri()
             .authority()
@@ -163,13 +173,9 @@ impl ProxyState {
             return Err(bad_request("port 0 is not a destination"));
         }
         let user = proxy_user(req.headers()).map_err(|m| bad_request(&m))?;
-        // A single label may be a cluster that joined since the last refresh.
-        if !host.contains('.') && !self.clusters.contains(host) {
-            self.clusters.refresh_soon(&self.client).await;
-        }
         let clusters = self.clusters.clone();
         self.naming
-            .resolve(host, port, user.as_deref(), |c| clusters.contains(c))
+            .route(host, port, user.as_deref(), |c| clusters.contains(c))
             .map_err(|e| bad_request(&e.to_string()))
     }
 
@@ -213,13 +219,59 @@ impl ProxyState {
             .inc();
     }
 
-    async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let target = match self.target_of(&req, 443).await {
-            Ok(t) => t,
+    /// Where a request goes: its cluster, or a direct connection opened
+    /// now. Failures are counted under `kind` (`bad_request`) or `direct`,
+    /// and logged.
+    async fn upstream_of(
+        &self,
+        req: &Request<Incoming>,
+        default_port: u16,
+        kind: &'static str,
+    ) -> Result<Upstream, Response<Body>> {
+        let (host, port) = match self.route_of(req, default_port).await {
+            Ok(Route::Tunnel(target)) => return Ok(Upstream::Tunnel(target)),
+            Ok(Route::Direct { host, port }) => (host, port),
             Err(resp) => {
-                self.count("connect", "bad_request");
-                return resp;
+                self.count(kind, "bad_request");
+                return Err(resp);
             }
+        };
+        let mut err = match self.direct.dial(&host, port).await {
+            Ok(tcp) => return Ok(Upstream::Direct { tcp, host, port }),
+            Err(err) => err,
+        };
+        // A single label no resolver knows (or any, under --direct deny)
+        // may be a cluster that joined since the last refresh of the list.
+        // Asking only then spares the server a question per hub request.
+        let maybe_cluster = matches!(
+            err.code,
+            ErrorCode::DnsFailure | ErrorCode::DestinationNotAllowed
+        );
+        if maybe_cluster && is_single_label(&host.to_ascii_lowercase()) {
+            self.clusters.refresh_soon(&self.client).await;
+            let clusters = self.clusters.clone();
+            if let Ok(Route::Tunnel(target)) = self
+                .naming
+                .route(&host, port, None, |c| clusters.contains(c))
+            {
+                return Ok(Upstream::Tunnel(target));
+            }
+        }
+        self.count("direct", err.code.label());
+        tracing::info!(%host, port, code = err.code.label(), %err, "direct connection failed");
+        if err.code == ErrorCode::DestinationNotAllowed {
+            err.message = format!("{}; {}", err.message, self.naming.how_to_name_a_cluster());
+        }
+        Err(error_response(&err))
+    }
+
+    async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let target = match self.upstream_of(&req, 443, "connect").await {
+            Ok(Upstream::Tunnel(t)) => t,
+            Ok(Upstream::Direct { tcp, host, port }) => {
+                return self.connect_direct(req, tcp, host, port);
+            }
+            Err(resp) => return resp,
         };
         let tunnel = match self.client.open(&target).await {
             Ok(t) => t,
@@ -232,62 +284,112 @@ impl ProxyState {
         self.count("connect", "ok");
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let upgraded = match hyper::upgrade::on(req).await {
-                Ok(u) => u,
-                Err(err) => {
-                    tracing::debug!(%target, %err, "CONNECT client left before the tunnel started");
-                    return;
-                }
-            };
-            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => parts,
-                Err(_) => {
-                    tracing::error!("CONNECT upgrade is not a TCP stream");
-                    return;
-                }
+            let Some((tcp, prefix)) = upgraded_tcp(req, &target.to_string()).await else {
+                return;
             };
             metrics.open_connections.inc();
-            let outcome = tunnel
-                .relay_with_prefix(parts.io.into_inner(), parts.read_buf)
-                .await;
+            let outcome = tunnel.relay_with_prefix(tcp, prefix).await;
             metrics.open_connections.dec();
             tracing::debug!(%target, ?outcome, "CONNECT tunnel closed");
         });
-        Response::new(
-            http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        empty_ok()
+    }
+
+    fn connect_direct(
+        &self,
+        req: Request<Incoming>,
+        mut upstream: TcpStream,
+        host: String,
+        port: u16,
+    ) -> Response<Body> {
+        self.count("direct", "ok");
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let dest = format!("{host}:{port}");
+            let Some((mut tcp, prefix)) = upgraded_tcp(req, &dest).await else {
+                return;
+            };
+            metrics.open_direct_connections.inc();
+            let outcome = async {
+                if !prefix.is_empty() {
+                    upstream.write_all(&prefix).await?;
+                }
+                tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await
+            }
+            .await;
+            metrics.open_direct_connections.dec();
+            tracing::debug!(%dest, ?outcome, "direct CONNECT closed");
+        });
+        empty_ok()
     }
 
     async fn forward(
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, hyper::Error> {
-        let target = match self.target_of(&req, 80).await {
-            Ok(t) => t,
-            Err(resp) => {
-                self.count("http", "bad_request");
-                return Ok(resp);
-            }
+        let upstream = match self.upstream_of(&req, 80, "http").await {
+            Ok(u) => u,
+            Err(resp) => return Ok(resp),
         };
-        let io = match self.client.open_io(&target).await {
-            Ok(io) => io,
-            Err(err) => {
-                self.count("http", err.code.label());
-                tracing::info!(%target, code = err.code.label(), %err, "proxy request failed");
-                return Ok(error_response(&err));
+        // Origin-form towards the destination.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+        strip_hop_by_hop(req.headers_mut());
+        match upstream {
+            Upstream::Tunnel(target) => {
+                let io = match self.client.open_io(&target).await {
+                    Ok(io) => io,
+                    Err(err) => {
+                        self.count("http", err.code.label());
+                        tracing::info!(%target, code = err.code.label(), %err, "proxy request failed");
+                        return Ok(error_response(&err));
+                    }
+                };
+                // Host names the real in-cluster host.
+                if let Ok(v) = HeaderValue::from_str(&host_header(&target)) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                Ok(self.send(io, req, "http", &target.to_string()).await)
             }
-        };
+            Upstream::Direct { tcp, host, port } => {
+                // The client's Host stays: the destination is the one it named.
+                if !req.headers().contains_key(header::HOST)
+                    && let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+                Ok(self
+                    .send(tcp, req, "direct", &format!("{host}:{port}"))
+                    .await)
+            }
+        }
+    }
+
+    /// Sends `req` over a fresh HTTP/1 connection on `io` and returns the
+    /// answer, counting it under `kind`.
+    async fn send<I>(
+        &self,
+        io: I,
+        req: Request<Incoming>,
+        kind: &'static str,
+        dest: &str,
+    ) -> Response<Body>
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await
         {
             Ok(x) => x,
             Err(err) => {
-                let err = TunnelError::new(
-                    ErrorCode::TunnelBroken,
-                    format!("HTTP/1 to {target}: {err}"),
-                );
-                return Ok(error_response(&err));
+                self.count(kind, ErrorCode::TunnelBroken.label());
+                let err =
+                    TunnelError::new(ErrorCode::TunnelBroken, format!("HTTP/1 to {dest}: {err}"));
+                return error_response(&err);
             }
         };
         tokio::spawn(async move {
@@ -295,42 +397,77 @@ impl ProxyState {
                 tracing::debug!(%err, "upstream HTTP/1 connection ended with an error");
             }
         });
-        // Origin-form towards the destination; Host names the real in-cluster host.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-        strip_hop_by_hop(req.headers_mut());
-        let host = if target.host.contains(':') {
-            format!("[{}]", target.host)
-        } else {
-            target.host.clone()
-        };
-        let host = if target.port == 80 {
-            host
-        } else {
-            format!("{host}:{}", target.port)
-        };
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            req.headers_mut().insert(header::HOST, v);
-        }
         match sender.send_request(req).await {
             Ok(resp) => {
-                self.count("http", "ok");
+                self.count(kind, "ok");
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, body.boxed()))
+                Response::from_parts(parts, body.boxed())
             }
             Err(err) => {
-                self.count("http", "upstream_error");
-                let err = TunnelError::new(
-                    ErrorCode::DestinationUnreachable,
-                    format!("{target}: {err}"),
-                );
-                Ok(error_response(&err))
+                self.count(kind, "upstream_error");
+                tracing::info!(dest, kind, %err, "the destination did not answer the request");
+                let err =
+                    TunnelError::new(ErrorCode::DestinationUnreachable, format!("{dest}: {err}"));
+                error_response(&err)
             }
+        }
+    }
+}
+
+/// Where one request goes, once decided.
+enum Upstream {
+    /// Through the tunnel.
+    Tunnel(Target),
+    /// A direct connection, already open.
+    Direct {
+        /// The connection.
+        tcp: TcpStream,
+        /// The host the client named.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// The `Host` header for a tunnelled destination.
+fn host_header(target: &Target) -> String {
+    let host = if target.host.contains(':') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    if target.port == 80 {
+        host
+    } else {
+        format!("{host}:{}", target.port)
+    }
+}
+
+/// A 200 with no body: the answer to a CONNECT that reached its destination.
+fn empty_ok() -> Response<Body> {
+    Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+/// The client's TCP connection once hyper has answered its CONNECT, and the
+/// bytes it already read past the request.
+async fn upgraded_tcp(req: Request<Incoming>, dest: &str) -> Option<(TcpStream, Bytes)> {
+    let upgraded = match hyper::upgrade::on(req).await {
+        Ok(u) => u,
+        Err(err) => {
+            tracing::debug!(dest, %err, "CONNECT client left before the tunnel started");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((parts.io.into_inner(), parts.read_buf)),
+        Err(_) => {
+            tracing::error!("CONNECT upgrade is not a TCP stream");
+            None
         }
     }
 }
@@ -400,7 +537,7 @@ mod tests {
     fn the_proxy_user_names_the_cluster() {
         let mut h = HeaderMap::new();
         assert_eq!(proxy_user(&h).unwrap(), None);
-        // curl -x http://east@127.0.0.1:15080 sends base64("east:").
+        // curl -x http://east@127.0.0.1:17080 sends base64("east:").
         h.insert(
             header::PROXY_AUTHORIZATION,
             HeaderValue::from_static("Basic ZWFzdDo="),

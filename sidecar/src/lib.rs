@@ -3,15 +3,21 @@
 //!
 //! - per-cluster loopback ports: plain TCP to `127.0.0.1:<port>` reaches a
 //!   fixed destination in one cluster (see [`config::PortMapping`]);
-//! - [`http_proxy`]: one loopback HTTP proxy for `HTTP_PROXY`/`HTTPS_PROXY`,
-//!   naming clusters as [`names`] describes;
+//! - [`http_proxy`]: one loopback HTTP proxy for `HTTP_PROXY`/`HTTPS_PROXY`
+//!   that decides per request: names in a cluster (as [`names`] describes)
+//!   go through the tunnel, everything else is dialed from the pod
+//!   ([`direct`]), so hub traffic works as before the injection;
 //! - [`clusters`]: the server's cluster list, refreshed in the background;
 //! - [`config`]: flags, environment variables and an optional TOML file;
-//! - an admin port with `/healthz`, `/readyz` (ready once connected to a
-//!   server), `/metrics` and `POST /shutdown`.
+//! - [`metrics`]: the Prometheus metrics;
+//! - an admin port with `/healthz`, `/readyz` (ready once every listener is
+//!   bound, whether or not a server is reachable, so that pods start during
+//!   a hub outage; `tunnel_sidecar_server_connected` says whether one is),
+//!   `/metrics` and `POST /shutdown`.
 
 pub mod clusters;
 pub mod config;
+pub mod direct;
 pub mod http_proxy;
 pub mod metrics;
 pub mod names;
@@ -100,7 +106,7 @@ impl Sidecar {
         }));
         let mut registry = Registry::default();
         let metrics = SidecarMetrics::register(&mut registry);
-        let clusters = Arc::new(ClusterCache::default());
+        let clusters = Arc::new(ClusterCache::new(metrics.server_connected.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -128,12 +134,11 @@ impl Sidecar {
             .collect::<Result<Vec<_>, _>>()?;
 
         let shutdown_requested = Arc::new(Notify::new());
-        let ready = clusters.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(
-            Arc::new(registry),
-            Arc::new(move || ready.is_connected()),
-        )
-        .with_shutdown_endpoint(shutdown_requested.clone());
+        // Ready once bound (every listener is, by now): connections made
+        // while no server is reachable get a typed error, and direct ones
+        // work, so an outage of the hub never holds a pod's start.
+        let admin = tunnel_proto::admin::AdminServer::new(Arc::new(registry), Arc::new(|| true))
+            .with_shutdown_endpoint(shutdown_requested.clone());
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(err) = admin.serve(admin_l, stopped(rx)).await {
@@ -177,6 +182,7 @@ impl Sidecar {
                 client: client.clone(),
                 naming: config.naming.clone(),
                 clusters: clusters.clone(),
+                direct: config.direct.clone(),
                 metrics: metrics.clone(),
             });
             let limits = ProxyLimits {
@@ -192,7 +198,7 @@ impl Sidecar {
                 stopped(stop_rx.clone()),
             )));
         }
-        tracing::info!(%admin_addr, servers = ?config.servers, "tunnel sidecar started");
+        tracing::info!(%admin_addr, servers = ?config.servers, direct = config.direct.policy.as_str(), "tunnel sidecar started");
         Ok(Self {
             proxy_addr,
             admin_addr,
@@ -204,8 +210,9 @@ impl Sidecar {
         })
     }
 
-    /// Whether the sidecar is connected to a server.
-    pub fn is_ready(&self) -> bool {
+    /// Whether the sidecar reaches a tunnel server now (its readiness does
+    /// not wait for this).
+    pub fn is_connected(&self) -> bool {
         self.clusters.is_connected()
     }
 

@@ -6,10 +6,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-/// Labels: how the app came in (`port`, `connect`, `http`) and the result.
+/// Labels: how the app came in (`port`, `connect`, `http`, or `direct` for
+/// what the proxy dialed outside the clusters) and the result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
-    /// `port`, `connect` or `http`.
+    /// `port`, `connect`, `http` or `direct`.
     pub kind: &'static str,
     /// `ok` or an error code.
     pub code: &'static str,
@@ -22,6 +23,10 @@ pub struct SidecarMetrics {
     pub requests: Family<RequestLabel, Counter>,
     /// Tunnelled connections open now.
     pub open_connections: Gauge,
+    /// Direct (non-tunnel) CONNECT connections open now.
+    pub open_direct_connections: Gauge,
+    /// 1 while the sidecar reaches a tunnel server, else 0.
+    pub server_connected: Gauge,
 }
 
 impl SidecarMetrics {
@@ -38,6 +43,16 @@ impl SidecarMetrics {
             "open_connections",
             "Tunnelled connections open now",
             m.open_connections.clone(),
+        );
+        r.register(
+            "open_direct_connections",
+            "Direct (non-tunnel) CONNECT connections open now",
+            m.open_direct_connections.clone(),
+        );
+        r.register(
+            "server_connected",
+            "1 while a tunnel server is reachable, else 0 (readiness does not wait for it)",
+            m.server_connected.clone(),
         );
         m
     }

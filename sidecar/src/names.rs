@@ -1,5 +1,5 @@
-//! The HTTP proxy's naming scheme: which cluster, host and port a proxy
-//! request names.
+//! The HTTP proxy's naming scheme: whether a proxy request goes through the
+//! tunnel (and to which cluster, host and port) or straight out of the pod.
 //!
 //! In order:
 //! 1. `<host>.<cluster>.<suffix>` (suffix `tunnel.internal` by default, a
@@ -7,13 +7,17 @@
 //!    private use, so it never collides with a public name): `<host>` in
 //!    `<cluster>`, e.g. `prometheus.monitoring.svc.east.tunnel.internal:9090`.
 //!    `<cluster>.<suffix>` alone is the cluster's kube-apiserver.
-//! 2. A bare cluster name (`east:443`, a single label that is a known
-//!    cluster, or any single label when no default cluster is set): that
-//!    cluster's kube-apiserver, as in cluster-proxy.
-//! 3. Anything else goes to the default cluster: the proxy URL's user name
-//!    (`http://east@127.0.0.1:15080` makes clients send
-//!    `Proxy-Authorization`), else the sidecar's `--default-cluster`.
-//! 4. Otherwise the request is refused (400) with this explanation.
+//! 2. A bare name that is a cluster the server lists (`east:443`): that
+//!    cluster's kube-apiserver, as in cluster-proxy. The cluster wins over a
+//!    hub Service of the same name, which stays reachable as
+//!    `<name>.<namespace>` or `<name>.<namespace>.svc`.
+//! 3. A default cluster — the proxy URL's user name
+//!    (`http://east@127.0.0.1:17080` makes clients send
+//!    `Proxy-Authorization`), else the sidecar's `--default-cluster` — takes
+//!    every other name into that cluster.
+//! 4. Everything else — a hub Service by its short name, `name.namespace`,
+//!    a pod or ClusterIP address, a public name — is dialed directly from
+//!    the pod, as before the sidecar was injected ([`Route::Direct`]).
 
 use tunnel_proto::client::Target;
 use tunnel_proto::identity::validate_cluster_name;
@@ -44,7 +48,21 @@ impl Default for Naming {
     }
 }
 
-/// Why a name could not be mapped to a cluster.
+/// Where one proxy request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Through the tunnel, to a destination in a cluster.
+    Tunnel(Target),
+    /// Straight out of the pod: a destination outside every cluster.
+    Direct {
+        /// The host as the client named it (a name or an IP address).
+        host: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// Why a name could not be mapped to a destination.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// The cluster part is not a valid cluster name.
@@ -55,63 +73,67 @@ pub enum NameError {
         /// Why.
         reason: String,
     },
-    /// Nothing says which cluster the name is in.
-    #[error(
-        "cannot tell which cluster {host:?} is in: use <host>.<cluster>.{suffix}, a bare cluster name, \
-         or a proxy user naming the cluster (http://<cluster>@<proxy>)"
-    )]
-    NoCluster {
-        /// The host as given.
-        host: String,
-        /// The configured suffix.
-        suffix: String,
-    },
 }
 
 impl Naming {
-    /// Maps `host:port` to a target. `user_cluster` is the cluster named by the
-    /// proxy user, `is_known_cluster` tells whether a single label is a
+    /// Decides where `host:port` goes. `user_cluster` is the cluster named by
+    /// the proxy user, `is_known_cluster` tells whether a single label is a
     /// cluster the server knows.
-    pub fn resolve(
+    pub fn route(
         &self,
         host: &str,
         port: u16,
         user_cluster: Option<&str>,
         is_known_cluster: impl Fn(&str) -> bool,
-    ) -> Result<Target, NameError> {
-        let host = host.trim_end_matches('.');
-        let lower = host.to_ascii_lowercase();
+    ) -> Result<Route, NameError> {
+        let trimmed = host.trim_end_matches('.');
+        let lower = trimmed.to_ascii_lowercase();
         let cluster_of = |c: &str| -> Result<String, NameError> {
             validate_cluster_name(c).map_err(|e| NameError::BadCluster {
-                name: host.to_owned(),
+                name: trimmed.to_owned(),
                 reason: e.to_string(),
             })?;
             Ok(c.to_owned())
         };
         let dotted_suffix = format!(".{}", self.suffix.to_ascii_lowercase());
         if let Some(rest) = lower.strip_suffix(&dotted_suffix) {
-            return match rest.rsplit_once('.') {
-                Some((inner, cluster)) if !inner.is_empty() => Ok(Target::new(
-                    cluster_of(cluster)?,
-                    &host[..inner.len()],
-                    port,
-                )),
-                _ => Ok(Target::new(cluster_of(rest)?, &self.apiserver_host, port)),
+            let target = match rest.rsplit_once('.') {
+                Some((inner, cluster)) if !inner.is_empty() => {
+                    Target::new(cluster_of(cluster)?, &trimmed[..inner.len()], port)
+                }
+                _ => Target::new(cluster_of(rest)?, &self.apiserver_host, port),
             };
+            return Ok(Route::Tunnel(target));
         }
-        let default = user_cluster.or(self.default_cluster.as_deref());
-        let single_label = !lower.is_empty() && !lower.contains('.') && !lower.contains(':');
-        if single_label && (is_known_cluster(&lower) || default.is_none()) {
-            return Ok(Target::new(cluster_of(&lower)?, &self.apiserver_host, port));
+        if is_single_label(&lower) && is_known_cluster(&lower) {
+            return Ok(Route::Tunnel(Target::new(
+                lower.clone(),
+                &self.apiserver_host,
+                port,
+            )));
         }
-        match default {
-            Some(c) => Ok(Target::new(cluster_of(c)?, host, port)),
-            None => Err(NameError::NoCluster {
+        match user_cluster.or(self.default_cluster.as_deref()) {
+            Some(c) => Ok(Route::Tunnel(Target::new(cluster_of(c)?, trimmed, port))),
+            None => Ok(Route::Direct {
                 host: host.to_owned(),
-                suffix: self.suffix.clone(),
+                port,
             }),
         }
     }
+
+    /// How a client names a destination in a cluster, for error messages.
+    pub fn how_to_name_a_cluster(&self) -> String {
+        format!(
+            "name a destination in a cluster as <host>.<cluster>.{}, a bare cluster name, \
+             or with a proxy user naming the cluster (http://<cluster>@<proxy>)",
+            self.suffix
+        )
+    }
+}
+
+/// A name without dots (and not an IPv6 literal) that could be a cluster's.
+pub fn is_single_label(lower: &str) -> bool {
+    !lower.is_empty() && !lower.contains('.') && !lower.contains(':')
 }
 
 #[cfg(test)]
@@ -122,59 +144,90 @@ mod tests {
         c == "east" || c == "west"
     }
 
+    fn tunnel(route: Result<Route, NameError>) -> Target {
+        match route {
+            Ok(Route::Tunnel(t)) => t,
+            other => panic!("expected a tunnel route, got {other:?}"),
+        }
+    }
+
+    fn direct(host: &str, port: u16) -> Result<Route, NameError> {
+        Ok(Route::Direct {
+            host: host.into(),
+            port,
+        })
+    }
+
     #[test]
     fn qualified_names_carry_their_cluster() {
         let n = Naming::default();
-        let t = n
-            .resolve(
-                "prometheus.monitoring.svc.east.tunnel.internal",
-                9090,
-                None,
-                known,
-            )
-            .unwrap();
+        let t = tunnel(n.route(
+            "prometheus.monitoring.svc.east.tunnel.internal",
+            9090,
+            None,
+            known,
+        ));
         assert_eq!(t, Target::new("east", "prometheus.monitoring.svc", 9090));
         // Case-insensitive suffix, trailing dot, host keeps its spelling.
-        let t = n
-            .resolve("Hello.Default.svc.WEST.Tunnel.Internal.", 80, None, known)
-            .unwrap();
+        let t = tunnel(n.route("Hello.Default.svc.WEST.Tunnel.Internal.", 80, None, known));
         assert_eq!(t, Target::new("west", "Hello.Default.svc", 80));
         // The cluster alone is its kube-apiserver.
-        let t = n.resolve("east.tunnel.internal", 443, None, known).unwrap();
+        let t = tunnel(n.route("east.tunnel.internal", 443, None, known));
         assert_eq!(t, Target::new("east", "kubernetes.default.svc", 443));
         // Qualified names win over the proxy user.
-        let t = n
-            .resolve("a.b.svc.west.tunnel.internal", 80, Some("east"), known)
-            .unwrap();
+        let t = tunnel(n.route("a.b.svc.west.tunnel.internal", 80, Some("east"), known));
         assert_eq!(t.cluster, "west");
+        // Unknown clusters still go to the tunnel: the server answers
+        // unknown_cluster, which tells a typo from an outage.
+        let t = tunnel(n.route("a.svc.north.tunnel.internal", 80, None, known));
+        assert_eq!(t.cluster, "north");
     }
 
     #[test]
     fn a_bare_cluster_name_is_its_apiserver() {
         let n = Naming::default();
-        let t = n.resolve("east", 443, None, known).unwrap();
+        let t = tunnel(n.route("east", 443, None, known));
         assert_eq!(t, Target::new("east", "kubernetes.default.svc", 443));
-        // Unknown single labels without a default are still read as clusters
-        // (the server then answers "unknown cluster").
-        let t = n.resolve("north", 443, None, known).unwrap();
-        assert_eq!(t.cluster, "north");
+        let t = tunnel(n.route("EAST.", 443, None, known));
+        assert_eq!(t.cluster, "east");
+        // A known cluster's name wins over the proxy user's cluster.
+        let t = tunnel(n.route("west", 443, Some("east"), known));
+        assert_eq!(t, Target::new("west", "kubernetes.default.svc", 443));
+    }
+
+    #[test]
+    fn hub_destinations_go_direct() {
+        let n = Naming::default();
+        // A hub Service by its short name: the single label is no cluster.
+        assert_eq!(
+            n.route("backend", 8080, None, known),
+            direct("backend", 8080)
+        );
+        // By name.namespace, by its full name, by a ClusterIP or pod address.
+        for host in [
+            "backend.team",
+            "backend.team.svc",
+            "backend.team.svc.cluster.local",
+            "10.96.0.10",
+            "fd00::1",
+            "example.com",
+        ] {
+            assert_eq!(n.route(host, 80, None, known), direct(host, 80), "{host}");
+        }
+        // A hub Service whose namespace has a cluster's name is not that cluster.
+        assert_eq!(n.route("api.east", 80, None, known), direct("api.east", 80));
     }
 
     #[test]
     fn the_proxy_user_names_the_default_cluster() {
         let n = Naming::default();
-        let t = n
-            .resolve("prometheus.monitoring.svc", 9090, Some("east"), known)
-            .unwrap();
+        let t = tunnel(n.route("prometheus.monitoring.svc", 9090, Some("east"), known));
         assert_eq!(t, Target::new("east", "prometheus.monitoring.svc", 9090));
         // A single label that is not a cluster is a host in the default cluster.
-        let t = n.resolve("backend", 8080, Some("east"), known).unwrap();
+        let t = tunnel(n.route("backend", 8080, Some("east"), known));
         assert_eq!(t, Target::new("east", "backend", 8080));
-        // ... but a known cluster's name is still that cluster.
-        let t = n.resolve("west", 443, Some("east"), known).unwrap();
-        assert_eq!(t, Target::new("west", "kubernetes.default.svc", 443));
         // IP literals go to the default cluster.
-        let t = n.resolve("10.0.0.1", 80, Some("east"), known).unwrap();
+        let t = tunnel(n.route("10.0.0.1", 80, Some("east"), known));
         assert_eq!(t, Target::new("east", "10.0.0.1", 80));
     }
 
@@ -184,26 +237,23 @@ mod tests {
             default_cluster: Some("west".into()),
             ..Naming::default()
         };
-        let t = n.resolve("api.example.svc", 80, None, known).unwrap();
+        let t = tunnel(n.route("api.example.svc", 80, None, known));
         assert_eq!(t.cluster, "west");
-        let t = n
-            .resolve("api.example.svc", 80, Some("east"), known)
-            .unwrap();
+        let t = tunnel(n.route("api.example.svc", 80, Some("east"), known));
         assert_eq!(t.cluster, "east", "the proxy user wins");
     }
 
     #[test]
-    fn names_without_a_cluster_are_explained() {
+    fn invalid_cluster_names_are_explained() {
         let n = Naming::default();
-        let e = n.resolve("example.com", 80, None, known).unwrap_err();
-        assert!(e.to_string().contains("tunnel.internal"), "{e}");
         let e = n
-            .resolve("x.Bad_Cluster.tunnel.internal", 80, None, known)
+            .route("x.Bad_Cluster.tunnel.internal", 80, None, known)
             .unwrap_err();
         assert!(matches!(e, NameError::BadCluster { .. }), "{e}");
         let e = n
-            .resolve("example.com", 80, Some("Not Valid"), known)
+            .route("example.com", 80, Some("Not Valid"), known)
             .unwrap_err();
         assert!(matches!(e, NameError::BadCluster { .. }), "{e}");
+        assert!(n.how_to_name_a_cluster().contains("tunnel.internal"));
     }
 }

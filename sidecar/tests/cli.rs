@@ -20,7 +20,7 @@ fn fails_with(args: &[&str], needle: &str) {
 #[test]
 fn a_port_clash_names_both_flags() {
     fails_with(
-        &["--server", "hub:8090", "--port", "15080=east"],
+        &["--server", "hub:8090", "--port", "17080=east"],
         "--proxy-listen",
     );
 }
@@ -28,7 +28,7 @@ fn a_port_clash_names_both_flags() {
 #[test]
 fn an_invalid_destination_says_why() {
     fails_with(
-        &["--server", "hub:8090", "--port", "15001=east:svc"],
+        &["--server", "hub:8090", "--port", "17001=east:svc"],
         "HOST:PORT",
     );
 }
@@ -36,8 +36,22 @@ fn an_invalid_destination_says_why() {
 #[test]
 fn a_non_loopback_listener_needs_the_flag() {
     fails_with(
-        &["--server", "hub:8090", "--proxy-listen", "0.0.0.0:15080"],
+        &["--server", "hub:8090", "--proxy-listen", "0.0.0.0:17080"],
         "--allow-non-loopback",
+    );
+}
+
+#[test]
+fn a_proxy_beyond_loopback_must_not_dial_directly() {
+    fails_with(
+        &[
+            "--server",
+            "hub:8090",
+            "--proxy-listen",
+            "0.0.0.0:17080",
+            "--allow-non-loopback",
+        ],
+        "--direct deny",
     );
 }
 

@@ -715,10 +715,19 @@ impl System {
                 }
                 let proc = RoleProc::spawn("sidecar", &args, dir);
                 let sc_admin: SocketAddr = format!("127.0.0.1:{sc_admin}").parse().unwrap();
+                // Ready means listening; measure once it also reaches the server.
                 wait_until(
-                    "the sidecar is ready",
+                    "the sidecar reaches the server",
                     Duration::from_secs(20),
-                    || async move { matches!(http_get(sc_admin, "/readyz").await, Ok((200, _))) },
+                    || async move {
+                        // The admin port may not listen yet: not ready, not a failure.
+                        match http_get(sc_admin, "/metrics").await {
+                            Ok((200, body)) => {
+                                metric(&body, "tunnel_sidecar_server_connected") == Some(1.0)
+                            }
+                            _ => false,
+                        }
+                    },
                 )
                 .await;
                 (

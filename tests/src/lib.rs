@@ -96,6 +96,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         auth: Default::default(),
         // Off by default so that tests' dial counts stay their own; see tests/tests/probes.rs.
         probe: tunnel_server::probes::ProbeConfig::disabled(),
+        limits: tunnel_server::Limits::default(),
     }
 }
 
@@ -1153,7 +1154,7 @@ pub async fn start_sidecar(
         .await
         .expect("sidecar starts");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sidecar.is_ready() {
+    while !sidecar.is_connected() {
         assert!(
             Instant::now() < deadline,
             "the sidecar did not connect to the server within 20 s"

@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tunnel_proto::client::{OpenedTunnel, Target, TunnelClient};
 use tunnel_proto::error::ErrorCode;
-use tunnel_proto::pb::{self, Frame, agent_server::AgentServer};
+use tunnel_proto::pb::{self, agent_server::AgentServer};
 use tunnel_server::Server;
 use tunnel_tests::netns::NsHosts;
 use tunnel_tests::*;
@@ -362,14 +362,10 @@ async fn connections_are_spread_over_the_agents_of_a_cluster() {
 /// but fails every dial at the transport level (as a tunnel that broke
 /// right under a new stream would).
 #[derive(Clone, Debug)]
-struct BrokenAgent {
-    dials: Arc<AtomicUsize>,
-}
+struct BrokenAgent;
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for BrokenAgent {
-    type DialStream = futures_util::stream::Empty<Result<Frame, Status>>;
-
     async fn hello(
         &self,
         _req: Request<pb::HelloRequest>,
@@ -379,14 +375,6 @@ impl pb::agent_server::Agent for BrokenAgent {
             cluster: "east".into(),
             version: "broken".into(),
         }))
-    }
-
-    async fn dial(
-        &self,
-        _req: Request<Streaming<Frame>>,
-    ) -> Result<Response<Self::DialStream>, Status> {
-        self.dials.fetch_add(1, Ordering::SeqCst);
-        Err(Status::unavailable("broken agent: every dial fails"))
     }
 }
 
@@ -412,12 +400,22 @@ async fn start_broken_agent(pki: &Pki, server: &Server) -> (Arc<AtomicUsize>, Ab
         .connect(name, tcp)
         .await
         .expect("the broken agent passes TLS");
-    let svc = AgentServer::new(BrokenAgent {
-        dials: dials.clone(),
-    });
+    let svc = AgentServer::new(BrokenAgent);
+    let counter = dials.clone();
     let task = tokio::spawn(async move {
         let h2 = tunnel_proto::h2::H2Settings::default();
-        let _ = tunnel_proto::h2::serve_connection(tls, svc, &h2, std::future::pending()).await;
+        let Ok(mut conn) = tunnel_proto::h2::H2Server::handshake(tls, &h2).await else {
+            return;
+        };
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            if req.method() == http::Method::CONNECT {
+                // Every dial fails at the transport level: the stream is refused.
+                counter.fetch_add(1, Ordering::SeqCst);
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            } else {
+                tokio::spawn(tunnel_proto::grpc::serve(svc.clone(), req, respond));
+            }
+        }
     });
     let state = server.state().clone();
     wait_until(

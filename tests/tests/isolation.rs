@@ -113,10 +113,18 @@ async fn a_stalled_reader_does_not_slow_another_connection() {
     println!("stalled connection: {} MiB pending", pending / MIB);
 
     let during = moved_rate(b_port, &mut seen, "while A is stalled").await;
-    assert_eq!(
-        written.load(Ordering::Relaxed) as usize,
-        pending,
-        "A must stay stalled while B runs"
+    // Stream windows adapt per tunnel connection: B's throughput may raise
+    // them, and A, on the same connections, gets the raise too. So A may take
+    // in more, but at most one larger window per hop, never the rest.
+    let after = written.load(Ordering::Relaxed) as usize;
+    let most = pending + 2 * tunnel_proto::h2::DEFAULT_MAX_STREAM_WINDOW as usize;
+    assert!(
+        after <= most,
+        "A must stay stalled while B runs: its destination wrote {after} bytes, {pending} before B ran (at most {most})"
+    );
+    println!(
+        "stalled connection while B ran: {} MiB pending",
+        after / MIB
     );
 
     // A resumes and gets every byte, in order.

@@ -9,6 +9,13 @@
 //! (`hello.default.svc`, `echo.default.svc`, `kubernetes.default.svc`), as
 //! cluster DNS would. The hello services answer `hello from <cluster>`, so
 //! every answer says which cluster it came from.
+//!
+//! The hub's own Service `backend` in namespace `team` listens on 127.0.3.1
+//! and answers `hello from hub`. The sidecar knows it by its short name and
+//! by `backend.team` through `--host-alias` entries, standing in for the
+//! pod's resolver and its search domains (`team.svc.cluster.local`, ...),
+//! which the sidecar uses for direct connections in a real pod. No agent may
+//! dial 127.0.3.1, so an answer from it came straight from the sidecar.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +36,11 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every answer a test waits for arrives within this, or the test fails.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The loopback address of the hub's own Service `backend.team`.
+const HUB_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 3, 1));
+/// The `--host-alias` entries that resolve the hub Service's names.
+const HUB_ALIASES: &str = "backend=127.0.3.1,backend.team=127.0.3.1";
+
 /// The loopback address standing for a cluster's network.
 fn cluster_ip(cluster: &str) -> IpAddr {
     match cluster {
@@ -47,6 +59,10 @@ struct Services {
     https: u16,
     /// `echo.default.svc`.
     echo: u16,
+    /// The hub's `backend.team`, HTTP, on [`HUB_IP`].
+    hub_http: u16,
+    /// The hub's `backend.team`, HTTPS (certificate for `backend.team`).
+    hub_https: u16,
 }
 
 /// A listener on `addr` with an accept queue of 4096 rather than tokio's
@@ -144,6 +160,7 @@ impl Clusters {
             "hello.default.svc",
             "hello.default.svc.east.tunnel.internal",
             "hello.default.svc.west.tunnel.internal",
+            "backend.team",
         ]);
         let (http, ls) = listeners_on_one_port(&ips).await;
         for (l, name) in ls.into_iter().zip(CLUSTERS) {
@@ -155,9 +172,21 @@ impl Clusters {
         }
         let (echo, ls) = listeners_on_one_port(&ips).await;
         ls.into_iter().for_each(spawn_echo);
+        let hub = listen_on(SocketAddr::new(HUB_IP, 0)).unwrap();
+        let hub_http = hub.local_addr().unwrap().port();
+        spawn_http_hello(hub, "hub");
+        let hub = listen_on(SocketAddr::new(HUB_IP, 0)).unwrap();
+        let hub_https = hub.local_addr().unwrap().port();
+        spawn_https_hello(hub, "hub", tls);
         Self {
             pki,
-            svc: Services { http, https, echo },
+            svc: Services {
+                http,
+                https,
+                echo,
+                hub_http,
+                hub_https,
+            },
         }
     }
 
@@ -261,10 +290,23 @@ struct SidecarProc {
 }
 
 impl SidecarProc {
-    /// Waits until the sidecar is connected to the server and its proxy listens.
+    /// Waits until the sidecar is ready, its proxy listens and it has
+    /// reached the server (readiness alone does not wait for that).
     async fn ready(&self) {
         wait_ready(self.admin, "the sidecar").await;
         wait_listening(self.proxy, "the sidecar's proxy").await;
+        let admin = self.admin;
+        wait_until(
+            "the sidecar reaches the server",
+            Duration::from_secs(20),
+            || async move {
+                metric(
+                    &fetch_metrics(admin).await,
+                    "tunnel_sidecar_server_connected",
+                ) == Some(1.0)
+            },
+        )
+        .await;
     }
 
     /// The proxy URL, naming a default cluster as the user if given.
@@ -723,6 +765,13 @@ async fn every_proxy_error_has_its_status_and_code() {
             504,
             "dial_timeout",
         ),
+        (
+            "a hub address nothing listens on, dialed directly",
+            format!("{HUB_IP}:{}", closed_port(HUB_IP)),
+            None,
+            502,
+            "destination_refused",
+        ),
     ];
     for (what, authority, user, status, code) in &cases {
         for request in [
@@ -770,18 +819,24 @@ async fn every_proxy_error_has_its_status_and_code() {
             "",
         ),
         (
-            "a name that names no cluster",
-            get("http://example.com/", None),
+            "a qualified name whose cluster part is no cluster name",
+            get(
+                "http://hello.default.svc.Bad_Cluster.tunnel.internal/",
+                None,
+            ),
             400,
             Some("bad_request"),
-            "tunnel.internal",
+            "Bad_Cluster",
         ),
         (
-            "a CONNECT that names no cluster",
-            connect("example.com:443", None),
+            "a CONNECT to a proxy user that is no cluster name",
+            format!(
+                "CONNECT backend:443 HTTP/1.1\r\nHost: backend:443\r\nProxy-Authorization: Basic {}\r\n\r\n",
+                "Tm90X0FfQ2x1c3Rlcjo=" // base64("Not_A_Cluster:")
+            ),
             400,
             Some("bad_request"),
-            "tunnel.internal",
+            "Not_A_Cluster",
         ),
         (
             "an origin-form request (not a proxy request)",
@@ -838,7 +893,11 @@ async fn every_proxy_error_has_its_status_and_code() {
     // An error the sidecar decides keeps the connection: the next request
     // on it is answered.
     let mut tcp = TcpStream::connect(sc.proxy).await.unwrap();
-    let a = ask_on(&mut tcp, get("http://example.com/", None).as_bytes()).await;
+    let bad = get(
+        "http://hello.default.svc.Bad_Cluster.tunnel.internal/",
+        None,
+    );
+    let a = ask_on(&mut tcp, bad.as_bytes()).await;
     assert_eq!(a.status, 400);
     let url = format!("http://hello.default.svc.east.tunnel.internal:{http}/");
     let a = ask_on(&mut tcp, get(&url, None).as_bytes()).await;
@@ -891,6 +950,7 @@ async fn every_proxy_error_has_its_status_and_code() {
         ("connect", "unknown_cluster", 2.0),
         ("http", "method_not_allowed", 1.0),
         ("http", "ok", 1.0),
+        ("direct", "destination_refused", 2.0),
     ] {
         let series = format!("tunnel_sidecar_requests_total{{kind=\"{kind}\",code=\"{code}\"}}");
         let n = metric(&metrics, &series).unwrap_or(0.0);
@@ -1061,8 +1121,9 @@ async fn a_thousand_concurrent_connects_complete() {
 
 /// A cluster whose agent connects after the sidecar started is reachable
 /// without a restart: by a qualified name at once, and by its bare name
-/// (its kube-apiserver) once the sidecar's cluster list has it, even where
-/// the proxy user names another default cluster.
+/// (its kube-apiserver) too, even where the proxy user names another
+/// default cluster: the list is refreshed every hour only, but a single
+/// label no resolver knows makes the sidecar ask the server at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_joins_later_is_reachable_by_name() {
     let c = Clusters::new().await;
@@ -1070,7 +1131,7 @@ async fn a_cluster_that_joins_later_is_reachable_by_name() {
         .server(&[], DIAL_TIMEOUT, "127.0.0.1:0".parse().unwrap())
         .await;
     let _east = c.agent("east", &server, DIAL_TIMEOUT).await;
-    let sc = c.sidecar(server.client_addr, &["--cluster-refresh", "1s"]);
+    let sc = c.sidecar(server.client_addr, &["--cluster-refresh", "1h"]);
     sc.ready().await;
     let http = c.svc.http;
     let qualified = format!("http://hello.default.svc.west.tunnel.internal:{http}/");
@@ -1094,13 +1155,6 @@ async fn a_cluster_that_joins_later_is_reachable_by_name() {
 
     // West's kube-apiserver (kubernetes.default.svc in west; here the hello
     // service) by the bare cluster name, through CONNECT (curl -p).
-    sc.proc
-        .wait_log(
-            &["cluster list changed", "west"],
-            1,
-            Duration::from_secs(20),
-        )
-        .await;
     let bare = format!("http://west:{http}/");
     for user in [None, Some("east")] {
         let proxy = sc.url(user);
@@ -1149,14 +1203,20 @@ async fn post_shutdown_ends_the_sidecar_with_status_0() {
     assert!(status.success(), "exit status {status}\n{}", sc.proc.logs());
 }
 
-/// `/readyz` answers 503 while the server cannot be reached and 200 once it
-/// can; the sidecar connects on its own, and then carries traffic.
+/// A sidecar started while no tunnel server can be reached — a pod created
+/// during a hub outage — is ready as soon as its listeners are bound, says
+/// `tunnel_sidecar_server_connected 0`, answers connections for the
+/// clusters with a typed error (and closes its per-cluster ports' ones),
+/// still reaches the hub directly, and carries cluster traffic once the
+/// server is up, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_follows_the_server_connection() {
+async fn a_sidecar_started_without_a_server_is_ready_and_recovers_when_it_comes() {
     let c = Clusters::new().await;
     let server_addr = free_addr();
-    let sc = c.sidecar(server_addr, &[]);
-    wait_listening(sc.admin, "the sidecar's admin port").await;
+    let sc = c.sidecar(server_addr, &["--host-alias", HUB_ALIASES]);
+    wait_ready(sc.admin, "the sidecar, with no server anywhere").await;
+    let (status, _) = http_get(sc.admin, "/healthz").await.unwrap();
+    assert_eq!(status, 200, "alive without a server");
     sc.proc
         .wait_log(
             &["cannot connect to tunnel server"],
@@ -1164,14 +1224,193 @@ async fn readyz_follows_the_server_connection() {
             Duration::from_secs(20),
         )
         .await;
-    let (status, body) = http_get(sc.admin, "/readyz").await.unwrap();
-    assert_eq!(status, 503, "not ready without a server: {body}");
-    let (status, _) = http_get(sc.admin, "/healthz").await.unwrap();
-    assert_eq!(status, 200, "alive without a server");
+    let connected = "tunnel_sidecar_server_connected";
+    assert_eq!(
+        metric(&fetch_metrics(sc.admin).await, connected),
+        Some(0.0),
+        "no server reached yet"
+    );
 
+    // Cluster traffic meanwhile: a typed error, over both proxy forms.
+    let http = c.svc.http;
+    let east = format!("hello.default.svc.east.tunnel.internal:{http}");
+    for request in [get(&format!("http://{east}/"), None), connect(&east, None)] {
+        let a = ask(sc.proxy, &request).await;
+        let line = request.lines().next().unwrap();
+        assert_eq!(a.status, 502, "{line}: {a:?}");
+        assert_eq!(a.header("x-tunnel-error"), Some("tunnel_broken"), "{a:?}");
+        assert!(a.body.starts_with("tunnel_broken: "), "{a:?}");
+    }
+    // A per-cluster port's connection is closed, without a byte.
+    let mut tcp = TcpStream::connect(("127.0.0.1", sc.east_port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(ANSWER_DEADLINE, tcp.read(&mut buf))
+        .await
+        .expect("the per-cluster port closes the connection");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The hub is reached directly, outage or not.
+    let a = ask(
+        sc.proxy,
+        get(&format!("http://backend.team:{}/", c.svc.hub_http), None),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.body.starts_with("hello from hub\n"), "{a:?}");
+
+    // The server comes: the same sidecar carries cluster traffic.
     let server = c.server(&[], DIAL_TIMEOUT, server_addr).await;
     let _east = c.agent("east", &server, DIAL_TIMEOUT).await;
-    wait_ready(sc.admin, "the sidecar, once the server is up").await;
+    wait_until(
+        "the sidecar says it reaches the server",
+        Duration::from_secs(20),
+        || async move { metric(&fetch_metrics(sc.admin).await, connected) == Some(1.0) },
+    )
+    .await;
     let out = curl(&[&format!("http://127.0.0.1:{}/", sc.east_port)], &[]).await;
-    expect_hello(&out, "east", "the per-cluster port");
+    expect_hello(&out, "east", "the per-cluster port, once the server is up");
+    let out = curl(&["-x", &sc.url(None), &format!("http://{east}/")], &[]).await;
+    expect_hello(&out, "east", "the proxy, once the server is up");
+    let metrics = fetch_metrics(sc.admin).await;
+    for (kind, code) in [
+        ("http", "tunnel_broken"),
+        ("connect", "tunnel_broken"),
+        ("port", "tunnel_broken"),
+        ("direct", "ok"),
+    ] {
+        let series = format!("tunnel_sidecar_requests_total{{kind=\"{kind}\",code=\"{code}\"}}");
+        assert!(
+            metric(&metrics, &series).unwrap_or(0.0) >= 1.0,
+            "{series}\n{metrics}"
+        );
+    }
+}
+
+/// One process, configured only by `HTTP_PROXY` and `HTTPS_PROXY` (Python's
+/// urllib, no `NO_PROXY`), reaches the hub's own Service by its short name,
+/// by IP address and by `name.namespace` (over http and https), and each
+/// cluster's service by its tunnel name, in the same run: names in no
+/// cluster are dialed directly by the sidecar, with the client's own `Host`,
+/// and counted as `kind="direct"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_reaches_hub_services_and_clusters_through_the_same_proxy() {
+    const SCRIPT: &str = r#"
+import ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+for url in sys.argv[2:]:
+    with urllib.request.urlopen(url, context=ctx, timeout=20) as resp:
+        sys.stdout.write(resp.read().decode())
+    sys.stdout.write("----\n")
+"#;
+    let (c, server, _agents) = hub(&[], DIAL_TIMEOUT).await;
+    let sc = c.sidecar(server.client_addr, &["--host-alias", HUB_ALIASES]);
+    sc.ready().await;
+    let (http, https, hub_http, hub_https) =
+        (c.svc.http, c.svc.https, c.svc.hub_http, c.svc.hub_https);
+    let ca = c.ca().display().to_string();
+    let urls = [
+        format!("http://backend:{hub_http}/short"),
+        format!("http://{HUB_IP}:{hub_http}/by-ip"),
+        format!("http://backend.team:{hub_http}/by-namespace"),
+        format!("https://backend.team:{hub_https}/tls"),
+        format!("http://hello.default.svc.east.tunnel.internal:{http}/"),
+        format!("https://hello.default.svc.west.tunnel.internal:{https}/"),
+    ];
+    let mut args = vec!["-c", SCRIPT, &ca];
+    args.extend(urls.iter().map(String::as_str));
+    let proxy = sc.url(None);
+    let out = run(
+        "python3",
+        &args,
+        &[("HTTP_PROXY", &proxy), ("HTTPS_PROXY", &proxy)],
+    )
+    .await;
+    assert!(out.status.success(), "python3 urllib {urls:?}: {out:?}");
+    let answers: Vec<&str> = out
+        .stdout
+        .split("----\n")
+        .filter(|s| !s.is_empty())
+        .collect();
+    let firsts: Vec<&str> = answers
+        .iter()
+        .map(|a| a.lines().next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        firsts,
+        [
+            "hello from hub",
+            "hello from hub",
+            "hello from hub",
+            "hello from hub",
+            "hello from east",
+            "hello from west",
+        ],
+        "{out:?}"
+    );
+    // The hub Service saw the names the app used.
+    for (answer, host) in answers.iter().zip([
+        format!("backend:{hub_http}"),
+        format!("{HUB_IP}:{hub_http}"),
+        format!("backend.team:{hub_http}"),
+        format!("backend.team:{hub_https}"),
+    ]) {
+        assert!(answer.contains(&format!("host: {host}\n")), "{answer}");
+    }
+    // Each went through the sidecar, the hub's directly.
+    let metrics = fetch_metrics(sc.admin).await;
+    for (kind, n) in [("direct", 4.0), ("http", 1.0), ("connect", 1.0)] {
+        let series = format!("tunnel_sidecar_requests_total{{kind=\"{kind}\",code=\"ok\"}}");
+        assert_eq!(metric(&metrics, &series), Some(n), "{series}\n{metrics}");
+    }
+    wait_until(
+        "the sidecar has closed the direct CONNECT",
+        Duration::from_secs(20),
+        || async move {
+            metric(
+                &fetch_metrics(sc.admin).await,
+                "tunnel_sidecar_open_direct_connections",
+            ) == Some(0.0)
+        },
+    )
+    .await;
+}
+
+/// `--direct deny` (the annotation `cluster-tunnel.io/direct: deny`) refuses
+/// what is in no cluster with 403 `destination_not_allowed` and says how to
+/// name a cluster; cluster names still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_deny_refuses_names_in_no_cluster() {
+    let (c, server, _agents) = hub(&[], DIAL_TIMEOUT).await;
+    let sc = c.sidecar(
+        server.client_addr,
+        &["--host-alias", HUB_ALIASES, "--direct", "deny"],
+    );
+    sc.ready().await;
+    let hub_addr = format!("backend.team:{}", c.svc.hub_http);
+    for request in [
+        get(&format!("http://{hub_addr}/"), None),
+        connect(&hub_addr, None),
+        get(&format!("http://{HUB_IP}:{}/", c.svc.hub_http), None),
+    ] {
+        let a = ask(sc.proxy, &request).await;
+        let line = request.lines().next().unwrap();
+        assert_eq!(a.status, 403, "{line}: {a:?}");
+        assert_eq!(
+            a.header("x-tunnel-error"),
+            Some("destination_not_allowed"),
+            "{a:?}"
+        );
+        assert!(a.body.contains("--direct deny"), "{a:?}");
+        assert!(a.body.contains(".tunnel.internal"), "{a:?}");
+    }
+    let url = format!(
+        "http://hello.default.svc.east.tunnel.internal:{}/",
+        c.svc.http
+    );
+    let out = curl(&["-x", &sc.url(None), &url], &[]).await;
+    expect_hello(&out, "east", "a cluster name with --direct deny");
+    let metrics = fetch_metrics(sc.admin).await;
+    let series = "tunnel_sidecar_requests_total{kind=\"direct\",code=\"destination_not_allowed\"}";
+    assert_eq!(metric(&metrics, series), Some(3.0), "{metrics}");
 }

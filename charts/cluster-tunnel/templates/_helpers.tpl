@@ -29,3 +29,10 @@ securityContext:
   seccompProfile:
     type: RuntimeDefault
 {{- end -}}
+
+{{/* The webhook's matchConditions: the pod opts in as the injector reads it
+(annotation cluster-tunnel.io/inject "true", any case, spaces trimmed). The
+manager renders the same expression (hub.rs, OPT_IN_CONDITION). */}}
+{{- define "ct.injectOptIn" -}}
+has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() == 'true'
+{{- end -}}

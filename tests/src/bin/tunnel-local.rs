@@ -41,16 +41,16 @@ struct Cli {
     #[arg(long, env = "TUNNEL_LOCAL_DIR", default_value_os_t = std::env::temp_dir().join("cluster-tunnel-local"))]
     dir: PathBuf,
     /// The sidecar's HTTP proxy.
-    #[arg(long, default_value = "127.0.0.1:15080")]
+    #[arg(long, default_value = "127.0.0.1:17080")]
     proxy_listen: SocketAddr,
     /// The sidecar's port for east's hello service.
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = 17001)]
     east_port: u16,
     /// The sidecar's port for west's hello service.
-    #[arg(long, default_value_t = 15002)]
+    #[arg(long, default_value_t = 17002)]
     west_port: u16,
     /// The sidecar's admin port.
-    #[arg(long, default_value = "127.0.0.1:15090")]
+    #[arg(long, default_value = "127.0.0.1:17090")]
     sidecar_admin_listen: SocketAddr,
     /// The server's client port.
     #[arg(long, default_value = "127.0.0.1:18090")]
@@ -370,6 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             },
             ..Default::default()
         },
+        limits: tunnel_server::Limits::default(),
     })
     .await?;
     let mut clusters = Vec::new();
@@ -409,7 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let sidecar = Sidecar::start(sidecar_cli.resolve()?).await?;
     let start = Instant::now();
     let state = server.state().clone();
-    while !(sidecar.is_ready() && CLUSTERS.iter().all(|c| state.pool.pick(c, &[]).is_agent())) {
+    while !(sidecar.is_connected() && CLUSTERS.iter().all(|c| state.pool.pick(c, &[]).is_agent())) {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(20),
             "the local system did not become ready within 20s"
@@ -448,6 +449,7 @@ fn print_guide(cli: &Cli) {
          \x20 http_proxy=http://{proxy} curl http://hello.default.svc.west.tunnel.internal:{HTTP_PORT}/\n\
          \x20 https_proxy=http://{proxy} curl --cacert {ca} https://hello.default.svc.east.tunnel.internal:{HTTPS_PORT}/\n\
          \x20 http_proxy=http://east@{proxy} curl http://hello.default.svc:{HTTP_PORT}/   # default cluster from the proxy user\n\
+         \x20 http_proxy=http://{proxy} curl http://{server_admin}/healthz   # in no cluster: dialed directly, as without the proxy\n\
          \x20 curl http://{admin}/metrics                     # sidecar metrics\n\
          \n\
          Stop with Ctrl-C.",
@@ -455,6 +457,7 @@ fn print_guide(cli: &Cli) {
         west = cli.west_port,
         ca = ca.display(),
         admin = cli.sidecar_admin_listen,
+        server_admin = cli.server_admin_listen,
     );
 }
 

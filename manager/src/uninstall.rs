@@ -1,0 +1,328 @@
+//! `tunnel-manager uninstall`: removes the addon from every cluster before
+//! the manager goes, so that no finalizer is left stranded (a stranded one
+//! makes deleting a cluster hang) and no agent keeps running. The hub chart
+//! runs it as a `pre-delete` hook; it is safe to run twice.
+//!
+//! 1. The `ClusterManagementAddOn` is deleted, so OCM's addon manager stops
+//!    creating `ManagedClusterAddOn`s, and every `ManagedClusterAddOn` of the
+//!    addon is deleted. While the manager still runs, its finalizer deletes
+//!    each cluster's work (the work agent then removes the agent, and with
+//!    its namespace the agent's key).
+//! 2. After `--wait`, whatever addon is left (the manager is gone or stuck)
+//!    has its work deleted and the finalizer removed here.
+//! 3. What older versions left: the finalizer they put on `ManagedCluster`s
+//!    (with their agent work), and the agent key Secrets
+//!    `cluster-tunnel-agent-<cluster>` they kept in the manager's namespace.
+//!    With `--legacy-only` this step alone (the chart's post-upgrade hook),
+//!    so that the manager itself needs no right to these objects.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::discovery::ApiResource;
+use kube::{Resource, ResourceExt as _};
+use serde_json::json;
+
+use crate::addons::{FINALIZER, ReconcileError, remove_work};
+use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
+use crate::signer::MANAGED_BY_LABEL;
+
+/// How often the addons are listed while waiting for them to go.
+pub const POLL: Duration = Duration::from_secs(2);
+/// Prefix of the agent key Secrets older versions kept on the hub.
+const LEGACY_SECRET_PREFIX: &str = "cluster-tunnel-agent-";
+
+/// `ClusterManagementAddOn`, for kube's dynamic API.
+pub fn cluster_management_addon_resource() -> ApiResource {
+    ApiResource {
+        group: "addon.open-cluster-management.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "addon.open-cluster-management.io/v1alpha1".into(),
+        kind: "ClusterManagementAddOn".into(),
+        plural: "clustermanagementaddons".into(),
+    }
+}
+
+fn gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What [`uninstall`] removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// Clusters whose addon went on its own (the manager's finalizer).
+    pub by_manager: Vec<String>,
+    /// Clusters whose work and finalizer were removed here.
+    pub forced: Vec<String>,
+    /// Clusters cleaned of what older versions left.
+    pub legacy: Vec<String>,
+}
+
+/// Removes the addon everywhere (see the module doc); waits up to `wait`
+/// for the manager to clean up before doing it here.
+pub async fn uninstall(
+    client: &kube::Client,
+    namespace: &str,
+    wait: Duration,
+) -> Result<Removed, ReconcileError> {
+    let cmas: Api<kube::api::DynamicObject> =
+        Api::all_with(client.clone(), &cluster_management_addon_resource());
+    gone(cmas.delete(ADDON_NAME, &DeleteParams::default()).await).map_err(ReconcileError::api(
+        format!("delete ClusterManagementAddOn {ADDON_NAME}"),
+    ))?;
+    let addons: Api<ManagedClusterAddOn> = Api::all(client.clone());
+    let by_name = ListParams::default().fields(&format!("metadata.name={ADDON_NAME}"));
+    let list = |addons: Api<ManagedClusterAddOn>, by_name: ListParams| async move {
+        addons
+            .list(&by_name)
+            .await
+            .map(|l| l.items)
+            .map_err(ReconcileError::api("list ManagedClusterAddOns"))
+    };
+    let first = list(addons.clone(), by_name.clone()).await?;
+    let mut all: Vec<String> = first.iter().filter_map(|a| a.namespace()).collect();
+    all.sort();
+    for cluster in &all {
+        let api: Api<ManagedClusterAddOn> = Api::namespaced(client.clone(), cluster);
+        gone(api.delete(ADDON_NAME, &DeleteParams::default()).await).map_err(
+            ReconcileError::api(format!("delete ManagedClusterAddOn {cluster}/{ADDON_NAME}")),
+        )?;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut left = first;
+    while !left.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
+        left = list(addons.clone(), by_name.clone()).await?;
+    }
+    let mut removed = Removed::default();
+    for addon in &left {
+        let cluster = addon.namespace().unwrap_or_default();
+        remove_work(client, &cluster).await?;
+        remove_finalizer::<ManagedClusterAddOn>(Api::namespaced(client.clone(), &cluster), addon)
+            .await?;
+        tracing::warn!(%cluster, "the manager did not remove the addon in time; removed here");
+        removed.forced.push(cluster);
+    }
+    removed.by_manager = all
+        .into_iter()
+        .filter(|c| !removed.forced.contains(c))
+        .collect();
+    removed.legacy = remove_legacy(client, namespace).await?;
+    Ok(removed)
+}
+
+/// Removes [`FINALIZER`] from `obj`, keeping the others; the
+/// `resourceVersion` read makes a concurrent change fail rather than be lost.
+async fn remove_finalizer<K>(api: Api<K>, obj: &K) -> Result<(), ReconcileError>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let rest: Vec<String> = obj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if rest.len() == obj.finalizers().len() {
+        return Ok(());
+    }
+    let name = obj.name_any();
+    let body =
+        json!({ "metadata": { "finalizers": rest, "resourceVersion": obj.resource_version() } });
+    gone(
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(body))
+            .await,
+    )
+    .map_err(ReconcileError::api(format!(
+        "remove the finalizer of {} {name}",
+        K::kind(&Default::default())
+    )))
+}
+
+/// Cleans what older versions left: their finalizer on `ManagedCluster`s
+/// (and the agent work it guarded) and the agent key Secrets in `namespace`.
+/// Returns the clusters cleaned.
+pub async fn remove_legacy(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<String>, ReconcileError> {
+    let clusters: Api<ManagedCluster> = Api::all(client.clone());
+    let mut cleaned = Vec::new();
+    for cluster in clusters
+        .list(&ListParams::default())
+        .await
+        .map_err(ReconcileError::api("list ManagedClusters"))?
+        .items
+    {
+        if !cluster.finalizers().iter().any(|f| f == FINALIZER) {
+            continue;
+        }
+        let name = cluster.name_any();
+        remove_work(client, &name).await?;
+        remove_finalizer(clusters.clone(), &cluster).await?;
+        tracing::info!(cluster = %name, "finalizer of an older version removed");
+        cleaned.push(name);
+    }
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let managed =
+        ListParams::default().labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1));
+    for secret in secrets
+        .list(&managed)
+        .await
+        .map_err(ReconcileError::api(format!("list Secrets in {namespace}")))?
+        .items
+    {
+        let name = secret.name_any();
+        if name.starts_with(LEGACY_SECRET_PREFIX) {
+            gone(secrets.delete(&name, &DeleteParams::default()).await).map_err(
+                ReconcileError::api(format!("delete Secret {namespace}/{name}")),
+            )?;
+            tracing::info!(secret = %name, "agent key Secret of an older version deleted");
+        }
+    }
+    Ok(cleaned)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The uninstall sequence against kube's mocked API server, with time
+    //! set by the test (paused: the wait passes at once).
+
+    use http::Method;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::mock_api::{self, Reply, deleted, finish, not_found, serve};
+
+    const CMA: &str =
+        "/apis/addon.open-cluster-management.io/v1alpha1/clustermanagementaddons/cluster-tunnel";
+    const ADDONS: &str = "/apis/addon.open-cluster-management.io/v1alpha1/managedclusteraddons";
+    const EAST_ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/east/managedclusteraddons/cluster-tunnel";
+    const WEST_ADDON: &str = "/apis/addon.open-cluster-management.io/v1alpha1/namespaces/west/managedclusteraddons/cluster-tunnel";
+    const WEST_WORK: &str = "/apis/work.open-cluster-management.io/v1/namespaces/west/manifestworks/cluster-tunnel-agent";
+    const NORTH_WORK: &str = "/apis/work.open-cluster-management.io/v1/namespaces/north/manifestworks/cluster-tunnel-agent";
+    const CLUSTERS: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters";
+    const NORTH: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/north";
+    const SECRETS: &str = "/api/v1/namespaces/cluster-tunnel/secrets";
+
+    fn addon(cluster: &str) -> Value {
+        json!({
+            "apiVersion": "addon.open-cluster-management.io/v1alpha1", "kind": "ManagedClusterAddOn",
+            "metadata": { "name": "cluster-tunnel", "namespace": cluster, "resourceVersion": "11",
+                          "finalizers": ["example.io/other", FINALIZER] },
+            "spec": {},
+        })
+    }
+
+    fn list(kind: &str, items: Vec<Value>) -> Reply {
+        Reply::With(
+            200,
+            json!({ "apiVersion": "v1", "kind": kind, "metadata": {}, "items": items }),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uninstall_removes_every_agent_and_leaves_no_finalizer_behind() {
+        let (client, handle) = mock_api::client();
+        let cluster = |name: &str, finalizer: bool| {
+            let mut c = json!({
+                "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+                "metadata": { "name": name, "resourceVersion": "5" }, "spec": { "hubAcceptsClient": true },
+            });
+            if finalizer {
+                c["metadata"]["finalizers"] = json!([FINALIZER]);
+            }
+            c
+        };
+        let secret = |name: &str| json!({ "apiVersion": "v1", "kind": "Secret", "metadata": { "name": name, "namespace": "cluster-tunnel" } });
+        let server = serve(
+            handle,
+            vec![
+                // No more addons from the install strategy.
+                (Method::DELETE, CMA, deleted()),
+                (
+                    Method::GET,
+                    ADDONS,
+                    list(
+                        "ManagedClusterAddOnList",
+                        vec![addon("east"), addon("west")],
+                    ),
+                ),
+                (Method::DELETE, EAST_ADDON, Reply::With(200, addon("east"))),
+                (Method::DELETE, WEST_ADDON, not_found()),
+                // The manager cleans east; west stays (say the manager is gone).
+                (
+                    Method::GET,
+                    ADDONS,
+                    list("ManagedClusterAddOnList", vec![addon("west")]),
+                ),
+                (
+                    Method::GET,
+                    ADDONS,
+                    list("ManagedClusterAddOnList", vec![addon("west")]),
+                ),
+                // After the wait: done here.
+                (Method::DELETE, WEST_WORK, deleted()),
+                (Method::PATCH, WEST_ADDON, Reply::With(200, addon("west"))),
+                // An older version's finalizer on a cluster, and its key Secret.
+                (
+                    Method::GET,
+                    CLUSTERS,
+                    list(
+                        "ManagedClusterList",
+                        vec![cluster("north", true), cluster("south", false)],
+                    ),
+                ),
+                (Method::DELETE, NORTH_WORK, not_found()),
+                (
+                    Method::PATCH,
+                    NORTH,
+                    Reply::With(200, cluster("north", false)),
+                ),
+                (
+                    Method::GET,
+                    SECRETS,
+                    list(
+                        "SecretList",
+                        vec![
+                            secret("cluster-tunnel-agent-north"),
+                            secret("cluster-tunnel-signer"),
+                        ],
+                    ),
+                ),
+                (
+                    Method::DELETE,
+                    "/api/v1/namespaces/cluster-tunnel/secrets/cluster-tunnel-agent-north",
+                    deleted(),
+                ),
+            ],
+        );
+        let removed = uninstall(&client, "cluster-tunnel", Duration::from_secs(3))
+            .await
+            .unwrap();
+        let (_, b) = finish(server).await;
+        assert_eq!(
+            removed,
+            Removed {
+                by_manager: vec!["east".into()],
+                forced: vec!["west".into()],
+                legacy: vec!["north".into()],
+            }
+        );
+        // Only our finalizer goes, and only from the version read.
+        assert_eq!(
+            b[7],
+            json!({ "metadata": { "finalizers": ["example.io/other"], "resourceVersion": "11" } })
+        );
+        assert_eq!(
+            b[10],
+            json!({ "metadata": { "finalizers": [], "resourceVersion": "5" } })
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! The hub's open-cluster-management clusters as policies see them
+//! (`--clusters-from-ocm`): each `ManagedCluster`'s labels, and the
+//! `ManagedClusterSet`s it belongs to, computed the way OCM's Placements do:
+//!
+//! - a set whose `spec.clusterSelector.selectorType` is
+//!   `ExclusiveClusterSetLabel` (the default; `LegacyClusterSetLabel` is its
+//!   old name) holds the clusters labelled
+//!   `cluster.open-cluster-management.io/clusterset=<set>`;
+//! - a `LabelSelector` set holds the clusters its `labelSelector` matches
+//!   (an empty selector, as the `global` set has, matches every cluster).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::{CustomResource, ResourceExt as _};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::ClusterInventory;
+
+/// The label that puts a cluster in an exclusive cluster set.
+pub const CLUSTER_SET_LABEL: &str = "cluster.open-cluster-management.io/clusterset";
+
+/// A `ManagedCluster`: only its name and labels are read.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1",
+    kind = "ManagedCluster",
+    plural = "managedclusters"
+)]
+pub struct ManagedClusterSpec {}
+
+/// A `ManagedClusterSet`: which clusters it holds.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1beta2",
+    kind = "ManagedClusterSet",
+    plural = "managedclustersets"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterSetSpec {
+    /// How the set selects its clusters.
+    #[serde(default)]
+    pub cluster_selector: ClusterSelector,
+}
+
+/// A cluster set's selector.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSelector {
+    /// `ExclusiveClusterSetLabel` (default), `LegacyClusterSetLabel` or `LabelSelector`.
+    #[serde(default)]
+    pub selector_type: Option<String>,
+    /// With `LabelSelector`: the clusters' labels to match.
+    #[serde(default)]
+    pub label_selector: Option<LabelSelector>,
+}
+
+/// A Kubernetes label selector.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels that must be present with these values.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Expressions that must all hold.
+    #[serde(default)]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One expression of a label selector.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+pub struct LabelSelectorRequirement {
+    /// The label.
+    pub key: String,
+    /// `In`, `NotIn`, `Exists`, `DoesNotExist`.
+    pub operator: String,
+    /// The values of `In` and `NotIn`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` match; an unknown operator matches nothing.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| {
+                let value = labels.get(&e.key);
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(|v| e.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !e.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
+}
+
+/// The inventory of `clusters` and `sets`.
+pub fn inventory<'a>(
+    clusters: impl IntoIterator<Item = &'a ManagedCluster>,
+    sets: impl IntoIterator<Item = &'a ManagedClusterSet> + Clone,
+) -> ClusterInventory {
+    let mut inv = ClusterInventory::default();
+    for cluster in clusters {
+        let name = cluster.name_any();
+        let labels = cluster.labels().clone();
+        let mut member_of = BTreeSet::new();
+        for set in sets.clone() {
+            let sel = &set.spec.cluster_selector;
+            let member = match sel.selector_type.as_deref() {
+                None | Some("ExclusiveClusterSetLabel" | "LegacyClusterSetLabel") => {
+                    labels.get(CLUSTER_SET_LABEL) == Some(&set.name_any())
+                }
+                Some("LabelSelector") => sel
+                    .label_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&labels)),
+                Some(_) => false,
+            };
+            if member {
+                member_of.insert(set.name_any());
+            }
+        }
+        inv.sets.insert(name.clone(), member_of);
+        inv.labels.insert(name, labels);
+    }
+    inv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cluster(name: &str, labels: serde_json::Value) -> ManagedCluster {
+        serde_json::from_value(json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+            "metadata": { "name": name, "labels": labels }, "spec": {},
+        }))
+        .unwrap()
+    }
+
+    fn set(name: &str, selector: serde_json::Value) -> ManagedClusterSet {
+        serde_json::from_value(json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1beta2", "kind": "ManagedClusterSet",
+            "metadata": { "name": name }, "spec": { "clusterSelector": selector },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn set_membership_follows_ocm_selector_types() {
+        let clusters = [
+            cluster(
+                "east",
+                json!({ "env": "prod", CLUSTER_SET_LABEL: "payments" }),
+            ),
+            cluster("west", json!({ "env": "dev", "region": "eu" })),
+        ];
+        let sets = [
+            set(
+                "payments",
+                json!({ "selectorType": "ExclusiveClusterSetLabel" }),
+            ),
+            set("legacy", json!({})),
+            set(
+                "global",
+                json!({ "selectorType": "LabelSelector", "labelSelector": {} }),
+            ),
+            set(
+                "eu",
+                json!({ "selectorType": "LabelSelector", "labelSelector": {
+                "matchExpressions": [{ "key": "region", "operator": "In", "values": ["eu"] }],
+            } }),
+            ),
+            set(
+                "not-dev",
+                json!({ "selectorType": "LabelSelector", "labelSelector": {
+                "matchExpressions": [{ "key": "env", "operator": "NotIn", "values": ["dev"] }],
+            } }),
+            ),
+        ];
+        let inv = inventory(clusters.iter(), sets.iter());
+        let names = |c: &str| inv.sets[c].iter().cloned().collect::<Vec<_>>();
+        assert_eq!(names("east"), ["global", "not-dev", "payments"]);
+        assert_eq!(names("west"), ["eu", "global"]);
+        assert_eq!(inv.labels["west"]["region"], "eu");
+    }
+}
