@@ -48,7 +48,9 @@ const STALLED_EACH_WAY: usize = 500;
 /// The bulk transfer beside the stalls (and without them).
 const STALLED_BULK_BYTES: u64 = 512 << 20;
 /// Deadline for every stalled connection to open and fill up.
-const STALL_FILL_DEADLINE: Duration = Duration::from_secs(180);
+const STALL_FILL_DEADLINE: Duration = Duration::from_secs(300);
+/// Stalled connections opened and filled at once.
+const STALL_BATCH: usize = 100;
 /// Deadline of each measurement beside the stalls: only a freeze misses it.
 const STALL_CHECK_DEADLINE: Duration = Duration::from_secs(60);
 /// A write that makes no progress for this long: the connection is full.
@@ -65,6 +67,10 @@ const STALL_OWN_BUFFER: u32 = 32 * 1024;
 /// keep their initial size; the tunnel's own buffering is the same.
 const STALL_CHUNK: usize = 16 * 1024;
 const STALL_PACE: Duration = Duration::from_millis(5);
+/// The fill stops (and says so) when the kernel's TCP memory reaches this
+/// share of its pressure threshold (`tcp_mem[1]`): beyond it, the kernel
+/// throttles every TCP socket of the machine, other users' too.
+const STALL_KERNEL_SHARE: f64 = 0.75;
 /// The fill stops (and says so) if the tunnel's processes grow beyond this.
 const STALL_RSS_LIMIT_KIB: u64 = 6 << 20;
 const STALL_FIRST_BYTE_CONNS: usize = 200;
@@ -358,16 +364,22 @@ impl StallCounters {
 
 /// Writes into `tcp` whenever it takes bytes until `stop` or a failure,
 /// counting into `c`; returns the socket (to be reset). Paced (see
-/// [`STALL_PACE`]).
+/// [`STALL_PACE`]); once `pause` is set, stops writing and holds it.
 async fn keep_full(
     mut tcp: TcpStream,
     c: Arc<StallCounters>,
+    pause: tokio::sync::watch::Receiver<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> TcpStream {
     let chunk = vec![0x5au8; STALL_CHUNK];
     let mut total = 0u64;
     let mut reported = false;
     while total <= STALL_FILL_LIMIT {
+        if *pause.borrow() {
+            // Holds the connection as it is: stalled, no longer filling.
+            let _ = stop.wait_for(|s| *s).await;
+            return tcp;
+        }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return tcp,
             res = tokio::time::timeout(STALL_BLOCKED_AFTER, tcp.write(&chunk)) => match res {
@@ -400,6 +412,8 @@ struct StallDestinations {
     held: Arc<std::sync::Mutex<Vec<TcpStream>>>,
     /// What the flooding destination's writers did.
     flood: Arc<StallCounters>,
+    /// Stops the flooding destination's writers from writing more.
+    pause: tokio::sync::watch::Sender<bool>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -421,12 +435,13 @@ impl StallDestinations {
         let floods = flooding.local_addr().unwrap();
         let flood = Arc::new(StallCounters::default());
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (pause, pause_rx) = tokio::sync::watch::channel(false);
         let f = flood.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = flooding.accept().await {
-                let (f, stop_rx) = (f.clone(), stop_rx.clone());
+                let (f, pause_rx, stop_rx) = (f.clone(), pause_rx.clone(), stop_rx.clone());
                 tokio::spawn(async move {
-                    let tcp = keep_full(tcp, f, stop_rx).await;
+                    let tcp = keep_full(tcp, f, pause_rx, stop_rx).await;
                     reset(tcp);
                 });
             }
@@ -436,6 +451,7 @@ impl StallDestinations {
             floods,
             held,
             flood,
+            pause,
             stop,
         }
     }
@@ -994,85 +1010,111 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     eprintln!("[stalled_1000] opening {total} stalled connections");
     let kernel_before = kernel_tcp_mib();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (pause, pause_rx) = tokio::sync::watch::channel(false);
     let writers = Arc::new(StallCounters::default());
     let open_failed = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicUsize::new(0));
     let unread = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let gate = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        let client_stalls = i % 2 == 1;
-        let path = if (i / 2) % 2 == 0 { &port } else { &connect };
-        let (ep, buffers) = if client_stalls {
-            (
-                path.floods,
-                SocketBuffers {
-                    send: None,
-                    recv: Some(STALL_OWN_BUFFER),
-                },
-            )
-        } else {
-            (
-                path.never_reads,
-                SocketBuffers {
-                    send: Some(STALL_OWN_BUFFER),
-                    recv: None,
-                },
-            )
-        };
-        let (gate, writers, open_failed, unread, stop_rx) = (
-            gate.clone(),
-            writers.clone(),
-            open_failed.clone(),
-            unread.clone(),
-            stop_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let permit = gate.acquire_owned().await.unwrap();
-            let opened = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
-            drop(permit);
-            match opened {
-                Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
-                Ok(Ok(tcp)) => reset(keep_full(tcp, writers, stop_rx).await),
-                _ => {
-                    open_failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }));
-    }
     let flood = services.stall.flood.clone();
+    let mut tasks = Vec::new();
     let started = Instant::now();
     let mut fill_message = None;
-    loop {
-        let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
-        if settled >= total {
-            break;
+    let mut launched = 0;
+    'fill: while launched < total {
+        // One batch at a time: at most STALL_BATCH connections fill at
+        // once, so that data waits in the tunnel, not in kernel buffers.
+        let batch = launched..(launched + STALL_BATCH).min(total);
+        for i in batch.clone() {
+            let client_stalls = i % 2 == 1;
+            let path = if (i / 2) % 2 == 0 { &port } else { &connect };
+            let (ep, buffers) = if client_stalls {
+                (
+                    path.floods,
+                    SocketBuffers {
+                        send: None,
+                        recv: Some(STALL_OWN_BUFFER),
+                    },
+                )
+            } else {
+                (
+                    path.never_reads,
+                    SocketBuffers {
+                        send: Some(STALL_OWN_BUFFER),
+                        recv: None,
+                    },
+                )
+            };
+            let (writers, open_failed, opened, unread, pause_rx, stop_rx) = (
+                writers.clone(),
+                open_failed.clone(),
+                opened.clone(),
+                unread.clone(),
+                pause_rx.clone(),
+                stop_rx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let conn = tokio::time::timeout(STALL_FILL_DEADLINE, ep.try_connect(buffers)).await;
+                if matches!(conn, Ok(Ok(_))) {
+                    opened.fetch_add(1, Ordering::SeqCst);
+                }
+                match conn {
+                    Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
+                    Ok(Ok(tcp)) => reset(keep_full(tcp, writers, pause_rx, stop_rx).await),
+                    _ => {
+                        open_failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
         }
-        // Stalled sockets keep their (autotuned) kernel buffers full: stop
-        // before the kernel's TCP memory pressure, which would slow every
-        // TCP socket of the machine, not only ours.
-        let kernel = kernel_tcp_mib();
-        if kernel > 0.9 * kernel_tcp_pressure_mib() {
-            fill_message = Some(format!(
-                "the kernel's TCP memory reached {kernel:.0} MiB (90% of its pressure threshold) with {settled} of {total} stalled connections settled; fill stopped"
-            ));
-            break;
+        launched = batch.end;
+        loop {
+            let settled = writers.settled() + flood.settled() + open_failed.load(Ordering::SeqCst);
+            if settled >= launched {
+                let failed = writers.cut.load(Ordering::SeqCst)
+                    + flood.cut.load(Ordering::SeqCst)
+                    + open_failed.load(Ordering::SeqCst);
+                if failed > 0 {
+                    // New connections fail beside the stalls: more would
+                    // only fail the same way.
+                    fill_message = Some(format!(
+                        "{failed} of {launched} stalled connections failed to open or were cut; filling stopped there"
+                    ));
+                    break 'fill;
+                }
+                break;
+            }
+            // Stalled sockets keep their (autotuned) kernel buffers full:
+            // stop before the kernel's TCP memory pressure, which would
+            // slow every TCP socket of the machine, not only ours.
+            let kernel = kernel_tcp_mib();
+            if kernel > STALL_KERNEL_SHARE * kernel_tcp_pressure_mib() {
+                fill_message = Some(format!(
+                    "the kernel's TCP memory reached {kernel:.0} MiB ({:.0}% of its pressure threshold) with {settled} of {total} stalled connections full; filling stopped there",
+                    STALL_KERNEL_SHARE * 100.0
+                ));
+                break 'fill;
+            }
+            let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
+            if rss > STALL_RSS_LIMIT_KIB {
+                fill_message = Some(format!(
+                    "the tunnel's processes grew to {} MiB with {settled} of {total} stalled connections full; filling stopped there",
+                    rss >> 10
+                ));
+                break 'fill;
+            }
+            if started.elapsed() > STALL_FILL_DEADLINE {
+                fill_message = Some(format!(
+                    "only {settled} of {total} stalled connections opened and filled within {STALL_FILL_DEADLINE:?}"
+                ));
+                break 'fill;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let rss: u64 = sys.procs().iter().map(|p| p.rss_kib()).sum();
-        if rss > STALL_RSS_LIMIT_KIB {
-            fill_message = Some(format!(
-                "the tunnel's processes grew to {} MiB with {settled} of {total} stalled connections settled; fill stopped",
-                rss >> 10
-            ));
-            break;
-        }
-        if started.elapsed() > STALL_FILL_DEADLINE {
-            fill_message = Some(format!(
-                "only {settled} of {total} stalled connections opened and filled within {STALL_FILL_DEADLINE:?}"
-            ));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Whatever stopped the fill, the stalls stop growing now (they stay
+    // stalled): the measurements run beside what is held.
+    pause.send_replace(true);
+    services.stall.pause.send_replace(true);
     let (blocked, held) = (
         writers.blocked.load(Ordering::SeqCst) + flood.blocked.load(Ordering::SeqCst),
         writers.held.load(Ordering::SeqCst) + flood.held.load(Ordering::SeqCst),
@@ -1087,6 +1129,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
         held >> 20,
         started.elapsed().as_secs_f64()
     );
+    out.push((
+        "stalled_1000_opened",
+        num(opened.load(Ordering::SeqCst) as f64),
+    ));
     out.push(("stalled_1000_blocked", num(blocked as f64)));
     out.push(("stalled_1000_failed", num(failed as f64)));
     out.push(("stalled_1000_held_mib", num((held >> 20) as f64)));
