@@ -605,6 +605,10 @@ impl ServerProc {
                 s("--cert-dir"),
                 dir.display().to_string(),
                 s("--allow-all"),
+                // The scale load is one identity's: 10,000 connections plus the
+                // probes measured beside them.
+                s("--max-connections-per-identity"),
+                (2 * SCALE_CONNS).to_string(),
             ],
             dir,
         );
