@@ -17,7 +17,7 @@ use crate::grpc::GrpcChannel;
 use crate::h2::{H2Client, H2Settings, client_handshake};
 use crate::pb::{self, tunnel_client::TunnelClient as GrpcClient};
 use crate::relay::{RelayOutcome, TunnelStream, relay_tcp};
-use crate::stream::{Open, Opened, read_answer};
+use crate::stream::{Open, OpenFailure, Opened, open_on};
 
 /// Default time allowed to connect to a server (TCP + TLS + HTTP/2).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -363,42 +363,37 @@ impl TunnelClient {
     }
 
     async fn try_open(&self, ch: H2Client, target: &Target) -> Result<OpenedTunnel, TunnelError> {
-        let guard = ch
-            .stream_slot()
-            .map_err(|e| TunnelError::new(ErrorCode::ResourceExhausted, e.to_string()))?;
         let open = target.open(None);
         let token = match &self.token {
             Some(t) => Some(t.current()?),
             None => None,
         };
         let request = open.to_request(token.as_deref())?;
-        // A failure of the connection itself (not an answer from the far
-        // end): no new streams go on it; the next open reconnects.
         let broken = |e: h2::Error| {
-            ch.mark_broken();
             TunnelError::new(
                 ErrorCode::TunnelBroken,
                 format!("the connection to the server failed: {e}"),
             )
         };
-        let mut send = ch.sender().ready().await.map_err(broken)?;
-        let (response, stream) = send.send_request(request, false).map_err(broken)?;
-        let response = response.await.map_err(|e| {
-            if e.is_reset() && !e.is_go_away() {
-                // The server reset this one stream; the connection is fine.
-                TunnelError::new(
-                    ErrorCode::TunnelBroken,
-                    format!("the server reset the stream: {e}"),
-                )
-            } else {
+        let (opened, stream) = open_on(&ch, request).await.map_err(|f| match f {
+            OpenFailure::Full(e) => TunnelError::new(ErrorCode::ResourceExhausted, e.to_string()),
+            // The connection itself failed: it is marked, the next open reconnects.
+            OpenFailure::Connection(e) => broken(e),
+            // The server reset this one stream; the connection is fine.
+            OpenFailure::Answer(e) if e.is_reset() && !e.is_go_away() => TunnelError::new(
+                ErrorCode::TunnelBroken,
+                format!("the server reset the stream: {e}"),
+            ),
+            OpenFailure::Answer(e) => {
+                ch.mark_broken();
                 broken(e)
             }
+            OpenFailure::Refused(err) => err,
         })?;
-        let opened = read_answer(&response)?;
         Ok(OpenedTunnel {
             id: open.id,
             opened,
-            stream: TunnelStream::new(stream, response.into_body(), guard),
+            stream,
         })
     }
 

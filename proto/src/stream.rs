@@ -25,6 +25,8 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::error::{ErrorCode, TunnelError};
+use crate::h2::{BudgetExhausted, H2Client};
+use crate::relay::TunnelStream;
 
 /// The managed cluster of a connection.
 pub const CLUSTER_HEADER: &str = "tunnel-cluster";
@@ -236,6 +238,41 @@ pub fn read_answer<B>(resp: &Response<B>) -> Result<Opened, TunnelError> {
             ),
         ),
     })
+}
+
+/// Why [`open_on`] did not give a stream.
+#[derive(Debug)]
+pub enum OpenFailure {
+    /// The connection has no room for another stream.
+    Full(BudgetExhausted),
+    /// The connection refused a new stream (GOAWAY, broken); it is marked
+    /// broken, so no new streams go there.
+    Connection(::h2::Error),
+    /// The stream failed before its answer; the connection may be fine.
+    Answer(::h2::Error),
+    /// The far end answered with an error.
+    Refused(TunnelError),
+}
+
+/// Opens a tunnel stream on `ch` with `request` (a `CONNECT` from
+/// [`Open::to_request`]) and reads the far end's answer.
+pub async fn open_on(
+    ch: &H2Client,
+    request: Request<()>,
+) -> Result<(Opened, TunnelStream), OpenFailure> {
+    let guard = ch.stream_slot().map_err(OpenFailure::Full)?;
+    let unusable = |e: ::h2::Error| {
+        ch.mark_broken();
+        OpenFailure::Connection(e)
+    };
+    let mut send = ch.sender().ready().await.map_err(unusable)?;
+    let (response, stream) = send.send_request(request, false).map_err(unusable)?;
+    let response = response.await.map_err(OpenFailure::Answer)?;
+    let opened = read_answer(&response).map_err(OpenFailure::Refused)?;
+    Ok((
+        opened,
+        TunnelStream::new(stream, response.into_body(), guard),
+    ))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tunnel_proto::h2::{PeerInfo, StreamGuard};
 use tunnel_proto::identity::Identity;
 use tunnel_proto::pb::{self, tunnel_server::Tunnel};
 use tunnel_proto::relay::{DirectionEnd, SpliceCounters, TunnelStream, splice};
-use tunnel_proto::stream::{Open, Opened, error_response, opened_response, read_answer};
+use tunnel_proto::stream::{Open, OpenFailure, Opened, error_response, opened_response};
 
 use crate::ServerState;
 use crate::metrics::{BytesLabel, CodeLabel, DecisionLabel, ResultLabel};
@@ -235,27 +235,17 @@ fn tunnel_broken(agent: &AgentTunnel, err: &h2::Error) -> TunnelError {
 
 /// Opens `open` as a stream on `agent`'s tunnel and reads the answer.
 async fn open_on(agent: &AgentTunnel, open: &Open) -> Result<(Opened, TunnelStream), TunnelError> {
-    let ch = &agent.channel;
-    let guard = ch.stream_slot().map_err(|e| {
-        TunnelError::new(
-            ErrorCode::ResourceExhausted,
-            format!("the tunnel to agent {}: {e}", agent.agent_id),
-        )
-    })?;
     let request = open.to_request(None)?;
-    // A failure to open on the connection (GOAWAY, broken): no new streams go there.
-    let unusable = |e: h2::Error| {
-        ch.mark_broken();
-        tunnel_broken(agent, &e)
-    };
-    let mut send = ch.sender().ready().await.map_err(unusable)?;
-    let (response, stream) = send.send_request(request, false).map_err(unusable)?;
-    let response = response.await.map_err(|e| tunnel_broken(agent, &e))?;
-    let opened = read_answer(&response)?;
-    Ok((
-        opened,
-        TunnelStream::new(stream, response.into_body(), guard),
-    ))
+    tunnel_proto::stream::open_on(&agent.channel, request)
+        .await
+        .map_err(|f| match f {
+            OpenFailure::Full(e) => TunnelError::new(
+                ErrorCode::ResourceExhausted,
+                format!("the tunnel to agent {}: {e}", agent.agent_id),
+            ),
+            OpenFailure::Connection(e) | OpenFailure::Answer(e) => tunnel_broken(agent, &e),
+            OpenFailure::Refused(err) => err,
+        })
 }
 
 /// Opens the connection `open` on an agent of its cluster, retrying others
