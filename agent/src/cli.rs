@@ -67,6 +67,12 @@ pub struct Cli {
     /// Longest time to resolve and connect to a destination.
     #[arg(long, env = "TUNNEL_DIAL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
+    /// Kernel send and receive buffer of each connection to a destination
+    /// (e.g. 256KiB): bounds what a destination that stops reading holds in
+    /// this node's kernel. 0 leaves the buffers to the kernel's autotuning,
+    /// up to net.ipv4.tcp_wmem/tcp_rmem's maxima per socket.
+    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", default_value = "0", value_parser = tunnel_proto::net::parse_socket_buffer)]
+    pub socket_buffer: usize,
     /// How often server names are re-resolved to find new replicas.
     #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resolve_interval: Duration,
@@ -192,6 +198,7 @@ impl Cli {
                 .map_err(|e| anyhow::anyhow!(e))?,
             allowlist,
             dial_timeout: self.dial_timeout,
+            socket_buffer: self.socket_buffer,
             host_aliases,
             resolve_interval: self.resolve_interval.max(Duration::from_secs(1)),
             admin_listen: self.admin_listen,

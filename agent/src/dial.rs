@@ -36,6 +36,9 @@ pub struct DialerShared {
     pub metrics: AgentMetrics,
     /// Keepalive and user timeout for destination sockets.
     pub liveness: tunnel_proto::net::Liveness,
+    /// Kernel send and receive buffer of each destination socket, in bytes;
+    /// 0 leaves them to the kernel's autotuning (`--socket-buffer`).
+    pub socket_buffer: usize,
 }
 
 /// What the server's hello on a tunnel said, handed to the task that opened
@@ -282,6 +285,11 @@ impl AgentService {
         // Like tunnel sockets: no Nagle delay, and a dead destination is
         // found by TCP keepalive and TCP_USER_TIMEOUT, not after minutes.
         tunnel_proto::net::tune_tunnel_socket(&tcp, &shared.liveness);
+        if shared.socket_buffer > 0
+            && let Err(err) = tunnel_proto::net::cap_socket_buffers(&tcp, shared.socket_buffer)
+        {
+            tracing::warn!(%id, %err, "cannot cap the destination socket's buffers");
+        }
         let opened = Opened {
             agent_id: shared.agent_id.clone(),
             peer: peer.to_string(),

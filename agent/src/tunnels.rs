@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub allowlist: Allowlist,
     /// Longest time to resolve and connect to a destination.
     pub dial_timeout: Duration,
+    /// Kernel send and receive buffer of each destination socket, in bytes;
+    /// 0 leaves them to the kernel's autotuning.
+    pub socket_buffer: usize,
     /// Names answered before DNS, like /etc/hosts (lower-case names).
     pub host_aliases: std::collections::HashMap<String, std::net::IpAddr>,
     /// How often server names are re-resolved.
@@ -108,6 +111,7 @@ impl Agent {
             host_aliases: config.host_aliases.clone(),
             metrics: metrics.clone(),
             liveness: config.h2.liveness,
+            socket_buffer: config.socket_buffer,
         });
         let gauge = metrics.tunnels_up.clone();
         let admin = tunnel_proto::admin::AdminServer::new(

@@ -392,20 +392,26 @@ async fn pinger(mut pings: ::h2::PingPong, shared: Arc<ConnShared>) {
     let mut last_received = shared.received.load(Ordering::Relaxed);
     loop {
         let flowing = shared.received.load(Ordering::Relaxed) != last_received;
-        if !bdp.enabled(&shared.settings) {
-            // The window is at its ceiling: only keepalive pings are left.
-            tokio::time::sleep(liveness.keepalive_interval).await;
-        } else if flowing {
+        if flowing {
             tokio::time::sleep(bdp.delay).await;
         } else {
             shared.idle.store(true, Ordering::Release);
             // Data that arrived between the check and now must not be missed.
             if shared.received.load(Ordering::Relaxed) == last_received {
-                let _ = tokio::time::timeout(
+                let started = tokio::time::timeout(
                     liveness.keepalive_interval,
                     shared.data_started.notified(),
                 )
-                .await;
+                .await
+                .is_ok();
+                if started {
+                    // Sample once the data has flowed for a while: pinging at
+                    // its first byte would cost every request/response
+                    // exchange on an idle connection a PING and its ACK on
+                    // each leg (a fifth more frames, syscalls and wake-ups
+                    // per round trip, measured).
+                    tokio::time::sleep(bdp.delay).await;
+                }
             }
             shared.idle.store(false, Ordering::Release);
         }
@@ -464,20 +470,26 @@ impl Bdp {
         }
     }
 
-    fn enabled(&self, settings: &H2Settings) -> bool {
-        self.window < settings.stream_window_bounds().1
-    }
-
     fn sample(&mut self, bytes: u64, rtt: Duration, settings: &H2Settings) -> Option<u32> {
         let max = settings.stream_window_bounds().1;
         let rtt = rtt.as_secs_f64().max(1e-6);
         self.min_rtt = self.min_rtt.min(rtt);
+        let product = bytes as f64 * (self.min_rtt / rtt);
         if bytes < u64::from(self.window) * 2 / 3 {
             // Not limited by the window.
             self.delay = (self.delay * 2).min(BDP_PING_DELAY_MAX);
+            // A window far above what the link now moves is given back, by
+            // halves, down to the initial window: a raise left over from a
+            // past bulk transfer would otherwise be granted to every new
+            // stream and spend the connection's budget (stalled streams
+            // hold their whole window).
+            let floor = settings.initial_stream_window();
+            if self.window > floor && 2.0 * product < f64::from(self.window) / 4.0 {
+                self.window = (self.window / 2).max(floor);
+                return Some(self.window);
+            }
             return None;
         }
-        let product = bytes as f64 * (self.min_rtt / rtt);
         let target = (2.0 * product).min(f64::from(max));
         if target < f64::from(self.window) * 1.25 {
             self.delay = (self.delay * 2).min(BDP_PING_DELAY_MAX);
@@ -711,10 +723,11 @@ mod tests {
             )
             .expect("grows");
         assert_eq!(w, 2 * DEFAULT_STREAM_WINDOW);
-        // Far less than the window arrived: the link, not the window, limits.
+        // Far less than the window arrived: the link, not the window,
+        // limits, and the raise is given back.
         assert_eq!(
             bdp.sample(10_000, Duration::from_millis(50), &settings),
-            None
+            Some(DEFAULT_STREAM_WINDOW)
         );
         // Never beyond the ceiling.
         let mut bdp = Bdp::new(DEFAULT_MAX_STREAM_WINDOW / 2);
@@ -722,7 +735,28 @@ mod tests {
             .sample(1 << 30, Duration::from_millis(50), &settings)
             .unwrap();
         assert_eq!(w, DEFAULT_MAX_STREAM_WINDOW);
-        assert!(!bdp.enabled(&settings));
+    }
+
+    #[test]
+    fn a_window_the_link_no_longer_fills_shrinks_back_by_halves_to_the_initial_one() {
+        let settings = H2Settings::default();
+        let mut bdp = Bdp::new(4 * DEFAULT_STREAM_WINDOW);
+        bdp.min_rtt = 0.05;
+        // Idle, then a trickle: halved each sample, never below the start.
+        assert_eq!(
+            bdp.sample(0, Duration::from_millis(50), &settings),
+            Some(2 * DEFAULT_STREAM_WINDOW)
+        );
+        assert_eq!(
+            bdp.sample(1000, Duration::from_millis(50), &settings),
+            Some(DEFAULT_STREAM_WINDOW)
+        );
+        assert_eq!(bdp.sample(0, Duration::from_millis(50), &settings), None);
+        // A stream that still uses a good part of its window keeps it.
+        let mut bdp = Bdp::new(4 * DEFAULT_STREAM_WINDOW);
+        bdp.min_rtt = 0.05;
+        let half = u64::from(DEFAULT_STREAM_WINDOW);
+        assert_eq!(bdp.sample(half, Duration::from_millis(50), &settings), None);
     }
 
     #[test]

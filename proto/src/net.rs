@@ -67,6 +67,30 @@ pub fn tune_tunnel_socket(stream: &TcpStream, liveness: &Liveness) {
     }
 }
 
+/// Caps the kernel's send and receive buffers of a socket that faces an
+/// app or a destination at `bytes` each (Linux doubles the figure for its
+/// bookkeeping and stops autotuning that socket). Without a cap a peer that
+/// stops reading lets the kernel grow them to `net.ipv4.tcp_wmem` /
+/// `tcp_rmem` maxima (4 MiB and 6 to 32 MiB on common kernels), held for as
+/// long as the peer stalls. On a listener, the accepted sockets inherit it.
+pub fn cap_socket_buffers<S: std::os::fd::AsFd>(sock: &S, bytes: usize) -> std::io::Result<()> {
+    let sock = SockRef::from(sock);
+    sock.set_send_buffer_size(bytes)?;
+    sock.set_recv_buffer_size(bytes)
+}
+
+/// Parses a `--socket-buffer` value: a size such as `256KiB`, or `0` for
+/// the kernel's autotuning.
+pub fn parse_socket_buffer(s: &str) -> Result<usize, String> {
+    let v = crate::cli::parse_bytes(s)?;
+    if v != 0 && !(4096..=64 * 1024 * 1024).contains(&v) {
+        return Err(format!(
+            "invalid socket buffer {s:?}: 0 (kernel autotuning) or between 4KiB and 64MiB"
+        ));
+    }
+    Ok(v as usize)
+}
+
 /// Disables Nagle's algorithm: tunnels carry interactive traffic.
 pub fn set_nodelay_or_warn(stream: &TcpStream) {
     if let Err(err) = stream.set_nodelay(true) {
@@ -188,6 +212,28 @@ mod tests {
         let l = Liveness::default();
         assert!(l.keepalive_interval + l.ping_timeout() <= Duration::from_secs(30));
         assert!(l.dead_peer_timeout <= Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_capped_listener_hands_its_buffers_to_every_accepted_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        cap_socket_buffers(&listener, 64 * 1024).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (_client, (accepted, _)) = (client.unwrap(), accepted.unwrap());
+        let sock = SockRef::from(&accepted);
+        // Linux doubles the figure for its bookkeeping and stops autotuning.
+        assert_eq!(sock.send_buffer_size().unwrap(), 128 * 1024);
+        assert_eq!(sock.recv_buffer_size().unwrap(), 128 * 1024);
+    }
+
+    #[test]
+    fn socket_buffer_sizes_are_zero_or_sane() {
+        assert_eq!(parse_socket_buffer("0"), Ok(0));
+        assert_eq!(parse_socket_buffer("256KiB"), Ok(256 * 1024));
+        for bad in ["1KiB", "65MiB", "lots", "-1"] {
+            assert!(parse_socket_buffer(bad).is_err(), "{bad} was accepted");
+        }
     }
 
     #[tokio::test]

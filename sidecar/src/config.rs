@@ -264,6 +264,12 @@ pub struct Cli {
     /// A server that answers nothing for this long is declared dead [default: 20s].
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", value_parser = parse_duration)]
     pub dead_peer_timeout: Option<Duration>,
+    /// Kernel send and receive buffer of each connection from the app (e.g.
+    /// 256KiB): bounds what an app that stops reading or a stalled tunnel
+    /// holds in the pod's kernel memory; 0 leaves them to the kernel's
+    /// autotuning [default: 0].
+    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", value_parser = tunnel_proto::net::parse_socket_buffer)]
+    pub socket_buffer: Option<usize>,
     /// Log format [default: json].
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -377,6 +383,8 @@ pub struct FileConfig {
     pub open_timeout: Option<String>,
     /// See `--dead-peer-timeout`.
     pub dead_peer_timeout: Option<String>,
+    /// See `--socket-buffer` (e.g. "256KiB", or "0").
+    pub socket_buffer: Option<String>,
     /// See `--log-format` ("json" or "text").
     pub log_format: Option<String>,
     /// See `--log-level`.
@@ -434,6 +442,8 @@ pub struct SidecarConfig {
     pub open_timeout: Duration,
     /// Dead-peer timeout towards the server.
     pub dead_peer_timeout: Duration,
+    /// Kernel buffer of each app connection, in bytes; 0 = autotuning.
+    pub socket_buffer: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -672,7 +682,14 @@ impl Cli {
             file.open_timeout.as_ref(),
             tunnel_proto::client::DEFAULT_OPEN_TIMEOUT,
         )?;
+        let socket_buffer = match (self.socket_buffer, file.socket_buffer.as_deref()) {
+            (Some(b), _) => b,
+            (None, Some(s)) => tunnel_proto::net::parse_socket_buffer(s)
+                .map_err(|e| invalid("socket_buffer", e))?,
+            (None, None) => 0,
+        };
         Ok(SidecarConfig {
+            socket_buffer,
             servers,
             server_name: self.server_name.clone().or(file.server_name.clone()),
             tls,

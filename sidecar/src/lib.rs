@@ -62,8 +62,17 @@ pub struct Sidecar {
 /// can reset connections. Linux caps it at `net.core.somaxconn`.
 const LISTEN_BACKLOG: u32 = 4096;
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    bind_listener(addr, what, !addr.ip().is_loopback()).await
+/// Binds a listener for app connections; `socket_buffer` (bytes, 0 = the
+/// kernel's autotuning) caps the kernel buffers of every connection it
+/// accepts (they inherit the listener's).
+async fn bind(addr: SocketAddr, what: &str, socket_buffer: usize) -> anyhow::Result<TcpListener> {
+    let l = bind_listener(addr, what, !addr.ip().is_loopback()).await?;
+    if socket_buffer > 0 {
+        tunnel_proto::net::cap_socket_buffers(&l, socket_buffer).map_err(|e| {
+            anyhow::anyhow!("cannot set the socket buffers of {what} {addr} to {socket_buffer} bytes: {e}")
+        })?;
+    }
+    Ok(l)
 }
 
 async fn bind_listener(
@@ -120,14 +129,19 @@ impl Sidecar {
         // Health and metrics only: no warning beyond loopback.
         let admin_l = bind_listener(config.admin_listen, "admin address", false).await?;
         let proxy_l = match config.proxy_listen {
-            Some(a) => Some(bind(a, "proxy address").await?),
+            Some(a) => Some(bind(a, "proxy address", config.socket_buffer).await?),
             None => None,
         };
         let mut port_ls = Vec::new();
         for m in &config.ports {
             let addr = SocketAddr::new(config.bind_address, m.port);
             port_ls.push((
-                bind(addr, &format!("port for {}", m.target)).await?,
+                bind(
+                    addr,
+                    &format!("port for {}", m.target),
+                    config.socket_buffer,
+                )
+                .await?,
                 m.target.clone(),
             ));
         }

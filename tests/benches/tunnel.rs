@@ -51,6 +51,8 @@ const STALLED_BULK_BYTES: u64 = 512 << 20;
 const STALL_FILL_DEADLINE: Duration = Duration::from_secs(300);
 /// Stalled connections opened and filled at once.
 const STALL_BATCH: usize = 100;
+/// `--socket-buffer` of the agent and the sidecar in `stalled_1000`.
+const STALL_SOCKET_BUFFER: &str = "256KiB";
 /// Deadline of each measurement beside the stalls: only a freeze misses it.
 const STALL_CHECK_DEADLINE: Duration = Duration::from_secs(60);
 /// A write that makes no progress for this long: the connection is full.
@@ -642,15 +644,21 @@ struct System {
 
 impl System {
     async fn start(pki: &Pki, services: Option<&Services>) -> Self {
-        Self::start_with(pki, services, None).await
+        Self::start_with(pki, services, None, None).await
     }
 
-    /// With `wan`, the agent dials the server through an emulated link.
+    /// With `wan`, the agent dials the server through an emulated link; with
+    /// `socket_buffer`, the agent and the sidecar cap the kernel buffers of
+    /// their app and destination sockets (`--socket-buffer`).
     async fn start_with(
         pki: &Pki,
         services: Option<&Services>,
         wan: Option<tunnel_tests::wan::Link>,
+        socket_buffer: Option<&str>,
     ) -> Self {
+        let buffer_args: Vec<String> = socket_buffer
+            .map(|b| vec!["--socket-buffer".to_string(), b.to_string()])
+            .unwrap_or_default();
         let dir = pki.dir.path();
         let server = ServerProc::start(pki).await;
         let relay = match wan {
@@ -679,7 +687,10 @@ impl System {
                 s("127.0.0.0/8"),
                 s("--admin-listen"),
                 format!("127.0.0.1:{agent_admin}"),
-            ],
+            ]
+            .into_iter()
+            .chain(buffer_args.iter().cloned())
+            .collect::<Vec<_>>(),
             dir,
         );
         let agent_admin: SocketAddr = format!("127.0.0.1:{agent_admin}").parse().unwrap();
@@ -715,6 +726,7 @@ impl System {
                     s("--admin-listen"),
                     format!("127.0.0.1:{sc_admin}"),
                 ];
+                args.extend(buffer_args.iter().cloned());
                 for (p, svc) in ports.iter().zip(sv.all()) {
                     args.push(s("--port"));
                     args.push(format!("{p}=bench:127.0.0.1:{}", svc.port()));
@@ -985,7 +997,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     let total = 2 * STALLED_EACH_WAY;
     // Four descriptors per stalled connection, at most in this process.
     ensure_fd_limit(4 * total as u64 + 8192);
-    let sys = System::start(pki, Some(services)).await;
+    // Stalled peers hold kernel buffers in every socket on their path: the
+    // tunnel's own app and destination sockets are capped as an operator
+    // who expects stalls would (the test's peers cap theirs too).
+    let sys = System::start_with(pki, Some(services), None, Some(STALL_SOCKET_BUFFER)).await;
     let (port, connect) = (sys.port_path(), sys.connect_path(services));
     let mut out: Extras = vec![(
         "stalled_1000_stalled_each_way",
@@ -1319,7 +1334,7 @@ async fn wan(pki: &Pki, services: &Services) -> Extras {
     drop((to_sink, to_source));
 
     eprintln!("[wan] one tunnelled stream, the agent dialing through the relay");
-    let sys = System::start_with(pki, None, Some(link)).await;
+    let sys = System::start_with(pki, None, Some(link), None).await;
     let client = client(pki, "bench", sys.client_addr);
     client.ensure_connected().await.expect("client connects");
     let path = tunnel_path(services, client).await;

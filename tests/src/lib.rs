@@ -119,6 +119,7 @@ pub fn agent_config(pki: &Pki, cluster: &str, servers: &[SocketAddr]) -> AgentCo
         h2: H2Settings::default(),
         allowlist: Allowlist::parse(&["127.0.0.0/8".to_string()]).unwrap(),
         dial_timeout: Duration::from_secs(5),
+        socket_buffer: 0,
         host_aliases: Default::default(),
         resolve_interval: Duration::from_secs(30),
         admin_listen: "127.0.0.1:0".parse().unwrap(),

@@ -249,6 +249,7 @@ async fn start_agent(
         // Only this cluster's own "network".
         allowlist: Allowlist::parse(&[ip.to_string()])?,
         dial_timeout: Duration::from_secs(5),
+        socket_buffer: 0,
         host_aliases: [
             ("hello.default.svc".to_string(), ip),
             ("echo.default.svc".to_string(), ip),
