@@ -69,7 +69,9 @@ async fn bind(addr: SocketAddr, what: &str, socket_buffer: usize) -> anyhow::Res
     let l = bind_listener(addr, what, !addr.ip().is_loopback()).await?;
     if socket_buffer > 0 {
         tunnel_proto::net::cap_socket_buffers(&l, socket_buffer).map_err(|e| {
-            anyhow::anyhow!("cannot set the socket buffers of {what} {addr} to {socket_buffer} bytes: {e}")
+            anyhow::anyhow!(
+                "cannot set the socket buffers of {what} {addr} to {socket_buffer} bytes: {e}"
+            )
         })?;
     }
     Ok(l)

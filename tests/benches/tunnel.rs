@@ -52,7 +52,7 @@ const STALL_FILL_DEADLINE: Duration = Duration::from_secs(300);
 /// Stalled connections opened and filled at once.
 const STALL_BATCH: usize = 100;
 /// `--socket-buffer` of the agent and the sidecar in `stalled_1000`.
-const STALL_SOCKET_BUFFER: &str = "256KiB";
+const STALL_SOCKET_BUFFER: &str = "128KiB";
 /// Deadline of each measurement beside the stalls: only a freeze misses it.
 const STALL_CHECK_DEADLINE: Duration = Duration::from_secs(60);
 /// A write that makes no progress for this long: the connection is full.
@@ -238,6 +238,20 @@ impl RoleProc {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
+
+    /// The last `n` warnings and errors of the log, with their count.
+    fn warnings(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+            .collect();
+        format!(
+            "{} warnings or errors; the last:\n{}",
+            lines.len(),
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
 }
 
 impl System {
@@ -250,8 +264,9 @@ impl System {
         ] {
             if let Some(p) = p {
                 eprintln!(
-                    "[{what}] ----- {name} log (last lines) -----\n{}",
-                    p.tail(20)
+                    "[{what}] ----- {name} log (last lines) -----\n{}\n[{what}] ----- {name} log: {}",
+                    p.tail(10),
+                    p.warnings(10)
                 );
             }
         }
@@ -354,6 +369,8 @@ struct StallCounters {
     unbounded: AtomicUsize,
     /// Bytes the blocked ones took before blocking.
     held: AtomicU64,
+    /// The first failure, as the socket reported it.
+    first_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl StallCounters {
@@ -386,8 +403,12 @@ async fn keep_full(
             _ = stop.wait_for(|s| *s) => return tcp,
             res = tokio::time::timeout(STALL_BLOCKED_AFTER, tcp.write(&chunk)) => match res {
                 Ok(Ok(n)) => total += n as u64,
-                Ok(Err(_)) => {
+                Ok(Err(e)) => {
                     c.cut.fetch_add(1, Ordering::SeqCst);
+                    c.first_failure
+                        .lock()
+                        .unwrap()
+                        .get_or_insert_with(|| format!("after {total} bytes: {e}"));
                     return tcp;
                 }
                 Err(_) => {
