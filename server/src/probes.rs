@@ -261,7 +261,15 @@ pub async fn probe(state: &ServerState, cluster: &str) -> Result<Duration, Tunne
     let started = Instant::now();
     let routed = tokio::time::timeout(
         dial_timeout + crate::tunnel::AGENT_ANSWER_MARGIN,
-        crate::tunnel::route(&state.pool, &open, u64::MAX, |_| {}),
+        crate::tunnel::route(
+            &state.pool,
+            &open,
+            crate::tunnel::RouteLimits {
+                max_per_agent: u64::MAX,
+                ..state.route_limits()
+            },
+            |_| {},
+        ),
     )
     .await
     .unwrap_or_else(|_| {

@@ -605,6 +605,8 @@ impl ServerProc {
                 s("--cert-dir"),
                 dir.display().to_string(),
                 s("--allow-all"),
+                // Ready before its agent connects: the bench starts it first.
+                s("--ready-wait=0s"),
                 // The scale load is one identity's: 10,000 connections plus the
                 // probes measured beside them.
                 s("--max-connections-per-identity"),
