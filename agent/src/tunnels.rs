@@ -394,8 +394,12 @@ impl Keeper {
                 self.heard_count(up.server_count);
                 tracing::info!(server = %addr, server_id = %up.server_id, server_count = self.count, tunnels_of_address = self.live.len() + 1, "tunnel up");
                 let tunnels_up = self.server.shared.metrics.tunnels_up.clone();
-                self.live
-                    .spawn(run_up(up, tunnels_up, self.leaving.clone(), self.server.registry.clone()));
+                self.live.spawn(run_up(
+                    up,
+                    tunnels_up,
+                    self.leaving.clone(),
+                    self.server.registry.clone(),
+                ));
             }
             Attempt::Duplicate {
                 server_id,

@@ -454,12 +454,21 @@ mod tests {
                 (Method::GET, LEASE, Reply::With(200, renewed)),
             ],
         );
-        assert!(matches!(attempt(&lock).await.unwrap(), Attempt::Following { .. }));
+        assert!(matches!(
+            attempt(&lock).await.unwrap(),
+            Attempt::Following { .. }
+        ));
         tokio::time::advance(LEASE_DURATION).await;
         // Renewed meanwhile (whatever its clock wrote): counted from now.
-        assert!(matches!(attempt(&lock).await.unwrap(), Attempt::Following { .. }));
+        assert!(matches!(
+            attempt(&lock).await.unwrap(),
+            Attempt::Following { .. }
+        ));
         tokio::time::advance(LEASE_DURATION - Duration::from_secs(1)).await;
-        assert!(matches!(attempt(&lock).await.unwrap(), Attempt::Following { .. }));
+        assert!(matches!(
+            attempt(&lock).await.unwrap(),
+            Attempt::Following { .. }
+        ));
         finish(server).await;
     }
 
@@ -588,9 +597,7 @@ mod tests {
                 let method = request.method().clone();
                 let bytes = request.into_body().collect_bytes().await.unwrap();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let status_body = |code: u16, reason: &str| {
-                    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code })
-                };
+                let status_body = |code: u16, reason: &str| json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code });
                 let (status, answer) = {
                     let mut st = store.lock().unwrap();
                     let current = st
@@ -620,7 +627,9 @@ mod tests {
                     http::Response::builder()
                         .status(status)
                         .header("content-type", "application/json")
-                        .body(kube::client::Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .body(kube::client::Body::from(
+                            serde_json::to_vec(&answer).unwrap(),
+                        ))
                         .unwrap(),
                 );
             }

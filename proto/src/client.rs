@@ -294,7 +294,11 @@ impl TunnelClient {
     fn pick(&self, exclude: &[usize]) -> Option<usize> {
         let n = self.servers.len();
         let start = self.preferred.load(Ordering::Relaxed) % n.max(1);
-        let order = || (0..n).map(move |k| (start + k) % n).filter(|i| !exclude.contains(i));
+        let order = || {
+            (0..n)
+                .map(move |k| (start + k) % n)
+                .filter(|i| !exclude.contains(i))
+        };
         order()
             .find(|&i| self.servers[i].live().is_some())
             .or_else(|| order().find(|&i| self.servers[i].recent_failure().is_none()))
@@ -304,9 +308,9 @@ impl TunnelClient {
     /// New opens start with the server after `i`, if they started with `i`.
     fn move_past(&self, i: usize) {
         let n = self.servers.len();
-        let _ = self
-            .preferred
-            .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.preferred
+                .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// The connection to server `i`, dialed if it is not up.
@@ -465,13 +469,19 @@ impl TunnelClient {
         Err(last.unwrap_or_else(no_servers))
     }
 
-    async fn try_open(&self, ch: &H2Client, target: &Target) -> Result<OpenedTunnel, AttemptFailed> {
+    async fn try_open(
+        &self,
+        ch: &H2Client,
+        target: &Target,
+    ) -> Result<OpenedTunnel, AttemptFailed> {
         let open = target.open(None);
         let token = match &self.token {
             Some(t) => Some(t.current().map_err(AttemptFailed::fatal)?),
             None => None,
         };
-        let request = open.to_request(token.as_deref()).map_err(AttemptFailed::fatal)?;
+        let request = open
+            .to_request(token.as_deref())
+            .map_err(AttemptFailed::fatal)?;
         let (opened, stream) = open_on(ch, request).await.map_err(|f| {
             let elsewhere = f.was_not_processed();
             let err = match f {

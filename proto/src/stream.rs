@@ -284,7 +284,8 @@ impl OpenFailure {
         match self {
             OpenFailure::Full(_) | OpenFailure::Connection(_) => true,
             OpenFailure::Answer(e) => {
-                e.reason() == Some(::h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+                e.reason() == Some(::h2::Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && e.is_remote())
             }
             OpenFailure::Refused(_) | OpenFailure::NotAcknowledged(_) => false,
         }
@@ -352,7 +353,9 @@ async fn open_with(
                                 f();
                             }
                         }
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(OpenFailure::Answer(e))),
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(OpenFailure::Answer(e)));
+                        }
                         Poll::Ready(None) | Poll::Pending => {}
                     }
                 }

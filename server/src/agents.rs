@@ -139,18 +139,45 @@ async fn ask_to_leave(
     peer: SocketAddr,
     agent: String,
 ) {
-    let asked = tokio::time::timeout(
-        HELLO_TIMEOUT,
-        client.leave(pb::LeaveRequest { server_id }),
-    )
-    .await;
+    let asked =
+        tokio::time::timeout(HELLO_TIMEOUT, client.leave(pb::LeaveRequest { server_id })).await;
     match asked {
         Ok(Ok(_)) => tracing::debug!(%peer, %agent, "agent told to find another replica"),
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
             tracing::debug!(%peer, %agent, "an older agent: it finds another replica once this tunnel closes")
         }
-        Ok(Err(status)) => tracing::warn!(%peer, %agent, %status, "could not tell the agent to leave"),
+        Ok(Err(status)) => {
+            tracing::warn!(%peer, %agent, %status, "could not tell the agent to leave")
+        }
         Err(_) => tracing::warn!(%peer, %agent, "the agent did not answer the request to leave"),
+    }
+}
+
+/// While `tunnel`'s agent is failing, asks it for a hello (cheap, no
+/// destination) after each backoff, within the acknowledgement timeout; the
+/// first answer makes it usable again. Runs until aborted.
+async fn check_when_failing(
+    tunnel: Arc<AgentTunnel>,
+    client: AgentClient<GrpcChannel>,
+    hello: pb::HelloRequest,
+    within: Duration,
+) {
+    loop {
+        tunnel.failed.notified().await;
+        while tunnel.is_failing() {
+            tokio::time::sleep(tunnel.check_delay()).await;
+            if !tunnel.is_failing() {
+                // An answered open ended it meanwhile.
+                break;
+            }
+            let answered = tokio::time::timeout(within, client.clone().hello(hello.clone())).await;
+            if matches!(answered, Ok(Ok(_))) {
+                tunnel.recovered();
+                tracing::info!(agent = %tunnel.agent_id, cluster = %tunnel.cluster, "the failing agent answers again; it is picked again");
+            } else {
+                tracing::debug!(agent = %tunnel.agent_id, cluster = %tunnel.cluster, "the failing agent still does not answer");
+            }
+        }
     }
 }
 
@@ -215,14 +242,11 @@ async fn serve_agent(
         GrpcChannel::new(channel.clone()),
         http::Uri::from_static("https://cluster-tunnel.agent"),
     );
-    let hello = tokio::time::timeout(
-        HELLO_TIMEOUT,
-        client.hello(pb::HelloRequest {
-            server_id: state.config.server_id.clone(),
-            server_count: state.config.server_count,
-        }),
-    )
-    .await;
+    let hello_request = pb::HelloRequest {
+        server_id: state.config.server_id.clone(),
+        server_count: state.config.server_count,
+    };
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, client.hello(hello_request.clone())).await;
     let hello = match hello {
         Ok(Ok(resp)) => resp.into_inner(),
         Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
@@ -284,6 +308,12 @@ async fn serve_agent(
         .clone();
     gauge.inc();
     tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, acknowledges_opens = hello.acknowledges_opens, agents_of_cluster = n, "agent connected");
+    let checks = tokio::spawn(check_when_failing(
+        tunnel.clone(),
+        client.clone(),
+        hello_request,
+        state.config.ha.ack_timeout,
+    ));
     let mut driver = driver;
     let mut revoked = false;
     let mut asked_to_leave = false;
@@ -300,6 +330,7 @@ async fn serve_agent(
             }
         }
     };
+    checks.abort();
     let left = state.pool.remove(&tunnel);
     gauge.dec();
     if revoked {

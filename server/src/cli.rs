@@ -428,8 +428,12 @@ mod tests {
         let args = Cli::try_parse_from(["tunnel-server", "--server-count", "3"]).unwrap();
         assert_eq!(args.run.server_count, 3);
         let max = tunnel_proto::MAX_SERVER_COUNT;
-        let args = Cli::try_parse_from(["tunnel-server", &format!("--server-count={max}")]).unwrap();
-        assert_eq!(args.run.server_count, max, "as many as an agent keeps tunnels to");
+        let args =
+            Cli::try_parse_from(["tunnel-server", &format!("--server-count={max}")]).unwrap();
+        assert_eq!(
+            args.run.server_count, max,
+            "as many as an agent keeps tunnels to"
+        );
         let beyond = (max + 1).to_string();
         for bad in ["0", "-1", "many", beyond.as_str()] {
             let flag = format!("--server-count={bad}");

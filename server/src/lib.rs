@@ -247,7 +247,8 @@ impl ServerState {
             .pool
             .last_added()
             .is_some_and(|t| t.elapsed() >= READY_SETTLE);
-        (settled && self.pool.agent_count() > 0) || self.started.elapsed() >= self.config.ha.ready_wait
+        (settled && self.pool.agent_count() > 0)
+            || self.started.elapsed() >= self.config.ha.ready_wait
     }
 
     /// How [`tunnel::route`] treats agents.
@@ -444,7 +445,12 @@ impl Server {
         let delay = self.state.config.ha.shutdown_delay;
         self.state.draining.store(true, Ordering::Release);
         let _ = self.leave.send(true);
-        tracing::info!(open = self.state.open_connections(), agents = self.state.pool.agent_count(), ?delay, "shutting down: not ready, agents told to find another replica; serving for the shutdown delay");
+        tracing::info!(
+            open = self.state.open_connections(),
+            agents = self.state.pool.agent_count(),
+            ?delay,
+            "shutting down: not ready, agents told to find another replica; serving for the shutdown delay"
+        );
         tokio::time::sleep(delay).await;
         self.state.stopping.store(true, Ordering::Release);
         tracing::info!(open = self.state.open_connections(), ?deadline, "draining");

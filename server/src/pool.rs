@@ -19,10 +19,12 @@
 //!   before any timeout. Below [`LATENCY_FLOOR`] differences are noise, and
 //!   the cost is the connection count alone (least loaded).
 //! - Failure accrual: an agent that failed an open (its tunnel broke under
-//!   it, or it did not acknowledge in time) is *failing* for a backoff that
+//!   it, or it did not acknowledge in time) is *failing*: it is picked only
+//!   when no other agent of the cluster is usable, until it answers again.
+//!   Whether it does is checked with a control call (`Agent.Hello`, see
+//!   [`crate::agents`]), not with a client's connection, after a backoff that
 //!   doubles with each consecutive failure ([`FAILURE_BACKOFF_BASE`] up to
-//!   [`FAILURE_BACKOFF_MAX`]); failing agents are picked only when no other
-//!   agent of the cluster is usable, and one answer ends it.
+//!   [`FAILURE_BACKOFF_MAX`]); an answered open starts the count again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,9 +39,9 @@ use tunnel_proto::pb;
 pub const LATENCY_DECAY: Duration = Duration::from_secs(10);
 /// Answer times below this are taken as equal.
 pub const LATENCY_FLOOR: Duration = Duration::from_millis(1);
-/// How long an agent is failing after its first consecutive failure.
+/// When a failing agent is first checked after its first consecutive failure.
 pub const FAILURE_BACKOFF_BASE: Duration = Duration::from_secs(2);
-/// The longest an agent is failing after consecutive failures.
+/// The longest a failing agent waits for its next check.
 pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One agent's reverse tunnel to this server.
@@ -63,6 +65,8 @@ pub struct AgentTunnel {
     health: Mutex<Health>,
     /// Milliseconds since the Unix epoch of the last pick (0: never).
     last_picked_ms: AtomicU64,
+    /// Told when the agent fails: its check starts.
+    pub(crate) failed: tokio::sync::Notify,
 }
 
 /// What the pick knows of an agent's answers.
@@ -78,7 +82,7 @@ struct Health {
     /// When the agent last answered anything.
     last_answer: Instant,
     consecutive_failures: u32,
-    failing_until: Option<Instant>,
+    failing: bool,
 }
 
 impl Health {
@@ -90,7 +94,7 @@ impl Health {
             pending_since: now,
             last_answer: now,
             consecutive_failures: 0,
-            failing_until: None,
+            failing: false,
         }
     }
 
@@ -103,9 +107,7 @@ impl Health {
         } else {
             0.0
         };
-        self.latency
-            .max(silent)
-            .max(LATENCY_FLOOR.as_secs_f64())
+        self.latency.max(silent).max(LATENCY_FLOOR.as_secs_f64())
     }
 
     fn observe(&mut self, took: Duration, now: Instant) {
@@ -121,23 +123,25 @@ impl Health {
         self.updated = now;
         self.last_answer = now;
         self.consecutive_failures = 0;
-        self.failing_until = None;
+        self.failing = false;
     }
 
-    fn fail(&mut self, now: Instant) -> Duration {
+    /// Counts a failure; returns the wait before the next check.
+    fn fail(&mut self) -> Duration {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let factor = 1u32
-            .checked_shl(self.consecutive_failures - 1)
-            .unwrap_or(u32::MAX);
-        let backoff = FAILURE_BACKOFF_BASE
-            .saturating_mul(factor)
-            .min(FAILURE_BACKOFF_MAX);
-        self.failing_until = Some(now + backoff);
-        backoff
+        self.failing = true;
+        self.check_delay()
     }
 
-    fn is_failing(&self, now: Instant) -> bool {
-        self.failing_until.is_some_and(|t| now < t)
+    /// The wait before checking a failing agent: the backoff of its
+    /// consecutive failures.
+    fn check_delay(&self) -> Duration {
+        let factor = 1u32
+            .checked_shl(self.consecutive_failures.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        FAILURE_BACKOFF_BASE
+            .saturating_mul(factor)
+            .min(FAILURE_BACKOFF_MAX)
     }
 }
 
@@ -159,10 +163,12 @@ impl PendingOpen<'_> {
     }
 
     /// The open failed at the agent (tunnel broken, no acknowledgement in
-    /// time); returns how long the agent is passed over.
+    /// time); returns when the agent will be checked.
     pub(crate) fn failed(&mut self) -> Duration {
         self.answered = true;
-        self.agent.health().fail(Instant::now())
+        let delay = self.agent.health().fail();
+        self.agent.failed.notify_one();
+        delay
     }
 }
 
@@ -192,6 +198,7 @@ impl AgentTunnel {
             acknowledges_opens,
             health: Mutex::new(Health::new(Instant::now())),
             last_picked_ms: AtomicU64::new(0),
+            failed: tokio::sync::Notify::new(),
         }
     }
 
@@ -220,9 +227,21 @@ impl AgentTunnel {
         }
     }
 
-    /// Whether the agent failed recently and is passed over while others are usable.
+    /// Whether the agent failed and has not answered since: it is passed
+    /// over while others are usable.
     pub fn is_failing(&self) -> bool {
-        self.health().is_failing(Instant::now())
+        self.health().failing
+    }
+
+    /// The wait before the next check of a failing agent.
+    pub(crate) fn check_delay(&self) -> Duration {
+        self.health().check_delay()
+    }
+
+    /// A check found the failing agent answering: it is picked again (its
+    /// consecutive failures still count towards the next backoff).
+    pub(crate) fn recovered(&self) {
+        self.health().failing = false;
     }
 
     /// What `ListClusters` says of this agent.
@@ -230,7 +249,7 @@ impl AgentTunnel {
         let now = Instant::now();
         let (pending_opens, latency, failing) = {
             let h = self.health();
-            (h.pending, h.latency(now), h.is_failing(now))
+            (h.pending, h.latency(now), h.failing)
         };
         pb::AgentInfo {
             agent_id: self.agent_id.clone(),
@@ -342,7 +361,11 @@ impl AgentPool {
             .collect();
         let healthy: Vec<&Arc<AgentTunnel>> =
             usable.iter().copied().filter(|a| !a.is_failing()).collect();
-        let from = if healthy.is_empty() { &usable } else { &healthy };
+        let from = if healthy.is_empty() {
+            &usable
+        } else {
+            &healthy
+        };
         match power_of_two_choices(from, Instant::now()) {
             Some(a) => Pick::Agent(a.clone()),
             None => Pick::NoAgent,
@@ -420,26 +443,34 @@ mod tests {
         h.pending = 1;
         h.pending_since = t0 + MS;
         let later = t0 + MS * 51;
-        assert!((h.latency(later) - 0.05).abs() < 1e-6, "{}", h.latency(later));
+        assert!(
+            (h.latency(later) - 0.05).abs() < 1e-6,
+            "{}",
+            h.latency(later)
+        );
         // Nothing pending: silence is just idleness.
         h.pending = 0;
         assert!((h.latency(later) - 0.001).abs() < 1e-9);
     }
 
     #[test]
-    fn consecutive_failures_back_off_and_an_answer_ends_them() {
+    fn consecutive_failures_back_off_the_checks_and_an_answer_ends_them() {
         let t0 = Instant::now();
         let mut h = Health::new(t0);
-        assert_eq!(h.fail(t0), FAILURE_BACKOFF_BASE);
-        assert!(h.is_failing(t0 + FAILURE_BACKOFF_BASE / 2));
-        assert!(!h.is_failing(t0 + FAILURE_BACKOFF_BASE));
-        assert_eq!(h.fail(t0), FAILURE_BACKOFF_BASE * 2);
+        assert!(!h.failing);
+        assert_eq!(h.fail(), FAILURE_BACKOFF_BASE);
+        assert!(h.failing);
+        assert_eq!(h.fail(), FAILURE_BACKOFF_BASE * 2);
         for _ in 0..40 {
-            h.fail(t0);
+            h.fail();
         }
-        assert_eq!(h.fail(t0), FAILURE_BACKOFF_MAX);
+        assert_eq!(h.fail(), FAILURE_BACKOFF_MAX);
         h.observe(MS, t0);
-        assert!(!h.is_failing(t0));
-        assert_eq!(h.fail(t0), FAILURE_BACKOFF_BASE, "counted from the start again");
+        assert!(!h.failing);
+        assert_eq!(
+            h.fail(),
+            FAILURE_BACKOFF_BASE,
+            "counted from the start again"
+        );
     }
 }

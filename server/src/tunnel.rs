@@ -300,7 +300,10 @@ async fn open_on(
         OpenFailure::NotAcknowledged(t) => (
             TunnelError::new(
                 ErrorCode::TunnelBroken,
-                format!("agent {} did not acknowledge the open within {t:?}", agent.agent_id),
+                format!(
+                    "agent {} did not acknowledge the open within {t:?}",
+                    agent.agent_id
+                ),
             ),
             true,
         ),

@@ -511,7 +511,10 @@ async fn a_broken_agent_is_skipped_and_another_one_serves() {
         .expect("open with only a broken agent must fail, not hang")
         .expect_err("the only agent fails every dial");
     assert_eq!(err.code, ErrorCode::NoAgent, "{err}");
-    assert!(err.message.contains("east-broken"), "names the agent that failed: {err}");
+    assert!(
+        err.message.contains("east-broken"),
+        "names the agent that failed: {err}"
+    );
     assert!(
         broken_dials.load(Ordering::SeqCst) >= 2,
         "the broken agent was asked to dial again"
