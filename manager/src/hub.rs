@@ -383,7 +383,8 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
     let mut pod = json!({
         "serviceAccountName": names.server(),
         "automountServiceAccountToken": false,
-        "terminationGracePeriodSeconds": drain + 10,
+        // The server's default shutdown delay (5 s), the drain, then 10 s.
+        "terminationGracePeriodSeconds": drain + 15,
         "affinity": { "podAntiAffinity": anti },
         "containers": [container],
         "volumes": [{ "name": "tls", "secret": { "secretName": server.tls_secret_name } }],
@@ -948,7 +949,10 @@ mod tests {
             "{args}"
         );
         assert!(args.contains("--server-count=3"), "{args}");
-        assert_eq!(pod["terminationGracePeriodSeconds"], 40);
+        assert_eq!(
+            pod["terminationGracePeriodSeconds"], 45,
+            "shutdown delay, drain, 10 s"
+        );
         assert_eq!(bodies[4]["spec"]["type"], "LoadBalancer");
         assert_eq!(bodies[3]["spec"]["clusterIP"], "None");
         let hook = &bodies[8]["webhooks"][0];
