@@ -338,6 +338,9 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
         format!("--trust-domain={}", names.trust_domain),
         format!("--dial-timeout={}", server.dial_timeout),
         format!("--drain-timeout={}", server.drain_timeout),
+        // Serving, not ready, agents sent elsewhere, before GOAWAY (docs/ha.md);
+        // the chart's default, counted in the termination grace below.
+        "--shutdown-delay=5s".to_owned(),
         format!("--dead-peer-timeout={}", server.dead_peer_timeout),
         // Agents behind a LoadBalancer or hostname connect until they hold
         // a tunnel to this many replicas.
