@@ -1453,6 +1453,9 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
         "agent_thaw_to_first_connection_ms",
         back.map_or(Extra::Num(None), |ms| num(ms as f64)),
     ));
+    if std::env::var_os("CT_BENCH_LOGS").is_some() {
+        eprintln!("{}", server.proc.tail(40));
+    }
     drop((agents, server));
     out
 }
