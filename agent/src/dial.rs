@@ -114,6 +114,8 @@ pub struct AgentService {
     shared: Arc<DialerShared>,
     gate: Option<Arc<HelloGate>>,
     said_hello: Arc<AtomicBool>,
+    /// Told when the server asks the agent to leave (it is shutting down).
+    leave: Arc<tokio::sync::Notify>,
 }
 
 impl AgentService {
@@ -123,6 +125,7 @@ impl AgentService {
             shared,
             gate: None,
             said_hello: Arc::new(AtomicBool::new(false)),
+            leave: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -137,6 +140,12 @@ impl AgentService {
     /// Whether the server said hello on this tunnel and the tunnel was admitted.
     pub fn is_up(&self) -> bool {
         self.said_hello.load(Ordering::Acquire)
+    }
+
+    /// Notified (once, kept until awaited) when the server asks the agent to
+    /// leave this tunnel.
+    pub fn leave_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.leave.clone()
     }
 }
 
@@ -226,7 +235,18 @@ impl AgentRpc for AgentService {
             agent_id: self.shared.agent_id.clone(),
             cluster: self.shared.cluster.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
+            acknowledges_opens: true,
         }))
+    }
+
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let server = req.into_inner().server_id;
+        tracing::info!(%server, "the server is shutting down; looking for another replica, this tunnel stays until the server closes it");
+        self.leave.notify_one();
+        Ok(Response::new(pb::LeaveResponse {}))
     }
 }
 
@@ -249,12 +269,20 @@ impl AgentService {
             }
         };
         let id = open.id;
+        // Read: say so before dialing, so that the server can tell a slow
+        // destination from an agent that does not answer.
+        if let Err(err) = respond.send_informational(tunnel_proto::stream::ack_response()) {
+            tracing::debug!(%id, %err, "the server went away before the acknowledgement");
+            return;
+        }
         let timeout = open
             .dial_timeout
             .map_or(shared.dial_timeout, |t| t.min(shared.dial_timeout));
         let started = Instant::now();
         let dialed = tokio::select! {
-            // The server gave up (the client went away) while we dialed.
+            // First: a stream reset before we got to it (the server gave up
+            // waiting for us, or the client went away) is never dialed.
+            biased;
             _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
             d = shared.dial(&open.host, open.port, timeout) => d,
         };

@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-/// The largest server count the agent follows; a server claiming more is
-/// logged and treated as this many.
-pub const MAX_SERVER_COUNT: u32 = 64;
+/// The largest server count the agent follows (the server refuses a larger
+/// `--server-count`); a server claiming more is logged and treated as this many.
+pub use tunnel_proto::MAX_SERVER_COUNT;
 
 /// The count an agent acts on for a server's advertised `server_count`:
 /// 0 (unknown, an older server) means 1, and at most [`MAX_SERVER_COUNT`].
@@ -73,6 +73,9 @@ impl std::fmt::Display for Duplicate {
 struct HeldServer {
     /// Tunnels to it that are up (more than one only with a count of 1).
     tunnels: usize,
+    /// Of those, the ones the server asked to leave (it is shutting down):
+    /// still held, so that no new tunnel goes to it, but no longer covering it.
+    leaving: usize,
     /// The `--server` entries through which it was reached.
     seen_via: HashSet<Arc<str>>,
 }
@@ -111,23 +114,36 @@ impl ServerIds {
         Ok(true)
     }
 
-    /// Forgets one tunnel to `server_id`; the id is no longer held once its
-    /// last tunnel is gone.
-    pub fn release(&mut self, server_id: &str) {
+    /// Forgets one tunnel to `server_id` (one that was leaving, if
+    /// `leaving`); the id is no longer held once its last tunnel is gone.
+    pub fn release(&mut self, server_id: &str, leaving: bool) {
         if let Some(held) = self.held.get_mut(server_id) {
             held.tunnels = held.tunnels.saturating_sub(1);
+            if leaving {
+                held.leaving = held.leaving.saturating_sub(1);
+            }
             if held.tunnels == 0 {
                 self.held.remove(server_id);
             }
         }
     }
 
+    /// Marks one tunnel to `server_id` as leaving: the server is shutting
+    /// down, so it no longer counts as covered, while a new connection that
+    /// reaches it is still refused as a duplicate.
+    pub fn leave(&mut self, server_id: &str) {
+        if let Some(held) = self.held.get_mut(server_id) {
+            held.leaving = (held.leaving + 1).min(held.tunnels);
+        }
+    }
+
     /// How many distinct servers reached through `entry` the agent holds
-    /// tunnels to (through any address).
+    /// tunnels to (through any address), not counting servers that are
+    /// shutting down.
     pub fn covered(&self, entry: &str) -> usize {
         self.held
             .values()
-            .filter(|h| h.seen_via.contains(entry))
+            .filter(|h| h.tunnels > h.leaving && h.seen_via.contains(entry))
             .count()
     }
 
@@ -178,7 +194,13 @@ impl ServerRegistry {
         Ok(Claim {
             registry: self.clone(),
             server_id: held?.then(|| server_id.to_owned()),
+            leaving: false,
         })
+    }
+
+    /// Tells every subscriber that something changed.
+    pub fn touch(&self) {
+        self.notify();
     }
 
     /// See [`ServerIds::covered`].
@@ -202,12 +224,27 @@ impl ServerRegistry {
 pub struct Claim {
     registry: Arc<ServerRegistry>,
     server_id: Option<String>,
+    leaving: bool,
+}
+
+impl Claim {
+    /// The server asked the tunnel to leave (see [`ServerIds::leave`]).
+    pub fn leave(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        if let Some(id) = &self.server_id {
+            self.registry.lock().leave(id);
+            self.registry.notify();
+        }
+    }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(id) = self.server_id.take() {
-            self.registry.lock().release(&id);
+            self.registry.lock().release(&id, self.leaving);
             self.registry.notify();
         }
     }
@@ -273,9 +310,9 @@ mod tests {
         assert_eq!(ids.admit(&e, "server-a", 0), Ok(true));
         assert_eq!(ids.admit(&e, "server-a", 1), Ok(true));
         // The id stays held until both tunnels are gone.
-        ids.release("server-a");
+        ids.release("server-a", false);
         assert!(ids.holds("server-a"));
-        ids.release("server-a");
+        ids.release("server-a", false);
         assert!(!ids.holds("server-a"));
         assert_eq!(ids.covered(&e), 0);
     }
@@ -317,12 +354,30 @@ mod tests {
         let mut ids = ServerIds::default();
         assert_eq!(ids.admit(&lb, "a", 2), Ok(true));
         assert_eq!(ids.admit(&lb, "b", 2), Ok(true));
-        ids.release("b");
+        ids.release("b", false);
         assert_eq!(ids.covered(&lb), 1);
         assert!(needs_tunnel(2, 1, ids.covered(&lb)));
         assert_eq!(ids.admit(&lb, "b", 2), Ok(true));
         // Releasing an id that is not held changes nothing.
-        ids.release("nobody");
+        ids.release("nobody", false);
+        assert_eq!(ids.covered(&lb), 2);
+    }
+
+    #[test]
+    fn a_leaving_server_is_no_longer_covered_but_still_held() {
+        let lb = entry("hub:443");
+        let mut ids = ServerIds::default();
+        assert_eq!(ids.admit(&lb, "a", 2), Ok(true));
+        assert_eq!(ids.admit(&lb, "b", 2), Ok(true));
+        ids.leave("a");
+        // The address fills up again, and not with the server that is leaving.
+        assert_eq!(ids.covered(&lb), 1);
+        assert!(needs_tunnel(2, 1, ids.covered(&lb)));
+        assert!(ids.admit(&lb, "a", 2).is_err());
+        assert_eq!(ids.admit(&lb, "c", 2), Ok(true));
+        assert_eq!(ids.covered(&lb), 2);
+        ids.release("a", true);
+        assert!(!ids.holds("a"));
         assert_eq!(ids.covered(&lb), 2);
     }
 

@@ -264,6 +264,8 @@ struct UpTunnel {
     server_count: u32,
     claim: Claim,
     conn: Connection,
+    /// Notified when the server asks the agent to leave.
+    leave: Arc<tokio::sync::Notify>,
 }
 
 /// How an attempt to open a tunnel ended.
@@ -339,6 +341,9 @@ struct Keeper {
     backoff: Backoff,
     /// The tunnels through this address that are up.
     live: JoinSet<Ended>,
+    /// Of those, the ones whose server asked the agent to leave: they carry
+    /// their last connections and are not counted as held.
+    leaving: Arc<std::sync::atomic::AtomicUsize>,
     /// The effective server count last told through this address.
     count: u32,
     /// No attempt before this instant (the backoff after a failure).
@@ -351,6 +356,7 @@ impl Keeper {
             backoff: Backoff::new(server.config.backoff.0, server.config.backoff.1),
             server,
             live: JoinSet::new(),
+            leaving: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             count: 1,
             not_before: Instant::now(),
         }
@@ -359,7 +365,8 @@ impl Keeper {
     /// Whether this address should open one more tunnel now.
     fn needs_tunnel(&self) -> bool {
         let covered = self.server.registry.covered(&self.server.entry);
-        needs_tunnel(self.count, self.live.len(), covered)
+        let leaving = self.leaving.load(std::sync::atomic::Ordering::Acquire);
+        needs_tunnel(self.count, self.live.len().saturating_sub(leaving), covered)
     }
 
     /// Waits for the backoff's next delay before the next attempt.
@@ -391,7 +398,12 @@ impl Keeper {
                 self.heard_count(up.server_count);
                 tracing::info!(server = %addr, server_id = %up.server_id, server_count = self.count, tunnels_of_address = self.live.len() + 1, "tunnel up");
                 let tunnels_up = self.server.shared.metrics.tunnels_up.clone();
-                self.live.spawn(run_up(up, tunnels_up));
+                self.live.spawn(run_up(
+                    up,
+                    tunnels_up,
+                    self.leaving.clone(),
+                    self.server.registry.clone(),
+                ));
             }
             Attempt::Duplicate {
                 server_id,
@@ -440,6 +452,7 @@ impl ServerAddress {
         let (told_tx, told_rx) = oneshot::channel();
         let gate = HelloGate::new(self.registry.clone(), self.entry.clone(), told_tx);
         let svc = AgentService::with_gate(self.shared.clone(), gate);
+        let leave = svc.leave_signal();
         let mut conn = serve_tunnel(tls, svc, self.config.clone(), stop);
         let told = tokio::select! {
             told = tokio::time::timeout(HELLO_TIMEOUT, told_rx) => told,
@@ -465,6 +478,7 @@ impl ServerAddress {
                 server_count: hello.server_count,
                 claim,
                 conn,
+                leave,
             }),
             Err(duplicate) => {
                 // The server closes the connection once it has read the refusal.
@@ -576,17 +590,42 @@ impl Drop for GaugeGuard {
 }
 
 /// Serves a tunnel that is up until it ends, counted in `tunnels_up` and
-/// holding its server id meanwhile.
-async fn run_up(up: UpTunnel, tunnels_up: Gauge) -> Ended {
+/// holding its server id meanwhile. When the server asks the agent to leave,
+/// the tunnel counts in `leaving` and no longer covers its server, so that
+/// its address opens a tunnel to another replica while this one carries its
+/// last connections.
+async fn run_up(
+    up: UpTunnel,
+    tunnels_up: Gauge,
+    leaving: Arc<std::sync::atomic::AtomicUsize>,
+    registry: Arc<ServerRegistry>,
+) -> Ended {
+    use std::sync::atomic::Ordering;
     let UpTunnel {
         server_id,
-        claim,
-        conn,
+        mut claim,
+        mut conn,
+        leave,
         ..
     } = up;
     let _counted = GaugeGuard::inc(tunnels_up);
     let started = Instant::now();
-    let result = conn.await;
+    let mut left = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut conn => break result,
+            () = leave.notified(), if !left => {
+                left = true;
+                leaving.fetch_add(1, Ordering::AcqRel);
+                claim.leave();
+                // Wakes the address's keeper even when the tunnel held no id.
+                registry.touch();
+            }
+        }
+    };
+    if left {
+        leaving.fetch_sub(1, Ordering::AcqRel);
+    }
     drop(claim);
     Ended {
         server_id,

@@ -338,6 +338,9 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
         format!("--trust-domain={}", names.trust_domain),
         format!("--dial-timeout={}", server.dial_timeout),
         format!("--drain-timeout={}", server.drain_timeout),
+        // Serving, not ready, agents sent elsewhere, before GOAWAY (docs/ha.md);
+        // the chart's default, counted in the termination grace below.
+        "--shutdown-delay=5s".to_owned(),
         format!("--dead-peer-timeout={}", server.dead_peer_timeout),
         // Agents behind a LoadBalancer or hostname connect until they hold
         // a tunnel to this many replicas.
@@ -383,7 +386,8 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
     let mut pod = json!({
         "serviceAccountName": names.server(),
         "automountServiceAccountToken": false,
-        "terminationGracePeriodSeconds": drain + 10,
+        // The server's default shutdown delay (5 s), the drain, then 10 s.
+        "terminationGracePeriodSeconds": drain + 15,
         "affinity": { "podAntiAffinity": anti },
         "containers": [container],
         "volumes": [{ "name": "tls", "secret": { "secretName": server.tls_secret_name } }],
@@ -948,7 +952,10 @@ mod tests {
             "{args}"
         );
         assert!(args.contains("--server-count=3"), "{args}");
-        assert_eq!(pod["terminationGracePeriodSeconds"], 40);
+        assert_eq!(
+            pod["terminationGracePeriodSeconds"], 45,
+            "shutdown delay, drain, 10 s"
+        );
         assert_eq!(bodies[4]["spec"]["type"], "LoadBalancer");
         assert_eq!(bodies[3]["spec"]["clusterIP"], "None");
         let hook = &bodies[8]["webhooks"][0];

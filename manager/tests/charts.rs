@@ -718,6 +718,20 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             "{}",
             server["spec"]["template"]["spec"]["containers"][0]["args"]
         );
+        // A draining server serves for its shutdown delay, then drains: the
+        // pod's grace covers both (docs/ha.md).
+        let args = server["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(args.contains("--shutdown-delay=5s"), "{args}");
+        let drain: i64 = values["server"]["drainTimeout"]
+            .as_str()
+            .unwrap_or("30s")
+            .trim_end_matches('s')
+            .parse()
+            .unwrap();
+        assert_eq!(
+            server["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+            5 + drain + 10
+        );
         let anti = &server["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
         if values["server"]["antiAffinity"] == "hard" {
             assert!(anti["requiredDuringSchedulingIgnoredDuringExecution"].is_array());

@@ -3,9 +3,10 @@
 //!
 //! One long-lived HTTP/2 connection to a server carries every tunnelled
 //! connection as its own stream; it is re-established on demand after it
-//! breaks, trying each configured server address in turn.
+//! breaks, starting with the next configured server address.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -136,14 +137,84 @@ impl TokenFile {
 }
 
 /// A client of the proxy servers' client port.
+///
+/// It keeps at most one connection per configured server address and sends
+/// every open on the one it prefers: the last one that worked. An answer from
+/// a server is an answer, never a reason to drop the connection it came on:
+/// `no_agent` is tried on the next server (the connection stays up for other
+/// clusters), `server_draining` on the next one too (the draining server gets
+/// no new opens). Opens are re-sent only when the first server certainly did
+/// not act on them (it answered one of those codes, refused the stream, or
+/// never got it), so no destination is reached twice. After a failure the
+/// preferred server moves on to the next address, and a reconnection holds
+/// up only the opens that need that very server.
 pub struct TunnelClient {
     opts: ClientOptions,
     token: Option<TokenFile>,
-    conn: tokio::sync::Mutex<Option<H2Client>>,
-    next_server: std::sync::atomic::AtomicUsize,
-    /// The last failed attempt to reach any server: callers that queued
-    /// behind it get its error at once instead of dialing again.
+    servers: Vec<ServerSlot>,
+    /// The index of the server new opens try first.
+    preferred: AtomicUsize,
+}
+
+/// One configured server address and its connection.
+struct ServerSlot {
+    addr: String,
+    /// The connection, while it is up (taken without waiting).
+    conn: std::sync::Mutex<Option<H2Client>>,
+    /// Held while dialing, so that one dial serves every caller that needs
+    /// this server meanwhile; callers of other servers never wait for it.
+    dialing: tokio::sync::Mutex<()>,
+    /// The last failed dial: it answers for this server's callers for
+    /// [`FAILED_DIAL_REUSE`] instead of another dial.
     last_failure: std::sync::Mutex<Option<(std::time::Instant, TunnelError)>>,
+}
+
+impl ServerSlot {
+    fn new(addr: &str) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            conn: std::sync::Mutex::new(None),
+            dialing: tokio::sync::Mutex::new(()),
+            last_failure: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The connection if it is up and takes new streams.
+    fn live(&self) -> Option<H2Client> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match &*conn {
+            Some(ch) if !ch.is_closed() => Some(ch.clone()),
+            Some(_) => {
+                *conn = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn recent_failure(&self) -> Option<TunnelError> {
+        let failure = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match &*failure {
+            Some((at, err)) if at.elapsed() < FAILED_DIAL_REUSE => Some(err.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Why one attempt of an open failed, and whether another server may get it.
+struct AttemptFailed {
+    err: TunnelError,
+    /// The server did not act on the open: it may go to another server.
+    elsewhere: bool,
+}
+
+impl AttemptFailed {
+    fn fatal(err: TunnelError) -> Self {
+        Self {
+            err,
+            elsewhere: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for TunnelClient {
@@ -201,77 +272,104 @@ impl TunnelClient {
     pub fn new(opts: ClientOptions) -> Self {
         Self {
             token: opts.token_file.clone().map(TokenFile::new),
+            servers: opts.servers.iter().map(|a| ServerSlot::new(a)).collect(),
             opts,
-            conn: tokio::sync::Mutex::new(None),
-            next_server: std::sync::atomic::AtomicUsize::new(0),
-            last_failure: std::sync::Mutex::new(None),
+            preferred: AtomicUsize::new(0),
         }
     }
 
-    /// Connects now (or confirms the connection is up).
+    /// Connects now (or confirms a connection is up).
     pub async fn ensure_connected(&self) -> Result<(), TunnelError> {
-        self.channel().await.map(|_| ())
+        self.any_connection().await.map(|_| ())
     }
 
     /// Whether a connection to a server is currently up.
     pub async fn is_connected(&self) -> bool {
-        matches!(&*self.conn.lock().await, Some(ch) if !ch.is_closed())
+        self.servers.iter().any(|s| s.live().is_some())
     }
 
-    async fn channel(&self) -> Result<H2Client, TunnelError> {
-        let mut guard = self.conn.lock().await;
-        if let Some(ch) = &*guard
-            && !ch.is_closed()
-        {
-            return Ok(ch.clone());
+    /// The server to try next, skipping `exclude`: a connection that is up
+    /// (from the preferred server on), else a server whose last dial did
+    /// not just fail, else any.
+    fn pick(&self, exclude: &[usize]) -> Option<usize> {
+        let n = self.servers.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n.max(1);
+        let order = || {
+            (0..n)
+                .map(move |k| (start + k) % n)
+                .filter(|i| !exclude.contains(i))
+        };
+        order()
+            .find(|&i| self.servers[i].live().is_some())
+            .or_else(|| order().find(|&i| self.servers[i].recent_failure().is_none()))
+            .or_else(|| order().next())
+    }
+
+    /// New opens start with the server after `i`, if they started with `i`.
+    fn move_past(&self, i: usize) {
+        let n = self.servers.len();
+        let _ =
+            self.preferred
+                .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The connection to server `i`, dialed if it is not up.
+    async fn connection(&self, i: usize) -> Result<H2Client, TunnelError> {
+        let slot = &self.servers[i];
+        if let Some(ch) = slot.live() {
+            return Ok(ch);
         }
-        *guard = None;
-        // A dial that just failed (perhaps while we waited for the lock)
-        // answers for everyone who asked meanwhile.
-        if let Some((at, err)) = &*self.last_failure.lock().unwrap_or_else(|e| e.into_inner())
-            && at.elapsed() < FAILED_DIAL_REUSE
-        {
-            return Err(err.clone());
+        // Waits only for a dial of this same server.
+        let _dialing = slot.dialing.lock().await;
+        if let Some(ch) = slot.live() {
+            return Ok(ch);
         }
-        let n = self.opts.servers.len();
-        if n == 0 {
-            return Err(TunnelError::new(
-                ErrorCode::Internal,
-                "no server address configured",
-            ));
+        // A dial that just failed (perhaps while we waited) answers for us.
+        if let Some(err) = slot.recent_failure() {
+            return Err(err);
         }
+        let addr = &slot.addr;
+        let failed = match tokio::time::timeout(self.opts.connect_timeout, self.dial(addr)).await {
+            Ok(Ok(ch)) => {
+                *slot.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch.clone());
+                return Ok(ch);
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(server = %addr, %err, "cannot connect to tunnel server");
+                err
+            }
+            Err(_) => {
+                tracing::warn!(server = %addr, "connecting to tunnel server timed out");
+                format!("connect to {addr} timed out")
+            }
+        };
+        let err = TunnelError::new(
+            ErrorCode::TunnelBroken,
+            format!("tunnel server not reachable: {failed}"),
+        );
+        *slot.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), err.clone()));
+        Err(err)
+    }
+
+    /// A connection to any server: the preferred one, else the next.
+    async fn any_connection(&self) -> Result<(usize, H2Client), TunnelError> {
+        if self.servers.is_empty() {
+            return Err(no_servers());
+        }
+        let mut tried = Vec::new();
         let mut last = None;
-        for _ in 0..n {
-            let i = self
-                .next_server
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                % n;
-            let addr = &self.opts.servers[i];
-            match tokio::time::timeout(self.opts.connect_timeout, self.dial(addr)).await {
-                Ok(Ok(ch)) => {
-                    *guard = Some(ch.clone());
-                    // Stay on this server until it fails.
-                    self.next_server
-                        .store(i, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(ch);
-                }
-                Ok(Err(err)) => {
-                    tracing::warn!(server = %addr, %err, "cannot connect to tunnel server");
+        while let Some(i) = self.pick(&tried) {
+            match self.connection(i).await {
+                Ok(ch) => return Ok((i, ch)),
+                Err(err) => {
+                    self.move_past(i);
+                    tried.push(i);
                     last = Some(err);
-                }
-                Err(_) => {
-                    tracing::warn!(server = %addr, "connecting to tunnel server timed out");
-                    last = Some(format!("connect to {addr} timed out"));
                 }
             }
         }
-        let err = TunnelError::new(
-            ErrorCode::TunnelBroken,
-            format!("no tunnel server reachable: {}", last.unwrap_or_default()),
-        );
-        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((std::time::Instant::now(), err.clone()));
-        Err(err)
+        Err(last.unwrap_or_else(no_servers))
     }
 
     async fn dial(&self, addr: &str) -> Result<H2Client, String> {
@@ -308,10 +406,16 @@ impl TunnelClient {
         )
     }
 
-    /// Opens a tunnelled connection to `target` and waits for the far end's answer.
+    /// Opens a tunnelled connection to `target` and waits for the far end's
+    /// answer, within the open timeout.
     pub async fn open(&self, target: &Target) -> Result<OpenedTunnel, TunnelError> {
-        self.with_retry(target, |ch| self.try_open(ch, target))
-            .await
+        match tokio::time::timeout(self.opts.open_timeout, self.open_anywhere(target)).await {
+            Ok(res) => res,
+            Err(_) => Err(TunnelError::new(
+                ErrorCode::DialTimeout,
+                format!("no answer for {target} within {:?}", self.opts.open_timeout),
+            )),
+        }
     }
 
     /// Opens a tunnelled connection to `target` as an in-process byte stream
@@ -320,75 +424,101 @@ impl TunnelClient {
         Ok(self.open(target).await?.into_io())
     }
 
-    async fn with_retry<'a, T, F, Fut>(
-        &'a self,
-        target: &Target,
-        attempt_fn: F,
-    ) -> Result<T, TunnelError>
-    where
-        F: Fn(H2Client) -> Fut,
-        Fut: std::future::Future<Output = Result<T, TunnelError>> + 'a,
-    {
-        // One retry covers a connection that broke (or a server that began to
-        // drain) while it sat idle.
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let ch = tokio::time::timeout(self.opts.open_timeout, self.channel())
-                .await
-                .map_err(|_| {
-                    TunnelError::new(
-                        ErrorCode::TunnelBroken,
-                        format!(
-                            "no connection to a tunnel server within {:?}",
-                            self.opts.open_timeout
-                        ),
-                    )
-                })??;
-            match tokio::time::timeout(self.opts.open_timeout, attempt_fn(ch)).await {
-                Ok(Err(err)) if attempt < 2 && err.code.is_retryable_on_other_agent() => {
-                    // A connection that failed was marked and is replaced by
-                    // `channel`; an answer from the far end keeps it.
-                    tracing::debug!(%target, %err, "retrying open");
-                }
-                Ok(res) => return res,
-                Err(_) => {
-                    return Err(TunnelError::new(
-                        ErrorCode::DialTimeout,
-                        format!("no answer for {target} within {:?}", self.opts.open_timeout),
-                    ));
-                }
-            }
+    /// Tries the servers in turn while each failure leaves the open undone.
+    /// Each server is tried at most once; with a single address (a load
+    /// balancer, where a new connection may reach another replica) a
+    /// refused open is sent once more on a new connection.
+    async fn open_anywhere(&self, target: &Target) -> Result<OpenedTunnel, TunnelError> {
+        if self.servers.is_empty() {
+            return Err(no_servers());
         }
+        let single = self.servers.len() == 1;
+        let mut exclude = Vec::new();
+        let mut last: Option<TunnelError> = None;
+        let mut attempts = 0;
+        while let Some(i) = self.pick(&exclude) {
+            attempts += 1;
+            let ch = match self.connection(i).await {
+                Ok(ch) => ch,
+                Err(err) => {
+                    self.move_past(i);
+                    exclude.push(i);
+                    last = Some(err);
+                    continue;
+                }
+            };
+            let failed = match self.try_open(&ch, target).await {
+                Ok(t) => return Ok(t),
+                Err(failed) => failed,
+            };
+            if !failed.elsewhere {
+                return Err(failed.err);
+            }
+            tracing::debug!(%target, server = %self.servers[i].addr, err = %failed.err, "open not served; trying another server");
+            if failed.err.code != ErrorCode::NoAgent {
+                // Draining, or refused at the connection: no new opens there.
+                ch.mark_broken();
+                self.move_past(i);
+            }
+            let again = single && attempts < 2 && failed.err.code != ErrorCode::NoAgent;
+            if !again {
+                exclude.push(i);
+            }
+            last = Some(failed.err);
+        }
+        Err(last.unwrap_or_else(no_servers))
     }
 
-    async fn try_open(&self, ch: H2Client, target: &Target) -> Result<OpenedTunnel, TunnelError> {
+    async fn try_open(
+        &self,
+        ch: &H2Client,
+        target: &Target,
+    ) -> Result<OpenedTunnel, AttemptFailed> {
         let open = target.open(None);
         let token = match &self.token {
-            Some(t) => Some(t.current()?),
+            Some(t) => Some(t.current().map_err(AttemptFailed::fatal)?),
             None => None,
         };
-        let request = open.to_request(token.as_deref())?;
-        let broken = |e: h2::Error| {
-            TunnelError::new(
-                ErrorCode::TunnelBroken,
-                format!("the connection to the server failed: {e}"),
-            )
-        };
-        let (opened, stream) = open_on(&ch, request).await.map_err(|f| match f {
-            OpenFailure::Full(e) => TunnelError::new(ErrorCode::ResourceExhausted, e.to_string()),
-            // The connection itself failed: it is marked, the next open reconnects.
-            OpenFailure::Connection(e) => broken(e),
-            // The server reset this one stream; the connection is fine.
-            OpenFailure::Answer(e) if e.is_reset() && !e.is_go_away() => TunnelError::new(
-                ErrorCode::TunnelBroken,
-                format!("the server reset the stream: {e}"),
-            ),
-            OpenFailure::Answer(e) => {
-                ch.mark_broken();
-                broken(e)
-            }
-            OpenFailure::Refused(err) => err,
+        let request = open
+            .to_request(token.as_deref())
+            .map_err(AttemptFailed::fatal)?;
+        let (opened, stream) = open_on(ch, request).await.map_err(|f| {
+            let elsewhere = f.was_not_processed();
+            let err = match f {
+                OpenFailure::Full(e) => {
+                    TunnelError::new(ErrorCode::ResourceExhausted, e.to_string())
+                }
+                // Not acted on: the connection refused the stream, or could
+                // not send it (marked broken; the next open reconnects).
+                OpenFailure::Connection(e) => broken(&e),
+                OpenFailure::Answer(e) if elsewhere => broken(&e),
+                // The server reset this one stream; the connection is fine.
+                OpenFailure::Answer(e) if e.is_reset() && !e.is_go_away() => TunnelError::new(
+                    ErrorCode::TunnelBroken,
+                    format!("the server reset the stream: {e}"),
+                ),
+                // The connection failed under the open: the server may have acted on it.
+                OpenFailure::Answer(e) => {
+                    ch.mark_broken();
+                    broken(&e)
+                }
+                OpenFailure::Refused(err) => {
+                    return AttemptFailed {
+                        elsewhere: matches!(
+                            err.code,
+                            ErrorCode::NoAgent | ErrorCode::ServerDraining
+                        ),
+                        err,
+                    };
+                }
+                OpenFailure::NotAcknowledged(_) => TunnelError::new(
+                    ErrorCode::TunnelBroken,
+                    "the server did not acknowledge the open",
+                ),
+            };
+            // A full connection budget is this connection's, not the open's.
+            let elsewhere = elsewhere && err.code != ErrorCode::ResourceExhausted;
+            AttemptFailed { err, elsewhere }
         })?;
         Ok(OpenedTunnel {
             id: open.id,
@@ -409,7 +539,7 @@ impl TunnelClient {
 
     /// The clusters the server knows, with their agents.
     pub async fn list_clusters(&self) -> Result<Vec<pb::ClusterInfo>, TunnelError> {
-        let ch = self.channel().await?;
+        let (_, ch) = self.any_connection().await?;
         let resp = self
             .grpc(ch)
             .list_clusters(pb::ListClustersRequest {})
@@ -417,6 +547,17 @@ impl TunnelClient {
             .map_err(|s| TunnelError::from_status(&s))?;
         Ok(resp.into_inner().clusters)
     }
+}
+
+fn no_servers() -> TunnelError {
+    TunnelError::new(ErrorCode::Internal, "no server address configured")
+}
+
+fn broken(e: &h2::Error) -> TunnelError {
+    TunnelError::new(
+        ErrorCode::TunnelBroken,
+        format!("the connection to the server failed: {e}"),
+    )
 }
 
 /// What happened to one connection of a forwarded port.

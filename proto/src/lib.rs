@@ -82,5 +82,10 @@ pub mod pb {
     include!("gen/clustertunnel.v1.rs");
 }
 
+/// Largest `--server-count`: the most server replicas behind one address an
+/// agent keeps tunnels to. The server refuses a larger count at start; an
+/// agent told a larger one by an older server keeps this many.
+pub const MAX_SERVER_COUNT: u32 = 64;
+
 /// Largest control (gRPC) message we accept.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

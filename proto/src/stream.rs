@@ -17,9 +17,18 @@
 //! callers branch on it, never on text) and `tunnel-message`, and ends the
 //! stream. Then DATA frames carry the bytes both ways; END_STREAM is a
 //! half-close (TCP FIN) of one direction, RST_STREAM an abort (TCP RST) of
-//! both. No payload is framed, decoded or copied on the way: a hop hands the
+//! both.
+//!
+//! An agent that says so in its hello (`acknowledges_opens`) first answers
+//! every open with an informational `100` response, as soon as it has read
+//! it and before it dials; the server waits for that acknowledgement only a
+//! short time ([`open_acknowledged`]). No acknowledgement in time means the
+//! agent is not answering (frozen, partitioned): the stream is reset, and an
+//! agent that reads it later finds the reset before it dials, so the open can
+//! go to another agent without reaching the destination twice. No payload is framed, decoded or copied on the way: a hop hands the
 //! received DATA buffers to the next hop as they are.
 
+use std::future::Future as _;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -42,6 +51,16 @@ pub const PEER_HEADER: &str = "tunnel-peer";
 pub const ERROR_HEADER: &str = "tunnel-error";
 /// The error's message.
 pub const MESSAGE_HEADER: &str = "tunnel-message";
+
+/// The informational status an agent acknowledges an open with.
+pub const ACK_STATUS: StatusCode = StatusCode::CONTINUE;
+
+/// The acknowledgement of an open (see the module's documentation).
+pub fn ack_response() -> Response<()> {
+    let mut resp = Response::new(());
+    *resp.status_mut() = ACK_STATUS;
+    resp
+}
 
 /// What an opener asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +271,25 @@ pub enum OpenFailure {
     Answer(::h2::Error),
     /// The far end answered with an error.
     Refused(TunnelError),
+    /// The far end did not acknowledge the open within this time (see
+    /// [`open_acknowledged`]); the stream was reset.
+    NotAcknowledged(Duration),
+}
+
+impl OpenFailure {
+    /// Whether the far end certainly did not act on the stream: the
+    /// connection refused it (GOAWAY before it was read, `REFUSED_STREAM`) or
+    /// it could not be sent. Opening it elsewhere reaches no destination twice.
+    pub fn was_not_processed(&self) -> bool {
+        match self {
+            OpenFailure::Full(_) | OpenFailure::Connection(_) => true,
+            OpenFailure::Answer(e) => {
+                e.reason() == Some(::h2::Reason::REFUSED_STREAM)
+                    || (e.is_go_away() && e.is_remote())
+            }
+            OpenFailure::Refused(_) | OpenFailure::NotAcknowledged(_) => false,
+        }
+    }
 }
 
 /// Opens a tunnel stream on `ch` with `request` (a `CONNECT` from
@@ -260,14 +298,88 @@ pub async fn open_on(
     ch: &H2Client,
     request: Request<()>,
 ) -> Result<(Opened, TunnelStream), OpenFailure> {
+    open_with(ch, request, None).await
+}
+
+/// Like [`open_on`], for a far end that acknowledges opens: fails with
+/// [`OpenFailure::NotAcknowledged`] (and resets the stream) unless the
+/// acknowledgement, or the answer itself, arrives `within` this time from
+/// the call; `acked` is called when it arrives. The answer that follows has
+/// no deadline here.
+pub async fn open_acknowledged(
+    ch: &H2Client,
+    request: Request<()>,
+    within: Duration,
+    acked: impl FnOnce() + Send,
+) -> Result<(Opened, TunnelStream), OpenFailure> {
+    open_with(ch, request, Some((within, Box::new(acked)))).await
+}
+
+type AckWait<'a> = (Duration, Box<dyn FnOnce() + Send + 'a>);
+
+async fn open_with(
+    ch: &H2Client,
+    request: Request<()>,
+    ack: Option<AckWait<'_>>,
+) -> Result<(Opened, TunnelStream), OpenFailure> {
+    let within = ack.as_ref().map(|(within, _)| *within);
+    let deadline = within.map(|w| tokio::time::Instant::now() + w);
+    let not_acked = || OpenFailure::NotAcknowledged(within.unwrap_or_default());
     let guard = ch.stream_slot().map_err(OpenFailure::Full)?;
     let unusable = |e: ::h2::Error| {
         ch.mark_broken();
         OpenFailure::Connection(e)
     };
-    let mut send = ch.sender().ready().await.map_err(unusable)?;
-    let (response, stream) = send.send_request(request, false).map_err(unusable)?;
-    let response = response.await.map_err(OpenFailure::Answer)?;
+    // A peer that stopped reading may never make room for another stream.
+    let ready = ch.sender().ready();
+    let mut send = match deadline {
+        Some(d) => tokio::time::timeout_at(d, ready)
+            .await
+            .map_err(|_| not_acked())?,
+        None => ready.await,
+    }
+    .map_err(unusable)?;
+    let (mut response, stream) = send.send_request(request, false).map_err(unusable)?;
+    let response = match (deadline, ack) {
+        (Some(deadline), Some((_, acked))) => {
+            let mut acked = Some(acked);
+            let mut sleep = std::pin::pin!(tokio::time::sleep_until(deadline));
+            std::future::poll_fn(|cx| {
+                use std::task::Poll;
+                if acked.is_some() {
+                    match response.poll_informational(cx) {
+                        Poll::Ready(Some(Ok(_))) => {
+                            if let Some(f) = acked.take() {
+                                f();
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Err(OpenFailure::Answer(e)));
+                        }
+                        Poll::Ready(None) | Poll::Pending => {}
+                    }
+                }
+                match std::pin::Pin::new(&mut response).poll(cx) {
+                    Poll::Ready(Ok(r)) => {
+                        // An answer is an acknowledgement too.
+                        if let Some(f) = acked.take() {
+                            f();
+                        }
+                        return Poll::Ready(Ok(r));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(OpenFailure::Answer(e))),
+                    Poll::Pending => {}
+                }
+                if acked.is_some() && sleep.as_mut().poll(cx).is_ready() {
+                    // Dropping the response and the stream resets it.
+                    return Poll::Ready(Err(not_acked()));
+                }
+                Poll::Pending
+            })
+            .await?
+        }
+        _ => response.await.map_err(OpenFailure::Answer)?,
+    };
     let opened = read_answer(&response).map_err(OpenFailure::Refused)?;
     Ok((
         opened,

@@ -4,8 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -114,25 +113,79 @@ async fn handshake(
     }
 }
 
-/// Serves the agent port until `stop`.
+/// Serves the agent port until `leave` (the server is shutting down): then
+/// the port closes and every agent is asked to open a tunnel to another
+/// replica; the tunnels close at `stop`, once their connections have ended.
 pub async fn accept_agents(
     listener: TcpListener,
     state: Arc<ServerState>,
+    leave: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 ) {
-    let stop_conn = stop.clone();
-    accept_loop(listener, stop, move |tcp, peer| {
+    let leave_conn = leave.clone();
+    accept_loop(listener, leave, move |tcp, peer| {
         let state = state.clone();
-        let stop = stop_conn.clone();
-        async move { serve_agent(state, tcp, peer, stop).await }
+        let stop = stop.clone();
+        let leave = leave_conn.clone();
+        async move { serve_agent(state, tcp, peer, leave, stop).await }
     })
     .await;
+}
+
+/// Asks the agent on `client` to leave (see `Agent.Leave`), within [`HELLO_TIMEOUT`].
+async fn ask_to_leave(
+    mut client: AgentClient<GrpcChannel>,
+    server_id: String,
+    peer: SocketAddr,
+    agent: String,
+) {
+    let asked =
+        tokio::time::timeout(HELLO_TIMEOUT, client.leave(pb::LeaveRequest { server_id })).await;
+    match asked {
+        Ok(Ok(_)) => tracing::debug!(%peer, %agent, "agent told to find another replica"),
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            tracing::debug!(%peer, %agent, "an older agent: it finds another replica once this tunnel closes")
+        }
+        Ok(Err(status)) => {
+            tracing::warn!(%peer, %agent, %status, "could not tell the agent to leave")
+        }
+        Err(_) => tracing::warn!(%peer, %agent, "the agent did not answer the request to leave"),
+    }
+}
+
+/// While `tunnel`'s agent is failing, asks it for a hello (cheap, no
+/// destination) after each backoff, within the acknowledgement timeout; the
+/// first answer makes it usable again. Runs until aborted.
+async fn check_when_failing(
+    tunnel: Arc<AgentTunnel>,
+    client: AgentClient<GrpcChannel>,
+    hello: pb::HelloRequest,
+    within: Duration,
+) {
+    loop {
+        tunnel.failed.notified().await;
+        while tunnel.is_failing() {
+            tokio::time::sleep(tunnel.check_delay()).await;
+            if !tunnel.is_failing() {
+                // An answered open ended it meanwhile.
+                break;
+            }
+            let answered = tokio::time::timeout(within, client.clone().hello(hello.clone())).await;
+            if matches!(answered, Ok(Ok(_))) {
+                tunnel.recovered();
+                tracing::info!(agent = %tunnel.agent_id, cluster = %tunnel.cluster, "the failing agent answers again; it is picked again");
+            } else {
+                tracing::debug!(agent = %tunnel.agent_id, cluster = %tunnel.cluster, "the failing agent still does not answer");
+            }
+        }
+    }
 }
 
 async fn serve_agent(
     state: Arc<ServerState>,
     tcp: TcpStream,
     peer: SocketAddr,
+    mut leave: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     // The socket is closed (after lingering) when HTTP/2 is done with it,
@@ -189,14 +242,11 @@ async fn serve_agent(
         GrpcChannel::new(channel.clone()),
         http::Uri::from_static("https://cluster-tunnel.agent"),
     );
-    let hello = tokio::time::timeout(
-        HELLO_TIMEOUT,
-        client.hello(pb::HelloRequest {
-            server_id: state.config.server_id.clone(),
-            server_count: state.config.server_count,
-        }),
-    )
-    .await;
+    let hello_request = pb::HelloRequest {
+        server_id: state.config.server_id.clone(),
+        server_count: state.config.server_count,
+    };
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, client.hello(hello_request.clone())).await;
     let hello = match hello {
         Ok(Ok(resp)) => resp.into_inner(),
         Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
@@ -241,15 +291,13 @@ async fn serve_agent(
     } else {
         hello.agent_id
     };
-    let tunnel = Arc::new(AgentTunnel {
-        agent_id: agent_id.clone(),
-        cluster: cluster.clone(),
-        remote_addr: peer,
-        since: SystemTime::now(),
-        open: AtomicU64::new(0),
+    let tunnel = Arc::new(AgentTunnel::new(
+        agent_id.clone(),
+        cluster.clone(),
+        peer,
         channel,
-        last_failure: std::sync::Mutex::new(None),
-    });
+        hello.acknowledges_opens,
+    ));
     let n = state.pool.add(tunnel.clone());
     let gauge = state
         .metrics
@@ -259,14 +307,30 @@ async fn serve_agent(
         })
         .clone();
     gauge.inc();
-    tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, agents_of_cluster = n, "agent connected");
+    tracing::info!(%peer, %cluster, agent = %agent_id, version = %hello.version, acknowledges_opens = hello.acknowledges_opens, agents_of_cluster = n, "agent connected");
+    let checks = tokio::spawn(check_when_failing(
+        tunnel.clone(),
+        client.clone(),
+        hello_request,
+        state.config.ha.ack_timeout,
+    ));
     let mut driver = driver;
     let mut revoked = false;
-    let res = tokio::select! {
-        res = &mut driver => Some(res),
-        () = stopped(&mut stop) => None,
-        () = crate::ocm_clusters::revoked(&mut admitted, &cluster) => { revoked = true; None }
+    let mut asked_to_leave = false;
+    let res = loop {
+        tokio::select! {
+            res = &mut driver => break Some(res),
+            () = stopped(&mut stop) => break None,
+            () = crate::ocm_clusters::revoked(&mut admitted, &cluster) => { revoked = true; break None }
+            () = stopped(&mut leave), if !asked_to_leave => {
+                // Shutting down: the agent opens a tunnel to another replica
+                // while this one still serves (until `stop`).
+                asked_to_leave = true;
+                tokio::spawn(ask_to_leave(client.clone(), state.config.server_id.clone(), peer, agent_id.clone()));
+            }
+        }
     };
+    checks.abort();
     let left = state.pool.remove(&tunnel);
     gauge.dec();
     if revoked {

@@ -128,9 +128,22 @@ pub struct RunArgs {
     /// must allow it. No TunnelPolicy rule is needed: the probe is the server's own.
     #[arg(long, env = "TUNNEL_PROBE_TARGET", default_value = crate::probes::DEFAULT_PROBE_TARGET)]
     pub probe_target: crate::probes::ProbeTarget,
-    /// Time open connections get to finish after SIGTERM.
+    /// Time open connections get to finish after SIGTERM (after the shutdown delay).
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// On SIGTERM, time the server keeps serving while not ready, with its
+    /// agents told to find another replica, before it sends clients GOAWAY:
+    /// endpoints and load balancers stop sending it connections meanwhile.
+    #[arg(long, env = "TUNNEL_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+    /// A new server reports ready once agents have connected (and none came
+    /// for a second), or after this long without them.
+    #[arg(long, env = "TUNNEL_READY_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub ready_wait: Duration,
+    /// Time an agent has to acknowledge an open; after it the open goes to
+    /// another agent of the cluster, and the silent one is passed over.
+    #[arg(long, env = "TUNNEL_ACK_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
     /// A tunnel peer that answers nothing for this long is declared dead.
     #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub dead_peer_timeout: Duration,
@@ -294,6 +307,11 @@ impl RunArgs {
                 max_connections_per_agent: self.max_connections_per_agent,
                 idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             },
+            ha: crate::HaConfig {
+                shutdown_delay: self.shutdown_delay,
+                ready_wait: self.ready_wait,
+                ack_timeout: self.ack_timeout,
+            },
         })
     }
 }
@@ -359,6 +377,9 @@ mod tests {
         let args = RunArgs::default();
         assert_eq!(args.dial_timeout, DEFAULT_DIAL_TIMEOUT);
         assert_eq!(args.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(args.shutdown_delay, crate::DEFAULT_SHUTDOWN_DELAY);
+        assert_eq!(args.ready_wait, crate::DEFAULT_READY_WAIT);
+        assert_eq!(args.ack_timeout, crate::DEFAULT_ACK_TIMEOUT);
         assert_eq!(args.client_listen.port(), 8090);
         assert_eq!(args.probe_interval, crate::probes::DEFAULT_PROBE_INTERVAL);
         assert_eq!(
@@ -406,7 +427,15 @@ mod tests {
         assert_eq!(args.run.server_count, 1);
         let args = Cli::try_parse_from(["tunnel-server", "--server-count", "3"]).unwrap();
         assert_eq!(args.run.server_count, 3);
-        for bad in ["0", "-1", "many", "1001"] {
+        let max = tunnel_proto::MAX_SERVER_COUNT;
+        let args =
+            Cli::try_parse_from(["tunnel-server", &format!("--server-count={max}")]).unwrap();
+        assert_eq!(
+            args.run.server_count, max,
+            "as many as an agent keeps tunnels to"
+        );
+        let beyond = (max + 1).to_string();
+        for bad in ["0", "-1", "many", beyond.as_str()] {
             let flag = format!("--server-count={bad}");
             let err = Cli::try_parse_from(["tunnel-server", flag.as_str()]).unwrap_err();
             assert!(err.to_string().contains("--server-count"), "{bad}: {err}");

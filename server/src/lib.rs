@@ -51,8 +51,17 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed for a TLS handshake on any port.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest `--server-count` the server accepts.
-pub const MAX_SERVER_COUNT: u32 = 1000;
+/// Largest `--server-count` the server accepts: as many as an agent keeps tunnels to.
+pub use tunnel_proto::MAX_SERVER_COUNT;
+/// Default time the server keeps serving after SIGTERM, not ready, before it
+/// sends GOAWAY.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+/// Default longest wait for agents before a new server reports ready.
+pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(10);
+/// Default time an agent has to acknowledge an open.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// A server with agents is ready once no new agent came for this long.
+pub const READY_SETTLE: Duration = Duration::from_secs(1);
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone)]
@@ -88,6 +97,33 @@ pub struct ServerConfig {
     pub probe: probes::ProbeConfig,
     /// Bounds on connections.
     pub limits: Limits,
+    /// Restarts and failing agents.
+    pub ha: HaConfig,
+}
+
+/// How the server takes part in a rollout and treats agents that fail.
+#[derive(Debug, Clone, Copy)]
+pub struct HaConfig {
+    /// On shutdown, time the server keeps serving, not ready and with its
+    /// agents told to find another replica, before it sends clients GOAWAY
+    /// (for load balancers and endpoints to stop sending it connections).
+    pub shutdown_delay: Duration,
+    /// A new server is ready once agents connected and none came for
+    /// [`READY_SETTLE`], or after this long without them.
+    pub ready_wait: Duration,
+    /// Time an agent has to acknowledge an open before the open goes to
+    /// another agent and this one counts as failing.
+    pub ack_timeout: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
+            ready_wait: DEFAULT_READY_WAIT,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
+        }
+    }
 }
 
 /// Default most connections one client identity may have open.
@@ -173,6 +209,8 @@ pub struct ServerState {
     /// With `--clusters-from-ocm`: the clusters whose agents are admitted.
     pub ocm_admitted: Option<ocm_clusters::Admitted>,
     draining: AtomicBool,
+    stopping: AtomicBool,
+    started: std::time::Instant,
     open: AtomicUsize,
     all_closed: Notify,
 }
@@ -186,9 +224,39 @@ impl std::fmt::Debug for ServerState {
 }
 
 impl ServerState {
-    /// Whether the server is shutting down (no new connections).
+    /// Whether the server is shutting down: not ready, agents told to go;
+    /// clients are still served until [`is_stopping`](Self::is_stopping).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the shutdown delay is over: clients were sent GOAWAY, new
+    /// connections are refused with `server_draining`.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Whether the server can serve (`GET /readyz`): not shutting down, and
+    /// agents connected (none new for [`READY_SETTLE`]), or
+    /// [`HaConfig::ready_wait`] passed without them.
+    pub fn is_ready(&self) -> bool {
+        if self.is_draining() {
+            return false;
+        }
+        let settled = self
+            .pool
+            .last_added()
+            .is_some_and(|t| t.elapsed() >= READY_SETTLE);
+        (settled && self.pool.agent_count() > 0)
+            || self.started.elapsed() >= self.config.ha.ready_wait
+    }
+
+    /// How [`tunnel::route`] treats agents.
+    pub(crate) fn route_limits(&self) -> tunnel::RouteLimits {
+        tunnel::RouteLimits {
+            max_per_agent: self.config.limits.max_connections_per_agent,
+            ack_timeout: self.config.ha.ack_timeout,
+        }
     }
 
     fn connection_opened(&self) {
@@ -218,6 +286,8 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     state: Arc<ServerState>,
     stop: watch::Sender<bool>,
+    /// Closes the agent port and tells every agent to go.
+    leave: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -300,16 +370,20 @@ impl Server {
             metrics,
             config,
             draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            started: std::time::Instant::now(),
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
         });
         let (stop, stop_rx) = watch::channel(false);
+        let (leave, leave_rx) = watch::channel(false);
         let agent_addr = agent_l.local_addr()?;
         let client_addr = client_l.local_addr()?;
         let admin_addr = admin_l.local_addr()?;
         tasks.push(tokio::spawn(agents::accept_agents(
             agent_l,
             state.clone(),
+            leave_rx,
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(agents::accept_clients(
@@ -319,10 +393,19 @@ impl Server {
         )));
         tasks.push(tokio::spawn(probes::run(state.clone(), stop_rx.clone())));
         let ready_state = state.clone();
+        let detail_state = state.clone();
         let admin = tunnel_proto::admin::AdminServer::new(
             Arc::new(registry),
-            Arc::new(move || !ready_state.is_draining()),
-        );
+            Arc::new(move || ready_state.is_ready()),
+        )
+        .with_ready_detail(Arc::new(move || {
+            let agents = detail_state.pool.agent_count();
+            if detail_state.is_draining() {
+                format!("shutting down; agents: {agents}")
+            } else {
+                format!("agents: {agents}")
+            }
+        }));
         let mut admin_stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let stop = async move { agents::stopped(&mut admin_stop).await };
@@ -337,6 +420,7 @@ impl Server {
             admin_addr,
             state,
             stop,
+            leave,
             tasks,
         })
     }
@@ -346,12 +430,29 @@ impl Server {
         &self.state
     }
 
-    /// Graceful shutdown: stop accepting, tell clients to go elsewhere, let
-    /// open connections finish for up to the drain timeout, then stop.
+    /// Graceful shutdown, in three steps:
+    /// 1. not ready; the agent port closes and every agent is told to open a
+    ///    tunnel to another replica (it keeps this one meanwhile); clients
+    ///    are still served for the shutdown delay, while endpoints and load
+    ///    balancers stop sending new ones;
+    /// 2. clients get GOAWAY (they open new connections elsewhere), the
+    ///    client port closes, new agents' opens stop;
+    /// 3. open connections get up to the drain timeout to finish, then the
+    ///    server stops.
     pub async fn shutdown(mut self) {
         let mut tasks = std::mem::take(&mut self.tasks);
         let deadline = self.state.config.drain_timeout;
+        let delay = self.state.config.ha.shutdown_delay;
         self.state.draining.store(true, Ordering::Release);
+        let _ = self.leave.send(true);
+        tracing::info!(
+            open = self.state.open_connections(),
+            agents = self.state.pool.agent_count(),
+            ?delay,
+            "shutting down: not ready, agents told to find another replica; serving for the shutdown delay"
+        );
+        tokio::time::sleep(delay).await;
+        self.state.stopping.store(true, Ordering::Release);
         tracing::info!(open = self.state.open_connections(), ?deadline, "draining");
         let wait_closed = async {
             loop {

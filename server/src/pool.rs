@@ -1,13 +1,48 @@
 //! The agents connected to this server, by cluster, and how a connection
 //! picks one.
+//!
+//! The pick is the power of two choices over a load estimate, the way
+//! linkerd2-proxy balances endpoints (p2c over peak-EWMA): two usable agents
+//! are drawn at random and the one with the lower cost wins, where
+//!
+//! > cost = (connections counted against the agent + 1) x its answer time
+//!
+//! - The count includes opens still waiting for the agent's answer: an agent
+//!   is charged from the moment it is picked, so one that hangs does not
+//!   look idle.
+//! - The answer time is a peak-sensitive moving average of how long the
+//!   agent takes to acknowledge an open (to answer it, for agents that do
+//!   not acknowledge): a slow answer raises it at once, fast ones bring it
+//!   down over [`LATENCY_DECAY`]. While an agent has opens pending and has
+//!   answered nothing for longer than that, the time it has been silent
+//!   counts instead, so a frozen agent grows expensive within milliseconds,
+//!   before any timeout. Below [`LATENCY_FLOOR`] differences are noise, and
+//!   the cost is the connection count alone (least loaded).
+//! - Failure accrual: an agent that failed an open (its tunnel broke under
+//!   it, or it did not acknowledge in time) is *failing*: it is picked only
+//!   when no other agent of the cluster is usable, until it answers again.
+//!   Whether it does is checked with a control call (`Agent.Hello`, see
+//!   [`crate::agents`]), not with a client's connection, after a backoff that
+//!   doubles with each consecutive failure ([`FAILURE_BACKOFF_BASE`] up to
+//!   [`FAILURE_BACKOFF_MAX`]); an answered open starts the count again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
+use rand::Rng as _;
 use tunnel_proto::h2::H2Client;
 use tunnel_proto::pb;
+
+/// How fast the answer-time estimate forgets a slow answer.
+pub const LATENCY_DECAY: Duration = Duration::from_secs(10);
+/// Answer times below this are taken as equal.
+pub const LATENCY_FLOOR: Duration = Duration::from_millis(1);
+/// When a failing agent is first checked after its first consecutive failure.
+pub const FAILURE_BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// The longest a failing agent waits for its next check.
+pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// One agent's reverse tunnel to this server.
 pub struct AgentTunnel {
@@ -19,31 +54,224 @@ pub struct AgentTunnel {
     pub remote_addr: std::net::SocketAddr,
     /// When the tunnel came up.
     pub since: SystemTime,
-    /// Proxied connections open through this tunnel.
+    /// Connections counted against this tunnel: open ones, and opens
+    /// waiting for the agent's answer.
     pub open: AtomicU64,
-    /// Opens streams towards the agent.
+    /// Opens stream towards the agent.
     pub channel: H2Client,
-    /// When a dial through this tunnel last failed at the transport level.
-    pub last_failure: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether the agent acknowledges opens before it dials (its hello said so).
+    pub acknowledges_opens: bool,
+    /// Answer times and failures, as the pick sees them.
+    health: Mutex<Health>,
+    /// Milliseconds since the Unix epoch of the last pick (0: never).
+    last_picked_ms: AtomicU64,
+    /// Told when the agent fails: its check starts.
+    pub(crate) failed: tokio::sync::Notify,
 }
 
-/// How long a tunnel whose dial failed is passed over while others are usable.
-pub const FAILURE_PENALTY: std::time::Duration = std::time::Duration::from_secs(10);
+/// What the pick knows of an agent's answers.
+#[derive(Debug)]
+struct Health {
+    /// Peak-EWMA of answer times, in seconds, as of `updated`.
+    latency: f64,
+    updated: Instant,
+    /// Opens sent and not answered.
+    pending: u64,
+    /// When `pending` last rose from zero.
+    pending_since: Instant,
+    /// When the agent last answered anything.
+    last_answer: Instant,
+    consecutive_failures: u32,
+    failing: bool,
+}
 
-impl AgentTunnel {
-    /// Records a transport-level dial failure: the tunnel is passed over for
-    /// [`FAILURE_PENALTY`] while other agents of the cluster are usable.
-    pub fn mark_failed(&self) {
-        if let Ok(mut f) = self.last_failure.lock() {
-            *f = Some(std::time::Instant::now());
+impl Health {
+    fn new(now: Instant) -> Self {
+        Self {
+            latency: LATENCY_FLOOR.as_secs_f64(),
+            updated: now,
+            pending: 0,
+            pending_since: now,
+            last_answer: now,
+            consecutive_failures: 0,
+            failing: false,
         }
     }
 
-    fn recently_failed(&self) -> bool {
-        self.last_failure
-            .lock()
-            .map(|f| f.is_some_and(|t| t.elapsed() < FAILURE_PENALTY))
-            .unwrap_or(false)
+    /// The answer-time estimate now: the average, or how long the agent has
+    /// been silent with opens pending if that is longer.
+    fn latency(&self, now: Instant) -> f64 {
+        let silent = if self.pending > 0 {
+            now.saturating_duration_since(self.pending_since.max(self.last_answer))
+                .as_secs_f64()
+        } else {
+            0.0
+        };
+        self.latency.max(silent).max(LATENCY_FLOOR.as_secs_f64())
+    }
+
+    fn observe(&mut self, took: Duration, now: Instant) {
+        let rtt = took.as_secs_f64();
+        if rtt > self.latency {
+            // Peak: a slow answer counts at once.
+            self.latency = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+            let w = (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
+            self.latency = self.latency * w + rtt * (1.0 - w);
+        }
+        self.updated = now;
+        self.last_answer = now;
+        self.consecutive_failures = 0;
+        self.failing = false;
+    }
+
+    /// Counts a failure; returns the wait before the next check.
+    fn fail(&mut self) -> Duration {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.failing = true;
+        self.check_delay()
+    }
+
+    /// The wait before checking a failing agent: the backoff of its
+    /// consecutive failures.
+    fn check_delay(&self) -> Duration {
+        let factor = 1u32
+            .checked_shl(self.consecutive_failures.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        FAILURE_BACKOFF_BASE
+            .saturating_mul(factor)
+            .min(FAILURE_BACKOFF_MAX)
+    }
+}
+
+/// An open sent to an agent and not answered yet, counted until dropped.
+pub(crate) struct PendingOpen<'a> {
+    agent: &'a AgentTunnel,
+    started: Instant,
+    answered: bool,
+}
+
+impl PendingOpen<'_> {
+    /// The agent answered (acknowledged) the open: its answer time counts.
+    pub(crate) fn answered(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            let now = Instant::now();
+            self.agent.health().observe(now - self.started, now);
+        }
+    }
+
+    /// The open failed at the agent (tunnel broken, no acknowledgement in
+    /// time); returns when the agent will be checked.
+    pub(crate) fn failed(&mut self) -> Duration {
+        self.answered = true;
+        let delay = self.agent.health().fail();
+        self.agent.failed.notify_one();
+        delay
+    }
+}
+
+impl Drop for PendingOpen<'_> {
+    fn drop(&mut self) {
+        let mut h = self.agent.health();
+        h.pending = h.pending.saturating_sub(1);
+    }
+}
+
+impl AgentTunnel {
+    /// A tunnel that just came up.
+    pub fn new(
+        agent_id: String,
+        cluster: String,
+        remote_addr: std::net::SocketAddr,
+        channel: H2Client,
+        acknowledges_opens: bool,
+    ) -> Self {
+        Self {
+            agent_id,
+            cluster,
+            remote_addr,
+            since: SystemTime::now(),
+            open: AtomicU64::new(0),
+            channel,
+            acknowledges_opens,
+            health: Mutex::new(Health::new(Instant::now())),
+            last_picked_ms: AtomicU64::new(0),
+            failed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts an open sent to the agent until its answer.
+    pub(crate) fn start_open(&self) -> PendingOpen<'_> {
+        let now = Instant::now();
+        {
+            let mut h = self.health();
+            if h.pending == 0 {
+                h.pending_since = now;
+            }
+            h.pending += 1;
+        }
+        let ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.last_picked_ms.store(ms, Ordering::Relaxed);
+        PendingOpen {
+            agent: self,
+            started: now,
+            answered: false,
+        }
+    }
+
+    /// Whether the agent failed and has not answered since: it is passed
+    /// over while others are usable.
+    pub fn is_failing(&self) -> bool {
+        self.health().failing
+    }
+
+    /// The wait before the next check of a failing agent.
+    pub(crate) fn check_delay(&self) -> Duration {
+        self.health().check_delay()
+    }
+
+    /// A check found the failing agent answering: it is picked again (its
+    /// consecutive failures still count towards the next backoff).
+    pub(crate) fn recovered(&self) {
+        self.health().failing = false;
+    }
+
+    /// What `ListClusters` says of this agent.
+    fn info(&self) -> pb::AgentInfo {
+        let now = Instant::now();
+        let (pending_opens, latency, failing) = {
+            let h = self.health();
+            (h.pending, h.latency(now), h.failing)
+        };
+        pb::AgentInfo {
+            agent_id: self.agent_id.clone(),
+            remote_addr: self.remote_addr.to_string(),
+            connected_since: self
+                .since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            open_connections: self.open.load(Ordering::Relaxed),
+            pending_opens,
+            latency_us: u64::try_from(Duration::from_secs_f64(latency).as_micros())
+                .unwrap_or(u64::MAX),
+            last_picked_unix_ms: self.last_picked_ms.load(Ordering::Relaxed),
+            failing,
+        }
+    }
+
+    /// The pick's cost of one more connection on this agent.
+    fn cost(&self, now: Instant) -> f64 {
+        let load = self.open.load(Ordering::Relaxed) as f64 + 1.0;
+        load * self.health().latency(now)
     }
 }
 
@@ -79,7 +307,8 @@ impl Pick {
 #[derive(Debug, Default)]
 pub struct AgentPool {
     clusters: RwLock<HashMap<String, Vec<Arc<AgentTunnel>>>>,
-    rotation: AtomicU64,
+    /// When the last tunnel was added.
+    last_added: Mutex<Option<Instant>>,
 }
 
 impl AgentPool {
@@ -95,8 +324,14 @@ impl AgentPool {
         pool
     }
 
+    /// When the last tunnel was added, if any was.
+    pub fn last_added(&self) -> Option<Instant> {
+        *self.last_added.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Adds a tunnel; returns how many agents the cluster has now.
     pub fn add(&self, tunnel: Arc<AgentTunnel>) -> usize {
+        *self.last_added.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let mut map = self.clusters.write().unwrap_or_else(|e| e.into_inner());
         let agents = map.entry(tunnel.cluster.clone()).or_default();
         agents.push(tunnel);
@@ -111,32 +346,27 @@ impl AgentPool {
         agents.len()
     }
 
-    /// Picks the usable agent of `cluster` with the fewest open connections,
-    /// skipping those in `tried`; ties go round-robin.
+    /// Picks an agent of `cluster` for one more connection, skipping those
+    /// in `tried` and closed tunnels: the cheaper of two drawn at random
+    /// (see the module's documentation), from the agents that are not
+    /// failing if there are any.
     pub fn pick(&self, cluster: &str, tried: &[Arc<AgentTunnel>]) -> Pick {
         let map = self.clusters.read().unwrap_or_else(|e| e.into_inner());
         let Some(agents) = map.get(cluster) else {
             return Pick::UnknownCluster;
         };
-        let n = agents.len();
-        if n == 0 {
-            return Pick::NoAgent;
-        }
-        let start = (self.rotation.fetch_add(1, Ordering::Relaxed) as usize) % n;
-        // (recently failed, open connections): healthy and least loaded first.
-        let mut best: Option<(&Arc<AgentTunnel>, (bool, u64))> = None;
-        for i in 0..n {
-            let a = &agents[(start + i) % n];
-            if a.channel.is_closed() || tried.iter().any(|t| Arc::ptr_eq(t, a)) {
-                continue;
-            }
-            let key = (a.recently_failed(), a.open.load(Ordering::Relaxed));
-            if best.is_none_or(|(_, k)| key < k) {
-                best = Some((a, key));
-            }
-        }
-        let best = best.map(|(a, _)| a);
-        match best {
+        let usable: Vec<&Arc<AgentTunnel>> = agents
+            .iter()
+            .filter(|a| !a.channel.is_closed() && !tried.iter().any(|t| Arc::ptr_eq(t, a)))
+            .collect();
+        let healthy: Vec<&Arc<AgentTunnel>> =
+            usable.iter().copied().filter(|a| !a.is_failing()).collect();
+        let from = if healthy.is_empty() {
+            &usable
+        } else {
+            &healthy
+        };
+        match power_of_two_choices(from, Instant::now()) {
             Some(a) => Pick::Agent(a.clone()),
             None => Pick::NoAgent,
         }
@@ -149,19 +379,7 @@ impl AgentPool {
             .iter()
             .map(|(name, agents)| pb::ClusterInfo {
                 name: name.clone(),
-                agents: agents
-                    .iter()
-                    .map(|a| pb::AgentInfo {
-                        agent_id: a.agent_id.clone(),
-                        remote_addr: a.remote_addr.to_string(),
-                        connected_since: a
-                            .since
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0),
-                        open_connections: a.open.load(Ordering::Relaxed),
-                    })
-                    .collect(),
+                agents: agents.iter().map(|a| a.info()).collect(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -172,5 +390,87 @@ impl AgentPool {
     pub fn agent_count(&self) -> usize {
         let map = self.clusters.read().unwrap_or_else(|e| e.into_inner());
         map.values().map(Vec::len).sum()
+    }
+}
+
+/// The cheaper of two distinct candidates drawn at random (the only one, if
+/// there is one).
+fn power_of_two_choices<'a>(
+    candidates: &[&'a Arc<AgentTunnel>],
+    now: Instant,
+) -> Option<&'a Arc<AgentTunnel>> {
+    match candidates.len() {
+        0 => None,
+        1 => Some(candidates[0]),
+        n => {
+            let mut rng = rand::rng();
+            let i = rng.random_range(0..n);
+            let j = (i + rng.random_range(1..n)) % n;
+            let (a, b) = (candidates[i], candidates[j]);
+            Some(if b.cost(now) < a.cost(now) { b } else { a })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_slow_answer_counts_at_once_and_fast_ones_bring_it_down() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        h.observe(MS * 2, t0);
+        assert!((h.latency(t0) - 0.002).abs() < 1e-9);
+        h.observe(MS * 200, t0 + MS);
+        assert!((h.latency(t0 + MS) - 0.2).abs() < 1e-9, "peak");
+        // Fast answers over five decay periods bring it most of the way down.
+        let mut t = t0 + MS;
+        for _ in 0..100 {
+            t += LATENCY_DECAY / 20;
+            h.observe(MS * 2, t);
+        }
+        assert!(h.latency(t) < 0.004, "{}", h.latency(t));
+    }
+
+    #[test]
+    fn an_agent_silent_with_opens_pending_grows_expensive() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        h.observe(MS, t0);
+        h.pending = 1;
+        h.pending_since = t0 + MS;
+        let later = t0 + MS * 51;
+        assert!(
+            (h.latency(later) - 0.05).abs() < 1e-6,
+            "{}",
+            h.latency(later)
+        );
+        // Nothing pending: silence is just idleness.
+        h.pending = 0;
+        assert!((h.latency(later) - 0.001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn consecutive_failures_back_off_the_checks_and_an_answer_ends_them() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        assert!(!h.failing);
+        assert_eq!(h.fail(), FAILURE_BACKOFF_BASE);
+        assert!(h.failing);
+        assert_eq!(h.fail(), FAILURE_BACKOFF_BASE * 2);
+        for _ in 0..40 {
+            h.fail();
+        }
+        assert_eq!(h.fail(), FAILURE_BACKOFF_MAX);
+        h.observe(MS, t0);
+        assert!(!h.failing);
+        assert_eq!(
+            h.fail(),
+            FAILURE_BACKOFF_BASE,
+            "counted from the start again"
+        );
     }
 }

@@ -12,8 +12,8 @@
 //!   error code).
 //!
 //! A probe is a dial like a client's: routed by [`crate::tunnel::route`] to
-//! the least loaded usable agent (another one is tried if an agent fails
-//! before the destination answered), and the agent's allowlist decides
+//! an agent picked as for a client (another one is tried if an agent did not
+//! act on it), and the agent's allowlist decides
 //! whether the target may be reached (`destination_not_allowed` otherwise).
 //! It is the server's, not a client's: no `TunnelPolicy` rule is needed or
 //! consulted, it is not an audit event, not counted in
@@ -261,7 +261,15 @@ pub async fn probe(state: &ServerState, cluster: &str) -> Result<Duration, Tunne
     let started = Instant::now();
     let routed = tokio::time::timeout(
         dial_timeout + crate::tunnel::AGENT_ANSWER_MARGIN,
-        crate::tunnel::route(&state.pool, &open, u64::MAX, |_| {}),
+        crate::tunnel::route(
+            &state.pool,
+            &open,
+            crate::tunnel::RouteLimits {
+                max_per_agent: u64::MAX,
+                ..state.route_limits()
+            },
+            |_| {},
+        ),
     )
     .await
     .unwrap_or_else(|_| {

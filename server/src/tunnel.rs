@@ -233,29 +233,103 @@ fn tunnel_broken(agent: &AgentTunnel, err: &h2::Error) -> TunnelError {
     )
 }
 
-/// Opens `open` as a stream on `agent`'s tunnel and reads the answer.
-async fn open_on(agent: &AgentTunnel, open: &Open) -> Result<(Opened, TunnelStream), TunnelError> {
-    let request = open.to_request(None)?;
-    tunnel_proto::stream::open_on(&agent.channel, request)
+/// How [`route`] treats agents.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteLimits {
+    /// Connections one agent may carry.
+    pub max_per_agent: u64,
+    /// Time an agent that acknowledges opens has to do so.
+    pub ack_timeout: Duration,
+}
+
+/// How one attempt on one agent failed.
+struct AttemptFailed {
+    err: TunnelError,
+    /// The agent did not act on the open: another agent may get it.
+    elsewhere: bool,
+    /// The agent itself failed (not the destination): it is passed over.
+    agent_failed: bool,
+}
+
+/// Opens `open` as a stream on `agent`'s tunnel and reads the answer; an
+/// agent that acknowledges opens has `ack_timeout` to do so.
+async fn open_on(
+    agent: &AgentTunnel,
+    open: &Open,
+    ack_timeout: Duration,
+) -> Result<(Opened, TunnelStream), AttemptFailed> {
+    let request = open.to_request(None).map_err(|err| AttemptFailed {
+        err,
+        elsewhere: false,
+        agent_failed: false,
+    })?;
+    let mut pending = agent.start_open();
+    let acked = AtomicBool::new(false);
+    let result = if agent.acknowledges_opens {
+        tunnel_proto::stream::open_acknowledged(&agent.channel, request, ack_timeout, || {
+            acked.store(true, Ordering::Relaxed);
+        })
         .await
-        .map_err(|f| match f {
-            OpenFailure::Full(e) => TunnelError::new(
+    } else {
+        tunnel_proto::stream::open_on(&agent.channel, request).await
+    };
+    let acked = acked.load(Ordering::Relaxed);
+    if acked || matches!(result, Ok(_) | Err(OpenFailure::Refused(_))) {
+        pending.answered();
+    }
+    let failure = match result {
+        Ok(opened) => return Ok(opened),
+        Err(f) => f,
+    };
+    // Not acted on by the agent: refused by its connection, or never
+    // acknowledged (the agent checks for the reset before it dials). A
+    // tunnel that broke before the acknowledgement counts too: had the agent
+    // begun to dial, that dial ends with the tunnel, before any byte of the
+    // connection was sent.
+    let elsewhere = failure.was_not_processed()
+        || (agent.acknowledges_opens && !acked && !matches!(failure, OpenFailure::Refused(_)));
+    let (err, agent_failed) = match failure {
+        OpenFailure::Full(e) => (
+            TunnelError::new(
                 ErrorCode::ResourceExhausted,
                 format!("the tunnel to agent {}: {e}", agent.agent_id),
             ),
-            OpenFailure::Connection(e) | OpenFailure::Answer(e) => tunnel_broken(agent, &e),
-            OpenFailure::Refused(err) => err,
-        })
+            false,
+        ),
+        OpenFailure::Connection(e) | OpenFailure::Answer(e) => (tunnel_broken(agent, &e), true),
+        OpenFailure::NotAcknowledged(t) => (
+            TunnelError::new(
+                ErrorCode::TunnelBroken,
+                format!(
+                    "agent {} did not acknowledge the open within {t:?}",
+                    agent.agent_id
+                ),
+            ),
+            true,
+        ),
+        OpenFailure::Refused(err) => (err, false),
+    };
+    if agent_failed {
+        let passed_over = pending.failed();
+        tracing::warn!(id = %open.id, agent = %agent.agent_id, cluster = %open.cluster, %err, ?passed_over, "agent failed an open; passed over while others are usable");
+    }
+    Err(AttemptFailed {
+        err,
+        elsewhere,
+        agent_failed,
+    })
 }
 
-/// Opens the connection `open` on an agent of its cluster, retrying others
-/// while the failure happened before the destination answered. `on_pick` is
-/// told each agent tried. Used for clients' connections and the server's own
-/// probes ([`crate::probes`]); counts nothing but the agents' leases.
+/// Opens the connection `open` on an agent of its cluster, trying others
+/// while the agent did not act on it (so no destination is dialed twice).
+/// `on_pick` is told each agent tried. Used for clients' connections and the
+/// server's own probes ([`crate::probes`]); counts nothing but the agents'
+/// leases. When every agent was tried and none acted on the open, the answer
+/// is `no_agent`: the client may try another server.
 pub(crate) async fn route(
     pool: &AgentPool,
     open: &Open,
-    max_per_agent: u64,
+    limits: RouteLimits,
     mut on_pick: impl FnMut(&AgentTunnel),
 ) -> Result<Routed, TunnelError> {
     let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
@@ -270,15 +344,23 @@ pub(crate) async fn route(
                 ));
             }
             Pick::NoAgent => {
-                return Err(last_err.unwrap_or_else(|| {
-                    TunnelError::new(
+                return Err(match last_err {
+                    Some(err) => TunnelError::new(
+                        ErrorCode::NoAgent,
+                        format!(
+                            "no agent of cluster {:?} could take the connection; the last one: {}",
+                            open.cluster, err.message
+                        ),
+                    ),
+                    None => TunnelError::new(
                         ErrorCode::NoAgent,
                         format!("no agent of cluster {:?} is connected", open.cluster),
-                    )
-                }));
+                    ),
+                });
             }
         };
-        // The least loaded agent is full: so are the others.
+        let max_per_agent = limits.max_per_agent;
+        // The cheaper agent of two is full: the others most likely are too.
         let Some(lease) = AgentLease::try_new(agent.clone(), max_per_agent) else {
             return Err(TunnelError::new(
                 ErrorCode::ResourceExhausted,
@@ -290,14 +372,15 @@ pub(crate) async fn route(
         };
         tried.push(agent.clone());
         on_pick(&agent);
-        match open_on(&agent, open).await {
+        match open_on(&agent, open, limits.ack_timeout).await {
             Ok((opened, stream)) => return Ok((opened, stream, lease)),
-            Err(err) if err.code.is_retryable_on_other_agent() => {
-                agent.mark_failed();
-                tracing::warn!(id = %open.id, agent = %agent.agent_id, cluster = %open.cluster, %err, "agent failed before the destination answered; trying another");
-                last_err = Some(err);
+            Err(failed) if failed.elsewhere => {
+                if !failed.agent_failed {
+                    tracing::debug!(id = %open.id, agent = %agent.agent_id, err = %failed.err, "agent could not take the open; trying another");
+                }
+                last_err = Some(failed.err);
             }
-            Err(err) => return Err(err),
+            Err(failed) => return Err(failed.err),
         }
     }
 }
@@ -387,7 +470,7 @@ pub(crate) async fn serve_stream(
             return answer(&mut respond, &err);
         }
     };
-    if state.is_draining() {
+    if state.is_stopping() {
         let err = TunnelError::new(
             ErrorCode::ServerDraining,
             "server is shutting down; retry on another replica",
@@ -430,7 +513,7 @@ pub(crate) async fn serve_stream(
             route(
                 &state.pool,
                 &to_agent,
-                state.config.limits.max_connections_per_agent,
+                state.route_limits(),
                 |agent| {
                     if let Ok(mut a) = record.agent_id.lock() {
                         a.clone_from(&agent.agent_id);

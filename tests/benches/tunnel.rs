@@ -6,7 +6,7 @@
 //! in a role), so their memory and CPU are measured apart from the load.
 //!
 //! Besides the per-path workloads (`--workloads idle,throughput,first_byte,
-//! rtt,isolation`), three scenarios, each selectable the same way:
+//! rtt,isolation`), four scenarios, each selectable the same way:
 //! - `stalled_1000`: one bulk transfer beside [`STALLED_EACH_WAY`] connections
 //!   whose destination never reads and as many whose client never reads,
 //!   all through one sidecar, server and agent; `stalled_1000_ratio` is its
@@ -18,6 +18,11 @@
 //!   [`SCALE_CONNS`] open connections: `scale_rss_mib`, its idle CPU, and a
 //!   new connection's first byte under that load (`scale_first_byte_p99_ratio`
 //!   to the unloaded p99 of the same run).
+//!
+//! - `agent_freeze`: two agents of one cluster under a load of new
+//!   connections, one frozen (SIGSTOP) and thawed: how long the frozen agent
+//!   still got new connections (`agent_freeze_to_last_connection_ms`), what
+//!   failed meanwhile, and how soon the thawed one is used again.
 //!
 //! Every scenario is bounded in count and time; a frozen tunnel shows as a
 //! figure of 0 and a `*_message`, never as a hang.
@@ -628,6 +633,8 @@ impl ServerProc {
                 s("--cert-dir"),
                 dir.display().to_string(),
                 s("--allow-all"),
+                // Ready before its agent connects: the bench starts it first.
+                s("--ready-wait=0s"),
                 // The scale load is one identity's: 10,000 connections plus the
                 // probes measured beside them.
                 s("--max-connections-per-identity"),
@@ -1308,6 +1315,187 @@ async fn timed_download(ep: Endpoint) -> Result<f64, String> {
     Ok(gbps(got, start.elapsed()))
 }
 
+/// New connections a second through the two agents of `agent_freeze`.
+const FREEZE_RATE: u32 = 50;
+/// Load before the freeze, during it, and after the thaw.
+const FREEZE_WARMUP: Duration = Duration::from_secs(2);
+const FREEZE_HOLD: Duration = Duration::from_secs(5);
+/// Longest wait for the thawed agent to be picked again.
+const THAW_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When the server last picked `agent` (Unix ms, 0: never).
+async fn last_picked(client: &tunnel_proto::client::TunnelClient, agent: &str) -> u64 {
+    let clusters = client.list_clusters().await.unwrap_or_default();
+    clusters
+        .iter()
+        .flat_map(|c| c.agents.iter())
+        .filter(|a| a.agent_id == agent)
+        .map(|a| a.last_picked_unix_ms)
+        .max()
+        .unwrap_or(0)
+}
+
+/// One server process and two agent processes of one cluster, under a load
+/// of [`FREEZE_RATE`] new connections a second (each a 32-byte echo); one
+/// agent is frozen (SIGSTOP) for [`FREEZE_HOLD`], then thawed.
+/// `agent_freeze_to_last_connection_ms` is the time from the freeze to the
+/// last connection the server sent to the frozen agent (0 if none after
+/// it); `agent_freeze_failed_connections` what failed meanwhile (the target
+/// is none); `agent_freeze_open_max_ms` the slowest open during the freeze
+/// (an open that went to the frozen agent waits for the acknowledgement
+/// timeout, then goes to the other); `agent_thaw_to_first_connection_ms`
+/// how long until the thawed agent is picked again.
+async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
+    let mut out = Extras::new();
+    let server = ServerProc::start(pki).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let s = |v: &str| v.to_string();
+    let agents: Vec<RoleProc> = ["bench-a", "bench-b"]
+        .iter()
+        .zip(&dirs)
+        .map(|(id, dir)| {
+            RoleProc::spawn(
+                "agent",
+                &[
+                    s("--server"),
+                    server.agent_addr.to_string(),
+                    s("--server-name"),
+                    s("localhost"),
+                    s("--cluster"),
+                    s("bench"),
+                    s("--agent-id"),
+                    s(id),
+                    s("--cert-dir"),
+                    pki.dir.path().display().to_string(),
+                    s("--allow"),
+                    s("127.0.0.0/8"),
+                    s("--admin-listen"),
+                    format!("127.0.0.1:{}", free_port()),
+                ],
+                dir.path(),
+            )
+        })
+        .collect();
+    let client = client(pki, "bench", server.client_addr);
+    if let Err(e) = wait_agents(&client, 2).await {
+        out.push(("agent_freeze_message", Extra::Text(e)));
+        return out;
+    }
+    let target = Target::new("bench", "127.0.0.1", services.echo.port());
+    let failed = Arc::new(AtomicUsize::new(0));
+    let slowest_us = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let load = {
+        let (client, failed, slowest_us, counting) = (
+            client.clone(),
+            failed.clone(),
+            slowest_us.clone(),
+            counting.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1) / FREEZE_RATE);
+            let mut tasks = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    _ = stop_rx.wait_for(|s| *s) => break,
+                    _ = tick.tick() => {}
+                }
+                let (client, target, failed, slowest_us, counting) = (
+                    client.clone(),
+                    target.clone(),
+                    failed.clone(),
+                    slowest_us.clone(),
+                    counting.clone(),
+                );
+                tasks.spawn(async move {
+                    let started = Instant::now();
+                    let res = tokio::time::timeout(Duration::from_secs(10), async {
+                        let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
+                        let opened = started.elapsed();
+                        io.write_all(&[7u8; 32]).await.map_err(|e| e.to_string())?;
+                        let mut back = [0u8; 32];
+                        io.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(opened)
+                    })
+                    .await;
+                    if !counting.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match res {
+                        Ok(Ok(opened)) => {
+                            slowest_us.fetch_max(opened.as_micros() as u64, Ordering::Relaxed);
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    };
+    tokio::time::sleep(FREEZE_WARMUP).await;
+    let frozen = &agents[1];
+    let signal = |sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(frozen.pid().to_string())
+            .status();
+    };
+    counting.store(true, Ordering::Relaxed);
+    let frozen_ms = unix_ms();
+    signal("STOP");
+    eprintln!(
+        "[agent_freeze] agent bench-b frozen for {FREEZE_HOLD:?} under {FREEZE_RATE} connections/s"
+    );
+    tokio::time::sleep(FREEZE_HOLD).await;
+    let last = last_picked(&client, "bench-b").await;
+    counting.store(false, Ordering::Relaxed);
+    let thawed_ms = unix_ms();
+    signal("CONT");
+    let thawed = Instant::now();
+    let mut back = None;
+    while thawed.elapsed() < THAW_DEADLINE {
+        if last_picked(&client, "bench-b").await > thawed_ms {
+            back = Some(unix_ms().saturating_sub(thawed_ms));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_tx.send_replace(true);
+    let _ = load.await;
+    out.push((
+        "agent_freeze_to_last_connection_ms",
+        num(last.saturating_sub(frozen_ms) as f64),
+    ));
+    out.push((
+        "agent_freeze_failed_connections",
+        num(failed.load(Ordering::Relaxed) as f64),
+    ));
+    out.push((
+        "agent_freeze_open_max_ms",
+        num(slowest_us.load(Ordering::Relaxed) as f64 / 1000.0),
+    ));
+    out.push((
+        "agent_thaw_to_first_connection_ms",
+        back.map_or(Extra::Num(None), |ms| num(ms as f64)),
+    ));
+    if std::env::var_os("CT_BENCH_LOGS").is_some() {
+        eprintln!("{}", server.proc.tail(40));
+    }
+    drop((agents, server));
+    out
+}
+
 /// One stream over an emulated WAN (25 ms each way, 1 Gbit/s) between the
 /// agent and the server, against a plain TCP connection through an
 /// identical relay; each direction. `wan_ratio` is the worse direction.
@@ -1758,6 +1946,9 @@ async fn bench(json: bool) {
     }
     if want_scenario("scale") {
         extras.extend(scale(&services).await);
+    }
+    if want_scenario("agent_freeze") {
+        extras.extend(agent_freeze(&pki, &services).await);
     }
 
     if json {

@@ -97,6 +97,13 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         // Off by default so that tests' dial counts stay their own; see tests/tests/probes.rs.
         probe: tunnel_server::probes::ProbeConfig::disabled(),
         limits: tunnel_server::Limits::default(),
+        // In-process servers stop at once and are ready at once; the HA tests
+        // run the binaries with the real defaults.
+        ha: tunnel_server::HaConfig {
+            shutdown_delay: Duration::ZERO,
+            ready_wait: Duration::ZERO,
+            ..Default::default()
+        },
     }
 }
 
@@ -737,6 +744,13 @@ pub async fn spawn_server(
     // Authorization off unless the test names a policy.
     if !extra.iter().any(|a| a.starts_with("--policy")) {
         args.push("--allow-all".into());
+    }
+    // Ready at once and stopped without delay unless the test says otherwise
+    // (the rollout tests run with the defaults).
+    for (flag, value) in [("--ready-wait", "0s"), ("--shutdown-delay", "0s")] {
+        if !extra.iter().any(|a| a.starts_with(flag)) {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     let proc = Proc::spawn(name, "tunnel-server", &args, &[]);

@@ -374,7 +374,15 @@ impl pb::agent_server::Agent for BrokenAgent {
             agent_id: "east-broken".into(),
             cluster: "east".into(),
             version: "broken".into(),
+            ..Default::default()
         }))
+    }
+
+    async fn leave(
+        &self,
+        _req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        Ok(Response::new(pb::LeaveResponse {}))
     }
 }
 
@@ -495,12 +503,18 @@ async fn a_broken_agent_is_skipped_and_another_one_serves() {
     .await;
 
     // With only the broken agent, opening fails with a typed error, promptly
-    // (a recently failed agent is still used when it is the only one).
+    // (a recently failed agent is still used when it is the only one). The
+    // agent refused the stream, so nothing was dialed: `no_agent`, which a
+    // client may take to another server.
     let err = tokio::time::timeout(Duration::from_secs(10), client.open(&target))
         .await
         .expect("open with only a broken agent must fail, not hang")
         .expect_err("the only agent fails every dial");
-    assert_eq!(err.code, ErrorCode::TunnelBroken, "{err}");
+    assert_eq!(err.code, ErrorCode::NoAgent, "{err}");
+    assert!(
+        err.message.contains("east-broken"),
+        "names the agent that failed: {err}"
+    );
     assert!(
         broken_dials.load(Ordering::SeqCst) >= 2,
         "the broken agent was asked to dial again"

@@ -23,7 +23,22 @@ pub struct HelloResponse {
     pub cluster: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
     pub version: ::prost::alloc::string::String,
+    /// The agent acknowledges every tunnel stream with an informational (1xx)
+    /// response as soon as it has read the open, before it dials. A server uses
+    /// the acknowledgement to tell an agent that does not answer (frozen,
+    /// partitioned) from a destination that is slow: an open that gets no
+    /// acknowledgement in time was not dialed, so it is retried on another agent.
+    #[prost(bool, tag = "4")]
+    pub acknowledges_opens: bool,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LeaveRequest {
+    /// The server replica's id.
+    #[prost(string, tag = "1")]
+    pub server_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LeaveResponse {}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListClustersRequest {}
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -49,6 +64,20 @@ pub struct AgentInfo {
     pub connected_since: u64,
     #[prost(uint64, tag = "4")]
     pub open_connections: u64,
+    /// Opens sent to the agent and not yet answered.
+    #[prost(uint64, tag = "5")]
+    pub pending_opens: u64,
+    /// The server's estimate of the agent's answer time, in microseconds.
+    #[prost(uint64, tag = "6")]
+    pub latency_us: u64,
+    /// Milliseconds since the Unix epoch when the server last picked this agent
+    /// for a connection (0: never).
+    #[prost(uint64, tag = "7")]
+    pub last_picked_unix_ms: u64,
+    /// Whether the agent failed recently and is passed over while another agent
+    /// of the cluster is usable.
+    #[prost(bool, tag = "8")]
+    pub failing: bool,
 }
 /// Why a connection could not be opened or was cut. On the wire it travels
 /// as its snake_case label in the `tunnel-error` response header.
@@ -511,6 +540,31 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("clustertunnel.v1.Agent", "Hello"));
             self.inner.unary(req, path, codec).await
         }
+        /// Told by a server that is shutting down: the agent opens a tunnel to
+        /// another replica now (it no longer counts this one among the replicas it
+        /// holds) and keeps this tunnel until the server closes it, once the
+        /// connections it carries have ended. An older agent answers UNIMPLEMENTED.
+        pub async fn leave(
+            &mut self,
+            request: impl tonic::IntoRequest<super::LeaveRequest>,
+        ) -> std::result::Result<tonic::Response<super::LeaveResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/clustertunnel.v1.Agent/Leave",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("clustertunnel.v1.Agent", "Leave"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -533,6 +587,14 @@ pub mod agent_server {
             &self,
             request: tonic::Request<super::HelloRequest>,
         ) -> std::result::Result<tonic::Response<super::HelloResponse>, tonic::Status>;
+        /// Told by a server that is shutting down: the agent opens a tunnel to
+        /// another replica now (it no longer counts this one among the replicas it
+        /// holds) and keeps this tunnel until the server closes it, once the
+        /// connections it carries have ended. An older agent answers UNIMPLEMENTED.
+        async fn leave(
+            &self,
+            request: tonic::Request<super::LeaveRequest>,
+        ) -> std::result::Result<tonic::Response<super::LeaveResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentServer<T> {
@@ -638,6 +700,49 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = HelloSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/clustertunnel.v1.Agent/Leave" => {
+                    #[allow(non_camel_case_types)]
+                    struct LeaveSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::LeaveRequest>
+                    for LeaveSvc<T> {
+                        type Response = super::LeaveResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::LeaveRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::leave(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = LeaveSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -373,6 +373,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ..Default::default()
         },
         limits: tunnel_server::Limits::default(),
+        // One server on one machine: nothing to hand over on shutdown.
+        ha: tunnel_server::HaConfig {
+            shutdown_delay: Duration::ZERO,
+            ..Default::default()
+        },
     })
     .await?;
     let mut clusters = Vec::new();
