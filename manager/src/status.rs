@@ -8,7 +8,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource as _, ResourceExt as _};
 use tokio::sync::Mutex;
 
-use crate::crd::{TunnelConfiguration, TunnelConfigurationStatus};
+use tunnel_api::configuration::{TunnelConfiguration, TunnelConfigurationStatus};
 use crate::metrics::ManagerMetrics;
 use crate::signer::FIELD_MANAGER;
 
