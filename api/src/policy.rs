@@ -167,3 +167,52 @@ pub fn crd_yaml() -> String {
     use kube::CustomResourceExt as _;
     serde_yaml::to_string(&TunnelPolicy::crd()).expect("a CRD serializes")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_is_cluster_scoped_in_our_group() {
+        let yaml = crd_yaml();
+        assert!(yaml.contains("group: cluster-tunnel.io"), "{yaml}");
+        assert!(yaml.contains("scope: Cluster"), "{yaml}");
+        assert!(yaml.contains("v1alpha1"), "{yaml}");
+        assert!(yaml.contains("serviceAccount"), "{yaml}");
+        // What the chart will apply must be what the server reads.
+        let crd: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(crd["kind"], "CustomResourceDefinition");
+        // The API server refuses what it can check, before any server sees it.
+        let v = &crd["spec"]["versions"][0];
+        assert!(v["subresources"]["status"].is_mapping());
+        let columns: Vec<&str> = v["additionalPrinterColumns"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Accepted", "Reason", "Age", "Message"]);
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["rules"]["minItems"], 1);
+        let rule = &spec["rules"]["items"]["properties"];
+        for (field, one_of) in [
+            ("subjects", "serviceAccount, namespace, identity"),
+            ("clusters", "name, matchLabels, clusterSet"),
+            ("destinations", "host, cidr"),
+        ] {
+            let cel =
+                serde_yaml::to_string(&rule[field]["items"]["x-kubernetes-validations"]).unwrap();
+            assert!(
+                cel.contains(&format!("exactly one of {one_of}")),
+                "{field}: {cel}"
+            );
+        }
+        assert_eq!(rule["subjects"]["minItems"], 1);
+        assert_eq!(rule["clusters"]["minItems"], 1);
+        let ports = &rule["destinations"]["items"]["properties"]["ports"]["items"];
+        assert_eq!(
+            (ports["minimum"].as_f64(), ports["maximum"].as_f64()),
+            (Some(1.0), Some(65535.0))
+        );
+    }
+}

@@ -16,8 +16,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
-use crate::spiffe::{self as identity, Identity, IdentityError};
 use crate::pki::{self, LeafUsage};
+use crate::spiffe::{self as identity, Identity, IdentityError};
 
 /// File name of the CA certificate.
 pub const CA_CERT_FILE: &str = "ca.pem";

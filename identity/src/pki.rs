@@ -261,9 +261,15 @@ mod tests {
         let (_, a_x509) = x509_parser::parse_x509_certificate(a.der()).unwrap();
         let (_, b_x509) = x509_parser::parse_x509_certificate(b.der()).unwrap();
         let issuer = issuer_of(&a_x509, a_key).unwrap();
-        let leaf = leaf_params(None, vec![], LeafUsage::Server, now, now + Duration::days(1))
-            .signed_by(&new_key().unwrap(), &issuer)
-            .unwrap();
+        let leaf = leaf_params(
+            None,
+            vec![],
+            LeafUsage::Server,
+            now,
+            now + Duration::days(1),
+        )
+        .signed_by(&new_key().unwrap(), &issuer)
+        .unwrap();
         assert!(check_issued_by(leaf.der(), a_x509.subject().as_raw()).is_ok());
         assert!(check_issued_by(leaf.der(), b_x509.subject().as_raw()).is_err());
     }

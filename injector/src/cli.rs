@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, parse_host_port};
+use tunnel_proto::cli::{LogFormat, parse_duration};
 
 use crate::annotations::{Defaults, Mode, Resources, parse_quantity};
 use crate::certs::{CertFiles, service_dns_names};

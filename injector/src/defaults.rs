@@ -20,7 +20,10 @@ use crate::inject::SidecarTemplate;
 
 /// `base` (from the flags) with `spec.sidecar` of a configuration laid over
 /// it, and what was ignored and why.
-pub fn overlay(base: &SidecarTemplate, sidecar: &SidecarDefaults) -> (SidecarTemplate, Vec<String>) {
+pub fn overlay(
+    base: &SidecarTemplate,
+    sidecar: &SidecarDefaults,
+) -> (SidecarTemplate, Vec<String>) {
     let mut t = base.clone();
     let mut ignored = Vec::new();
     if let Some(v) = &sidecar.image {

@@ -140,7 +140,7 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
         check_ports(&injected_ports(ours), spec, "was added after the sidecar")?;
         return Ok(Outcome::AlreadyInjected);
     }
-    if let OptIn::No(why) = annotations::opt_in(annotations, labels)? {
+    if let OptIn::No(why) = crate::annotations::opt_in(annotations, labels)? {
         return Ok(Outcome::Skipped(why));
     }
     let options =

@@ -25,9 +25,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tunnel_api::pod::SIDECAR_CONTAINER;
 use tunnel_injector::annotations::{Defaults, Mode, Resources};
 use tunnel_injector::certs::{CertFiles, generate, service_dns_names};
-use tunnel_api::pod::SIDECAR_CONTAINER;
 use tunnel_injector::inject::{BASE_NO_PROXY, SidecarTemplate};
 use tunnel_injector::{CertSource, Injector, InjectorConfig};
 

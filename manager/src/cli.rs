@@ -20,13 +20,13 @@ use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 
 use crate::addons::{self, LiveView};
-use tunnel_api::configuration::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
 use crate::hub;
 use crate::leader::{self, LeaseLock};
 use crate::namespaces;
 use crate::signer::{self, Leaf, Signer};
 use crate::status::StatusBoard;
+use tunnel_api::configuration::TunnelConfiguration;
 
 /// cluster-tunnel's hub control plane.
 #[derive(Debug, Parser)]

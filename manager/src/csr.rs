@@ -63,12 +63,12 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::addons::Clock;
-use tunnel_api::configuration::TunnelConfiguration;
 use crate::ocm::{
     ADDON_LABEL, ADDON_NAME, CLUSTER_LABEL, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME,
     agent_user, cluster_group, cluster_user_prefix,
 };
 use crate::signer::{CertRequest, Leaf, Signer, SignerError};
+use tunnel_api::configuration::TunnelConfiguration;
 
 /// How often a request for a cluster that is not served yet is looked at again.
 pub const PENDING_RECHECK: Duration = Duration::from_secs(30);
@@ -470,8 +470,8 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use tunnel_api::configuration::TunnelConfigurationSpec;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const TD: &str = "cluster-tunnel";
     const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";

@@ -722,8 +722,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use tunnel_api::configuration::TunnelConfigurationSpec;
     use crate::mock_api::{self, Reply, TIMEOUT, deleted, finish, not_found, serve, status_reply};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const SA: &str = "/api/v1/namespaces/cluster-tunnel/serviceaccounts/cluster-tunnel-server";
     const ROLE: &str = "/apis/rbac.authorization.k8s.io/v1/clusterroles/cluster-tunnel-server";

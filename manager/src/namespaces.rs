@@ -45,8 +45,8 @@ use tunnel_api::labels::{INJECTION_ENABLED, MANAGED_BY};
 use tunnel_identity::spiffe::{IdentityError, validate_client_name};
 
 use crate::addons::Clock;
-use tunnel_api::configuration::TunnelConfiguration;
 use crate::signer::{self, Leaf, LeafOutcome, Signer, SignerError};
+use tunnel_api::configuration::TunnelConfiguration;
 
 /// Periodic re-check of a labelled namespace's Secret (renewal, deletion).
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -162,7 +162,9 @@ pub fn sidecar_leaf(namespace: &str) -> Result<Leaf, ReconcileError> {
 
 /// Whether `ns` asks for sidecars: `<label>=enabled`.
 pub fn injection_enabled(ns: &Namespace, label: &str) -> bool {
-    ns.labels().get(label).is_some_and(|v| v == INJECTION_ENABLED)
+    ns.labels()
+        .get(label)
+        .is_some_and(|v| v == INJECTION_ENABLED)
 }
 
 /// Reconciles one namespace: a labelled one gets a current Secret, an
@@ -308,8 +310,8 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use tunnel_api::configuration::TunnelConfigurationSpec;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const TD: &str = "cluster-tunnel";
     const SECRET: &str = "/api/v1/namespaces/fleet/secrets/cluster-tunnel-sidecar";
@@ -321,7 +323,10 @@ mod tests {
             "signer": { "certificateValidityDays": validity_days },
         }))
         .unwrap();
-        Arc::new(TunnelConfiguration::new(tunnel_api::configuration::DEFAULT_NAME, spec))
+        Arc::new(TunnelConfiguration::new(
+            tunnel_api::configuration::DEFAULT_NAME,
+            spec,
+        ))
     }
 
     fn namespace(labels: Value, deleting: bool) -> Arc<Namespace> {

@@ -409,10 +409,7 @@ pub fn tls_secret(
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY.0.into(),
-                MANAGED_BY.1.into(),
-            )])),
+            labels: Some(BTreeMap::from([(MANAGED_BY.0.into(), MANAGED_BY.1.into())])),
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },

@@ -192,8 +192,7 @@ pub async fn remove_legacy(
         cleaned.push(name);
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let managed =
-        ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    let managed = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
     for secret in secrets
         .list(&managed)
         .await

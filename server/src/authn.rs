@@ -16,8 +16,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tunnel_proto::error::{ErrorCode, TunnelError};
 use tunnel_identity::spiffe::Identity;
+use tunnel_proto::error::{ErrorCode, TunnelError};
 
 /// Audience the sidecar's projected token is issued for (the injector's default).
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "cluster-tunnel";

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN;
+use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
 

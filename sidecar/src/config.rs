@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
-use tunnel_proto::cli::{LogFormat, parse_duration};
-use tunnel_proto::client::Target;
 use tunnel_api::sidecar::{DEFAULT_APISERVER_HOST, DirectPolicy, PortMapping, parse_host_port};
 use tunnel_identity::spiffe::validate_cluster_name;
+use tunnel_proto::cli::{LogFormat, parse_duration};
+use tunnel_proto::client::Target;
 
 use crate::direct::{DirectDialer, parse_allowed_ips, parse_host_aliases};
 use crate::names::{DEFAULT_CLUSTER_SUFFIX, Naming};

@@ -22,9 +22,9 @@
 //!    a pod or ClusterIP address, a public name — is dialed directly from
 //!    the pod, as before the sidecar was injected ([`Route::Direct`]).
 
-use tunnel_proto::client::Target;
 use tunnel_api::sidecar::DEFAULT_APISERVER_HOST;
 use tunnel_identity::spiffe::validate_cluster_name;
+use tunnel_proto::client::Target;
 
 /// Default suffix of cluster-qualified names.
 pub const DEFAULT_CLUSTER_SUFFIX: &str = "tunnel.internal";
