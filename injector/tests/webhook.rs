@@ -880,7 +880,11 @@ fn tunnel_configuration(image: &str, proxy_port: u16) -> Value {
     json!({
         "apiVersion": "cluster-tunnel.io/v1alpha1", "kind": "TunnelConfiguration",
         "metadata": { "name": "cluster-tunnel", "resourceVersion": "7" },
-        "spec": { "sidecar": { "image": image, "proxyPort": proxy_port, "logLevel": "debug" } },
+        "spec": {
+            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com" } } },
+            "agent": { "image": "a:1" },
+            "sidecar": { "image": image, "proxyPort": proxy_port, "logLevel": "debug" },
+        },
     })
 }
 
