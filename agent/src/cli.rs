@@ -148,7 +148,7 @@ impl Cli {
 
     /// The agent configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<AgentConfig> {
-        tunnel_proto::identity::validate_cluster_name(&self.cluster)
+        tunnel_identity::spiffe::validate_cluster_name(&self.cluster)
             .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", self.cluster))?;
         let files = self.tls_files();
         let proxy = crate::proxy::ProxySettings::from_env()?;
@@ -214,7 +214,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
     let join = match (&cli.join_hub_api, &cli.join_token_file) {
         (Some(url), Some(token)) => {
-            tunnel_proto::identity::validate_cluster_name(&cli.cluster)
+            tunnel_identity::spiffe::validate_cluster_name(&cli.cluster)
                 .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", cli.cluster))?;
             let ca = match &cli.join_hub_ca {
                 Some(path) => Some(

@@ -11,10 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertifiedIssuer, SanType};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
@@ -23,6 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tunnel_identity::pki::{self, LeafUsage};
 use tunnel_proto::tls::TlsError;
 
 use crate::ca_bundle::BundlePolicy;
@@ -31,8 +29,6 @@ use crate::metrics::{InjectorMetrics, ResultLabel};
 /// Lifetime of a generated CA and serving certificate. They exist only in the
 /// process's memory, so they are replaced at every restart anyway.
 pub const GENERATED_VALIDITY: time::Duration = time::Duration::days(3650);
-/// Clock skew tolerated between the injector and the API server.
-const BACKDATE: time::Duration = time::Duration::hours(1);
 
 /// The DNS names the API server may use for the webhook's Service.
 pub fn service_dns_names(service: &str, namespace: &str) -> Vec<String> {
@@ -67,43 +63,27 @@ impl std::fmt::Debug for GeneratedCert {
 /// (ECDSA P-256, server authentication only).
 pub fn generate(dns_names: &[String]) -> Result<GeneratedCert, rcgen::Error> {
     let now = OffsetDateTime::now_utc();
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut ca = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "cluster-tunnel");
-    dn.push(
-        DnType::CommonName,
+    let not_after = now + GENERATED_VALIDITY;
+    let ca = pki::ca_params(
         format!("tunnel-injector webhook CA {}", now.unix_timestamp()),
+        now,
+        not_after,
     );
-    ca.distinguished_name = dn;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.not_before = now - BACKDATE;
-    ca.not_after = now + GENERATED_VALIDITY;
-    let ca = CertifiedIssuer::self_signed(ca, ca_key)?;
+    let ca = CertifiedIssuer::self_signed(ca, pki::new_key()?)?;
 
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut leaf = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(
-        DnType::CommonName,
-        dns_names
-            .get(2)
-            .or(dns_names.first())
-            .cloned()
-            .unwrap_or_default(),
-    );
-    leaf.distinguished_name = dn;
-    leaf.subject_alt_names = dns_names
+    let key = pki::new_key()?;
+    let common_name = dns_names.get(2).or(dns_names.first()).cloned();
+    let sans = dns_names
         .iter()
         .map(|n| Ok(SanType::DnsName(n.clone().try_into()?)))
         .collect::<Result<_, rcgen::Error>>()?;
-    leaf.is_ca = IsCa::ExplicitNoCa;
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.use_authority_key_identifier_extension = true;
-    leaf.not_before = now - BACKDATE;
-    leaf.not_after = now + GENERATED_VALIDITY;
+    let leaf = pki::leaf_params(
+        Some(common_name.unwrap_or_default()),
+        sans,
+        LeafUsage::Server,
+        now,
+        not_after,
+    );
     let cert = leaf.signed_by(&key, &ca)?;
     Ok(GeneratedCert {
         ca_pem: ca.pem(),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, parse_host_port};
 use tunnel_proto::cli::{LogFormat, parse_duration};
-use tunnel_sidecar::config::parse_host_port;
 
 use crate::annotations::{Defaults, Mode, Resources, parse_quantity};
 use crate::certs::{CertFiles, service_dns_names};
@@ -108,7 +108,7 @@ pub struct Cli {
     #[arg(
         long,
         env = "TUNNEL_SIDECAR_CERT_SECRET",
-        default_value = "cluster-tunnel-sidecar"
+        default_value = tunnel_api::pod::SIDECAR_SECRET
     )]
     pub sidecar_cert_secret: String,
     /// Audience of the sidecar's projected service-account token.
@@ -118,7 +118,7 @@ pub struct Cli {
     #[arg(long, env = "TUNNEL_TOKEN_EXPIRATION", default_value = "1h", value_parser = parse_duration)]
     pub token_expiration: Duration,
     /// The sidecar's admin port (probes, metrics, POST /shutdown).
-    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = tunnel_sidecar::config::DEFAULT_ADMIN_PORT)]
+    #[arg(long, env = "TUNNEL_SIDECAR_ADMIN_PORT", default_value_t = DEFAULT_ADMIN_PORT)]
     pub sidecar_admin_port: u16,
     /// Address the sidecar's admin port binds to: loopback, where its exec
     /// probes ask; 0.0.0.0 (or ::) to let Prometheus scrape its /metrics

@@ -11,60 +11,57 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use serde_json::Value;
+use kube::api::Api;
 use tokio::sync::watch;
+use tunnel_api::configuration::{SidecarDefaults, TunnelConfiguration};
 
 use crate::annotations::parse_quantity;
 use crate::inject::SidecarTemplate;
 
-/// The `TunnelConfiguration` resource (`cluster-tunnel.io/v1alpha1`, cluster-scoped).
-pub fn configuration_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("cluster-tunnel.io", "v1alpha1", "TunnelConfiguration"),
-        "tunnelconfigurations",
-    )
-}
-
 /// `base` (from the flags) with `spec.sidecar` of a configuration laid over
 /// it, and what was ignored and why.
-pub fn overlay(base: &SidecarTemplate, sidecar: &Value) -> (SidecarTemplate, Vec<String>) {
+pub fn overlay(
+    base: &SidecarTemplate,
+    sidecar: &SidecarDefaults,
+) -> (SidecarTemplate, Vec<String>) {
     let mut t = base.clone();
     let mut ignored = Vec::new();
-    let field = |name: &str| sidecar.get(name).filter(|v| !v.is_null());
-    if let Some(v) = field("image") {
-        match v.as_str().map(str::trim) {
-            Some(image) if !image.is_empty() && !image.contains(char::is_whitespace) => {
+    if let Some(v) = &sidecar.image {
+        match v.trim() {
+            image if !image.is_empty() && !image.contains(char::is_whitespace) => {
                 t.image = image.to_owned();
             }
-            _ => ignored.push(format!("image {v}: not an image reference")),
+            _ => ignored.push(format!("image {v:?}: not an image reference")),
         }
     }
-    if let Some(v) = field("proxyPort") {
-        match v.as_u64().map(u16::try_from) {
-            // 0: no HTTP proxy (the chart's "off").
-            Some(Ok(0)) => t.defaults.proxy_port = None,
-            Some(Ok(port)) => t.defaults.proxy_port = Some(port),
-            _ => ignored.push(format!(
-                "proxyPort {v}: not a port (1-65535, or 0 for none)"
-            )),
+    match sidecar.proxy_port {
+        // 0: no HTTP proxy (the chart's "off").
+        Some(0) => t.defaults.proxy_port = None,
+        Some(port) => t.defaults.proxy_port = Some(port),
+        None => {}
+    }
+    if let Some(v) = &sidecar.log_level {
+        match v.trim() {
+            "" => ignored.push(format!("logLevel {v:?}: not a log filter")),
+            level => t.defaults.log_level = level.to_owned(),
         }
     }
-    if let Some(v) = field("logLevel") {
-        match v.as_str().map(str::trim) {
-            Some(level) if !level.is_empty() => t.defaults.log_level = level.to_owned(),
-            _ => ignored.push(format!("logLevel {v}: not a log filter")),
-        }
-    }
-    for (name, slot) in [
-        ("cpuRequest", &mut t.defaults.resources.cpu_request),
-        ("memoryRequest", &mut t.defaults.resources.memory_request),
+    for (name, value, slot) in [
+        (
+            "cpuRequest",
+            &sidecar.cpu_request,
+            &mut t.defaults.resources.cpu_request,
+        ),
+        (
+            "memoryRequest",
+            &sidecar.memory_request,
+            &mut t.defaults.resources.memory_request,
+        ),
     ] {
-        let Some(v) = field(name) else { continue };
-        match v.as_str().map(|q| (q, parse_quantity(q))) {
-            Some((q, Ok(_))) => *slot = Some(q.to_owned()),
-            Some((_, Err(e))) => ignored.push(format!("{name} {v}: {e}")),
-            None => ignored.push(format!("{name} {v}: not a quantity")),
+        let Some(q) = value else { continue };
+        match parse_quantity(q) {
+            Ok(_) => *slot = Some(q.clone()),
+            Err(e) => ignored.push(format!("{name} {q:?}: {e}")),
         }
     }
     (t, ignored)
@@ -92,13 +89,13 @@ async fn follow_events(
     base: &SidecarTemplate,
     templates: &watch::Sender<Arc<SidecarTemplate>>,
 ) {
-    let api: Api<DynamicObject> = Api::all_with(client, &configuration_resource());
+    let api: Api<TunnelConfiguration> = Api::all(client);
     let mut events = std::pin::pin!(kube::runtime::watcher::watch_object(api, name));
     let mut last_ignored = Vec::new();
     while let Some(event) = events.next().await {
         let template = match event {
             Ok(Some(config)) => {
-                let (t, ignored) = overlay(base, &config.data["spec"]["sidecar"]);
+                let (t, ignored) = overlay(base, &config.spec.sidecar);
                 if ignored != last_ignored {
                     for why in &ignored {
                         tracing::warn!(configuration = %name, field = %why, "ignoring a sidecar default of the TunnelConfiguration; the flag's value stays");
@@ -134,8 +131,6 @@ async fn follow_events(
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
     use crate::inject::tests::template;
 
@@ -144,7 +139,13 @@ mod tests {
         let base = template();
         let (t, ignored) = overlay(
             &base,
-            &json!({ "image": "registry.example/tunnel-sidecar:9", "proxyPort": 18080, "logLevel": "debug", "cpuRequest": "50m", "memoryRequest": "64Mi" }),
+            &SidecarDefaults {
+                image: Some("registry.example/tunnel-sidecar:9".into()),
+                proxy_port: Some(18080),
+                log_level: Some("debug".into()),
+                cpu_request: Some("50m".into()),
+                memory_request: Some("64Mi".into()),
+            },
         );
         assert!(ignored.is_empty(), "{ignored:?}");
         assert_eq!(t.image, "registry.example/tunnel-sidecar:9");
@@ -163,36 +164,65 @@ mod tests {
     #[test]
     fn proxy_port_zero_turns_the_proxy_off_and_absent_fields_keep_the_flags() {
         let base = template();
-        let (t, ignored) = overlay(&base, &json!({ "proxyPort": 0 }));
+        let only_port = SidecarDefaults {
+            proxy_port: Some(0),
+            ..SidecarDefaults::default()
+        };
+        let (t, ignored) = overlay(&base, &only_port);
         assert!(ignored.is_empty());
         assert_eq!(t.defaults.proxy_port, None);
         assert_eq!(t.image, base.image);
-        let (t, _) = overlay(&base, &Value::Null);
+        let (t, _) = overlay(&base, &SidecarDefaults::default());
         assert_eq!(t.defaults, base.defaults, "no sidecar section: the flags");
     }
 
     #[test]
     fn unusable_values_are_ignored_each_with_a_reason_and_the_rest_applies() {
+        // A port out of range never gets here: the CRD's schema refuses it
+        // and the type cannot hold it.
         let base = template();
         let (t, ignored) = overlay(
             &base,
-            &json!({ "image": "two words", "proxyPort": 70000, "cpuRequest": "lots", "logLevel": "warn" }),
+            &SidecarDefaults {
+                image: Some("two words".into()),
+                cpu_request: Some("lots".into()),
+                log_level: Some("warn".into()),
+                ..SidecarDefaults::default()
+            },
         );
         assert_eq!(t.image, base.image);
-        assert_eq!(t.defaults.proxy_port, base.defaults.proxy_port);
         assert_eq!(
             t.defaults.resources.cpu_request,
             base.defaults.resources.cpu_request
         );
         assert_eq!(t.defaults.log_level, "warn", "the good field applies");
-        assert_eq!(ignored.len(), 3, "{ignored:?}");
+        assert_eq!(ignored.len(), 2, "{ignored:?}");
         assert!(
-            ignored.iter().any(|w| w.starts_with("proxyPort 70000")),
+            ignored.iter().any(|w| w.starts_with("image \"two words\"")),
             "{ignored:?}"
         );
         assert!(
             ignored.iter().any(|w| w.starts_with("cpuRequest \"lots\"")),
             "{ignored:?}"
         );
+    }
+
+    #[test]
+    fn a_configuration_with_a_sidecar_section_reads_as_the_chart_writes_it() {
+        let config: TunnelConfiguration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cluster-tunnel.io/v1alpha1",
+            "kind": "TunnelConfiguration",
+            "metadata": { "name": "cluster-tunnel" },
+            "spec": {
+                "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com" } } },
+                "agent": { "image": "a:1" },
+                "sidecar": { "proxyPort": 0, "cpuRequest": "20m" },
+            },
+        }))
+        .unwrap();
+        let (t, ignored) = overlay(&template(), &config.spec.sidecar);
+        assert!(ignored.is_empty(), "{ignored:?}");
+        assert_eq!(t.defaults.proxy_port, None);
+        assert_eq!(t.defaults.resources.cpu_request.as_deref(), Some("20m"));
     }
 }

@@ -21,27 +21,16 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::{Value, json};
-use tunnel_sidecar::direct::DirectPolicy;
 
-use crate::annotations::{self, AnnotationError, Defaults, Mode, OptIn, PodOptions};
+use tunnel_api::annotations;
+use tunnel_api::pod::{
+    ADMIN_PORT_NAME, SIDECAR_CONTAINER, TLS_DIR, TLS_VOLUME, TOKEN_DIR, TOKEN_FILE, TOKEN_VOLUME,
+};
+use tunnel_api::sidecar::DirectPolicy;
+
+use crate::annotations::{AnnotationError, Defaults, Mode, OptIn, PodOptions};
 use crate::mesh::{self, Mesh};
 
-/// Name of the injected container; a pod that has a container of this name
-/// (init or app) is left alone.
-pub const SIDECAR_NAME: &str = "cluster-tunnel-sidecar";
-/// Volume with the projected service-account token.
-pub const TOKEN_VOLUME: &str = "cluster-tunnel-token";
-/// Directory of the token in the sidecar.
-pub const TOKEN_DIR: &str = "/var/run/secrets/cluster-tunnel";
-/// File name of the token inside [`TOKEN_DIR`].
-pub const TOKEN_FILE: &str = "token";
-/// Volume with the sidecar's client certificate (a Secret).
-pub const TLS_VOLUME: &str = "cluster-tunnel-tls";
-/// Directory of the client certificate in the sidecar: `tls.crt`, `tls.key`,
-/// `ca.crt`, as in a `kubernetes.io/tls` Secret written by cert-manager.
-pub const TLS_DIR: &str = "/etc/cluster-tunnel/tls";
-/// Name of the sidecar's admin port in the pod spec.
-pub const ADMIN_PORT_NAME: &str = "tunnel-admin";
 /// Annotation `kubectl logs`/`exec` read to pick a container (legacy mode
 /// puts the sidecar first, which would otherwise be the default).
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -144,14 +133,14 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
         .containers
         .iter()
         .chain(init_containers)
-        .find(|c| c.name == SIDECAR_NAME)
+        .find(|c| c.name == SIDECAR_CONTAINER)
     {
         // Re-invoked (or a pod re-created from an injected spec): another
         // webhook, a mesh's injector say, may have added a container since.
         check_ports(&injected_ports(ours), spec, "was added after the sidecar")?;
         return Ok(Outcome::AlreadyInjected);
     }
-    if let OptIn::No(why) = annotations::opt_in(annotations, labels)? {
+    if let OptIn::No(why) = crate::annotations::opt_in(annotations, labels)? {
         return Ok(Outcome::Skipped(why));
     }
     let options =
@@ -258,7 +247,7 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
 /// Refuses the pod when a port the sidecar listens on is held by another
 /// of its containers (declared, or reserved by a mesh's proxy).
 fn check_ports(listening: &[(u16, &str)], spec: &PodSpec, when: &str) -> Result<(), Refusal> {
-    let held = mesh::held_ports(spec, SIDECAR_NAME);
+    let held = mesh::held_ports(spec, SIDECAR_CONTAINER);
     for (port, chosen_by) in listening {
         if let Some(h) = held.iter().find(|h| h.port == *port) {
             let change =
@@ -279,7 +268,7 @@ fn check_ports(listening: &[(u16, &str)], spec: &PodSpec, when: &str) -> Result<
 /// The ports an injected sidecar listens on, read back from its
 /// environment (its defaults where a variable is absent).
 fn injected_ports(sidecar: &Container) -> Vec<(u16, &'static str)> {
-    use tunnel_sidecar::config::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, PortMapping};
+    use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, PortMapping};
     let var = |name: &str| {
         sidecar
             .env
@@ -352,12 +341,12 @@ pub fn cluster_port_env(options: &PodOptions) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for (_, mapping) in &options.ports {
         let addr = format!("127.0.0.1:{}", mapping.port);
-        let cluster = env_token(&mapping.target.cluster);
+        let cluster = env_token(&mapping.cluster);
         let short = format!("CLUSTER_TUNNEL_{cluster}_ADDR");
         let long = format!(
             "CLUSTER_TUNNEL_{cluster}_{}_{}_ADDR",
-            env_token(&mapping.target.host),
-            mapping.target.port
+            env_token(&mapping.host),
+            mapping.target_port
         );
         for name in [short, long] {
             if !out.iter().any(|(n, _)| *n == name) {
@@ -542,7 +531,7 @@ fn known_clusters(options: &PodOptions) -> Vec<String> {
     let named = options
         .ports
         .iter()
-        .map(|(_, m)| &m.target.cluster)
+        .map(|(_, m)| &m.cluster)
         .chain(options.default_cluster.as_ref());
     for cluster in named {
         if !out.contains(cluster) {
@@ -634,7 +623,7 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
         ),
     };
     Container {
-        name: SIDECAR_NAME.into(),
+        name: SIDECAR_CONTAINER.into(),
         image: Some(t.image.clone()),
         image_pull_policy: t.image_pull_policy.clone(),
         env: Some(env),
@@ -792,8 +781,8 @@ pub(crate) mod tests {
     #[test]
     fn a_pod_with_the_sidecar_is_left_alone_whatever_its_annotations() {
         for spec in [
-            json!({ "containers": [{ "name": "app" }, { "name": SIDECAR_NAME }] }),
-            json!({ "containers": [{ "name": "app" }], "initContainers": [{ "name": SIDECAR_NAME }] }),
+            json!({ "containers": [{ "name": "app" }, { "name": SIDECAR_CONTAINER }] }),
+            json!({ "containers": [{ "name": "app" }], "initContainers": [{ "name": SIDECAR_CONTAINER }] }),
         ] {
             let p = opted_in(
                 json!({ "cluster-tunnel.io/inject": "true", "cluster-tunnel.io/mode": "bad" }),
@@ -823,7 +812,7 @@ pub(crate) mod tests {
         let (patch, _) = injected(&p);
         let out = apply(&p, &patch);
         let init = out["spec"]["initContainers"].as_array().unwrap();
-        assert_eq!(init[0]["name"], SIDECAR_NAME);
+        assert_eq!(init[0]["name"], SIDECAR_CONTAINER);
         assert_eq!(init[0]["restartPolicy"], "Always");
         assert_eq!(
             init[0]["startupProbe"]["exec"]["command"],
@@ -855,7 +844,7 @@ pub(crate) mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         let out = apply(&p, &patch);
         let containers = out["spec"]["containers"].as_array().unwrap();
-        assert_eq!(containers[0]["name"], SIDECAR_NAME);
+        assert_eq!(containers[0]["name"], SIDECAR_CONTAINER);
         assert!(containers[0].get("restartPolicy").is_none());
         assert_eq!(
             containers[0]["lifecycle"]["postStart"]["exec"]["command"],
@@ -1047,7 +1036,7 @@ pub(crate) mod tests {
         let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(
             names,
-            ["istio-init", "istio-proxy", SIDECAR_NAME, "migrate"]
+            ["istio-init", "istio-proxy", SIDECAR_CONTAINER, "migrate"]
         );
         assert!(init[0].get("env").is_none() && init[1].get("env").is_none());
         assert!(env_of(&init[3]).iter().any(|(n, _)| n == "HTTP_PROXY"));
@@ -1064,7 +1053,7 @@ pub(crate) mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["linkerd-proxy", SIDECAR_NAME, "app"]);
+        assert_eq!(names, ["linkerd-proxy", SIDECAR_CONTAINER, "app"]);
         assert!(containers[0].get("env").is_none());
         assert_eq!(
             out["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION],
@@ -1099,7 +1088,7 @@ pub(crate) mod tests {
             .as_array_mut()
             .unwrap()
             .iter_mut()
-            .find(|c| c["name"] == SIDECAR_NAME)
+            .find(|c| c["name"] == SIDECAR_CONTAINER)
             .unwrap();
         for var in sidecar["env"].as_array_mut().unwrap() {
             if var["name"] == "TUNNEL_ADMIN_LISTEN" {
@@ -1117,7 +1106,7 @@ pub(crate) mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .position(|c| c["name"] == SIDECAR_NAME)
+            .position(|c| c["name"] == SIDECAR_CONTAINER)
             .unwrap();
         once["spec"]["initContainers"][sidecar]["env"] = json!([]);
         once["spec"]["containers"][0]["ports"] = json!([{ "containerPort": 17080 }]);

@@ -25,9 +25,10 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tunnel_api::pod::SIDECAR_CONTAINER;
 use tunnel_injector::annotations::{Defaults, Mode, Resources};
 use tunnel_injector::certs::{CertFiles, generate, service_dns_names};
-use tunnel_injector::inject::{BASE_NO_PROXY, SIDECAR_NAME, SidecarTemplate};
+use tunnel_injector::inject::{BASE_NO_PROXY, SidecarTemplate};
 use tunnel_injector::{CertSource, Injector, InjectorConfig};
 
 /// Every wait in these tests.
@@ -372,7 +373,7 @@ fn sidecar_of(pod: &Value, list: &str) -> Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["name"] == SIDECAR_NAME)
+        .find(|c| c["name"] == SIDECAR_CONTAINER)
         .cloned()
         .expect("the sidecar")
 }
@@ -388,7 +389,7 @@ async fn a_pod_with_one_container_gets_a_native_sidecar() {
     assert!(response.get("warnings").is_none(), "{response}");
     let pod = patched("one-container");
     let sidecar = &pod["spec"]["initContainers"][0];
-    assert_eq!(sidecar["name"], SIDECAR_NAME);
+    assert_eq!(sidecar["name"], SIDECAR_CONTAINER);
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(
         pod["metadata"]["annotations"]["cluster-tunnel.io/injected"],
@@ -403,7 +404,7 @@ async fn init_containers_and_env_keep_their_order_and_get_the_proxy() {
     assert_injection_matches_golden(&webhook, "init-containers-and-env").await;
     let pod = patched("init-containers-and-env");
     let init = pod["spec"]["initContainers"].as_array().unwrap();
-    assert_eq!(init[0]["name"], SIDECAR_NAME);
+    assert_eq!(init[0]["name"], SIDECAR_CONTAINER);
     assert_eq!(init[1]["name"], "migrate");
     webhook.injector.shutdown().await;
 }
@@ -441,7 +442,7 @@ async fn every_container_of_a_pod_with_several_gets_the_environment() {
     let pod = patched("several-containers");
     for list in ["containers", "initContainers"] {
         for c in pod["spec"][list].as_array().unwrap() {
-            if c["name"] == SIDECAR_NAME {
+            if c["name"] == SIDECAR_CONTAINER {
                 continue;
             }
             let env = c["env"].as_array().unwrap();
@@ -488,7 +489,7 @@ async fn a_jobs_pod_in_legacy_mode_is_warned_about_shutdown() {
         "{warnings:?}"
     );
     let pod = patched("job-legacy");
-    assert_eq!(pod["spec"]["containers"][0]["name"], SIDECAR_NAME);
+    assert_eq!(pod["spec"]["containers"][0]["name"], SIDECAR_CONTAINER);
     assert_eq!(
         pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
         "export"
@@ -541,13 +542,13 @@ async fn an_istio_injected_pod_gets_the_sidecar_after_istio_s_containers() {
         assert!(response.get("warnings").is_none(), "{name}: {response}");
         let pod = patched(name);
         let init = names(&pod, "initContainers");
-        let at = init.iter().position(|n| n == SIDECAR_NAME).unwrap();
+        let at = init.iter().position(|n| n == SIDECAR_CONTAINER).unwrap();
         let want = if name == "istio-native" { 2 } else { 1 };
         assert_eq!(at, want, "{name}: {init:?}");
         for list in ["initContainers", "containers"] {
             for c in pod["spec"][list].as_array().unwrap() {
                 let istio = c["name"].as_str().unwrap().starts_with("istio-");
-                if c["name"] != SIDECAR_NAME {
+                if c["name"] != SIDECAR_CONTAINER {
                     assert_eq!(has_var(c, "HTTP_PROXY"), !istio, "{name}: {}", c["name"]);
                 }
             }
@@ -587,7 +588,7 @@ async fn a_linkerd_injected_pod_gets_the_sidecar_after_linkerd_s_containers() {
     let pod = patched("linkerd-legacy");
     assert_eq!(
         names(&pod, "containers"),
-        ["linkerd-proxy", SIDECAR_NAME, "reports"]
+        ["linkerd-proxy", SIDECAR_CONTAINER, "reports"]
     );
     assert_eq!(
         pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
@@ -600,7 +601,7 @@ async fn a_linkerd_injected_pod_gets_the_sidecar_after_linkerd_s_containers() {
     let pod = patched("linkerd-native");
     assert_eq!(
         names(&pod, "initContainers"),
-        ["linkerd-init", "linkerd-proxy", SIDECAR_NAME]
+        ["linkerd-init", "linkerd-proxy", SIDECAR_CONTAINER]
     );
     assert!(!has_var(&pod["spec"]["initContainers"][1], "HTTP_PROXY"));
     webhook.injector.shutdown().await;
@@ -659,7 +660,7 @@ async fn a_port_a_mesh_holds_refuses_the_pod_also_on_reinvocation() {
         .as_array_mut()
         .unwrap()
         .iter_mut()
-        .find(|c| c["name"] == SIDECAR_NAME)
+        .find(|c| c["name"] == SIDECAR_CONTAINER)
         .unwrap();
     for var in sidecar["env"].as_array_mut().unwrap() {
         if var["name"] == "TUNNEL_ADMIN_LISTEN" {
@@ -879,7 +880,11 @@ fn tunnel_configuration(image: &str, proxy_port: u16) -> Value {
     json!({
         "apiVersion": "cluster-tunnel.io/v1alpha1", "kind": "TunnelConfiguration",
         "metadata": { "name": "cluster-tunnel", "resourceVersion": "7" },
-        "spec": { "sidecar": { "image": image, "proxyPort": proxy_port, "logLevel": "debug" } },
+        "spec": {
+            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com" } } },
+            "agent": { "image": "a:1" },
+            "sidecar": { "image": image, "proxyPort": proxy_port, "logLevel": "debug" },
+        },
     })
 }
 

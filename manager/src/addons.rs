@@ -45,13 +45,13 @@ use tokio::sync::watch;
 
 use crate::addon_status;
 use crate::agent_work::{self, AgentWorkInput, HubAddress, WORK_NAME};
-use crate::crd::{EntrypointType, TunnelConfiguration};
 use crate::deployment_config::{AgentOverrides, ConfigError};
 use crate::ocm::{
     ADDON_LABEL, ADDON_NAME, AddOnDeploymentConfig, ManagedCluster, ManagedClusterAddOn,
     manifest_work_resource,
 };
 use crate::signer::{FIELD_MANAGER, Signer};
+use tunnel_api::configuration::{EntrypointType, TunnelConfiguration};
 
 /// Finalizer on every addon the manager delivered an agent for.
 pub const FINALIZER: &str = "cluster-tunnel.io/agent-cleanup";
@@ -441,8 +441,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::crd::TunnelConfigurationSpec;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const NS: &str = "cluster-tunnel";
     const TD: &str = "cluster-tunnel";
@@ -458,7 +458,10 @@ mod tests {
             "agent": { "image": "ghcr.io/cluster-tunnel/tunnel-agent:1", "replicas": replicas },
         }))
         .unwrap();
-        Arc::new(TunnelConfiguration::new(crate::crd::DEFAULT_NAME, spec))
+        Arc::new(TunnelConfiguration::new(
+            tunnel_api::configuration::DEFAULT_NAME,
+            spec,
+        ))
     }
 
     /// The addon in `east`, with our finalizer or not, being deleted or not,
@@ -516,7 +519,7 @@ mod tests {
                 client,
                 namespace: NS.into(),
                 config: config_rx,
-                config_name: crate::crd::DEFAULT_NAME.into(),
+                config_name: tunnel_api::configuration::DEFAULT_NAME.into(),
                 live: live_rx,
                 signer: Arc::new(Signer::generate(TD, now).unwrap()),
                 clock: Arc::new(move || now),

@@ -20,9 +20,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use serde_json::{Value, json};
 
-use crate::crd::AgentSpec;
 use crate::deployment_config::AgentOverrides;
 use crate::ocm::{ADDON_LABEL, ADDON_NAME, CONFIG_SPEC_HASH_ANNOTATION, REGISTRATION_SECRET};
+use tunnel_api::configuration::AgentSpec;
 
 pub use crate::ocm::manifest_work_resource;
 

@@ -20,13 +20,13 @@ use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 
 use crate::addons::{self, LiveView};
-use crate::crd::TunnelConfiguration;
 use crate::health::{self, ProbeOptions};
 use crate::hub;
 use crate::leader::{self, LeaseLock};
 use crate::namespaces;
 use crate::signer::{self, Leaf, Signer};
 use crate::status::StatusBoard;
+use tunnel_api::configuration::TunnelConfiguration;
 
 /// cluster-tunnel's hub control plane.
 #[derive(Debug, Parser)]
@@ -67,7 +67,7 @@ pub struct RunArgs {
     #[arg(long, env = "TUNNEL_NAMESPACE", default_value = "cluster-tunnel")]
     pub namespace: String,
     /// Name of the TunnelConfiguration to follow.
-    #[arg(long, env = "TUNNEL_CONFIG_NAME", default_value = crate::crd::DEFAULT_NAME)]
+    #[arg(long, env = "TUNNEL_CONFIG_NAME", default_value = tunnel_api::configuration::DEFAULT_NAME)]
     pub config_name: String,
     /// The servers' client port (for the live view of connected agents).
     #[arg(
@@ -128,14 +128,14 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "TUNNEL_NAMESPACE_LABEL",
-        default_value = crate::namespaces::DEFAULT_NAMESPACE_LABEL
+        default_value = tunnel_api::labels::NAMESPACE_INJECTION
     )]
     pub namespace_label: String,
     /// Name of the sidecar certificate Secret in each labelled namespace (the injector's `--sidecar-cert-secret`).
     #[arg(
         long,
         env = "TUNNEL_SIDECAR_CERT_SECRET",
-        default_value = crate::namespaces::DEFAULT_SECRET_NAME
+        default_value = tunnel_api::pod::SIDECAR_SECRET
     )]
     pub sidecar_cert_secret: String,
     /// Also keep a client certificate (`client/<name>`) in the Secret of this
@@ -258,7 +258,7 @@ pub struct HealthArgs {
     #[arg(
         long,
         env = "TUNNEL_NAMESPACE_LABEL",
-        default_value = crate::namespaces::DEFAULT_NAMESPACE_LABEL
+        default_value = tunnel_api::labels::NAMESPACE_INJECTION
     )]
     pub namespace_label: String,
     /// Print JSON instead of a table.
@@ -275,7 +275,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
     tunnel_proto::tls::install_crypto_provider();
     match cli.command {
         Command::Crdgen => {
-            print!("{}", crate::crd::crd_yaml());
+            print!("{}", tunnel_api::configuration::crd_yaml());
             Ok(ExitCode::SUCCESS)
         }
         Command::Health(args) => {
@@ -295,7 +295,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = kube::Client::try_default()
                 .await
                 .context("Kubernetes client")?;
-            for name in crate::crd::apply_crds(&client).await? {
+            for name in crate::crds::apply_crds(&client).await? {
                 println!("{name} applied");
             }
             Ok(ExitCode::SUCCESS)

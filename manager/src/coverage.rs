@@ -22,14 +22,12 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 
 use crate::metrics::{ManagerMetrics, NamespaceLabel};
-use crate::namespaces::ENABLED;
+use tunnel_api::annotations::INJECT;
+use tunnel_api::labels::INJECTION_ENABLED;
+use tunnel_api::pod::SIDECAR_CONTAINER;
 
 /// How often [`run`] looks.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(60);
-/// The injected container's name (the injector's `SIDECAR_NAME`).
-pub const SIDECAR_CONTAINER: &str = "cluster-tunnel-sidecar";
-/// The opt-in annotation, and the opt-out label of the same key.
-pub const INJECT: &str = "cluster-tunnel.io/inject";
 
 /// One opted-in pod without the sidecar.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -75,14 +73,14 @@ pub async fn scan(
     client: &kube::Client,
     namespace_label: &str,
 ) -> Result<Vec<Uninjected>, kube::Error> {
-    let selector = format!("{namespace_label}={ENABLED}");
+    let selector = format!("{namespace_label}={INJECTION_ENABLED}");
     let namespaces = Api::<Namespace>::all(client.clone())
         .list(&ListParams::default().labels(&selector))
         .await?;
     let mut out = Vec::new();
     for ns in namespaces.items {
         if ns.metadata.deletion_timestamp.is_some()
-            || ns.labels().get(namespace_label).map(String::as_str) != Some(ENABLED)
+            || ns.labels().get(namespace_label).map(String::as_str) != Some(INJECTION_ENABLED)
         {
             continue;
         }

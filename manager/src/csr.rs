@@ -63,12 +63,12 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::addons::Clock;
-use crate::crd::TunnelConfiguration;
 use crate::ocm::{
     ADDON_LABEL, ADDON_NAME, CLUSTER_LABEL, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME,
     agent_user, cluster_group, cluster_user_prefix,
 };
 use crate::signer::{CertRequest, Leaf, Signer, SignerError};
+use tunnel_api::configuration::TunnelConfiguration;
 
 /// How often a request for a cluster that is not served yet is looked at again.
 pub const PENDING_RECHECK: Duration = Duration::from_secs(30);
@@ -222,7 +222,7 @@ pub fn check(
     let Some(cluster) = labels.get(CLUSTER_LABEL).cloned() else {
         return Verdict::Deny(format!("no {CLUSTER_LABEL} label"));
     };
-    if let Err(e) = tunnel_proto::identity::validate_cluster_name(&cluster) {
+    if let Err(e) = tunnel_identity::spiffe::validate_cluster_name(&cluster) {
         return Verdict::Deny(format!("cluster {cluster:?}: {e}"));
     }
     let sender = csr.spec.username.as_deref().unwrap_or_default();
@@ -276,7 +276,7 @@ pub fn check(
 
 /// A join request for `cluster`: sent with `cluster`'s join token, for its agent's subject only.
 fn check_join(csr: &CertificateSigningRequest, cluster: &str, namespace: &str) -> Verdict {
-    if let Err(e) = tunnel_proto::identity::validate_cluster_name(cluster) {
+    if let Err(e) = tunnel_identity::spiffe::validate_cluster_name(cluster) {
         return Verdict::Deny(format!("cluster {cluster:?}: {e}"));
     }
     let user = csr.spec.username.as_deref().unwrap_or_default();
@@ -470,8 +470,8 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use crate::crd::TunnelConfigurationSpec;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const TD: &str = "cluster-tunnel";
     const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";
@@ -487,7 +487,7 @@ mod tests {
         }))
         .unwrap();
         let (tx, rx) = watch::channel(Some(Arc::new(TunnelConfiguration::new(
-            crate::crd::DEFAULT_NAME,
+            tunnel_api::configuration::DEFAULT_NAME,
             spec,
         ))));
         std::mem::forget(tx);
@@ -501,7 +501,7 @@ mod tests {
             signer: Arc::new(Signer::generate(TD, now).unwrap()),
             trust_domain: TD.into(),
             config: config(),
-            config_name: crate::crd::DEFAULT_NAME.into(),
+            config_name: tunnel_api::configuration::DEFAULT_NAME.into(),
             clock: Arc::new(move || now),
             metrics: crate::metrics::ManagerMetrics::default(),
             join_namespace: Some("cluster-tunnel".into()),
@@ -641,7 +641,7 @@ mod tests {
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         // The servers read the agent's identity from it.
         assert_eq!(
-            tunnel_proto::identity::peer_identity(&der, TD)
+            tunnel_identity::spiffe::peer_identity(&der, TD)
                 .unwrap()
                 .uri(TD),
             "spiffe://cluster-tunnel/agent/east"
@@ -1020,7 +1020,7 @@ mod tests {
         .unwrap();
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         assert_eq!(
-            tunnel_proto::identity::peer_identity(&der, TD)
+            tunnel_identity::spiffe::peer_identity(&der, TD)
                 .unwrap()
                 .uri(TD),
             "spiffe://cluster-tunnel/agent/east"

@@ -33,20 +33,19 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::crd::{
+use tunnel_api::configuration::{
     AntiAffinity, Authorization, EntrypointType, InjectorSpec, ServerSpec, TunnelConfiguration,
 };
+use tunnel_api::labels::APP_NAME;
+use tunnel_api::pod::TLS_DIR;
+
 use crate::signer::FIELD_MANAGER;
 use crate::status::StatusBoard;
 
-/// `app.kubernetes.io/name` of everything cluster-tunnel runs.
-pub const APP_NAME: &str = "cluster-tunnel";
 /// How often everything is applied again even when nothing was seen to change.
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Retry delay after a failed reconciliation.
 pub const RETRY_DELAY: Duration = Duration::from_secs(15);
-/// Where the server certificate is mounted in the server pods.
-const TLS_DIR: &str = "/etc/cluster-tunnel/tls";
 /// The status condition this controller owns.
 pub const CONDITION: &str = "ServerDeployed";
 
@@ -727,8 +726,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::crd::TunnelConfigurationSpec;
     use crate::mock_api::{self, Reply, TIMEOUT, deleted, finish, not_found, serve, status_reply};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const SA: &str = "/api/v1/namespaces/cluster-tunnel/serviceaccounts/cluster-tunnel-server";
     const ROLE: &str = "/apis/rbac.authorization.k8s.io/v1/clusterroles/cluster-tunnel-server";

@@ -25,14 +25,14 @@ use kube::api::{Api, PostParams};
 
 use crate::csr::join_service_account;
 use crate::ocm::ManagedCluster;
-use crate::signer::MANAGED_BY_LABEL;
+use tunnel_api::labels::MANAGED_BY;
 
 /// A join token could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     /// The cluster name cannot name an agent.
     #[error("cluster {0:?}: {1}")]
-    BadCluster(String, #[source] tunnel_proto::identity::IdentityError),
+    BadCluster(String, #[source] tunnel_identity::spiffe::IdentityError),
     /// An API request failed.
     #[error("cannot {action}: {source}")]
     Api {
@@ -74,7 +74,7 @@ pub async fn join_token(
     join_role: &str,
     duration: Duration,
 ) -> Result<String, JoinError> {
-    tunnel_proto::identity::validate_cluster_name(cluster)
+    tunnel_identity::spiffe::validate_cluster_name(cluster)
         .map_err(|e| JoinError::BadCluster(cluster.to_owned(), e))?;
     // 404 also when OCM is not installed (no such resource): nothing to clash with.
     let managed = Api::<ManagedCluster>::all(client.clone())
@@ -86,7 +86,7 @@ pub async fn join_token(
     }
     let name = join_service_account(cluster);
     let labels = Some(std::collections::BTreeMap::from([
-        (MANAGED_BY_LABEL.0.to_owned(), MANAGED_BY_LABEL.1.to_owned()),
+        (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
         ("cluster-tunnel.io/cluster".to_owned(), cluster.to_owned()),
     ]));
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);

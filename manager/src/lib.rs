@@ -2,7 +2,7 @@
 //!
 //! # Modules
 //!
-//! - [`crd`]: the `TunnelConfiguration` resource and its generated CRD;
+//! - [`crds`]: applies the CRDs generated from `tunnel_api`'s types;
 //! - [`signer`]: the signer CA kept in a Secret (generated if absent) and
 //!   the certificates it issues, renewed when a fifth of their lifetime is left;
 //! - [`ocm`]: the open-cluster-management resources read and written, and
@@ -33,7 +33,7 @@ pub mod addons;
 pub mod agent_work;
 pub mod cli;
 pub mod coverage;
-pub mod crd;
+pub mod crds;
 pub mod csr;
 pub mod deployment_config;
 pub mod health;

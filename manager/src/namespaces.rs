@@ -23,7 +23,7 @@
 //! subjects never match it.
 //!
 //! **Secrets the manager did not write are left alone.** A Secret of that
-//! name without the manager's label ([`signer::MANAGED_BY_LABEL`]) — one an
+//! name without the manager's label ([`MANAGED_BY`]) — one an
 //! administrator made, or cert-manager keeps — is never overwritten (a
 //! warning is logged) nor deleted. When a namespace loses the label (or its
 //! value is no longer `enabled`) the Secret is deleted only if the manager
@@ -41,18 +41,13 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::watcher;
 use sha2::Digest as _;
 use tokio::sync::watch;
-use tunnel_proto::identity::{IdentityError, validate_client_name};
+use tunnel_api::labels::{INJECTION_ENABLED, MANAGED_BY};
+use tunnel_identity::spiffe::{IdentityError, validate_client_name};
 
 use crate::addons::Clock;
-use crate::crd::TunnelConfiguration;
 use crate::signer::{self, Leaf, LeafOutcome, Signer, SignerError};
+use tunnel_api::configuration::TunnelConfiguration;
 
-/// Default label key of injection-enabled namespaces (`--namespace-label`).
-pub const DEFAULT_NAMESPACE_LABEL: &str = "cluster-tunnel.io/injection";
-/// The label's value that enables injection (what the webhook selects).
-pub const ENABLED: &str = "enabled";
-/// Default name of the sidecar certificate Secret (`--sidecar-cert-secret`).
-pub const DEFAULT_SECRET_NAME: &str = "cluster-tunnel-sidecar";
 /// Periodic re-check of a labelled namespace's Secret (renewal, deletion).
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Delay before a failed reconciliation is retried.
@@ -106,7 +101,7 @@ impl ReconcileError {
 pub struct Context {
     /// The API client.
     pub client: kube::Client,
-    /// Label key of injection-enabled namespaces (value [`ENABLED`]).
+    /// Label key of injection-enabled namespaces (value [`INJECTION_ENABLED`]).
     pub label: String,
     /// Name of the Secret in each namespace.
     pub secret_name: String,
@@ -167,7 +162,9 @@ pub fn sidecar_leaf(namespace: &str) -> Result<Leaf, ReconcileError> {
 
 /// Whether `ns` asks for sidecars: `<label>=enabled`.
 pub fn injection_enabled(ns: &Namespace, label: &str) -> bool {
-    ns.labels().get(label).is_some_and(|v| v == ENABLED)
+    ns.labels()
+        .get(label)
+        .is_some_and(|v| v == INJECTION_ENABLED)
 }
 
 /// Reconciles one namespace: a labelled one gets a current Secret, an
@@ -204,8 +201,8 @@ async fn ensure(namespace: &str, ctx: &Context) -> Result<Action, ReconcileError
             %namespace,
             secret = %secret_name,
             "the sidecar certificate Secret was not made by tunnel-manager (no {}={} label); left alone",
-            signer::MANAGED_BY_LABEL.0,
-            signer::MANAGED_BY_LABEL.1,
+            MANAGED_BY.0,
+            MANAGED_BY.1,
         );
         return Ok(Action::requeue(RESYNC));
     }
@@ -285,7 +282,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<Namespace> = Api::all(ctx.client.clone());
-    tracing::info!(label = %format!("{}={ENABLED}", ctx.label), secret = %ctx.secret_name, "issuing sidecar certificates");
+    tracing::info!(label = %format!("{}={INJECTION_ENABLED}", ctx.label), secret = %ctx.secret_name, "issuing sidecar certificates");
     Controller::new(api, watcher::Config::default())
         .with_config(controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
@@ -313,8 +310,8 @@ mod tests {
     use time::OffsetDateTime;
 
     use super::*;
-    use crate::crd::TunnelConfigurationSpec;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
+    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const TD: &str = "cluster-tunnel";
     const SECRET: &str = "/api/v1/namespaces/fleet/secrets/cluster-tunnel-sidecar";
@@ -326,7 +323,10 @@ mod tests {
             "signer": { "certificateValidityDays": validity_days },
         }))
         .unwrap();
-        Arc::new(TunnelConfiguration::new(crate::crd::DEFAULT_NAME, spec))
+        Arc::new(TunnelConfiguration::new(
+            tunnel_api::configuration::DEFAULT_NAME,
+            spec,
+        ))
     }
 
     fn namespace(labels: Value, deleting: bool) -> Arc<Namespace> {
@@ -354,12 +354,12 @@ mod tests {
         let (_config_tx, config_rx) = watch::channel(Some(config(90)));
         let ctx = Arc::new(Context {
             client,
-            label: DEFAULT_NAMESPACE_LABEL.into(),
-            secret_name: DEFAULT_SECRET_NAME.into(),
+            label: tunnel_api::labels::NAMESPACE_INJECTION.into(),
+            secret_name: tunnel_api::pod::SIDECAR_SECRET.into(),
             trust_domain: TD.into(),
             signer,
             config: config_rx,
-            config_name: crate::crd::DEFAULT_NAME.into(),
+            config_name: tunnel_api::configuration::DEFAULT_NAME.into(),
             clock: Arc::new(move || now),
             metrics: crate::metrics::ManagerMetrics::default(),
         });
@@ -379,7 +379,7 @@ mod tests {
     /// server returns it.
     fn managed_secret(issued: &signer::Issued, ca: &str) -> Value {
         let mut v = serde_json::to_value(signer::tls_secret(
-            DEFAULT_SECRET_NAME,
+            tunnel_api::pod::SIDECAR_SECRET,
             "fleet",
             issued,
             ca,

@@ -15,22 +15,18 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, PatchParams, PostParams};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-};
+use rcgen::{Issuer, KeyPair, SanType};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
+use tunnel_api::labels::MANAGED_BY;
+use tunnel_identity::Identity;
+use tunnel_identity::pki::{self, LeafUsage};
 
 /// Field manager of everything the manager applies.
 pub const FIELD_MANAGER: &str = "tunnel-manager";
 /// Lifetime of a generated CA.
 pub const CA_VALIDITY: Duration = Duration::days(3650);
-/// `not_before` lies this far in the past, for clock skew between machines.
-const BACKDATE: Duration = Duration::hours(1);
-/// Label on every Secret the signer writes.
-pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "tunnel-manager");
 
 /// A failure of the signer.
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +76,26 @@ pub enum Leaf {
 }
 
 impl Leaf {
+    /// The identity this leaf's certificate proves.
+    pub fn identity(&self) -> Identity {
+        match self {
+            Leaf::Server { .. } => Identity::Server,
+            Leaf::Agent { cluster } => Identity::Agent {
+                cluster: cluster.clone(),
+            },
+            Leaf::Client { name } => Identity::Client { name: name.clone() },
+        }
+    }
+
     /// The identity URI of this leaf.
     pub fn uri(&self, trust_domain: &str) -> String {
+        self.identity().uri(trust_domain)
+    }
+
+    fn usage(&self) -> LeafUsage {
         match self {
-            Leaf::Server { .. } => format!("spiffe://{trust_domain}/server"),
-            Leaf::Agent { cluster } => format!("spiffe://{trust_domain}/agent/{cluster}"),
-            Leaf::Client { name } => format!("spiffe://{trust_domain}/client/{name}"),
+            Leaf::Server { .. } => LeafUsage::ServerAndClient,
+            Leaf::Agent { .. } | Leaf::Client { .. } => LeafUsage::Client,
         }
     }
 }
@@ -130,21 +140,8 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// A new CA valid from `now` for [`CA_VALIDITY`].
     pub fn generate(trust_domain: &str, now: OffsetDateTime) -> Result<Self, SignerError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "cluster-tunnel");
-        dn.push(DnType::CommonName, format!("{trust_domain} signer"));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.serial_number = Some(random_serial());
-        params.not_before = now - BACKDATE;
-        params.not_after = now + CA_VALIDITY;
+        let key = pki::new_key()?;
+        let params = pki::ca_params(format!("{trust_domain} signer"), now, now + CA_VALIDITY);
         let cert = params.self_signed(&key)?;
         Self::from_pem(&cert.pem(), &key.serialize_pem()).map_err(|reason| SignerError::BadCa {
             name: "(generated)".into(),
@@ -162,11 +159,10 @@ impl Signer {
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err("tls.key does not belong to tls.crt".into());
         }
-        let not_after = OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
-            .map_err(|e| e.to_string())?;
+        let not_after = pki::not_after(&x509)?;
         let subject_der = x509.subject().as_raw().to_vec();
-        let key_id = subject_key_id(&x509);
-        let issuer = issuer_of(&x509, key)?;
+        let key_id = pki::subject_key_id(&x509);
+        let issuer = pki::issuer_of(&x509, key)?;
         Ok(Self {
             ca: Issued {
                 cert_pem: cert_pem.to_owned(),
@@ -188,13 +184,9 @@ impl Signer {
         now: OffsetDateTime,
         validity: Duration,
     ) -> Result<Issued, SignerError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
+        let key = pki::new_key()?;
         let uri = leaf.uri(trust_domain);
-        dn.push(DnType::CommonName, uri.clone());
-        params.distinguished_name = dn;
-        let mut sans = vec![SanType::URI(uri.try_into()?)];
+        let mut sans = vec![SanType::URI(uri.clone().try_into()?)];
         if let Leaf::Server { names } = leaf {
             for name in names {
                 sans.push(match name.parse::<IpAddr>() {
@@ -203,20 +195,8 @@ impl Signer {
                 });
             }
         }
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match leaf {
-            Leaf::Server { .. } => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = now - BACKDATE;
-        params.not_after = (now + validity).min(self.not_after);
+        let not_after = (now + validity).min(self.not_after);
+        let params = pki::leaf_params(Some(uri), sans, leaf.usage(), now, not_after);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -384,88 +364,19 @@ impl Signer {
         now: OffsetDateTime,
         validity: Duration,
     ) -> Result<String, SignerError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        if let Some(cn) = request.common_names.first() {
-            dn.push(DnType::CommonName, cn.clone());
-        }
-        params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(leaf.uri(trust_domain).try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = now - BACKDATE;
-        params.not_after = (now + validity).min(self.not_after);
+        let sans = vec![SanType::URI(leaf.uri(trust_domain).try_into()?)];
+        let not_after = (now + validity).min(self.not_after);
+        // Whatever the leaf, a signed request makes a client certificate.
+        let params = pki::leaf_params(
+            request.common_names.first().cloned(),
+            sans,
+            LeafUsage::Client,
+            now,
+            not_after,
+        );
         let cert = params.signed_by(&request.key, &self.issuer)?;
         Ok(cert.pem())
     }
-}
-
-/// The rcgen issuer of a CA certificate: its subject name (UTF-8 and
-/// printable strings, which is what CAs use) and its subject key identifier.
-fn issuer_of(
-    x509: &x509_parser::certificate::X509Certificate<'_>,
-    key: KeyPair,
-) -> Result<Issuer<'static, KeyPair>, String> {
-    use x509_parser::der_parser::asn1_rs::Tag;
-    let mut dn = DistinguishedName::new();
-    for rdn in x509.subject().iter() {
-        for attr in rdn.iter() {
-            let oid: Vec<u64> = attr
-                .attr_type()
-                .iter()
-                .ok_or("subject attribute type is not a valid OID")?
-                .collect();
-            let value = attr.attr_value();
-            let text = std::str::from_utf8(value.data)
-                .map_err(|_| "subject value is not UTF-8".to_string())?
-                .to_owned();
-            let dn_value = match value.header.tag() {
-                Tag::Utf8String => rcgen::DnValue::Utf8String(text),
-                Tag::PrintableString => rcgen::DnValue::PrintableString(
-                    text.try_into()
-                        .map_err(|_| "bad printable string".to_string())?,
-                ),
-                _ => return Err("the CA's subject uses an unsupported string type".into()),
-            };
-            dn.push(DnType::from_oid(&oid), dn_value);
-        }
-    }
-    let mut params = CertificateParams::default();
-    params.distinguished_name = dn;
-    if let Some(ski) = subject_key_id(x509) {
-        params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(ski);
-    }
-    Ok(Issuer::new(params, key))
-}
-
-fn subject_key_id(x509: &x509_parser::certificate::X509Certificate<'_>) -> Option<Vec<u8>> {
-    x509.iter_extensions()
-        .find_map(|ext| match ext.parsed_extension() {
-            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(ski) => {
-                Some(ski.0.to_vec())
-            }
-            _ => None,
-        })
-}
-
-/// A random positive 128-bit serial number.
-fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand_bytes();
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01;
-    SerialNumber::from_slice(&bytes)
-}
-
-fn rand_bytes() -> [u8; 16] {
-    // A fresh key's public bytes are random enough for a serial and spare a dependency.
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
-    let raw = key.public_key_raw();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&raw[1..17]);
-    out
 }
 
 fn data(secret: &Secret, key: &str) -> Option<Vec<u8>> {
@@ -498,10 +409,7 @@ pub fn tls_secret(
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([(
-                MANAGED_BY_LABEL.0.into(),
-                MANAGED_BY_LABEL.1.into(),
-            )])),
+            labels: Some(BTreeMap::from([(MANAGED_BY.0.into(), MANAGED_BY.1.into())])),
             owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
@@ -646,7 +554,7 @@ pub async fn ensure_leaf_over(
     Ok((secret, LeafOutcome::Issued))
 }
 
-/// Whether the signer wrote `secret` (it carries [`MANAGED_BY_LABEL`] with
+/// Whether the signer wrote `secret` (it carries [`MANAGED_BY`] with
 /// its value; Helm's `managed-by: Helm` is someone else's). Secrets in other
 /// namespaces than the manager's — the sidecars' — are overwritten or deleted
 /// only when this holds; one an administrator (or cert-manager) made is left alone.
@@ -655,8 +563,8 @@ pub fn is_managed(secret: &Secret) -> bool {
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(MANAGED_BY_LABEL.0))
-        .is_some_and(|v| v == MANAGED_BY_LABEL.1)
+        .and_then(|l| l.get(MANAGED_BY.0))
+        .is_some_and(|v| v == MANAGED_BY.1)
 }
 
 #[cfg(test)]
@@ -694,7 +602,7 @@ mod tests {
         assert!(is_managed(&secret));
         // Helm's (or anyone's) managed-by, or none: someone else's.
         secret.metadata.labels = Some(BTreeMap::from([(
-            MANAGED_BY_LABEL.0.to_owned(),
+            MANAGED_BY.0.to_owned(),
             "Helm".to_owned(),
         )]));
         assert!(!is_managed(&secret));

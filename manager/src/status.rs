@@ -8,9 +8,9 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource as _, ResourceExt as _};
 use tokio::sync::Mutex;
 
-use crate::crd::{TunnelConfiguration, TunnelConfigurationStatus};
 use crate::metrics::ManagerMetrics;
 use crate::signer::FIELD_MANAGER;
+use tunnel_api::configuration::{TunnelConfiguration, TunnelConfigurationStatus};
 
 /// The conditions a configuration gets, and where they are written.
 pub struct StatusBoard {

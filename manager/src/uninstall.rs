@@ -39,7 +39,7 @@ use serde_json::json;
 use crate::addons::{FINALIZER, ReconcileError, remove_work};
 use crate::agent_work::WORK_NAME;
 use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, manifest_work_resource};
-use crate::signer::MANAGED_BY_LABEL;
+use tunnel_api::labels::MANAGED_BY;
 
 /// How often the addons are listed while waiting for them to go.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -192,8 +192,7 @@ pub async fn remove_legacy(
         cleaned.push(name);
     }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let managed =
-        ListParams::default().labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1));
+    let managed = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
     for secret in secrets
         .list(&managed)
         .await

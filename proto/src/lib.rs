@@ -48,8 +48,9 @@
 //! - [`grpc`]: the control RPCs over the same connections;
 //! - [`client`]: the client library (sidecars, tools, the benchmark);
 //! - [`error`]: typed errors;
-//! - [`tls`], [`identity`], [`certs`]: TLS 1.3 with the ring provider, the
-//!   identities in certificates, and the certificate command;
+//! - [`tls`]: TLS 1.3 with the ring provider; the identities in certificates
+//!   are `tunnel_identity`'s (re-exported as [`identity`] while the data path
+//!   moves to it);
 //! - [`net`]: socket options; [`backoff`]: reconnection delays;
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`cli`]: shared command-line pieces.
 
@@ -64,17 +65,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod admin;
 pub mod backoff;
-pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod error;
 pub mod grpc;
 pub mod h2;
-pub mod identity;
 pub mod net;
 pub mod relay;
 pub mod stream;
 pub mod tls;
+
+/// The identities in certificates; `tunnel_identity::spiffe` is their home.
+pub use tunnel_identity::spiffe as identity;
 
 /// Generated protocol types and gRPC stubs (`proto/tunnel.proto`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -413,7 +413,7 @@ mod tests {
     use rustls::pki_types::ServerName;
 
     use super::*;
-    use crate::certs::{CertOptions, generate};
+    use tunnel_identity::cert_dir::{CertOptions, generate};
 
     /// Issues (or re-issues) the server's and the east agent's certificates in
     /// `dir`, with a new CA when `dir` has none.

@@ -16,8 +16,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
+use tunnel_identity::spiffe::Identity;
 use tunnel_proto::error::{ErrorCode, TunnelError};
-use tunnel_proto::identity::Identity;
 
 /// Audience the sidecar's projected token is issued for (the injector's default).
 pub const DEFAULT_TOKEN_AUDIENCE: &str = "cluster-tunnel";
@@ -169,7 +169,7 @@ fn service_account(username: &str) -> Verdict {
     let parsed = username
         .strip_prefix("system:serviceaccount:")
         .and_then(|rest| rest.split_once(':'))
-        .and_then(|(ns, sa)| tunnel_proto::identity::parse_workload(&format!("{ns}/{sa}")).ok());
+        .and_then(|(ns, sa)| tunnel_identity::spiffe::parse_workload(&format!("{ns}/{sa}")).ok());
     parsed.ok_or_else(|| format!("token of {username:?} is not a service account's"))
 }
 

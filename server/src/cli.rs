@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN;
 use tunnel_proto::cli::{LogFormat, parse_duration};
-use tunnel_proto::identity::DEFAULT_TRUST_DOMAIN;
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
 
@@ -254,7 +254,7 @@ impl RunArgs {
                 .unwrap_or_else(|| self.cert_dir.join("ca.pem")),
         };
         for c in &self.known_clusters {
-            tunnel_proto::identity::validate_cluster_name(c)
+            tunnel_identity::spiffe::validate_cluster_name(c)
                 .map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
         }
         let h2 = self
@@ -338,7 +338,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     tunnel_proto::tls::install_crypto_provider();
     match cli.command {
         Some(Command::Certs(args)) => {
-            let opts = tunnel_proto::certs::CertOptions {
+            let opts = tunnel_identity::cert_dir::CertOptions {
                 trust_domain: args.trust_domain,
                 server_names: args.server_names,
                 clusters: args.clusters,
@@ -346,14 +346,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 workloads: args.workloads,
                 validity_days: args.validity_days,
             };
-            let out = tunnel_proto::certs::generate(&args.dir, &opts)?;
+            let out = tunnel_identity::cert_dir::generate(&args.dir, &opts)?;
             for path in &out.written {
                 println!("{}", path.display());
             }
             Ok(())
         }
         Some(Command::Crd) => {
-            print!("{}", crate::policy::crd_yaml());
+            print!("{}", tunnel_api::policy::crd_yaml());
             Ok(())
         }
         None => {

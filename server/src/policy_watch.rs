@@ -29,7 +29,9 @@ use crate::metrics::ServerMetrics;
 use crate::ocm_clusters::{
     self, ADDON_NAME, Admitted, ManagedCluster, ManagedClusterAddOn, ManagedClusterSet,
 };
-use crate::policy::{ClusterInventory, Policy, PolicyError, TunnelPolicy};
+use tunnel_api::policy::TunnelPolicy;
+
+use crate::policy::{ClusterInventory, Policy, PolicyError};
 
 /// The condition the servers write on each object.
 pub const ACCEPTED: &str = "Accepted";
@@ -298,8 +300,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::policy::{Access, Decision, TunnelPolicySpec};
-    use tunnel_proto::identity::Identity;
+    use tunnel_api::policy::TunnelPolicySpec;
+
+    use crate::policy::{Access, Decision};
+    use tunnel_identity::spiffe::Identity;
 
     fn obj(name: &str, version: &str, yaml: &str) -> TunnelPolicy {
         let spec: TunnelPolicySpec = serde_yaml::from_str(yaml).unwrap();

@@ -3,29 +3,22 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
+use tunnel_api::sidecar::{DEFAULT_APISERVER_HOST, DirectPolicy, PortMapping, parse_host_port};
+use tunnel_identity::spiffe::validate_cluster_name;
 use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::client::Target;
-use tunnel_proto::identity::validate_cluster_name;
 
-use crate::direct::{DirectDialer, DirectPolicy, parse_allowed_ips, parse_host_aliases};
-use crate::names::{DEFAULT_APISERVER_HOST, DEFAULT_CLUSTER_SUFFIX, Naming};
+use crate::direct::{DirectDialer, parse_allowed_ips, parse_host_aliases};
+use crate::names::{DEFAULT_CLUSTER_SUFFIX, Naming};
 
-/// Default port of the HTTP proxy. The sidecar's default ports stay clear of
-/// the ports Istio (15000-15090) and Linkerd (4140-4191) reserve in a pod.
-pub const DEFAULT_PROXY_PORT: u16 = 17080;
-/// Default port of the admin endpoint (see [`DEFAULT_PROXY_PORT`]).
-pub const DEFAULT_ADMIN_PORT: u16 = 17090;
 /// Default address of the HTTP proxy.
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:17080";
 /// Default address of the admin port.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:17090";
-/// Default port of the kube-apiserver when a port mapping names only a cluster.
-pub const DEFAULT_APISERVER_PORT: u16 = 443;
 /// Default limit on the size of a request head.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Default limit on the number of request headers.
@@ -73,68 +66,9 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// One per-cluster loopback port: `PORT=CLUSTER[:HOST:PORT]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortMapping {
-    /// The local port.
-    pub port: u16,
-    /// Where its connections go.
-    pub target: Target,
-}
-
-impl FromStr for PortMapping {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (port, dest) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected PORT=CLUSTER or PORT=CLUSTER:HOST:PORT"))?;
-        let port: u16 = port
-            .trim()
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{s:?}: {port:?} is not a port (1-65535)"))?;
-        let dest = dest.trim();
-        let (cluster, rest) = match dest.split_once(':') {
-            Some((c, r)) => (c, Some(r)),
-            None => (dest, None),
-        };
-        validate_cluster_name(cluster).map_err(|e| format!("{s:?}: {e}"))?;
-        let (host, dport) = match rest {
-            None => (DEFAULT_APISERVER_HOST.to_owned(), DEFAULT_APISERVER_PORT),
-            Some(r) => parse_host_port(r).map_err(|e| format!("{s:?}: {e}"))?,
-        };
-        Ok(Self {
-            port,
-            target: Target::new(cluster, host, dport),
-        })
-    }
-}
-
-/// Parses `host:port` or `[v6]:port`.
-pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| format!("destination {s:?}: expected [IPv6]:PORT"))?;
-        (h, p)
-    } else {
-        s.rsplit_once(':')
-            .ok_or_else(|| format!("destination {s:?}: expected HOST:PORT"))?
-    };
-    if host.is_empty()
-        || host.contains(':') && host.parse::<IpAddr>().is_err()
-        || host.contains(char::is_whitespace)
-    {
-        return Err(format!("destination {s:?}: invalid host {host:?}"));
-    }
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("destination {s:?}: {port:?} is not a port (1-65535)"))?;
-    Ok((host.to_owned(), port))
+/// Where the connections of a loopback port go.
+pub fn target_of(m: &PortMapping) -> Target {
+    Target::new(&m.cluster, &m.host, m.target_port)
 }
 
 /// The command line. Every flag also reads an environment variable; values
@@ -549,7 +483,7 @@ impl Cli {
         }
         for m in &ports {
             listeners.push((
-                format!("--port {}={}", m.port, m.target),
+                format!("--port {}={}", m.port, target_of(m)),
                 SocketAddr::new(bind_address, m.port),
             ));
         }
@@ -748,42 +682,12 @@ impl Cli {
 
 #[cfg(test)]
 mod tests {
+    use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT};
+
     use super::*;
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("tunnel-sidecar").chain(args.iter().copied())).unwrap()
-    }
-
-    #[test]
-    fn port_mappings_default_to_the_apiserver() {
-        let m: PortMapping = "17001=east".parse().unwrap();
-        assert_eq!(m.port, 17001);
-        assert_eq!(m.target, Target::new("east", "kubernetes.default.svc", 443));
-        let m: PortMapping = "17002=east:prometheus.monitoring.svc:9090".parse().unwrap();
-        assert_eq!(
-            m.target,
-            Target::new("east", "prometheus.monitoring.svc", 9090)
-        );
-        let m: PortMapping = "17003=west:[fd00::1]:8443".parse().unwrap();
-        assert_eq!(m.target, Target::new("west", "fd00::1", 8443));
-    }
-
-    #[test]
-    fn invalid_destinations_say_why() {
-        for (spec, why) in [
-            ("17001", "expected PORT=CLUSTER"),
-            ("0=east", "not a port"),
-            ("17001=East", "east"),
-            ("17001=east:svc", "HOST:PORT"),
-            ("17001=east:svc:http", "not a port"),
-            ("17001=east:svc:70000", "not a port"),
-        ] {
-            let err = spec.parse::<PortMapping>().unwrap_err();
-            assert!(
-                err.to_lowercase().contains(&why.to_lowercase()),
-                "{spec}: {err}"
-            );
-        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tunnel_api::sidecar::DirectPolicy;
 use tunnel_proto::error::{ErrorCode, TunnelError, dial_error};
 
 /// Least time one address of several gets to connect (as Go's dialer does):
@@ -54,38 +55,6 @@ pub fn refused_kind(ip: IpAddr) -> Option<&'static str> {
         IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some("link-local"),
         IpAddr::V6(v6) if v6 == AWS_METADATA_V6 => Some("a cloud's metadata service"),
         _ => None,
-    }
-}
-
-/// Whether the proxy dials destinations outside the clusters itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum DirectPolicy {
-    /// Dial them from the pod (the default: hub traffic works as before).
-    #[default]
-    Allow,
-    /// Refuse them (403 `destination_not_allowed`).
-    Deny,
-}
-
-impl DirectPolicy {
-    /// The flag's value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DirectPolicy::Allow => "allow",
-            DirectPolicy::Deny => "deny",
-        }
-    }
-}
-
-impl std::str::FromStr for DirectPolicy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "allow" => Ok(DirectPolicy::Allow),
-            "deny" => Ok(DirectPolicy::Deny),
-            other => Err(format!("{other:?}: expected allow or deny")),
-        }
     }
 }
 

@@ -25,11 +25,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tunnel_api::sidecar::DirectPolicy;
 use tunnel_proto::client::{Target, TunnelClient};
 use tunnel_proto::error::{ErrorCode, TunnelError};
 
 use crate::clusters::ClusterCache;
-use crate::direct::{DirectDialer, DirectPolicy};
+use crate::direct::DirectDialer;
 use crate::metrics::{RequestLabel, SidecarMetrics};
 use crate::names::{Naming, Route, is_single_label};
 

@@ -2,7 +2,7 @@
 //! gives it every managed cluster without a change to its code.
 //!
 //! - per-cluster loopback ports: plain TCP to `127.0.0.1:<port>` reaches a
-//!   fixed destination in one cluster (see [`config::PortMapping`]);
+//!   fixed destination in one cluster (see [`tunnel_api::sidecar::PortMapping`]);
 //! - [`http_proxy`]: one loopback HTTP proxy for `HTTP_PROXY`/`HTTPS_PROXY`
 //!   that decides per request: names in a cluster (as [`names`] describes)
 //!   go through the tunnel, everything else is dialed from the pod
@@ -137,14 +137,15 @@ impl Sidecar {
         let mut port_ls = Vec::new();
         for m in &config.ports {
             let addr = SocketAddr::new(config.bind_address, m.port);
+            let target = config::target_of(m);
             port_ls.push((
                 bind(
                     addr,
-                    &format!("port for {}", m.target),
+                    &format!("port for {target}"),
                     config.socket_buffer,
                 )
                 .await?,
-                m.target.clone(),
+                target,
             ));
         }
 

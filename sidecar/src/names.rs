@@ -22,13 +22,12 @@
 //!    a pod or ClusterIP address, a public name — is dialed directly from
 //!    the pod, as before the sidecar was injected ([`Route::Direct`]).
 
+use tunnel_api::sidecar::DEFAULT_APISERVER_HOST;
+use tunnel_identity::spiffe::validate_cluster_name;
 use tunnel_proto::client::Target;
-use tunnel_proto::identity::validate_cluster_name;
 
 /// Default suffix of cluster-qualified names.
 pub const DEFAULT_CLUSTER_SUFFIX: &str = "tunnel.internal";
-/// Default in-cluster host of a cluster's kube-apiserver.
-pub const DEFAULT_APISERVER_HOST: &str = "kubernetes.default.svc";
 
 /// How names are read.
 #[derive(Debug, Clone)]

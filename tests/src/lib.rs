@@ -48,8 +48,8 @@ impl Pki {
 
     /// Generates (or adds to) the certificates in `dir`.
     pub fn generate_into(dir: &Path, clusters: &[&str], clients: &[&str]) {
-        let opts = tunnel_proto::certs::CertOptions {
-            trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
+        let opts = tunnel_identity::cert_dir::CertOptions {
+            trust_domain: tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             clusters: clusters.iter().map(|s| s.to_string()).collect(),
             // "ns/sa" names a workload certificate.
@@ -65,7 +65,7 @@ impl Pki {
                 .collect(),
             validity_days: 30,
         };
-        tunnel_proto::certs::generate(dir, &opts).expect("certificates");
+        tunnel_identity::cert_dir::generate(dir, &opts).expect("certificates");
     }
 
     /// The path of a file in the directory.
@@ -86,7 +86,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         client_listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         tls: tunnel_proto::tls::ServerTls::server(pki.files("server")).expect("server TLS"),
-        trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
+        trust_domain: tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN.into(),
         server_id: "test-server".into(),
         server_count: 1,
         known_clusters: vec![],
@@ -1106,11 +1106,11 @@ impl Pki {
         for f in ["ca.pem", "ca-key.pem"] {
             std::fs::copy(self.path(f), samples.join(f)).unwrap();
         }
-        let opts = tunnel_proto::certs::CertOptions {
+        let opts = tunnel_identity::cert_dir::CertOptions {
             server_names: server_names.iter().map(|s| s.to_string()).collect(),
-            ..tunnel_proto::certs::CertOptions::new()
+            ..tunnel_identity::cert_dir::CertOptions::new()
         };
-        tunnel_proto::certs::generate(&samples, &opts).expect("sample certificate");
+        tunnel_identity::cert_dir::generate(&samples, &opts).expect("sample certificate");
         let files = TlsFiles::in_dir(&samples, "server");
         let certs = tunnel_proto::tls::load_certs(&files.cert, "sample certificate").unwrap();
         let key = tunnel_proto::tls::load_key(&files.key).unwrap();

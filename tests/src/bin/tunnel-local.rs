@@ -87,7 +87,7 @@ fn cluster_ip(i: usize) -> IpAddr {
 }
 
 fn write_certs(dir: &Path) -> anyhow::Result<()> {
-    use tunnel_proto::certs::{CertOptions, generate};
+    use tunnel_identity::cert_dir::{CertOptions, generate};
     let opts = CertOptions {
         clusters: CLUSTERS.iter().map(|s| s.to_string()).collect(),
         clients: vec!["sidecar".into()],
@@ -350,7 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         client_listen: cli.server_client_listen,
         admin_listen: cli.server_admin_listen,
         tls: tunnel_proto::tls::ServerTls::server(TlsFiles::in_dir(dir, "server"))?,
-        trust_domain: tunnel_proto::identity::DEFAULT_TRUST_DOMAIN.into(),
+        trust_domain: tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN.into(),
         server_id: "local".into(),
         server_count: 1,
         known_clusters: CLUSTERS.iter().map(|s| s.to_string()).collect(),

@@ -536,7 +536,7 @@ fn check_manager_keeps_what_the_chart_renders(
     r: &Rendered,
     webhooks: tunnel_manager::hub::WebhookSupport,
 ) {
-    let config: tunnel_manager::crd::TunnelConfiguration =
+    let config: tunnel_api::configuration::TunnelConfiguration =
         serde_json::from_value(r.kind("TunnelConfiguration")[0].clone())
             .expect("the chart's TunnelConfiguration is one the manager reads");
     let manager = r.one("Deployment", "cluster-tunnel-manager");
@@ -933,7 +933,8 @@ fn cel(expression: &str, activations: &[Value]) -> Option<Vec<Value>> {
 #[test]
 fn the_match_condition_calls_the_injector_for_every_pod_it_does_not_skip() {
     use std::collections::BTreeMap;
-    use tunnel_injector::annotations::{INJECT, OptIn, opt_in};
+    use tunnel_api::annotations::INJECT;
+    use tunnel_injector::annotations::{OptIn, opt_in};
     let values: [Option<&str>; 9] = [
         None,
         Some("true"),
@@ -1035,7 +1036,7 @@ fn check_upgrades_and_tests(r: &Rendered, values: &Value) {
             json!([{ "host": "kubernetes.default.svc", "ports": [443] }])
         );
         // The policy the chart ships is one the server accepts.
-        let spec: tunnel_server::policy::TunnelPolicySpec =
+        let spec: tunnel_api::policy::TunnelPolicySpec =
             serde_json::from_value(policy["spec"].clone()).unwrap();
         tunnel_server::policy::Policy::compile("cluster-tunnel-test", &spec).unwrap();
     }
@@ -1281,7 +1282,7 @@ fn the_agent_chart_renders_valid_objects_with_every_value_set() {
 #[test]
 fn the_charts_crd_is_the_one_generated_from_the_rust_types() {
     let path = root().join("charts/cluster-tunnel/crds/tunnelconfigurations.yaml");
-    let generated = tunnel_manager::crd::crd_yaml();
+    let generated = tunnel_api::configuration::crd_yaml();
     if std::env::var_os("UPDATE_CRDS").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
@@ -1297,7 +1298,7 @@ fn the_charts_crd_is_the_one_generated_from_the_rust_types() {
 #[test]
 fn the_charts_tunnel_policy_crd_is_the_servers() {
     let path = root().join("charts/cluster-tunnel/crds/tunnelpolicies.yaml");
-    let generated = tunnel_server::policy::crd_yaml();
+    let generated = tunnel_api::policy::crd_yaml();
     if std::env::var_os("UPDATE_CRDS").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
@@ -1312,7 +1313,7 @@ fn the_charts_tunnel_policy_crd_is_the_servers() {
 
 #[test]
 fn the_delivered_agent_uses_only_flags_the_agent_has() {
-    let spec: tunnel_manager::crd::AgentSpec =
+    let spec: tunnel_api::configuration::AgentSpec =
         serde_json::from_value(json!({ "image": "agent:1", "allow": ["*.svc:443"] })).unwrap();
     let overrides = tunnel_manager::deployment_config::AgentOverrides {
         log_level: Some("debug".into()),
@@ -1362,7 +1363,7 @@ fn the_agent_asks_for_what_the_manager_signs() {
         tunnel_manager::csr::join_subject("east")
     );
     // The addon's health Lease is the one OCM reads: named after the addon.
-    let spec: tunnel_manager::crd::AgentSpec =
+    let spec: tunnel_api::configuration::AgentSpec =
         serde_json::from_value(json!({ "image": "agent:1" })).unwrap();
     let work =
         tunnel_manager::agent_work::manifest_work(&tunnel_manager::agent_work::AgentWorkInput {

@@ -11,19 +11,13 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use rand::RngCore;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
-};
+use rcgen::{CertifiedIssuer, Issuer, KeyPair, SanType};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
-use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::ParsedExtension;
 
-use crate::identity::{self, Identity, IdentityError};
+use crate::pki::{self, LeafUsage};
+use crate::spiffe::{self as identity, Identity, IdentityError};
 
 /// File name of the CA certificate.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -38,9 +32,6 @@ pub const SERVER_KEY_FILE: &str = "server-key.pem";
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 /// Shortest lifetime of a newly created CA, so leaves can be re-issued for years.
 pub const MIN_CA_VALIDITY_DAYS: u32 = 3650;
-
-/// How far `not_before` lies in the past, to tolerate clock skew between machines.
-const BACKDATE: Duration = Duration::hours(1);
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -290,22 +281,13 @@ fn create_ca(
     key_path: &Path,
     written: &mut Vec<PathBuf>,
 ) -> Result<Ca, CertError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "cluster-tunnel");
-    dn.push(DnType::CommonName, format!("{} CA", opts.trust_domain));
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.serial_number = Some(random_serial());
-    params.not_before = now - BACKDATE;
+    let key = pki::new_key()?;
     let days = opts.validity_days.max(MIN_CA_VALIDITY_DAYS);
-    params.not_after = now + Duration::days(i64::from(days));
+    let params = pki::ca_params(
+        format!("{} CA", opts.trust_domain),
+        now,
+        now + Duration::days(i64::from(days)),
+    );
     let not_after = params.not_after;
 
     let ca = CertifiedIssuer::self_signed(params, key)?;
@@ -315,10 +297,9 @@ fn create_ca(
         true,
     )?);
     written.push(write_file(&cert_path, ca.pem().as_bytes(), false)?);
-    let subject_der = subject_der(ca.der(), &cert_path)?;
     // Re-read what we wrote, so a new CA and a reused CA sign the same way.
     let ca_key = KeyPair::from_pem(&ca.key().serialize_pem())?;
-    let issuer = issuer_from_cert(ca.der(), ca_key, &cert_path)?;
+    let (subject_der, issuer) = issuer_from_cert(ca.der(), ca_key, &cert_path)?;
     Ok(Ca {
         issuer,
         subject_der,
@@ -358,16 +339,14 @@ fn load_ca(cert_path: PathBuf, key_path: &Path, now: OffsetDateTime) -> Result<C
             format!("key does not belong to {}", cert_path.display()),
         ));
     }
-    let not_after = OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
-        .map_err(|e| invalid(&cert_path, format!("bad notAfter: {e}")))?;
+    let not_after = pki::not_after(&x509).map_err(|e| invalid(&cert_path, e))?;
     if not_after <= now {
         return Err(CertError::CaExpired {
             path: cert_path,
             not_after,
         });
     }
-    let subject_der = x509.subject().as_raw().to_vec();
-    let issuer = issuer_from_cert(&cert_der, key, &cert_path)?;
+    let (subject_der, issuer) = issuer_from_cert(&cert_der, key, &cert_path)?;
     Ok(Ca {
         issuer,
         subject_der,
@@ -376,91 +355,28 @@ fn load_ca(cert_path: PathBuf, key_path: &Path, now: OffsetDateTime) -> Result<C
     })
 }
 
-/// Rebuilds the rcgen issuer (subject name and key identifier) of a CA certificate.
+/// The subject (DER) of a CA certificate and its rcgen issuer, to sign leaves with.
 fn issuer_from_cert(
     der: &[u8],
     key: KeyPair,
     path: &Path,
-) -> Result<Issuer<'static, KeyPair>, CertError> {
+) -> Result<(Vec<u8>, Issuer<'static, KeyPair>), CertError> {
     let invalid = |reason: String| CertError::CaInvalid {
         path: path.to_owned(),
         reason,
     };
     let (_, x509) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| invalid(format!("cannot parse certificate: {e}")))?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name(&x509).map_err(|r| invalid(r.to_owned()))?;
-    // Leaves name the CA's key by its subject key identifier (authority key identifier).
-    params.key_identifier_method = x509
-        .iter_extensions()
-        .find_map(|ext| match ext.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(ski) => {
-                Some(KeyIdMethod::PreSpecified(ski.0.to_vec()))
-            }
-            _ => None,
-        })
-        .unwrap_or(KeyIdMethod::Sha256);
-    Ok(Issuer::new(params, key))
+    let issuer = pki::issuer_of(&x509, key).map_err(|r| invalid(r.to_owned()))?;
+    Ok((x509.subject().as_raw().to_vec(), issuer))
 }
 
-/// The subject of a CA certificate as an rcgen name (one attribute per RDN).
-fn distinguished_name(x509: &X509Certificate<'_>) -> Result<DistinguishedName, &'static str> {
-    use x509_parser::der_parser::asn1_rs::Tag;
-    let mut dn = DistinguishedName::new();
-    for rdn in x509.subject().iter() {
-        let mut attrs = rdn.iter();
-        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
-            return Err("subject has a multi-valued or empty RDN");
-        };
-        let oid: Vec<u64> = attr
-            .attr_type()
-            .iter()
-            .ok_or("subject attribute type is not a valid OID")?
-            .collect();
-        let value = attr.attr_value();
-        let text = || std::str::from_utf8(value.data).map_err(|_| "subject value is not UTF-8");
-        let bad = |_| "subject value has an unsupported encoding";
-        let dn_value = match value.header.tag() {
-            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
-            Tag::PrintableString => DnValue::PrintableString(text()?.try_into().map_err(bad)?),
-            Tag::Ia5String => DnValue::Ia5String(text()?.try_into().map_err(bad)?),
-            Tag::T61String => DnValue::TeletexString(text()?.try_into().map_err(bad)?),
-            Tag::BmpString => DnValue::BmpString(
-                rcgen::string::BmpString::from_utf16be(value.data.to_vec()).map_err(bad)?,
-            ),
-            Tag::UniversalString => DnValue::UniversalString(
-                rcgen::string::UniversalString::from_utf32be(value.data.to_vec()).map_err(bad)?,
-            ),
-            _ => return Err("subject value has an unsupported string type"),
-        };
-        dn.push(DnType::from_oid(&oid), dn_value);
-    }
-    Ok(dn)
-}
-
-fn subject_der(der: &[u8], path: &Path) -> Result<Vec<u8>, CertError> {
-    let (_, x509) = x509_parser::parse_x509_certificate(der).map_err(|e| CertError::CaInvalid {
-        path: path.to_owned(),
-        reason: format!("cannot parse certificate: {e}"),
-    })?;
-    Ok(x509.subject().as_raw().to_vec())
-}
-
-/// A leaf is only valid if its issuer name is byte-for-byte the CA's subject; rebuilding
-/// an unusual CA name could differ, so check rather than write unusable certificates.
+/// A leaf is only valid if its issuer name is byte-for-byte the CA's subject.
 fn check_issuer_name(leaf_der: &[u8], ca: &Ca) -> Result<(), CertError> {
-    let invalid = |reason: &str| CertError::CaInvalid {
+    pki::check_issued_by(leaf_der, &ca.subject_der).map_err(|reason| CertError::CaInvalid {
         path: ca.cert_path.clone(),
         reason: reason.to_owned(),
-    };
-    let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der)
-        .map_err(|_| invalid("issued certificate does not parse"))?;
-    if leaf.issuer().as_raw() != ca.subject_der.as_slice() {
-        return Err(invalid(
-            "its subject name cannot be reproduced exactly in issued certificates",
-        ));
-    }
-    Ok(())
+    })
 }
 
 /// Issues one leaf; returns (certificate PEM, certificate DER, key PEM).
@@ -472,39 +388,17 @@ fn issue_leaf(
     not_after: OffsetDateTime,
     ca: &Issuer<'_, KeyPair>,
 ) -> Result<(String, Vec<u8>, String), CertError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, id.to_string());
-    params.distinguished_name = dn;
+    let key = pki::new_key()?;
     sans.push(SanType::URI(id.uri(trust_domain).try_into()?));
-    params.subject_alt_names = sans;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = match id {
-        Identity::Server => vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+    let usage = match id {
+        Identity::Server => LeafUsage::ServerAndClient,
         Identity::Agent { .. } | Identity::Client { .. } | Identity::Workload { .. } => {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
+            LeafUsage::Client
         }
     };
-    params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial());
-    params.not_before = now - BACKDATE;
-    params.not_after = not_after;
+    let params = pki::leaf_params(Some(id.to_string()), sans, usage, now, not_after);
     let cert = params.signed_by(&key, ca)?;
     Ok((cert.pem(), cert.der().to_vec(), key.serialize_pem()))
-}
-
-/// A random positive 128-bit serial number.
-fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01;
-    SerialNumber::from_slice(&bytes)
 }
 
 fn server_san(name: &str) -> Result<SanType, CertError> {
@@ -623,9 +517,10 @@ mod tests {
     use rustls::server::WebPkiClientVerifier;
     use rustls::{RootCertStore, crypto::CryptoProvider};
     use rustls_pki_types::{ServerName, UnixTime};
+    use x509_parser::extensions::ParsedExtension;
 
     use super::*;
-    use crate::identity::DEFAULT_TRUST_DOMAIN;
+    use crate::spiffe::DEFAULT_TRUST_DOMAIN;
 
     fn opts() -> CertOptions {
         CertOptions {

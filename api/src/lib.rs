@@ -1,0 +1,29 @@
+//! The Kubernetes API of cluster-tunnel and the names its components agree on.
+//!
+//! One crate, so that the server, the manager, the injector and the sidecar
+//! read the same types and names instead of restating them.
+//!
+//! # Modules
+//!
+//! - [`configuration`] (feature `crd`): the `TunnelConfiguration` resource,
+//!   how the hub side is installed and what every agent looks like;
+//! - [`policy`] (feature `crd`): the `TunnelPolicy` resource, who may reach what;
+//! - [`annotations`]: the pod annotations that opt a pod in and tune its sidecar;
+//! - [`labels`]: the labels components set and select on;
+//! - [`pod`]: names inside pods (the sidecar container, volumes, mount paths,
+//!   the sidecars' Secret);
+//! - [`sidecar`]: the sidecar's default ports, its loopback port mappings and
+//!   its policy for destinations outside the clusters.
+//!
+//! The CRD YAML in the chart is generated from these types
+//! (`tunnel-manager crdgen`, `tunnel-server crd`); a test checks the chart's
+//! copies against them.
+
+pub mod annotations;
+#[cfg(feature = "crd")]
+pub mod configuration;
+pub mod labels;
+pub mod pod;
+#[cfg(feature = "crd")]
+pub mod policy;
+pub mod sidecar;
