@@ -59,7 +59,10 @@
 /// 256 KiB); glibc's malloc serves sizes like that with fresh `mmap`s or
 /// trims them back to the kernel, so that each buffer cost page faults and
 /// zeroing (measured: a fifth of the tunnel's CPU per GB). mimalloc keeps
-/// such buffers in thread-local pages and reuses them.
+/// such buffers in thread-local pages and reuses them. Feature
+/// `global-allocator` (on by default): an app that embeds the client library
+/// with its own allocator turns it off.
+#[cfg(feature = "global-allocator")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
