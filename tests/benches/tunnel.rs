@@ -1107,8 +1107,13 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
                 match conn {
                     Ok(Ok(tcp)) if client_stalls => unread.lock().unwrap().push(tcp),
                     Ok(Ok(tcp)) => reset(keep_full(tcp, writers, pause_rx, stop_rx).await),
-                    _ => {
+                    other => {
                         open_failed.fetch_add(1, Ordering::SeqCst);
+                        let why = match other {
+                            Ok(Err(e)) => format!("open failed: {e}"),
+                            _ => format!("open took more than {STALL_FILL_DEADLINE:?}"),
+                        };
+                        writers.first_failure.lock().unwrap().get_or_insert(why);
                     }
                 }
             }));
@@ -1123,8 +1128,11 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
                 if failed > 0 {
                     // New connections fail beside the stalls: more would
                     // only fail the same way.
+                    let first = |c: &StallCounters| c.first_failure.lock().unwrap().clone();
                     fill_message = Some(format!(
-                        "{failed} of {launched} stalled connections failed to open or were cut; filling stopped there"
+                        "{failed} of {launched} stalled connections failed to open or were cut (first failures: client side {:?}, destination side {:?}); filling stopped there",
+                        first(&writers),
+                        first(&flood),
                     ));
                     break 'fill;
                 }
