@@ -638,7 +638,7 @@ async fn controllers(
                         .set(&current, "ServerCertificateReady", ok, reason, message)
                         .await;
                 }
-                tokio::time::sleep(addons::RESYNC).await;
+                tokio::time::sleep(crate::controller::RESYNC).await;
             }
         });
     }

@@ -39,13 +39,10 @@ use tunnel_api::configuration::{
 use tunnel_api::labels::APP_NAME;
 use tunnel_api::pod::TLS_DIR;
 
+use crate::controller::{ControllerContext, RESYNC, RETRY_DELAY};
 use crate::signer::FIELD_MANAGER;
 use crate::status::StatusBoard;
 
-/// How often everything is applied again even when nothing was seen to change.
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// Retry delay after a failed reconciliation.
-pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 /// The status condition this controller owns.
 pub const CONDITION: &str = "ServerDeployed";
 
@@ -498,6 +495,13 @@ pub struct Context {
     pub metrics: crate::metrics::ManagerMetrics,
 }
 
+impl ControllerContext for Context {
+    const NAME: &'static str = "hub";
+    fn metrics(&self) -> &crate::metrics::ManagerMetrics {
+        &self.metrics
+    }
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
@@ -656,16 +660,6 @@ pub async fn reconcile(
     }
 }
 
-/// Logs a failure and retries after [`RETRY_DELAY`].
-pub fn error_policy(
-    _config: Arc<TunnelConfiguration>,
-    error: &HubError,
-    _ctx: Arc<Context>,
-) -> Action {
-    tracing::warn!(%error, "keeping the hub's objects failed; retrying");
-    Action::requeue(RETRY_DELAY)
-}
-
 /// Runs the controller until `shutdown`: the one configuration `config_name`
 /// and every object it owns.
 pub async fn run(
@@ -683,7 +677,7 @@ pub async fn run(
     ));
     let by_name =
         watcher::Config::default().fields(&format!("metadata.name={}", ctx.names.server()));
-    Controller::new(configs, mine)
+    let controller = Controller::new(configs, mine)
         .owns(
             Api::<Deployment>::namespaced(client.clone(), &ns),
             labelled.clone(),
@@ -707,14 +701,8 @@ pub async fn run(
         .owns(
             Api::<MutatingWebhookConfiguration>::all(client.clone()),
             labelled,
-        )
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| {
-            ctx.metrics.observe("hub", &result);
-            std::future::ready(())
-        })
-        .await;
+        );
+    crate::controller::run(controller, reconcile, ctx, shutdown).await;
 }
 
 #[cfg(test)]

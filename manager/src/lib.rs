@@ -2,6 +2,8 @@
 //!
 //! # Modules
 //!
+//! - [`controller`]: the scaffold every controller runs on (resync and
+//!   retry delays, error policy, the run loop and its metrics);
 //! - [`crds`]: applies the CRDs generated from `tunnel_api`'s types;
 //! - [`signer`]: the signer CA kept in a Secret (generated if absent) and
 //!   the certificates it issues, renewed when a fifth of their lifetime is left;
@@ -32,6 +34,7 @@ pub mod addon_status;
 pub mod addons;
 pub mod agent_work;
 pub mod cli;
+pub mod controller;
 pub mod coverage;
 pub mod crds;
 pub mod csr;
