@@ -21,7 +21,7 @@ use tunnel_proto::tls::TlsFiles;
 
 use crate::addons::{self, LiveView};
 use crate::health::{self, ProbeOptions};
-use crate::hub;
+use crate::server_objects;
 use crate::leader::{self, LeaseLock};
 use crate::namespaces;
 use crate::signer::{self, Leaf, Signer};
@@ -539,7 +539,7 @@ async fn controllers(
     // The configuration's conditions, written in one place.
     let mut required = vec!["SignerReady", "ServerCertificateReady"];
     if !args.no_hub_objects {
-        required.push(hub::CONDITION);
+        required.push(server_objects::CONDITION);
     }
     let board = Arc::new(StatusBoard::new(
         Api::all(client.clone()),
@@ -561,9 +561,9 @@ async fn controllers(
 
     // The hub's objects, kept as the configuration says.
     if !args.no_hub_objects {
-        let ctx = Arc::new(hub::Context {
+        let ctx = Arc::new(server_objects::Context {
             client: client.clone(),
-            names: hub::HubNames {
+            names: server_objects::HubNames {
                 instance: args.instance.clone(),
                 namespace: args.namespace.clone(),
                 trust_domain: args.trust_domain.clone(),
@@ -574,7 +574,7 @@ async fn controllers(
         let stop = shutdown.clone();
         let config_name = args.config_name.clone();
         tokio::spawn(async move {
-            hub::run(ctx, &config_name, async move { stop.notified().await }).await;
+            server_objects::run(ctx, &config_name, async move { stop.notified().await }).await;
         });
     }
 

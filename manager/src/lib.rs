@@ -23,7 +23,7 @@
 //! - [`coverage`]: opted-in pods admitted without the sidecar, reported
 //!   (metric, log, `health --pods`);
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
-//! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
+//! - [`server_objects`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
 //! - [`status`]: the configuration's conditions, written in one place;
 //! - [`leader`]: leader election over a Lease, so that several managers can run;
@@ -40,7 +40,6 @@ pub mod crds;
 pub mod csr;
 pub mod deployment_config;
 pub mod health;
-pub mod hub;
 pub mod join;
 pub mod leader;
 pub mod metrics;
@@ -48,6 +47,7 @@ pub mod metrics;
 mod mock_api;
 pub mod namespaces;
 pub mod ocm;
+pub mod server_objects;
 pub mod signer;
 pub mod status;
 pub mod uninstall;
