@@ -557,7 +557,12 @@ fn check_manager_keeps_what_the_chart_renders(
         namespace: flag("namespace"),
         trust_domain: flag("trust-domain"),
     };
-    let desired = tunnel_manager::server_objects::desired_objects(&config, &names, webhooks).unwrap();
+    let desired: Vec<Value> =
+        tunnel_manager::server_objects::desired_objects(&config, &names, webhooks)
+            .unwrap()
+            .iter()
+            .map(|o| o.to_json().unwrap())
+            .collect();
     let kinds: Vec<&str> = desired
         .iter()
         .map(|o| o["kind"].as_str().unwrap())
