@@ -28,11 +28,8 @@
 //! `tunnel-manager uninstall` (a Helm pre-delete hook) removes the finalizers
 //! when the manager itself goes, so nothing is left stranded.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -44,6 +41,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::addon_status;
+use crate::live_view::LiveView;
 use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::agent_work::{self, AgentWorkInput, HubAddress, WORK_NAME};
 use crate::deployment_config::{AgentOverrides, ConfigError};
@@ -89,10 +87,6 @@ impl ReconcileError {
         move |source| Self::Api { action, source }
     }
 }
-
-/// Agents connected per cluster, as the server last listed them; `None`
-/// when the server could not be asked.
-pub type LiveView = Option<HashMap<String, usize>>;
 
 /// What reconciliation needs.
 pub struct Context {
@@ -424,6 +418,8 @@ mod tests {
 
     use http::Method;
     use serde_json::{Value, json};
+
+    use std::collections::HashMap;
 
     use super::*;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
