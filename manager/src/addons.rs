@@ -41,10 +41,10 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::addon_status;
-use crate::live_view::LiveView;
-use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::agent_work::{self, AgentWorkInput, HubAddress, WORK_NAME};
+use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::deployment_config::{AgentOverrides, ConfigError};
+use crate::live_view::LiveView;
 use crate::ocm::{
     ADDON_LABEL, ADDON_NAME, AddOnDeploymentConfig, ManagedCluster, ManagedClusterAddOn,
     manifest_work_resource,

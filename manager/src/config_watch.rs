@@ -78,7 +78,10 @@ mod tests {
     #[tokio::test]
     async fn the_configuration_found_is_published() {
         let (client, handle) = mock_api::client();
-        let server = serve(handle, vec![(Method::GET, CONFIGS, list(vec![configuration(3)]))]);
+        let server = serve(
+            handle,
+            vec![(Method::GET, CONFIGS, list(vec![configuration(3)]))],
+        );
         let (tx, mut rx) = watch::channel(None);
         let follower = tokio::spawn(async move {
             follow(Api::all(client), "cluster-tunnel", tx).await;

@@ -119,5 +119,4 @@ mod tests {
             Action::requeue(Duration::from_secs(15))
         );
     }
-
 }

@@ -75,10 +75,9 @@ mod tests {
         fn list_clusters(
             &self,
         ) -> impl Future<Output = Result<Vec<ClusterInfo>, Self::Error>> + Send {
-            let next = self
-                .0
-                .lock()
-                .map_or(Err("poisoned"), |mut q| q.pop_front().unwrap_or(Err("the script is over")));
+            let next = self.0.lock().map_or(Err("poisoned"), |mut q| {
+                q.pop_front().unwrap_or(Err("the script is over"))
+            });
             std::future::ready(next)
         }
     }

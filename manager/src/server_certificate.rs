@@ -135,7 +135,9 @@ mod tests {
     use tunnel_api::configuration::{TunnelConfiguration, TunnelConfigurationSpec};
 
     use super::*;
-    use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve, status_reply};
+    use crate::mock_api::{
+        self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve, status_reply,
+    };
 
     const TD: &str = "cluster-tunnel";
     const SERVER_TLS: &str = "/api/v1/namespaces/cluster-tunnel/secrets/cluster-tunnel-server-tls";
@@ -169,11 +171,7 @@ mod tests {
             signer: Arc::new(signer::Signer::generate(TD, now).unwrap()),
             trust_domain: TD.into(),
             config,
-            status: Arc::new(StatusBoard::new(
-                Api::all(client),
-                vec![CONDITION],
-                metrics,
-            )),
+            status: Arc::new(StatusBoard::new(Api::all(client), vec![CONDITION], metrics)),
             clock: Arc::new(move || now),
         };
         (keeper, handle)
@@ -224,13 +222,19 @@ mod tests {
         let (_, bodies) = finish(server).await;
         assert_eq!(
             certificate_names(&bodies[1]),
-            ["cluster-tunnel-server.cluster-tunnel.svc", "hub.example.com"]
+            [
+                "cluster-tunnel-server.cluster-tunnel.svc",
+                "hub.example.com"
+            ]
         );
         assert_eq!(bodies[3]["metadata"]["name"], "helm-test-client");
         let ready = condition(&bodies[4], CONDITION);
         assert_eq!(ready["status"], "True");
         assert_eq!(ready["reason"], "Issued");
-        assert_eq!(ready["message"], "Secret cluster-tunnel-server-tls is current");
+        assert_eq!(
+            ready["message"],
+            "Secret cluster-tunnel-server-tls is current"
+        );
         assert_eq!(condition(&bodies[4], "Ready")["status"], "True");
     }
 

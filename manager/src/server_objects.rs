@@ -377,7 +377,11 @@ fn server_rbac(server: &ServerSpec, names: &HubNames) -> (ClusterRole, ClusterRo
 
 fn headless_service(server: &ServerSpec, names: &HubNames) -> Service {
     Service {
-        metadata: names.meta(&format!("{}-headless", names.server()), true, Some("server")),
+        metadata: names.meta(
+            &format!("{}-headless", names.server()),
+            true,
+            Some("server"),
+        ),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(false),
@@ -1024,7 +1028,12 @@ mod tests {
         };
         let spec: InjectorSpec =
             serde_json::from_value(json!({ "serviceName": "cluster-tunnel-injector" })).unwrap();
-        let config = serde_json::to_value(webhook_configuration(&spec, &names, WebhookSupport::CURRENT)).unwrap();
+        let config = serde_json::to_value(webhook_configuration(
+            &spec,
+            &names,
+            WebhookSupport::CURRENT,
+        ))
+        .unwrap();
         let hook = &config["webhooks"][0];
         assert_eq!(hook["failurePolicy"], "Fail");
         assert_eq!(hook["matchConditions"][0]["expression"], OPT_IN_CONDITION);
@@ -1043,7 +1052,12 @@ mod tests {
             "caInjectFrom": "cluster-tunnel/cluster-tunnel-injector",
         }))
         .unwrap();
-        let config = serde_json::to_value(webhook_configuration(&spec, &names, WebhookSupport::CURRENT)).unwrap();
+        let config = serde_json::to_value(webhook_configuration(
+            &spec,
+            &names,
+            WebhookSupport::CURRENT,
+        ))
+        .unwrap();
         assert_eq!(
             config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
             "cluster-tunnel/cluster-tunnel-injector"

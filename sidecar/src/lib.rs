@@ -139,12 +139,7 @@ impl Sidecar {
             let addr = SocketAddr::new(config.bind_address, m.port);
             let target = config::target_of(m);
             port_ls.push((
-                bind(
-                    addr,
-                    &format!("port for {target}"),
-                    config.socket_buffer,
-                )
-                .await?,
+                bind(addr, &format!("port for {target}"), config.socket_buffer).await?,
                 target,
             ));
         }

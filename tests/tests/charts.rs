@@ -899,8 +899,11 @@ fn the_webhook_fits_the_cluster_s_version() {
                 r.notes
             );
         }
-        let webhooks =
-            tunnel_manager::server_objects::WebhookSupport::of_version(&format!("v{version}"), "", "");
+        let webhooks = tunnel_manager::server_objects::WebhookSupport::of_version(
+            &format!("v{version}"),
+            "",
+            "",
+        );
         assert_eq!(webhooks.match_conditions, current, "{version}");
         check_manager_keeps_what_the_chart_renders(&r, webhooks);
     }
@@ -967,7 +970,10 @@ fn the_match_condition_calls_the_injector_for_every_pod_it_does_not_skip() {
         })
         .collect();
     let activations: Vec<Value> = pods.iter().map(|p| json!({ "object": p })).collect();
-    let Some(called) = cel(tunnel_manager::server_objects::OPT_IN_CONDITION, &activations) else {
+    let Some(called) = cel(
+        tunnel_manager::server_objects::OPT_IN_CONDITION,
+        &activations,
+    ) else {
         return;
     };
     for ((value, pod), called) in values.iter().zip(&pods).zip(called) {
