@@ -198,6 +198,9 @@ impl WebhookSupport {
 
 /// One object the servers need, typed: what is built, applied and compared
 /// with the chart's.
+// A handful are built per reconciliation and applied one by one: the
+// variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServerObject {
     /// The servers' identity.
