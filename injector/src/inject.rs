@@ -11,25 +11,23 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, ExecAction, Lifecycle, LifecycleHandler, Pod,
-    PodSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use serde_json::{Value, json};
+use json_patch::Patch;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use serde_json::json;
 
 use tunnel_api::annotations;
-use tunnel_api::pod::{
-    ADMIN_PORT_NAME, SIDECAR_CONTAINER, TLS_DIR, TLS_VOLUME, TOKEN_DIR, TOKEN_FILE, TOKEN_VOLUME,
-};
-use tunnel_api::sidecar::DirectPolicy;
+use tunnel_api::pod::{SIDECAR_CONTAINER, TLS_VOLUME, TOKEN_VOLUME};
 
 use crate::annotations::{AnnotationError, Defaults, Mode, OptIn, PodOptions};
 use crate::mesh::{self, Mesh};
+
+mod patch;
+mod sidecar;
+
+pub use patch::add;
+use patch::{add_env, add_list_items, add_map_entries, to_value};
+pub use sidecar::sidecar_container;
+use sidecar::{tls_volume, token_volume};
 
 /// Annotation `kubectl logs`/`exec` read to pick a container (legacy mode
 /// puts the sidecar first, which would otherwise be the default).
@@ -370,311 +368,11 @@ fn env_token(s: &str) -> String {
         .collect()
 }
 
-/// Adds to one container the variables it does not set itself. Each pair of
-/// proxy spellings counts as one: if the container sets either, both stay as
-/// they are (programs disagree on which one wins).
-fn add_env(
-    ops: &mut Vec<PatchOperation>,
-    list: &str,
-    index: usize,
-    container: &Container,
-    env: &[(String, String)],
-) {
-    let existing: Vec<&str> = container
-        .env
-        .iter()
-        .flatten()
-        .map(|e| e.name.as_str())
-        .collect();
-    let set_by_pod = |name: &str| {
-        let pair = PROXY_VARS
-            .iter()
-            .find(|(u, l)| *u == name || *l == name)
-            .map_or([name, name], |(u, l)| [*u, *l]);
-        pair.iter().any(|n| existing.contains(n))
-    };
-    let values: Vec<Value> = env
-        .iter()
-        .filter(|(name, _)| !set_by_pod(name))
-        .map(|(name, value)| json!({ "name": name, "value": value }))
-        .collect();
-    let index = index.to_string();
-    add_list_items(
-        ops,
-        &["spec", list, &index, "env"],
-        container.env.is_some(),
-        &values,
-    );
-}
-
-/// Appends `items` to the list at `path`, or adds the list when it is missing.
-fn add_list_items(ops: &mut Vec<PatchOperation>, path: &[&str], exists: bool, items: &[Value]) {
-    if items.is_empty() {
-        return;
-    }
-    if exists {
-        for item in items {
-            let mut p = path.to_vec();
-            p.push("-");
-            ops.push(add(&p, item.clone()));
-        }
-    } else {
-        ops.push(add(path, Value::Array(items.to_vec())));
-    }
-}
-
-/// Sets keys of the map at `path`, or adds the map when it is missing.
-fn add_map_entries(
-    ops: &mut Vec<PatchOperation>,
-    path: &[&str],
-    exists: bool,
-    entries: &[(&str, String)],
-) {
-    if entries.is_empty() {
-        return;
-    }
-    if exists {
-        for (key, value) in entries {
-            let mut p = path.to_vec();
-            p.push(key);
-            ops.push(add(&p, Value::String(value.clone())));
-        }
-    } else {
-        let map = entries
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::String(v.clone())))
-            .collect();
-        ops.push(add(path, Value::Object(map)));
-    }
-}
-
-/// An `add` operation; each element of `path` is one unescaped token.
-pub fn add(path: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation {
-        path: PointerBuf::from_tokens(path.iter().copied()),
-        value,
-    })
-}
-
-fn to_value<T: serde::Serialize>(v: T) -> Value {
-    // k8s-openapi types always serialize.
-    serde_json::to_value(v).expect("Kubernetes types serialize to JSON")
-}
-
-fn token_volume(t: &SidecarTemplate) -> Volume {
-    Volume {
-        name: TOKEN_VOLUME.into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                service_account_token: Some(ServiceAccountTokenProjection {
-                    audience: Some(t.token_audience.clone()),
-                    expiration_seconds: Some(t.token_expiration_seconds),
-                    path: TOKEN_FILE.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn tls_volume(t: &SidecarTemplate) -> Volume {
-    Volume {
-        name: TLS_VOLUME.into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(t.cert_secret.clone()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-/// Seconds the kubelet gives one exec probe: starting a process in the
-/// container takes longer than an HTTP request, and the probe's own timeout
-/// (1 s) must end first so that its message reaches the pod's events.
-const EXEC_PROBE_TIMEOUT_SECONDS: i32 = 3;
-
-/// An exec probe: `command` plus `check` (`readyz` or `healthz`), which asks
-/// the admin port on loopback. Not an `httpGet`: the kubelet sends those to
-/// the pod's IP, where Istio's or Linkerd's redirection (and Istio's strict
-/// mTLS) would take them, and Istio rewrites the probes only of containers
-/// its own injector saw.
-fn exec_probe(command: &[String], check: &str, period: i32, failures: i32) -> Probe {
-    let mut command = command.to_vec();
-    command.push(check.to_owned());
-    Probe {
-        exec: Some(ExecAction {
-            command: Some(command),
-        }),
-        period_seconds: Some(period),
-        timeout_seconds: Some(EXEC_PROBE_TIMEOUT_SECONDS),
-        failure_threshold: Some(failures),
-        ..Default::default()
-    }
-}
-
-/// The clusters the pod's annotations name (its ports' and its default
-/// cluster), for the sidecar's `--known-cluster`: a bare name that is one of
-/// them is a cluster before the server's list is known.
-fn known_clusters(options: &PodOptions) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let named = options
-        .ports
-        .iter()
-        .map(|(_, m)| &m.cluster)
-        .chain(options.default_cluster.as_ref());
-    for cluster in named {
-        if !out.contains(cluster) {
-            out.push(cluster.clone());
-        }
-    }
-    out
-}
-
-fn quantities(pairs: [(&str, &Option<String>); 2]) -> Option<BTreeMap<String, Quantity>> {
-    let map: BTreeMap<String, Quantity> = pairs
-        .into_iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_owned(), Quantity(v.clone()))))
-        .collect();
-    (!map.is_empty()).then_some(map)
-}
-
-/// The sidecar container of a pod.
-pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container {
-    let mut env = vec![env_var("TUNNEL_SERVERS", t.servers.join(","))];
-    if let Some(name) = &t.server_name {
-        env.push(env_var("TUNNEL_SERVER_NAME", name.clone()));
-    }
-    env.push(env_var("TUNNEL_TLS_CERT", format!("{TLS_DIR}/tls.crt")));
-    env.push(env_var("TUNNEL_TLS_KEY", format!("{TLS_DIR}/tls.key")));
-    env.push(env_var("TUNNEL_CA", format!("{TLS_DIR}/ca.crt")));
-    // The pod's identity for the server's TokenReview (re-read as the kubelet rotates it).
-    env.push(env_var(
-        "TUNNEL_TOKEN_FILE",
-        format!("{TOKEN_DIR}/{TOKEN_FILE}"),
-    ));
-    if !options.ports.is_empty() {
-        let specs: Vec<&str> = options.ports.iter().map(|(s, _)| s.as_str()).collect();
-        env.push(env_var("TUNNEL_PORTS", specs.join(",")));
-    }
-    env.push(env_var(
-        "TUNNEL_PROXY_LISTEN",
-        match options.proxy_port {
-            Some(p) => format!("127.0.0.1:{p}"),
-            None => "off".into(),
-        },
-    ));
-    let admin_bind = if t.admin_bind.contains(':') {
-        format!("[{}]:{}", t.admin_bind, t.admin_port)
-    } else {
-        format!("{}:{}", t.admin_bind, t.admin_port)
-    };
-    // Loopback unless the injector was told otherwise (for Prometheus; the
-    // sidecar allows that for its admin port alone); the per-cluster ports
-    // and the proxy stay on 127.0.0.1 as set above.
-    env.push(env_var("TUNNEL_ADMIN_LISTEN", admin_bind));
-    if let Some(cluster) = &options.default_cluster {
-        env.push(env_var("TUNNEL_DEFAULT_CLUSTER", cluster.clone()));
-    }
-    let known = known_clusters(options);
-    if !known.is_empty() {
-        env.push(env_var("TUNNEL_KNOWN_CLUSTERS", known.join(",")));
-    }
-    if options.direct == DirectPolicy::Deny {
-        env.push(env_var("TUNNEL_DIRECT", DirectPolicy::Deny.as_str()));
-    }
-    env.push(env_var("TUNNEL_LOG_LEVEL", options.log_level.clone()));
-
-    let r = &options.resources;
-    let resources = ResourceRequirements {
-        requests: quantities([("cpu", &r.cpu_request), ("memory", &r.memory_request)]),
-        limits: quantities([("cpu", &r.cpu_limit), ("memory", &r.memory_limit)]),
-        ..Default::default()
-    };
-    let startup_failures = i32::try_from(t.startup_timeout.as_secs().max(1)).unwrap_or(i32::MAX);
-    let (restart_policy, startup_probe, lifecycle) = match options.mode {
-        Mode::Native => (
-            Some("Always".to_owned()),
-            Some(exec_probe(&t.probe_command, "readyz", 1, startup_failures)),
-            None,
-        ),
-        Mode::Legacy => (
-            None,
-            None,
-            Some(Lifecycle {
-                post_start: Some(LifecycleHandler {
-                    exec: Some(ExecAction {
-                        command: Some(t.legacy_wait_command.clone()),
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        ),
-    };
-    Container {
-        name: SIDECAR_CONTAINER.into(),
-        image: Some(t.image.clone()),
-        image_pull_policy: t.image_pull_policy.clone(),
-        env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some(ADMIN_PORT_NAME.into()),
-            container_port: i32::from(t.admin_port),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
-        resources: Some(resources),
-        restart_policy,
-        startup_probe,
-        liveness_probe: Some(exec_probe(&t.probe_command, "healthz", 10, 3)),
-        lifecycle,
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(t.run_as_user),
-            run_as_group: Some(t.run_as_user),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: TOKEN_VOLUME.into(),
-                mount_path: TOKEN_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: TLS_VOLUME.into(),
-                mount_path: TLS_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
-        ..Default::default()
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
+    use serde_json::Value;
+    use tunnel_api::pod::TLS_DIR;
+
     use super::*;
     use crate::annotations::Resources;
 

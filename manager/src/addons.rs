@@ -28,11 +28,8 @@
 //! `tunnel-manager uninstall` (a Helm pre-delete hook) removes the finalizers
 //! when the manager itself goes, so nothing is left stranded.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -45,7 +42,9 @@ use tokio::sync::watch;
 
 use crate::addon_status;
 use crate::agent_work::{self, AgentWorkInput, HubAddress, WORK_NAME};
+use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::deployment_config::{AgentOverrides, ConfigError};
+use crate::live_view::LiveView;
 use crate::ocm::{
     ADDON_LABEL, ADDON_NAME, AddOnDeploymentConfig, ManagedCluster, ManagedClusterAddOn,
     manifest_work_resource,
@@ -55,10 +54,6 @@ use tunnel_api::configuration::{EntrypointType, TunnelConfiguration};
 
 /// Finalizer on every addon the manager delivered an agent for.
 pub const FINALIZER: &str = "cluster-tunnel.io/agent-cleanup";
-/// Periodic re-check (drift, the live view).
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// Delay before a failed reconciliation is retried.
-pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 
 /// A failed reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -93,13 +88,6 @@ impl ReconcileError {
     }
 }
 
-/// The clock (tests set it).
-pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
-
-/// Agents connected per cluster, as the server last listed them; `None`
-/// when the server could not be asked.
-pub type LiveView = Option<HashMap<String, usize>>;
-
 /// What reconciliation needs.
 pub struct Context {
     /// The API client.
@@ -118,6 +106,13 @@ pub struct Context {
     pub clock: Clock,
     /// Reconciliations are counted here.
     pub metrics: crate::metrics::ManagerMetrics,
+}
+
+impl ControllerContext for Context {
+    const NAME: &'static str = "addons";
+    fn metrics(&self) -> &crate::metrics::ManagerMetrics {
+        &self.metrics
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -375,16 +370,6 @@ async fn deployment_config(
     Ok(AgentOverrides::from_config(&name, &adc.spec))
 }
 
-/// Logs a failure and retries after [`RETRY_DELAY`].
-pub fn error_policy(
-    addon: Arc<ManagedClusterAddOn>,
-    error: &ReconcileError,
-    _ctx: Arc<Context>,
-) -> Action {
-    tracing::warn!(cluster = %addon.namespace().unwrap_or_default(), %error, "reconciliation failed; retrying");
-    Action::requeue(RETRY_DELAY)
-}
-
 /// Runs the controller until `shutdown`: every addon named [`ADDON_NAME`],
 /// again when its cluster or its work changes, and every addon when the
 /// configuration or the live view changes.
@@ -404,7 +389,7 @@ pub async fn run(
     };
     let trigger =
         futures_util::stream::select(changes(ctx.config.clone()), changes_live(ctx.live.clone()));
-    Controller::new(addons, by_name)
+    let controller = Controller::new(addons, by_name)
         .owns_with(
             works,
             manifest_work_resource(),
@@ -415,14 +400,8 @@ pub async fn run(
             watcher::Config::default(),
             |cluster| Some(ObjectRef::new(ADDON_NAME).within(&cluster.name_any())),
         )
-        .reconcile_all_on(trigger)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| {
-            ctx.metrics.observe("addons", &result);
-            std::future::ready(())
-        })
-        .await;
+        .reconcile_all_on(trigger);
+    crate::controller::run(controller, reconcile, ctx, shutdown).await;
 }
 
 fn changes_live(rx: watch::Receiver<LiveView>) -> impl futures_util::Stream<Item = ()> {
@@ -439,6 +418,8 @@ mod tests {
 
     use http::Method;
     use serde_json::{Value, json};
+
+    use std::collections::HashMap;
 
     use super::*;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 use tokio::sync::watch;
@@ -19,11 +18,14 @@ use tunnel_proto::client::{ClientOptions, TunnelClient};
 use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 
-use crate::addons::{self, LiveView};
+use crate::addons;
+use crate::config_watch;
 use crate::health::{self, ProbeOptions};
-use crate::hub;
 use crate::leader::{self, LeaseLock};
+use crate::live_view::{self, LiveView};
 use crate::namespaces;
+use crate::server_certificate::{self, ServerCertificate};
+use crate::server_objects;
 use crate::signer::{self, Leaf, Signer};
 use crate::status::StatusBoard;
 use tunnel_api::configuration::TunnelConfiguration;
@@ -504,17 +506,7 @@ async fn controllers(
     let (config_tx, config_rx) = watch::channel(None::<Arc<TunnelConfiguration>>);
     let configs: Api<TunnelConfiguration> = Api::all(client.clone());
     let name = args.config_name.clone();
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(kube::runtime::watcher::watch_object(configs, &name));
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(obj) => {
-                    config_tx.send_replace(obj.map(Arc::new));
-                }
-                Err(error) => tracing::warn!(%error, "watching the TunnelConfiguration"),
-            }
-        }
-    });
+    tokio::spawn(async move { config_watch::follow(configs, &name, config_tx).await });
     let mut wait = config_rx.clone();
     let config = wait
         .wait_for(Option::is_some)
@@ -537,9 +529,9 @@ async fn controllers(
     );
 
     // The configuration's conditions, written in one place.
-    let mut required = vec!["SignerReady", "ServerCertificateReady"];
+    let mut required = vec!["SignerReady", server_certificate::CONDITION];
     if !args.no_hub_objects {
-        required.push(hub::CONDITION);
+        required.push(server_objects::CONDITION);
     }
     let board = Arc::new(StatusBoard::new(
         Api::all(client.clone()),
@@ -561,9 +553,9 @@ async fn controllers(
 
     // The hub's objects, kept as the configuration says.
     if !args.no_hub_objects {
-        let ctx = Arc::new(hub::Context {
+        let ctx = Arc::new(server_objects::Context {
             client: client.clone(),
-            names: hub::HubNames {
+            names: server_objects::HubNames {
                 instance: args.instance.clone(),
                 namespace: args.namespace.clone(),
                 trust_domain: args.trust_domain.clone(),
@@ -574,74 +566,24 @@ async fn controllers(
         let stop = shutdown.clone();
         let config_name = args.config_name.clone();
         tokio::spawn(async move {
-            hub::run(ctx, &config_name, async move { stop.notified().await }).await;
+            server_objects::run(ctx, &config_name, async move { stop.notified().await }).await;
         });
     }
 
     // The server certificate (and the helm test's client certificate), kept current.
     let names = server_names(&args.server_service, &args.namespace, &config);
-    let test_client = args.test_client_secret.clone();
-    {
-        let (secrets, signer, args_secret, td) = (
-            secrets.clone(),
-            signer.clone(),
-            args.server_tls_secret.clone(),
-            args.trust_domain.clone(),
-        );
-        let config_rx = config_rx.clone();
-        let board = board.clone();
-        tokio::spawn(async move {
-            loop {
-                let validity = config_rx
-                    .borrow()
-                    .as_ref()
-                    .map(|c| c.spec.signer.certificate_validity_days)
-                    .unwrap_or(90);
-                let result = signer::ensure_leaf(
-                    &secrets,
-                    &args_secret,
-                    &Leaf::Server {
-                        names: names.clone(),
-                    },
-                    &signer,
-                    &td,
-                    time::Duration::days(i64::from(validity)),
-                    None,
-                    now(),
-                )
-                .await;
-                if let Err(error) = &result {
-                    tracing::warn!(%error, "server certificate");
-                }
-                if let Some(name) = &test_client
-                    && let Err(error) = signer::ensure_leaf(
-                        &secrets,
-                        name,
-                        &Leaf::Client { name: name.clone() },
-                        &signer,
-                        &td,
-                        time::Duration::days(i64::from(validity)),
-                        None,
-                        now(),
-                    )
-                    .await
-                {
-                    tracing::warn!(%error, "helm test client certificate");
-                }
-                let current = config_rx.borrow().clone();
-                if let Some(current) = current {
-                    let (ok, reason, message) = match result {
-                        Ok(_) => (true, "Issued", format!("Secret {args_secret} is current")),
-                        Err(e) => (false, "IssueFailed", e.to_string()),
-                    };
-                    board
-                        .set(&current, "ServerCertificateReady", ok, reason, message)
-                        .await;
-                }
-                tokio::time::sleep(addons::RESYNC).await;
-            }
-        });
-    }
+    let keeper = ServerCertificate {
+        secrets: secrets.clone(),
+        secret_name: args.server_tls_secret.clone(),
+        names,
+        test_client: args.test_client_secret.clone(),
+        signer: signer.clone(),
+        trust_domain: args.trust_domain.clone(),
+        config: config_rx.clone(),
+        status: board.clone(),
+        clock: Arc::new(now),
+    };
+    tokio::spawn(keeper.run());
 
     // The live view: agents per cluster, from the server, with our own client certificate.
     let (live_tx, live_rx) = watch::channel::<LiveView>(None);
@@ -656,24 +598,7 @@ async fn controllers(
         open_timeout: Duration::from_secs(10),
         token_file: None,
     });
-    let interval = args.live_view_interval;
-    tokio::spawn(async move {
-        loop {
-            let view = match tunnel.list_clusters().await {
-                Ok(list) => Some(list.into_iter().map(|c| (c.name, c.agents.len())).collect()),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot list the server's clusters");
-                    None
-                }
-            };
-            live_tx.send_if_modified(|old| {
-                let changed = *old != view;
-                *old = view;
-                changed
-            });
-            tokio::time::sleep(interval).await;
-        }
-    });
+    tokio::spawn(live_view::run(tunnel, live_tx, args.live_view_interval));
     ready.store(true, Ordering::Release);
 
     // Opted-in pods admitted without the sidecar.

@@ -53,7 +53,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -62,7 +61,7 @@ use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::addons::Clock;
+use crate::controller::{Clock, ControllerContext};
 use crate::ocm::{
     ADDON_LABEL, ADDON_NAME, CLUSTER_LABEL, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME,
     agent_user, cluster_group, cluster_user_prefix,
@@ -72,8 +71,6 @@ use tunnel_api::configuration::TunnelConfiguration;
 
 /// How often a request for a cluster that is not served yet is looked at again.
 pub const PENDING_RECHECK: Duration = Duration::from_secs(30);
-/// Delay before a failed reconciliation is retried.
-pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 /// The shortest certificate lifetime a request may ask for (Kubernetes' minimum).
 const MIN_EXPIRATION_SECONDS: i64 = 600;
 /// Label of a join request: the cluster it is for.
@@ -154,6 +151,13 @@ pub struct Context {
     pub join_namespace: Option<String>,
     /// With `--open-cluster-management`: requests of OCM's registration agents.
     pub addons: bool,
+}
+
+impl ControllerContext for Context {
+    const NAME: &'static str = "csr";
+    fn metrics(&self) -> &crate::metrics::ManagerMetrics {
+        &self.metrics
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -430,16 +434,6 @@ async fn addon_enabled(client: &kube::Client, cluster: &str) -> Result<bool, Csr
             .is_some_and(|a| a.meta().deletion_timestamp.is_none()))
 }
 
-/// Logs a failure and retries after [`RETRY_DELAY`].
-pub fn error_policy(
-    csr: Arc<CertificateSigningRequest>,
-    error: &CsrError,
-    _ctx: Arc<Context>,
-) -> Action {
-    tracing::warn!(csr = %csr.name_any(), %error, "certificate request not handled; retrying");
-    Action::requeue(RETRY_DELAY)
-}
-
 /// Runs the controller until `shutdown`: the requests for [`SIGNER_NAME`] only.
 pub async fn run(
     ctx: Arc<Context>,
@@ -447,14 +441,7 @@ pub async fn run(
 ) {
     let api: Api<CertificateSigningRequest> = Api::all(ctx.client.clone());
     let ours = watcher::Config::default().fields(&format!("spec.signerName={SIGNER_NAME}"));
-    Controller::new(api, ours)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| {
-            ctx.metrics.observe("csr", &result);
-            std::future::ready(())
-        })
-        .await;
+    crate::controller::run(Controller::new(api, ours), reconcile, ctx, shutdown).await;
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use kube::api::{Api, PostParams};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::addons::Clock;
+use crate::controller::Clock;
 
 /// A Lease not renewed this long may be taken over.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);

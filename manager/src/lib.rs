@@ -2,6 +2,10 @@
 //!
 //! # Modules
 //!
+//! - [`controller`]: the scaffold every controller runs on (resync and
+//!   retry delays, error policy, the run loop and its metrics);
+//! - [`config_watch`]: the `TunnelConfiguration` followed onto a channel
+//!   every other part reads;
 //! - [`crds`]: applies the CRDs generated from `tunnel_api`'s types;
 //! - [`signer`]: the signer CA kept in a Secret (generated if absent) and
 //!   the certificates it issues, renewed when a fifth of their lifetime is left;
@@ -21,7 +25,11 @@
 //! - [`coverage`]: opted-in pods admitted without the sidecar, reported
 //!   (metric, log, `health --pods`);
 //! - [`health`]: the `health` command (a table or JSON, probes through the tunnel);
-//! - [`hub`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
+//! - [`server_certificate`]: the servers' certificate (and the helm
+//!   test's), kept current, reported as `ServerCertificateReady`;
+//! - [`live_view`]: agents per cluster, polled from the servers, published
+//!   on change;
+//! - [`server_objects`]: the servers' Deployment, Services, PodDisruptionBudget and RBAC
 //!   and the injector's webhook configuration, kept as the configuration says;
 //! - [`status`]: the configuration's conditions, written in one place;
 //! - [`leader`]: leader election over a Lease, so that several managers can run;
@@ -32,19 +40,23 @@ pub mod addon_status;
 pub mod addons;
 pub mod agent_work;
 pub mod cli;
+pub mod config_watch;
+pub mod controller;
 pub mod coverage;
 pub mod crds;
 pub mod csr;
 pub mod deployment_config;
 pub mod health;
-pub mod hub;
 pub mod join;
 pub mod leader;
+pub mod live_view;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod namespaces;
 pub mod ocm;
+pub mod server_certificate;
+pub mod server_objects;
 pub mod signer;
 pub mod status;
 pub mod uninstall;

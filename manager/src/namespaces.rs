@@ -31,9 +31,7 @@
 //! so that a Secret replaced in between survives.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams, Preconditions};
@@ -44,14 +42,10 @@ use tokio::sync::watch;
 use tunnel_api::labels::{INJECTION_ENABLED, MANAGED_BY};
 use tunnel_identity::spiffe::{IdentityError, validate_client_name};
 
-use crate::addons::Clock;
+use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::signer::{self, Leaf, LeafOutcome, Signer, SignerError};
 use tunnel_api::configuration::TunnelConfiguration;
 
-/// Periodic re-check of a labelled namespace's Secret (renewal, deletion).
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// Delay before a failed reconciliation is retried.
-pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 /// Namespaces reconciled at once (at start every namespace is looked at).
 const CONCURRENCY: u16 = 8;
 /// Longest client name an identity may carry (a DNS-1123 label).
@@ -117,6 +111,13 @@ pub struct Context {
     pub clock: Clock,
     /// Reconciliations are counted here.
     pub metrics: crate::metrics::ManagerMetrics,
+}
+
+impl ControllerContext for Context {
+    const NAME: &'static str = "namespaces";
+    fn metrics(&self) -> &crate::metrics::ManagerMetrics {
+        &self.metrics
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -268,12 +269,6 @@ async fn remove(namespace: &str, ctx: &Context) -> Result<Action, ReconcileError
     }
 }
 
-/// Logs a failure and retries after [`RETRY_DELAY`].
-pub fn error_policy(ns: Arc<Namespace>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(namespace = %ns.name_any(), %error, "sidecar certificate reconciliation failed; retrying");
-    Action::requeue(RETRY_DELAY)
-}
-
 /// Runs the controller until `shutdown`. It watches every namespace, not
 /// only labelled ones: a namespace that loses the label must be seen to
 /// remove its Secret.
@@ -283,15 +278,9 @@ pub async fn run(
 ) {
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     tracing::info!(label = %format!("{}={INJECTION_ENABLED}", ctx.label), secret = %ctx.secret_name, "issuing sidecar certificates");
-    Controller::new(api, watcher::Config::default())
-        .with_config(controller::Config::default().concurrency(CONCURRENCY))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| {
-            ctx.metrics.observe("namespaces", &result);
-            std::future::ready(())
-        })
-        .await;
+    let controller = Controller::new(api, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
+    crate::controller::run(controller, reconcile, ctx, shutdown).await;
 }
 
 #[cfg(test)]
@@ -309,7 +298,10 @@ mod tests {
     use serde_json::{Value, json};
     use time::OffsetDateTime;
 
+    use std::time::Duration;
+
     use super::*;
+    use crate::controller::{RETRY_DELAY, error_policy};
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
     use tunnel_api::configuration::TunnelConfigurationSpec;
 

@@ -534,7 +534,7 @@ const HELM_ONLY_LABELS: [&str; 3] = [
 /// field for field, so that Helm and the manager never undo each other.
 fn check_manager_keeps_what_the_chart_renders(
     r: &Rendered,
-    webhooks: tunnel_manager::hub::WebhookSupport,
+    webhooks: tunnel_manager::server_objects::WebhookSupport,
 ) {
     let config: tunnel_api::configuration::TunnelConfiguration =
         serde_json::from_value(r.kind("TunnelConfiguration")[0].clone())
@@ -552,12 +552,17 @@ fn check_manager_keeps_what_the_chart_renders(
             .unwrap_or_else(|| panic!("the manager gets --{name}"))
             .to_owned()
     };
-    let names = tunnel_manager::hub::HubNames {
+    let names = tunnel_manager::server_objects::HubNames {
         instance: flag("instance"),
         namespace: flag("namespace"),
         trust_domain: flag("trust-domain"),
     };
-    let desired = tunnel_manager::hub::desired_objects(&config, &names, webhooks).unwrap();
+    let desired: Vec<Value> =
+        tunnel_manager::server_objects::desired_objects(&config, &names, webhooks)
+            .unwrap()
+            .iter()
+            .map(|o| o.to_json().unwrap())
+            .collect();
     let kinds: Vec<&str> = desired
         .iter()
         .map(|o| o["kind"].as_str().unwrap())
@@ -665,7 +670,7 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
         check_addon(&r, values);
         check_manager_keeps_what_the_chart_renders(
             &r,
-            tunnel_manager::hub::WebhookSupport::CURRENT,
+            tunnel_manager::server_objects::WebhookSupport::CURRENT,
         );
         // The manager's metrics have a Service (and a ServiceMonitor when asked).
         assert_eq!(
@@ -807,7 +812,7 @@ fn the_hub_chart_renders_valid_objects_with_every_value_set() {
             // Only opted-in pods reach the webhook, so Fail holds no other.
             assert_eq!(
                 hook["matchConditions"],
-                json!([{ "name": "opted-in", "expression": tunnel_manager::hub::OPT_IN_CONDITION }])
+                json!([{ "name": "opted-in", "expression": tunnel_manager::server_objects::OPT_IN_CONDITION }])
             );
             assert_eq!(
                 hook["timeoutSeconds"],
@@ -881,7 +886,7 @@ fn the_webhook_fits_the_cluster_s_version() {
             assert_eq!(hook["failurePolicy"], "Fail", "{version}");
             assert_eq!(
                 hook["matchConditions"][0]["expression"],
-                tunnel_manager::hub::OPT_IN_CONDITION,
+                tunnel_manager::server_objects::OPT_IN_CONDITION,
                 "{version}"
             );
             assert!(!r.notes.contains("WARNING"), "{version}: {}", r.notes);
@@ -894,8 +899,11 @@ fn the_webhook_fits_the_cluster_s_version() {
                 r.notes
             );
         }
-        let webhooks =
-            tunnel_manager::hub::WebhookSupport::of_version(&format!("v{version}"), "", "");
+        let webhooks = tunnel_manager::server_objects::WebhookSupport::of_version(
+            &format!("v{version}"),
+            "",
+            "",
+        );
         assert_eq!(webhooks.match_conditions, current, "{version}");
         check_manager_keeps_what_the_chart_renders(&r, webhooks);
     }
@@ -962,7 +970,10 @@ fn the_match_condition_calls_the_injector_for_every_pod_it_does_not_skip() {
         })
         .collect();
     let activations: Vec<Value> = pods.iter().map(|p| json!({ "object": p })).collect();
-    let Some(called) = cel(tunnel_manager::hub::OPT_IN_CONDITION, &activations) else {
+    let Some(called) = cel(
+        tunnel_manager::server_objects::OPT_IN_CONDITION,
+        &activations,
+    ) else {
         return;
     };
     for ((value, pod), called) in values.iter().zip(&pods).zip(called) {
@@ -986,7 +997,7 @@ fn the_match_condition_calls_the_injector_for_every_pod_it_does_not_skip() {
     // A pod without any annotation at all.
     let bare = json!({ "object": { "metadata": { "name": "app" } } });
     assert_eq!(
-        cel(tunnel_manager::hub::OPT_IN_CONDITION, &[bare]),
+        cel(tunnel_manager::server_objects::OPT_IN_CONDITION, &[bare]),
         Some(vec![json!(false)])
     );
 }

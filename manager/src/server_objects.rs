@@ -16,36 +16,46 @@
 //! manager never fight over them. The webhook's `caBundle` is left to the
 //! injector (or cert-manager), which keeps it under its own field manager.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures_util::StreamExt as _;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::Resource as _;
+use k8s_openapi::api::admissionregistration::v1::{
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+    ServiceReference, WebhookClientConfig,
+};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    LocalObjectReference, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt as _};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use tunnel_api::configuration::{
-    AntiAffinity, Authorization, EntrypointType, InjectorSpec, ServerSpec, TunnelConfiguration,
+    AntiAffinity, Authorization, EntrypointType, FailurePolicy, InjectorSpec, PullPolicy,
+    ServerSpec, TunnelConfiguration,
 };
 use tunnel_api::labels::APP_NAME;
 use tunnel_api::pod::TLS_DIR;
 
+use crate::controller::{ControllerContext, RESYNC, RETRY_DELAY};
 use crate::signer::FIELD_MANAGER;
 use crate::status::StatusBoard;
 
-/// How often everything is applied again even when nothing was seen to change.
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// Retry delay after a failed reconciliation.
-pub const RETRY_DELAY: Duration = Duration::from_secs(15);
 /// The status condition this controller owns.
 pub const CONDITION: &str = "ServerDeployed";
 
@@ -67,25 +77,35 @@ impl HubNames {
     pub fn server(&self) -> String {
         format!("{}-server", self.instance)
     }
-    fn labels(&self, component: Option<&str>) -> Value {
-        let mut labels = json!({
-            "app.kubernetes.io/name": APP_NAME,
-            "app.kubernetes.io/instance": self.instance,
-        });
+    fn labels(&self, component: Option<&str>) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            ("app.kubernetes.io/name".to_owned(), APP_NAME.to_owned()),
+            (
+                "app.kubernetes.io/instance".to_owned(),
+                self.instance.clone(),
+            ),
+        ]);
         if let Some(c) = component {
-            labels["app.kubernetes.io/component"] = json!(c);
+            labels.insert("app.kubernetes.io/component".to_owned(), c.to_owned());
         }
         labels
     }
-    fn selector(&self) -> Value {
+    fn selector(&self) -> BTreeMap<String, String> {
         self.labels(Some("server"))
     }
-    fn meta(&self, name: &str, namespaced: bool, component: Option<&str>) -> Value {
-        let mut meta = json!({ "name": name, "labels": self.labels(component) });
-        if namespaced {
-            meta["namespace"] = json!(self.namespace);
+    fn label_selector(&self) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(self.selector()),
+            ..LabelSelector::default()
         }
-        meta
+    }
+    fn meta(&self, name: &str, namespaced: bool, component: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: namespaced.then(|| self.namespace.clone()),
+            labels: Some(self.labels(component)),
+            ..ObjectMeta::default()
+        }
     }
 }
 
@@ -176,6 +196,88 @@ impl WebhookSupport {
     }
 }
 
+/// One object the servers need, typed: what is built, applied and compared
+/// with the chart's.
+// A handful are built per reconciliation and applied one by one: the
+// variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerObject {
+    /// The servers' identity.
+    ServiceAccount(ServiceAccount),
+    /// What the servers may read and write.
+    ClusterRole(ClusterRole),
+    /// The role, bound to the servers' identity.
+    ClusterRoleBinding(ClusterRoleBinding),
+    /// The headless, agents' or clients' Service.
+    Service(Service),
+    /// How many servers a voluntary disruption may take.
+    PodDisruptionBudget(PodDisruptionBudget),
+    /// The servers.
+    Deployment(Deployment),
+    /// The sidecar injector's webhook.
+    Webhook(MutatingWebhookConfiguration),
+}
+
+impl ServerObject {
+    /// The object's kind, as the API server names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ServiceAccount(_) => ServiceAccount::KIND,
+            Self::ClusterRole(_) => ClusterRole::KIND,
+            Self::ClusterRoleBinding(_) => ClusterRoleBinding::KIND,
+            Self::Service(_) => Service::KIND,
+            Self::PodDisruptionBudget(_) => PodDisruptionBudget::KIND,
+            Self::Deployment(_) => Deployment::KIND,
+            Self::Webhook(_) => MutatingWebhookConfiguration::KIND,
+        }
+    }
+
+    /// The object's metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::ServiceAccount(o) => &o.metadata,
+            Self::ClusterRole(o) => &o.metadata,
+            Self::ClusterRoleBinding(o) => &o.metadata,
+            Self::Service(o) => &o.metadata,
+            Self::PodDisruptionBudget(o) => &o.metadata,
+            Self::Deployment(o) => &o.metadata,
+            Self::Webhook(o) => &o.metadata,
+        }
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Self::ServiceAccount(o) => &mut o.metadata,
+            Self::ClusterRole(o) => &mut o.metadata,
+            Self::ClusterRoleBinding(o) => &mut o.metadata,
+            Self::Service(o) => &mut o.metadata,
+            Self::PodDisruptionBudget(o) => &mut o.metadata,
+            Self::Deployment(o) => &mut o.metadata,
+            Self::Webhook(o) => &mut o.metadata,
+        }
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or_default()
+    }
+
+    /// The object as the API server receives it (`apiVersion` and `kind`
+    /// included).
+    pub fn to_json(&self) -> serde_json::Result<Value> {
+        match self {
+            Self::ServiceAccount(o) => serde_json::to_value(o),
+            Self::ClusterRole(o) => serde_json::to_value(o),
+            Self::ClusterRoleBinding(o) => serde_json::to_value(o),
+            Self::Service(o) => serde_json::to_value(o),
+            Self::PodDisruptionBudget(o) => serde_json::to_value(o),
+            Self::Deployment(o) => serde_json::to_value(o),
+            Self::Webhook(o) => serde_json::to_value(o),
+        }
+    }
+}
+
 /// Every object the configuration asks for, in the order they are applied
 /// (identity and permissions before the pods that use them); the webhook
 /// configuration as `webhooks` allows.
@@ -183,126 +285,174 @@ pub fn desired_objects(
     config: &TunnelConfiguration,
     names: &HubNames,
     webhooks: WebhookSupport,
-) -> Result<Vec<Value>, HubError> {
+) -> Result<Vec<ServerObject>, HubError> {
     let server = &config.spec.server;
-    let mut out = vec![service_account(names)];
+    let mut out = vec![ServerObject::ServiceAccount(service_account(names))];
     if server.authorization == Authorization::Kubernetes {
-        out.extend(server_rbac(server, names));
+        let (role, binding) = server_rbac(server, names);
+        out.push(ServerObject::ClusterRole(role));
+        out.push(ServerObject::ClusterRoleBinding(binding));
     }
-    out.push(headless_service(server, names));
-    out.push(agent_service(server, names));
-    out.push(client_service(server, names));
-    out.push(disruption_budget(server, names));
-    out.push(server_deployment(server, names)?);
+    out.push(ServerObject::Service(headless_service(server, names)));
+    out.push(ServerObject::Service(agent_service(server, names)));
+    out.push(ServerObject::Service(client_service(server, names)));
+    out.push(ServerObject::PodDisruptionBudget(disruption_budget(
+        server, names,
+    )));
+    out.push(ServerObject::Deployment(server_deployment(server, names)?));
     if let Some(injector) = &config.spec.injector {
-        out.push(webhook_configuration(injector, names, webhooks));
+        out.push(ServerObject::Webhook(webhook_configuration(
+            injector, names, webhooks,
+        )));
     }
     Ok(out)
 }
 
-fn service_account(names: &HubNames) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": names.meta(&names.server(), true, None),
-        "automountServiceAccountToken": false,
-    })
+fn service_account(names: &HubNames) -> ServiceAccount {
+    ServiceAccount {
+        metadata: names.meta(&names.server(), true, None),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|&s| s.to_owned()).collect()
+}
+
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.to_owned()]),
+        resources: Some(strings(resources)),
+        verbs: strings(verbs),
+        ..PolicyRule::default()
+    }
 }
 
 /// The servers read TunnelPolicy objects (and write their `Accepted`
 /// condition), check sidecars' tokens, and with open-cluster-management read
 /// the clusters' labels and sets and which clusters have the addon (only
 /// their agents are admitted): nothing more.
-fn server_rbac(server: &ServerSpec, names: &HubNames) -> [Value; 2] {
+fn server_rbac(server: &ServerSpec, names: &HubNames) -> (ClusterRole, ClusterRoleBinding) {
     let name = names.server();
+    let read = ["get", "list", "watch"];
     let mut rules = vec![
-        json!({ "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies"], "verbs": ["get", "list", "watch"] }),
-        json!({ "apiGroups": ["cluster-tunnel.io"], "resources": ["tunnelpolicies/status"], "verbs": ["patch"] }),
-        json!({ "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] }),
+        rule("cluster-tunnel.io", &["tunnelpolicies"], &read),
+        rule("cluster-tunnel.io", &["tunnelpolicies/status"], &["patch"]),
+        rule("authentication.k8s.io", &["tokenreviews"], &["create"]),
     ];
     if server.clusters_from_open_cluster_management {
-        rules.push(json!({ "apiGroups": ["cluster.open-cluster-management.io"], "resources": ["managedclusters", "managedclustersets"], "verbs": ["get", "list", "watch"] }));
-        rules.push(json!({ "apiGroups": ["addon.open-cluster-management.io"], "resources": ["managedclusteraddons"], "resourceNames": [crate::ocm::ADDON_NAME], "verbs": ["get", "list", "watch"] }));
+        rules.push(rule(
+            "cluster.open-cluster-management.io",
+            &["managedclusters", "managedclustersets"],
+            &read,
+        ));
+        rules.push(PolicyRule {
+            resource_names: Some(vec![crate::ocm::ADDON_NAME.to_owned()]),
+            ..rule(
+                "addon.open-cluster-management.io",
+                &["managedclusteraddons"],
+                &read,
+            )
+        });
     }
-    [
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": names.meta(&name, false, None),
-            "rules": rules,
-        }),
-        json!({
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": names.meta(&name, false, None),
-            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name },
-            "subjects": [{ "kind": "ServiceAccount", "name": name, "namespace": names.namespace }],
-        }),
-    ]
-}
-
-fn headless_service(server: &ServerSpec, names: &HubNames) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": names.meta(&format!("{}-headless", names.server()), true, Some("server")),
-        "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": false,
-            "selector": names.selector(),
-            "ports": [port("agent", server.ports.agent)],
+    let role = ClusterRole {
+        metadata: names.meta(&name, false, None),
+        rules: Some(rules),
+        ..ClusterRole::default()
+    };
+    let binding = ClusterRoleBinding {
+        metadata: names.meta(&name, false, None),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: ClusterRole::KIND.to_owned(),
+            name: name.clone(),
         },
-    })
+        subjects: Some(vec![Subject {
+            kind: ServiceAccount::KIND.to_owned(),
+            name,
+            namespace: Some(names.namespace.clone()),
+            ..Subject::default()
+        }]),
+    };
+    (role, binding)
 }
 
-fn agent_service(server: &ServerSpec, names: &HubNames) -> Value {
-    let mut meta = names.meta(&format!("{}-agents", names.server()), true, Some("server"));
+fn headless_service(server: &ServerSpec, names: &HubNames) -> Service {
+    Service {
+        metadata: names.meta(
+            &format!("{}-headless", names.server()),
+            true,
+            Some("server"),
+        ),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            publish_not_ready_addresses: Some(false),
+            selector: Some(names.selector()),
+            ports: Some(vec![port("agent", server.ports.agent)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn agent_service(server: &ServerSpec, names: &HubNames) -> Service {
+    let mut metadata = names.meta(&format!("{}-agents", names.server()), true, Some("server"));
     if !server.agent_service_annotations.is_empty() {
-        meta["annotations"] = json!(server.agent_service_annotations);
+        metadata.annotations = Some(server.agent_service_annotations.clone());
     }
     let kind = match server.entrypoint.kind {
         EntrypointType::LoadBalancerService => "LoadBalancer",
         EntrypointType::Hostname => "ClusterIP",
     };
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta,
-        "spec": {
-            "type": kind,
-            "selector": names.selector(),
-            "ports": [port("agent", server.ports.agent)],
-        },
-    })
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(kind.to_owned()),
+            selector: Some(names.selector()),
+            ports: Some(vec![port("agent", server.ports.agent)]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
 }
 
-fn client_service(server: &ServerSpec, names: &HubNames) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": names.meta(&names.server(), true, Some("server")),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": names.selector(),
-            "ports": [port("client", server.ports.client), port("admin", server.ports.admin)],
-        },
-    })
+fn client_service(server: &ServerSpec, names: &HubNames) -> Service {
+    Service {
+        metadata: names.meta(&names.server(), true, Some("server")),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(names.selector()),
+            ports: Some(vec![
+                port("client", server.ports.client),
+                port("admin", server.ports.admin),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
 }
 
-fn port(name: &str, number: u16) -> Value {
-    json!({ "name": name, "port": number, "targetPort": name, "protocol": "TCP" })
+fn port(name: &str, number: u16) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_owned()),
+        port: i32::from(number),
+        target_port: Some(IntOrString::String(name.to_owned())),
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
+    }
 }
 
-fn disruption_budget(server: &ServerSpec, names: &HubNames) -> Value {
-    json!({
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": names.meta(&names.server(), true, None),
-        "spec": {
-            "maxUnavailable": server.pdb_max_unavailable,
-            "selector": { "matchLabels": names.selector() },
-        },
-    })
+fn disruption_budget(server: &ServerSpec, names: &HubNames) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: names.meta(&names.server(), true, None),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(server.pdb_max_unavailable)),
+            selector: Some(names.label_selector()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
 }
 
 /// Seconds of a `<n>s` duration (the chart's form of the drain timeout).
@@ -322,7 +472,37 @@ fn check_duration(field: &'static str, value: &str) -> Result<(), HubError> {
         .map_err(|reason| HubError::BadConfiguration { field, reason })
 }
 
-fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, HubError> {
+fn pull_policy(policy: PullPolicy) -> &'static str {
+    match policy {
+        PullPolicy::IfNotPresent => "IfNotPresent",
+        PullPolicy::Always => "Always",
+        PullPolicy::Never => "Never",
+    }
+}
+
+fn container_port(name: &str, number: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn admin_probe(path: &str, period_seconds: i32, failure_threshold: Option<i32>) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("admin".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        failure_threshold,
+        ..Probe::default()
+    }
+}
+
+fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Deployment, HubError> {
     let drain = whole_seconds("spec.server.drainTimeout", &server.drain_timeout)?;
     check_duration("spec.server.dialTimeout", &server.dial_timeout)?;
     check_duration("spec.server.deadPeerTimeout", &server.dead_peer_timeout)?;
@@ -356,78 +536,124 @@ fn server_deployment(server: &ServerSpec, names: &HubNames) -> Result<Value, Hub
         }
         Authorization::AllowAll => args.push("--allow-all".into()),
     }
-    let term = json!({ "topologyKey": "kubernetes.io/hostname", "labelSelector": { "matchLabels": names.selector() } });
-    let anti = match server.anti_affinity {
-        AntiAffinity::Hard => json!({ "requiredDuringSchedulingIgnoredDuringExecution": [term] }),
-        AntiAffinity::Soft => json!({
-            "preferredDuringSchedulingIgnoredDuringExecution": [{ "weight": 100, "podAffinityTerm": term }],
-        }),
+    let term = PodAffinityTerm {
+        topology_key: "kubernetes.io/hostname".to_owned(),
+        label_selector: Some(names.label_selector()),
+        ..PodAffinityTerm::default()
     };
-    let mut container = json!({
-        "name": "server",
-        "image": server.image,
-        "imagePullPolicy": server.image_pull_policy,
-        "args": args,
-        "env": [{ "name": "TUNNEL_SERVER_ID", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } }],
-        "ports": [
-            { "name": "agent", "containerPort": ports.agent, "protocol": "TCP" },
-            { "name": "client", "containerPort": ports.client, "protocol": "TCP" },
-            { "name": "admin", "containerPort": ports.admin, "protocol": "TCP" },
-        ],
-        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 5 },
-        "livenessProbe": { "httpGet": { "path": "/healthz", "port": "admin" }, "periodSeconds": 10, "failureThreshold": 3 },
-        "securityContext": restricted_security_context(),
-        "volumeMounts": [{ "name": "tls", "mountPath": TLS_DIR, "readOnly": true }],
-    });
-    if let Some(resources) = &server.resources {
-        container["resources"] = json!(resources);
-    }
-    let mut pod = json!({
-        "serviceAccountName": names.server(),
-        "automountServiceAccountToken": false,
-        // The server's default shutdown delay (5 s), the drain, then 10 s.
-        "terminationGracePeriodSeconds": drain + 15,
-        "affinity": { "podAntiAffinity": anti },
-        "containers": [container],
-        "volumes": [{ "name": "tls", "secret": { "secretName": server.tls_secret_name } }],
-    });
-    if !server.image_pull_secrets.is_empty() {
-        let secrets: Vec<Value> = server
-            .image_pull_secrets
-            .iter()
-            .map(|n| json!({ "name": n }))
-            .collect();
-        pod["imagePullSecrets"] = json!(secrets);
-    }
-    if !server.node_selector.is_empty() {
-        pod["nodeSelector"] = json!(server.node_selector);
-    }
-    if !server.tolerations.is_empty() {
-        pod["tolerations"] = json!(server.tolerations);
-    }
-    Ok(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": names.meta(&names.server(), true, Some("server")),
-        "spec": {
-            "replicas": server.replicas,
-            "selector": { "matchLabels": names.selector() },
-            "template": { "metadata": { "labels": names.selector() }, "spec": pod },
+    let anti = match server.anti_affinity {
+        AntiAffinity::Hard => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
         },
-    }))
+        AntiAffinity::Soft => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: term,
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        },
+    };
+    let container = Container {
+        name: "server".to_owned(),
+        image: Some(server.image.clone()),
+        image_pull_policy: Some(pull_policy(server.image_pull_policy).to_owned()),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            name: "TUNNEL_SERVER_ID".to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_owned(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            container_port("agent", ports.agent),
+            container_port("client", ports.client),
+            container_port("admin", ports.admin),
+        ]),
+        readiness_probe: Some(admin_probe("/readyz", 5, None)),
+        liveness_probe: Some(admin_probe("/healthz", 10, Some(3))),
+        security_context: Some(restricted_security_context()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tls".to_owned(),
+            mount_path: TLS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        resources: server.resources.clone(),
+        ..Container::default()
+    };
+    let pod = PodSpec {
+        service_account_name: Some(names.server()),
+        automount_service_account_token: Some(false),
+        // The server's default shutdown delay (5 s), the drain, then 10 s.
+        termination_grace_period_seconds: Some(drain + 15),
+        affinity: Some(Affinity {
+            pod_anti_affinity: Some(anti),
+            ..Affinity::default()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "tls".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(server.tls_secret_name.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        }]),
+        image_pull_secrets: (!server.image_pull_secrets.is_empty()).then(|| {
+            server
+                .image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
+        node_selector: (!server.node_selector.is_empty()).then(|| server.node_selector.clone()),
+        tolerations: (!server.tolerations.is_empty()).then(|| server.tolerations.clone()),
+        ..PodSpec::default()
+    };
+    Ok(Deployment {
+        metadata: names.meta(&names.server(), true, Some("server")),
+        spec: DeploymentSpec {
+            replicas: Some(server.replicas),
+            selector: names.label_selector(),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(names.selector()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    })
 }
 
 /// The `restricted` Pod Security Standard for a container.
-fn restricted_security_context() -> Value {
-    json!({
-        "runAsNonRoot": true,
-        "runAsUser": 65532,
-        "runAsGroup": 65532,
-        "allowPrivilegeEscalation": false,
-        "readOnlyRootFilesystem": true,
-        "capabilities": { "drop": ["ALL"] },
-        "seccompProfile": { "type": "RuntimeDefault" },
-    })
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 /// The webhook's `matchConditions` expression: the pod carries the
@@ -438,52 +664,91 @@ fn restricted_security_context() -> Value {
 /// silently without its sidecar. The chart renders the same (`ct.injectOptIn`).
 pub const OPT_IN_CONDITION: &str = "has(object.metadata.annotations) && 'cluster-tunnel.io/inject' in object.metadata.annotations && object.metadata.annotations['cluster-tunnel.io/inject'].trim().lowerAscii() != 'false'";
 
+fn failure_policy(policy: FailurePolicy) -> &'static str {
+    match policy {
+        FailurePolicy::Ignore => "Ignore",
+        FailurePolicy::Fail => "Fail",
+    }
+}
+
+fn requirement(key: &str, operator: &str, values: Vec<String>) -> LabelSelectorRequirement {
+    LabelSelectorRequirement {
+        key: key.to_owned(),
+        operator: operator.to_owned(),
+        values: Some(values),
+    }
+}
+
 fn webhook_configuration(
     injector: &InjectorSpec,
     names: &HubNames,
     webhooks: WebhookSupport,
-) -> Value {
+) -> MutatingWebhookConfiguration {
     let mut excluded = vec![names.namespace.clone()];
     excluded.extend(injector.excluded_namespaces.iter().cloned());
     let mut metadata = names.meta(&injector.service_name, false, None);
     if let Some(from) = &injector.ca_inject_from {
-        metadata["annotations"] = json!({ "cert-manager.io/inject-ca-from": from });
+        metadata.annotations = Some(BTreeMap::from([(
+            "cert-manager.io/inject-ca-from".to_owned(),
+            from.clone(),
+        )]));
     }
-    let mut config = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": metadata,
-        "webhooks": [{
-            "name": "inject.cluster-tunnel.io",
-            "clientConfig": {
-                "service": { "name": injector.service_name, "namespace": names.namespace, "path": "/mutate", "port": 443 },
-            },
-            "rules": [{ "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced" }],
-            "namespaceSelector": { "matchExpressions": [
-                { "key": injector.namespace_label, "operator": "In", "values": ["enabled"] },
-                { "key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": excluded },
-            ]},
-            "objectSelector": { "matchExpressions": [
-                { "key": "cluster-tunnel.io/inject", "operator": "NotIn", "values": ["false"] },
-            ]},
-            // Only opted-in pods reach the webhook (an objectSelector cannot
-            // see annotations), so failurePolicy Fail holds no other pod.
-            "matchConditions": [{ "name": "opted-in", "expression": OPT_IN_CONDITION }],
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "reinvocationPolicy": "IfNeeded",
-            "timeoutSeconds": injector.timeout_seconds,
-            "failurePolicy": injector.failure_policy,
-        }],
-    });
-    if !webhooks.match_conditions {
-        let hook = &mut config["webhooks"][0];
-        if let Some(hook) = hook.as_object_mut() {
-            hook.remove("matchConditions");
-        }
-        hook["failurePolicy"] = json!("Ignore");
+    let (match_conditions, failure) = if webhooks.match_conditions {
+        // Only opted-in pods reach the webhook (an objectSelector cannot
+        // see annotations), so failurePolicy Fail holds no other pod.
+        let opted_in = MatchCondition {
+            name: "opted-in".to_owned(),
+            expression: OPT_IN_CONDITION.to_owned(),
+        };
+        (Some(vec![opted_in]), injector.failure_policy)
+    } else {
+        (None, FailurePolicy::Ignore)
+    };
+    let hook = MutatingWebhook {
+        name: "inject.cluster-tunnel.io".to_owned(),
+        client_config: WebhookClientConfig {
+            service: Some(ServiceReference {
+                name: injector.service_name.clone(),
+                namespace: names.namespace.clone(),
+                path: Some("/mutate".to_owned()),
+                port: Some(443),
+            }),
+            ..WebhookClientConfig::default()
+        },
+        rules: Some(vec![RuleWithOperations {
+            operations: Some(strings(&["CREATE"])),
+            api_groups: Some(strings(&[""])),
+            api_versions: Some(strings(&["v1"])),
+            resources: Some(strings(&["pods"])),
+            scope: Some("Namespaced".to_owned()),
+        }]),
+        namespace_selector: Some(LabelSelector {
+            match_expressions: Some(vec![
+                requirement(&injector.namespace_label, "In", strings(&["enabled"])),
+                requirement("kubernetes.io/metadata.name", "NotIn", excluded),
+            ]),
+            ..LabelSelector::default()
+        }),
+        object_selector: Some(LabelSelector {
+            match_expressions: Some(vec![requirement(
+                "cluster-tunnel.io/inject",
+                "NotIn",
+                strings(&["false"]),
+            )]),
+            ..LabelSelector::default()
+        }),
+        match_conditions,
+        admission_review_versions: strings(&["v1"]),
+        side_effects: "None".to_owned(),
+        reinvocation_policy: Some("IfNeeded".to_owned()),
+        timeout_seconds: Some(injector.timeout_seconds),
+        failure_policy: Some(failure_policy(failure).to_owned()),
+        ..MutatingWebhook::default()
+    };
+    MutatingWebhookConfiguration {
+        metadata,
+        webhooks: Some(vec![hook]),
     }
-    config
 }
 
 /// What the controller needs.
@@ -498,6 +763,13 @@ pub struct Context {
     pub metrics: crate::metrics::ManagerMetrics,
 }
 
+impl ControllerContext for Context {
+    const NAME: &'static str = "hub";
+    fn metrics(&self) -> &crate::metrics::ManagerMetrics {
+        &self.metrics
+    }
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
@@ -507,15 +779,11 @@ impl std::fmt::Debug for Context {
 }
 
 /// Applies one desired object (server-side apply, forced: the configuration wins).
-async fn apply<K>(api: Api<K>, object: Value) -> Result<K, HubError>
+async fn apply<K>(api: Api<K>, object: &K) -> Result<K, HubError>
 where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+    let name = object.meta().name.clone().unwrap_or_default();
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -523,20 +791,21 @@ where
     )
     .await
     .map_err(|source| HubError::Api {
-        action: format!("apply {kind} {name}"),
+        action: format!("apply {} {name}", K::kind(&())),
         source,
     })
 }
 
 /// Deletes an object the configuration no longer asks for; gone is fine.
-async fn remove<K>(api: Api<K>, kind: &str, name: &str) -> Result<(), HubError>
+async fn remove<K>(api: Api<K>, name: &str) -> Result<(), HubError>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
+    let kind = K::kind(&());
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => {
             tracing::info!(
-                kind,
+                %kind,
                 name,
                 "removed: the configuration no longer asks for it"
             );
@@ -550,14 +819,15 @@ where
     }
 }
 
-fn owner_reference(config: &TunnelConfiguration) -> Value {
-    json!({
-        "apiVersion": TunnelConfiguration::api_version(&()),
-        "kind": TunnelConfiguration::kind(&()),
-        "name": config.name_any(),
-        "uid": config.metadata.uid.clone().unwrap_or_default(),
-        "controller": true,
-    })
+fn owner_reference(config: &TunnelConfiguration) -> OwnerReference {
+    OwnerReference {
+        api_version: TunnelConfiguration::api_version(&()).into_owned(),
+        kind: TunnelConfiguration::kind(&()).into_owned(),
+        name: config.name_any(),
+        uid: config.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        ..OwnerReference::default()
+    }
 }
 
 /// Applies every desired object and removes the unwanted ones; returns the
@@ -579,37 +849,35 @@ pub async fn apply_all(
         WebhookSupport::CURRENT
     };
     for mut object in desired_objects(config, names, webhooks)? {
-        object["metadata"]["ownerReferences"] = json!([owner]);
-        match object["kind"].as_str().unwrap_or_default() {
-            "ServiceAccount" => {
-                apply::<ServiceAccount>(Api::namespaced(client.clone(), ns), object).await?;
+        object.metadata_mut().owner_references = Some(vec![owner.clone()]);
+        match &object {
+            ServerObject::ServiceAccount(o) => {
+                apply(Api::namespaced(client.clone(), ns), o).await?;
             }
-            "ClusterRole" => {
-                apply::<ClusterRole>(Api::all(client.clone()), object).await?;
+            ServerObject::ClusterRole(o) => {
+                apply(Api::all(client.clone()), o).await?;
             }
-            "ClusterRoleBinding" => {
-                apply::<ClusterRoleBinding>(Api::all(client.clone()), object).await?;
+            ServerObject::ClusterRoleBinding(o) => {
+                apply(Api::all(client.clone()), o).await?;
             }
-            "Service" => {
-                apply::<Service>(Api::namespaced(client.clone(), ns), object).await?;
+            ServerObject::Service(o) => {
+                apply(Api::namespaced(client.clone(), ns), o).await?;
             }
-            "PodDisruptionBudget" => {
-                apply::<PodDisruptionBudget>(Api::namespaced(client.clone(), ns), object).await?;
+            ServerObject::PodDisruptionBudget(o) => {
+                apply(Api::namespaced(client.clone(), ns), o).await?;
             }
-            "Deployment" => {
-                deployment =
-                    Some(apply::<Deployment>(Api::namespaced(client.clone(), ns), object).await?);
+            ServerObject::Deployment(o) => {
+                deployment = Some(apply(Api::namespaced(client.clone(), ns), o).await?);
             }
-            "MutatingWebhookConfiguration" => {
-                apply::<MutatingWebhookConfiguration>(Api::all(client.clone()), object).await?;
+            ServerObject::Webhook(o) => {
+                apply(Api::all(client.clone()), o).await?;
             }
-            other => return Err(HubError::Internal(format!("no API for kind {other:?}"))),
         }
     }
     if config.spec.server.authorization == Authorization::AllowAll {
         let name = names.server();
-        remove::<ClusterRoleBinding>(Api::all(client.clone()), "ClusterRoleBinding", &name).await?;
-        remove::<ClusterRole>(Api::all(client.clone()), "ClusterRole", &name).await?;
+        remove::<ClusterRoleBinding>(Api::all(client.clone()), &name).await?;
+        remove::<ClusterRole>(Api::all(client.clone()), &name).await?;
     }
     deployment.ok_or_else(|| HubError::Internal("no server Deployment was applied".into()))
 }
@@ -656,16 +924,6 @@ pub async fn reconcile(
     }
 }
 
-/// Logs a failure and retries after [`RETRY_DELAY`].
-pub fn error_policy(
-    _config: Arc<TunnelConfiguration>,
-    error: &HubError,
-    _ctx: Arc<Context>,
-) -> Action {
-    tracing::warn!(%error, "keeping the hub's objects failed; retrying");
-    Action::requeue(RETRY_DELAY)
-}
-
 /// Runs the controller until `shutdown`: the one configuration `config_name`
 /// and every object it owns.
 pub async fn run(
@@ -683,7 +941,7 @@ pub async fn run(
     ));
     let by_name =
         watcher::Config::default().fields(&format!("metadata.name={}", ctx.names.server()));
-    Controller::new(configs, mine)
+    let controller = Controller::new(configs, mine)
         .owns(
             Api::<Deployment>::namespaced(client.clone(), &ns),
             labelled.clone(),
@@ -707,14 +965,8 @@ pub async fn run(
         .owns(
             Api::<MutatingWebhookConfiguration>::all(client.clone()),
             labelled,
-        )
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| {
-            ctx.metrics.observe("hub", &result);
-            std::future::ready(())
-        })
-        .await;
+        );
+    crate::controller::run(controller, reconcile, ctx, shutdown).await;
 }
 
 #[cfg(test)]
@@ -726,6 +978,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::controller::error_policy;
     use crate::mock_api::{self, Reply, TIMEOUT, deleted, finish, not_found, serve, status_reply};
     use tunnel_api::configuration::TunnelConfigurationSpec;
 
@@ -778,7 +1031,12 @@ mod tests {
         };
         let spec: InjectorSpec =
             serde_json::from_value(json!({ "serviceName": "cluster-tunnel-injector" })).unwrap();
-        let config = webhook_configuration(&spec, &names, WebhookSupport::CURRENT);
+        let config = serde_json::to_value(webhook_configuration(
+            &spec,
+            &names,
+            WebhookSupport::CURRENT,
+        ))
+        .unwrap();
         let hook = &config["webhooks"][0];
         assert_eq!(hook["failurePolicy"], "Fail");
         assert_eq!(hook["matchConditions"][0]["expression"], OPT_IN_CONDITION);
@@ -787,7 +1045,7 @@ mod tests {
         let old = WebhookSupport {
             match_conditions: false,
         };
-        let config = webhook_configuration(&spec, &names, old);
+        let config = serde_json::to_value(webhook_configuration(&spec, &names, old)).unwrap();
         let hook = &config["webhooks"][0];
         assert_eq!(hook["failurePolicy"], "Ignore");
         assert!(hook.get("matchConditions").is_none(), "{hook}");
@@ -797,7 +1055,12 @@ mod tests {
             "caInjectFrom": "cluster-tunnel/cluster-tunnel-injector",
         }))
         .unwrap();
-        let config = webhook_configuration(&spec, &names, WebhookSupport::CURRENT);
+        let config = serde_json::to_value(webhook_configuration(
+            &spec,
+            &names,
+            WebhookSupport::CURRENT,
+        ))
+        .unwrap();
         assert_eq!(
             config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
             "cluster-tunnel/cluster-tunnel-injector"
