@@ -30,7 +30,7 @@ use crate::status::StatusBoard;
 
 /// cluster-tunnel's hub control plane.
 #[derive(Debug, Parser)]
-#[command(name = "tunnel-manager", version, about)]
+#[command(name = "tunnel-manager", version = tunnel_proto::version::VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

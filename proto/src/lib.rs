@@ -51,7 +51,8 @@
 //! - [`tls`], [`identity`], [`certs`]: TLS 1.3 with the ring provider, the
 //!   identities in certificates, and the certificate command;
 //! - [`net`]: socket options; [`backoff`]: reconnection delays;
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`cli`]: shared command-line pieces.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`cli`]: shared command-line pieces;
+//! - [`version`]: what `--version` prints (crate version and git revision).
 
 pub mod admin;
 pub mod backoff;
@@ -66,6 +67,7 @@ pub mod net;
 pub mod relay;
 pub mod stream;
 pub mod tls;
+pub mod version;
 
 /// Generated protocol types and gRPC stubs (`proto/tunnel.proto`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
