@@ -173,7 +173,12 @@ fn flags_reference() -> String {
     for (name, _) in &binaries {
         writeln!(out, "| [`{name}`](#{name}) | {} |", what_it_is(name)).unwrap();
     }
-    writeln!(out, "| [`tunnel-local`](#tunnel-local) | {} |\n", what_it_is("tunnel-local")).unwrap();
+    writeln!(
+        out,
+        "| [`tunnel-local`](#tunnel-local) | {} |\n",
+        what_it_is("tunnel-local")
+    )
+    .unwrap();
     for (name, cmd) in &binaries {
         describe_command(&mut out, name, cmd, 2);
     }
@@ -195,7 +200,9 @@ fn flags_reference() -> String {
 fn what_it_is(binary: &str) -> &'static str {
     match binary {
         "tunnel-server" => "the proxy server on the hub: agents' tunnels, clients' connections",
-        "tunnel-agent" => "runs in each managed cluster: tunnels to every server, dials destinations",
+        "tunnel-agent" => {
+            "runs in each managed cluster: tunnels to every server, dials destinations"
+        }
         "tunnel-sidecar" => "beside a hub app: per-cluster loopback ports and an HTTP proxy",
         "tunnel-injector" => "the admission webhook that adds the sidecar to opted-in pods",
         "tunnel-manager" => "the hub's controllers, the OCM addon, certificates, `health`",
@@ -275,8 +282,14 @@ fn the_metric_reference_lists_every_registered_metric_with_its_type() {
             "docs/reference/metrics.md lists {name} twice"
         );
     }
-    let missing: Vec<_> = registered.keys().filter(|k| !documented.contains_key(*k)).collect();
-    let unknown: Vec<_> = documented.keys().filter(|k| !registered.contains_key(*k)).collect();
+    let missing: Vec<_> = registered
+        .keys()
+        .filter(|k| !documented.contains_key(*k))
+        .collect();
+    let unknown: Vec<_> = documented
+        .keys()
+        .filter(|k| !registered.contains_key(*k))
+        .collect();
     assert!(
         missing.is_empty() && unknown.is_empty(),
         "docs/reference/metrics.md disagrees with the code: not documented {missing:?}, \
@@ -361,7 +374,11 @@ fn the_annotation_reference_lists_exactly_the_injectors_annotations() {
     let mut sorted = documented.clone();
     sorted.sort();
     sorted.dedup();
-    assert_eq!(sorted.len(), documented.len(), "an annotation is listed twice");
+    assert_eq!(
+        sorted.len(),
+        documented.len(),
+        "an annotation is listed twice"
+    );
     let mut known: Vec<String> = tunnel_injector::annotations::KNOWN
         .iter()
         .map(|a| a.to_string())

@@ -82,7 +82,9 @@ fn every_crate_takes_the_workspace_version() {
         }
         let manifest = std::fs::read_to_string(root().join(member).join("Cargo.toml")).unwrap();
         assert!(
-            manifest.lines().any(|l| l.trim() == "version.workspace = true"),
+            manifest
+                .lines()
+                .any(|l| l.trim() == "version.workspace = true"),
             "{member}/Cargo.toml does not take the workspace's version"
         );
     }
