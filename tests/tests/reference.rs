@@ -217,9 +217,16 @@ fn the_flag_reference_is_every_flag_of_every_binary() {
 
 // -------------------------------------------------------------- metrics
 
-/// Every metric the components register: the name a scrape shows (counters
-/// with `_total`) and its type.
-fn registered_metrics() -> BTreeMap<String, String> {
+/// Every metric the components register, by the name it is registered
+/// under (prefix included; a scrape adds `_total` to counters), with its type
+/// where the registry tells it.
+///
+/// prometheus-client encodes no family without samples, so the names come
+/// from the registries' `Debug` form (each sub-registry's prefix, then its
+/// descriptors); the types from the text encoding of what has samples
+/// (every metric but the empty families, whose type the docs' `_total`
+/// suffix must then agree with).
+fn registered_metrics() -> BTreeMap<String, Option<String>> {
     let mut registries = Vec::new();
     macro_rules! registry {
         ($metrics:path) => {{
@@ -235,21 +242,42 @@ fn registered_metrics() -> BTreeMap<String, String> {
     registry!(tunnel_manager::metrics::ManagerMetrics);
     let mut metrics = BTreeMap::new();
     for r in &registries {
+        let debug = format!("{r:?}");
+        let mut prefix = String::new();
+        let mut rest = debug.as_str();
+        loop {
+            let next_prefix = rest.find("Prefix(\"");
+            let next_name = rest.find("Descriptor { name: \"");
+            let (at, is_prefix) = match (next_prefix, next_name) {
+                (Some(p), Some(n)) if p < n => (p + "Prefix(\"".len(), true),
+                (Some(p), None) => (p + "Prefix(\"".len(), true),
+                (_, Some(n)) => (n + "Descriptor { name: \"".len(), false),
+                (None, None) => break,
+            };
+            let value = &rest[at..at + rest[at..].find('"').expect("closing quote")];
+            if is_prefix {
+                prefix = value.to_owned();
+            } else {
+                metrics.insert(format!("{prefix}_{value}"), None);
+            }
+            rest = &rest[at..];
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, r).unwrap();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').expect("# TYPE name type");
-                let name = if kind == "counter" {
-                    format!("{name}_total")
-                } else {
-                    name.to_owned()
-                };
-                metrics.insert(name, kind.to_owned());
+                let known = metrics.get_mut(name);
+                let known =
+                    known.unwrap_or_else(|| panic!("{name} encoded but not found in {debug}"));
+                *known = Some(kind.to_owned());
             }
         }
     }
-    assert!(metrics.len() > 20, "registries look empty: {metrics:?}");
+    assert!(
+        metrics.len() >= 20 && metrics.values().any(Option::is_some),
+        "registries read wrongly: {metrics:?}"
+    );
     metrics
 }
 
@@ -277,8 +305,19 @@ fn the_metric_reference_lists_every_registered_metric_with_its_type() {
     for (name, cells) in table_rows(&doc) {
         let name = name.split('{').next().unwrap().to_owned();
         let kind = cells.first().cloned().unwrap_or_default();
+        // A scrape shows counters with `_total`, and so do the docs.
+        let base = match kind.as_str() {
+            "counter" => name
+                .strip_suffix("_total")
+                .unwrap_or_else(|| {
+                    panic!("docs/reference/metrics.md: counter {name} without _total")
+                })
+                .to_owned(),
+            "gauge" | "histogram" => name.clone(),
+            other => panic!("docs/reference/metrics.md: {name} has type {other:?}"),
+        };
         assert!(
-            documented.insert(name.clone(), kind).is_none(),
+            documented.insert(base, kind).is_none(),
             "docs/reference/metrics.md lists {name} twice"
         );
     }
@@ -296,10 +335,12 @@ fn the_metric_reference_lists_every_registered_metric_with_its_type() {
          documented but not registered {unknown:?}"
     );
     for (name, kind) in &registered {
-        assert_eq!(
-            &documented[name], kind,
-            "docs/reference/metrics.md: type of {name}"
-        );
+        if let Some(kind) = kind {
+            assert_eq!(
+                &documented[name], kind,
+                "docs/reference/metrics.md: type of {name}"
+            );
+        }
     }
 }
 
@@ -341,10 +382,12 @@ fn every_metric_the_docs_name_exists() {
             }
             let known = match word.strip_suffix('*') {
                 Some(prefix) => registered.keys().any(|k| k.starts_with(prefix)),
-                None => ["", "_bucket", "_sum", "_count"].iter().any(|suffix| {
-                    word.strip_suffix(suffix)
-                        .is_some_and(|base| registered.contains_key(base))
-                }),
+                None => ["", "_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| {
+                        word.strip_suffix(suffix)
+                            .is_some_and(|base| registered.contains_key(base))
+                    }),
             };
             if !known {
                 wrong.push(format!(
@@ -388,4 +431,120 @@ fn the_annotation_reference_lists_exactly_the_injectors_annotations() {
         sorted, known,
         "docs/reference/annotations.md's annotations are not the injector's (annotations::KNOWN)"
     );
+}
+
+// ---------------------------------------------------------- flags in prose
+
+/// Every long flag of every command and subcommand of `cmd`.
+fn long_flags(cmd: &clap::Command, into: &mut std::collections::BTreeSet<String>) {
+    for arg in cmd.get_arguments() {
+        if let Some(long) = arg.get_long() {
+            into.insert(format!("--{long}"));
+        }
+        for alias in arg.get_all_aliases().unwrap_or_default() {
+            into.insert(format!("--{alias}"));
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        long_flags(sub, into);
+    }
+}
+
+/// Flags of other tools the docs show in commands: cargo, helm, curl, clusteradm, debootstrap,
+/// the image builders, `scripts/build-images` and the benchmark.
+const OTHER_TOOLS_FLAGS: &[&str] = &[
+    // cargo
+    "--release",
+    "--bin",
+    "--test",
+    "--lib",
+    "--workspace",
+    "--all-targets",
+    "--check",
+    "--locked",
+    "--open",
+    "--bench",
+    // the benchmark (tests/benches/tunnel.rs)
+    "--json",
+    "--workloads",
+    "--paths",
+    // helm
+    "--set",
+    "--set-file",
+    "--create-namespace",
+    "--reuse-values",
+    // curl
+    "--cacert",
+    "--resolve",
+    // clusteradm
+    "--names",
+    "--clusters",
+    // debootstrap, docker/buildah, scripts/build-images
+    "--variant",
+    "--target",
+    "--build-arg",
+    "--tag",
+    "--registry",
+    "--builder",
+    "--no-cargo",
+];
+
+#[test]
+fn every_flag_the_docs_name_is_a_flag_of_a_binary() {
+    let mut known = std::collections::BTreeSet::new();
+    long_flags(&tunnel_server::cli::Cli::command(), &mut known);
+    long_flags(&tunnel_agent::cli::Cli::command(), &mut known);
+    long_flags(&tunnel_sidecar::config::Cli::command(), &mut known);
+    long_flags(&tunnel_injector::cli::Cli::command(), &mut known);
+    long_flags(&tunnel_manager::cli::Cli::command(), &mut known);
+    let local = std::process::Command::new(env!("CARGO_BIN_EXE_tunnel-local"))
+        .arg("--help")
+        .output()
+        .expect("run tunnel-local --help");
+    let local = String::from_utf8_lossy(&local.stdout).into_owned();
+    known.extend(flag_words(&local));
+    known.extend(["--help".to_owned(), "--version".to_owned()]);
+    known.extend(OTHER_TOOLS_FLAGS.iter().map(|f| f.to_string()));
+    let mut unknown = Vec::new();
+    for page in doc_pages() {
+        let text = std::fs::read_to_string(&page).unwrap();
+        for flag in flag_words(&text) {
+            if !known.contains(&flag) {
+                unknown.push(format!(
+                    "{}: {flag}",
+                    page.strip_prefix(root()).unwrap().display()
+                ));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "the docs name flags no binary has (or another tool's: add it to OTHER_TOOLS_FLAGS): {unknown:?}"
+    );
+}
+
+/// The `--long-flag` words of a text.
+fn flag_words(text: &str) -> Vec<String> {
+    let mut flags = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("--") {
+        let start = i + pos;
+        let before_ok =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'-');
+        let mut end = start + 2;
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'-')
+        {
+            end += 1;
+        }
+        let word = text[start..end].trim_end_matches('-');
+        if before_ok && word.len() > 2 && bytes[start + 2].is_ascii_lowercase() {
+            flags.push(word.to_owned());
+        }
+        i = end.max(start + 2);
+    }
+    flags
 }
