@@ -16,7 +16,7 @@ use crate::{Agent, AgentConfig};
 /// The cluster-tunnel agent: runs in a managed cluster, dials out to the hub's
 /// proxy servers and carries their connections to destinations in this cluster.
 #[derive(Debug, Parser)]
-#[command(name = "tunnel-agent", version)]
+#[command(name = "tunnel-agent", version = tunnel_proto::version::VERSION)]
 pub struct Cli {
     /// Proxy server address(es), host:port; a DNS name that resolves to several
     /// replicas gets a tunnel to each (repeatable or comma-separated).

@@ -20,7 +20,7 @@ const MIN_TOKEN_EXPIRATION: Duration = Duration::from_secs(600);
 /// The cluster-tunnel injector: a mutating admission webhook that adds the
 /// sidecar to pods annotated `cluster-tunnel.io/inject: "true"`.
 #[derive(Debug, Parser)]
-#[command(name = "tunnel-injector", version)]
+#[command(name = "tunnel-injector", version = tunnel_proto::version::VERSION)]
 pub struct Cli {
     /// Address of the webhook (HTTPS).
     #[arg(long, env = "TUNNEL_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]

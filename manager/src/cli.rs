@@ -32,7 +32,7 @@ use tunnel_api::configuration::TunnelConfiguration;
 
 /// cluster-tunnel's hub control plane.
 #[derive(Debug, Parser)]
-#[command(name = "tunnel-manager", version, about)]
+#[command(name = "tunnel-manager", version = tunnel_proto::version::VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

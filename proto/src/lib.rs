@@ -52,7 +52,8 @@
 //!   are `tunnel_identity`'s (re-exported as [`identity`] while the data path
 //!   moves to it);
 //! - [`net`]: socket options; [`backoff`]: reconnection delays;
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`cli`]: shared command-line pieces.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`cli`]: shared command-line pieces;
+//! - [`version`]: what `--version` prints (crate version and git revision).
 
 /// The allocator of every program that links this crate. The data path
 /// allocates and frees a buffer per HTTP/2 frame and per socket read (up to
@@ -77,6 +78,7 @@ pub mod net;
 pub mod relay;
 pub mod stream;
 pub mod tls;
+pub mod version;
 
 /// The identities in certificates; `tunnel_identity::spiffe` is their home.
 pub use tunnel_identity::spiffe as identity;

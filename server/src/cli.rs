@@ -19,7 +19,7 @@ use crate::{AuthConfig, PolicySource, Server, ServerConfig};
 #[derive(Debug, Parser)]
 #[command(
     name = "tunnel-server",
-    version,
+    version = tunnel_proto::version::VERSION,
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {

@@ -76,7 +76,7 @@ pub fn target_of(m: &PortMapping) -> Target {
 #[derive(Debug, Default, Parser)]
 #[command(
     name = "tunnel-sidecar",
-    version,
+    version = tunnel_proto::version::VERSION,
     about = "The cluster-tunnel sidecar: per-cluster loopback ports and an HTTP proxy that reach \
              services in managed clusters through the tunnel.",
     long_about = "The cluster-tunnel sidecar: per-cluster loopback ports and an HTTP proxy that reach \

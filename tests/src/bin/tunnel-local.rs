@@ -35,7 +35,7 @@ const ECHO_PORT: u16 = 7007;
 /// Runs the whole cluster-tunnel system locally: server, agents for `east`
 /// and `west`, sample services in each, and a sidecar.
 #[derive(Debug, Parser)]
-#[command(name = "tunnel-local", version)]
+#[command(name = "tunnel-local", version = tunnel_proto::version::VERSION)]
 struct Cli {
     /// Where certificates are written (the CA is reused between runs).
     #[arg(long, env = "TUNNEL_LOCAL_DIR", default_value_os_t = std::env::temp_dir().join("cluster-tunnel-local"))]
