@@ -55,7 +55,8 @@ fn every_binary_prints_the_crate_version_and_the_git_revision() {
         assert_eq!(
             printed.trim(),
             format!("{name} {VERSION} ({revision})"),
-            "{name} --version"
+            "{name} --version (a binary built before the last commit prints the revision it was \
+             built from: `cargo test --workspace` or `cargo build --bins` rebuilds it)"
         );
     }
 }
