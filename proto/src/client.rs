@@ -465,9 +465,8 @@ impl TunnelClient {
             if !no_agent_there {
                 // Draining, or refused at the connection: no new opens there.
                 ch.mark_broken();
+                self.move_past(i);
             }
-            // New opens start with another server.
-            self.move_past(i);
             let again = single && attempts < 2 && !no_agent_there;
             if !again {
                 exclude.push(i);

@@ -274,8 +274,7 @@ async fn open_on(
             acked = true;
             pending.answered();
         };
-        tunnel_proto::stream::open_acknowledged(&agent.channel, request, ack_timeout, on_ack)
-            .await
+        tunnel_proto::stream::open_acknowledged(&agent.channel, request, ack_timeout, on_ack).await
     } else {
         tunnel_proto::stream::open_on(&agent.channel, request).await
     };
@@ -962,7 +961,13 @@ mod tests {
     async fn a_full_agent_is_passed_over_for_another() {
         let pool = Arc::new(AgentPool::default());
         // One agent whose answer time is high (one slow acknowledgement) ...
-        let slow = fake_agent(&pool, "slow-ack", Duration::from_millis(300), Duration::ZERO).await;
+        let slow = fake_agent(
+            &pool,
+            "slow-ack",
+            Duration::from_millis(300),
+            Duration::ZERO,
+        )
+        .await;
         let open = Open::new("east", "10.0.0.1", 80);
         let first = route(&pool, &open, LIMITS, |_| {}).await.expect("opened");
         drop(first);
