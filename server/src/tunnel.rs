@@ -300,18 +300,6 @@ async fn open_on(
             ),
             false,
         ),
-        // The agent refused the stream unread: at its budget, not failing.
-        OpenFailure::Answer(e)
-            if e.reason() == Some(h2::Reason::REFUSED_STREAM) && !e.is_go_away() =>
-        {
-            (
-                TunnelError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!("agent {} refused the stream: {e}", agent.agent_id),
-                ),
-                false,
-            )
-        }
         OpenFailure::Connection(e) | OpenFailure::Answer(e) => (tunnel_broken(agent, &e), true),
         OpenFailure::NotAcknowledged(t) => (
             TunnelError::new(
@@ -350,8 +338,7 @@ pub(crate) async fn route(
 ) -> Result<Routed, TunnelError> {
     let mut tried: Vec<Arc<AgentTunnel>> = Vec::new();
     let mut last_err: Option<TunnelError> = None;
-    // Every agent tried so far carried its maximum (or refused the stream
-    // at its own budget).
+    // Every agent tried so far carried its maximum.
     let mut all_full = true;
     let max_per_agent = limits.max_per_agent;
     loop {
