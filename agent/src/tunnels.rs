@@ -547,16 +547,12 @@ fn serve_tunnel(
                         let guard = match conn.conn().try_stream_opened(u64::MAX) {
                             Ok(guard) => guard,
                             Err(full) => {
+                                // Refused unread (before any acknowledgement,
+                                // nothing dialed): the server may open it on
+                                // another agent.
                                 tracing::warn!(%full, "stream refused");
-                                let err = tunnel_proto::error::TunnelError::new(
-                                    tunnel_proto::error::ErrorCode::ResourceExhausted,
-                                    format!("agent: {full}"),
-                                );
                                 let mut respond = respond;
-                                let _ = respond.send_response(
-                                    tunnel_proto::stream::error_response(&err),
-                                    true,
-                                );
+                                respond.send_reset(h2::Reason::REFUSED_STREAM);
                                 continue;
                             }
                         };

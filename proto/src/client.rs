@@ -455,16 +455,27 @@ impl TunnelClient {
                 return Err(failed.err);
             }
             tracing::debug!(%target, server = %self.servers[i].addr, err = %failed.err, "open not served; trying another server");
-            if failed.err.code != ErrorCode::NoAgent {
+            // No agent of the cluster there (a replica without agents of a
+            // cluster cannot tell an unknown cluster from one whose agents
+            // have not connected yet): the connection itself is fine.
+            let no_agent_there = matches!(
+                failed.err.code,
+                ErrorCode::NoAgent | ErrorCode::UnknownCluster
+            );
+            if !no_agent_there {
                 // Draining, or refused at the connection: no new opens there.
                 ch.mark_broken();
                 self.move_past(i);
             }
-            let again = single && attempts < 2 && failed.err.code != ErrorCode::NoAgent;
+            let again = single && attempts < 2 && !no_agent_there;
             if !again {
                 exclude.push(i);
             }
-            last = Some(failed.err);
+            // Another replica's `no_agent` (or any other failure) says more
+            // than `unknown_cluster`: the cluster is known somewhere.
+            if failed.err.code != ErrorCode::UnknownCluster || last.is_none() {
+                last = Some(failed.err);
+            }
         }
         Err(last.unwrap_or_else(no_servers))
     }
@@ -506,7 +517,9 @@ impl TunnelClient {
                     return AttemptFailed {
                         elsewhere: matches!(
                             err.code,
-                            ErrorCode::NoAgent | ErrorCode::ServerDraining
+                            ErrorCode::NoAgent
+                                | ErrorCode::ServerDraining
+                                | ErrorCode::UnknownCluster
                         ),
                         err,
                     };

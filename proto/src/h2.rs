@@ -192,6 +192,11 @@ impl ConnShared {
         }
     }
 
+    /// DATA bytes received on this connection's tunnel streams so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
     /// Tunnel streams open on this connection.
     pub fn active_streams(&self) -> usize {
         self.ledger().active as usize

@@ -301,29 +301,72 @@ pub async fn open_on(
     open_with(ch, request, None).await
 }
 
-/// Like [`open_on`], for a far end that acknowledges opens: fails with
-/// [`OpenFailure::NotAcknowledged`] (and resets the stream) unless the
-/// acknowledgement, or the answer itself, arrives `within` this time from
-/// the call; `acked` is called when it arrives. The answer that follows has
-/// no deadline here.
+/// Like [`open_on`], for a far end that acknowledges opens; `acked` is called
+/// when the acknowledgement (or the answer itself) arrives. With `within`,
+/// fails with [`OpenFailure::NotAcknowledged`] (and resets the stream) unless
+/// the acknowledgement arrives `within` this time from the call; the
+/// deadline moves on by `within` while the connection keeps receiving DATA
+/// (a busy connection delays the acknowledgement behind other streams' data,
+/// a frozen peer sends nothing), up to [`MAX_ACK_EXTENSIONS`] times. Without
+/// `within`, the acknowledgement is awaited as long as the answer. The answer
+/// that follows has no deadline here.
 pub async fn open_acknowledged(
     ch: &H2Client,
     request: Request<()>,
-    within: Duration,
+    within: Option<Duration>,
     acked: impl FnOnce() + Send,
 ) -> Result<(Opened, TunnelStream), OpenFailure> {
     open_with(ch, request, Some((within, Box::new(acked)))).await
 }
 
-type AckWait<'a> = (Duration, Box<dyn FnOnce() + Send + 'a>);
+/// How many times [`open_acknowledged`] extends its deadline for a
+/// connection that keeps receiving data.
+pub const MAX_ACK_EXTENSIONS: u32 = 9;
+
+type AckWait<'a> = (Option<Duration>, Box<dyn FnOnce() + Send + 'a>);
+
+/// The acknowledgement deadline of one open, extended while the connection
+/// receives data.
+struct AckDeadline<'c> {
+    ch: &'c H2Client,
+    within: Duration,
+    at: tokio::time::Instant,
+    received: u64,
+    extensions: u32,
+}
+
+impl<'c> AckDeadline<'c> {
+    fn new(ch: &'c H2Client, within: Duration) -> Self {
+        Self {
+            ch,
+            within,
+            at: tokio::time::Instant::now() + within,
+            received: ch.conn().received_bytes(),
+            extensions: 0,
+        }
+    }
+
+    /// The deadline passed: moves it on if the connection received data
+    /// since the last check (and extensions remain); `false`: it is over.
+    fn extend(&mut self) -> bool {
+        let received = self.ch.conn().received_bytes();
+        if received == self.received || self.extensions >= MAX_ACK_EXTENSIONS {
+            return false;
+        }
+        self.received = received;
+        self.extensions += 1;
+        self.at = tokio::time::Instant::now() + self.within;
+        true
+    }
+}
 
 async fn open_with(
     ch: &H2Client,
     request: Request<()>,
     ack: Option<AckWait<'_>>,
 ) -> Result<(Opened, TunnelStream), OpenFailure> {
-    let within = ack.as_ref().map(|(within, _)| *within);
-    let deadline = within.map(|w| tokio::time::Instant::now() + w);
+    let within = ack.as_ref().and_then(|(within, _)| *within);
+    let mut deadline = within.map(|w| AckDeadline::new(ch, w));
     let not_acked = || OpenFailure::NotAcknowledged(within.unwrap_or_default());
     let guard = ch.stream_slot().map_err(OpenFailure::Full)?;
     let unusable = |e: ::h2::Error| {
@@ -331,19 +374,27 @@ async fn open_with(
         OpenFailure::Connection(e)
     };
     // A peer that stopped reading may never make room for another stream.
-    let ready = ch.sender().ready();
-    let mut send = match deadline {
-        Some(d) => tokio::time::timeout_at(d, ready)
-            .await
-            .map_err(|_| not_acked())?,
-        None => ready.await,
+    let mut ready = std::pin::pin!(ch.sender().ready());
+    let mut send = loop {
+        match &mut deadline {
+            Some(d) => match tokio::time::timeout_at(d.at, ready.as_mut()).await {
+                Ok(r) => break r,
+                Err(_) if d.extend() => {}
+                Err(_) => return Err(not_acked()),
+            },
+            None => break ready.as_mut().await,
+        }
     }
     .map_err(unusable)?;
     let (mut response, stream) = send.send_request(request, false).map_err(unusable)?;
-    let response = match (deadline, ack) {
-        (Some(deadline), Some((_, acked))) => {
+    let response = match ack {
+        Some((_, acked)) => {
             let mut acked = Some(acked);
-            let mut sleep = std::pin::pin!(tokio::time::sleep_until(deadline));
+            let mut sleep = std::pin::pin!(tokio::time::sleep_until(
+                deadline
+                    .as_ref()
+                    .map_or_else(tokio::time::Instant::now, |d| d.at)
+            ));
             std::future::poll_fn(|cx| {
                 use std::task::Poll;
                 if acked.is_some() {
@@ -370,15 +421,22 @@ async fn open_with(
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(OpenFailure::Answer(e))),
                     Poll::Pending => {}
                 }
-                if acked.is_some() && sleep.as_mut().poll(cx).is_ready() {
-                    // Dropping the response and the stream resets it.
-                    return Poll::Ready(Err(not_acked()));
+                if acked.is_some()
+                    && let Some(d) = deadline.as_mut()
+                {
+                    while sleep.as_mut().poll(cx).is_ready() {
+                        if !d.extend() {
+                            // Dropping the response and the stream resets it.
+                            return Poll::Ready(Err(not_acked()));
+                        }
+                        sleep.as_mut().reset(d.at);
+                    }
                 }
                 Poll::Pending
             })
             .await?
         }
-        _ => response.await.map_err(OpenFailure::Answer)?,
+        None => response.await.map_err(OpenFailure::Answer)?,
     };
     let opened = read_answer(&response).map_err(OpenFailure::Refused)?;
     Ok((

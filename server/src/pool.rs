@@ -12,8 +12,13 @@
 //!   look idle.
 //! - The answer time is a peak-sensitive moving average of how long the
 //!   agent takes to acknowledge an open (to answer it, for agents that do
-//!   not acknowledge): a slow answer raises it at once, fast ones bring it
-//!   down over [`LATENCY_DECAY`]. While an agent has opens pending and has
+//!   not acknowledge), taken when the acknowledgement arrives, so the
+//!   destination's dial that follows is no part of it: a slow answer raises
+//!   it at once, fast ones bring it down over [`LATENCY_DECAY`], and it decays
+//!   with the time since it was last updated whenever it is read (as
+//!   linkerd2-proxy's peak-EWMA does), so an agent that loses the draw
+//!   after one slow answer does not keep its peak until it is picked again.
+//!   While an agent has opens pending and has
 //!   answered nothing for longer than that, the time it has been silent
 //!   counts instead, so a frozen agent grows expensive within milliseconds,
 //!   before any timeout. Below [`LATENCY_FLOOR`] differences are noise, and
@@ -98,8 +103,15 @@ impl Health {
         }
     }
 
-    /// The answer-time estimate now: the average, or how long the agent has
-    /// been silent with opens pending if that is longer.
+    /// The weight the estimate of `updated` keeps at `now`.
+    fn kept(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        (-elapsed / LATENCY_DECAY.as_secs_f64()).exp()
+    }
+
+    /// The answer-time estimate now: the average decayed by the time since
+    /// it was updated, or how long the agent has been silent with opens
+    /// pending if that is longer.
     fn latency(&self, now: Instant) -> f64 {
         let silent = if self.pending > 0 {
             now.saturating_duration_since(self.pending_since.max(self.last_answer))
@@ -107,18 +119,36 @@ impl Health {
         } else {
             0.0
         };
-        self.latency.max(silent).max(LATENCY_FLOOR.as_secs_f64())
+        (self.latency * self.kept(now))
+            .max(silent)
+            .max(LATENCY_FLOOR.as_secs_f64())
+    }
+
+    /// Counts an open sent at `now`.
+    fn start(&mut self, now: Instant) {
+        if self.pending == 0 {
+            self.pending_since = now;
+        }
+        self.pending += 1;
+    }
+
+    /// An open sent at `started` was answered at `now`: no longer pending,
+    /// and its answer time counts.
+    fn answer(&mut self, started: Instant, now: Instant) {
+        self.pending = self.pending.saturating_sub(1);
+        self.observe(now.saturating_duration_since(started), now);
     }
 
     fn observe(&mut self, took: Duration, now: Instant) {
         let rtt = took.as_secs_f64();
-        if rtt > self.latency {
+        let kept = self.kept(now);
+        if rtt > self.latency * kept {
             // Peak: a slow answer counts at once.
             self.latency = rtt;
         } else {
-            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-            let w = (-elapsed / LATENCY_DECAY.as_secs_f64()).exp();
-            self.latency = self.latency * w + rtt * (1.0 - w);
+            // The average moves towards the answer over the time since it was
+            // last updated.
+            self.latency = self.latency * kept + rtt * (1.0 - kept);
         }
         self.updated = now;
         self.last_answer = now;
@@ -145,28 +175,38 @@ impl Health {
     }
 }
 
-/// An open sent to an agent and not answered yet, counted until dropped.
+/// An open sent to an agent and not answered yet, counted as pending until
+/// answered, failed or dropped.
 pub(crate) struct PendingOpen<'a> {
     agent: &'a AgentTunnel,
     started: Instant,
-    answered: bool,
+    /// Answered or failed: no longer pending.
+    done: bool,
 }
 
 impl PendingOpen<'_> {
-    /// The agent answered (acknowledged) the open: its answer time counts.
+    /// The agent answered (acknowledged) the open: it is no longer pending
+    /// and its answer time counts. Called when the acknowledgement arrives,
+    /// before the agent dials the destination, so a slow destination does
+    /// not make the agent look slow.
     pub(crate) fn answered(&mut self) {
-        if !self.answered {
-            self.answered = true;
-            let now = Instant::now();
-            self.agent.health().observe(now - self.started, now);
+        if !self.done {
+            self.done = true;
+            self.agent.health().answer(self.started, Instant::now());
         }
     }
 
     /// The open failed at the agent (tunnel broken, no acknowledgement in
     /// time); returns when the agent will be checked.
     pub(crate) fn failed(&mut self) -> Duration {
-        self.answered = true;
-        let delay = self.agent.health().fail();
+        let delay = {
+            let mut h = self.agent.health();
+            if !self.done {
+                h.pending = h.pending.saturating_sub(1);
+            }
+            h.fail()
+        };
+        self.done = true;
         self.agent.failed.notify_one();
         delay
     }
@@ -174,8 +214,10 @@ impl PendingOpen<'_> {
 
 impl Drop for PendingOpen<'_> {
     fn drop(&mut self) {
-        let mut h = self.agent.health();
-        h.pending = h.pending.saturating_sub(1);
+        if !self.done {
+            let mut h = self.agent.health();
+            h.pending = h.pending.saturating_sub(1);
+        }
     }
 }
 
@@ -209,13 +251,7 @@ impl AgentTunnel {
     /// Counts an open sent to the agent until its answer.
     pub(crate) fn start_open(&self) -> PendingOpen<'_> {
         let now = Instant::now();
-        {
-            let mut h = self.health();
-            if h.pending == 0 {
-                h.pending_since = now;
-            }
-            h.pending += 1;
-        }
+        self.health().start(now);
         let ms = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -223,7 +259,7 @@ impl AgentTunnel {
         PendingOpen {
             agent: self,
             started: now,
-            answered: false,
+            done: false,
         }
     }
 
@@ -372,6 +408,17 @@ impl AgentPool {
         }
     }
 
+    /// Whether `cluster` has a usable agent (an open tunnel) that is not in
+    /// `tried`.
+    pub fn has_untried(&self, cluster: &str, tried: &[Arc<AgentTunnel>]) -> bool {
+        let map = self.clusters.read().unwrap_or_else(|e| e.into_inner());
+        map.get(cluster).is_some_and(|agents| {
+            agents
+                .iter()
+                .any(|a| !a.channel.is_closed() && !tried.iter().any(|t| Arc::ptr_eq(t, a)))
+        })
+    }
+
     /// Every known cluster with its agents, sorted by name.
     pub fn snapshot(&self) -> Vec<pb::ClusterInfo> {
         let map = self.clusters.read().unwrap_or_else(|e| e.into_inner());
@@ -433,6 +480,47 @@ mod tests {
             h.observe(MS * 2, t);
         }
         assert!(h.latency(t) < 0.004, "{}", h.latency(t));
+    }
+
+    #[test]
+    fn a_stale_peak_decays_with_time_without_new_answers() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        // One slow answer (a 10 s peak), then the agent loses every draw.
+        h.start(t0);
+        h.answer(t0, t0 + LATENCY_DECAY);
+        let peak = h.latency(t0 + LATENCY_DECAY);
+        assert!((peak - 10.0).abs() < 1e-6, "{peak}");
+        let later = t0 + LATENCY_DECAY + LATENCY_DECAY * 5;
+        assert!(
+            h.latency(later) < peak * 0.01,
+            "decayed by the time since: {}",
+            h.latency(later)
+        );
+        // Long enough later it costs what an idle agent costs.
+        let much_later = t0 + LATENCY_DECAY * 20;
+        assert!((h.latency(much_later) - LATENCY_FLOOR.as_secs_f64()).abs() < 1e-9);
+        // A new slow answer still counts at once.
+        h.start(much_later);
+        h.answer(much_later, much_later + MS * 300);
+        assert!((h.latency(much_later + MS * 300) - 0.3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_acknowledged_open_is_no_longer_pending() {
+        let t0 = Instant::now();
+        let mut quick = Health::new(t0);
+        let mut slow_dial = Health::new(t0);
+        for h in [&mut quick, &mut slow_dial] {
+            h.start(t0);
+            h.answer(t0, t0 + MS);
+        }
+        // While the slow destination's dial runs (5 s), the agent that
+        // acknowledged is not silent: it costs what the quick one does.
+        let during = t0 + Duration::from_secs(5);
+        assert_eq!(slow_dial.pending, 0);
+        assert!((slow_dial.latency(during) - quick.latency(during)).abs() < 1e-12);
+        assert!(slow_dial.latency(during) <= 0.001 + 1e-9);
     }
 
     #[test]

@@ -36,6 +36,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 const STEP_DEADLINE: Duration = Duration::from_secs(10);
 /// A connection cut with its agent ends within this of the fault.
 const CUT_WINDOW: Duration = Duration::from_secs(1);
+/// An open that waited for a frozen agent's acknowledgement (1 s) before
+/// going to the other agent took at least this long.
+const WAITED_FOR_ACK: Duration = Duration::from_millis(900);
 /// The echo of a connection through a frozen agent is given up after this.
 const ECHO_DEADLINE: Duration = Duration::from_secs(3);
 
@@ -167,6 +170,57 @@ async fn long_lived(
             Err(_) => return Some((Instant::now(), "round trip timed out".into())),
         }
     }
+}
+
+/// A destination slow to accept: its accept queue (backlog 0) is held full
+/// by a connection of its own, so the kernel drops the SYN of a dial until
+/// the destination accepts (`delay` after it is told to begin); the dial
+/// gets through with its SYN retransmission, a second after it began. It
+/// echoes [`ECHO_BYTES`] of the one connection it then accepts.
+async fn slow_destination(delay: Duration) -> (u16, tokio::sync::oneshot::Sender<()>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let filler = TcpStream::connect(addr)
+        .await
+        .expect("the filler connection");
+    let (begin_tx, begin_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = begin_rx.await;
+        tokio::time::sleep(delay).await;
+        drop(filler);
+        // The filler, then the dial.
+        for _ in 0..2 {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; ECHO_BYTES];
+            if tcp.read_exact(&mut buf).await.is_ok() {
+                let _ = tcp.write_all(&buf).await;
+                let _ = tcp.shutdown().await;
+                return;
+            }
+        }
+    });
+    (addr.port(), begin_tx)
+}
+
+/// The highest answer-time estimate of an agent of east on any server, in
+/// microseconds.
+async fn highest_latency_us(listers: &[Arc<tunnel_proto::client::TunnelClient>]) -> u64 {
+    let mut highest = 0;
+    for l in listers {
+        let clusters = l.list_clusters().await.unwrap_or_default();
+        for a in clusters
+            .iter()
+            .filter(|c| c.name == "east")
+            .flat_map(|c| c.agents.iter())
+        {
+            highest = highest.max(a.latency_us);
+        }
+    }
+    highest
 }
 
 /// Flags of a server replica, as for a rollout.
@@ -304,6 +358,37 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     }];
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // 0. A destination slow to accept: its dial is no part of the agent's
+    // answer time, so the agent that dialed stays as cheap as the other.
+    let (slow_port, begin) = slow_destination(Duration::from_millis(500)).await;
+    marks.push(Mark {
+        what: "a connection to a slow destination",
+        at: Instant::now(),
+    });
+    let _ = begin.send(());
+    let slow = one_connection(proxy, slow_port, u64::MAX).await;
+    println!(
+        "the slow destination's connection: {:?} after {:.0} ms",
+        slow.ended, slow.open_ms
+    );
+    assert!(
+        matches!(slow.ended, Ended::Ok),
+        "the slow destination's connection: {:?}",
+        slow.ended
+    );
+    assert!(
+        slow.open_ms >= 900.0,
+        "the slow destination answers a dial after its SYN retransmission: {:.0} ms",
+        slow.open_ms
+    );
+    let highest_us = highest_latency_us(&listers).await;
+    println!("the highest answer time of an agent after it: {highest_us} µs");
+    assert!(
+        (highest_us as f64) < slow.open_ms * 1000.0 / 2.0,
+        "an agent's answer time ({highest_us} µs) includes the destination's dial ({:.0} ms)",
+        slow.open_ms
+    );
+
     // 1. Rolling restart: each replica in turn, SIGTERM, started again once it exited.
     let mut sigterms = Vec::new();
     for i in 0..servers.len() {
@@ -357,8 +442,26 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     });
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut last_pick_ms = 0;
-    for l in &listers {
+    for (i, l) in listers.iter().enumerate() {
         last_pick_ms = last_pick_ms.max(last_picked(l, "east-b").await);
+        for a in l
+            .list_clusters()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|c| c.agents.iter())
+        {
+            println!(
+                "hub-{}: {} picked {} ms after the freeze, failing {}, open {}, pending {}, latency {} µs",
+                i + 1,
+                a.agent_id,
+                a.last_picked_unix_ms as i64 - frozen_unix_ms as i64,
+                a.failing,
+                a.open_connections,
+                a.pending_opens,
+                a.latency_us
+            );
+        }
     }
     agents[1].signal("CONT");
     marks.push(Mark {
@@ -400,12 +503,10 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
         open_ms[open_ms.len() * 99 / 100],
         open_ms.last().copied().unwrap_or(0.0)
     );
-    if last_pick_ms > 0 {
-        println!(
-            "the frozen agent was last picked {} ms after it froze",
-            last_pick_ms as i64 - frozen_unix_ms as i64
-        );
-    }
+    // Negative: last picked before it froze (the other agent was less
+    // loaded all along).
+    let last_pick_after_freeze_ms = last_pick_ms as i64 - frozen_unix_ms as i64;
+    println!("the frozen agent was last picked {last_pick_after_freeze_ms} ms after it froze");
 
     let open_failed: Vec<_> = outcomes
         .iter()
@@ -443,6 +544,26 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
         open_failed.len(),
         outcomes.len(),
         sidecar.logs()
+    );
+    // The frozen agent may be picked whenever it is the cheaper one (it is
+    // not, while it carries more connections than the other), so its last
+    // pick may come seconds after it froze; but once it has an open waiting
+    // for its acknowledgement it is avoided: each server makes at most one
+    // open wait for it (the silence makes it expensive at once, the missing
+    // acknowledgement makes it failing).
+    let waited: Vec<_> = outcomes
+        .iter()
+        .filter(|o| {
+            o.started >= frozen_at
+                && o.started <= frozen_at + Duration::from_secs(4)
+                && o.open_ms >= WAITED_FOR_ACK.as_secs_f64() * 1000.0
+        })
+        .map(|o| (secs(o.started), o.open_ms))
+        .collect();
+    println!("opens that waited for the frozen agent: {waited:?}");
+    assert!(
+        waited.len() <= listers.len(),
+        "more than one open per server waited for the frozen agent: {waited:?}"
     );
     assert!(
         cut_elsewhere.is_empty(),
