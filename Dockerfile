@@ -24,6 +24,10 @@ LABEL org.opencontainers.image.source="https://github.com/cluster-tunnel/cluster
 # An image imported from a root filesystem has no PATH; the injector's exec probes
 # (`tunnel-sidecar probe readyz`) find the binary through it.
 ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# The system's TLS roots (slim and minbase bases have none): `scripts/build-images` puts the
+# build host's bundle next to the binaries; by hand, copy /etc/ssl/certs/ca-certificates.crt
+# to target/release/ first.
+COPY --chmod=0644 target/release/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 # The charts run every container as 65532:65532 with runAsNonRoot, which needs a numeric user.
 USER 65532:65532
 WORKDIR /
