@@ -199,7 +199,7 @@ impl ConnShared {
 
     /// Tunnel streams open on this connection.
     pub fn active_streams(&self) -> usize {
-        self.ledger().active as usize
+        self.ledger().active() as usize
     }
 
     /// The stream window in force (last advertised).
@@ -233,16 +233,16 @@ impl ConnShared {
             // A shrink not yet applied by the peer lets a new stream receive
             // up to the window before it: it is charged that.
             let window = u64::from(ledger.charge(self.stream_window()));
-            if ledger.active >= max_streams {
+            if ledger.active() >= max_streams {
                 return Err(BudgetExhausted {
-                    streams: ledger.active,
+                    streams: ledger.active(),
                     committed: ledger.committed(),
                 });
             }
             let committed = ledger.committed();
             if committed + window > self.settings.budget() {
                 return Err(BudgetExhausted {
-                    streams: ledger.active,
+                    streams: ledger.active(),
                     committed,
                 });
             }
@@ -260,7 +260,7 @@ impl ConnShared {
 
     fn desired_window(&self) -> u32 {
         let (min, max) = self.settings.stream_window_bounds();
-        let active = self.ledger().active.max(1);
+        let active = self.ledger().active().max(1);
         // Half the budget shared by the open streams; streams opened at a
         // larger window keep it, so with the defaults about 4,000 streams fit
         // the budget as they open one after another.
@@ -284,8 +284,8 @@ impl ConnShared {
         let mut want = self.desired_window();
         let current = self.stream_window();
         let mut ledger = self.ledger();
-        if want > current && ledger.active > 0 {
-            let room = self.settings.budget().saturating_sub(ledger.committed()) / ledger.active;
+        if want > current && ledger.active() > 0 {
+            let room = self.settings.budget().saturating_sub(ledger.committed()) / ledger.active();
             let most = u64::from(current) + room;
             want = u32::try_from(most.min(u64::from(want))).unwrap_or(want);
         }
@@ -331,7 +331,6 @@ fn differs(want: u32, current: u32) -> bool {
 /// window in force, so a raise by `d` adds at most `d` per open stream.
 #[derive(Debug, Default)]
 struct Ledger {
-    active: u64,
     /// Sum of the open streams' peaks.
     committed: u64,
     /// Peak of each open stream, by id.
@@ -346,6 +345,11 @@ struct Ledger {
 impl Ledger {
     fn committed(&self) -> u64 {
         self.committed
+    }
+
+    /// Open streams.
+    fn active(&self) -> u64 {
+        self.peaks.len() as u64
     }
 
     /// The window a stream opened now must be charged: the one in force, or
@@ -364,14 +368,12 @@ impl Ledger {
         let id = self.next_id;
         self.next_id += 1;
         self.peaks.insert(id, peak);
-        self.active += 1;
         self.committed += u64::from(peak);
         id
     }
 
     fn close(&mut self, id: u64) {
         if let Some(peak) = self.peaks.remove(&id) {
-            self.active -= 1;
             self.committed -= u64::from(peak);
         }
     }
