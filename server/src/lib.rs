@@ -3,8 +3,12 @@
 //! - [`agents`]: the agent port. Agents dial in over mTLS; on each such
 //!   connection the server is the HTTP/2 client and opens one stream per
 //!   proxied connection (reverse tunnel).
-//! - [`tunnel`]: the client port's `Tunnel` service. Routes each connection
-//!   to an agent of its cluster and splices the streams.
+//! - [`tunnel`]: the client port's own protocol: one HTTP/2 `CONNECT`
+//!   stream per connection, and the `Tunnel` control service.
+//! - [`connection`]: the one way every client connection goes, whatever
+//!   its front end: authentication, policy, the bound per identity, an agent
+//!   of its cluster (`route`: pick, retry on another), the splice, and its
+//!   record (`record`: audit lines and metrics).
 //! - [`pool`]: the connected agents by cluster, and how one is picked.
 //! - [`policy`]: who may reach which clusters and destinations (the
 //!   `TunnelPolicy` resource and the standalone policy file);
@@ -22,12 +26,15 @@
 pub mod agents;
 pub mod authn;
 pub mod cli;
+pub mod connection;
 pub mod metrics;
 pub mod ocm_clusters;
 pub mod policy;
 pub mod policy_watch;
 pub mod pool;
 pub mod probes;
+mod record;
+mod route;
 pub mod tunnel;
 
 use std::collections::BTreeMap;
@@ -205,7 +212,7 @@ pub struct ServerState {
     /// Token validation, when on.
     pub token_reviewer: Option<authn::TokenReviewer>,
     /// Connections open per identity.
-    pub identity_counts: tunnel::IdentityCounts,
+    pub identity_counts: connection::IdentityCounts,
     /// With `--clusters-from-ocm`: the clusters whose agents are admitted.
     pub ocm_admitted: Option<ocm_clusters::Admitted>,
     draining: AtomicBool,
@@ -251,9 +258,9 @@ impl ServerState {
             || self.started.elapsed() >= self.config.ha.ready_wait
     }
 
-    /// How [`tunnel::route`] treats agents.
-    pub(crate) fn route_limits(&self) -> tunnel::RouteLimits {
-        tunnel::RouteLimits {
+    /// How [`route::route`] treats agents.
+    pub(crate) fn route_limits(&self) -> route::RouteLimits {
+        route::RouteLimits {
             max_per_agent: self.config.limits.max_connections_per_agent,
             ack_timeout: self.config.ha.ack_timeout,
         }
@@ -365,7 +372,7 @@ impl Server {
             pool: AgentPool::with_known_clusters(&config.known_clusters),
             policy,
             token_reviewer,
-            identity_counts: tunnel::IdentityCounts::default(),
+            identity_counts: connection::IdentityCounts::default(),
             ocm_admitted,
             metrics,
             config,

@@ -11,7 +11,7 @@
 //! - `tunnel_server_probes_total{cluster,code}`: probes by result (`ok` or an
 //!   error code).
 //!
-//! A probe is a dial like a client's: routed by [`crate::tunnel::route`] to
+//! A probe is a dial like a client's: routed by [`crate::route::route`] to
 //! an agent picked as for a client (another one is tried if an agent did not
 //! act on it), and the agent's allowlist decides
 //! whether the target may be reached (`destination_not_allowed` otherwise).
@@ -260,11 +260,11 @@ pub async fn probe(state: &ServerState, cluster: &str) -> Result<Duration, Tunne
     let id = open.id;
     let started = Instant::now();
     let routed = tokio::time::timeout(
-        dial_timeout + crate::tunnel::AGENT_ANSWER_MARGIN,
-        crate::tunnel::route(
+        dial_timeout + crate::route::AGENT_ANSWER_MARGIN,
+        crate::route::route(
             &state.pool,
             &open,
-            crate::tunnel::RouteLimits {
+            crate::route::RouteLimits {
                 max_per_agent: u64::MAX,
                 ..state.route_limits()
             },
