@@ -10,6 +10,8 @@
 //! - [`policy`] (feature `crd`): the `TunnelPolicy` resource, who may reach what;
 //! - [`annotations`]: the pod annotations that opt a pod in and tune its sidecar;
 //! - [`labels`]: the labels components set and select on;
+//! - [`names`]: names that say which cluster they are in
+//!   (`<host>.<cluster>.<suffix>`), read alike by every entry;
 //! - [`pod`]: names inside pods (the sidecar container, volumes, mount paths,
 //!   the sidecars' Secret);
 //! - [`sidecar`]: the sidecar's default ports, its loopback port mappings and
@@ -23,6 +25,7 @@ pub mod annotations;
 #[cfg(feature = "crd")]
 pub mod configuration;
 pub mod labels;
+pub mod names;
 pub mod pod;
 #[cfg(feature = "crd")]
 pub mod policy;

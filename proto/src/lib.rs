@@ -46,6 +46,8 @@
 //! - [`relay`]: the one relay loop between a TCP socket and a tunnel stream,
 //!   and the splice between two streams;
 //! - [`grpc`]: the control RPCs over the same connections;
+//! - [`konnectivity`]: apiserver-network-proxy's konnectivity protocol on the
+//!   wire, which the server also accepts from clients;
 //! - [`client`]: the client library (sidecars, tools, the benchmark);
 //! - [`error`]: typed errors;
 //! - [`tls`]: TLS 1.3 with the ring provider; the identities in certificates
@@ -74,6 +76,7 @@ pub mod client;
 pub mod error;
 pub mod grpc;
 pub mod h2;
+pub mod konnectivity;
 pub mod net;
 pub mod relay;
 pub mod stream;

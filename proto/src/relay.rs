@@ -1,6 +1,8 @@
 //! Moving bytes: between a TCP connection and a tunnel stream ([`relay_tcp`],
 //! used by the agent and the client library), and between two tunnel streams
-//! ([`splice`], used by the server).
+//! ([`splice`], used by the server), or between a tunnel stream and a client
+//! leg that speaks another protocol ([`splice_legs`] with a
+//! [`SpliceSource`] and a [`SpliceSink`]).
 //!
 //! Backpressure end to end, and no buffer of our own: a socket is read only
 //! as much as the stream may send (its HTTP/2 send capacity), received DATA
@@ -406,6 +408,97 @@ pub struct SpliceOutcome {
     pub cut: bool,
 }
 
+/// Why a leg of a [`splice_legs`] stopped: its peer aborted, it failed, or
+/// the splice stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LegAborted;
+
+/// Where one direction of a splice reads: the bytes one leg's peer sends.
+pub trait SpliceSource: Send {
+    /// The next bytes; `Ok(None)` at a clean end of this direction (a FIN);
+    /// an error when the leg was aborted or `stop` fired.
+    fn next_data(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> impl std::future::Future<Output = Result<Option<Bytes>, LegAborted>> + Send;
+
+    /// The `n` bytes [`next_data`](Self::next_data) gave last were handed to
+    /// the other leg: the peer may send that much more (its window).
+    fn handed_on(&mut self, n: usize);
+}
+
+/// Where one direction of a splice writes: the bytes towards one leg's peer.
+pub trait SpliceSink: Send {
+    /// Sends `data` as it is, waiting while the peer's window is full; fails
+    /// when the leg was aborted or `stop` fired.
+    fn send(
+        &mut self,
+        data: Bytes,
+        stop: &CancellationToken,
+    ) -> impl std::future::Future<Output = Result<(), LegAborted>> + Send;
+
+    /// Ends this direction cleanly (a FIN).
+    fn finish(&mut self) -> Result<(), LegAborted>;
+
+    /// Ready once the leg's peer aborted: it takes nothing more.
+    fn poll_aborted(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()>;
+
+    /// Aborts the leg, both directions (a reset).
+    fn abort(&mut self);
+}
+
+/// The receiving half of a tunnel stream, as a splice reads it.
+#[derive(Debug)]
+pub struct StreamSource {
+    recv: RecvStream,
+    guard: StreamGuard,
+}
+
+impl SpliceSource for StreamSource {
+    async fn next_data(&mut self, stop: &CancellationToken) -> Result<Option<Bytes>, LegAborted> {
+        next_data(&mut self.recv, &self.guard, stop)
+            .await
+            .map_err(|err| {
+                if let Some(err) = err {
+                    tracing::debug!(%err, "stream aborted");
+                }
+                LegAborted
+            })
+    }
+
+    fn handed_on(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
+/// The sending half of a tunnel stream: END_STREAM is the FIN, RST_STREAM the abort.
+impl SpliceSink for SendStream<Bytes> {
+    async fn send(&mut self, data: Bytes, stop: &CancellationToken) -> Result<(), LegAborted> {
+        send_all(self, data, stop).await.map_err(|()| LegAborted)
+    }
+
+    fn finish(&mut self) -> Result<(), LegAborted> {
+        self.send_data(Bytes::new(), true).map_err(|_| LegAborted)
+    }
+
+    fn poll_aborted(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.poll_reset(cx).map(|_| ())
+    }
+
+    fn abort(&mut self) {
+        self.send_reset(Reason::CANCEL);
+    }
+}
+
+impl TunnelStream {
+    /// The stream as the two legs of a splice: what the peer sends (holding
+    /// the stream's place in its connection's count) and what goes to it.
+    pub fn into_legs(self) -> (StreamSource, SendStream<Bytes>) {
+        let TunnelStream { send, recv, guard } = self;
+        (StreamSource { recv, guard }, send)
+    }
+}
+
 /// Passes DATA between two streams until both directions have ended, or
 /// until `cut` completes (then both streams are reset). A reset of either
 /// stream resets the other. `idle_timeout` cuts a connection that moved no
@@ -417,43 +510,48 @@ pub async fn splice(
     cut: impl std::future::Future<Output = ()>,
     idle_timeout: Option<Duration>,
 ) -> SpliceOutcome {
+    let (from_client, to_client) = client.into_legs();
+    splice_legs(from_client, to_client, agent, counters, cut, idle_timeout).await
+}
+
+/// [`splice`] with any client leg: our own tunnel stream, or a front end
+/// that speaks another protocol to the client (konnectivity, HTTP/1.1
+/// CONNECT) and turns it into bytes, FINs and aborts. The agent's leg is
+/// always a tunnel stream.
+pub async fn splice_legs<S: SpliceSource, K: SpliceSink>(
+    mut from_client: S,
+    mut to_client: K,
+    agent: TunnelStream,
+    counters: &SpliceCounters,
+    cut: impl std::future::Future<Output = ()>,
+    idle_timeout: Option<Duration>,
+) -> SpliceOutcome {
     let abort = CancellationToken::new();
     let activity = AtomicU64::new(0);
     let up_done = CancellationToken::new();
     let down_done = CancellationToken::new();
-    let TunnelStream {
-        send: mut client_send,
-        recv: mut client_recv,
-        guard: client_guard,
-    } = client;
-    let TunnelStream {
-        send: mut agent_send,
-        recv: mut agent_recv,
-        guard: agent_guard,
-    } = agent;
+    let (mut from_agent, mut to_agent) = agent.into_legs();
     let up = async {
         let end = pass(
-            &mut client_recv,
-            &client_guard,
-            &mut agent_send,
+            &mut from_client,
+            &mut to_agent,
             &counters.to_cluster,
             &activity,
             &abort,
         )
         .await;
-        finish_direction(end, &mut agent_send, &up_done, &down_done, &abort).await
+        finish_direction(end, &mut to_agent, &up_done, &down_done, &abort).await
     };
     let down = async {
         let end = pass(
-            &mut agent_recv,
-            &agent_guard,
-            &mut client_send,
+            &mut from_agent,
+            &mut to_client,
             &counters.from_cluster,
             &activity,
             &abort,
         )
         .await;
-        finish_direction(end, &mut client_send, &down_done, &up_done, &abort).await
+        finish_direction(end, &mut to_client, &down_done, &up_done, &abort).await
     };
     let idle = async {
         let Some(limit) = idle_timeout else {
@@ -488,8 +586,8 @@ pub async fn splice(
         }
     };
     if abort.is_cancelled() {
-        client_send.send_reset(Reason::CANCEL);
-        agent_send.send_reset(Reason::CANCEL);
+        to_client.abort();
+        to_agent.abort();
     }
     SpliceOutcome {
         to_cluster,
@@ -503,7 +601,7 @@ pub async fn splice(
 /// done too (nobody else polls that stream any more).
 async fn finish_direction(
     end: DirectionEnd,
-    to: &mut SendStream<Bytes>,
+    to: &mut impl SpliceSink,
     done: &CancellationToken,
     other_done: &CancellationToken,
     abort: &CancellationToken,
@@ -517,16 +615,15 @@ async fn finish_direction(
         biased;
         () = abort.cancelled() => {}
         () = other_done.cancelled() => {}
-        _ = poll_fn(|cx| to.poll_reset(cx)) => abort.cancel(),
+        () = poll_fn(|cx| to.poll_aborted(cx)) => abort.cancel(),
     }
     end
 }
 
 /// One direction of a splice.
 async fn pass(
-    from: &mut RecvStream,
-    from_conn: &StreamGuard,
-    to: &mut SendStream<Bytes>,
+    from: &mut impl SpliceSource,
+    to: &mut impl SpliceSink,
     counter: &ByteCounter,
     activity: &AtomicU64,
     abort: &CancellationToken,
@@ -534,30 +631,26 @@ async fn pass(
     loop {
         let next = tokio::select! {
             biased;
-            _ = poll_fn(|cx| to.poll_reset(cx)) => return DirectionEnd::Aborted,
-            d = next_data(from, from_conn, abort) => d,
+            () = poll_fn(|cx| to.poll_aborted(cx)) => return DirectionEnd::Aborted,
+            d = from.next_data(abort) => d,
         };
         match next {
             Ok(Some(data)) => {
                 let n = data.len();
-                if send_all(to, data, abort).await.is_err() {
+                if to.send(data, abort).await.is_err() {
                     return DirectionEnd::Aborted;
                 }
                 counter.add(n as u64);
                 activity.fetch_add(1, Ordering::Relaxed);
-                let _ = from.flow_control().release_capacity(n);
+                from.handed_on(n);
             }
             Ok(None) => {
-                if to.send_data(Bytes::new(), true).is_err() {
+                if to.finish().is_err() {
                     return DirectionEnd::Aborted;
                 }
                 return DirectionEnd::Eof;
             }
-            Err(Some(err)) => {
-                tracing::debug!(%err, "stream aborted");
-                return DirectionEnd::Aborted;
-            }
-            Err(None) => return DirectionEnd::Aborted,
+            Err(LegAborted) => return DirectionEnd::Aborted,
         }
     }
 }

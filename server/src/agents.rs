@@ -430,24 +430,30 @@ async fn serve_client(
         };
         match next {
             Some(Ok((mut req, respond))) => {
-                if req.method() == http::Method::CONNECT {
-                    let guard = match conn.conn().try_stream_opened(u64::MAX) {
-                        Ok(guard) => guard,
-                        Err(full) => {
-                            crate::tunnel::refuse_full(&state, respond, &info, &full);
-                            continue;
-                        }
-                    };
-                    tokio::spawn(crate::tunnel::serve_stream(
-                        state.clone(),
-                        info.clone(),
-                        req,
-                        respond,
-                        guard,
-                    ));
-                } else {
+                let konnectivity = req.uri().path() == tunnel_proto::konnectivity::PROXY_PATH;
+                if req.method() != http::Method::CONNECT && !konnectivity {
                     req.extensions_mut().insert(info.clone());
                     tokio::spawn(tunnel_proto::grpc::serve(control.clone(), req, respond));
+                    continue;
+                }
+                // A stream that carries a connection (ours or konnectivity's)
+                // takes its place in the connection's budget.
+                let guard = match conn.conn().try_stream_opened(u64::MAX) {
+                    Ok(guard) => guard,
+                    Err(full) => {
+                        crate::tunnel::refuse_full(&state, respond, &info, &full);
+                        continue;
+                    }
+                };
+                let (state, info) = (state.clone(), info.clone());
+                if konnectivity {
+                    tokio::spawn(crate::konnectivity::serve_stream(
+                        state, info, req, respond, guard,
+                    ));
+                } else {
+                    tokio::spawn(crate::tunnel::serve_stream(
+                        state, info, req, respond, guard,
+                    ));
                 }
             }
             Some(Err(err)) => {

@@ -203,6 +203,15 @@ pub struct RunArgs {
     /// How long a TokenReview result is reused.
     #[arg(long, env = "TUNNEL_TOKEN_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
     pub token_cache_ttl: Duration,
+    /// Suffix of the names konnectivity and HTTP CONNECT clients dial to
+    /// reach a host in a cluster (<host>.<cluster>.<suffix>:<port>); the
+    /// sidecars' --cluster-suffix.
+    #[arg(long, env = "TUNNEL_CLUSTER_SUFFIX", default_value = tunnel_api::names::DEFAULT_CLUSTER_SUFFIX)]
+    pub cluster_suffix: String,
+    /// In-cluster host of every cluster's kube-apiserver: what konnectivity
+    /// and HTTP CONNECT clients reach when they dial <cluster>:<port>.
+    #[arg(long, env = "TUNNEL_APISERVER_HOST", default_value = tunnel_api::sidecar::DEFAULT_APISERVER_HOST)]
+    pub apiserver_host: String,
     /// Log format.
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
@@ -267,6 +276,16 @@ impl RunArgs {
                 .map_err(|e| anyhow::anyhow!("--cluster-label {e}"))?;
             cluster_labels.entry(cluster).or_default().insert(k, v);
         }
+        let suffix = self.cluster_suffix.trim_matches('.').to_ascii_lowercase();
+        if !suffix.contains('.') {
+            anyhow::bail!(
+                "--cluster-suffix {:?} must be a dotted DNS suffix such as tunnel.internal",
+                self.cluster_suffix
+            );
+        }
+        if self.apiserver_host.is_empty() || self.apiserver_host.contains(char::is_whitespace) {
+            anyhow::bail!("--apiserver-host {:?} is not a host", self.apiserver_host);
+        }
         let policy = self.policy_source();
         if self.enforce_on_change && matches!(policy, PolicySource::None) {
             anyhow::bail!("--enforce-on-change needs --policy-file or --policy-kubernetes");
@@ -311,6 +330,10 @@ impl RunArgs {
                 shutdown_delay: self.shutdown_delay,
                 ready_wait: self.ready_wait,
                 ack_timeout: self.ack_timeout,
+            },
+            addressing: crate::addresses::Addressing {
+                suffix,
+                apiserver_host: self.apiserver_host.clone(),
             },
         })
     }
@@ -449,5 +472,8 @@ mod tests {
         let args = Cli::try_parse_from(["tunnel-server", "--known-cluster", "Bad_Name"]).unwrap();
         let err = args.run.to_config().unwrap_err();
         assert!(err.to_string().contains("--known-cluster"), "{err}");
+        let args = Cli::try_parse_from(["tunnel-server", "--cluster-suffix", "internal"]).unwrap();
+        let err = args.run.to_config().unwrap_err();
+        assert!(err.to_string().contains("--cluster-suffix"), "{err}");
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tunnel_proto::error::{ErrorCode, TunnelError};
 use tunnel_proto::h2::PeerInfo;
 use tunnel_proto::identity::Identity;
-use tunnel_proto::relay::{TunnelStream, splice};
+use tunnel_proto::relay::{SpliceSink, SpliceSource, TunnelStream, splice_legs};
 use tunnel_proto::stream::{Open, Opened};
 
 use crate::ServerState;
@@ -87,6 +87,9 @@ pub(crate) struct Caller<'a> {
     pub peer: &'a PeerInfo,
     /// The bearer token the client sent, if any (or why it is unusable).
     pub token: Result<Option<String>, TunnelError>,
+    /// The front end it came through (`tunnel`, `konnectivity`,
+    /// `http-connect`), for the audit lines.
+    pub entry: &'static str,
 }
 
 /// Whether the peer's certificate may open connections at all.
@@ -127,10 +130,11 @@ impl Established {
         self.record.id
     }
 
-    /// Splices the client's leg to the agent's stream until both directions
-    /// ended, or until a policy change (with `--enforce-on-change`) or the
-    /// idle timeout cuts the connection.
-    pub(crate) async fn splice(self, client: TunnelStream) {
+    /// Splices the client's leg (what the client sends, what goes to it) to
+    /// the agent's stream until both directions ended, or until a policy
+    /// change (with `--enforce-on-change`) or the idle timeout cuts the
+    /// connection.
+    pub(crate) async fn splice(self, from_client: impl SpliceSource, to_client: impl SpliceSink) {
         let Established {
             agent,
             record,
@@ -146,7 +150,15 @@ impl Established {
                 None => std::future::pending().await,
             }
         };
-        let outcome = splice(client, agent, &record.counters, cut, idle_timeout).await;
+        let outcome = splice_legs(
+            from_client,
+            to_client,
+            agent,
+            &record.counters,
+            cut,
+            idle_timeout,
+        )
+        .await;
         record.spliced(&outcome);
         drop(lease);
         drop(slot);
@@ -163,7 +175,7 @@ pub(crate) async fn establish(
     open: Open,
     client_gone: impl std::future::Future<Output = ()>,
 ) -> Result<Established, TunnelError> {
-    let Caller { peer, token } = caller;
+    let Caller { peer, token, entry } = caller;
     let subject = authenticate(state, Some(peer.identity.clone()), token).await;
     let record = Arc::new(ConnRecord::new(
         state.clone(),
@@ -175,6 +187,7 @@ pub(crate) async fn establish(
         peer.identity.to_string(),
         open.cluster.clone(),
         open.destination(),
+        entry,
     ));
     let subject = match subject {
         Ok(s) => s,
@@ -215,7 +228,7 @@ pub(crate) async fn establish(
         // The client gave up (reset) while the agent dialed.
         () = client_gone => Err(TunnelError::new(
             ErrorCode::TunnelBroken,
-            "the client reset the stream before the destination answered",
+            "the client gave up before the destination answered",
         )),
         r = tokio::time::timeout(
             dial_timeout + AGENT_ANSWER_MARGIN,

@@ -9,6 +9,9 @@
 //!   its front end: authentication, policy, the bound per identity, an agent
 //!   of its cluster (`route`: pick, retry on another), the splice, and its
 //!   record (`record`: audit lines and metrics).
+//! - [`konnectivity`]: apiserver-network-proxy's konnectivity protocol on
+//!   the client port, for its Go client; [`addresses`]: how the addresses
+//!   such clients dial name a cluster.
 //! - [`pool`]: the connected agents by cluster, and how one is picked.
 //! - [`policy`]: who may reach which clusters and destinations (the
 //!   `TunnelPolicy` resource and the standalone policy file);
@@ -23,10 +26,12 @@
 //! [`Server::start`] binds everything and returns a handle; [`cli`] is the
 //! binary's command line.
 
+pub mod addresses;
 pub mod agents;
 pub mod authn;
 pub mod cli;
 pub mod connection;
+pub mod konnectivity;
 pub mod metrics;
 pub mod ocm_clusters;
 pub mod policy;
@@ -106,6 +111,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Restarts and failing agents.
     pub ha: HaConfig,
+    /// How the konnectivity and HTTP CONNECT entries read dialed addresses.
+    pub addressing: addresses::Addressing,
 }
 
 /// How the server takes part in a rollout and treats agents that fail.

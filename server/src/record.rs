@@ -26,6 +26,8 @@ pub(crate) struct ConnRecord {
     pub(crate) certificate: String,
     pub(crate) cluster: String,
     pub(crate) destination: String,
+    /// The front end the connection came through.
+    entry: &'static str,
     /// The rule that allowed the connection (`authorization-off` without a policy).
     rule: Mutex<String>,
     agent_id: Mutex<String>,
@@ -42,7 +44,7 @@ pub(crate) struct ConnRecord {
 
 impl ConnRecord {
     /// The record of connection `id` from `certificate`, for `subject`, to
-    /// `destination` in `cluster`.
+    /// `destination` in `cluster`, asked for through the front end `entry`.
     pub(crate) fn new(
         state: Arc<ServerState>,
         id: uuid::Uuid,
@@ -50,6 +52,7 @@ impl ConnRecord {
         certificate: String,
         cluster: String,
         destination: String,
+        entry: &'static str,
     ) -> Self {
         Self {
             state,
@@ -58,6 +61,7 @@ impl ConnRecord {
             certificate,
             cluster,
             destination,
+            entry,
             rule: Mutex::new(String::new()),
             agent_id: Mutex::new(String::new()),
             start: Instant::now(),
@@ -163,6 +167,7 @@ impl Drop for ConnRecord {
             rule = %rule,
             cluster = %self.cluster,
             destination = %self.destination,
+            entry = self.entry,
             agent = %agent,
             bytes_to_cluster = up,
             bytes_from_cluster = down,
@@ -208,6 +213,7 @@ pub(crate) fn audit_decision(
             certificate = %record.certificate,
             cluster = %record.cluster,
             destination = %record.destination,
+            entry = record.entry,
             decision,
             rule,
             reason,
@@ -222,6 +228,7 @@ pub(crate) fn audit_decision(
             certificate = %record.certificate,
             cluster = %record.cluster,
             destination = %record.destination,
+            entry = record.entry,
             decision,
             rule,
             "connection allowed"

@@ -74,6 +74,7 @@ pub(crate) async fn serve_stream(
     let caller = Caller {
         peer: &peer,
         token: crate::authn::bearer_token(req.headers()),
+        entry: "tunnel",
     };
     let client_reset = std::future::poll_fn(|cx| respond.poll_reset(cx).map(|_| ()));
     let established = match establish(&state, caller, open, client_reset).await {
@@ -90,9 +91,8 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
-    established
-        .splice(TunnelStream::new(send, req.into_body(), guard))
-        .await;
+    let (from_client, to_client) = TunnelStream::new(send, req.into_body(), guard).into_legs();
+    established.splice(from_client, to_client).await;
 }
 
 #[tonic::async_trait]

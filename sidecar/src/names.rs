@@ -2,9 +2,8 @@
 //! tunnel (and to which cluster, host and port) or straight out of the pod.
 //!
 //! In order:
-//! 1. `<host>.<cluster>.<suffix>` (suffix `tunnel.internal` by default, a
-//!    name under the `.internal` top-level domain that ICANN reserved for
-//!    private use, so it never collides with a public name): `<host>` in
+//! 1. `<host>.<cluster>.<suffix>` ([`tunnel_api::names`], the server's
+//!    konnectivity and HTTP CONNECT entries read them alike): `<host>` in
 //!    `<cluster>`, e.g. `prometheus.monitoring.svc.east.tunnel.internal:9090`.
 //!    `<cluster>.<suffix>` alone is the cluster's kube-apiserver.
 //! 2. A bare name that is a cluster the server lists, or one the pod names
@@ -22,12 +21,10 @@
 //!    a pod or ClusterIP address, a public name — is dialed directly from
 //!    the pod, as before the sidecar was injected ([`Route::Direct`]).
 
+pub use tunnel_api::names::{DEFAULT_CLUSTER_SUFFIX, NameError, is_single_label};
+use tunnel_api::names::{cluster_of, qualified};
 use tunnel_api::sidecar::DEFAULT_APISERVER_HOST;
-use tunnel_identity::spiffe::validate_cluster_name;
 use tunnel_proto::client::Target;
-
-/// Default suffix of cluster-qualified names.
-pub const DEFAULT_CLUSTER_SUFFIX: &str = "tunnel.internal";
 
 /// How names are read.
 #[derive(Debug, Clone)]
@@ -64,19 +61,6 @@ pub enum Route {
     },
 }
 
-/// Why a name could not be mapped to a destination.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NameError {
-    /// The cluster part is not a valid cluster name.
-    #[error("{name:?}: {reason}")]
-    BadCluster {
-        /// The name as given.
-        name: String,
-        /// Why.
-        reason: String,
-    },
-}
-
 impl Naming {
     /// Decides where `host:port` goes. `user_cluster` is the cluster named by
     /// the proxy user, `is_known_cluster` tells whether a single label is a
@@ -88,25 +72,13 @@ impl Naming {
         user_cluster: Option<&str>,
         is_known_cluster: impl Fn(&str) -> bool,
     ) -> Result<Route, NameError> {
+        if let Some(named) = qualified(host, &self.suffix) {
+            let named = named?;
+            let host = named.host.as_deref().unwrap_or(&self.apiserver_host);
+            return Ok(Route::Tunnel(Target::new(named.cluster, host, port)));
+        }
         let trimmed = host.trim_end_matches('.');
         let lower = trimmed.to_ascii_lowercase();
-        let cluster_of = |c: &str| -> Result<String, NameError> {
-            validate_cluster_name(c).map_err(|e| NameError::BadCluster {
-                name: trimmed.to_owned(),
-                reason: e.to_string(),
-            })?;
-            Ok(c.to_owned())
-        };
-        let dotted_suffix = format!(".{}", self.suffix.to_ascii_lowercase());
-        if let Some(rest) = lower.strip_suffix(&dotted_suffix) {
-            let target = match rest.rsplit_once('.') {
-                Some((inner, cluster)) if !inner.is_empty() => {
-                    Target::new(cluster_of(cluster)?, &trimmed[..inner.len()], port)
-                }
-                _ => Target::new(cluster_of(rest)?, &self.apiserver_host, port),
-            };
-            return Ok(Route::Tunnel(target));
-        }
         if is_single_label(&lower) && is_known_cluster(&lower) {
             return Ok(Route::Tunnel(Target::new(
                 lower.clone(),
@@ -115,7 +87,11 @@ impl Naming {
             )));
         }
         match user_cluster.or(self.default_cluster.as_deref()) {
-            Some(c) => Ok(Route::Tunnel(Target::new(cluster_of(c)?, trimmed, port))),
+            Some(c) => Ok(Route::Tunnel(Target::new(
+                cluster_of(trimmed, c)?,
+                trimmed,
+                port,
+            ))),
             None => Ok(Route::Direct {
                 host: host.to_owned(),
                 port,
@@ -131,11 +107,6 @@ impl Naming {
             self.suffix
         )
     }
-}
-
-/// A name without dots (and not an IPv6 literal) that could be a cluster's.
-pub fn is_single_label(lower: &str) -> bool {
-    !lower.is_empty() && !lower.contains('.') && !lower.contains(':')
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use tunnel_proto::h2::H2Settings;
 use tunnel_proto::tls::TlsFiles;
 use tunnel_server::{Server, ServerConfig};
 
+pub mod konnectivity;
 pub mod netns;
 pub mod wan;
 
@@ -104,6 +105,7 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
             ready_wait: Duration::ZERO,
             ..Default::default()
         },
+        addressing: Default::default(),
     }
 }
 

@@ -378,6 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_delay: Duration::ZERO,
             ..Default::default()
         },
+        addressing: Default::default(),
     })
     .await?;
     let mut clusters = Vec::new();
