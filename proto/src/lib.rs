@@ -46,6 +46,8 @@
 //! - [`relay`]: the one relay loop between a TCP socket and a tunnel stream,
 //!   and the splice between two streams;
 //! - [`grpc`]: the control RPCs over the same connections;
+//! - [`http_forward`]: an HTTP proxy's part in one request (the sidecar's
+//!   HTTP proxy, the server's HTTP CONNECT entry);
 //! - [`konnectivity`]: apiserver-network-proxy's konnectivity protocol on the
 //!   wire, which the server also accepts from clients;
 //! - [`client`]: the client library (sidecars, tools, the benchmark);
@@ -76,6 +78,7 @@ pub mod client;
 pub mod error;
 pub mod grpc;
 pub mod h2;
+pub mod http_forward;
 pub mod konnectivity;
 pub mod net;
 pub mod relay;

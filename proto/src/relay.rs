@@ -438,7 +438,7 @@ pub trait SpliceSink: Send {
     ) -> impl std::future::Future<Output = Result<(), LegAborted>> + Send;
 
     /// Ends this direction cleanly (a FIN).
-    fn finish(&mut self) -> Result<(), LegAborted>;
+    fn finish(&mut self) -> impl std::future::Future<Output = Result<(), LegAborted>> + Send;
 
     /// Ready once the leg's peer aborted: it takes nothing more.
     fn poll_aborted(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()>;
@@ -477,7 +477,7 @@ impl SpliceSink for SendStream<Bytes> {
         send_all(self, data, stop).await.map_err(|()| LegAborted)
     }
 
-    fn finish(&mut self) -> Result<(), LegAborted> {
+    async fn finish(&mut self) -> Result<(), LegAborted> {
         self.send_data(Bytes::new(), true).map_err(|_| LegAborted)
     }
 
@@ -645,7 +645,7 @@ async fn pass(
                 from.handed_on(n);
             }
             Ok(None) => {
-                if to.finish().is_err() {
+                if to.finish().await.is_err() {
                     return DirectionEnd::Aborted;
                 }
                 return DirectionEnd::Eof;

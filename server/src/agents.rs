@@ -18,6 +18,7 @@ use tunnel_proto::pb;
 use tunnel_proto::pb::agent_client::AgentClient;
 use tunnel_proto::pb::tunnel_server::TunnelServer;
 
+use crate::http_connect::{ClientPortTls, ClientProtocol, client_protocol};
 use crate::metrics::{ClusterLabel, RejectLabel};
 use crate::pool::AgentTunnel;
 use crate::tunnel::TunnelService;
@@ -64,6 +65,7 @@ async fn handshake(
     peer: SocketAddr,
     listener: &'static str,
     closed: Option<tokio::sync::oneshot::Sender<()>>,
+    tls: Arc<rustls::ServerConfig>,
 ) -> Option<(TlsStream<LingeringClose>, Identity)> {
     tunnel_proto::net::tune_tunnel_socket(&tcp, &state.config.h2.liveness);
     // Closed with a linger, so that the peer reads our last frames before
@@ -79,7 +81,7 @@ async fn handshake(
             .get_or_create(&RejectLabel { listener, reason })
             .inc();
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.config.tls.current());
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -191,7 +193,10 @@ async fn serve_agent(
     // The socket is closed (after lingering) when HTTP/2 is done with it,
     // which tells a draining server its last frames went out.
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
-    let Some((tls, identity)) = handshake(&state, tcp, peer, "agent", Some(closed_tx)).await else {
+    let config = state.config.tls.current();
+    let Some((tls, identity)) =
+        handshake(&state, tcp, peer, "agent", Some(closed_tx), config).await
+    else {
         return;
     };
     let Identity::Agent { cluster } = identity else {
@@ -366,10 +371,12 @@ pub async fn accept_clients(
     stop: watch::Receiver<bool>,
 ) {
     let stop_conn = stop.clone();
+    let tls = Arc::new(ClientPortTls::default());
     accept_loop(listener, stop, move |tcp, peer| {
         let state = state.clone();
         let stop = stop_conn.clone();
-        async move { serve_client(state, tcp, peer, stop).await }
+        let tls = tls.config(state.config.tls.current());
+        async move { serve_client(state, tcp, peer, stop, tls).await }
     })
     .await;
 }
@@ -379,8 +386,9 @@ async fn serve_client(
     tcp: TcpStream,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
+    config: Arc<rustls::ServerConfig>,
 ) {
-    let Some((tls, identity)) = handshake(&state, tcp, peer, "client", None).await else {
+    let Some((tls, identity)) = handshake(&state, tcp, peer, "client", None, config).await else {
         return;
     };
     if !matches!(identity, Identity::Client { .. }) {
@@ -395,6 +403,32 @@ async fn serve_client(
                 reason: "identity",
             })
             .inc();
+    }
+    let info = Arc::new(PeerInfo {
+        identity: identity.clone(),
+        remote_addr: peer,
+    });
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let sniffed =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, client_protocol(alpn.as_deref(), tls)).await;
+    let (protocol, tls) = match sniffed {
+        Ok(Ok(Some(sniffed))) => sniffed,
+        Ok(Ok(None)) => {
+            tracing::debug!(%peer, %identity, "client closed before its first request");
+            return;
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, %identity, %err, "client connection failed before its first request");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, %identity, "client sent nothing after the TLS handshake; connection closed");
+            return;
+        }
+    };
+    if protocol == ClientProtocol::Http11 {
+        tracing::debug!(%peer, %identity, "HTTP/1.1 client connected");
+        return crate::http_connect::serve_connection(state, info, tls, stop).await;
     }
     let mut conn = match H2Server::handshake(tls, &state.config.h2).await {
         Ok(c) => c,
@@ -412,10 +446,6 @@ async fn serve_client(
         }
     };
     tracing::debug!(%peer, %identity, "client connected");
-    let info = Arc::new(PeerInfo {
-        identity: identity.clone(),
-        remote_addr: peer,
-    });
     let control = TunnelServer::new(TunnelService::new(state.clone()))
         .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
     let mut draining = false;

@@ -173,23 +173,36 @@ fn service_account(username: &str) -> Verdict {
     parsed.ok_or_else(|| format!("token of {username:?} is not a service account's"))
 }
 
-/// The bearer token of a call, if it sent one.
+/// The bearer token of a call (`authorization: Bearer <token>`), if it sent one.
 pub fn bearer_token(metadata: &http::HeaderMap) -> Result<Option<String>, TunnelError> {
-    let Some(value) = metadata.get("authorization") else {
+    bearer_token_in(metadata, http::header::AUTHORIZATION)
+}
+
+/// The bearer token of an HTTP proxy request (`Proxy-Authorization: Bearer
+/// <token>`), if it sent one.
+pub fn proxy_bearer_token(headers: &http::HeaderMap) -> Result<Option<String>, TunnelError> {
+    bearer_token_in(headers, http::header::PROXY_AUTHORIZATION)
+}
+
+fn bearer_token_in(
+    headers: &http::HeaderMap,
+    name: http::header::HeaderName,
+) -> Result<Option<String>, TunnelError> {
+    let Some(value) = headers.get(&name) else {
         return Ok(None);
     };
     let value = value
         .to_str()
-        .map_err(|_| unauthenticated("the authorization header is not visible ASCII".into()))?;
+        .map_err(|_| unauthenticated(format!("the {name} header is not visible ASCII")))?;
     match value.split_once(' ') {
         Some((scheme, token))
             if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
         {
             Ok(Some(token.trim().to_owned()))
         }
-        _ => Err(unauthenticated(
-            "the authorization header must be \"Bearer <token>\"".into(),
-        )),
+        _ => Err(unauthenticated(format!(
+            "the {name} header must be \"Bearer <token>\""
+        ))),
     }
 }
 

@@ -362,7 +362,7 @@ impl SpliceSink for ToClient {
             .map_err(|()| LegAborted)
     }
 
-    fn finish(&mut self) -> Result<(), LegAborted> {
+    async fn finish(&mut self) -> Result<(), LegAborted> {
         self.close();
         Ok(())
     }

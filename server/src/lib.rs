@@ -10,8 +10,9 @@
 //!   of its cluster (`route`: pick, retry on another), the splice, and its
 //!   record (`record`: audit lines and metrics).
 //! - [`konnectivity`]: apiserver-network-proxy's konnectivity protocol on
-//!   the client port, for its Go client; [`addresses`]: how the addresses
-//!   such clients dial name a cluster.
+//!   the client port, for its Go client; [`http_connect`]: HTTP CONNECT
+//!   over HTTP/1.1 on the same port; [`addresses`]: how the addresses such
+//!   clients dial name a cluster.
 //! - [`pool`]: the connected agents by cluster, and how one is picked.
 //! - [`policy`]: who may reach which clusters and destinations (the
 //!   `TunnelPolicy` resource and the standalone policy file);
@@ -31,6 +32,7 @@ pub mod agents;
 pub mod authn;
 pub mod cli;
 pub mod connection;
+pub mod http_connect;
 pub mod konnectivity;
 pub mod metrics;
 pub mod ocm_clusters;

@@ -28,39 +28,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tunnel_api::sidecar::DirectPolicy;
 use tunnel_proto::client::{Target, TunnelClient};
 use tunnel_proto::error::{ErrorCode, TunnelError};
+pub use tunnel_proto::http_forward::ERROR_HEADER;
+use tunnel_proto::http_forward::{
+    ForwardError, error_text, host_header, origin_host_header, send_request, to_origin_form,
+    unforwardable,
+};
 
 use crate::clusters::ClusterCache;
 use crate::direct::DirectDialer;
 use crate::metrics::{RequestLabel, SidecarMetrics};
 use crate::names::{Naming, Route, is_single_label};
-
-/// Header carrying the typed error code of a failed proxy request.
-pub const ERROR_HEADER: &str = "x-tunnel-error";
-
-/// Methods forwarded for `http://` requests. Others (TRACE, extension
-/// methods) get 405: TRACE would echo credentials back across origins.
-const PROXIED_METHODS: [Method; 7] = [
-    Method::GET,
-    Method::HEAD,
-    Method::POST,
-    Method::PUT,
-    Method::PATCH,
-    Method::DELETE,
-    Method::OPTIONS,
-];
-
-/// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -94,21 +71,7 @@ pub struct ProxyState {
 }
 
 fn text(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(format!("{code}: {message}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Ok(v) = HeaderValue::from_str(code) {
-        h.insert(ERROR_HEADER, v);
-    }
-    resp
+    error_text(status, code, message).map(|b| Full::new(b).map_err(|never| match never {}).boxed())
 }
 
 /// The response for a tunnel error: 400 bad request, 403 forbidden or not
@@ -245,28 +208,11 @@ impl ProxyState {
         if req.method() == Method::CONNECT {
             return Ok(self.connect(req).await);
         }
-        if req.uri().scheme().is_none() {
-            return Ok(bad_request(
-                "this is an HTTP proxy: send absolute-form requests (GET http://host/path) or CONNECT",
-            ));
-        }
-        if req.uri().scheme_str() != Some("http") {
-            return Ok(bad_request(
-                "only http:// is forwarded as requests; use CONNECT for https and other protocols",
-            ));
-        }
-        if !PROXIED_METHODS.contains(req.method()) {
-            self.count("http", "method_not_allowed");
-            let mut resp = text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                &format!("{} is not proxied", req.method()),
-            );
-            resp.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static("CONNECT, GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-            );
-            return Ok(resp);
+        if let Some(resp) = unforwardable(&req) {
+            if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+                self.count("http", "method_not_allowed");
+            }
+            return Ok(resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed()));
         }
         self.forward(req).await
     }
@@ -391,17 +337,10 @@ impl ProxyState {
             Ok(u) => u,
             Err(resp) => return Ok(resp),
         };
-        // Origin-form towards the destination.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
         // The absolute URI names the destination; any Host the client sent
         // is replaced by it (RFC 9112 3.2.2), never with its userinfo.
         let uri_host = origin_host_header(req.uri());
-        *req.uri_mut() = path.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
-        strip_hop_by_hop(req.headers_mut());
+        to_origin_form(&mut req);
         match upstream {
             Upstream::Tunnel(target) => {
                 let io = match self.client.open_io(&target).await {
@@ -413,7 +352,7 @@ impl ProxyState {
                     }
                 };
                 // Host names the real in-cluster host.
-                if let Ok(v) = HeaderValue::from_str(&host_header(&target)) {
+                if let Ok(v) = HeaderValue::from_str(&host_header(&target.host, target.port)) {
                     req.headers_mut().insert(header::HOST, v);
                 }
                 Ok(self.send(io, req, "http", &target.to_string()).await)
@@ -444,31 +383,20 @@ impl ProxyState {
     where
         I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await
-        {
-            Ok(x) => x,
-            Err(err) => {
+        match send_request(io, req).await {
+            Ok(resp) => {
+                self.count(kind, "ok");
+                resp.map(|b| b.boxed())
+            }
+            Err(ForwardError::Handshake(err)) => {
                 let err = TunnelError::new(
                     handshake_failure_code(kind),
                     format!("HTTP/1 to {dest}: {err}"),
                 );
                 self.count(kind, err.code.label());
-                return error_response(&err);
+                error_response(&err)
             }
-        };
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%err, "upstream HTTP/1 connection ended with an error");
-            }
-        });
-        match sender.send_request(req).await {
-            Ok(resp) => {
-                self.count(kind, "ok");
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
-            }
-            Err(err) => {
+            Err(ForwardError::Request(err)) => {
                 self.count(kind, "upstream_error");
                 tracing::info!(dest, kind, %err, "the destination did not answer the request");
                 let err =
@@ -505,32 +433,6 @@ fn handshake_failure_code(kind: &str) -> ErrorCode {
     }
 }
 
-/// The `Host` header of an absolute-form request, from its URI: host and
-/// port as the client wrote them, never the userinfo.
-fn origin_host_header(uri: &http::Uri) -> Option<HeaderValue> {
-    let authority = uri.authority()?;
-    let host = authority.host();
-    let value = match authority.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_owned(),
-    };
-    HeaderValue::from_str(&value).ok()
-}
-
-/// The `Host` header for a tunnelled destination.
-fn host_header(target: &Target) -> String {
-    let host = if target.host.contains(':') {
-        format!("[{}]", target.host)
-    } else {
-        target.host.clone()
-    };
-    if target.port == 80 {
-        host
-    } else {
-        format!("{host}:{}", target.port)
-    }
-}
-
 /// A 200 with no body: the answer to a CONNECT that reached its destination.
 fn empty_ok() -> Response<Body> {
     Response::new(
@@ -556,19 +458,6 @@ async fn upgraded_tcp(req: Request<Incoming>, dest: &str) -> Option<(TcpStream, 
             tracing::error!("CONNECT upgrade is not a TCP stream");
             None
         }
-    }
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .collect();
-    for h in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(named) {
-        headers.remove(h.as_str());
     }
 }
 
@@ -640,37 +529,6 @@ mod tests {
             HeaderValue::from_static("Basic !!!"),
         );
         assert!(proxy_user(&h).is_err());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic ZWFzdDo="),
-        );
-        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key(header::ACCEPT));
-    }
-
-    #[test]
-    fn a_direct_request_s_host_comes_from_its_uri_without_userinfo() {
-        for (uri, host) in [
-            ("http://backend:8080/x", "backend:8080"),
-            ("http://user:secret@backend:8080/x", "backend:8080"),
-            ("http://user@backend.team/", "backend.team"),
-            ("http://[fd00::1]:81/", "[fd00::1]:81"),
-        ] {
-            let uri: http::Uri = uri.parse().unwrap();
-            assert_eq!(origin_host_header(&uri).unwrap(), host, "{uri}");
-        }
     }
 
     #[test]

@@ -116,6 +116,39 @@ pub async fn start_server(pki: &Pki) -> Server {
         .expect("server starts")
 }
 
+/// Starts a server in this process whose policy is `policy` (the YAML of a
+/// policy file, fixed for the test), or without authorization when `None`.
+pub async fn start_server_with_policy(pki: &Pki, policy: Option<&str>) -> Server {
+    let mut config = server_config(pki);
+    if let Some(policy) = policy {
+        let policy = tunnel_server::policy::parse_policy_text("test", policy).expect("a policy");
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(policy));
+        // The policy never changes; the receiver keeps it.
+        drop(tx);
+        config.auth = tunnel_server::AuthConfig {
+            policy: tunnel_server::PolicySource::Fixed(rx),
+            ..Default::default()
+        };
+    }
+    Server::start(config).await.expect("server starts")
+}
+
+/// Starts an agent of `cluster` that resolves each of `hosts` to 127.0.0.1
+/// (a cluster's names, served on loopback).
+pub async fn start_agent_resolving(
+    pki: &Pki,
+    cluster: &str,
+    server: &Server,
+    hosts: &[&str],
+) -> Agent {
+    let mut config = agent_config(pki, cluster, &[server.agent_addr]);
+    config.host_aliases = hosts
+        .iter()
+        .map(|h| (h.to_string(), std::net::IpAddr::from([127, 0, 0, 1])))
+        .collect();
+    start_agent_with(config, server).await
+}
+
 /// An agent configuration for `cluster` that may dial loopback destinations.
 pub fn agent_config(pki: &Pki, cluster: &str, servers: &[SocketAddr]) -> AgentConfig {
     AgentConfig {

@@ -8,14 +8,12 @@
 //! send (against the real binaries, whose logs are checked).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
-use tunnel_server::policy::parse_policy_text;
-use tunnel_server::{AuthConfig, PolicySource, Server};
+use tokio::sync::mpsc;
+use tunnel_server::Server;
 use tunnel_tests::konnectivity::{
     Dialed, Http2Channel, Tunnel, close_request, connect, data, dial_request, framed, raw_call,
     send_random,
@@ -40,23 +38,14 @@ struct Hub {
 async fn hub(policy: Option<&str>) -> Hub {
     init();
     let pki = Pki::new(&["east"], &["app", "other"]);
-    let mut config = server_config(&pki);
-    if let Some(policy) = policy {
-        let (tx, rx) = watch::channel(Arc::new(parse_policy_text("test", policy).unwrap()));
-        // The policy never changes; the receiver keeps it.
-        drop(tx);
-        config.auth = AuthConfig {
-            policy: PolicySource::Fixed(rx),
-            ..Default::default()
-        };
-    }
-    let server = Server::start(config).await.expect("server starts");
-    let mut agent = agent_config(&pki, "east", &[server.agent_addr]);
-    agent.host_aliases = ["kubernetes.default.svc", "hello.default.svc"]
-        .into_iter()
-        .map(|h| (h.to_string(), "127.0.0.1".parse().unwrap()))
-        .collect();
-    let agent = start_agent_with(agent, &server).await;
+    let server = start_server_with_policy(&pki, policy).await;
+    let agent = start_agent_resolving(
+        &pki,
+        "east",
+        &server,
+        &["kubernetes.default.svc", "hello.default.svc"],
+    )
+    .await;
     let api = start_service(|mut tcp| async move {
         if tcp.write_all(API_GREETING).await.is_ok() {
             let (mut r, mut w) = tcp.split();

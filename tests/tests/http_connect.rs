@@ -1,0 +1,262 @@
+//! HTTP CONNECT at the server's client port: HTTP/1.1 over the same mTLS
+//! port as our own protocol, for tools that can use a TLS proxy but cannot
+//! run a sidecar. `curl --proxy https://…` with a client certificate reaches
+//! a cluster service through a real server and agent (with `-p`, a CONNECT
+//! tunnel; without, an absolute-form request the server forwards); a
+//! client that negotiates `http/1.1` by ALPN carries bytes both ways with
+//! half-closes; refusals carry the status and code a proxy client acts on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tunnel_server::Server;
+use tunnel_tests::*;
+
+/// What the cluster's web service answers.
+const HELLO: &str = "hello from a service in east\n";
+/// What the stand-in kube-apiserver answers.
+const API: &str = "kube-apiserver of east\n";
+
+/// A server (with `policy`, if any) and an agent of `east` that knows
+/// `hello.default.svc` and `kubernetes.default.svc` as 127.0.0.1.
+async fn hub(pki: &Pki, policy: Option<&str>) -> (Server, tunnel_agent::Agent) {
+    init();
+    let server = start_server_with_policy(pki, policy).await;
+    let agent = start_agent_resolving(
+        pki,
+        "east",
+        &server,
+        &["kubernetes.default.svc", "hello.default.svc"],
+    )
+    .await;
+    (server, agent)
+}
+
+/// An HTTP/1.1 service answering every request with `body`, then closing.
+async fn start_web(body: &'static str) -> SocketAddr {
+    start_service(move |tcp| async move {
+        let mut tcp = BufReader::new(tcp);
+        let mut line = String::new();
+        // The request head, up to its empty line.
+        while tcp.read_line(&mut line).await.is_ok_and(|n| n > 0) && line != "\r\n" {
+            line.clear();
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tcp.get_mut().write_all(answer.as_bytes()).await;
+        let _ = tcp.get_mut().shutdown().await;
+    })
+    .await
+}
+
+/// Runs curl with `args` through the server's client port as client `app`;
+/// `None` when curl is not installed.
+async fn curl(pki: &Pki, server: &Server, args: &[&str]) -> Option<std::process::Output> {
+    let proxy = format!("https://127.0.0.1:{}", server.client_addr.port());
+    let path = |name: &str| pki.path(name).display().to_string();
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--proxy", &proxy])
+        .args(["--proxy-cacert", &path("ca.pem")])
+        .args(["--proxy-cert", &path("client-app.pem")])
+        .args(["--proxy-key", &path("client-app-key.pem")])
+        .args(args)
+        .output()
+        .await;
+    match output {
+        Ok(output) => Some(output),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => panic!("cannot run curl: {err}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_a_cluster_service_through_the_server_over_mtls() {
+    let pki = Pki::new(&["east"], &["app"]);
+    let (server, _agent) = hub(&pki, None).await;
+    let web = start_web(HELLO).await;
+    let api = start_web(API).await;
+    let service = format!(
+        "http://hello.default.svc.east.tunnel.internal:{}/",
+        web.port()
+    );
+    let apiserver = format!("http://east:{}/version", api.port());
+    for (args, expected) in [
+        // An absolute-form request, forwarded by the server.
+        (vec![service.as_str()], HELLO),
+        // A CONNECT tunnel (-p), the request inside it.
+        (vec!["-p", service.as_str()], HELLO),
+        // cluster-proxy's name for the cluster's kube-apiserver.
+        (vec!["-p", apiserver.as_str()], API),
+    ] {
+        let Some(out) = curl(&pki, &server, &args).await else {
+            println!("skipped: curl is not installed");
+            return;
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout == expected,
+            "curl {args:?}: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A refusal reads as one: curl fails the CONNECT with the status.
+    let Some(out) = curl(&pki, &server, &["-p", "http://nowhere:80/"]).await else {
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("404"), "{stderr}");
+    let metrics = fetch_metrics(server.admin_addr).await;
+    assert_eq!(
+        metric(&metrics, r#"tunnel_server_dials_total{code="ok"}"#),
+        Some(3.0),
+        "{metrics}"
+    );
+}
+
+/// A TLS connection to the client port as client `cert`, offering `alpn`.
+async fn tls_to(
+    pki: &Pki,
+    cert: &str,
+    server: SocketAddr,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut config = (*tunnel_proto::tls::client_config(&pki.files(cert)).unwrap()).clone();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the TLS handshake")
+}
+
+/// Sends a CONNECT for `address` and reads the answer's head.
+async fn connect_head<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tls: &mut S,
+    address: &str,
+    extra: &str,
+) -> String {
+    let req = format!("CONNECT {address} HTTP/1.1\r\nHost: {address}\r\n{extra}\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut byte))
+            .await
+            .expect("the server answers the CONNECT")
+            .unwrap();
+        assert_eq!(n, 1, "the connection ended inside the head: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_tunnel_carries_bytes_both_ways_and_half_closes() {
+    let pki = Pki::new(&["east"], &["app"]);
+    let (server, _agent) = hub(&pki, None).await;
+    let echo = start_echo().await;
+    let mut tls = tls_to(&pki, "client-app", server.client_addr, b"http/1.1").await;
+    let address = format!("hello.default.svc.east.tunnel.internal:{}", echo.port());
+    let head = connect_head(&mut tls, &address, "").await;
+    assert!(
+        head.starts_with("HTTP/1.1 200 Connection established\r\n"),
+        "{head}"
+    );
+    let (mut read, mut write) = tokio::io::split(tls);
+    let len = 2 << 20;
+    let writer = tokio::spawn(async move {
+        let hash = write_random(&mut write, len, 11).await.unwrap();
+        // Our FIN (close_notify): the echo finishes and sends its own.
+        write.shutdown().await.unwrap();
+        hash
+    });
+    let (n, back) = tokio::time::timeout(Duration::from_secs(30), read_hash(&mut read))
+        .await
+        .expect("the echo and its end")
+        .unwrap();
+    assert_eq!(n, len);
+    assert_eq!(back, writer.await.unwrap(), "the echo is what was sent");
+    let state = server.state().clone();
+    wait_until("the connection is closed", Duration::from_secs(10), || {
+        let open = state.open_connections();
+        async move { open == 0 }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_carry_the_status_and_code_a_proxy_client_acts_on() {
+    let pki = Pki::new(&["east"], &["app", "other"]);
+    let echo = start_echo().await;
+    let policy = format!(
+        "rules:\n  - name: app-to-hello\n    subjects:\n      - identity: client/app\n    clusters:\n      - name: \"*\"\n    destinations:\n      - host: hello.default.svc\n        ports: [{}]\n",
+        echo.port()
+    );
+    let (server, _agent) = hub(&pki, Some(&policy)).await;
+    let allowed = format!("hello.default.svc.east.tunnel.internal:{}", echo.port());
+    for (cert, address, status, code) in [
+        ("client-app", allowed.as_str(), 200, ""),
+        (
+            "client-app",
+            "hello.default.svc.west.tunnel.internal:80",
+            403,
+            "forbidden",
+        ),
+        ("client-other", allowed.as_str(), 403, "forbidden"),
+        ("client-app", "10.0.0.1:443", 400, "bad_request"),
+        // An agent's certificate may not open connections on the client port.
+        ("agent-east", allowed.as_str(), 403, "unauthenticated"),
+    ] {
+        let mut tls = tls_to(&pki, cert, server.client_addr, b"http/1.1").await;
+        let head = connect_head(&mut tls, address, "").await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{cert} {address}: {head}"
+        );
+        if !code.is_empty() {
+            let lower = head.to_ascii_lowercase();
+            assert!(
+                lower.contains(&format!("x-tunnel-error: {code}\r\n")),
+                "{cert} {address}: {head}"
+            );
+        }
+    }
+    let unknown = format!("hello.default.svc.nowhere.tunnel.internal:{}", echo.port());
+    let mut tls = tls_to(&pki, "client-app", server.client_addr, b"http/1.1").await;
+    let head = connect_head(&mut tls, &unknown, "").await;
+    assert!(head.starts_with("HTTP/1.1 404 "), "{head}");
+    // Requests a proxy does not serve: an origin-form request, a method not forwarded.
+    for (request, status) in [
+        ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (
+            "TRACE http://hello.default.svc.east.tunnel.internal/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            405,
+        ),
+    ] {
+        let mut tls = tls_to(&pki, "client-app", server.client_addr, b"http/1.1").await;
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 64];
+        let n = tls.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{request:?}: {answer}"
+        );
+    }
+    let metrics = fetch_metrics(server.admin_addr).await;
+    for (code, n) in [
+        ("forbidden", 2.0),
+        ("bad_request", 1.0),
+        ("unauthenticated", 1.0),
+        ("unknown_cluster", 1.0),
+    ] {
+        let series = format!(r#"tunnel_server_dials_total{{code="{code}"}}"#);
+        assert_eq!(metric(&metrics, &series), Some(n), "{series}\n{metrics}");
+    }
+}
