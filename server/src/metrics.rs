@@ -40,7 +40,8 @@ pub struct BytesLabel {
 pub struct RejectLabel {
     /// Which port.
     pub listener: &'static str,
-    /// Why (`tls`, `identity`, `cluster` (not admitted by OCM), `http2`, `hello`).
+    /// Why (`tls`, `identity`, `cluster` (not admitted by OCM), `http2`,
+    /// `http1`, `hello`).
     pub reason: &'static str,
 }
 

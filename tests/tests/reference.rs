@@ -476,6 +476,13 @@ const OTHER_TOOLS_FLAGS: &[&str] = &[
     // curl
     "--cacert",
     "--resolve",
+    "--proxy",
+    "--proxy-cacert",
+    "--proxy-cert",
+    "--proxy-key",
+    "--proxy-header",
+    // kubectl
+    "--from-file",
     // clusteradm
     "--names",
     "--clusters",
