@@ -286,7 +286,6 @@ mod tests {
     use super::*;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
     use crate::ocm::agent_user;
-    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const TD: &str = "cluster-tunnel";
     const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";
@@ -295,16 +294,7 @@ mod tests {
     const STATUS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests/addon-east-cluster-tunnel-x7k2p/status";
 
     fn config() -> watch::Receiver<Option<Arc<TunnelConfiguration>>> {
-        let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
-            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com" } } },
-            "agent": { "image": "a:1" },
-            "signer": { "certificateValidityDays": 30 },
-        }))
-        .unwrap();
-        let (tx, rx) = watch::channel(Some(Arc::new(TunnelConfiguration::new(
-            tunnel_api::configuration::DEFAULT_NAME,
-            spec,
-        ))));
+        let (tx, rx) = watch::channel(Some(mock_api::configuration(30)));
         std::mem::forget(tx);
         rx
     }
