@@ -1331,25 +1331,6 @@ const FREEZE_HOLD: Duration = Duration::from_secs(5);
 /// Longest wait for the thawed agent to be picked again.
 const THAW_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Milliseconds since the Unix epoch.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// When the server last picked `agent` (Unix ms, 0: never).
-async fn last_picked(client: &tunnel_proto::client::TunnelClient, agent: &str) -> u64 {
-    let clusters = client.list_clusters().await.unwrap_or_default();
-    clusters
-        .iter()
-        .flat_map(|c| c.agents.iter())
-        .filter(|a| a.agent_id == agent)
-        .map(|a| a.last_picked_unix_ms)
-        .max()
-        .unwrap_or(0)
-}
-
 /// One server process and two agent processes of one cluster, under a load
 /// of [`FREEZE_RATE`] new connections a second (each a 32-byte echo); one
 /// agent is frozen (SIGSTOP) for [`FREEZE_HOLD`], then thawed.
@@ -1408,48 +1389,41 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
             slowest_us.clone(),
             counting.clone(),
         );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / FREEZE_RATE);
-            let mut tasks = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    _ = stop_rx.wait_for(|s| *s) => break,
-                    _ = tick.tick() => {}
+        let stop = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        tokio::spawn(steady_load(FREEZE_RATE, stop, move |_| {
+            let (client, target, failed, slowest_us, counting) = (
+                client.clone(),
+                target.clone(),
+                failed.clone(),
+                slowest_us.clone(),
+                counting.clone(),
+            );
+            async move {
+                let started = Instant::now();
+                let res = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
+                    let opened = started.elapsed();
+                    io.write_all(&[7u8; 32]).await.map_err(|e| e.to_string())?;
+                    let mut back = [0u8; 32];
+                    io.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>(opened)
+                })
+                .await;
+                if !counting.load(Ordering::Relaxed) {
+                    return;
                 }
-                let (client, target, failed, slowest_us, counting) = (
-                    client.clone(),
-                    target.clone(),
-                    failed.clone(),
-                    slowest_us.clone(),
-                    counting.clone(),
-                );
-                tasks.spawn(async move {
-                    let started = Instant::now();
-                    let res = tokio::time::timeout(Duration::from_secs(10), async {
-                        let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
-                        let opened = started.elapsed();
-                        io.write_all(&[7u8; 32]).await.map_err(|e| e.to_string())?;
-                        let mut back = [0u8; 32];
-                        io.read_exact(&mut back).await.map_err(|e| e.to_string())?;
-                        Ok::<_, String>(opened)
-                    })
-                    .await;
-                    if !counting.load(Ordering::Relaxed) {
-                        return;
+                match res {
+                    Ok(Ok(opened)) => {
+                        slowest_us.fetch_max(opened.as_micros() as u64, Ordering::Relaxed);
                     }
-                    match res {
-                        Ok(Ok(opened)) => {
-                            slowest_us.fetch_max(opened.as_micros() as u64, Ordering::Relaxed);
-                        }
-                        _ => {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
                     }
-                });
-                while tasks.try_join_next().is_some() {}
+                }
             }
-            while tasks.join_next().await.is_some() {}
-        })
+        }))
     };
     tokio::time::sleep(FREEZE_WARMUP).await;
     let frozen = &agents[1];
