@@ -45,18 +45,24 @@ pub struct Proc {
 impl Proc {
     /// Spawns a workspace binary with `args` and `envs`, output into a log file.
     pub fn spawn(name: &str, binary: &str, args: &[String], envs: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(args).envs(envs.iter().copied());
+        Self::spawn_command(name, cmd)
+    }
+
+    /// Spawns `cmd` (e.g. a binary run through `ip netns exec`), output into
+    /// a log file, killed on drop.
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Self {
         let log_dir = tempfile::tempdir().unwrap();
         let log = log_dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin(binary))
-            .args(args)
-            .envs(envs.iter().copied())
+        let child = cmd
             .env("TUNNEL_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
         Self {
             name: name.into(),
             child,
@@ -267,27 +273,6 @@ pub fn spawn_agent(
 }
 
 impl Proc {
-    /// Spawns `cmd` (e.g. a binary run through `ip netns exec`), output into
-    /// a log file, killed on drop.
-    pub fn spawn_command(name: &str, mut cmd: Command) -> Self {
-        let log_dir = tempfile::tempdir().unwrap();
-        let log = log_dir.path().join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .env("TUNNEL_LOG_FORMAT", "text")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
-        Self {
-            name: name.into(),
-            child,
-            log,
-            _log_dir: log_dir,
-        }
-    }
-
     /// Waits until the log holds at least `n` lines containing every one of
     /// `parts`; panics after `deadline`.
     pub async fn wait_log(&self, parts: &[&str], n: usize, deadline: Duration) {

@@ -17,6 +17,12 @@ use tokio::task::JoinSet;
 pub async fn start_echo() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    spawn_echo(listener);
+    addr
+}
+
+/// Serves the echo of [`start_echo`] on every connection `listener` accepts.
+pub fn spawn_echo(listener: TcpListener) {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -27,7 +33,6 @@ pub async fn start_echo() -> SocketAddr {
             });
         }
     });
-    addr
 }
 
 /// A service that greets first ("hello from <name>\n"), then echoes.
