@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use crate::deployment_config::AgentOverrides;
 use crate::ocm::{ADDON_LABEL, ADDON_NAME, CONFIG_SPEC_HASH_ANNOTATION, REGISTRATION_SECRET};
 use tunnel_api::configuration::AgentSpec;
-use tunnel_api::pod::TLS_DIR;
+use tunnel_api::pod::{NONROOT_USER, TLS_DIR, restricted_security_context};
 
 pub use crate::ocm::manifest_work_resource;
 
@@ -162,11 +162,7 @@ pub fn manifest_work(input: &AgentWorkInput<'_>) -> Value {
             "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 5 },
             "livenessProbe": { "httpGet": { "path": "/healthz", "port": "admin" }, "periodSeconds": 10 },
             "resources": resources,
-            "securityContext": {
-                "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
-                "capabilities": { "drop": ["ALL"] }, "seccompProfile": { "type": "RuntimeDefault" },
-            },
+            "securityContext": restricted_security_context(NONROOT_USER),
             "volumeMounts": [
                 { "name": "tls", "mountPath": TLS_DIR, "readOnly": true },
                 { "name": "ca", "mountPath": HUB_CA_DIR, "readOnly": true },

@@ -4,16 +4,15 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    LocalObjectReference, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference,
+    ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe,
+    SecretVolumeSource, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use tunnel_api::configuration::{AntiAffinity, Authorization, PullPolicy, ServerSpec};
-use tunnel_api::pod::TLS_DIR;
+use tunnel_api::pod::{NONROOT_USER, TLS_DIR, restricted_security_context};
 
 use super::{HubNames, ServerObjectsError};
 
@@ -144,7 +143,7 @@ pub(super) fn server_deployment(
         ]),
         readiness_probe: Some(admin_probe("/readyz", 5, None)),
         liveness_probe: Some(admin_probe("/healthz", 10, Some(3))),
-        security_context: Some(restricted_security_context()),
+        security_context: Some(restricted_security_context(NONROOT_USER)),
         volume_mounts: Some(vec![VolumeMount {
             name: "tls".to_owned(),
             mount_path: TLS_DIR.to_owned(),
@@ -199,24 +198,4 @@ pub(super) fn server_deployment(
         },
         ..Deployment::default()
     })
-}
-
-/// The `restricted` Pod Security Standard for a container.
-fn restricted_security_context() -> SecurityContext {
-    SecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(65532),
-        run_as_group: Some(65532),
-        allow_privilege_escalation: Some(false),
-        read_only_root_filesystem: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_owned()]),
-            ..Capabilities::default()
-        }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".to_owned(),
-            ..SeccompProfile::default()
-        }),
-        ..SecurityContext::default()
-    }
 }
