@@ -6,8 +6,9 @@
 //! `agent-<cluster>-key.pem`, `client-<name>.pem`, `client-<name>-key.pem`.
 //! An existing CA in the directory is reused, so clusters and clients can be added later.
 //!
-//! This module issues the leaves ([`generate`]); the CA is `ca`'s, the checks
-//! of server names and the trust domain `names`', the files `files`'.
+//! This module issues the leaves ([`generate`]); `ca` loads or creates the CA,
+//! `names` checks server names and the trust domain, `files` reads and
+//! writes the files.
 
 use std::fs;
 use std::io;
