@@ -13,7 +13,7 @@
 //! - [`names`]: names that say which cluster they are in
 //!   (`<host>.<cluster>.<suffix>`), read alike by every entry;
 //! - [`pod`]: names inside pods (the sidecar container, volumes, mount paths,
-//!   the sidecars' Secret);
+//!   the sidecars' Secret) and the containers' security context;
 //! - [`sidecar`]: the sidecar's default ports, its loopback port mappings and
 //!   its policy for destinations outside the clusters.
 //!
