@@ -140,7 +140,17 @@ async fn cluster_proxy_s_names_reach_the_kube_apiserver_and_ours_reach_a_service
         .await
         .expect("the destination's connection ended");
     assert_eq!(clean, Some(true), "the destination read a clean end");
-    // Counted like any connection.
+    // Counted like any connection, once closed.
+    let state = hub.server.state().clone();
+    wait_until(
+        "every connection is closed",
+        Duration::from_secs(10),
+        || {
+            let open = state.open_connections();
+            async move { open == 0 }
+        },
+    )
+    .await;
     let metrics = fetch_metrics(hub.server.admin_addr).await;
     assert_eq!(
         metric(&metrics, r#"tunnel_server_dials_total{code="ok"}"#),
