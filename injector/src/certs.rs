@@ -20,6 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_identity::pki::{self, LeafUsage};
 use tunnel_proto::tls::TlsError;
 
@@ -215,7 +216,7 @@ impl CertFiles {
 /// are valid, serves the new certificate and publishes the new CA (when the
 /// injector keeps the `caBundle`).
 /// Invalid files (a half-written rotation) keep the old certificate and are
-/// retried at the next tick. Runs until `stop` turns true.
+/// retried at the next tick. Runs until `stop` is cancelled.
 pub async fn watch_files(
     files: CertFiles,
     mut digest: [u8; 32],
@@ -223,7 +224,7 @@ pub async fn watch_files(
     ca_bundle: Option<watch::Sender<BundlePolicy>>,
     interval: Duration,
     metrics: InjectorMetrics,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -231,7 +232,7 @@ pub async fn watch_files(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.cancelled() => return,
         }
         match files.load() {
             Ok(loaded) if loaded.digest == digest => {}

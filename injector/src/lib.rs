@@ -109,7 +109,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::ca_bundle::BundlePolicy;
 use crate::certs::{CertFiles, ServingCert};
@@ -171,8 +172,10 @@ pub struct Injector {
     pub admin_addr: SocketAddr,
     generated_ca: Option<String>,
     draining: Arc<AtomicBool>,
-    stop: watch::Sender<bool>,
-    controller_stop: Option<oneshot::Sender<()>>,
+    /// Stops the webhook, the admin port and the controllers; cancelled too
+    /// when the injector is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -185,7 +188,7 @@ impl Injector {
     ) -> anyhow::Result<Self> {
         let mut registry = Registry::default();
         let metrics = InjectorMetrics::register(&mut registry);
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
 
         // The certificate, and what the caBundle must hold when we keep it.
@@ -238,7 +241,6 @@ impl Injector {
         let admin_addr = admin_listener.local_addr()?;
 
         let synced = Arc::new(AtomicBool::new(config.ca_bundle_sync.is_none()));
-        let mut controller_stop = None;
         let mut policy_tx = None;
         if let (Some(sync), Some(policy)) = (&config.ca_bundle_sync, policy) {
             let client = client
@@ -246,16 +248,12 @@ impl Injector {
                 .context("keeping the caBundle needs a Kubernetes client")?;
             let (tx, policy_rx) = watch::channel(policy);
             policy_tx = Some(tx);
-            let (tx, rx) = oneshot::channel::<()>();
-            controller_stop = Some(tx);
             tasks.push(tokio::spawn(ca_bundle::run(
                 client,
                 sync.webhook_config_name.clone(),
                 (policy_rx, metrics.clone(), synced.clone()),
                 sync.resync,
-                async move {
-                    let _ = rx.await;
-                },
+                stop.clone().cancelled_owned(),
             )));
         }
         if let Some((files, digest)) = files {
@@ -266,7 +264,7 @@ impl Injector {
                 policy_tx,
                 config.cert_reload_interval,
                 metrics.clone(),
-                stop_rx.clone(),
+                stop.clone(),
             )));
         }
 
@@ -280,7 +278,7 @@ impl Injector {
                 name.clone(),
                 config.template.clone(),
                 templates_tx,
-                stop_rx.clone(),
+                stop.clone(),
             )));
         }
         let reviewer = Arc::new(Reviewer::new(templates, config.fail_closed, metrics));
@@ -288,23 +286,20 @@ impl Injector {
             listener,
             tls,
             reviewer,
-            stop_rx.clone(),
+            stop.clone(),
         )));
 
         let (ready, draining) = (synced.clone(), Arc::new(AtomicBool::new(false)));
         let not_draining = draining.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(
+        let admin = tunnel_shell::admin::AdminServer::new(
             Arc::new(registry),
             Arc::new(move || {
                 ready.load(Ordering::Acquire) && !not_draining.load(Ordering::Acquire)
             }),
         );
-        let mut admin_stop = stop_rx.clone();
+        let admin_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let stopped = async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            };
-            if let Err(error) = admin.serve(admin_listener, stopped).await {
+            if let Err(error) = admin.serve(admin_listener, admin_stop).await {
                 tracing::error!(%error, "admin server failed");
             }
         }));
@@ -314,8 +309,8 @@ impl Injector {
             admin_addr,
             generated_ca,
             draining,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
-            controller_stop,
             tasks,
         })
     }
@@ -336,10 +331,7 @@ impl Injector {
 
     /// Stops accepting, lets open requests finish, stops the controller.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(tx) = self.controller_stop.take() {
-            let _ = tx.send(());
-        }
+        self.stop.cancel();
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }

@@ -467,9 +467,12 @@ fn whole_seconds(field: &'static str, value: &str) -> Result<i64, HubError> {
 }
 
 fn check_duration(field: &'static str, value: &str) -> Result<(), HubError> {
-    tunnel_proto::cli::parse_duration(value)
+    tunnel_shell::units::parse_duration(value)
         .map(drop)
-        .map_err(|reason| HubError::BadConfiguration { field, reason })
+        .map_err(|e| HubError::BadConfiguration {
+            field,
+            reason: e.to_string(),
+        })
 }
 
 fn pull_policy(policy: PullPolicy) -> &'static str {

@@ -40,6 +40,7 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::h2::H2Settings;
 
 use crate::metrics::ServerMetrics;
@@ -285,9 +286,12 @@ pub struct Server {
     /// The admin port's address.
     pub admin_addr: SocketAddr,
     state: Arc<ServerState>,
-    stop: watch::Sender<bool>,
-    /// Closes the agent port and tells every agent to go.
-    leave: watch::Sender<bool>,
+    /// Closes the ports and sends clients GOAWAY; cancelled too when the
+    /// server is dropped.
+    stop: CancellationToken,
+    /// Closes the agent port and tells every agent to go; a child of `stop`.
+    leave: CancellationToken,
+    _stop_on_drop: DropGuard,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -375,26 +379,26 @@ impl Server {
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
         });
-        let (stop, stop_rx) = watch::channel(false);
-        let (leave, leave_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
+        let leave = stop.child_token();
         let agent_addr = agent_l.local_addr()?;
         let client_addr = client_l.local_addr()?;
         let admin_addr = admin_l.local_addr()?;
         tasks.push(tokio::spawn(agents::accept_agents(
             agent_l,
             state.clone(),
-            leave_rx,
-            stop_rx.clone(),
+            leave.clone(),
+            stop.clone(),
         )));
         tasks.push(tokio::spawn(agents::accept_clients(
             client_l,
             state.clone(),
-            stop_rx.clone(),
+            stop.clone(),
         )));
-        tasks.push(tokio::spawn(probes::run(state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(probes::run(state.clone(), stop.clone())));
         let ready_state = state.clone();
         let detail_state = state.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(
+        let admin = tunnel_shell::admin::AdminServer::new(
             Arc::new(registry),
             Arc::new(move || ready_state.is_ready()),
         )
@@ -406,10 +410,9 @@ impl Server {
                 format!("agents: {agents}")
             }
         }));
-        let mut admin_stop = stop_rx.clone();
+        let admin_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let stop = async move { agents::stopped(&mut admin_stop).await };
-            if let Err(err) = admin.serve(admin_l, stop).await {
+            if let Err(err) = admin.serve(admin_l, admin_stop).await {
                 tracing::error!(%err, "admin server failed");
             }
         }));
@@ -419,6 +422,7 @@ impl Server {
             client_addr,
             admin_addr,
             state,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             leave,
             tasks,
@@ -444,7 +448,7 @@ impl Server {
         let deadline = self.state.config.drain_timeout;
         let delay = self.state.config.ha.shutdown_delay;
         self.state.draining.store(true, Ordering::Release);
-        let _ = self.leave.send(true);
+        self.leave.cancel();
         tracing::info!(
             open = self.state.open_connections(),
             agents = self.state.pool.agent_count(),
@@ -472,7 +476,7 @@ impl Server {
             }
         };
         // Stop accepting and send GOAWAY to clients, keep agent tunnels for open connections.
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         if tokio::time::timeout(deadline, finished).await.is_err() {
             tracing::warn!(
                 open = self.state.open_connections(),

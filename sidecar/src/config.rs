@@ -9,8 +9,10 @@ use clap::Parser;
 use serde::Deserialize;
 use tunnel_api::sidecar::{DEFAULT_APISERVER_HOST, DirectPolicy, PortMapping, parse_host_port};
 use tunnel_identity::spiffe::validate_cluster_name;
-use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::client::Target;
+use tunnel_shell::flags::{ClientSide, ServerArgs, TlsArgs};
+use tunnel_shell::logging::LogFormat;
+use tunnel_shell::units::{parse_duration, parse_socket_buffer};
 
 use crate::direct::{DirectDialer, parse_allowed_ips, parse_host_aliases};
 use crate::names::{DEFAULT_CLUSTER_SUFFIX, Naming};
@@ -91,28 +93,19 @@ pub struct Cli {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "TUNNEL_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Proxy server client-port address(es), host:port (repeatable or
-    /// comma-separated; more than one for HA).
-    #[arg(long = "server", env = "TUNNEL_SERVERS", value_delimiter = ',')]
-    pub servers: Vec<String>,
-    /// The name the server certificate must carry (default: each address's host).
-    #[arg(long, env = "TUNNEL_SERVER_NAME")]
-    pub server_name: Option<String>,
+    /// The proxy servers (their client port); not required, as they may
+    /// come from --config.
+    #[command(flatten)]
+    pub servers: ServerArgs<ClientSide, false>,
     /// Directory holding client-<client-name>.pem, its key and ca.pem.
     #[arg(long, env = "TUNNEL_CERT_DIR")]
     pub cert_dir: Option<PathBuf>,
     /// Client name whose certificate to use from --cert-dir [default: sidecar].
     #[arg(long, env = "TUNNEL_CLIENT_NAME")]
     pub client_name: Option<String>,
-    /// Client certificate chain (PEM); overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client private key (PEM); overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA bundle the server certificate must chain to; overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_CA")]
-    pub ca: Option<PathBuf>,
+    /// Files that override those in --cert-dir.
+    #[command(flatten)]
+    pub tls: TlsArgs<ClientSide>,
     /// The pod's projected service-account token, sent with every connection
     /// so the server knows which workload asks; re-read when it changes.
     #[arg(long, env = "TUNNEL_TOKEN_FILE")]
@@ -202,7 +195,7 @@ pub struct Cli {
     /// 256KiB): bounds what an app that stops reading or a stalled tunnel
     /// holds in the pod's kernel memory; 0 leaves them to the kernel's
     /// autotuning [default: 0].
-    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", value_parser = tunnel_proto::net::parse_socket_buffer)]
+    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", value_parser = parse_socket_buffer)]
     pub socket_buffer: Option<usize>,
     /// Log format [default: json].
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum)]
@@ -392,7 +385,7 @@ fn dur(
 ) -> Result<Duration, ConfigError> {
     match (cli, file) {
         (Some(d), _) => Ok(d),
-        (None, Some(s)) => parse_duration(s).map_err(|e| invalid(key, e)),
+        (None, Some(s)) => parse_duration(s).map_err(|e| invalid(key, e.to_string())),
         (None, None) => Ok(default),
     }
 }
@@ -409,10 +402,10 @@ impl Cli {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let servers = if self.servers.is_empty() {
+        let servers = if self.servers.servers.is_empty() {
             file.servers.clone()
         } else {
-            self.servers.clone()
+            self.servers.servers.clone()
         };
         if servers.is_empty() {
             return Err(invalid(
@@ -433,17 +426,11 @@ impl Cli {
             .clone()
             .or(file.client_name.clone())
             .unwrap_or_else(|| "sidecar".into());
-        let mut tls =
-            tunnel_proto::tls::TlsFiles::in_dir(&cert_dir, &format!("client-{client_name}"));
-        if let Some(c) = self.tls_cert.clone().or(file.tls_cert.clone()) {
-            tls.cert = c;
-        }
-        if let Some(k) = self.tls_key.clone().or(file.tls_key.clone()) {
-            tls.key = k;
-        }
-        if let Some(ca) = self.ca.clone().or(file.ca.clone()) {
-            tls.ca = ca;
-        }
+        let file_tls = TlsArgs::new(file.tls_cert.clone(), file.tls_key.clone(), file.ca.clone());
+        let tls = self
+            .tls
+            .or(file_tls)
+            .files(&cert_dir, &format!("client-{client_name}"));
         let port_specs = if self.ports.is_empty() {
             &file.ports
         } else {
@@ -618,14 +605,19 @@ impl Cli {
         )?;
         let socket_buffer = match (self.socket_buffer, file.socket_buffer.as_deref()) {
             (Some(b), _) => b,
-            (None, Some(s)) => tunnel_proto::net::parse_socket_buffer(s)
-                .map_err(|e| invalid("socket_buffer", e))?,
+            (None, Some(s)) => {
+                parse_socket_buffer(s).map_err(|e| invalid("socket_buffer", e.to_string()))?
+            }
             (None, None) => 0,
         };
         Ok(SidecarConfig {
             socket_buffer,
             servers,
-            server_name: self.server_name.clone().or(file.server_name.clone()),
+            server_name: self
+                .servers
+                .server_name
+                .clone()
+                .or(file.server_name.clone()),
             tls,
             token_file: self.token_file.clone().or(file.token_file.clone()),
             ports,

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::client::{ClientOptions, TunnelClient};
 use tunnel_proto::h2::H2Settings;
 use tunnel_proto::net::Liveness;
@@ -49,10 +49,12 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// Each per-cluster port's address, in configuration order.
     pub port_addrs: Vec<SocketAddr>,
-    /// Notified by `POST /shutdown`.
-    pub shutdown_requested: Arc<Notify>,
+    /// Cancelled by `POST /shutdown`.
+    pub shutdown_requested: CancellationToken,
     clusters: Arc<ClusterCache>,
-    stop: watch::Sender<bool>,
+    /// Stops every listener; cancelled too when the sidecar is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -98,10 +100,6 @@ async fn bind_listener(
     Ok(l)
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 impl Sidecar {
     /// Binds every listener, then serves.
     pub async fn start(config: SidecarConfig) -> anyhow::Result<Self> {
@@ -124,7 +122,7 @@ impl Sidecar {
             metrics.server_connected.clone(),
             &config.known_clusters,
         ));
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
 
         // Bind everything first so that a clash fails start-up, not later.
@@ -151,14 +149,14 @@ impl Sidecar {
             .map(|(l, _)| l.local_addr())
             .collect::<Result<Vec<_>, _>>()?;
 
-        let shutdown_requested = Arc::new(Notify::new());
+        let shutdown_requested = CancellationToken::new();
         // Ready once bound (every listener is, by now): connections made
         // while no server is reachable get a typed error, and direct ones
         // work, so an outage of the hub never holds a pod's start.
         // The body says whether a server is reachable now (`tunnel-sidecar
         // probe readyz` prints it); the status does not wait for one.
         let cl = clusters.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(Arc::new(registry), Arc::new(|| true))
+        let admin = tunnel_shell::admin::AdminServer::new(Arc::new(registry), Arc::new(|| true))
             .with_ready_detail(Arc::new(move || {
                 if cl.is_connected() {
                     "server: connected".to_owned()
@@ -167,21 +165,21 @@ impl Sidecar {
                 }
             }))
             .with_shutdown_endpoint(shutdown_requested.clone());
-        let rx = stop_rx.clone();
+        let admin_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(err) = admin.serve(admin_l, stopped(rx)).await {
+            if let Err(err) = admin.serve(admin_l, admin_stop).await {
                 tracing::error!(%err, "admin server failed");
             }
         }));
 
-        let (c, cl, rx, every) = (
+        let (c, cl, stopped, every) = (
             client.clone(),
             clusters.clone(),
-            stop_rx.clone(),
+            stop.clone().cancelled_owned(),
             config.cluster_refresh,
         );
         tasks.push(tokio::spawn(
-            async move { cl.run(&c, every, stopped(rx)).await },
+            async move { cl.run(&c, every, stopped).await },
         ));
 
         for (listener, target) in port_ls {
@@ -201,7 +199,7 @@ impl Sidecar {
                 client.clone(),
                 target,
                 observe,
-                stopped(stop_rx.clone()),
+                stop.clone().cancelled_owned(),
             )));
         }
 
@@ -224,7 +222,7 @@ impl Sidecar {
                 listener,
                 state,
                 limits,
-                stopped(stop_rx.clone()),
+                stop.clone().cancelled_owned(),
             )));
         }
         tracing::info!(%admin_addr, servers = ?config.servers, direct = config.direct.policy.as_str(), "tunnel sidecar started");
@@ -234,6 +232,7 @@ impl Sidecar {
             port_addrs,
             shutdown_requested,
             clusters,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             tasks,
         })
@@ -247,7 +246,7 @@ impl Sidecar {
 
     /// Stops every listener; open tunnelled connections end with the process.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
@@ -267,14 +266,13 @@ pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
         }
         None => {}
     }
-    tunnel_proto::tls::install_crypto_provider();
     let config = cli.resolve()?;
-    tunnel_proto::cli::init_logging(config.log_format, &config.log_level);
+    tunnel_shell::logging::init_logging(config.log_format, &config.log_level);
     let sidecar = Sidecar::start(config).await?;
     let requested = sidecar.shutdown_requested.clone();
     tokio::select! {
-        () = tunnel_proto::cli::termination_signal() => {}
-        () = requested.notified() => tracing::info!("shutdown requested on the admin port"),
+        () = tunnel_shell::process::termination_signal() => {}
+        () = requested.cancelled() => tracing::info!("shutdown requested on the admin port"),
     }
     sidecar.shutdown().await;
     Ok(())

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tunnel_tests::*;
 
 /// New connections a second.
@@ -113,11 +113,7 @@ async fn one_connection(proxy: SocketAddr, echo_port: u16, seq: u64) -> Outcome 
 }
 
 /// Opens [`RATE`] connections a second until `stop`; returns every outcome.
-async fn steady_load(
-    proxy: SocketAddr,
-    echo_port: u16,
-    mut stop: watch::Receiver<bool>,
-) -> Vec<Outcome> {
+async fn steady_load(proxy: SocketAddr, echo_port: u16, stop: CancellationToken) -> Vec<Outcome> {
     let mut tasks = JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1) / RATE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -125,7 +121,7 @@ async fn steady_load(
     let mut out = Vec::new();
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.cancelled() => break,
             _ = tick.tick() => {
                 seq += 1;
                 tasks.spawn(one_connection(proxy, echo_port, seq));
@@ -144,7 +140,7 @@ async fn steady_load(
 async fn long_lived(
     proxy: SocketAddr,
     echo_port: u16,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Option<(Instant, String)> {
     let mut tcp = TcpStream::connect(proxy).await.expect("proxy");
     connect_on(&mut tcp, "east", "127.0.0.1", echo_port)
@@ -153,7 +149,7 @@ async fn long_lived(
     let mut i = 0u8;
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return None,
+            () = stop.cancelled() => return None,
             () = tokio::time::sleep(LONG_LIVED_EVERY) => {}
         }
         i = i.wrapping_add(1);
@@ -346,10 +342,11 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     )
     .await;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let load = tokio::spawn(steady_load(proxy, echo.port(), stop_rx.clone()));
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let load = tokio::spawn(steady_load(proxy, echo.port(), stop.clone()));
     let long: Vec<_> = (0..LONG_LIVED)
-        .map(|_| tokio::spawn(long_lived(proxy, echo.port(), stop_rx.clone())))
+        .map(|_| tokio::spawn(long_lived(proxy, echo.port(), stop.clone())))
         .collect();
     let t0 = Instant::now();
     let mut marks = vec![Mark {
@@ -470,7 +467,7 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    stop_tx.send_replace(true);
+    stop.cancel();
     let outcomes = load.await.expect("load task");
     let mut long_cut = Vec::new();
     for l in long {

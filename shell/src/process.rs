@@ -1,0 +1,128 @@
+//! The process around a component: its `main` ([`run`]), the tokio runtime,
+//! the termination signals and the instance id a process names itself by.
+
+use std::future::Future;
+use std::process::{ExitCode, Termination};
+
+use anyhow::Context as _;
+
+/// Environment variable that sets the number of runtime worker threads
+/// (default: one per CPU).
+pub const WORKER_THREADS_ENV: &str = "TUNNEL_WORKER_THREADS";
+
+/// How many worker threads a runtime has when `TUNNEL_WORKER_THREADS` does
+/// not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerThreads {
+    /// One per CPU (tokio's default).
+    PerCpu,
+    /// This many.
+    Count(usize),
+}
+
+/// A binary's whole `main`: parses the command line `C` (printing help,
+/// the version or a usage error and exiting as clap does), installs the TLS
+/// crypto provider, builds the runtime and runs `main` on it. An error is
+/// printed as `<binary name>: <error with its causes>` and exits with 1;
+/// success exits as `main`'s value says (`()` is 0).
+pub fn run<C, F, T>(threads: WorkerThreads, main: impl FnOnce(C) -> F) -> ExitCode
+where
+    C: clap::Parser,
+    F: Future<Output = anyhow::Result<T>>,
+    T: Termination,
+{
+    let cli = C::parse();
+    tunnel_proto::tls::install_crypto_provider();
+    let result = runtime(threads)
+        .context("cannot start the runtime")
+        .and_then(|rt| rt.block_on(main(cli)));
+    match result {
+        Ok(done) => done.report(),
+        Err(err) => {
+            eprintln!("{}: {err:#}", C::command().get_name());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The tokio runtime of a binary: multi-threaded, with `TUNNEL_WORKER_THREADS`
+/// worker threads when set (a positive number), else `default`.
+pub fn runtime(default: WorkerThreads) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = worker_threads(std::env::var(WORKER_THREADS_ENV).ok().as_deref(), default) {
+        builder.worker_threads(n);
+    }
+    builder.build()
+}
+
+/// The worker threads `env` (the variable's value, if set) and `default`
+/// give; `None` leaves the count to tokio (one per CPU).
+fn worker_threads(env: Option<&str>, default: WorkerThreads) -> Option<usize> {
+    env.and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .or(match default {
+            WorkerThreads::PerCpu => None,
+            WorkerThreads::Count(n) => Some(n),
+        })
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A default instance id: the host name plus a random suffix.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "host".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_threads_variable_wins_over_the_binary_default() {
+        use WorkerThreads::{Count, PerCpu};
+        assert_eq!(worker_threads(None, PerCpu), None);
+        assert_eq!(worker_threads(None, Count(1)), Some(1));
+        assert_eq!(worker_threads(Some("4"), Count(1)), Some(4));
+        assert_eq!(worker_threads(Some(" 3 "), PerCpu), Some(3));
+        // Nonsense or zero falls back to the binary's default.
+        assert_eq!(worker_threads(Some("0"), Count(2)), Some(2));
+        assert_eq!(worker_threads(Some("many"), PerCpu), None);
+    }
+
+    #[test]
+    fn instance_ids_differ_between_processes() {
+        let (a, b) = (default_instance_id(), default_instance_id());
+        assert_ne!(a, b);
+        assert!(a.len() > 7, "{a}");
+    }
+}
