@@ -83,6 +83,20 @@ pub struct AgentConfig {
     pub proxy: crate::proxy::ProxySettings,
 }
 
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The admin port could not be bound.
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Listen {
+        /// Its address.
+        addr: SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -98,12 +112,15 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the admin port and the tunnels.
-    pub async fn start(config: AgentConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
+    pub async fn start(config: AgentConfig) -> Result<Self, StartError> {
+        let listen_error = |source| StartError::Listen {
+            addr: config.admin_listen,
+            source,
+        };
         let admin_l = TcpListener::bind(config.admin_listen)
             .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
-        let admin_addr = admin_l.local_addr()?;
+            .map_err(listen_error)?;
+        let admin_addr = admin_l.local_addr().map_err(listen_error)?;
         let mut registry = Registry::default();
         let metrics = AgentMetrics::register(&mut registry);
         let stop = CancellationToken::new();

@@ -106,7 +106,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -163,6 +162,54 @@ pub struct InjectorConfig {
     pub config_name: Option<String>,
 }
 
+/// Why an injector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The serving certificate could not be generated.
+    #[error("cannot generate the webhook's certificate: {0}")]
+    Generate(#[source] rcgen::Error),
+    /// The generated certificate does not load (a bug, not a setting).
+    #[error("generated certificate: {0}")]
+    Generated(#[source] certs::CertError),
+    /// The certificate files do not load.
+    #[error(transparent)]
+    Files(#[from] certs::CertError),
+    /// The caBundle is to be kept, but the CA of the files is not known.
+    #[error(
+        "keeping the caBundle needs the CA of the provided certificate (--tls-ca); \
+         with cert-manager, pass --cert-manager instead"
+    )]
+    NoCa,
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tunnel_proto::tls::TlsError),
+    /// A port could not be bound.
+    #[error("cannot listen on {port} address {addr}: {source}")]
+    Listen {
+        /// Which port (`webhook`, `admin`).
+        port: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Keeping the caBundle or following a configuration, without a client.
+    #[error("{0} needs a Kubernetes client")]
+    NoClient(&'static str),
+}
+
+/// Binds `addr`, the `port` port, with the bound address.
+async fn listen(
+    port: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let error = |source| StartError::Listen { port, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
+}
+
 /// A running injector.
 #[derive(Debug)]
 pub struct Injector {
@@ -185,7 +232,7 @@ impl Injector {
     pub async fn start(
         config: InjectorConfig,
         client: Option<kube::Client>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartError> {
         let mut registry = Registry::default();
         let metrics = InjectorMetrics::register(&mut registry);
         let stop = CancellationToken::new();
@@ -194,13 +241,12 @@ impl Injector {
         // The certificate, and what the caBundle must hold when we keep it.
         let (serving, policy, generated_ca, files) = match &config.certs {
             CertSource::Generated { dns_names } => {
-                let generated = certs::generate(dns_names)
-                    .context("cannot generate the webhook's certificate")?;
+                let generated = certs::generate(dns_names).map_err(StartError::Generate)?;
                 let key = certs::certified_key(
                     generated.cert_pem.as_bytes(),
                     generated.key_pem.as_bytes(),
                 )
-                .map_err(|e| anyhow::anyhow!("generated certificate: {e}"))?;
+                .map_err(StartError::Generated)?;
                 tracing::info!(names = ?dns_names, "generated a serving certificate and its CA");
                 let policy = config
                     .ca_bundle_sync
@@ -212,14 +258,11 @@ impl Injector {
                 (ServingCert::new(key), policy, Some(generated.ca_pem), None)
             }
             CertSource::Files(files) => {
-                let loaded = files.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let loaded = files.load()?;
                 let policy = match (&config.ca_bundle_sync, &loaded.ca_pem) {
                     (None, _) => None,
                     (Some(_), Some(ca)) => Some(BundlePolicy::Exact(ca.clone())),
-                    (Some(_), None) => anyhow::bail!(
-                        "keeping the caBundle needs the CA of the provided certificate (--tls-ca); \
-                         with cert-manager, pass --cert-manager instead"
-                    ),
+                    (Some(_), None) => return Err(StartError::NoCa),
                 };
                 (
                     ServingCert::new(loaded.key),
@@ -231,21 +274,15 @@ impl Injector {
         };
         let tls = certs::server_config(serving.clone())?;
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on webhook address {}", config.listen))?;
-        let admin_listener = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
-        let webhook_addr = listener.local_addr()?;
-        let admin_addr = admin_listener.local_addr()?;
+        let (listener, webhook_addr) = listen("webhook", config.listen).await?;
+        let (admin_listener, admin_addr) = listen("admin", config.admin_listen).await?;
 
         let synced = Arc::new(AtomicBool::new(config.ca_bundle_sync.is_none()));
         let mut policy_tx = None;
         if let (Some(sync), Some(policy)) = (&config.ca_bundle_sync, policy) {
             let client = client
                 .clone()
-                .context("keeping the caBundle needs a Kubernetes client")?;
+                .ok_or(StartError::NoClient("keeping the caBundle"))?;
             let (tx, policy_rx) = watch::channel(policy);
             policy_tx = Some(tx);
             tasks.push(tokio::spawn(ca_bundle::run(
@@ -272,7 +309,7 @@ impl Injector {
         if let Some(name) = &config.config_name {
             let client = client
                 .clone()
-                .context("following the TunnelConfiguration needs a Kubernetes client")?;
+                .ok_or(StartError::NoClient("following the TunnelConfiguration"))?;
             tasks.push(tokio::spawn(defaults::follow(
                 client,
                 name.clone(),

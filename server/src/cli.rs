@@ -240,9 +240,12 @@ impl RunArgs {
             .settings(Liveness::from_timeout(self.dead_peer_timeout))?;
         let mut cluster_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for l in &self.cluster_labels {
-            let (cluster, k, v) = crate::policy::parse_cluster_label(l)
+            let label = crate::policy::parse_cluster_label(l)
                 .map_err(|e| anyhow::anyhow!("--cluster-label {e}"))?;
-            cluster_labels.entry(cluster).or_default().insert(k, v);
+            cluster_labels
+                .entry(label.cluster)
+                .or_default()
+                .insert(label.key, label.value);
         }
         let policy = self.policy_source();
         if self.enforce_on_change && matches!(policy, PolicySource::None) {

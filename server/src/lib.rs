@@ -276,6 +276,45 @@ impl ServerState {
     }
 }
 
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A port could not be bound.
+    #[error("cannot listen on {port} address {addr}: {source}")]
+    Listen {
+        /// Which port (`agent`, `client`, `admin`).
+        port: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--token-review` or `--policy-kubernetes` without a reachable Kubernetes API.
+    #[error("--token-review and --policy-kubernetes need Kubernetes API access: {0}")]
+    Kubernetes(#[source] kube::Error),
+    /// The policy file does not load.
+    #[error("--policy-file {}: {source}", path.display())]
+    PolicyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: policy::PolicyError,
+    },
+}
+
+/// Binds `addr`, the `port` port, with the bound address.
+async fn listen(
+    port: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let error = |source| StartError::Listen { port, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
@@ -297,17 +336,10 @@ pub struct Server {
 
 impl Server {
     /// Binds the three ports and starts serving.
-    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let agent_l = TcpListener::bind(config.agent_listen)
-            .await
-            .with_context(|| format!("cannot listen on agent address {}", config.agent_listen))?;
-        let client_l = TcpListener::bind(config.client_listen)
-            .await
-            .with_context(|| format!("cannot listen on client address {}", config.client_listen))?;
-        let admin_l = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        let (agent_l, agent_addr) = listen("agent", config.agent_listen).await?;
+        let (client_l, client_addr) = listen("client", config.client_listen).await?;
+        let (admin_l, admin_addr) = listen("admin", config.admin_listen).await?;
         let mut registry = Registry::default();
         let metrics = ServerMetrics::register(&mut registry);
         let needs_kube = config.auth.token_review.is_some()
@@ -316,7 +348,7 @@ impl Server {
             Some(
                 kube::Client::try_default()
                     .await
-                    .context("--token-review and --policy-kubernetes need Kubernetes API access")?,
+                    .map_err(StartError::Kubernetes)?,
             )
         } else {
             None
@@ -335,8 +367,11 @@ impl Server {
                 path,
                 reload_interval,
             } => {
-                let first = policy::load_policy_file(path)
-                    .with_context(|| format!("--policy-file {}", path.display()))?;
+                let first =
+                    policy::load_policy_file(path).map_err(|source| StartError::PolicyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
                 tracing::info!(path = %path.display(), rules = first.len(), "policy loaded");
                 let (tx, rx) = watch::channel(Arc::new(first));
                 let m = metrics.clone();
@@ -381,9 +416,6 @@ impl Server {
         });
         let stop = CancellationToken::new();
         let leave = stop.child_token();
-        let agent_addr = agent_l.local_addr()?;
-        let client_addr = client_l.local_addr()?;
-        let admin_addr = admin_l.local_addr()?;
         tasks.push(tokio::spawn(agents::accept_agents(
             agent_l,
             state.clone(),

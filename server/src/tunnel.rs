@@ -652,7 +652,7 @@ impl TunnelService {
                 let label = match &result {
                     Ok((_, crate::authn::ReviewSource::Cache)) => None,
                     Ok(_) => Some("authenticated"),
-                    Err(e) if e.message.contains("fail closed") => Some("error"),
+                    Err(e) if e.is_api_failure() => Some("error"),
                     Err(_) => Some("rejected"),
                 };
                 if let Some(result) = label {
@@ -662,7 +662,7 @@ impl TunnelService {
                         .get_or_create(&ResultLabel { result })
                         .inc();
                 }
-                result.map(|(id, _)| id)
+                result.map(|(id, _)| id).map_err(TunnelError::from)
             }
             None => certificate.ok_or_else(unknown),
         }

@@ -23,8 +23,8 @@ pub enum WorkerThreads {
 /// A binary's whole `main`: parses the command line `C` (printing help,
 /// the version or a usage error and exiting as clap does), installs the TLS
 /// crypto provider, builds the runtime and runs `main` on it. An error is
-/// printed as `<binary name>: <error with its causes>` and exits with 1;
-/// success exits as `main`'s value says (`()` is 0).
+/// printed as `<binary name>: <error with its causes>` ([`describe`]) and
+/// exits with 1; success exits as `main`'s value says (`()` is 0).
 pub fn run<C, F, T>(threads: WorkerThreads, main: impl FnOnce(C) -> F) -> ExitCode
 where
     C: clap::Parser,
@@ -39,10 +39,28 @@ where
     match result {
         Ok(done) => done.report(),
         Err(err) => {
-            eprintln!("{}: {err:#}", C::command().get_name());
+            eprintln!("{}: {}", C::command().get_name(), describe(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `err` and its causes as one line, `error: cause: cause`. A cause whose
+/// text the message before it already holds is left out: by this project's
+/// convention a typed error prints its source in its own message, and
+/// printing it again would only repeat it.
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    let mut previous = text.clone();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !previous.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        previous = cause;
+    }
+    text
 }
 
 /// The tokio runtime of a binary: multi-threaded, with `TUNNEL_WORKER_THREADS`
@@ -117,6 +135,27 @@ mod tests {
         // Nonsense or zero falls back to the binary's default.
         assert_eq!(worker_threads(Some("0"), Count(2)), Some(2));
         assert_eq!(worker_threads(Some("many"), PerCpu), None);
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Typed {
+        /// Prints its source, as this project's errors do.
+        #[error("cannot listen on 127.0.0.1:1: {0}")]
+        Listen(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn an_error_prints_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use");
+        let typed = anyhow::Error::new(Typed::Listen(io())).context("admin port");
+        assert_eq!(
+            describe(&typed),
+            "admin port: cannot listen on 127.0.0.1:1: address in use"
+        );
+        // A cause that its error does not print is added.
+        let plain = anyhow::Error::new(io()).context("admin port 127.0.0.1:1");
+        assert_eq!(describe(&plain), "admin port 127.0.0.1:1: address in use");
+        assert_eq!(describe(&anyhow::anyhow!("alone")), "alone");
     }
 
     #[test]

@@ -58,6 +58,46 @@ pub struct Sidecar {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// Why a sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The certificate files do not load.
+    #[error(transparent)]
+    Tls(#[from] tunnel_proto::tls::TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        /// Which listener.
+        what: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused the socket buffer size of a listener.
+    #[error("cannot set the socket buffers of {what} {addr} to {bytes} bytes: {source}")]
+    SocketBuffer {
+        /// Which listener.
+        what: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The size asked for.
+        bytes: usize,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bound listener's address could not be read.
+    #[error("cannot read the address of a listener: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+/// The address `listener` is bound to.
+fn bound(listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(StartError::LocalAddr)
+}
+
 /// Accept queue of the sidecar's listeners. tokio's `TcpListener::bind` uses
 /// 128, too short for an app that opens hundreds of connections at once: the
 /// kernel drops SYNs (1 s retransmits) or falls back to SYN cookies, which
@@ -67,13 +107,20 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// Binds a listener for app connections; `socket_buffer` (bytes, 0 = the
 /// kernel's autotuning) caps the kernel buffers of every connection it
 /// accepts (they inherit the listener's).
-async fn bind(addr: SocketAddr, what: &str, socket_buffer: usize) -> anyhow::Result<TcpListener> {
+async fn bind(
+    addr: SocketAddr,
+    what: &str,
+    socket_buffer: usize,
+) -> Result<TcpListener, StartError> {
     let l = bind_listener(addr, what, !addr.ip().is_loopback()).await?;
     if socket_buffer > 0 {
-        tunnel_proto::net::cap_socket_buffers(&l, socket_buffer).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot set the socket buffers of {what} {addr} to {socket_buffer} bytes: {e}"
-            )
+        tunnel_proto::net::cap_socket_buffers(&l, socket_buffer).map_err(|source| {
+            StartError::SocketBuffer {
+                what: what.to_owned(),
+                addr,
+                bytes: socket_buffer,
+                source,
+            }
         })?;
     }
     Ok(l)
@@ -83,7 +130,7 @@ async fn bind_listener(
     addr: SocketAddr,
     what: &str,
     warn_exposed: bool,
-) -> anyhow::Result<TcpListener> {
+) -> Result<TcpListener, StartError> {
     let listen = || -> std::io::Result<TcpListener> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -93,7 +140,11 @@ async fn bind_listener(
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };
-    let l = listen().map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))?;
+    let l = listen().map_err(|source| StartError::Listen {
+        what: what.to_owned(),
+        addr,
+        source,
+    })?;
     if warn_exposed {
         tracing::warn!(%addr, what, "listening beyond loopback: anyone who can reach this address can reach the clusters");
     }
@@ -102,7 +153,7 @@ async fn bind_listener(
 
 impl Sidecar {
     /// Binds every listener, then serves.
-    pub async fn start(config: SidecarConfig) -> anyhow::Result<Self> {
+    pub async fn start(config: SidecarConfig) -> Result<Self, StartError> {
         let tls = tunnel_proto::tls::ClientTls::client(config.tls.clone())?;
         let client = Arc::new(TunnelClient::new(ClientOptions {
             servers: config.servers.clone(),
@@ -142,11 +193,11 @@ impl Sidecar {
             ));
         }
 
-        let admin_addr = admin_l.local_addr()?;
-        let proxy_addr = proxy_l.as_ref().map(|l| l.local_addr()).transpose()?;
+        let admin_addr = bound(&admin_l)?;
+        let proxy_addr = proxy_l.as_ref().map(bound).transpose()?;
         let port_addrs = port_ls
             .iter()
-            .map(|(l, _)| l.local_addr())
+            .map(|(l, _)| bound(l))
             .collect::<Result<Vec<_>, _>>()?;
 
         let shutdown_requested = CancellationToken::new();
@@ -193,7 +244,7 @@ impl Sidecar {
                     .get_or_create(&RequestLabel { kind: "port", code })
                     .inc();
             };
-            tracing::info!(addr = %listener.local_addr()?, %target, "per-cluster port");
+            tracing::info!(addr = %bound(&listener)?, %target, "per-cluster port");
             tasks.push(tokio::spawn(tunnel_proto::client::serve_port(
                 listener,
                 client.clone(),
@@ -217,7 +268,7 @@ impl Sidecar {
                 max_header_bytes: config.max_header_bytes,
                 max_headers: config.max_headers,
             };
-            tracing::info!(addr = %listener.local_addr()?, "HTTP proxy");
+            tracing::info!(addr = %bound(&listener)?, "HTTP proxy");
             tasks.push(tokio::spawn(http_proxy::serve(
                 listener,
                 state,

@@ -262,6 +262,7 @@ async fn start_agent(
         proxy: tunnel_agent::proxy::ProxySettings::none(),
     })
     .await
+    .map_err(anyhow::Error::from)
 }
 
 /// One cluster of the local system.
