@@ -22,7 +22,7 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -87,14 +87,8 @@ pub struct AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The admin port could not be bound.
-    #[error("cannot listen on admin address {addr}: {source}")]
-    Listen {
-        /// Its address.
-        addr: SocketAddr,
-        /// The failure.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] tunnel_shell::process::ListenError),
 }
 
 /// A running agent.
@@ -113,14 +107,8 @@ pub struct Agent {
 impl Agent {
     /// Starts the admin port and the tunnels.
     pub async fn start(config: AgentConfig) -> Result<Self, StartError> {
-        let listen_error = |source| StartError::Listen {
-            addr: config.admin_listen,
-            source,
-        };
-        let admin_l = TcpListener::bind(config.admin_listen)
-            .await
-            .map_err(listen_error)?;
-        let admin_addr = admin_l.local_addr().map_err(listen_error)?;
+        let (admin_l, admin_addr) =
+            tunnel_shell::process::listen("admin", config.admin_listen).await?;
         let mut registry = Registry::default();
         let metrics = AgentMetrics::register(&mut registry);
         let stop = CancellationToken::new();

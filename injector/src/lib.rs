@@ -107,9 +107,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tunnel_shell::process::{ListenError, listen};
 
 use crate::ca_bundle::BundlePolicy;
 use crate::certs::{CertFiles, ServingCert};
@@ -183,31 +183,12 @@ pub enum StartError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] tunnel_proto::tls::TlsError),
-    /// A port could not be bound.
-    #[error("cannot listen on {port} address {addr}: {source}")]
-    Listen {
-        /// Which port (`webhook`, `admin`).
-        port: &'static str,
-        /// Its address.
-        addr: SocketAddr,
-        /// The failure.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A port (`webhook`, `admin`) could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// Keeping the caBundle or following a configuration, without a client.
     #[error("{0} needs a Kubernetes client")]
     NoClient(&'static str),
-}
-
-/// Binds `addr`, the `port` port, with the bound address.
-async fn listen(
-    port: &'static str,
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), StartError> {
-    let error = |source| StartError::Listen { port, addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(error)?;
-    let bound = listener.local_addr().map_err(error)?;
-    Ok((listener, bound))
 }
 
 /// A running injector.

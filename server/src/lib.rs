@@ -38,10 +38,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::h2::H2Settings;
+use tunnel_shell::process::{ListenError, listen};
 
 use crate::metrics::ServerMetrics;
 use crate::pool::AgentPool;
@@ -279,17 +279,9 @@ impl ServerState {
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A port could not be bound.
-    #[error("cannot listen on {port} address {addr}: {source}")]
-    Listen {
-        /// Which port (`agent`, `client`, `admin`).
-        port: &'static str,
-        /// Its address.
-        addr: SocketAddr,
-        /// The failure.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A port (`agent`, `client`, `admin`) could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// `--token-review` or `--policy-kubernetes` without a reachable Kubernetes API.
     #[error("--token-review and --policy-kubernetes need Kubernetes API access: {0}")]
     Kubernetes(#[source] kube::Error),
@@ -302,17 +294,6 @@ pub enum StartError {
         #[source]
         source: policy::PolicyError,
     },
-}
-
-/// Binds `addr`, the `port` port, with the bound address.
-async fn listen(
-    port: &'static str,
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), StartError> {
-    let error = |source| StartError::Listen { port, addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(error)?;
-    let bound = listener.local_addr().map_err(error)?;
-    Ok((listener, bound))
 }
 
 /// A running server.

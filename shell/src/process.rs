@@ -1,10 +1,13 @@
 //! The process around a component: its `main` ([`run`]), the tokio runtime,
-//! the termination signals and the instance id a process names itself by.
+//! the ports it listens on ([`listen`]), the termination signals and the
+//! instance id a process names itself by.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::process::{ExitCode, Termination};
 
 use anyhow::Context as _;
+use tokio::net::TcpListener;
 
 /// Environment variable that sets the number of runtime worker threads
 /// (default: one per CPU).
@@ -85,6 +88,31 @@ fn worker_threads(env: Option<&str>, default: WorkerThreads) -> Option<usize> {
         })
 }
 
+/// A port that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {port} address {addr}: {source}")]
+pub struct ListenError {
+    /// Which port (`admin`, `agent`, `webhook`, ...).
+    pub port: &'static str,
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// The failure.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` for the binary's `port` port; returns the listener and the
+/// address it is bound to (the port the system chose for port 0).
+pub async fn listen(
+    port: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ListenError> {
+    let error = |source| ListenError { port, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
+}
+
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
 pub async fn termination_signal() {
     #[cfg(unix)]
@@ -156,6 +184,22 @@ mod tests {
         let plain = anyhow::Error::new(io()).context("admin port 127.0.0.1:1");
         assert_eq!(describe(&plain), "admin port 127.0.0.1:1: address in use");
         assert_eq!(describe(&anyhow::anyhow!("alone")), "alone");
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_named_in_the_error() {
+        let (_taken, addr) = listen("admin", "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        assert_ne!(addr.port(), 0, "the bound port, not the one asked for");
+        let err = listen("admin", addr).await.unwrap_err();
+        assert_eq!(err.port, "admin");
+        assert_eq!(err.addr, addr);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("cannot listen on admin address {addr}: ")),
+            "{err}"
+        );
     }
 
     #[test]
