@@ -24,6 +24,10 @@
 //!   still got new connections (`agent_freeze_to_last_connection_ms`), what
 //!   failed meanwhile, and how soon the thawed one is used again.
 //!
+//! Two more paths give the floor of this machine: `relay-floor` and
+//! `relay-floor-async` put three plain TCP relay processes (no TLS, no
+//! HTTP/2) where the sidecar, server and agent are (see [`relay_floor`]).
+//!
 //! Every scenario is bounded in count and time; a frozen tunnel shows as a
 //! figure of 0 and a `*_message`, never as a hang.
 
@@ -121,6 +125,12 @@ fn run_role(role: &str) {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if role == "relay" {
+        return relay_floor::serve(&args);
+    }
+    if role == "relay-async" {
+        return relay_floor::serve_async(&args);
+    }
     // As the real binaries (`tunnel_shell::run`): the crypto provider, and
     // one worker thread for the sidecar and the agent.
     tunnel_proto::tls::install_crypto_provider();
@@ -179,6 +189,111 @@ mod clap_parse {
     pub use clap::Parser;
 }
 
+/// The `relay-floor` paths: the same three hops as the tunnel (sidecar,
+/// server, agent) made of the simplest relays there are, with no TLS and no
+/// HTTP/2: what three processes in the way cost on this machine whatever
+/// they do, so the tunnel's latency and CPU can be read against it.
+/// - `relay-floor`: blocking threads that `read` and `write` 64 KiB at a
+///   time: the floor of round trip, throughput and CPU per GB. Its first
+///   byte pays two thread creations per hop, so it is no floor for that.
+/// - `relay-floor-async`: one tokio current-thread runtime per process and
+///   `copy_bidirectional` per connection: the floor of first byte.
+mod relay_floor {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+
+    /// `LISTEN=UPSTREAM` pairs; exits with a message on a bad one.
+    fn parse(pairs: &[String]) -> Vec<(SocketAddr, SocketAddr)> {
+        pairs
+            .iter()
+            .map(|pair| {
+                let parsed = pair
+                    .split_once('=')
+                    .and_then(|(l, u)| Some((l.parse().ok()?, u.parse().ok()?)));
+                parsed.unwrap_or_else(|| {
+                    eprintln!("relay: expected LISTEN=UPSTREAM addresses, got {pair:?}");
+                    std::process::exit(2);
+                })
+            })
+            .collect()
+    }
+
+    fn cannot_listen(addr: SocketAddr, err: std::io::Error) -> ! {
+        eprintln!("relay: cannot listen on {addr}: {err}");
+        std::process::exit(1);
+    }
+
+    /// Serves `LISTEN=UPSTREAM` pairs with blocking threads until killed.
+    pub fn serve(pairs: &[String]) {
+        let mut threads = Vec::new();
+        for (listen, upstream) in parse(pairs) {
+            let listener = TcpListener::bind(listen).unwrap_or_else(|e| cannot_listen(listen, e));
+            threads.push(std::thread::spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    std::thread::spawn(move || relay(conn, upstream));
+                }
+            }));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// The same with one tokio current-thread runtime until killed.
+    pub fn serve_async(pairs: &[String]) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for (listen, upstream) in parse(pairs) {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .unwrap_or_else(|e| cannot_listen(listen, e));
+                tasks.push(tokio::spawn(async move {
+                    while let Ok((mut down, _)) = listener.accept().await {
+                        tokio::spawn(async move {
+                            let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = down.set_nodelay(true);
+                            let _ = up.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        });
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+    }
+
+    fn relay(down: TcpStream, upstream: SocketAddr) {
+        let Ok(up) = TcpStream::connect(upstream) else {
+            return;
+        };
+        let _ = down.set_nodelay(true);
+        let _ = up.set_nodelay(true);
+        let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
+            return;
+        };
+        std::thread::spawn(move || copy(down2, up2));
+        copy(up, down);
+    }
+
+    fn copy(mut from: TcpStream, mut to: TcpStream) {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+}
+
 /// A child process of this executable in a role, killed on drop.
 struct RoleProc {
     child: std::process::Child,
@@ -187,7 +302,12 @@ struct RoleProc {
 
 impl RoleProc {
     fn spawn(role: &str, args: &[String], dir: &Path) -> Self {
-        let log = dir.join(format!("{role}.log"));
+        Self::spawn_as(role, role, args, dir)
+    }
+
+    /// [`RoleProc::spawn`] with its log file named `name`.
+    fn spawn_as(role: &str, name: &str, args: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = std::process::Command::new(std::env::current_exe().unwrap())
             .env(ROLE_ENV, role)
@@ -608,6 +728,28 @@ impl Path_ {
 
 fn direct_path(s: &Services) -> Path_ {
     Path_::from_endpoints(s.all().map(Endpoint::Tcp))
+}
+
+/// Three [`relay_floor`] processes (`role` `relay` or `relay-async`)
+/// chained in front of every service.
+async fn relay_floor_path(s: &Services, role: &str, dir: &Path) -> (Path_, Vec<RoleProc>) {
+    let mut procs = Vec::new();
+    let mut ends = s.all();
+    for hop in ["relay-agent", "relay-server", "relay-sidecar"] {
+        let listens = ends.map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let args: Vec<String> = listens
+            .iter()
+            .zip(ends)
+            .map(|(l, u)| format!("{l}={u}"))
+            .collect();
+        let proc = RoleProc::spawn_as(role, hop, &args, dir);
+        for l in listens {
+            wait_listening(l, "a relay-floor process").await;
+        }
+        procs.push(proc);
+        ends = listens;
+    }
+    (Path_::from_endpoints(ends.map(Endpoint::Tcp)), procs)
 }
 
 async fn tunnel_path(s: &Services, client: Arc<tunnel_proto::client::TunnelClient>) -> Path_ {
@@ -1861,7 +2003,10 @@ async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
     let mut f = Figures::default();
     let want = |w: &str| selected("--workloads", w);
     let cpu = |procs: &[&RoleProc]| procs.iter().map(|p| p.cpu_secs()).sum::<f64>();
-    if !procs.is_empty() && want("idle") {
+    // The relay floor has a thread per connection and nothing to isolate:
+    // only its throughput, CPU and latency mean anything.
+    let floor = label.starts_with("relay-floor");
+    if !procs.is_empty() && !floor && want("idle") {
         eprintln!("[{label}] {IDLE_CONNS} idle connections");
         // First, while the processes are fresh: memory freed by earlier
         // workloads would otherwise absorb the growth.
@@ -1901,7 +2046,7 @@ async fn measure(p: &Path_, procs: &[&RoleProc], label: &str) -> Figures {
         f.rtt_p50_us = Some(p50);
         f.rtt_p99_us = Some(p99);
     }
-    if want("isolation") {
+    if !floor && want("isolation") {
         eprintln!("[{label}] isolation");
         f.stalled_ratio = Some(stalled_ratio(p).await);
     }
@@ -1925,6 +2070,17 @@ async fn bench(json: bool) {
         "direct",
         measure(&direct_path(&services), &[], "direct").await,
     ));
+    for (name, role) in [
+        ("relay-floor", "relay"),
+        ("relay-floor-async", "relay-async"),
+    ] {
+        if want_path(name) {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, procs) = relay_floor_path(&services, role, dir.path()).await;
+            let procs: Vec<&RoleProc> = procs.iter().collect();
+            results.push((name, measure(&path, &procs, name).await));
+        }
+    }
     if want_path("tunnel") {
         let sys = System::start(&pki, None).await;
         let client = client(&pki, "bench", sys.client_addr);
