@@ -11,7 +11,7 @@
 //! - [`annotations`]: the pod annotations that opt a pod in and tune its sidecar;
 //! - [`labels`]: the labels components set and select on;
 //! - [`pod`]: names inside pods (the sidecar container, volumes, mount paths,
-//!   the sidecars' Secret);
+//!   the sidecars' Secret) and the containers' security context;
 //! - [`sidecar`]: the sidecar's default ports, its loopback port mappings and
 //!   its policy for destinations outside the clusters.
 //!

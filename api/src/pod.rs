@@ -1,5 +1,6 @@
 //! Names inside the pods the project runs: what the injector adds to a pod
-//! and the sidecar reads, and where certificates are mounted.
+//! and the sidecar reads, where certificates are mounted, and the security
+//! context every container of the project gets.
 
 /// Name of the injected container; a pod that has a container of this name
 /// (init or app) is left alone, and one without it was admitted uninjected.
@@ -21,3 +22,30 @@ pub const TLS_VOLUME: &str = "cluster-tunnel-tls";
 pub const TLS_DIR: &str = "/etc/cluster-tunnel/tls";
 /// Name of the sidecar's admin port in the pod spec.
 pub const ADMIN_PORT_NAME: &str = "tunnel-admin";
+/// User and group the project's images run as (distroless `nonroot`).
+pub const NONROOT_USER: i64 = 65532;
+
+/// The `restricted` Pod Security Standard for a container of the project
+/// (server, agent, injected sidecar) running as `user`, group `user`:
+/// non-root, no privilege escalation, a read-only root file system, no
+/// capabilities, the runtime's seccomp profile.
+#[cfg(feature = "crd")]
+pub fn restricted_security_context(user: i64) -> k8s_openapi::api::core::v1::SecurityContext {
+    use k8s_openapi::api::core::v1::{Capabilities, SeccompProfile, SecurityContext};
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(user),
+        run_as_group: Some(user),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}

@@ -5,19 +5,28 @@
 //! `ca.pem`, `ca-key.pem`, `server.pem`, `server-key.pem`, `agent-<cluster>.pem`,
 //! `agent-<cluster>-key.pem`, `client-<name>.pem`, `client-<name>-key.pem`.
 //! An existing CA in the directory is reused, so clusters and clients can be added later.
+//!
+//! This module issues the leaves ([`generate`]); `ca` loads or creates the CA,
+//! `names` checks server names and the trust domain, `files` reads and
+//! writes the files.
 
 use std::fs;
-use std::io::{self, Write};
-use std::net::IpAddr;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use rcgen::{CertifiedIssuer, Issuer, KeyPair, SanType};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
+use rcgen::{Issuer, KeyPair, SanType};
 use time::{Duration, OffsetDateTime};
 
 use crate::pki::{self, LeafUsage};
 use crate::spiffe::{self as identity, Identity, IdentityError};
+
+mod ca;
+mod files;
+mod names;
+
+use ca::{check_issuer_name, load_or_create_ca};
+use files::write_file;
+use names::{server_san, validate_trust_domain};
 
 /// File name of the CA certificate.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -200,14 +209,17 @@ pub fn generate(dir: &Path, opts: &CertOptions) -> Result<GeneratedCerts, CertEr
             Identity::Server => server_sans.clone(),
             _ => Vec::new(),
         };
-        let (cert_pem, cert_der, key_pem) =
-            issue_leaf(id, &opts.trust_domain, sans, now, not_after, &ca.issuer)?;
-        check_issuer_name(&cert_der, &ca)?;
-        let (cert_file, key_file) = leaf_file_names(id);
-        written.push(write_file(&dir.join(key_file), key_pem.as_bytes(), true)?);
+        let leaf = issue_leaf(id, &opts.trust_domain, sans, now, not_after, &ca.issuer)?;
+        check_issuer_name(&leaf.cert_der, &ca)?;
+        let files = leaf_file_names(id);
         written.push(write_file(
-            &dir.join(cert_file),
-            cert_pem.as_bytes(),
+            &dir.join(files.key),
+            leaf.key_pem.as_bytes(),
+            true,
+        )?);
+        written.push(write_file(
+            &dir.join(files.cert),
+            leaf.cert_pem.as_bytes(),
             false,
         )?);
     }
@@ -217,9 +229,18 @@ pub fn generate(dir: &Path, opts: &CertOptions) -> Result<GeneratedCerts, CertEr
     })
 }
 
+/// The file names of a leaf's certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafFiles {
+    /// The certificate's file name.
+    pub cert: String,
+    /// The private key's file name.
+    pub key: String,
+}
+
 /// The certificate and key file names of a leaf identity.
-pub fn leaf_file_names(id: &Identity) -> (String, String) {
-    match id {
+pub fn leaf_file_names(id: &Identity) -> LeafFiles {
+    let (cert, key) = match id {
         Identity::Server => (SERVER_CERT_FILE.to_owned(), SERVER_KEY_FILE.to_owned()),
         Identity::Agent { cluster } => (
             format!("agent-{cluster}.pem"),
@@ -237,149 +258,18 @@ pub fn leaf_file_names(id: &Identity) -> (String, String) {
             format!("workload-{namespace}_{service_account}.pem"),
             format!("workload-{namespace}_{service_account}-key.pem"),
         ),
-    }
-}
-
-/// The CA that signs the leaves.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    /// DER of the CA's subject name; every leaf's issuer name must equal it.
-    subject_der: Vec<u8>,
-    not_after: OffsetDateTime,
-    cert_path: PathBuf,
-}
-
-fn load_or_create_ca(
-    dir: &Path,
-    opts: &CertOptions,
-    now: OffsetDateTime,
-    written: &mut Vec<PathBuf>,
-) -> Result<Ca, CertError> {
-    let cert_path = dir.join(CA_CERT_FILE);
-    let key_path = dir.join(CA_KEY_FILE);
-    match (cert_path.exists(), key_path.exists()) {
-        (true, true) => load_ca(cert_path, &key_path, now),
-        (false, false) => {
-            let ca = create_ca(opts, now, cert_path, &key_path, written)?;
-            Ok(ca)
-        }
-        (true, false) => Err(CertError::CaIncomplete {
-            present: cert_path,
-            missing: key_path,
-        }),
-        (false, true) => Err(CertError::CaIncomplete {
-            present: key_path,
-            missing: cert_path,
-        }),
-    }
-}
-
-fn create_ca(
-    opts: &CertOptions,
-    now: OffsetDateTime,
-    cert_path: PathBuf,
-    key_path: &Path,
-    written: &mut Vec<PathBuf>,
-) -> Result<Ca, CertError> {
-    let key = pki::new_key()?;
-    let days = opts.validity_days.max(MIN_CA_VALIDITY_DAYS);
-    let params = pki::ca_params(
-        format!("{} CA", opts.trust_domain),
-        now,
-        now + Duration::days(i64::from(days)),
-    );
-    let not_after = params.not_after;
-
-    let ca = CertifiedIssuer::self_signed(params, key)?;
-    written.push(write_file(
-        key_path,
-        ca.key().serialize_pem().as_bytes(),
-        true,
-    )?);
-    written.push(write_file(&cert_path, ca.pem().as_bytes(), false)?);
-    // Re-read what we wrote, so a new CA and a reused CA sign the same way.
-    let ca_key = KeyPair::from_pem(&ca.key().serialize_pem())?;
-    let (subject_der, issuer) = issuer_from_cert(ca.der(), ca_key, &cert_path)?;
-    Ok(Ca {
-        issuer,
-        subject_der,
-        not_after,
-        cert_path,
-    })
-}
-
-fn load_ca(cert_path: PathBuf, key_path: &Path, now: OffsetDateTime) -> Result<Ca, CertError> {
-    let invalid = |path: &Path, reason: String| CertError::CaInvalid {
-        path: path.to_owned(),
-        reason,
     };
-    let cert_pem = read_file(&cert_path)?;
-    let key_pem = read_file(key_path)?;
-    let cert_der = CertificateDer::from_pem_slice(&cert_pem)
-        .map_err(|e| invalid(&cert_path, format!("no PEM certificate: {e}")))?;
-    let key_str = std::str::from_utf8(&key_pem)
-        .map_err(|_| invalid(key_path, "key file is not text".to_owned()))?;
-    let key = KeyPair::from_pem(key_str)
-        .map_err(|e| invalid(key_path, format!("cannot load private key: {e}")))?;
-
-    let (_, x509) = x509_parser::parse_x509_certificate(&cert_der)
-        .map_err(|e| invalid(&cert_path, format!("cannot parse certificate: {e}")))?;
-    match x509.basic_constraints() {
-        Ok(Some(bc)) if bc.value.ca => {}
-        _ => {
-            return Err(invalid(
-                &cert_path,
-                "not a CA certificate (no CA:true)".to_owned(),
-            ));
-        }
-    }
-    if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err(invalid(
-            key_path,
-            format!("key does not belong to {}", cert_path.display()),
-        ));
-    }
-    let not_after = pki::not_after(&x509).map_err(|e| invalid(&cert_path, e))?;
-    if not_after <= now {
-        return Err(CertError::CaExpired {
-            path: cert_path,
-            not_after,
-        });
-    }
-    let (subject_der, issuer) = issuer_from_cert(&cert_der, key, &cert_path)?;
-    Ok(Ca {
-        issuer,
-        subject_der,
-        not_after,
-        cert_path,
-    })
+    LeafFiles { cert, key }
 }
 
-/// The subject (DER) of a CA certificate and its rcgen issuer, to sign leaves with.
-fn issuer_from_cert(
-    der: &[u8],
-    key: KeyPair,
-    path: &Path,
-) -> Result<(Vec<u8>, Issuer<'static, KeyPair>), CertError> {
-    let invalid = |reason: String| CertError::CaInvalid {
-        path: path.to_owned(),
-        reason,
-    };
-    let (_, x509) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| invalid(format!("cannot parse certificate: {e}")))?;
-    let issuer = pki::issuer_of(&x509, key).map_err(|r| invalid(r.to_owned()))?;
-    Ok((x509.subject().as_raw().to_vec(), issuer))
+/// A leaf just issued.
+struct IssuedLeaf {
+    cert_pem: String,
+    cert_der: Vec<u8>,
+    key_pem: String,
 }
 
-/// A leaf is only valid if its issuer name is byte-for-byte the CA's subject.
-fn check_issuer_name(leaf_der: &[u8], ca: &Ca) -> Result<(), CertError> {
-    pki::check_issued_by(leaf_der, &ca.subject_der).map_err(|reason| CertError::CaInvalid {
-        path: ca.cert_path.clone(),
-        reason: reason.to_owned(),
-    })
-}
-
-/// Issues one leaf; returns (certificate PEM, certificate DER, key PEM).
+/// Issues one leaf with a new key.
 fn issue_leaf(
     id: &Identity,
     trust_domain: &str,
@@ -387,7 +277,7 @@ fn issue_leaf(
     now: OffsetDateTime,
     not_after: OffsetDateTime,
     ca: &Issuer<'_, KeyPair>,
-) -> Result<(String, Vec<u8>, String), CertError> {
+) -> Result<IssuedLeaf, CertError> {
     let key = pki::new_key()?;
     sans.push(SanType::URI(id.uri(trust_domain).try_into()?));
     let usage = match id {
@@ -398,114 +288,11 @@ fn issue_leaf(
     };
     let params = pki::leaf_params(Some(id.to_string()), sans, usage, now, not_after);
     let cert = params.signed_by(&key, ca)?;
-    Ok((cert.pem(), cert.der().to_vec(), key.serialize_pem()))
-}
-
-fn server_san(name: &str) -> Result<SanType, CertError> {
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        return Ok(SanType::IpAddress(ip));
-    }
-    let fail = |reason| CertError::InvalidServerName {
-        name: name.to_owned(),
-        reason,
-    };
-    let dns = name.strip_suffix('.').unwrap_or(name);
-    if dns.is_empty() {
-        return Err(fail("must not be empty"));
-    }
-    if dns.len() > 253 {
-        return Err(fail("DNS names are at most 253 characters"));
-    }
-    for (i, label) in dns.split('.').enumerate() {
-        if i == 0 && label == "*" && dns.len() > 1 {
-            continue;
-        }
-        if label.is_empty() || label.len() > 63 {
-            return Err(fail("each DNS label must be 1 to 63 characters"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return Err(fail(
-                "not an IP address, and a DNS name may contain only letters, digits, '-' and '.'",
-            ));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(fail("DNS labels must not start or end with '-'"));
-        }
-    }
-    Ok(SanType::DnsName(dns.to_owned().try_into()?))
-}
-
-/// SPIFFE trust domains: lowercase letters, digits, '.', '-' and '_'.
-fn validate_trust_domain(td: &str) -> Result<(), CertError> {
-    let fail = |reason| CertError::InvalidTrustDomain {
-        trust_domain: td.to_owned(),
-        reason,
-    };
-    if td.is_empty() {
-        return Err(fail("must not be empty"));
-    }
-    if td.len() > 255 {
-        return Err(fail("must be at most 255 characters"));
-    }
-    if !td
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        return Err(fail(
-            "may contain only lowercase letters, digits, '.', '-' and '_'",
-        ));
-    }
-    Ok(())
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, CertError> {
-    fs::read(path).map_err(|source| CertError::Io {
-        action: "read",
-        path: path.to_owned(),
-        source,
+    Ok(IssuedLeaf {
+        cert_pem: cert.pem(),
+        cert_der: cert.der().to_vec(),
+        key_pem: key.serialize_pem(),
     })
-}
-
-/// Writes via a temporary file and a rename, so a reader never sees half a file; key
-/// files are created with mode 0600 on unix.
-fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<PathBuf, CertError> {
-    let io_err = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| CertError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("remove", &tmp)(e)),
-    }
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if secret { 0o600 } else { 0o644 });
-    }
-    #[cfg(not(unix))]
-    let _ = secret;
-    let mut file = options.open(&tmp).map_err(io_err("write", &tmp))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io_err("write", &tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io_err("write", path))?;
-    Ok(path.to_owned())
 }
 
 #[cfg(test)]
@@ -516,7 +303,8 @@ mod tests {
     use rustls::client::danger::ServerCertVerifier;
     use rustls::server::WebPkiClientVerifier;
     use rustls::{RootCertStore, crypto::CryptoProvider};
-    use rustls_pki_types::{ServerName, UnixTime};
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
     use x509_parser::extensions::ParsedExtension;
 
     use super::*;

@@ -119,6 +119,26 @@ pub struct Resources {
     pub memory_limit: Option<String>,
 }
 
+/// The injector's flag that chooses the sidecar's admin port.
+pub const ADMIN_PORT_FLAG: &str = "--sidecar-admin-port";
+
+/// A loopback port the sidecar listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListeningPort {
+    /// The port.
+    pub port: u16,
+    /// The annotation (or the injector's flag) that chose it: what to
+    /// change when it clashes.
+    pub chosen_by: &'static str,
+}
+
+impl ListeningPort {
+    /// `port`, chosen by `chosen_by`.
+    pub fn new(port: u16, chosen_by: &'static str) -> Self {
+        Self { port, chosen_by }
+    }
+}
+
 /// The settings of one pod's sidecar: the defaults, overridden by annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodOptions {
@@ -297,12 +317,16 @@ impl PodOptions {
 
     /// Every loopback port the sidecar listens on, with the annotation that
     /// chose it (the admin port is the injector's `--sidecar-admin-port`).
-    pub fn listening_ports(&self, admin_port: u16) -> Vec<(u16, &'static str)> {
-        let mut out = vec![(admin_port, "--sidecar-admin-port")];
+    pub fn listening_ports(&self, admin_port: u16) -> Vec<ListeningPort> {
+        let mut out = vec![ListeningPort::new(admin_port, ADMIN_PORT_FLAG)];
         if let Some(p) = self.proxy_port {
-            out.push((p, PROXY_PORT));
+            out.push(ListeningPort::new(p, PROXY_PORT));
         }
-        out.extend(self.ports.iter().map(|(_, m)| (m.port, PORTS)));
+        out.extend(
+            self.ports
+                .iter()
+                .map(|(_, m)| ListeningPort::new(m.port, PORTS)),
+        );
         out
     }
 }

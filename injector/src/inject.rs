@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use json_patch::Patch;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 
 use tunnel_api::annotations;
@@ -21,27 +21,22 @@ use tunnel_api::pod::{SIDECAR_CONTAINER, TLS_VOLUME, TOKEN_VOLUME};
 use crate::annotations::{AnnotationError, Defaults, Mode, OptIn, PodOptions};
 use crate::mesh::{self, Mesh};
 
+mod env;
 mod patch;
+mod ports;
 mod sidecar;
 
+use env::app_env;
+pub use env::{BASE_NO_PROXY, cluster_port_env};
 pub use patch::add;
 use patch::{add_env, add_list_items, add_map_entries, to_value};
+use ports::{check_ports, injected_ports};
 pub use sidecar::sidecar_container;
 use sidecar::{tls_volume, token_volume};
 
 /// Annotation `kubectl logs`/`exec` read to pick a container (legacy mode
 /// puts the sidecar first, which would otherwise be the default).
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
-/// Entries of `NO_PROXY` before the API server's host and the extra ones:
-/// loopback and the cluster's own services stay direct.
-pub const BASE_NO_PROXY: [&str; 5] = ["localhost", "127.0.0.1", "::1", ".svc", ".cluster.local"];
-
-/// The proxy variables, in pairs of the two spellings programs read.
-const PROXY_VARS: [(&str, &str); 3] = [
-    ("HTTP_PROXY", "http_proxy"),
-    ("HTTPS_PROXY", "https_proxy"),
-    ("NO_PROXY", "no_proxy"),
-];
 
 /// Labels that mark a Job's pod (besides an owner reference of kind Job).
 const JOB_LABELS: [&str; 2] = ["batch.kubernetes.io/job-name", "job-name"];
@@ -242,62 +237,6 @@ pub fn plan(pod: &Pod, template: &SidecarTemplate) -> Result<Outcome, Refusal> {
     })
 }
 
-/// Refuses the pod when a port the sidecar listens on is held by another
-/// of its containers (declared, or reserved by a mesh's proxy).
-fn check_ports(listening: &[(u16, &str)], spec: &PodSpec, when: &str) -> Result<(), Refusal> {
-    let held = mesh::held_ports(spec, SIDECAR_CONTAINER);
-    for (port, chosen_by) in listening {
-        if let Some(h) = held.iter().find(|h| h.port == *port) {
-            let change =
-                if *chosen_by == annotations::PORTS || *chosen_by == annotations::PROXY_PORT {
-                    format!("choose another with {chosen_by}")
-                } else {
-                    format!("the injector's {chosen_by} must change")
-                };
-            return Err(Refusal::Conflict(format!(
-                "port {port}, which the cluster-tunnel sidecar listens on ({chosen_by}), is held by {} that {when}; {change}",
-                h.holder
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The ports an injected sidecar listens on, read back from its
-/// environment (its defaults where a variable is absent).
-fn injected_ports(sidecar: &Container) -> Vec<(u16, &'static str)> {
-    use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, PortMapping};
-    let var = |name: &str| {
-        sidecar
-            .env
-            .iter()
-            .flatten()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value.as_deref())
-    };
-    let port_of = |addr: &str| {
-        addr.rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-    };
-    let mut out = Vec::new();
-    match var("TUNNEL_ADMIN_LISTEN").map(port_of) {
-        Some(Some(p)) => out.push((p, "--sidecar-admin-port")),
-        Some(None) => {}
-        None => out.push((DEFAULT_ADMIN_PORT, "--sidecar-admin-port")),
-    }
-    match var("TUNNEL_PROXY_LISTEN") {
-        Some("off") => {}
-        Some(addr) => out.extend(port_of(addr).map(|p| (p, annotations::PROXY_PORT))),
-        None => out.push((DEFAULT_PROXY_PORT, annotations::PROXY_PORT)),
-    }
-    for spec in var("TUNNEL_PORTS").unwrap_or("").split(',') {
-        if let Ok(m) = spec.trim().parse::<PortMapping>() {
-            out.push((m.port, annotations::PORTS));
-        }
-    }
-    out
-}
-
 /// Whether a Job controls the pod.
 fn is_job_pod(pod: &Pod) -> bool {
     let owned = pod
@@ -312,60 +251,6 @@ fn is_job_pod(pod: &Pod) -> bool {
         .as_ref()
         .is_some_and(|l| JOB_LABELS.iter().any(|k| l.contains_key(*k)));
     owned || labelled
-}
-
-/// The variables every app container gets (unless it sets them itself).
-fn app_env(options: &PodOptions, template: &SidecarTemplate) -> Vec<(String, String)> {
-    let mut env = Vec::new();
-    if let (true, Some(port)) = (options.set_proxy_env, options.proxy_port) {
-        let url = format!("http://127.0.0.1:{port}");
-        let no_proxy = template.no_proxy.join(",");
-        for ((upper, lower), value) in PROXY_VARS.iter().zip([&url, &url, &no_proxy]) {
-            env.push(((*upper).to_owned(), value.clone()));
-            env.push(((*lower).to_owned(), value.clone()));
-        }
-    }
-    for (name, value) in cluster_port_env(options) {
-        if !env.iter().any(|(n, _)| *n == name) {
-            env.push((name, value));
-        }
-    }
-    env
-}
-
-/// `CLUSTER_TUNNEL_<CLUSTER>_ADDR` for the first port of each cluster, and
-/// `CLUSTER_TUNNEL_<CLUSTER>_<HOST>_<PORT>_ADDR` for every port.
-pub fn cluster_port_env(options: &PodOptions) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for (_, mapping) in &options.ports {
-        let addr = format!("127.0.0.1:{}", mapping.port);
-        let cluster = env_token(&mapping.cluster);
-        let short = format!("CLUSTER_TUNNEL_{cluster}_ADDR");
-        let long = format!(
-            "CLUSTER_TUNNEL_{cluster}_{}_{}_ADDR",
-            env_token(&mapping.host),
-            mapping.target_port
-        );
-        for name in [short, long] {
-            if !out.iter().any(|(n, _)| *n == name) {
-                out.push((name, addr.clone()));
-            }
-        }
-    }
-    out
-}
-
-/// Upper case, every character other than a letter or digit turned into `_`.
-fn env_token(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -448,23 +333,6 @@ pub(crate) mod tests {
                 )
             })
             .collect()
-    }
-
-    #[test]
-    fn pointers_escape_slash_and_tilde() {
-        let op = add(
-            &["metadata", "annotations", "cluster-tunnel.io/injected"],
-            json!("x"),
-        );
-        assert_eq!(
-            op.path().as_str(),
-            "/metadata/annotations/cluster-tunnel.io~1injected"
-        );
-        let op = add(&["metadata", "annotations", "a~b/c"], json!("x"));
-        assert_eq!(op.path().as_str(), "/metadata/annotations/a~0b~1c");
-        let mut doc = json!({ "metadata": { "annotations": { "a~b/c": "old" } } });
-        json_patch::patch(&mut doc, &[op]).unwrap();
-        assert_eq!(doc["metadata"]["annotations"]["a~b/c"], "x");
     }
 
     #[test]
@@ -590,39 +458,6 @@ pub(crate) mod tests {
         assert_eq!(env[0].1, "http://corp-proxy:3128");
         assert_eq!(env[2].1, "mine");
         assert_eq!(env[3].1, "http://127.0.0.1:17080");
-    }
-
-    #[test]
-    fn cluster_addresses_are_named_after_cluster_and_destination() {
-        let o = PodOptions::from_annotations(
-            &[(
-                annotations::PORTS.to_owned(),
-                "17001=us-east-1,17002=us-east-1:prometheus.monitoring.svc:9090,17003=west:[fd00::1]:8443"
-                    .to_owned(),
-            )]
-            .into(),
-            &template().defaults,
-            17090,
-        )
-        .unwrap();
-        let env = cluster_port_env(&o);
-        let expect = [
-            ("CLUSTER_TUNNEL_US_EAST_1_ADDR", "127.0.0.1:17001"),
-            (
-                "CLUSTER_TUNNEL_US_EAST_1_KUBERNETES_DEFAULT_SVC_443_ADDR",
-                "127.0.0.1:17001",
-            ),
-            (
-                "CLUSTER_TUNNEL_US_EAST_1_PROMETHEUS_MONITORING_SVC_9090_ADDR",
-                "127.0.0.1:17002",
-            ),
-            ("CLUSTER_TUNNEL_WEST_ADDR", "127.0.0.1:17003"),
-            ("CLUSTER_TUNNEL_WEST_FD00__1_8443_ADDR", "127.0.0.1:17003"),
-        ];
-        assert_eq!(
-            env,
-            expect.map(|(n, v)| (n.to_owned(), v.to_owned())).to_vec()
-        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   annotation);
 //! - [`inject`]: the decision about one pod and the JSON Patch that adds the
 //!   sidecar, its volumes and the app's environment;
+//! - [`live_config`]: the sidecar defaults of the live `TunnelConfiguration`
+//!   (`spec.sidecar`) laid over the flags', followed without a restart;
 //! - [`mesh`]: Istio's and Linkerd's containers already in a pod, where the
 //!   sidecar goes among them, and every port the pod's containers hold;
 //! - [`review`]: `AdmissionReview` in, `AdmissionReview` out (with the patch
@@ -94,8 +96,8 @@ pub mod annotations;
 pub mod ca_bundle;
 pub mod certs;
 pub mod cli;
-pub mod defaults;
 pub mod inject;
+pub mod live_config;
 pub mod mesh;
 pub mod metrics;
 pub mod review;
@@ -291,7 +293,7 @@ impl Injector {
             let client = client
                 .clone()
                 .ok_or(StartError::NoClient("following the TunnelConfiguration"))?;
-            tasks.push(tokio::spawn(defaults::follow(
+            tasks.push(tokio::spawn(live_config::follow(
                 client,
                 name.clone(),
                 config.template.clone(),

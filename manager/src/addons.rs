@@ -30,7 +30,6 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event, finalizer};
@@ -41,7 +40,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::addon_status;
-use crate::agent_work::{self, AgentWorkInput, HubAddress, WORK_NAME};
+use crate::agent_work::{self, AgentWorkInput, WORK_NAME};
 use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::deployment_config::{AgentOverrides, ConfigError};
 use crate::live_view::LiveView;
@@ -50,7 +49,11 @@ use crate::ocm::{
     manifest_work_resource,
 };
 use crate::signer::{FIELD_MANAGER, Signer};
-use tunnel_api::configuration::{EntrypointType, TunnelConfiguration};
+use tunnel_api::configuration::TunnelConfiguration;
+
+mod hub_address;
+
+pub use hub_address::load_balancer_address;
 
 /// Finalizer on every addon the manager delivered an agent for.
 pub const FINALIZER: &str = "cluster-tunnel.io/agent-cleanup";
@@ -121,70 +124,6 @@ impl std::fmt::Debug for Context {
             .field("namespace", &self.namespace)
             .finish_non_exhaustive()
     }
-}
-
-impl Context {
-    async fn hub_address(
-        &self,
-        config: &TunnelConfiguration,
-    ) -> Result<HubAddress, ReconcileError> {
-        let entry = &config.spec.server.entrypoint;
-        match entry.kind {
-            EntrypointType::Hostname => {
-                let h = entry
-                    .hostname
-                    .as_ref()
-                    .ok_or(ReconcileError::BadConfiguration(
-                        "type Hostname needs hostname",
-                    ))?;
-                Ok(HubAddress {
-                    host: h.value.clone(),
-                    port: h.port,
-                    server_name: h.value.clone(),
-                })
-            }
-            EntrypointType::LoadBalancerService => {
-                let lb = entry.load_balancer_service.as_ref().ok_or(
-                    ReconcileError::BadConfiguration(
-                        "type LoadBalancerService needs loadBalancerService",
-                    ),
-                )?;
-                let services: Api<Service> = Api::namespaced(self.client.clone(), &self.namespace);
-                let svc = services
-                    .get(&lb.name)
-                    .await
-                    .map_err(ReconcileError::api(format!("get Service {}", lb.name)))?;
-                let mut hub = load_balancer_address(&svc)
-                    .ok_or_else(|| ReconcileError::NoEntrypoint(lb.name.clone()))?;
-                hub.server_name = format!("{}.{}.svc", lb.name, self.namespace);
-                Ok(hub)
-            }
-        }
-    }
-}
-
-/// The first ingress address of a LoadBalancer Service and its `agent` port.
-pub fn load_balancer_address(svc: &Service) -> Option<HubAddress> {
-    let ingress = svc
-        .status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?
-        .first()?;
-    let host = ingress.hostname.clone().or_else(|| ingress.ip.clone())?;
-    let ports = svc.spec.as_ref()?.ports.as_ref()?;
-    let port = ports
-        .iter()
-        .find(|p| p.name.as_deref() == Some("agent"))
-        .or_else(|| ports.first())?
-        .port;
-    Some(HubAddress {
-        server_name: host.clone(),
-        host,
-        port: u16::try_from(port).ok()?,
-    })
 }
 
 fn owner_of(addon: &ManagedClusterAddOn) -> serde_json::Value {
@@ -381,14 +320,8 @@ pub async fn run(
     let addons: Api<ManagedClusterAddOn> = Api::all(client.clone());
     let by_name = watcher::Config::default().fields(&format!("metadata.name={ADDON_NAME}"));
     let works: Api<DynamicObject> = Api::all_with(client.clone(), &manifest_work_resource());
-    let changes = |rx: watch::Receiver<_>| {
-        futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.changed().await.ok()?;
-            Some(((), rx))
-        })
-    };
     let trigger =
-        futures_util::stream::select(changes(ctx.config.clone()), changes_live(ctx.live.clone()));
+        futures_util::stream::select(changes(ctx.config.clone()), changes(ctx.live.clone()));
     let controller = Controller::new(addons, by_name)
         .owns_with(
             works,
@@ -404,7 +337,8 @@ pub async fn run(
     crate::controller::run(controller, reconcile, ctx, shutdown).await;
 }
 
-fn changes_live(rx: watch::Receiver<LiveView>) -> impl futures_util::Stream<Item = ()> {
+/// One item each time `rx`'s value changes; ends when the sender is gone.
+fn changes<T>(rx: watch::Receiver<T>) -> impl futures_util::Stream<Item = ()> {
     futures_util::stream::unfold(rx, |mut rx| async move {
         rx.changed().await.ok()?;
         Some(((), rx))

@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use crate::deployment_config::AgentOverrides;
 use crate::ocm::{ADDON_LABEL, ADDON_NAME, CONFIG_SPEC_HASH_ANNOTATION, REGISTRATION_SECRET};
 use tunnel_api::configuration::AgentSpec;
+use tunnel_api::pod::{NONROOT_USER, TLS_DIR, restricted_security_context};
 
 pub use crate::ocm::manifest_work_resource;
 
@@ -34,6 +35,9 @@ pub const AGENT_NAME: &str = "cluster-tunnel-agent";
 pub const HUB_CA_CONFIGMAP: &str = "cluster-tunnel-hub-ca";
 /// Port of the agent's admin endpoints.
 pub const AGENT_ADMIN_PORT: u16 = 8093;
+/// Where the agent finds [`HUB_CA_CONFIGMAP`]'s `ca.crt` (the agent chart
+/// mounts its CA at the same path).
+const HUB_CA_DIR: &str = "/etc/cluster-tunnel/ca";
 
 /// Where the agents dial.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,9 +113,9 @@ pub fn manifest_work(input: &AgentWorkInput<'_>) -> Value {
         format!("--cluster={cluster}"),
         format!("--server={}:{}", hub.host, hub.port),
         format!("--server-name={}", hub.server_name),
-        "--tls-cert=/etc/cluster-tunnel/tls/tls.crt".into(),
-        "--tls-key=/etc/cluster-tunnel/tls/tls.key".into(),
-        "--ca=/etc/cluster-tunnel/ca/ca.crt".into(),
+        format!("--tls-cert={TLS_DIR}/tls.crt"),
+        format!("--tls-key={TLS_DIR}/tls.key"),
+        format!("--ca={HUB_CA_DIR}/ca.crt"),
         format!("--admin-listen=0.0.0.0:{AGENT_ADMIN_PORT}"),
         format!("--addon-lease={ADDON_NAME}"),
     ];
@@ -158,14 +162,10 @@ pub fn manifest_work(input: &AgentWorkInput<'_>) -> Value {
             "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 5 },
             "livenessProbe": { "httpGet": { "path": "/healthz", "port": "admin" }, "periodSeconds": 10 },
             "resources": resources,
-            "securityContext": {
-                "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-                "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
-                "capabilities": { "drop": ["ALL"] }, "seccompProfile": { "type": "RuntimeDefault" },
-            },
+            "securityContext": restricted_security_context(NONROOT_USER),
             "volumeMounts": [
-                { "name": "tls", "mountPath": "/etc/cluster-tunnel/tls", "readOnly": true },
-                { "name": "ca", "mountPath": "/etc/cluster-tunnel/ca", "readOnly": true },
+                { "name": "tls", "mountPath": TLS_DIR, "readOnly": true },
+                { "name": "ca", "mountPath": HUB_CA_DIR, "readOnly": true },
             ],
         }],
         "volumes": [

@@ -4,8 +4,8 @@
 //!
 //! A request is **approved and signed** only when all of this holds:
 //!
-//! - it is labelled for this addon ([`ADDON_LABEL`]) and a cluster
-//!   ([`CLUSTER_LABEL`]), a valid cluster name;
+//! - it is labelled for this addon ([`ADDON_LABEL`](crate::ocm::ADDON_LABEL)) and a cluster
+//!   ([`CLUSTER_LABEL`](crate::ocm::CLUSTER_LABEL)), a valid cluster name;
 //! - the API server says it was sent by that cluster's own registration
 //!   agent: user `system:open-cluster-management:<cluster>:<agent>` in group
 //!   `system:open-cluster-management:<cluster>` (labels are only hints; the
@@ -21,7 +21,7 @@
 //!   takes the agent's from the request's Organization, which an agent request
 //!   must leave empty (below), so none can be claimed;
 //! - its signature verifies (the sender holds the key) and its subject is
-//!   exactly the agent user the addon registered ([`agent_user`]), no
+//!   exactly the agent user the addon registered ([`agent_user`](crate::ocm::agent_user)), no
 //!   organization or unit;
 //! - the `ManagedCluster` exists, is accepted and is not being deleted, and
 //!   the addon is enabled there (its `ManagedClusterAddOn` exists and is not
@@ -62,46 +62,22 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::controller::{Clock, ControllerContext};
-use crate::ocm::{
-    ADDON_LABEL, ADDON_NAME, CLUSTER_LABEL, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME,
-    agent_user, cluster_group, cluster_user_prefix,
-};
-use crate::signer::{CertRequest, Leaf, Signer, SignerError};
+use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME};
+use crate::signer::{Leaf, Signer, SignerError};
 use tunnel_api::configuration::TunnelConfiguration;
+
+mod check;
+
+use check::has_condition;
+pub use check::{
+    CSR_USER_ANNOTATION, GRPC_SERVER_USER, JOIN_CLUSTER_LABEL, Origin, Verdict, check,
+    join_service_account, join_subject,
+};
 
 /// How often a request for a cluster that is not served yet is looked at again.
 pub const PENDING_RECHECK: Duration = Duration::from_secs(30);
 /// The shortest certificate lifetime a request may ask for (Kubernetes' minimum).
 const MIN_EXPIRATION_SECONDS: i64 = 600;
-/// Label of a join request: the cluster it is for.
-pub const JOIN_CLUSTER_LABEL: &str = "cluster-tunnel.io/cluster";
-/// The user OCM's gRPC server creates certificate requests as, for
-/// registration agents that reach the hub over gRPC (as addon-framework
-/// knows it).
-pub const GRPC_SERVER_USER: &str =
-    "system:serviceaccount:open-cluster-management-hub:grpc-server-sa";
-/// Where OCM's gRPC server names the agent user it authenticated
-/// (`operatorv1.CSRUsernameAnnotation` of open-cluster-management's API).
-pub const CSR_USER_ANNOTATION: &str = "open-cluster-management.io/csr-user";
-
-/// The service account whose tokens let `cluster` join.
-pub fn join_service_account(cluster: &str) -> String {
-    format!("cluster-tunnel-join-{cluster}")
-}
-
-/// The subject a join request for `cluster` asks for.
-pub fn join_subject(cluster: &str) -> String {
-    format!("cluster-tunnel:agent:{cluster}")
-}
-
-/// How a request came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// From OCM's registration agent, for the addon.
-    Addon,
-    /// From `tunnel-agent join`, with a join token.
-    Join,
-}
 
 /// A failed reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -165,155 +141,6 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context").finish_non_exhaustive()
     }
 }
-
-/// What is to be done with a request, from the request alone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not ours to decide (another signer), or already decided or issued.
-    Skip,
-    /// Refused, with the reason.
-    Deny(String),
-    /// A well-formed request for `cluster`'s agent from one allowed to ask.
-    Valid {
-        /// The cluster.
-        cluster: String,
-        /// The request.
-        request: Box<CertRequest>,
-        /// Who asked.
-        origin: Origin,
-    },
-}
-
-fn has_condition(csr: &CertificateSigningRequest, type_: &str) -> bool {
-    csr.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
-}
-
-/// Checks everything a request says about itself (see the module doc):
-/// addon requests when `addons`, join requests when `join_namespace` is set.
-pub fn check(
-    csr: &CertificateSigningRequest,
-    addons: bool,
-    join_namespace: Option<&str>,
-) -> Verdict {
-    if csr.spec.signer_name != SIGNER_NAME
-        || has_condition(csr, "Denied")
-        || has_condition(csr, "Failed")
-        || csr
-            .status
-            .as_ref()
-            .and_then(|s| s.certificate.as_ref())
-            .is_some_and(|c| !c.0.is_empty())
-    {
-        return Verdict::Skip;
-    }
-    let labels = csr.labels();
-    if let (Some(cluster), Some(ns)) = (labels.get(JOIN_CLUSTER_LABEL), join_namespace) {
-        return check_join(csr, cluster, ns);
-    }
-    if !addons || labels.get(ADDON_LABEL).map(String::as_str) != Some(ADDON_NAME) {
-        return Verdict::Deny(format!(
-            "not labelled {ADDON_LABEL}={ADDON_NAME}{}",
-            if join_namespace.is_some() {
-                format!(" nor {JOIN_CLUSTER_LABEL}")
-            } else {
-                String::new()
-            }
-        ));
-    }
-    let Some(cluster) = labels.get(CLUSTER_LABEL).cloned() else {
-        return Verdict::Deny(format!("no {CLUSTER_LABEL} label"));
-    };
-    if let Err(e) = tunnel_identity::spiffe::validate_cluster_name(&cluster) {
-        return Verdict::Deny(format!("cluster {cluster:?}: {e}"));
-    }
-    let sender = csr.spec.username.as_deref().unwrap_or_default();
-    let is_agent = |user: &str| {
-        user.strip_prefix(&cluster_user_prefix(&cluster))
-            .is_some_and(|id| !id.is_empty())
-    };
-    if sender == GRPC_SERVER_USER {
-        // Created by OCM's gRPC server for the agent it authenticated.
-        let user = csr
-            .annotations()
-            .get(CSR_USER_ANNOTATION)
-            .map_or("", String::as_str);
-        if !is_agent(user) {
-            return Verdict::Deny(format!(
-                "requested through OCM's gRPC server for {user:?} ({CSR_USER_ANNOTATION}), which is not cluster {cluster}'s registration agent"
-            ));
-        }
-    } else {
-        let in_group = csr
-            .spec
-            .groups
-            .as_ref()
-            .is_some_and(|g| g.contains(&cluster_group(&cluster)));
-        if !is_agent(sender) || !in_group {
-            return Verdict::Deny(format!(
-                "requested by {sender:?}, which is not cluster {cluster}'s registration agent"
-            ));
-        }
-    }
-    let request = match CertRequest::from_pem(&csr.spec.request.0) {
-        Ok(r) => r,
-        Err(e) => return Verdict::Deny(e.to_string()),
-    };
-    let want = agent_user(&cluster);
-    if request.common_names != [want.clone()]
-        || !request.organizations.is_empty()
-        || !request.organizational_units.is_empty()
-    {
-        return Verdict::Deny(format!(
-            "the request asks for subject CN={:?} O={:?} OU={:?}; cluster {cluster}'s agent is CN={want:?} only",
-            request.common_names, request.organizations, request.organizational_units
-        ));
-    }
-    Verdict::Valid {
-        cluster,
-        request: Box::new(request),
-        origin: Origin::Addon,
-    }
-}
-
-/// A join request for `cluster`: sent with `cluster`'s join token, for its agent's subject only.
-fn check_join(csr: &CertificateSigningRequest, cluster: &str, namespace: &str) -> Verdict {
-    if let Err(e) = tunnel_identity::spiffe::validate_cluster_name(cluster) {
-        return Verdict::Deny(format!("cluster {cluster:?}: {e}"));
-    }
-    let user = csr.spec.username.as_deref().unwrap_or_default();
-    let want_user = format!(
-        "system:serviceaccount:{namespace}:{}",
-        join_service_account(cluster)
-    );
-    if user != want_user {
-        return Verdict::Deny(format!(
-            "requested by {user:?}, not with cluster {cluster}'s join token ({want_user})"
-        ));
-    }
-    let request = match CertRequest::from_pem(&csr.spec.request.0) {
-        Ok(r) => r,
-        Err(e) => return Verdict::Deny(e.to_string()),
-    };
-    let want = join_subject(cluster);
-    if request.common_names != [want.clone()]
-        || !request.organizations.is_empty()
-        || !request.organizational_units.is_empty()
-    {
-        return Verdict::Deny(format!(
-            "the request asks for subject CN={:?} O={:?} OU={:?}; cluster {cluster}'s agent is CN={want:?} only",
-            request.common_names, request.organizations, request.organizational_units
-        ));
-    }
-    Verdict::Valid {
-        cluster: cluster.to_owned(),
-        request: Box::new(request),
-        origin: Origin::Join,
-    }
-}
-
 fn condition(type_: &str, reason: &str, message: &str, now: &str) -> serde_json::Value {
     json!({ "type": type_, "status": "True", "reason": reason, "message": message, "lastUpdateTime": now })
 }
@@ -458,7 +285,7 @@ mod tests {
 
     use super::*;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
-    use tunnel_api::configuration::TunnelConfigurationSpec;
+    use crate::ocm::agent_user;
 
     const TD: &str = "cluster-tunnel";
     const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";
@@ -467,16 +294,7 @@ mod tests {
     const STATUS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests/addon-east-cluster-tunnel-x7k2p/status";
 
     fn config() -> watch::Receiver<Option<Arc<TunnelConfiguration>>> {
-        let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
-            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com" } } },
-            "agent": { "image": "a:1" },
-            "signer": { "certificateValidityDays": 30 },
-        }))
-        .unwrap();
-        let (tx, rx) = watch::channel(Some(Arc::new(TunnelConfiguration::new(
-            tunnel_api::configuration::DEFAULT_NAME,
-            spec,
-        ))));
+        let (tx, rx) = watch::channel(Some(mock_api::configuration(30)));
         std::mem::forget(tx);
         rx
     }
@@ -588,6 +406,16 @@ mod tests {
             .unwrap()
     }
 
+    /// The PEM certificate a status patch carries (base64, as the API
+    /// server holds it).
+    fn issued_pem(status_body: &Value) -> Vec<u8> {
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            status_body["status"]["certificate"].as_str().unwrap(),
+        )
+        .unwrap()
+    }
+
     fn denial(body: &Value) -> String {
         let c = &body["status"]["conditions"][0];
         assert_eq!(
@@ -620,11 +448,7 @@ mod tests {
             (approved["type"].as_str(), approved["status"].as_str()),
             (Some("Approved"), Some("True"))
         );
-        let pem = base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            b[3]["status"]["certificate"].as_str().unwrap(),
-        )
-        .unwrap();
+        let pem = issued_pem(&b[3]);
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         // The servers read the agent's identity from it.
         assert_eq!(
@@ -749,11 +573,7 @@ mod tests {
         reconcile_once(grpc_csr(Some(EAST_AGENT), &pem), &ctx).await;
         let (_, b) = finish(server).await;
         assert_eq!(b[2]["status"]["conditions"][0]["type"], "Approved");
-        let pem = base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            b[3]["status"]["certificate"].as_str().unwrap(),
-        )
-        .unwrap();
+        let pem = issued_pem(&b[3]);
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(
@@ -949,11 +769,7 @@ mod tests {
         c.spec.expiration_seconds = Some(3600);
         reconcile_once(Arc::new(c), &ctx).await;
         let (_, b) = finish(server).await;
-        let pem = base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            b[2]["status"]["certificate"].as_str().unwrap(),
-        )
-        .unwrap();
+        let pem = issued_pem(&b[2]);
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert_eq!(
@@ -1000,11 +816,7 @@ mod tests {
         );
         reconcile_once(c, &ctx).await;
         let (_, b) = finish(server).await;
-        let pem = base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            b[1]["status"]["certificate"].as_str().unwrap(),
-        )
-        .unwrap();
+        let pem = issued_pem(&b[1]);
         let der = CertificateDer::from_pem_slice(&pem).unwrap();
         assert_eq!(
             tunnel_identity::spiffe::peer_identity(&der, TD)

@@ -1,11 +1,25 @@
 //! Test support: kube's mocked API server (`tower_test`) answering an exact
 //! sequence of expected requests, so that each controller scenario names
 //! the requests it expects, in order; any other request fails the test.
+//! And the `TunnelConfiguration` the scenarios read.
 
 use http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
 use tower_test::mock;
+use tunnel_api::configuration::{DEFAULT_NAME, TunnelConfiguration, TunnelConfigurationSpec};
+
+/// The configuration `cluster-tunnel` with a host name entrypoint
+/// (`hub.example.com:443`), whose certificates live `validity_days`.
+pub fn configuration(validity_days: u32) -> std::sync::Arc<TunnelConfiguration> {
+    let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
+        "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com", "port": 443 } } },
+        "agent": { "image": "agent:1" },
+        "signer": { "certificateValidityDays": validity_days },
+    }))
+    .expect("a valid configuration");
+    std::sync::Arc::new(TunnelConfiguration::new(DEFAULT_NAME, spec))
+}
 
 /// Time a scenario's requests get.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

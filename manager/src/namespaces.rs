@@ -303,23 +303,9 @@ mod tests {
     use super::*;
     use crate::controller::{RETRY_DELAY, error_policy};
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, deleted, finish, not_found, serve};
-    use tunnel_api::configuration::TunnelConfigurationSpec;
 
     const TD: &str = "cluster-tunnel";
     const SECRET: &str = "/api/v1/namespaces/fleet/secrets/cluster-tunnel-sidecar";
-
-    fn config(validity_days: u32) -> Arc<TunnelConfiguration> {
-        let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
-            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com", "port": 443 } } },
-            "agent": { "image": "agent:1" },
-            "signer": { "certificateValidityDays": validity_days },
-        }))
-        .unwrap();
-        Arc::new(TunnelConfiguration::new(
-            tunnel_api::configuration::DEFAULT_NAME,
-            spec,
-        ))
-    }
 
     fn namespace(labels: Value, deleting: bool) -> Arc<Namespace> {
         let mut ns: Namespace = serde_json::from_value(json!({
@@ -343,7 +329,7 @@ mod tests {
 
     fn scenario(signer: Arc<Signer>, now: OffsetDateTime) -> (Arc<Context>, ApiHandle) {
         let (client, handle) = mock_api::client();
-        let (_config_tx, config_rx) = watch::channel(Some(config(90)));
+        let (_config_tx, config_rx) = watch::channel(Some(mock_api::configuration(90)));
         let ctx = Arc::new(Context {
             client,
             label: tunnel_api::labels::NAMESPACE_INJECTION.into(),

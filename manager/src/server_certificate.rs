@@ -130,9 +130,8 @@ mod tests {
     use http::Method;
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
-    use serde_json::{Value, json};
+    use serde_json::Value;
     use time::OffsetDateTime;
-    use tunnel_api::configuration::{TunnelConfiguration, TunnelConfigurationSpec};
 
     use super::*;
     use crate::mock_api::{
@@ -145,20 +144,10 @@ mod tests {
     const STATUS: &str =
         "/apis/cluster-tunnel.io/v1alpha1/tunnelconfigurations/cluster-tunnel/status";
 
-    fn config(validity_days: u32) -> Arc<TunnelConfiguration> {
-        let spec: TunnelConfigurationSpec = serde_json::from_value(json!({
-            "server": { "image": "s:1", "entrypoint": { "type": "Hostname", "hostname": { "value": "hub.example.com", "port": 443 } } },
-            "agent": { "image": "agent:1" },
-            "signer": { "certificateValidityDays": validity_days },
-        }))
-        .unwrap();
-        Arc::new(TunnelConfiguration::new("cluster-tunnel", spec))
-    }
-
     fn keeper(test_client: Option<&str>) -> (ServerCertificate, ApiHandle) {
         let (client, handle) = mock_api::client();
         let now = OffsetDateTime::now_utc();
-        let (_tx, config) = watch::channel(Some(config(30)));
+        let (_tx, config) = watch::channel(Some(mock_api::configuration(30)));
         let metrics = crate::metrics::ManagerMetrics::default();
         let keeper = ServerCertificate {
             secrets: Api::namespaced(client.clone(), "cluster-tunnel"),

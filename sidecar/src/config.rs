@@ -1,21 +1,30 @@
 //! The sidecar's configuration: flags, environment variables (`TUNNEL_*`) and
 //! an optional TOML file, in that order of precedence, validated as a whole.
+//!
+//! The command line is in `flags` ([`Cli`]), the file in `file`
+//! ([`FileConfig`]); this module merges them into a [`SidecarConfig`]
+//! ([`Cli::resolve`]) and checks the whole: listeners on loopback and not
+//! on each other's ports, no open proxy.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-use serde::Deserialize;
 use tunnel_api::sidecar::{DEFAULT_APISERVER_HOST, DirectPolicy, PortMapping, parse_host_port};
 use tunnel_identity::spiffe::validate_cluster_name;
 use tunnel_proto::client::Target;
-use tunnel_shell::flags::{ClientSide, ServerArgs, TlsArgs};
+use tunnel_shell::flags::TlsArgs;
 use tunnel_shell::logging::LogFormat;
 use tunnel_shell::units::{parse_duration, parse_socket_buffer};
 
 use crate::direct::{DirectDialer, parse_allowed_ips, parse_host_aliases};
 use crate::names::{DEFAULT_CLUSTER_SUFFIX, Naming};
+
+mod file;
+mod flags;
+
+pub use file::FileConfig;
+pub use flags::{Cli, Command, ProbeCheck};
 
 /// Default address of the HTTP proxy.
 pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:17080";
@@ -73,265 +82,6 @@ pub fn target_of(m: &PortMapping) -> Target {
     Target::new(&m.cluster, &m.host, m.target_port)
 }
 
-/// The command line. Every flag also reads an environment variable; values
-/// not given either way come from `--config`, then the defaults.
-#[derive(Debug, Default, Parser)]
-#[command(
-    name = "tunnel-sidecar",
-    version = tunnel_proto::version::VERSION,
-    about = "The cluster-tunnel sidecar: per-cluster loopback ports and an HTTP proxy that reach \
-             services in managed clusters through the tunnel.",
-    long_about = "The cluster-tunnel sidecar: per-cluster loopback ports and an HTTP proxy that reach \
-                  services in managed clusters through the tunnel.\n\nEvery flag also reads the \
-                  environment variable shown; values given neither way come from --config (TOML, \
-                  same names in snake_case), then the defaults."
-)]
-pub struct Cli {
-    /// A command instead of running the sidecar.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    /// TOML configuration file; flags and environment variables override it.
-    #[arg(long, env = "TUNNEL_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// The proxy servers (their client port); not required, as they may
-    /// come from --config.
-    #[command(flatten)]
-    pub servers: ServerArgs<ClientSide, false>,
-    /// Directory holding client-<client-name>.pem, its key and ca.pem.
-    #[arg(long, env = "TUNNEL_CERT_DIR")]
-    pub cert_dir: Option<PathBuf>,
-    /// Client name whose certificate to use from --cert-dir [default: sidecar].
-    #[arg(long, env = "TUNNEL_CLIENT_NAME")]
-    pub client_name: Option<String>,
-    /// Files that override those in --cert-dir.
-    #[command(flatten)]
-    pub tls: TlsArgs<ClientSide>,
-    /// The pod's projected service-account token, sent with every connection
-    /// so the server knows which workload asks; re-read when it changes.
-    #[arg(long, env = "TUNNEL_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// A per-cluster loopback port: PORT=CLUSTER (the cluster's
-    /// kube-apiserver) or PORT=CLUSTER:HOST:PORT (repeatable or comma-separated).
-    #[arg(long = "port", env = "TUNNEL_PORTS", value_delimiter = ',')]
-    pub ports: Vec<String>,
-    /// Address of the HTTP proxy (CONNECT and http:// requests); "off" disables it
-    /// [default: 127.0.0.1:17080].
-    #[arg(long, env = "TUNNEL_PROXY_LISTEN")]
-    pub proxy_listen: Option<String>,
-    /// Whether the proxy dials destinations outside every cluster (hub
-    /// Services, pod and ClusterIP addresses, public names) from the pod:
-    /// allow or deny [default: allow].
-    #[arg(long, env = "TUNNEL_DIRECT", value_enum)]
-    pub direct: Option<DirectPolicy>,
-    /// NAME=IP: answer NAME with IP before the resolver for direct
-    /// connections, like an /etc/hosts entry (repeatable or comma-separated).
-    #[arg(
-        long = "host-alias",
-        env = "TUNNEL_HOST_ALIASES",
-        value_delimiter = ','
-    )]
-    pub host_aliases: Vec<String>,
-    /// An address (or ADDR/PREFIX network) the proxy may dial directly
-    /// although it is loopback, unspecified or link-local, which it refuses
-    /// otherwise (this pod's own ports, a cloud's metadata service);
-    /// repeatable or comma-separated.
-    #[arg(
-        long = "direct-allow-ip",
-        env = "TUNNEL_DIRECT_ALLOW_IPS",
-        value_delimiter = ','
-    )]
-    pub direct_allow_ips: Vec<String>,
-    /// A cluster this pod names (its ports, its default cluster): a bare
-    /// name that is one goes through the tunnel even before the server's
-    /// cluster list is known (repeatable or comma-separated).
-    #[arg(
-        long = "known-cluster",
-        env = "TUNNEL_KNOWN_CLUSTERS",
-        value_delimiter = ','
-    )]
-    pub known_clusters: Vec<String>,
-    /// Address of the admin port (/healthz, /readyz, /metrics, POST /shutdown)
-    /// [default: 127.0.0.1:17090].
-    #[arg(long, env = "TUNNEL_ADMIN_LISTEN")]
-    pub admin_listen: Option<SocketAddr>,
-    /// IP address the per-cluster ports bind to [default: 127.0.0.1].
-    #[arg(long, env = "TUNNEL_BIND_ADDRESS")]
-    pub bind_address: Option<IpAddr>,
-    /// Allow listeners on non-loopback addresses (they are an open door into
-    /// every cluster for anyone who can reach them).
-    #[arg(long, env = "TUNNEL_ALLOW_NON_LOOPBACK")]
-    pub allow_non_loopback: bool,
-    /// Cluster of unqualified names in HTTP proxy requests when the proxy URL
-    /// names no user.
-    #[arg(long, env = "TUNNEL_DEFAULT_CLUSTER")]
-    pub default_cluster: Option<String>,
-    /// Suffix of cluster-qualified names (<host>.<cluster>.<suffix>)
-    /// [default: tunnel.internal].
-    #[arg(long, env = "TUNNEL_CLUSTER_SUFFIX")]
-    pub cluster_suffix: Option<String>,
-    /// In-cluster host of each cluster's kube-apiserver [default: kubernetes.default.svc].
-    #[arg(long, env = "TUNNEL_APISERVER_HOST")]
-    pub apiserver_host: Option<String>,
-    /// How often the cluster list is fetched from the server [default: 10s].
-    #[arg(long, env = "TUNNEL_CLUSTER_REFRESH", value_parser = parse_duration)]
-    pub cluster_refresh: Option<Duration>,
-    /// Time a proxy client gets to send its request head [default: 10s].
-    #[arg(long, env = "TUNNEL_HEADER_TIMEOUT", value_parser = parse_duration)]
-    pub header_timeout: Option<Duration>,
-    /// Largest request head the proxy accepts, in bytes [default: 32768].
-    #[arg(long, env = "TUNNEL_MAX_HEADER_BYTES")]
-    pub max_header_bytes: Option<usize>,
-    /// Most request headers the proxy accepts [default: 100].
-    #[arg(long, env = "TUNNEL_MAX_HEADERS")]
-    pub max_headers: Option<usize>,
-    /// Time allowed from opening a tunnel to the destination's answer, and
-    /// for a direct connection to resolve and connect [default: 30s].
-    #[arg(long, env = "TUNNEL_OPEN_TIMEOUT", value_parser = parse_duration)]
-    pub open_timeout: Option<Duration>,
-    /// A server that answers nothing for this long is declared dead [default: 20s].
-    #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", value_parser = parse_duration)]
-    pub dead_peer_timeout: Option<Duration>,
-    /// Kernel send and receive buffer of each connection from the app (e.g.
-    /// 256KiB): bounds what an app that stops reading or a stalled tunnel
-    /// holds in the pod's kernel memory; 0 leaves them to the kernel's
-    /// autotuning [default: 0].
-    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", value_parser = parse_socket_buffer)]
-    pub socket_buffer: Option<usize>,
-    /// Log format [default: json].
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter (RUST_LOG overrides) [default: info].
-    #[arg(long, env = "TUNNEL_LOG_LEVEL")]
-    pub log_level: Option<String>,
-}
-
-/// Commands besides running the sidecar.
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {
-    /// Wait until the sidecar of this pod (at --admin-listen, or
-    /// TUNNEL_ADMIN_LISTEN) is ready; exit 0 when it is, 1 on timeout. For a
-    /// postStart hook where the sidecar cannot run as a native sidecar.
-    WaitReady {
-        /// Give up after this long.
-        #[arg(long, default_value = "120s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
-    /// Ask the sidecar of this pod (at --admin-listen, or TUNNEL_ADMIN_LISTEN,
-    /// on loopback) once: print its answer and exit 0 if it is 200, else
-    /// print why and exit 1. The injected sidecar's exec probes: they reach
-    /// the admin port on loopback, where no mesh redirects them.
-    Probe {
-        /// Which endpoint: readyz (also says whether a server is connected) or healthz.
-        #[arg(value_enum)]
-        check: ProbeCheck,
-        /// Give up after this long (keep it below the probe's timeoutSeconds).
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        timeout: Duration,
-    },
-}
-
-/// What `tunnel-sidecar probe` asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProbeCheck {
-    /// `GET /readyz`: listeners bound (the body says whether a server is connected).
-    Readyz,
-    /// `GET /healthz`: the process answers.
-    Healthz,
-}
-
-impl ProbeCheck {
-    /// The admin path.
-    pub fn path(self) -> &'static str {
-        match self {
-            ProbeCheck::Readyz => "/readyz",
-            ProbeCheck::Healthz => "/healthz",
-        }
-    }
-}
-
-/// The configuration file: the same settings as the flags, snake_case.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// See `--server`.
-    #[serde(default)]
-    pub servers: Vec<String>,
-    /// See `--server-name`.
-    pub server_name: Option<String>,
-    /// See `--cert-dir`.
-    pub cert_dir: Option<PathBuf>,
-    /// See `--client-name`.
-    pub client_name: Option<String>,
-    /// See `--tls-cert`.
-    pub tls_cert: Option<PathBuf>,
-    /// See `--tls-key`.
-    pub tls_key: Option<PathBuf>,
-    /// See `--ca`.
-    pub ca: Option<PathBuf>,
-    /// See `--token-file`.
-    pub token_file: Option<PathBuf>,
-    /// See `--port`.
-    #[serde(default)]
-    pub ports: Vec<String>,
-    /// See `--proxy-listen`.
-    pub proxy_listen: Option<String>,
-    /// See `--direct` ("allow" or "deny").
-    pub direct: Option<String>,
-    /// See `--host-alias`.
-    #[serde(default)]
-    pub host_aliases: Vec<String>,
-    /// See `--direct-allow-ip`.
-    #[serde(default)]
-    pub direct_allow_ips: Vec<String>,
-    /// See `--known-cluster`.
-    #[serde(default)]
-    pub known_clusters: Vec<String>,
-    /// See `--admin-listen`.
-    pub admin_listen: Option<String>,
-    /// See `--bind-address`.
-    pub bind_address: Option<String>,
-    /// See `--allow-non-loopback`.
-    pub allow_non_loopback: Option<bool>,
-    /// See `--default-cluster`.
-    pub default_cluster: Option<String>,
-    /// See `--cluster-suffix`.
-    pub cluster_suffix: Option<String>,
-    /// See `--apiserver-host`.
-    pub apiserver_host: Option<String>,
-    /// See `--cluster-refresh`.
-    pub cluster_refresh: Option<String>,
-    /// See `--header-timeout`.
-    pub header_timeout: Option<String>,
-    /// See `--max-header-bytes`.
-    pub max_header_bytes: Option<usize>,
-    /// See `--max-headers`.
-    pub max_headers: Option<usize>,
-    /// See `--open-timeout`.
-    pub open_timeout: Option<String>,
-    /// See `--dead-peer-timeout`.
-    pub dead_peer_timeout: Option<String>,
-    /// See `--socket-buffer` (e.g. "256KiB", or "0").
-    pub socket_buffer: Option<String>,
-    /// See `--log-format` ("json" or "text").
-    pub log_format: Option<String>,
-    /// See `--log-level`.
-    pub log_level: Option<String>,
-}
-
-impl FileConfig {
-    /// Reads and parses a file; unknown keys are errors.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
-    }
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
@@ -377,6 +127,55 @@ pub struct SidecarConfig {
     pub log_level: String,
 }
 
+/// One address the sidecar listens on, named by the flag that set it.
+struct Listener {
+    name: String,
+    addr: SocketAddr,
+}
+
+/// The flag of the admin port's listener.
+const ADMIN_LISTEN: &str = "--admin-listen";
+
+/// Refuses listeners beyond loopback (unless `allow_non_loopback`) and two
+/// listeners on one port.
+fn check_listeners(listeners: &[Listener], allow_non_loopback: bool) -> Result<(), ConfigError> {
+    // The admin port serves health and metrics (POST /shutdown only on
+    // connections from loopback to loopback), so it may listen beyond
+    // loopback for Prometheus to scrape.
+    for Listener { name, addr: a } in listeners.iter().filter(|l| l.name != ADMIN_LISTEN) {
+        if !a.ip().is_loopback() && !allow_non_loopback {
+            return Err(invalid(
+                name,
+                format!(
+                    "{a} is not a loopback address; pass --allow-non-loopback to expose the tunnel beyond this host"
+                ),
+            ));
+        }
+    }
+    for (i, first) in listeners.iter().enumerate() {
+        for second in &listeners[i + 1..] {
+            let (a1, a2) = (first.addr, second.addr);
+            let overlap = a1.port() == a2.port()
+                && a1.port() != 0
+                && (a1.ip() == a2.ip() || a1.ip().is_unspecified() || a2.ip().is_unspecified());
+            if overlap {
+                return Err(ConfigError::PortClash {
+                    first: first.name.clone(),
+                    second: second.name.clone(),
+                    addr: a1,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A repeatable setting: the flags' values, or the file's when no flag
+/// gave any (lists are not merged).
+fn flags_or_file<'a>(flags: &'a [String], file: &'a [String]) -> &'a [String] {
+    if flags.is_empty() { file } else { flags }
+}
+
 fn dur(
     key: &str,
     cli: Option<Duration>,
@@ -402,11 +201,7 @@ impl Cli {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let servers = if self.servers.servers.is_empty() {
-            file.servers.clone()
-        } else {
-            self.servers.servers.clone()
-        };
+        let servers = flags_or_file(&self.servers.servers, &file.servers).to_vec();
         if servers.is_empty() {
             return Err(invalid(
                 "--server",
@@ -431,12 +226,7 @@ impl Cli {
             .tls
             .or(file_tls)
             .files(&cert_dir, &format!("client-{client_name}"));
-        let port_specs = if self.ports.is_empty() {
-            &file.ports
-        } else {
-            &self.ports
-        };
-        let ports = port_specs
+        let ports = flags_or_file(&self.ports, &file.ports)
             .iter()
             .map(|p| p.parse::<PortMapping>().map_err(|e| invalid("--port", e)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -451,7 +241,7 @@ impl Cli {
         };
         let admin_listen = match (self.admin_listen, &file.admin_listen) {
             (Some(a), _) => a,
-            (None, Some(s)) => addr("--admin-listen", s)?,
+            (None, Some(s)) => addr(ADMIN_LISTEN, s)?,
             (None, None) => DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
         };
         let bind_address = match (self.bind_address, &file.bind_address) {
@@ -463,44 +253,23 @@ impl Cli {
         };
         let allow_non_loopback =
             self.allow_non_loopback || file.allow_non_loopback.unwrap_or(false);
-        let mut listeners: Vec<(String, SocketAddr)> =
-            vec![("--admin-listen".into(), admin_listen)];
+        let mut listeners = vec![Listener {
+            name: ADMIN_LISTEN.into(),
+            addr: admin_listen,
+        }];
         if let Some(p) = proxy_listen {
-            listeners.push(("--proxy-listen".into(), p));
+            listeners.push(Listener {
+                name: "--proxy-listen".into(),
+                addr: p,
+            });
         }
         for m in &ports {
-            listeners.push((
-                format!("--port {}={}", m.port, target_of(m)),
-                SocketAddr::new(bind_address, m.port),
-            ));
+            listeners.push(Listener {
+                name: format!("--port {}={}", m.port, target_of(m)),
+                addr: SocketAddr::new(bind_address, m.port),
+            });
         }
-        // The admin port serves health and metrics (POST /shutdown only on
-        // connections from loopback to loopback), so it may listen beyond
-        // loopback for Prometheus to scrape.
-        for (name, a) in listeners.iter().filter(|(n, _)| n != "--admin-listen") {
-            if !a.ip().is_loopback() && !allow_non_loopback {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "{a} is not a loopback address; pass --allow-non-loopback to expose the tunnel beyond this host"
-                    ),
-                ));
-            }
-        }
-        for (i, (n1, a1)) in listeners.iter().enumerate() {
-            for (n2, a2) in &listeners[i + 1..] {
-                let overlap = a1.port() == a2.port()
-                    && a1.port() != 0
-                    && (a1.ip() == a2.ip() || a1.ip().is_unspecified() || a2.ip().is_unspecified());
-                if overlap {
-                    return Err(ConfigError::PortClash {
-                        first: n1.clone(),
-                        second: n2.clone(),
-                        addr: *a1,
-                    });
-                }
-            }
-        }
+        check_listeners(&listeners, allow_non_loopback)?;
         let direct_policy = match (self.direct, file.direct.as_deref()) {
             (Some(p), _) => p,
             (None, Some(s)) => s.parse().map_err(|e: String| invalid("direct", e))?,
@@ -519,27 +288,16 @@ impl Cli {
                 ),
             ));
         }
-        let alias_specs = if self.host_aliases.is_empty() {
-            &file.host_aliases
-        } else {
-            &self.host_aliases
-        };
         let host_aliases =
-            parse_host_aliases(alias_specs).map_err(|e| invalid("--host-alias", e))?;
-        let allowed_specs = if self.direct_allow_ips.is_empty() {
-            &file.direct_allow_ips
-        } else {
-            &self.direct_allow_ips
-        };
-        let allowed =
-            parse_allowed_ips(allowed_specs).map_err(|e| invalid("--direct-allow-ip", e))?;
-        let known_specs = if self.known_clusters.is_empty() {
-            &file.known_clusters
-        } else {
-            &self.known_clusters
-        };
+            parse_host_aliases(flags_or_file(&self.host_aliases, &file.host_aliases))
+                .map_err(|e| invalid("--host-alias", e))?;
+        let allowed = parse_allowed_ips(flags_or_file(
+            &self.direct_allow_ips,
+            &file.direct_allow_ips,
+        ))
+        .map_err(|e| invalid("--direct-allow-ip", e))?;
         let mut known_clusters = Vec::new();
-        for c in known_specs
+        for c in flags_or_file(&self.known_clusters, &file.known_clusters)
             .iter()
             .map(|c| c.trim())
             .filter(|c| !c.is_empty())
@@ -674,6 +432,7 @@ impl Cli {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser as _;
     use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT};
 
     use super::*;

@@ -1485,25 +1485,6 @@ const FREEZE_HOLD: Duration = Duration::from_secs(5);
 /// Longest wait for the thawed agent to be picked again.
 const THAW_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Milliseconds since the Unix epoch.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// When the server last picked `agent` (Unix ms, 0: never).
-async fn last_picked(client: &tunnel_proto::client::TunnelClient, agent: &str) -> u64 {
-    let clusters = client.list_clusters().await.unwrap_or_default();
-    clusters
-        .iter()
-        .flat_map(|c| c.agents.iter())
-        .filter(|a| a.agent_id == agent)
-        .map(|a| a.last_picked_unix_ms)
-        .max()
-        .unwrap_or(0)
-}
-
 /// One server process and two agent processes of one cluster, under a load
 /// of [`FREEZE_RATE`] new connections a second (each a 32-byte echo); one
 /// agent is frozen (SIGSTOP) for [`FREEZE_HOLD`], then thawed.
@@ -1564,14 +1545,10 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
             slowest_us.clone(),
             counting.clone(),
         );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1) / FREEZE_RATE);
-            let mut tasks = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
+        tokio::spawn(steady_load(
+            FREEZE_RATE,
+            stop.cancelled_owned(),
+            move |_| {
                 let (client, target, failed, slowest_us, counting) = (
                     client.clone(),
                     target.clone(),
@@ -1579,7 +1556,7 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
                     slowest_us.clone(),
                     counting.clone(),
                 );
-                tasks.spawn(async move {
+                async move {
                     let started = Instant::now();
                     let res = tokio::time::timeout(Duration::from_secs(10), async {
                         let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
@@ -1601,11 +1578,9 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                });
-                while tasks.try_join_next().is_some() {}
-            }
-            while tasks.join_next().await.is_some() {}
-        })
+                }
+            },
+        ))
     };
     tokio::time::sleep(FREEZE_WARMUP).await;
     let frozen = &agents[1];

@@ -250,3 +250,18 @@ impl NetNs {
         cmd
     }
 }
+
+impl NetNs {
+    /// A namespace with a unique name and random addresses in 10.231.0.0/16,
+    /// for tests; panics with the command's output if it cannot be made.
+    pub fn create() -> Self {
+        let tag: u32 = rand::random::<u32>() & 0xff_ffff;
+        let (third, fourth) = (rand::random::<u8>(), rand::random::<u8>() & 0xfc);
+        NetNs::create_with(
+            &format!("ct-{}-{tag:06x}", std::process::id()),
+            &format!("{tag:06x}"),
+            std::net::Ipv4Addr::new(10, 231, third, fourth + 1),
+        )
+        .expect("network namespace")
+    }
+}

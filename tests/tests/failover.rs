@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tunnel_tests::*;
 
@@ -110,29 +109,6 @@ async fn one_connection(proxy: SocketAddr, echo_port: u16, seq: u64) -> Outcome 
         Ok(Err(e)) => finish(Ended::Cut(format!("echo: {e}")), open_ms),
         Err(_) => finish(Ended::Cut("echo timed out".into()), open_ms),
     }
-}
-
-/// Opens [`RATE`] connections a second until `stop`; returns every outcome.
-async fn steady_load(proxy: SocketAddr, echo_port: u16, stop: CancellationToken) -> Vec<Outcome> {
-    let mut tasks = JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / RATE);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seq = 0u64;
-    let mut out = Vec::new();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            _ = tick.tick() => {
-                seq += 1;
-                tasks.spawn(one_connection(proxy, echo_port, seq));
-            }
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => out.push(done.expect("connection task")),
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        out.push(done.expect("connection task"));
-    }
-    out
 }
 
 /// A long-lived connection: round trips until it breaks or `stop`; returns
@@ -267,25 +243,6 @@ async fn wait_both_listed(listers: &[Arc<tunnel_proto::client::TunnelClient>]) {
     }
 }
 
-/// The agent a server says it last picked for a connection, and when.
-async fn last_picked(lister: &tunnel_proto::client::TunnelClient, agent: &str) -> u64 {
-    let clusters = lister.list_clusters().await.unwrap_or_default();
-    clusters
-        .iter()
-        .flat_map(|c| c.agents.iter())
-        .filter(|a| a.agent_id == agent)
-        .map(|a| a.last_picked_unix_ms)
-        .max()
-        .unwrap_or(0)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// A moment of the run, for the report.
 struct Mark {
     what: &'static str,
@@ -344,7 +301,14 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
 
     let stop = CancellationToken::new();
     let _stop_on_drop = stop.clone().drop_guard();
-    let load = tokio::spawn(steady_load(proxy, echo.port(), stop.clone()));
+    let load = {
+        let echo_port = echo.port();
+        tokio::spawn(steady_load(
+            RATE,
+            stop.clone().cancelled_owned(),
+            move |seq| one_connection(proxy, echo_port, seq),
+        ))
+    };
     let long: Vec<_> = (0..LONG_LIVED)
         .map(|_| tokio::spawn(long_lived(proxy, echo.port(), stop.clone())))
         .collect();

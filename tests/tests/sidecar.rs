@@ -98,19 +98,6 @@ async fn listeners_on_one_port(ips: &[IpAddr]) -> (u16, Vec<TcpListener>) {
     panic!("found no port free on all of {ips:?}");
 }
 
-fn spawn_echo(listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                if tokio::io::copy(&mut r, &mut w).await.is_ok() {
-                    let _ = w.shutdown().await;
-                }
-            });
-        }
-    });
-}
-
 /// A port on `ip` that nothing listens on.
 fn closed_port(ip: IpAddr) -> u16 {
     std::net::TcpListener::bind((ip, 0))

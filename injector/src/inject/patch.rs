@@ -8,7 +8,7 @@ use json_patch::{AddOperation, PatchOperation};
 use k8s_openapi::api::core::v1::Container;
 use serde_json::{Value, json};
 
-use super::PROXY_VARS;
+use super::env::PROXY_VARS;
 
 /// Adds to one container the variables it does not set itself. Each pair of
 /// proxy spellings counts as one: if the container sets either, both stay as
@@ -104,4 +104,26 @@ pub fn add(path: &[&str], value: Value) -> PatchOperation {
 pub(super) fn to_value<T: serde::Serialize>(v: T) -> Value {
     // k8s-openapi types always serialize.
     serde_json::to_value(v).expect("Kubernetes types serialize to JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_escape_slash_and_tilde() {
+        let op = add(
+            &["metadata", "annotations", "cluster-tunnel.io/injected"],
+            json!("x"),
+        );
+        assert_eq!(
+            op.path().as_str(),
+            "/metadata/annotations/cluster-tunnel.io~1injected"
+        );
+        let op = add(&["metadata", "annotations", "a~b/c"], json!("x"));
+        assert_eq!(op.path().as_str(), "/metadata/annotations/a~0b~1c");
+        let mut doc = json!({ "metadata": { "annotations": { "a~b/c": "old" } } });
+        json_patch::patch(&mut doc, &[op]).unwrap();
+        assert_eq!(doc["metadata"]["annotations"]["a~b/c"], "x");
+    }
 }

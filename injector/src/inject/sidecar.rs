@@ -4,14 +4,15 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, ExecAction, Lifecycle, LifecycleHandler, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Container, ContainerPort, EnvVar, ExecAction, Lifecycle, LifecycleHandler, Probe,
+    ProjectedVolumeSource, ResourceRequirements, SecretVolumeSource, ServiceAccountTokenProjection,
+    Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use tunnel_api::pod::{
     ADMIN_PORT_NAME, SIDECAR_CONTAINER, TLS_DIR, TLS_VOLUME, TOKEN_DIR, TOKEN_FILE, TOKEN_VOLUME,
+    restricted_security_context,
 };
 use tunnel_api::sidecar::DirectPolicy;
 
@@ -197,22 +198,7 @@ pub fn sidecar_container(options: &PodOptions, t: &SidecarTemplate) -> Container
         startup_probe,
         liveness_probe: Some(exec_probe(&t.probe_command, "healthz", 10, 3)),
         lifecycle,
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(t.run_as_user),
-            run_as_group: Some(t.run_as_user),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(restricted_security_context(t.run_as_user)),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(vec![
             VolumeMount {

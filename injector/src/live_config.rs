@@ -1,7 +1,8 @@
-//! Sidecar defaults from the `TunnelConfiguration` (`spec.sidecar`), so
-//! that the hub's one configuration resource also says what an injected
-//! sidecar looks like by default, and a change applies to the next pod
-//! without restarting the injector.
+//! The live configuration: sidecar defaults from the `TunnelConfiguration`
+//! (`spec.sidecar`), followed as it changes, so that the hub's one
+//! configuration resource also says what an injected sidecar looks like by
+//! default, and a change applies to the next pod without restarting the
+//! injector.
 //!
 //! The flags stay the fallback: a field the configuration leaves out (or
 //! the whole configuration, when it is absent or deleted) keeps the flag's
