@@ -34,7 +34,8 @@
 //! # Modules
 //!
 //! - [`process`]: [`run`], the tokio runtime (`TUNNEL_WORKER_THREADS`), the
-//!   termination signals (SIGTERM, Ctrl-C) and a process's instance id;
+//!   ports a binary listens on, the termination signals (SIGTERM, Ctrl-C)
+//!   and a process's instance id;
 //! - [`flags`]: the flag groups every command line flattens (`--server`,
 //!   the TLS files, logging, the admin address, flow control), so that a
 //!   shared flag is defined, and interpreted, once;
