@@ -1,14 +1,14 @@
 //! The `tunnel-agent` command line.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use tunnel_proto::backoff::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
-use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
+use tunnel_shell::flags::{AdminArgs, AgentSide, FlowArgs, LogArgs, ServerArgs, TlsArgs};
+use tunnel_shell::units::{parse_duration, parse_socket_buffer};
 
 use crate::allowlist::Allowlist;
 use crate::{Agent, AgentConfig};
@@ -18,33 +18,18 @@ use crate::{Agent, AgentConfig};
 #[derive(Debug, Parser)]
 #[command(name = "tunnel-agent", version = tunnel_proto::version::VERSION)]
 pub struct Cli {
-    /// Proxy server address(es), host:port; a DNS name that resolves to several
-    /// replicas gets a tunnel to each (repeatable or comma-separated).
-    #[arg(
-        long = "server",
-        env = "TUNNEL_SERVERS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub servers: Vec<String>,
-    /// The name the server certificate must carry (default: each address's host).
-    #[arg(long, env = "TUNNEL_SERVER_NAME")]
-    pub server_name: Option<String>,
+    /// The proxy servers (their agent port).
+    #[command(flatten)]
+    pub servers: ServerArgs<AgentSide>,
     /// The cluster this agent serves; must match its certificate.
     #[arg(long, env = "TUNNEL_CLUSTER")]
     pub cluster: String,
     /// Directory holding agent-<cluster>.pem, agent-<cluster>-key.pem and ca.pem.
     #[arg(long, env = "TUNNEL_CERT_DIR", default_value = "certs")]
     pub cert_dir: PathBuf,
-    /// Agent certificate chain (PEM); overrides the one in --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Agent private key (PEM); overrides the one in --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA bundle the server certificate must chain to; overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_CA")]
-    pub ca: Option<PathBuf>,
+    /// Files that override those in --cert-dir.
+    #[command(flatten)]
+    pub tls: TlsArgs<AgentSide>,
     /// This agent's id (default: host name plus a random suffix).
     #[arg(long, env = "TUNNEL_AGENT_ID")]
     pub agent_id: Option<String>,
@@ -71,7 +56,7 @@ pub struct Cli {
     /// (e.g. 256KiB): bounds what a destination that stops reading holds in
     /// this node's kernel. 0 leaves the buffers to the kernel's autotuning,
     /// up to net.ipv4.tcp_wmem/tcp_rmem's maxima per socket.
-    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", default_value = "0", value_parser = tunnel_proto::net::parse_socket_buffer)]
+    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", default_value = "0", value_parser = parse_socket_buffer)]
     pub socket_buffer: usize,
     /// How often server names are re-resolved to find new replicas.
     #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
@@ -81,7 +66,7 @@ pub struct Cli {
     pub dead_peer_timeout: Duration,
     /// Flow control of the tunnels.
     #[command(flatten)]
-    pub flow: tunnel_proto::cli::FlowArgs,
+    pub flow: FlowArgs,
     /// First reconnection delay (doubles up to --reconnect-max, with jitter).
     #[arg(long, env = "TUNNEL_RECONNECT_BASE", default_value = "200ms", value_parser = parse_duration)]
     pub reconnect_base: Duration,
@@ -91,9 +76,9 @@ pub struct Cli {
     /// Time open connections get to finish after SIGTERM.
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Address of the admin port (/healthz, /readyz, /metrics).
-    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8093")]
-    pub admin_listen: SocketAddr,
+    /// The admin port.
+    #[command(flatten)]
+    pub admin: AdminArgs<8093>,
     /// Join the hub without open-cluster-management: the hub's API server,
     /// where the agent's certificate request goes (with --join-token-file).
     /// The key is made here and written to --tls-key, the certificate to --tls-cert.
@@ -122,28 +107,16 @@ pub struct Cli {
     /// How often --addon-lease is renewed.
     #[arg(long, env = "TUNNEL_ADDON_LEASE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub addon_lease_interval: Duration,
-    /// Log format.
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-    /// Log filter (RUST_LOG overrides).
-    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl Cli {
     /// The certificate, key and CA files these flags name.
     pub fn tls_files(&self) -> TlsFiles {
-        let mut files = TlsFiles::in_dir(&self.cert_dir, &format!("agent-{}", self.cluster));
-        if let Some(c) = &self.tls_cert {
-            files.cert = c.clone();
-        }
-        if let Some(k) = &self.tls_key {
-            files.key = k.clone();
-        }
-        if let Some(ca) = &self.ca {
-            files.ca = ca.clone();
-        }
-        files
+        self.tls
+            .files(&self.cert_dir, &format!("agent-{}", self.cluster))
     }
 
     /// The agent configuration these flags describe.
@@ -152,7 +125,7 @@ impl Cli {
             .map_err(|e| anyhow::anyhow!("--cluster {:?}: {e}", self.cluster))?;
         let files = self.tls_files();
         let proxy = crate::proxy::ProxySettings::from_env()?;
-        for s in &self.servers {
+        for s in &self.servers.servers {
             if !s.contains(':') || s.ends_with(':') {
                 anyhow::bail!("--server {s:?}: expected host:port");
             }
@@ -184,24 +157,23 @@ impl Cli {
             self.reconnect_max
         };
         Ok(AgentConfig {
-            servers: self.servers.clone(),
-            server_name: self.server_name.clone(),
+            servers: self.servers.servers.clone(),
+            server_name: self.servers.server_name.clone(),
             cluster: self.cluster.clone(),
             agent_id: self
                 .agent_id
                 .clone()
-                .unwrap_or_else(tunnel_proto::cli::default_instance_id),
+                .unwrap_or_else(tunnel_shell::process::default_instance_id),
             tls: tunnel_proto::tls::ClientTls::client(files)?,
             h2: self
                 .flow
-                .settings(Liveness::from_timeout(self.dead_peer_timeout))
-                .map_err(|e| anyhow::anyhow!(e))?,
+                .settings(Liveness::from_timeout(self.dead_peer_timeout))?,
             allowlist,
             dial_timeout: self.dial_timeout,
             socket_buffer: self.socket_buffer,
             host_aliases,
             resolve_interval: self.resolve_interval.max(Duration::from_secs(1)),
-            admin_listen: self.admin_listen,
+            admin_listen: self.admin.admin_listen,
             backoff: (base, max),
             proxy,
         })
@@ -210,8 +182,7 @@ impl Cli {
 
 /// Runs the command line: the binary's whole `main`.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    tunnel_proto::tls::install_crypto_provider();
-    tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
+    cli.log.init();
     let join = match (&cli.join_hub_api, &cli.join_token_file) {
         (Some(url), Some(token)) => {
             tunnel_identity::spiffe::validate_cluster_name(&cli.cluster)
@@ -275,7 +246,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tunnel_proto::cli::termination_signal().await;
+    tunnel_shell::process::termination_signal().await;
     for task in [lease, join].into_iter().flatten() {
         task.abort();
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tunnel_proto::error::{ErrorCode, TunnelError, dial_error};
 use tunnel_proto::h2::StreamGuard;
@@ -114,8 +115,8 @@ pub struct AgentService {
     shared: Arc<DialerShared>,
     gate: Option<Arc<HelloGate>>,
     said_hello: Arc<AtomicBool>,
-    /// Told when the server asks the agent to leave (it is shutting down).
-    leave: Arc<tokio::sync::Notify>,
+    /// Cancelled when the server asks the agent to leave (it is shutting down).
+    leave: CancellationToken,
 }
 
 impl AgentService {
@@ -125,7 +126,7 @@ impl AgentService {
             shared,
             gate: None,
             said_hello: Arc::new(AtomicBool::new(false)),
-            leave: Arc::new(tokio::sync::Notify::new()),
+            leave: CancellationToken::new(),
         }
     }
 
@@ -142,9 +143,8 @@ impl AgentService {
         self.said_hello.load(Ordering::Acquire)
     }
 
-    /// Notified (once, kept until awaited) when the server asks the agent to
-    /// leave this tunnel.
-    pub fn leave_signal(&self) -> Arc<tokio::sync::Notify> {
+    /// Cancelled when the server asks the agent to leave this tunnel.
+    pub fn leave_signal(&self) -> CancellationToken {
         self.leave.clone()
     }
 }
@@ -245,7 +245,7 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let server = req.into_inner().server_id;
         tracing::info!(%server, "the server is shutting down; looking for another replica, this tunnel stays until the server closes it");
-        self.leave.notify_one();
+        self.leave.cancel();
         Ok(Response::new(pb::LeaveResponse {}))
     }
 }

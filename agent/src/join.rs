@@ -86,6 +86,21 @@ pub enum JoinError {
         #[source]
         source: std::io::Error,
     },
+    /// The hub's API server address is no URL.
+    #[error("the hub's API server {url:?}: {source}")]
+    HubUrl {
+        /// The address given.
+        url: String,
+        /// What is wrong with it.
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// The hub's CA bundle is no PEM certificate bundle.
+    #[error("the hub's CA bundle: {0}")]
+    HubCa(#[source] rustls_pki_types::pem::Error),
+    /// No client for the hub could be made with these settings.
+    #[error("cannot make a client for the hub: {0}")]
+    HubClient(#[source] kube::Error),
 }
 
 fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> JoinError {
@@ -308,16 +323,21 @@ pub fn hub_client(
     url: &str,
     ca_pem: Option<&[u8]>,
     token_file: &str,
-) -> anyhow::Result<kube::Client> {
-    let mut config = kube::Config::new(url.parse()?);
+) -> Result<kube::Client, JoinError> {
+    let uri = url.parse().map_err(|source| JoinError::HubUrl {
+        url: url.to_owned(),
+        source,
+    })?;
+    let mut config = kube::Config::new(uri);
     if let Some(pem) = ca_pem {
         let roots: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
             .map(|c| c.map(|c| c.to_vec()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(JoinError::HubCa)?;
         config.root_cert = Some(roots);
     }
     config.auth_info.token_file = Some(token_file.to_owned());
-    Ok(kube::Client::try_from(config)?)
+    kube::Client::try_from(config).map_err(JoinError::HubClient)
 }
 
 #[cfg(test)]

@@ -26,4 +26,4 @@ pub mod proxy;
 pub mod servers;
 pub mod tunnels;
 
-pub use tunnels::{Agent, AgentConfig};
+pub use tunnels::{Agent, AgentConfig, StartError};

@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-pub use tunnel_proto::admin::CodeLabel;
+pub use tunnel_shell::metrics::CodeLabel;
 
 /// Label: a direction (`to_destination` or `from_destination`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,7 +43,7 @@ impl AgentMetrics {
             tunnel_failures: Counter::default(),
             duplicate_tunnels: Counter::default(),
             dials: Family::default(),
-            dial_latency: Histogram::new(tunnel_proto::admin::LATENCY_BUCKETS),
+            dial_latency: Histogram::new(tunnel_shell::metrics::LATENCY_BUCKETS),
             open_connections: Gauge::default(),
             bytes: Family::default(),
         };

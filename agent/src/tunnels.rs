@@ -22,11 +22,12 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::h2::{H2Server, H2Settings};
 use tunnel_proto::pb::agent_server::AgentServer;
@@ -82,27 +83,35 @@ pub struct AgentConfig {
     pub proxy: crate::proxy::ProxySettings,
 }
 
+/// Why an agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The admin port could not be bound.
+    #[error(transparent)]
+    Listen(#[from] tunnel_shell::process::ListenError),
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     /// The admin port's address.
     pub admin_addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    /// Stops the tunnels (GOAWAY) and the admin port; cancelled too when the
+    /// agent is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
     metrics: AgentMetrics,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
     /// Starts the admin port and the tunnels.
-    pub async fn start(config: AgentConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let admin_l = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
-        let admin_addr = admin_l.local_addr()?;
+    pub async fn start(config: AgentConfig) -> Result<Self, StartError> {
+        let (admin_l, admin_addr) =
+            tunnel_shell::process::listen("admin", config.admin_listen).await?;
         let mut registry = Registry::default();
         let metrics = AgentMetrics::register(&mut registry);
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let shared = Arc::new(DialerShared {
             agent_id: config.agent_id.clone(),
             cluster: config.cluster.clone(),
@@ -114,27 +123,25 @@ impl Agent {
             socket_buffer: config.socket_buffer,
         });
         let gauge = metrics.tunnels_up.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(
+        let admin = tunnel_shell::admin::AdminServer::new(
             Arc::new(registry),
             Arc::new(move || gauge.get() > 0),
         );
-        let mut admin_stop = stop_rx.clone();
+        let admin_stop = stop.clone();
         let mut tasks = vec![tokio::spawn(async move {
-            let stop = async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            };
-            if let Err(err) = admin.serve(admin_l, stop).await {
+            if let Err(err) = admin.serve(admin_l, admin_stop).await {
                 tracing::error!(%err, "admin server failed");
             }
         })];
         tasks.push(tokio::spawn(supervise(
             Arc::new(config.clone()),
             shared,
-            stop_rx,
+            stop.clone(),
         )));
         tracing::info!(cluster = %config.cluster, agent = %config.agent_id, servers = ?config.servers, %admin_addr, "tunnel agent started");
         Ok(Self {
             admin_addr,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             metrics,
             tasks,
@@ -149,7 +156,7 @@ impl Agent {
     /// Stops: tunnels send GOAWAY (open connections run on), then everything
     /// ends after `drain` at the latest.
     pub async fn shutdown(self, drain: Duration) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         let metrics = self.metrics.clone();
         let drained = async {
             while metrics.open_connections.get() > 0 {
@@ -193,11 +200,6 @@ async fn resolve_all(
     out
 }
 
-/// Completes once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// A task aborted when dropped, so that stopping the supervisor stops
 /// everything it started.
 struct Task(tokio::task::JoinHandle<()>);
@@ -208,11 +210,7 @@ impl Drop for Task {
     }
 }
 
-async fn supervise(
-    config: Arc<AgentConfig>,
-    shared: Arc<DialerShared>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn supervise(config: Arc<AgentConfig>, shared: Arc<DialerShared>, stop: CancellationToken) {
     let registry = Arc::new(ServerRegistry::default());
     let (wanted_tx, wanted_rx) = watch::channel(HashSet::<SocketAddr>::new());
     let mut current: HashMap<SocketAddr, Arc<str>> = HashMap::new();
@@ -237,7 +235,7 @@ async fn supervise(
         }
         tokio::select! {
             _ = tokio::time::sleep(config.resolve_interval) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.cancelled() => break,
         }
     }
     for (_, mut t) in running {
@@ -264,8 +262,8 @@ struct UpTunnel {
     server_count: u32,
     claim: Claim,
     conn: Connection,
-    /// Notified when the server asks the agent to leave.
-    leave: Arc<tokio::sync::Notify>,
+    /// Cancelled when the server asks the agent to leave.
+    leave: CancellationToken,
 }
 
 /// How an attempt to open a tunnel ended.
@@ -295,12 +293,12 @@ struct Ended {
 async fn keep_tunnels(
     server: ServerAddress,
     mut wanted: watch::Receiver<HashSet<SocketAddr>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut keeper = Keeper::new(server);
     let mut changes = keeper.server.registry.subscribe();
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             break;
         }
         let is_wanted = wanted.borrow().contains(&keeper.server.addr);
@@ -312,14 +310,14 @@ async fn keep_tunnels(
         if need && Instant::now() >= keeper.not_before {
             tokio::select! {
                 attempt = keeper.server.open(stop.clone()) => keeper.attempted(attempt),
-                () = stopped(&mut stop) => break,
+                () = stop.cancelled() => break,
             }
             continue;
         }
         tokio::select! {
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
             Some(ended) = keeper.live.join_next() => {
-                if *stop.borrow() {
+                if stop.is_cancelled() {
                     break;
                 }
                 if let Ok(ended) = ended {
@@ -444,7 +442,7 @@ impl Keeper {
 
 impl ServerAddress {
     /// Connects and waits for the server's hello.
-    async fn open(&self, stop: watch::Receiver<bool>) -> Attempt {
+    async fn open(&self, stop: CancellationToken) -> Attempt {
         let tls = match self.connect().await {
             Ok(tls) => tls,
             Err(err) => return Attempt::Failed(err),
@@ -523,7 +521,7 @@ fn serve_tunnel(
     tls: TlsStream<TcpStream>,
     svc: AgentService,
     config: Arc<AgentConfig>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Connection {
     let control =
         AgentServer::new(svc.clone()).max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
@@ -535,7 +533,7 @@ fn serve_tunnel(
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
-                () = stopped(&mut stop), if !draining => {
+                () = stop.cancelled(), if !draining => {
                     draining = true;
                     conn.graceful_shutdown();
                     continue;
@@ -610,7 +608,7 @@ async fn run_up(
     let result = loop {
         tokio::select! {
             result = &mut conn => break result,
-            () = leave.notified(), if !left => {
+            () = leave.cancelled(), if !left => {
                 left = true;
                 leaving.fetch_add(1, Ordering::AcqRel);
                 claim.leave();

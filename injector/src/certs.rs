@@ -20,6 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_identity::pki::{self, LeafUsage};
 use tunnel_proto::tls::TlsError;
 
@@ -92,17 +93,70 @@ pub fn generate(dns_names: &[String]) -> Result<GeneratedCert, rcgen::Error> {
     })
 }
 
+/// A serving certificate that cannot be used; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read.
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        /// What the file should hold.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate chain is no PEM.
+    #[error("certificate chain: {0}")]
+    Chain(#[source] rustls_pki_types::pem::Error),
+    /// The certificate chain holds no certificate.
+    #[error("certificate chain: no PEM certificate")]
+    NoCertificate,
+    /// The private key is no PEM key.
+    #[error("private key: {0}")]
+    Key(#[source] rustls_pki_types::pem::Error),
+    /// rustls refuses the pair (the key does not match the certificate, ...).
+    #[error("certificate and key: {0}")]
+    Pair(#[source] rustls::Error),
+    /// The certificate and key files, as a pair, are unusable.
+    #[error("{} and {}: {source}", cert.display(), key.display())]
+    Files {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// What is wrong with them.
+        #[source]
+        source: Box<CertError>,
+    },
+    /// The CA bundle is no PEM.
+    #[error("CA bundle {}: {source}", path.display())]
+    CaBundle {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The CA bundle holds no certificate.
+    #[error("CA bundle {}: no PEM certificate", path.display())]
+    EmptyCaBundle {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
 /// Builds the rustls key of a PEM chain and key.
-pub fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
+pub fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, CertError> {
     let chain = CertificateDer::pem_slice_iter(chain_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate chain: {e}"))?;
+        .map_err(CertError::Chain)?;
     if chain.is_empty() {
-        return Err("certificate chain: no PEM certificate".into());
+        return Err(CertError::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("private key: {e}"))?;
-    CertifiedKey::from_der(chain, key, &tunnel_proto::tls::provider())
-        .map_err(|e| format!("certificate and key: {e}"))
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(CertError::Key)?;
+    CertifiedKey::from_der(chain, key, &tunnel_proto::tls::provider()).map_err(CertError::Pair)
 }
 
 /// The certificate the webhook presents now; swapped when files change.
@@ -173,13 +227,17 @@ pub struct LoadedFiles {
     pub digest: [u8; 32],
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|source| CertError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl CertFiles {
     /// Reads and checks the files.
-    pub fn load(&self) -> Result<LoadedFiles, String> {
+    pub fn load(&self) -> Result<LoadedFiles, CertError> {
         let cert = read(&self.cert, "certificate")?;
         let key_pem = read(&self.key, "private key")?;
         let ca_pem = match &self.ca {
@@ -187,17 +245,23 @@ impl CertFiles {
                 let pem = read(path, "CA bundle")?;
                 let count = CertificateDer::pem_slice_iter(&pem)
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| format!("CA bundle {}: {e}", path.display()))?
+                    .map_err(|source| CertError::CaBundle {
+                        path: path.clone(),
+                        source,
+                    })?
                     .len();
                 if count == 0 {
-                    return Err(format!("CA bundle {}: no PEM certificate", path.display()));
+                    return Err(CertError::EmptyCaBundle { path: path.clone() });
                 }
                 Some(pem)
             }
             None => None,
         };
-        let key = certified_key(&cert, &key_pem)
-            .map_err(|e| format!("{} and {}: {e}", self.cert.display(), self.key.display()))?;
+        let key = certified_key(&cert, &key_pem).map_err(|e| CertError::Files {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            source: Box::new(e),
+        })?;
         let mut digest = Sha256::new();
         for part in [&cert, &key_pem, ca_pem.as_ref().unwrap_or(&Vec::new())] {
             digest.update((part.len() as u64).to_be_bytes());
@@ -215,7 +279,7 @@ impl CertFiles {
 /// are valid, serves the new certificate and publishes the new CA (when the
 /// injector keeps the `caBundle`).
 /// Invalid files (a half-written rotation) keep the old certificate and are
-/// retried at the next tick. Runs until `stop` turns true.
+/// retried at the next tick. Runs until `stop` is cancelled.
 pub async fn watch_files(
     files: CertFiles,
     mut digest: [u8; 32],
@@ -223,7 +287,7 @@ pub async fn watch_files(
     ca_bundle: Option<watch::Sender<BundlePolicy>>,
     interval: Duration,
     metrics: InjectorMetrics,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -231,7 +295,7 @@ pub async fn watch_files(
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.cancelled() => return,
         }
         match files.load() {
             Ok(loaded) if loaded.digest == digest => {}
@@ -320,17 +384,32 @@ mod tests {
             ca: Some(dir.path().join("ca.crt")),
         };
         let err = files.load().unwrap_err();
-        assert!(err.contains("tls.crt"), "{err}");
+        assert!(
+            matches!(
+                err,
+                CertError::Read {
+                    what: "certificate",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tls.crt"), "{err}");
         std::fs::write(&files.cert, &generated.cert_pem).unwrap();
         std::fs::write(&files.key, &generated.key_pem).unwrap();
         std::fs::write(files.ca.as_ref().unwrap(), "not a certificate").unwrap();
         let err = files.load().unwrap_err();
-        assert!(err.contains("ca.crt"), "{err}");
+        assert!(matches!(err, CertError::EmptyCaBundle { .. }), "{err}");
+        assert!(err.to_string().contains("ca.crt"), "{err}");
         std::fs::write(files.ca.as_ref().unwrap(), &generated.ca_pem).unwrap();
         let other = generate(&["b".into()]).unwrap();
         std::fs::write(&files.key, &other.key_pem).unwrap();
         let err = files.load().unwrap_err();
-        assert!(err.contains("tls.key"), "{err}");
+        let CertError::Files { source, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(matches!(**source, CertError::Pair(_)), "{err}");
+        assert!(err.to_string().contains("tls.key"), "{err}");
         std::fs::write(&files.key, &generated.key_pem).unwrap();
         let loaded = files.load().unwrap();
         assert_eq!(loaded.ca_pem.as_deref(), Some(generated.ca_pem.as_bytes()));

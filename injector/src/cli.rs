@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, parse_host_port};
-use tunnel_proto::cli::{LogFormat, parse_duration};
+use tunnel_shell::flags::{AdminArgs, LogArgs};
+use tunnel_shell::units::parse_duration;
 
 use crate::annotations::{Defaults, Mode, Resources, parse_quantity};
 use crate::certs::{CertFiles, service_dns_names};
@@ -25,9 +26,9 @@ pub struct Cli {
     /// Address of the webhook (HTTPS).
     #[arg(long, env = "TUNNEL_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
-    /// Address of the admin port (/healthz, /readyz, /metrics).
-    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8094")]
-    pub admin_listen: SocketAddr,
+    /// The admin port.
+    #[command(flatten)]
+    pub admin: AdminArgs<8094>,
     /// Serving certificate chain (PEM); without it a certificate is generated at start.
     #[arg(long, env = "TUNNEL_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -184,12 +185,9 @@ pub struct Cli {
     #[arg(long = "no-proxy", env = "TUNNEL_NO_PROXY", value_delimiter = ',')]
     pub no_proxy: Vec<String>,
 
-    /// Log format.
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-    /// Log filter (RUST_LOG overrides).
-    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn quantity(flag: &str, value: &str) -> anyhow::Result<f64> {
@@ -326,7 +324,7 @@ impl Cli {
         };
         Ok(InjectorConfig {
             listen: self.listen,
-            admin_listen: self.admin_listen,
+            admin_listen: self.admin.admin_listen,
             certs,
             cert_reload_interval: self.cert_reload_interval.max(Duration::from_millis(100)),
             ca_bundle_sync,
@@ -339,8 +337,7 @@ impl Cli {
 
 /// Runs the command line: the binary's whole `main`.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    tunnel_proto::tls::install_crypto_provider();
-    tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
+    cli.log.init();
     let config = cli.to_config()?;
     let shutdown_delay = cli.shutdown_delay;
     let client = if config.ca_bundle_sync.is_some() || config.config_name.is_some() {
@@ -354,7 +351,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         None
     };
     let injector = Injector::start(config, client).await?;
-    tunnel_proto::cli::termination_signal().await;
+    tunnel_shell::process::termination_signal().await;
     injector.drain();
     tokio::time::sleep(shutdown_delay).await;
     injector.shutdown().await;

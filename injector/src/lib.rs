@@ -108,10 +108,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tunnel_shell::process::{ListenError, listen};
 
 use crate::ca_bundle::BundlePolicy;
 use crate::certs::{CertFiles, ServingCert};
@@ -164,6 +164,35 @@ pub struct InjectorConfig {
     pub config_name: Option<String>,
 }
 
+/// Why an injector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The serving certificate could not be generated.
+    #[error("cannot generate the webhook's certificate: {0}")]
+    Generate(#[source] rcgen::Error),
+    /// The generated certificate does not load (a bug, not a setting).
+    #[error("generated certificate: {0}")]
+    Generated(#[source] certs::CertError),
+    /// The certificate files do not load.
+    #[error(transparent)]
+    Files(#[from] certs::CertError),
+    /// The caBundle is to be kept, but the CA of the files is not known.
+    #[error(
+        "keeping the caBundle needs the CA of the provided certificate (--tls-ca); \
+         with cert-manager, pass --cert-manager instead"
+    )]
+    NoCa,
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tunnel_proto::tls::TlsError),
+    /// A port (`webhook`, `admin`) could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// Keeping the caBundle or following a configuration, without a client.
+    #[error("{0} needs a Kubernetes client")]
+    NoClient(&'static str),
+}
+
 /// A running injector.
 #[derive(Debug)]
 pub struct Injector {
@@ -173,8 +202,10 @@ pub struct Injector {
     pub admin_addr: SocketAddr,
     generated_ca: Option<String>,
     draining: Arc<AtomicBool>,
-    stop: watch::Sender<bool>,
-    controller_stop: Option<oneshot::Sender<()>>,
+    /// Stops the webhook, the admin port and the controllers; cancelled too
+    /// when the injector is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -184,22 +215,21 @@ impl Injector {
     pub async fn start(
         config: InjectorConfig,
         client: Option<kube::Client>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, StartError> {
         let mut registry = Registry::default();
         let metrics = InjectorMetrics::register(&mut registry);
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
 
         // The certificate, and what the caBundle must hold when we keep it.
         let (serving, policy, generated_ca, files) = match &config.certs {
             CertSource::Generated { dns_names } => {
-                let generated = certs::generate(dns_names)
-                    .context("cannot generate the webhook's certificate")?;
+                let generated = certs::generate(dns_names).map_err(StartError::Generate)?;
                 let key = certs::certified_key(
                     generated.cert_pem.as_bytes(),
                     generated.key_pem.as_bytes(),
                 )
-                .map_err(|e| anyhow::anyhow!("generated certificate: {e}"))?;
+                .map_err(StartError::Generated)?;
                 tracing::info!(names = ?dns_names, "generated a serving certificate and its CA");
                 let policy = config
                     .ca_bundle_sync
@@ -211,14 +241,11 @@ impl Injector {
                 (ServingCert::new(key), policy, Some(generated.ca_pem), None)
             }
             CertSource::Files(files) => {
-                let loaded = files.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let loaded = files.load()?;
                 let policy = match (&config.ca_bundle_sync, &loaded.ca_pem) {
                     (None, _) => None,
                     (Some(_), Some(ca)) => Some(BundlePolicy::Exact(ca.clone())),
-                    (Some(_), None) => anyhow::bail!(
-                        "keeping the caBundle needs the CA of the provided certificate (--tls-ca); \
-                         with cert-manager, pass --cert-manager instead"
-                    ),
+                    (Some(_), None) => return Err(StartError::NoCa),
                 };
                 (
                     ServingCert::new(loaded.key),
@@ -230,34 +257,23 @@ impl Injector {
         };
         let tls = certs::server_config(serving.clone())?;
 
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on webhook address {}", config.listen))?;
-        let admin_listener = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
-        let webhook_addr = listener.local_addr()?;
-        let admin_addr = admin_listener.local_addr()?;
+        let (listener, webhook_addr) = listen("webhook", config.listen).await?;
+        let (admin_listener, admin_addr) = listen("admin", config.admin_listen).await?;
 
         let synced = Arc::new(AtomicBool::new(config.ca_bundle_sync.is_none()));
-        let mut controller_stop = None;
         let mut policy_tx = None;
         if let (Some(sync), Some(policy)) = (&config.ca_bundle_sync, policy) {
             let client = client
                 .clone()
-                .context("keeping the caBundle needs a Kubernetes client")?;
+                .ok_or(StartError::NoClient("keeping the caBundle"))?;
             let (tx, policy_rx) = watch::channel(policy);
             policy_tx = Some(tx);
-            let (tx, rx) = oneshot::channel::<()>();
-            controller_stop = Some(tx);
             tasks.push(tokio::spawn(ca_bundle::run(
                 client,
                 sync.webhook_config_name.clone(),
                 (policy_rx, metrics.clone(), synced.clone()),
                 sync.resync,
-                async move {
-                    let _ = rx.await;
-                },
+                stop.clone().cancelled_owned(),
             )));
         }
         if let Some((files, digest)) = files {
@@ -268,7 +284,7 @@ impl Injector {
                 policy_tx,
                 config.cert_reload_interval,
                 metrics.clone(),
-                stop_rx.clone(),
+                stop.clone(),
             )));
         }
 
@@ -276,13 +292,13 @@ impl Injector {
         if let Some(name) = &config.config_name {
             let client = client
                 .clone()
-                .context("following the TunnelConfiguration needs a Kubernetes client")?;
+                .ok_or(StartError::NoClient("following the TunnelConfiguration"))?;
             tasks.push(tokio::spawn(live_config::follow(
                 client,
                 name.clone(),
                 config.template.clone(),
                 templates_tx,
-                stop_rx.clone(),
+                stop.clone(),
             )));
         }
         let reviewer = Arc::new(Reviewer::new(templates, config.fail_closed, metrics));
@@ -290,23 +306,20 @@ impl Injector {
             listener,
             tls,
             reviewer,
-            stop_rx.clone(),
+            stop.clone(),
         )));
 
         let (ready, draining) = (synced.clone(), Arc::new(AtomicBool::new(false)));
         let not_draining = draining.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(
+        let admin = tunnel_shell::admin::AdminServer::new(
             Arc::new(registry),
             Arc::new(move || {
                 ready.load(Ordering::Acquire) && !not_draining.load(Ordering::Acquire)
             }),
         );
-        let mut admin_stop = stop_rx.clone();
+        let admin_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let stopped = async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            };
-            if let Err(error) = admin.serve(admin_listener, stopped).await {
+            if let Err(error) = admin.serve(admin_listener, admin_stop).await {
                 tracing::error!(%error, "admin server failed");
             }
         }));
@@ -316,8 +329,8 @@ impl Injector {
             admin_addr,
             generated_ca,
             draining,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
-            controller_stop,
             tasks,
         })
     }
@@ -338,10 +351,7 @@ impl Injector {
 
     /// Stops accepting, lets open requests finish, stops the controller.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(tx) = self.controller_stop.take() {
-            let _ = tx.send(());
-        }
+        self.stop.cancel();
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }

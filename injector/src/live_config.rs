@@ -14,6 +14,7 @@ use std::sync::Arc;
 use futures_util::StreamExt as _;
 use kube::api::Api;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_api::configuration::{SidecarDefaults, TunnelConfiguration};
 
 use crate::annotations::parse_quantity;
@@ -70,17 +71,17 @@ pub fn overlay(
 
 /// Follows the configuration `name` and publishes the template to use:
 /// `base` overlaid with its `spec.sidecar`, or `base` while it is absent.
-/// Runs until `stop` turns true.
+/// Runs until `stop` is cancelled.
 pub async fn follow(
     client: kube::Client,
     name: String,
     base: SidecarTemplate,
     templates: watch::Sender<Arc<SidecarTemplate>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     tokio::select! {
         () = follow_events(client, &name, &base, &templates) => {}
-        _ = stop.wait_for(|s| *s) => {}
+        () = stop.cancelled() => {}
     }
 }
 

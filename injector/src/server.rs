@@ -15,9 +15,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
 use crate::review::Reviewer;
@@ -57,13 +58,13 @@ pub fn routes(
         })
 }
 
-/// Serves the webhook on `listener` until `stop` turns true, then lets open
+/// Serves the webhook on `listener` until `stop` is cancelled, then lets open
 /// connections finish their requests for a few seconds.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     reviewer: Arc<Reviewer>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let service = warp::service(routes(reviewer));
@@ -71,14 +72,14 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     loop {
         let permit = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.cancelled() => break,
             permit = limit.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
         let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         while connections.try_join_next().is_some() {}
@@ -115,7 +116,7 @@ async fn serve_connection<S>(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     service: S,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) where
     S: tower_service::Service<
@@ -149,8 +150,7 @@ async fn serve_connection<S>(
     let mut conn = std::pin::pin!(conn);
     let finished = tokio::select! {
         result = conn.as_mut() => Some(result),
-        // The watch guard must not live across the await below (it is not Send).
-        _ = stop.wait_for(|s| *s) => None,
+        () = stop.cancelled() => None,
     };
     let result = match finished {
         Some(result) => result,

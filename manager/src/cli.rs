@@ -1,7 +1,6 @@
 //! The `tunnel-manager` binary: `crdgen`, `run` (the controllers) and `health`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,10 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 use tokio::sync::watch;
-use tunnel_proto::cli::{LogFormat, init_logging, parse_duration};
+use tokio_util::sync::CancellationToken;
 use tunnel_proto::client::{ClientOptions, TunnelClient};
 use tunnel_proto::h2::H2Settings;
-use tunnel_proto::tls::TlsFiles;
+use tunnel_shell::flags::{AdminArgs, ClientSide, LogArgs, ServerArgs, TlsArgs};
+use tunnel_shell::units::parse_duration;
 
 use crate::addons;
 use crate::config_watch;
@@ -71,17 +71,9 @@ pub struct RunArgs {
     /// Name of the TunnelConfiguration to follow.
     #[arg(long, env = "TUNNEL_CONFIG_NAME", default_value = tunnel_api::configuration::DEFAULT_NAME)]
     pub config_name: String,
-    /// The servers' client port (for the live view of connected agents).
-    #[arg(
-        long = "server",
-        env = "TUNNEL_SERVERS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub servers: Vec<String>,
-    /// Name the server certificate carries.
-    #[arg(long, env = "TUNNEL_SERVER_NAME")]
-    pub server_name: Option<String>,
+    /// The servers' client port, for the live view of connected agents.
+    #[command(flatten)]
+    pub servers: ServerArgs<ClientSide>,
     /// Base name of the server Services (`<name>`, `<name>-agents`, `<name>-headless`): put in the server certificate.
     #[arg(
         long,
@@ -154,15 +146,12 @@ pub struct RunArgs {
     /// How often the server is asked which agents are connected.
     #[arg(long, env = "TUNNEL_LIVE_VIEW_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub live_view_interval: Duration,
-    /// `/healthz`, `/readyz`, `/metrics`.
-    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8095")]
-    pub admin_listen: SocketAddr,
-    /// Log format.
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-    /// Log filter (`RUST_LOG` overrides).
-    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// The admin port.
+    #[command(flatten)]
+    pub admin: AdminArgs<8095>,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Flags of `uninstall`.
@@ -178,12 +167,9 @@ pub struct UninstallArgs {
     /// Time the manager gets to remove each cluster's agent before it is done here.
     #[arg(long, env = "TUNNEL_UNINSTALL_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub wait: Duration,
-    /// Log format.
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-    /// Log filter (`RUST_LOG` overrides).
-    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Flags of `join-token`.
@@ -227,15 +213,9 @@ pub struct HealthArgs {
     /// Which client certificate in --cert-dir.
     #[arg(long, env = "TUNNEL_CLIENT_NAME", default_value = "sidecar")]
     pub client_name: String,
-    /// Client certificate (instead of --cert-dir).
-    #[arg(long, env = "TUNNEL_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client key.
-    #[arg(long, env = "TUNNEL_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// CA of the server certificate.
-    #[arg(long, env = "TUNNEL_CA")]
-    pub ca: Option<PathBuf>,
+    /// Files that override those in --cert-dir (a certificate with its key).
+    #[command(flatten)]
+    pub tls: TlsArgs<ClientSide>,
     /// Host probed in each cluster.
     #[arg(long, default_value = "kubernetes.default.svc")]
     pub probe_host: String,
@@ -274,7 +254,6 @@ pub struct HealthArgs {
 
 /// Runs a command.
 pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
-    tunnel_proto::tls::install_crypto_provider();
     match cli.command {
         Command::Crdgen => {
             print!("{}", tunnel_api::configuration::crd_yaml());
@@ -290,7 +269,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Run(args) => {
-            init_logging(args.log_format, &args.log_level);
+            args.log.init();
             run(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::ApplyCrds => {
@@ -318,7 +297,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall(args) => {
-            init_logging(args.log_format, &args.log_level);
+            args.log.init();
             let client = kube::Client::try_default()
                 .await
                 .context("Kubernetes client")?;
@@ -342,14 +321,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The `health` command's output and whether every cluster was healthy.
 pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)> {
-    let mut files = TlsFiles::in_dir(&args.cert_dir, &format!("client-{}", args.client_name));
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        files.cert = cert.clone();
-        files.key = key.clone();
+    // A certificate from elsewhere comes with its key, not with one of --cert-dir.
+    if args.tls.tls_cert.is_some() != args.tls.tls_key.is_some() {
+        anyhow::bail!("--tls-cert and --tls-key go together");
     }
-    if let Some(ca) = &args.ca {
-        files.ca = ca.clone();
-    }
+    let files = args
+        .tls
+        .files(&args.cert_dir, &format!("client-{}", args.client_name));
     let tls = tunnel_proto::tls::ClientTls::client(files).context("client TLS")?;
     let client = TunnelClient::new(ClientOptions {
         servers: args.servers.clone(),
@@ -427,28 +405,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("Kubernetes client")?;
-    let shutdown = Arc::new(tokio::sync::Notify::new());
+    // Cancelled on SIGTERM; a part that starts waiting later still sees it.
+    let shutdown = CancellationToken::new();
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            tunnel_proto::cli::termination_signal().await;
-            shutdown.notify_waiters();
+            tunnel_shell::process::termination_signal().await;
+            shutdown.cancel();
         });
     }
     let ready = Arc::new(AtomicBool::new(false));
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::ManagerMetrics::register(&mut registry);
     let registry = Arc::new(registry);
-    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+    let admin_listen = args.admin.admin_listen;
+    let listener = tokio::net::TcpListener::bind(admin_listen)
         .await
-        .with_context(|| format!("admin port {}", args.admin_listen))?;
+        .with_context(|| format!("admin port {admin_listen}"))?;
     let ready_check = ready.clone();
-    let admin = tunnel_proto::admin::AdminServer::new(
+    let admin = tunnel_shell::admin::AdminServer::new(
         registry,
         Arc::new(move || ready_check.load(Ordering::Acquire)),
     );
-    let stop = shutdown.clone();
-    tokio::spawn(admin.serve(listener, async move { stop.notified().await }));
+    tokio::spawn(admin.serve(listener, shutdown.clone()));
 
     if args.no_leader_election {
         metrics.leader.set(1);
@@ -474,7 +453,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(%lease, identity = %args.identity, "waiting to lead");
     tokio::select! {
         _ = leading_rx.wait_for(|l| *l) => {}
-        () = shutdown.notified() => return Ok(()),
+        () = shutdown.cancelled() => return Ok(()),
     }
     metrics.leader.set(1);
     let result = tokio::select! {
@@ -498,7 +477,7 @@ fn default_identity() -> String {
 async fn controllers(
     args: RunArgs,
     client: kube::Client,
-    shutdown: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
     metrics: crate::metrics::ManagerMetrics,
 ) -> anyhow::Result<()> {
@@ -563,10 +542,10 @@ async fn controllers(
             status: board.clone(),
             metrics: metrics.clone(),
         });
-        let stop = shutdown.clone();
+        let stop = shutdown.clone().cancelled_owned();
         let config_name = args.config_name.clone();
         tokio::spawn(async move {
-            server_objects::run(ctx, &config_name, async move { stop.notified().await }).await;
+            server_objects::run(ctx, &config_name, stop).await;
         });
     }
 
@@ -590,8 +569,8 @@ async fn controllers(
     let validity = time::Duration::days(i64::from(config.spec.signer.certificate_validity_days));
     let client_tls = manager_client_tls(&signer, &args.trust_domain, validity)?;
     let tunnel = TunnelClient::new(ClientOptions {
-        servers: args.servers.clone(),
-        server_name: args.server_name.clone(),
+        servers: args.servers.servers.clone(),
+        server_name: args.servers.server_name.clone(),
         tls: client_tls.into(),
         h2: H2Settings::default(),
         connect_timeout: Duration::from_secs(10),
@@ -603,13 +582,12 @@ async fn controllers(
 
     // Opted-in pods admitted without the sidecar.
     if !args.no_pod_report {
-        let stop = shutdown.clone();
         tokio::spawn(crate::coverage::run(
             client.clone(),
             args.namespace_label.clone(),
             metrics.clone(),
             crate::coverage::SCAN_INTERVAL,
-            async move { stop.notified().await },
+            shutdown.clone().cancelled_owned(),
         ));
     }
 
@@ -628,8 +606,7 @@ async fn controllers(
             clock: Arc::new(time::OffsetDateTime::now_utc),
             metrics: metrics.clone(),
         });
-        let stop = shutdown.clone();
-        tokio::spawn(namespaces::run(ctx, async move { stop.notified().await }));
+        tokio::spawn(namespaces::run(ctx, shutdown.clone().cancelled_owned()));
     }
 
     // Agents' certificate requests: OCM's registration agents, and joins.
@@ -645,8 +622,7 @@ async fn controllers(
             join_namespace: args.join.then(|| args.namespace.clone()),
             addons: args.open_cluster_management,
         });
-        let stop = shutdown.clone();
-        tokio::spawn(crate::csr::run(csr, async move { stop.notified().await }));
+        tokio::spawn(crate::csr::run(csr, shutdown.clone().cancelled_owned()));
     }
     if args.open_cluster_management {
         let ctx = Arc::new(addons::Context {
@@ -659,10 +635,9 @@ async fn controllers(
             clock: Arc::new(time::OffsetDateTime::now_utc),
             metrics: metrics.clone(),
         });
-        let stop = shutdown.clone();
-        addons::run(ctx, async move { stop.notified().await }).await;
+        addons::run(ctx, shutdown.cancelled_owned()).await;
     } else {
-        shutdown.notified().await;
+        shutdown.cancelled().await;
     }
     Ok(())
 }

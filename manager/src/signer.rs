@@ -35,12 +35,13 @@ pub enum SignerError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     /// The CA Secret exists but cannot be used.
-    #[error("signer Secret {name} is unusable: {reason}")]
+    #[error("signer Secret {name} is unusable: {source}")]
     BadCa {
         /// The Secret.
         name: String,
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: CaError,
     },
     /// The API server failed a request.
     #[error("cannot {action} Secret {name}: {source}")]
@@ -53,6 +54,29 @@ pub enum SignerError {
         #[source]
         source: kube::Error,
     },
+}
+
+/// Why a certificate and key (a Secret's `tls.crt` and `tls.key`) make no CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The certificate is no PEM.
+    #[error("tls.crt is not a PEM certificate: {0}")]
+    Certificate(#[source] rustls_pki_types::pem::Error),
+    /// The key is no PEM key rcgen can use.
+    #[error("tls.key: {0}")]
+    Key(#[source] rcgen::Error),
+    /// The certificate is no X.509 certificate.
+    #[error("cannot parse tls.crt: {0}")]
+    Parse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The key is another certificate's.
+    #[error("tls.key does not belong to tls.crt")]
+    KeyMismatch,
+    /// The certificate's expiry cannot be read.
+    #[error("{0}")]
+    Validity(String),
+    /// The certificate's subject cannot be signed with.
+    #[error("{0}")]
+    Subject(&'static str),
 }
 
 /// What a certificate is for.
@@ -143,26 +167,25 @@ impl Signer {
         let key = pki::new_key()?;
         let params = pki::ca_params(format!("{trust_domain} signer"), now, now + CA_VALIDITY);
         let cert = params.self_signed(&key)?;
-        Self::from_pem(&cert.pem(), &key.serialize_pem()).map_err(|reason| SignerError::BadCa {
+        Self::from_pem(&cert.pem(), &key.serialize_pem()).map_err(|source| SignerError::BadCa {
             name: "(generated)".into(),
-            reason,
+            source,
         })
     }
 
     /// A CA from its certificate and key.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, String> {
-        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .map_err(|e| format!("tls.crt is not a PEM certificate: {e}"))?;
-        let key = KeyPair::from_pem(key_pem).map_err(|e| format!("tls.key: {e}"))?;
-        let (_, x509) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| format!("cannot parse tls.crt: {e}"))?;
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(CaError::Certificate)?;
+        let key = KeyPair::from_pem(key_pem).map_err(CaError::Key)?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).map_err(CaError::Parse)?;
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err("tls.key does not belong to tls.crt".into());
+            return Err(CaError::KeyMismatch);
         }
-        let not_after = pki::not_after(&x509)?;
+        let not_after = pki::not_after(&x509).map_err(CaError::Validity)?;
         let subject_der = x509.subject().as_raw().to_vec();
         let key_id = pki::subject_key_id(&x509);
-        let issuer = pki::issuer_of(&x509, key)?;
+        let issuer = pki::issuer_of(&x509, key).map_err(CaError::Subject)?;
         Ok(Self {
             ca: Issued {
                 cert_pem: cert_pem.to_owned(),
@@ -447,9 +470,9 @@ pub async fn ensure_signer(
             &String::from_utf8_lossy(&cert),
             &String::from_utf8_lossy(&key),
         )
-        .map_err(|reason| SignerError::BadCa {
+        .map_err(|source| SignerError::BadCa {
             name: name.to_owned(),
-            reason,
+            source,
         })
     };
     match api.get_opt(name).await.map_err(api_error("get", name))? {
@@ -643,5 +666,22 @@ mod tests {
         // A signer read back from its PEM signs the same way.
         let again = Signer::from_pem(&signer.ca.cert_pem, &signer.ca.key_pem).unwrap();
         assert!(!again.needs_renewal(issued.cert_pem.as_bytes(), now));
+    }
+
+    #[test]
+    fn a_ca_secret_that_cannot_sign_says_which_file_is_wrong() {
+        let now = OffsetDateTime::now_utc();
+        let (a, b) = (
+            Signer::generate(TD, now).unwrap(),
+            Signer::generate(TD, now).unwrap(),
+        );
+        let err = Signer::from_pem(&a.ca.cert_pem, &b.ca.key_pem).unwrap_err();
+        assert!(matches!(err, CaError::KeyMismatch), "{err}");
+        let err = Signer::from_pem("", &a.ca.key_pem).unwrap_err();
+        assert!(matches!(err, CaError::Certificate(_)), "{err}");
+        assert!(err.to_string().starts_with("tls.crt"), "{err}");
+        let err = Signer::from_pem(&a.ca.cert_pem, "not a key").unwrap_err();
+        assert!(matches!(err, CaError::Key(_)), "{err}");
+        assert!(err.to_string().starts_with("tls.key"), "{err}");
     }
 }

@@ -177,3 +177,25 @@ async fn health_probes_every_cluster_through_the_tunnel() {
     .await
     .expect("health checks finished in time");
 }
+
+#[tokio::test]
+async fn a_certificate_from_elsewhere_needs_its_key() {
+    harness::init();
+    let pki = harness::Pki::new(&["east"], &["sidecar"]);
+    // Nothing listens there: the flags are refused before any connection.
+    let nowhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for flag in [
+        "--tls-cert=/elsewhere/tls.crt",
+        "--tls-key=/elsewhere/tls.key",
+    ] {
+        let args = health_args(&pki, nowhere, &[flag]);
+        let err = tunnel_manager::cli::health_command(&args)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--tls-cert and --tls-key go together"),
+            "{flag}: {err}"
+        );
+    }
+}

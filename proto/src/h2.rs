@@ -353,7 +353,7 @@ impl<IO> Drop for H2Server<IO> {
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
     /// The identity from the peer's certificate.
-    pub identity: crate::identity::Identity,
+    pub identity: tunnel_identity::spiffe::Identity,
     /// The peer's socket address.
     pub remote_addr: std::net::SocketAddr,
 }

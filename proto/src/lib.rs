@@ -1,4 +1,10 @@
-//! The cluster-tunnel wire protocol and everything the components share.
+//! The cluster-tunnel wire protocol and the client library.
+//!
+//! This crate is what a program needs to speak the tunnel's protocol: the
+//! server, the agent, the sidecar, and any app or tool that embeds the
+//! client. What makes a component a program (flags, logging, signals, the
+//! admin server) is `tunnel_shell`'s; identities and certificates are
+//! `tunnel_identity`'s.
 //!
 //! # The protocol
 //!
@@ -53,10 +59,8 @@
 //! - [`client`]: the client library (sidecars, tools, the benchmark);
 //! - [`error`]: typed errors;
 //! - [`tls`]: TLS 1.3 with the ring provider; the identities in certificates
-//!   are `tunnel_identity`'s (re-exported as [`identity`] while the data path
-//!   moves to it);
+//!   are `tunnel_identity::spiffe`'s;
 //! - [`net`]: socket options; [`backoff`]: reconnection delays;
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`cli`]: shared command-line pieces;
 //! - [`version`]: what `--version` prints (crate version and git revision).
 
 /// The allocator of every program that links this crate. The data path
@@ -71,9 +75,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub mod admin;
 pub mod backoff;
-pub mod cli;
 pub mod client;
 pub mod error;
 pub mod grpc;
@@ -85,9 +87,6 @@ pub mod relay;
 pub mod stream;
 pub mod tls;
 pub mod version;
-
-/// The identities in certificates; `tunnel_identity::spiffe` is their home.
-pub use tunnel_identity::spiffe as identity;
 
 /// Generated protocol types and gRPC stubs (`proto/tunnel.proto`).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -163,7 +163,7 @@ impl Open {
         let headers = req.headers();
         let cluster = header_str(headers, CLUSTER_HEADER)
             .ok_or_else(|| bad(format!("no {CLUSTER_HEADER} header")))?;
-        crate::identity::validate_cluster_name(cluster)
+        tunnel_identity::spiffe::validate_cluster_name(cluster)
             .map_err(|e| bad(format!("cluster: {e}")))?;
         let id = header_str(headers, ID_HEADER)
             .and_then(|v| uuid::Uuid::parse_str(v).ok())

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tunnel_identity::spiffe::{Identity, peer_identity};
 use tunnel_proto::grpc::GrpcChannel;
 use tunnel_proto::h2::{H2Server, PeerInfo, client_handshake};
-use tunnel_proto::identity::{Identity, peer_identity};
 use tunnel_proto::net::LingeringClose;
 use tunnel_proto::pb;
 use tunnel_proto::pb::agent_client::AgentClient;
@@ -27,14 +27,9 @@ use crate::{HANDSHAKE_TIMEOUT, ServerState};
 /// Time an agent gets to answer the server's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Completes once `stop` is true.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Accepts with backoff on errors (e.g. out of file descriptors) and stops
-/// when `stop` turns true. Connection tasks end with the returned set.
-async fn accept_loop<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, mut handle: F)
+/// when `stop` is cancelled. Connection tasks end with the returned set.
+async fn accept_loop<F, Fut>(listener: TcpListener, stop: CancellationToken, mut handle: F)
 where
     F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -42,7 +37,7 @@ where
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             res = listener.accept() => match res {
                 Ok((tcp, peer)) => { conns.spawn(handle(tcp, peer)); }
@@ -121,8 +116,8 @@ async fn handshake(
 pub async fn accept_agents(
     listener: TcpListener,
     state: Arc<ServerState>,
-    leave: watch::Receiver<bool>,
-    stop: watch::Receiver<bool>,
+    leave: CancellationToken,
+    stop: CancellationToken,
 ) {
     let leave_conn = leave.clone();
     accept_loop(listener, leave, move |tcp, peer| {
@@ -187,8 +182,8 @@ async fn serve_agent(
     state: Arc<ServerState>,
     tcp: TcpStream,
     peer: SocketAddr,
-    mut leave: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
+    leave: CancellationToken,
+    stop: CancellationToken,
 ) {
     // The socket is closed (after lingering) when HTTP/2 is done with it,
     // which tells a draining server its last frames went out.
@@ -325,9 +320,9 @@ async fn serve_agent(
     let res = loop {
         tokio::select! {
             res = &mut driver => break Some(res),
-            () = stopped(&mut stop) => break None,
+            () = stop.cancelled() => break None,
             () = crate::ocm_clusters::revoked(&mut admitted, &cluster) => { revoked = true; break None }
-            () = stopped(&mut leave), if !asked_to_leave => {
+            () = leave.cancelled(), if !asked_to_leave => {
                 // Shutting down: the agent opens a tunnel to another replica
                 // while this one still serves (until `stop`).
                 asked_to_leave = true;
@@ -368,7 +363,7 @@ async fn serve_agent(
 pub async fn accept_clients(
     listener: TcpListener,
     state: Arc<ServerState>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let stop_conn = stop.clone();
     let tls = Arc::new(ClientPortTls::default());
@@ -385,7 +380,7 @@ async fn serve_client(
     state: Arc<ServerState>,
     tcp: TcpStream,
     peer: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     config: Arc<rustls::ServerConfig>,
 ) {
     let Some((tls, identity)) = handshake(&state, tcp, peer, "client", None, config).await else {
@@ -452,7 +447,7 @@ async fn serve_client(
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
-            () = stopped(&mut stop), if !draining => {
+            () = stop.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;

@@ -46,8 +46,66 @@ impl Default for TokenReviewConfig {
     }
 }
 
-/// What the API said about a token: its service account, or why not.
-type Verdict = Result<Identity, String>;
+/// What the API said about a token (cached for the TTL).
+#[derive(Debug, Clone)]
+enum Verdict {
+    /// The token is this service account's.
+    ServiceAccount(Identity),
+    /// It is not, for this reason.
+    Rejected(String),
+}
+
+/// Why a token names no workload; every kind refuses the connection as
+/// `unauthenticated` ([`From<ReviewError> for TunnelError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    /// The API's verdict: not a service account token for our audiences.
+    #[error("{reason}")]
+    Rejected {
+        /// The API's reason, or ours.
+        reason: String,
+    },
+    /// The API did not answer in time: refused without a verdict (fail closed).
+    #[error(
+        "cannot verify the service account token (TokenReview took longer than {after:?}); refusing (fail closed)"
+    )]
+    Timeout {
+        /// How long it was given.
+        after: Duration,
+    },
+    /// The API call failed: refused without a verdict (fail closed).
+    #[error(
+        "cannot verify the service account token (TokenReview failed: {source}); refusing (fail closed)"
+    )]
+    Api {
+        /// The failure.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ReviewError {
+    /// Whether the token was refused because the API could not be asked
+    /// (fail closed), not because of what it said.
+    pub fn is_api_failure(&self) -> bool {
+        matches!(self, ReviewError::Timeout { .. } | ReviewError::Api { .. })
+    }
+}
+
+impl From<ReviewError> for TunnelError {
+    fn from(err: ReviewError) -> Self {
+        TunnelError::new(ErrorCode::Unauthenticated, err.to_string())
+    }
+}
+
+impl Verdict {
+    fn into_result(self, source: ReviewSource) -> Result<(Identity, ReviewSource), ReviewError> {
+        match self {
+            Verdict::ServiceAccount(id) => Ok((id, source)),
+            Verdict::Rejected(reason) => Err(ReviewError::Rejected { reason }),
+        }
+    }
+}
 
 /// Validates tokens with the TokenReview API and caches the verdicts.
 pub struct TokenReviewer {
@@ -83,8 +141,8 @@ impl TokenReviewer {
         }
     }
 
-    /// The service account `token` belongs to, or `unauthenticated` with the reason.
-    pub async fn authenticate(&self, token: &str) -> Result<(Identity, ReviewSource), TunnelError> {
+    /// The service account `token` belongs to, or why not.
+    pub async fn authenticate(&self, token: &str) -> Result<(Identity, ReviewSource), ReviewError> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = Instant::now();
         let cached = self.cache.lock().ok().and_then(|c| {
@@ -93,9 +151,7 @@ impl TokenReviewer {
                 .map(|(_, v)| v.clone())
         });
         if let Some(verdict) = cached {
-            return verdict
-                .map(|id| (id, ReviewSource::Cache))
-                .map_err(unauthenticated);
+            return verdict.into_result(ReviewSource::Cache);
         }
         // An API failure is not a verdict: not cached, and the connection is refused.
         let verdict = self.review(token).await?;
@@ -108,12 +164,10 @@ impl TokenReviewer {
             }
             cache.insert(key, (now + self.config.cache_ttl, verdict.clone()));
         }
-        verdict
-            .map(|id| (id, ReviewSource::Api))
-            .map_err(unauthenticated)
+        verdict.into_result(ReviewSource::Api)
     }
 
-    async fn review(&self, token: &str) -> Result<Verdict, TunnelError> {
+    async fn review(&self, token: &str) -> Result<Verdict, ReviewError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: token.to_owned(),
@@ -121,24 +175,18 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
-        let fail_closed = |reason: String| {
-            TunnelError::new(
-                ErrorCode::Unauthenticated,
-                format!(
-                    "cannot verify the service account token ({reason}); refusing (fail closed)"
-                ),
-            )
-        };
         let answer = tokio::time::timeout(
             REVIEW_TIMEOUT,
             self.api.create(&PostParams::default(), &review),
         )
         .await
-        .map_err(|_| fail_closed(format!("TokenReview took longer than {REVIEW_TIMEOUT:?}")))?
-        .map_err(|e| fail_closed(format!("TokenReview failed: {e}")))?;
+        .map_err(|_| ReviewError::Timeout {
+            after: REVIEW_TIMEOUT,
+        })?
+        .map_err(|source| ReviewError::Api { source })?;
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
-            return Ok(Err(format!(
+            return Ok(Verdict::Rejected(format!(
                 "token rejected by TokenReview: {}",
                 status
                     .error
@@ -150,7 +198,7 @@ impl TokenReviewer {
         if let Some(auds) = &status.audiences
             && !auds.iter().any(|a| self.config.audiences.contains(a))
         {
-            return Ok(Err(format!(
+            return Ok(Verdict::Rejected(format!(
                 "token is for audiences {auds:?}, not {:?}",
                 self.config.audiences
             )));
@@ -170,7 +218,10 @@ fn service_account(username: &str) -> Verdict {
         .strip_prefix("system:serviceaccount:")
         .and_then(|rest| rest.split_once(':'))
         .and_then(|(ns, sa)| tunnel_identity::spiffe::parse_workload(&format!("{ns}/{sa}")).ok());
-    parsed.ok_or_else(|| format!("token of {username:?} is not a service account's"))
+    match parsed {
+        Some(id) => Verdict::ServiceAccount(id),
+        None => Verdict::Rejected(format!("token of {username:?} is not a service account's")),
+    }
 }
 
 /// The bearer token of a call (`authorization: Bearer <token>`), if it sent one.
@@ -318,13 +369,13 @@ mod tests {
             )
             .await;
         });
-        let err = r.authenticate("aud").await.unwrap_err();
+        let err = TunnelError::from(r.authenticate("aud").await.unwrap_err());
         assert_eq!(err.code, ErrorCode::Unauthenticated);
         assert!(
             err.message.contains("invalid for the target audiences"),
             "{err}"
         );
-        let err = r.authenticate("aud2").await.unwrap_err();
+        let err = TunnelError::from(r.authenticate("aud2").await.unwrap_err());
         assert_eq!(err.code, ErrorCode::Unauthenticated);
         assert!(err.message.contains("not [\"cluster-tunnel\"]"), "{err}");
         api.await.unwrap();
@@ -340,8 +391,12 @@ mod tests {
             })).await;
         });
         let err = r.authenticate("old").await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::Unauthenticated);
-        assert!(err.message.contains("token is expired"), "{err}");
+        assert!(
+            matches!(&err, ReviewError::Rejected { reason } if reason.contains("token is expired")),
+            "{err}"
+        );
+        assert!(!err.is_api_failure());
+        assert_eq!(TunnelError::from(err).code, ErrorCode::Unauthenticated);
         api.await.unwrap();
     }
 
@@ -352,7 +407,7 @@ mod tests {
             answer(&mut h, "node", 201, ok_status("system:node:worker-1")).await;
         });
         let err = r.authenticate("node").await.unwrap_err();
-        assert!(err.message.contains("not a service account"), "{err}");
+        assert!(err.to_string().contains("not a service account"), "{err}");
         api.await.unwrap();
     }
 
@@ -367,6 +422,9 @@ mod tests {
             answer(&mut h, "t", 201, ok_status("system:serviceaccount:a:b")).await;
         });
         let err = r.authenticate("t").await.unwrap_err();
+        assert!(matches!(err, ReviewError::Api { .. }), "{err}");
+        assert!(err.is_api_failure());
+        let err = TunnelError::from(err);
         assert_eq!(err.code, ErrorCode::Unauthenticated);
         assert!(err.message.contains("fail closed"), "{err}");
         assert!(err.message.contains("etcdserver"), "{err}");
@@ -417,7 +475,7 @@ mod tests {
             r.authenticate("bad")
                 .await
                 .unwrap_err()
-                .message
+                .to_string()
                 .contains("nope")
         );
         tokio::time::advance(Duration::from_secs(2)).await;

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN;
-use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::net::Liveness;
-use tunnel_proto::tls::TlsFiles;
+use tunnel_shell::flags::{AdminArgs, FlowArgs, LogArgs, ServerSide, TlsArgs};
+use tunnel_shell::units::parse_duration;
 
 use std::collections::BTreeMap;
 
@@ -76,21 +76,15 @@ pub struct RunArgs {
     /// Address of the client port (sidecars and tools).
     #[arg(long, env = "TUNNEL_CLIENT_LISTEN", default_value = "0.0.0.0:8090")]
     pub client_listen: SocketAddr,
-    /// Address of the admin port (/healthz, /readyz, /metrics).
-    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", default_value = "0.0.0.0:8092")]
-    pub admin_listen: SocketAddr,
+    /// The admin port.
+    #[command(flatten)]
+    pub admin: AdminArgs<8092>,
     /// Directory holding server.pem, server-key.pem and ca.pem (as written by `certs`).
     #[arg(long, env = "TUNNEL_CERT_DIR", default_value = "certs")]
     pub cert_dir: PathBuf,
-    /// Server certificate chain (PEM); overrides the one in --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Server private key (PEM); overrides the one in --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA bundle that agent and client certificates must chain to; overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_CA")]
-    pub ca: Option<PathBuf>,
+    /// Files that override those in --cert-dir.
+    #[command(flatten)]
+    pub tls: TlsArgs<ServerSide>,
     /// Trust domain of identities in certificates.
     #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -149,7 +143,7 @@ pub struct RunArgs {
     pub dead_peer_timeout: Duration,
     /// Flow control of tunnel connections.
     #[command(flatten)]
-    pub flow: tunnel_proto::cli::FlowArgs,
+    pub flow: FlowArgs,
     /// Connections one client identity (token subject, else certificate) may
     /// have open; more are refused with resource_exhausted.
     #[arg(long, env = "TUNNEL_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = crate::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY)]
@@ -212,12 +206,9 @@ pub struct RunArgs {
     /// and HTTP CONNECT clients reach when they dial <cluster>:<port>.
     #[arg(long, env = "TUNNEL_APISERVER_HOST", default_value = tunnel_api::sidecar::DEFAULT_APISERVER_HOST)]
     pub apiserver_host: String,
-    /// Log format.
-    #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
-    /// Log filter (RUST_LOG overrides).
-    #[arg(long, env = "TUNNEL_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl RunArgs {
@@ -248,33 +239,22 @@ impl RunArgs {
 
     /// The server configuration these flags describe.
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
-        let files = TlsFiles {
-            cert: self
-                .tls_cert
-                .clone()
-                .unwrap_or_else(|| self.cert_dir.join("server.pem")),
-            key: self
-                .tls_key
-                .clone()
-                .unwrap_or_else(|| self.cert_dir.join("server-key.pem")),
-            ca: self
-                .ca
-                .clone()
-                .unwrap_or_else(|| self.cert_dir.join("ca.pem")),
-        };
+        let files = self.tls.files(&self.cert_dir, "server");
         for c in &self.known_clusters {
             tunnel_identity::spiffe::validate_cluster_name(c)
                 .map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
         }
         let h2 = self
             .flow
-            .settings(Liveness::from_timeout(self.dead_peer_timeout))
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .settings(Liveness::from_timeout(self.dead_peer_timeout))?;
         let mut cluster_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for l in &self.cluster_labels {
-            let (cluster, k, v) = crate::policy::parse_cluster_label(l)
+            let label = crate::policy::parse_cluster_label(l)
                 .map_err(|e| anyhow::anyhow!("--cluster-label {e}"))?;
-            cluster_labels.entry(cluster).or_default().insert(k, v);
+            cluster_labels
+                .entry(label.cluster)
+                .or_default()
+                .insert(label.key, label.value);
         }
         let suffix = self.cluster_suffix.trim_matches('.').to_ascii_lowercase();
         if !suffix.contains('.') {
@@ -304,13 +284,13 @@ impl RunArgs {
         Ok(ServerConfig {
             agent_listen: self.agent_listen,
             client_listen: self.client_listen,
-            admin_listen: self.admin_listen,
+            admin_listen: self.admin.admin_listen,
             tls: tunnel_proto::tls::ServerTls::server(files)?,
             trust_domain: self.trust_domain.clone(),
             server_id: self
                 .server_id
                 .clone()
-                .unwrap_or_else(tunnel_proto::cli::default_instance_id),
+                .unwrap_or_else(tunnel_shell::process::default_instance_id),
             server_count: self.server_count,
             known_clusters: self.known_clusters.clone(),
             dial_timeout: self.dial_timeout,
@@ -358,7 +338,6 @@ impl RunArgs {
 
 /// Runs the command line: the binary's whole `main`.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    tunnel_proto::tls::install_crypto_provider();
     match cli.command {
         Some(Command::Certs(args)) => {
             let opts = tunnel_identity::cert_dir::CertOptions {
@@ -380,10 +359,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            tunnel_proto::cli::init_logging(cli.run.log_format, &cli.run.log_level);
+            cli.run.log.init();
             let config = cli.run.to_config()?;
             let server = Server::start(config).await?;
-            tunnel_proto::cli::termination_signal().await;
+            tunnel_shell::process::termination_signal().await;
             server.shutdown().await;
             Ok(())
         }

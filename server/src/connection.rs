@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tunnel_identity::spiffe::Identity;
 use tunnel_proto::error::{ErrorCode, TunnelError};
 use tunnel_proto::h2::PeerInfo;
-use tunnel_proto::identity::Identity;
 use tunnel_proto::relay::{SpliceSink, SpliceSource, TunnelStream, splice_legs};
 use tunnel_proto::stream::{Open, Opened};
 
@@ -314,7 +314,7 @@ async fn authenticate(
             let label = match &result {
                 Ok((_, crate::authn::ReviewSource::Cache)) => None,
                 Ok(_) => Some("authenticated"),
-                Err(e) if e.message.contains("fail closed") => Some("error"),
+                Err(e) if e.is_api_failure() => Some("error"),
                 Err(_) => Some("rejected"),
             };
             if let Some(result) = label {
@@ -324,7 +324,7 @@ async fn authenticate(
                     .get_or_create(&ResultLabel { result })
                     .inc();
             }
-            result.map(|(id, _)| id)
+            result.map(|(id, _)| id).map_err(TunnelError::from)
         }
         None => certificate.ok_or_else(unknown),
     }

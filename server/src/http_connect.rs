@@ -29,7 +29,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tunnel_proto::error::{ErrorCode, TunnelError};
 use tunnel_proto::h2::PeerInfo;
@@ -197,12 +196,12 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
 }
 
 /// Serves HTTP/1.1 on a client connection until the client closes it, or,
-/// once `stop` is true, until its request in flight is answered.
+/// once `stop` is cancelled, until its request in flight is answered.
 pub(crate) async fn serve_connection<IO>(
     state: Arc<ServerState>,
     peer: Arc<PeerInfo>,
     io: IO,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -222,7 +221,7 @@ pub(crate) async fn serve_connection<IO>(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        () = crate::agents::stopped(&mut stop) => {
+        () = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -52,9 +52,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::h2::H2Settings;
+use tunnel_shell::process::{ListenError, listen};
 
 use crate::metrics::ServerMetrics;
 use crate::pool::AgentPool;
@@ -291,6 +292,26 @@ impl ServerState {
     }
 }
 
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A port (`agent`, `client`, `admin`) could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// `--token-review` or `--policy-kubernetes` without a reachable Kubernetes API.
+    #[error("--token-review and --policy-kubernetes need Kubernetes API access: {0}")]
+    Kubernetes(#[source] kube::Error),
+    /// The policy file does not load.
+    #[error("--policy-file {}: {source}", path.display())]
+    PolicyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: policy::PolicyError,
+    },
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
@@ -301,25 +322,21 @@ pub struct Server {
     /// The admin port's address.
     pub admin_addr: SocketAddr,
     state: Arc<ServerState>,
-    stop: watch::Sender<bool>,
-    /// Closes the agent port and tells every agent to go.
-    leave: watch::Sender<bool>,
+    /// Closes the ports and sends clients GOAWAY; cancelled too when the
+    /// server is dropped.
+    stop: CancellationToken,
+    /// Closes the agent port and tells every agent to go; a child of `stop`.
+    leave: CancellationToken,
+    _stop_on_drop: DropGuard,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
     /// Binds the three ports and starts serving.
-    pub async fn start(config: ServerConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let agent_l = TcpListener::bind(config.agent_listen)
-            .await
-            .with_context(|| format!("cannot listen on agent address {}", config.agent_listen))?;
-        let client_l = TcpListener::bind(config.client_listen)
-            .await
-            .with_context(|| format!("cannot listen on client address {}", config.client_listen))?;
-        let admin_l = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on admin address {}", config.admin_listen))?;
+    pub async fn start(config: ServerConfig) -> Result<Self, StartError> {
+        let (agent_l, agent_addr) = listen("agent", config.agent_listen).await?;
+        let (client_l, client_addr) = listen("client", config.client_listen).await?;
+        let (admin_l, admin_addr) = listen("admin", config.admin_listen).await?;
         let mut registry = Registry::default();
         let metrics = ServerMetrics::register(&mut registry);
         let needs_kube = config.auth.token_review.is_some()
@@ -328,7 +345,7 @@ impl Server {
             Some(
                 kube::Client::try_default()
                     .await
-                    .context("--token-review and --policy-kubernetes need Kubernetes API access")?,
+                    .map_err(StartError::Kubernetes)?,
             )
         } else {
             None
@@ -347,8 +364,11 @@ impl Server {
                 path,
                 reload_interval,
             } => {
-                let first = policy::load_policy_file(path)
-                    .with_context(|| format!("--policy-file {}", path.display()))?;
+                let first =
+                    policy::load_policy_file(path).map_err(|source| StartError::PolicyFile {
+                        path: path.clone(),
+                        source,
+                    })?;
                 tracing::info!(path = %path.display(), rules = first.len(), "policy loaded");
                 let (tx, rx) = watch::channel(Arc::new(first));
                 let m = metrics.clone();
@@ -391,26 +411,23 @@ impl Server {
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
         });
-        let (stop, stop_rx) = watch::channel(false);
-        let (leave, leave_rx) = watch::channel(false);
-        let agent_addr = agent_l.local_addr()?;
-        let client_addr = client_l.local_addr()?;
-        let admin_addr = admin_l.local_addr()?;
+        let stop = CancellationToken::new();
+        let leave = stop.child_token();
         tasks.push(tokio::spawn(agents::accept_agents(
             agent_l,
             state.clone(),
-            leave_rx,
-            stop_rx.clone(),
+            leave.clone(),
+            stop.clone(),
         )));
         tasks.push(tokio::spawn(agents::accept_clients(
             client_l,
             state.clone(),
-            stop_rx.clone(),
+            stop.clone(),
         )));
-        tasks.push(tokio::spawn(probes::run(state.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(probes::run(state.clone(), stop.clone())));
         let ready_state = state.clone();
         let detail_state = state.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(
+        let admin = tunnel_shell::admin::AdminServer::new(
             Arc::new(registry),
             Arc::new(move || ready_state.is_ready()),
         )
@@ -422,10 +439,9 @@ impl Server {
                 format!("agents: {agents}")
             }
         }));
-        let mut admin_stop = stop_rx.clone();
+        let admin_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let stop = async move { agents::stopped(&mut admin_stop).await };
-            if let Err(err) = admin.serve(admin_l, stop).await {
+            if let Err(err) = admin.serve(admin_l, admin_stop).await {
                 tracing::error!(%err, "admin server failed");
             }
         }));
@@ -435,6 +451,7 @@ impl Server {
             client_addr,
             admin_addr,
             state,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             leave,
             tasks,
@@ -460,7 +477,7 @@ impl Server {
         let deadline = self.state.config.drain_timeout;
         let delay = self.state.config.ha.shutdown_delay;
         self.state.draining.store(true, Ordering::Release);
-        let _ = self.leave.send(true);
+        self.leave.cancel();
         tracing::info!(
             open = self.state.open_connections(),
             agents = self.state.pool.agent_count(),
@@ -488,7 +505,7 @@ impl Server {
             }
         };
         // Stop accepting and send GOAWAY to clients, keep agent tunnels for open connections.
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         if tokio::time::timeout(deadline, finished).await.is_err() {
             tracing::warn!(
                 open = self.state.open_connections(),

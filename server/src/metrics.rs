@@ -8,7 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-pub use tunnel_proto::admin::CodeLabel;
+pub use tunnel_shell::metrics::CodeLabel;
 
 /// Label: a cluster.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,7 +96,7 @@ impl ServerMetrics {
             agents: Family::default(),
             open_connections: Gauge::default(),
             dials: Family::default(),
-            dial_latency: Histogram::new(tunnel_proto::admin::LATENCY_BUCKETS),
+            dial_latency: Histogram::new(tunnel_shell::metrics::LATENCY_BUCKETS),
             bytes: Family::default(),
             rejected: Family::default(),
             decisions: Family::default(),

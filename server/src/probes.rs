@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_proto::client::Target;
 use tunnel_proto::error::{ErrorCode, TunnelError};
 
@@ -174,9 +174,9 @@ pub fn record(metrics: &ServerMetrics, result: &ProbeResult) {
 }
 
 /// The probe task: a round every `config.probe.interval` (the first one
-/// interval after the start) until `stop` turns true. Skips rounds while the
+/// interval after the start) until `stop` is cancelled. Skips rounds while the
 /// server drains. Returns at once when probing is disabled.
-pub(crate) async fn run(state: Arc<ServerState>, stop: watch::Receiver<bool>) {
+pub(crate) async fn run(state: Arc<ServerState>, stop: CancellationToken) {
     let config = state.config.probe.clone();
     if !config.is_enabled() {
         tracing::debug!("cluster probes disabled");
@@ -203,9 +203,9 @@ pub(crate) async fn run(state: Arc<ServerState>, stop: watch::Receiver<bool>) {
 }
 
 /// Calls `round` every `interval` (first after one interval; a round that
-/// overruns delays the next rather than bunching them) until `stop` turns
-/// true, which also cuts a round short.
-async fn every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, mut round: F)
+/// overruns delays the next rather than bunching them) until `stop` is
+/// cancelled, which also cuts a round short.
+async fn every<F, Fut>(interval: Duration, stop: CancellationToken, mut round: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -219,7 +219,7 @@ where
         }
     };
     tokio::select! {
-        () = crate::agents::stopped(&mut stop) => {}
+        () = stop.cancelled() => {}
         () = run => {}
     }
 }
@@ -434,10 +434,11 @@ mod tests {
     #[tokio::test]
     async fn rounds_come_every_interval_and_stop_with_the_server() {
         let rounds = Arc::new(AtomicUsize::new(0));
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let counted = rounds.clone();
+        let stop_rounds = stop.clone();
         let task = tokio::spawn(async move {
-            every(Duration::from_millis(20), stop_rx, || {
+            every(Duration::from_millis(20), stop_rounds, || {
                 let counted = counted.clone();
                 async move {
                     counted.fetch_add(1, Ordering::SeqCst);
@@ -452,7 +453,7 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(10), "no rounds");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        stop_tx.send(true).unwrap();
+        stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("stops when told")
@@ -464,11 +465,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_stop_cuts_a_long_round_short() {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let mut started_tx = Some(started_tx);
+        let stop_rounds = stop.clone();
         let task = tokio::spawn(async move {
-            every(Duration::from_millis(1), stop_rx, || {
+            every(Duration::from_millis(1), stop_rounds, || {
                 let started = started_tx.take();
                 async move {
                     if let Some(s) = started {
@@ -480,7 +482,7 @@ mod tests {
             .await;
         });
         started_rx.await.unwrap();
-        stop_tx.send(true).unwrap();
+        stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("a hanging round does not hold the stop")

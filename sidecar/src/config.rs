@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use tunnel_api::sidecar::{DEFAULT_APISERVER_HOST, DirectPolicy, PortMapping, parse_host_port};
 use tunnel_identity::spiffe::validate_cluster_name;
-use tunnel_proto::cli::{LogFormat, parse_duration};
 use tunnel_proto::client::Target;
+use tunnel_shell::flags::TlsArgs;
+use tunnel_shell::logging::LogFormat;
+use tunnel_shell::units::{parse_duration, parse_socket_buffer};
 
 use crate::direct::{DirectDialer, parse_allowed_ips, parse_host_aliases};
 use crate::names::{DEFAULT_CLUSTER_SUFFIX, Naming};
@@ -182,7 +184,7 @@ fn dur(
 ) -> Result<Duration, ConfigError> {
     match (cli, file) {
         (Some(d), _) => Ok(d),
-        (None, Some(s)) => parse_duration(s).map_err(|e| invalid(key, e)),
+        (None, Some(s)) => parse_duration(s).map_err(|e| invalid(key, e.to_string())),
         (None, None) => Ok(default),
     }
 }
@@ -199,7 +201,7 @@ impl Cli {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let servers = flags_or_file(&self.servers, &file.servers).to_vec();
+        let servers = flags_or_file(&self.servers.servers, &file.servers).to_vec();
         if servers.is_empty() {
             return Err(invalid(
                 "--server",
@@ -219,17 +221,11 @@ impl Cli {
             .clone()
             .or(file.client_name.clone())
             .unwrap_or_else(|| "sidecar".into());
-        let mut tls =
-            tunnel_proto::tls::TlsFiles::in_dir(&cert_dir, &format!("client-{client_name}"));
-        if let Some(c) = self.tls_cert.clone().or(file.tls_cert.clone()) {
-            tls.cert = c;
-        }
-        if let Some(k) = self.tls_key.clone().or(file.tls_key.clone()) {
-            tls.key = k;
-        }
-        if let Some(ca) = self.ca.clone().or(file.ca.clone()) {
-            tls.ca = ca;
-        }
+        let file_tls = TlsArgs::new(file.tls_cert.clone(), file.tls_key.clone(), file.ca.clone());
+        let tls = self
+            .tls
+            .or(file_tls)
+            .files(&cert_dir, &format!("client-{client_name}"));
         let ports = flags_or_file(&self.ports, &file.ports)
             .iter()
             .map(|p| p.parse::<PortMapping>().map_err(|e| invalid("--port", e)))
@@ -367,14 +363,19 @@ impl Cli {
         )?;
         let socket_buffer = match (self.socket_buffer, file.socket_buffer.as_deref()) {
             (Some(b), _) => b,
-            (None, Some(s)) => tunnel_proto::net::parse_socket_buffer(s)
-                .map_err(|e| invalid("socket_buffer", e))?,
+            (None, Some(s)) => {
+                parse_socket_buffer(s).map_err(|e| invalid("socket_buffer", e.to_string()))?
+            }
             (None, None) => 0,
         };
         Ok(SidecarConfig {
             socket_buffer,
             servers,
-            server_name: self.server_name.clone().or(file.server_name.clone()),
+            server_name: self
+                .servers
+                .server_name
+                .clone()
+                .or(file.server_name.clone()),
             tls,
             token_file: self.token_file.clone().or(file.token_file.clone()),
             ports,

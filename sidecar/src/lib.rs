@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::client::{ClientOptions, TunnelClient};
 use tunnel_proto::h2::H2Settings;
 use tunnel_proto::net::Liveness;
@@ -49,11 +49,53 @@ pub struct Sidecar {
     pub admin_addr: SocketAddr,
     /// Each per-cluster port's address, in configuration order.
     pub port_addrs: Vec<SocketAddr>,
-    /// Notified by `POST /shutdown`.
-    pub shutdown_requested: Arc<Notify>,
+    /// Cancelled by `POST /shutdown`.
+    pub shutdown_requested: CancellationToken,
     clusters: Arc<ClusterCache>,
-    stop: watch::Sender<bool>,
+    /// Stops every listener; cancelled too when the sidecar is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Why a sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The certificate files do not load.
+    #[error(transparent)]
+    Tls(#[from] tunnel_proto::tls::TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}")]
+    Listen {
+        /// Which listener.
+        what: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused the socket buffer size of a listener.
+    #[error("cannot set the socket buffers of {what} {addr} to {bytes} bytes: {source}")]
+    SocketBuffer {
+        /// Which listener.
+        what: String,
+        /// Its address.
+        addr: SocketAddr,
+        /// The size asked for.
+        bytes: usize,
+        /// The failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bound listener's address could not be read.
+    #[error("cannot read the address of a listener: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
+
+/// The address `listener` is bound to.
+fn bound(listener: &TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(StartError::LocalAddr)
 }
 
 /// Accept queue of the sidecar's listeners. tokio's `TcpListener::bind` uses
@@ -65,13 +107,20 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// Binds a listener for app connections; `socket_buffer` (bytes, 0 = the
 /// kernel's autotuning) caps the kernel buffers of every connection it
 /// accepts (they inherit the listener's).
-async fn bind(addr: SocketAddr, what: &str, socket_buffer: usize) -> anyhow::Result<TcpListener> {
+async fn bind(
+    addr: SocketAddr,
+    what: &str,
+    socket_buffer: usize,
+) -> Result<TcpListener, StartError> {
     let l = bind_listener(addr, what, !addr.ip().is_loopback()).await?;
     if socket_buffer > 0 {
-        tunnel_proto::net::cap_socket_buffers(&l, socket_buffer).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot set the socket buffers of {what} {addr} to {socket_buffer} bytes: {e}"
-            )
+        tunnel_proto::net::cap_socket_buffers(&l, socket_buffer).map_err(|source| {
+            StartError::SocketBuffer {
+                what: what.to_owned(),
+                addr,
+                bytes: socket_buffer,
+                source,
+            }
         })?;
     }
     Ok(l)
@@ -81,7 +130,7 @@ async fn bind_listener(
     addr: SocketAddr,
     what: &str,
     warn_exposed: bool,
-) -> anyhow::Result<TcpListener> {
+) -> Result<TcpListener, StartError> {
     let listen = || -> std::io::Result<TcpListener> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -91,20 +140,20 @@ async fn bind_listener(
         socket.bind(addr)?;
         socket.listen(LISTEN_BACKLOG)
     };
-    let l = listen().map_err(|e| anyhow::anyhow!("cannot listen on {what} {addr}: {e}"))?;
+    let l = listen().map_err(|source| StartError::Listen {
+        what: what.to_owned(),
+        addr,
+        source,
+    })?;
     if warn_exposed {
         tracing::warn!(%addr, what, "listening beyond loopback: anyone who can reach this address can reach the clusters");
     }
     Ok(l)
 }
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 impl Sidecar {
     /// Binds every listener, then serves.
-    pub async fn start(config: SidecarConfig) -> anyhow::Result<Self> {
+    pub async fn start(config: SidecarConfig) -> Result<Self, StartError> {
         let tls = tunnel_proto::tls::ClientTls::client(config.tls.clone())?;
         let client = Arc::new(TunnelClient::new(ClientOptions {
             servers: config.servers.clone(),
@@ -124,7 +173,7 @@ impl Sidecar {
             metrics.server_connected.clone(),
             &config.known_clusters,
         ));
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
 
         // Bind everything first so that a clash fails start-up, not later.
@@ -144,21 +193,21 @@ impl Sidecar {
             ));
         }
 
-        let admin_addr = admin_l.local_addr()?;
-        let proxy_addr = proxy_l.as_ref().map(|l| l.local_addr()).transpose()?;
+        let admin_addr = bound(&admin_l)?;
+        let proxy_addr = proxy_l.as_ref().map(bound).transpose()?;
         let port_addrs = port_ls
             .iter()
-            .map(|(l, _)| l.local_addr())
+            .map(|(l, _)| bound(l))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let shutdown_requested = Arc::new(Notify::new());
+        let shutdown_requested = CancellationToken::new();
         // Ready once bound (every listener is, by now): connections made
         // while no server is reachable get a typed error, and direct ones
         // work, so an outage of the hub never holds a pod's start.
         // The body says whether a server is reachable now (`tunnel-sidecar
         // probe readyz` prints it); the status does not wait for one.
         let cl = clusters.clone();
-        let admin = tunnel_proto::admin::AdminServer::new(Arc::new(registry), Arc::new(|| true))
+        let admin = tunnel_shell::admin::AdminServer::new(Arc::new(registry), Arc::new(|| true))
             .with_ready_detail(Arc::new(move || {
                 if cl.is_connected() {
                     "server: connected".to_owned()
@@ -167,21 +216,21 @@ impl Sidecar {
                 }
             }))
             .with_shutdown_endpoint(shutdown_requested.clone());
-        let rx = stop_rx.clone();
+        let admin_stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(err) = admin.serve(admin_l, stopped(rx)).await {
+            if let Err(err) = admin.serve(admin_l, admin_stop).await {
                 tracing::error!(%err, "admin server failed");
             }
         }));
 
-        let (c, cl, rx, every) = (
+        let (c, cl, stopped, every) = (
             client.clone(),
             clusters.clone(),
-            stop_rx.clone(),
+            stop.clone().cancelled_owned(),
             config.cluster_refresh,
         );
         tasks.push(tokio::spawn(
-            async move { cl.run(&c, every, stopped(rx)).await },
+            async move { cl.run(&c, every, stopped).await },
         ));
 
         for (listener, target) in port_ls {
@@ -195,13 +244,13 @@ impl Sidecar {
                     .get_or_create(&RequestLabel { kind: "port", code })
                     .inc();
             };
-            tracing::info!(addr = %listener.local_addr()?, %target, "per-cluster port");
+            tracing::info!(addr = %bound(&listener)?, %target, "per-cluster port");
             tasks.push(tokio::spawn(tunnel_proto::client::serve_port(
                 listener,
                 client.clone(),
                 target,
                 observe,
-                stopped(stop_rx.clone()),
+                stop.clone().cancelled_owned(),
             )));
         }
 
@@ -219,12 +268,12 @@ impl Sidecar {
                 max_header_bytes: config.max_header_bytes,
                 max_headers: config.max_headers,
             };
-            tracing::info!(addr = %listener.local_addr()?, "HTTP proxy");
+            tracing::info!(addr = %bound(&listener)?, "HTTP proxy");
             tasks.push(tokio::spawn(http_proxy::serve(
                 listener,
                 state,
                 limits,
-                stopped(stop_rx.clone()),
+                stop.clone().cancelled_owned(),
             )));
         }
         tracing::info!(%admin_addr, servers = ?config.servers, direct = config.direct.policy.as_str(), "tunnel sidecar started");
@@ -234,6 +283,7 @@ impl Sidecar {
             port_addrs,
             shutdown_requested,
             clusters,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             tasks,
         })
@@ -247,7 +297,7 @@ impl Sidecar {
 
     /// Stops every listener; open tunnelled connections end with the process.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
@@ -267,14 +317,13 @@ pub async fn main(cli: config::Cli) -> anyhow::Result<()> {
         }
         None => {}
     }
-    tunnel_proto::tls::install_crypto_provider();
     let config = cli.resolve()?;
-    tunnel_proto::cli::init_logging(config.log_format, &config.log_level);
+    tunnel_shell::logging::init_logging(config.log_format, &config.log_level);
     let sidecar = Sidecar::start(config).await?;
     let requested = sidecar.shutdown_requested.clone();
     tokio::select! {
-        () = tunnel_proto::cli::termination_signal() => {}
-        () = requested.notified() => tracing::info!("shutdown requested on the admin port"),
+        () = tunnel_shell::process::termination_signal() => {}
+        () = requested.cancelled() => tracing::info!("shutdown requested on the admin port"),
     }
     sidecar.shutdown().await;
     Ok(())

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_proto::client::Target;
 use tunnel_tests::*;
 
@@ -130,9 +131,14 @@ fn run_role(role: &str) {
     if role == "relay-async" {
         return relay_floor::serve_async(&args);
     }
-    // As the real binaries: the sidecar and the agent default to one worker thread.
-    let rt =
-        tunnel_proto::cli::runtime((role == "sidecar" || role == "agent").then_some(1)).unwrap();
+    // As the real binaries (`tunnel_shell::run`): the crypto provider, and
+    // one worker thread for the sidecar and the agent.
+    tunnel_proto::tls::install_crypto_provider();
+    let threads = match role {
+        "sidecar" | "agent" => tunnel_shell::WorkerThreads::Count(1),
+        _ => tunnel_shell::WorkerThreads::PerCpu,
+    };
+    let rt = tunnel_shell::process::runtime(threads).unwrap();
     let res = rt.block_on(async {
         match role {
             "server" => {
@@ -512,20 +518,20 @@ impl StallCounters {
 async fn keep_full(
     mut tcp: TcpStream,
     c: Arc<StallCounters>,
-    pause: tokio::sync::watch::Receiver<bool>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    pause: CancellationToken,
+    stop: CancellationToken,
 ) -> TcpStream {
     let chunk = vec![0x5au8; STALL_CHUNK];
     let mut total = 0u64;
     let mut reported = false;
     while total <= STALL_FILL_LIMIT {
-        if *pause.borrow() {
+        if pause.is_cancelled() {
             // Holds the connection as it is: stalled, no longer filling.
-            let _ = stop.wait_for(|s| *s).await;
+            stop.cancelled().await;
             return tcp;
         }
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return tcp,
+            () = stop.cancelled() => return tcp,
             res = tokio::time::timeout(STALL_BLOCKED_AFTER, tcp.write(&chunk)) => match res {
                 Ok(Ok(n)) => total += n as u64,
                 Ok(Err(e)) => {
@@ -548,7 +554,7 @@ async fn keep_full(
         tokio::time::sleep(STALL_PACE).await;
     }
     c.unbounded.fetch_add(1, Ordering::SeqCst);
-    let _ = stop.wait_for(|s| *s).await;
+    stop.cancelled().await;
     tcp
 }
 
@@ -561,8 +567,10 @@ struct StallDestinations {
     /// What the flooding destination's writers did.
     flood: Arc<StallCounters>,
     /// Stops the flooding destination's writers from writing more.
-    pause: tokio::sync::watch::Sender<bool>,
-    stop: tokio::sync::watch::Sender<bool>,
+    pause: CancellationToken,
+    /// Ends the writers; cancelled too when dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
 }
 
 impl StallDestinations {
@@ -582,8 +590,9 @@ impl StallDestinations {
         let flooding = small(Some(STALL_OWN_BUFFER), None);
         let floods = flooding.local_addr().unwrap();
         let flood = Arc::new(StallCounters::default());
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (pause, pause_rx) = tokio::sync::watch::channel(false);
+        let stop = CancellationToken::new();
+        let pause = CancellationToken::new();
+        let (stop_rx, pause_rx) = (stop.clone(), pause.clone());
         let f = flood.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = flooding.accept().await {
@@ -600,6 +609,7 @@ impl StallDestinations {
             held,
             flood,
             pause,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
         }
     }
@@ -1198,8 +1208,10 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
 
     eprintln!("[stalled_1000] opening {total} stalled connections");
     let kernel_before = kernel_tcp_mib();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let (pause, pause_rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let pause = CancellationToken::new();
+    let (stop_rx, pause_rx) = (stop.clone(), pause.clone());
     let writers = Arc::new(StallCounters::default());
     let open_failed = Arc::new(AtomicUsize::new(0));
     let opened = Arc::new(AtomicUsize::new(0));
@@ -1310,8 +1322,8 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     }
     // Whatever stopped the fill, the stalls stop growing now (they stay
     // stalled): the measurements run beside what is held.
-    pause.send_replace(true);
-    services.stall.pause.send_replace(true);
+    pause.cancel();
+    services.stall.pause.cancel();
     let (blocked, held) = (
         writers.blocked.load(Ordering::SeqCst) + flood.blocked.load(Ordering::SeqCst),
         writers.held.load(Ordering::SeqCst) + flood.held.load(Ordering::SeqCst),
@@ -1401,8 +1413,8 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     }
 
     // Reset both ends of every stall, then stop the tunnel.
-    stop.send_replace(true);
-    services.stall.stop.send_replace(true);
+    stop.cancel();
+    services.stall.stop.cancel();
     for tcp in unread.lock().unwrap().drain(..) {
         reset(tcp);
     }
@@ -1523,49 +1535,52 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
     let failed = Arc::new(AtomicUsize::new(0));
     let slowest_us = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let load = {
+        let stop = stop.clone();
         let (client, failed, slowest_us, counting) = (
             client.clone(),
             failed.clone(),
             slowest_us.clone(),
             counting.clone(),
         );
-        let stop = async move {
-            let _ = stop_rx.wait_for(|s| *s).await;
-        };
-        tokio::spawn(steady_load(FREEZE_RATE, stop, move |_| {
-            let (client, target, failed, slowest_us, counting) = (
-                client.clone(),
-                target.clone(),
-                failed.clone(),
-                slowest_us.clone(),
-                counting.clone(),
-            );
-            async move {
-                let started = Instant::now();
-                let res = tokio::time::timeout(Duration::from_secs(10), async {
-                    let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
-                    let opened = started.elapsed();
-                    io.write_all(&[7u8; 32]).await.map_err(|e| e.to_string())?;
-                    let mut back = [0u8; 32];
-                    io.read_exact(&mut back).await.map_err(|e| e.to_string())?;
-                    Ok::<_, String>(opened)
-                })
-                .await;
-                if !counting.load(Ordering::Relaxed) {
-                    return;
-                }
-                match res {
-                    Ok(Ok(opened)) => {
-                        slowest_us.fetch_max(opened.as_micros() as u64, Ordering::Relaxed);
+        tokio::spawn(steady_load(
+            FREEZE_RATE,
+            stop.cancelled_owned(),
+            move |_| {
+                let (client, target, failed, slowest_us, counting) = (
+                    client.clone(),
+                    target.clone(),
+                    failed.clone(),
+                    slowest_us.clone(),
+                    counting.clone(),
+                );
+                async move {
+                    let started = Instant::now();
+                    let res = tokio::time::timeout(Duration::from_secs(10), async {
+                        let mut io = client.open_io(&target).await.map_err(|e| e.to_string())?;
+                        let opened = started.elapsed();
+                        io.write_all(&[7u8; 32]).await.map_err(|e| e.to_string())?;
+                        let mut back = [0u8; 32];
+                        io.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(opened)
+                    })
+                    .await;
+                    if !counting.load(Ordering::Relaxed) {
+                        return;
                     }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
+                    match res {
+                        Ok(Ok(opened)) => {
+                            slowest_us.fetch_max(opened.as_micros() as u64, Ordering::Relaxed);
+                        }
+                        _ => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-            }
-        }))
+            },
+        ))
     };
     tokio::time::sleep(FREEZE_WARMUP).await;
     let frozen = &agents[1];
@@ -1595,7 +1610,7 @@ async fn agent_freeze(pki: &Pki, services: &Services) -> Extras {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop_tx.send_replace(true);
+    stop.cancel();
     let _ = load.await;
     out.push((
         "agent_freeze_to_last_connection_ms",

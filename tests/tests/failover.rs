@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_tests::*;
 
 /// New connections a second.
@@ -116,7 +116,7 @@ async fn one_connection(proxy: SocketAddr, echo_port: u16, seq: u64) -> Outcome 
 async fn long_lived(
     proxy: SocketAddr,
     echo_port: u16,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Option<(Instant, String)> {
     let mut tcp = TcpStream::connect(proxy).await.expect("proxy");
     connect_on(&mut tcp, "east", "127.0.0.1", echo_port)
@@ -125,7 +125,7 @@ async fn long_lived(
     let mut i = 0u8;
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return None,
+            () = stop.cancelled() => return None,
             () = tokio::time::sleep(LONG_LIVED_EVERY) => {}
         }
         i = i.wrapping_add(1);
@@ -299,19 +299,18 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     )
     .await;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let load = {
-        let (mut stop, echo_port) = (stop_rx.clone(), echo.port());
+        let echo_port = echo.port();
         tokio::spawn(steady_load(
             RATE,
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
+            stop.clone().cancelled_owned(),
             move |seq| one_connection(proxy, echo_port, seq),
         ))
     };
     let long: Vec<_> = (0..LONG_LIVED)
-        .map(|_| tokio::spawn(long_lived(proxy, echo.port(), stop_rx.clone())))
+        .map(|_| tokio::spawn(long_lived(proxy, echo.port(), stop.clone())))
         .collect();
     let t0 = Instant::now();
     let mut marks = vec![Mark {
@@ -432,7 +431,7 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    stop_tx.send_replace(true);
+    stop.cancel();
     let outcomes = load.await.expect("load task");
     let mut long_cut = Vec::new();
     for l in long {

@@ -326,10 +326,13 @@ async fn connections_are_spread_over_the_agents_of_a_cluster() {
         N as u64,
         "every connection is counted once: {open:?}"
     );
+    // The pick weighs each agent's open connections by its answer time, so
+    // on a machine busy with other work one agent's answers can be a few
+    // times slower and it then gets fewer (by that factor); what must hold
+    // is that both carry a share and neither is starved or flooded.
     for (agent, n) in &open {
-        assert!(*n >= 1, "agent {agent} carries no connection: {open:?}");
         assert!(
-            *n <= 14,
+            (4..=16).contains(n),
             "agent {agent} carries {n} of {N} connections: {open:?}"
         );
     }
@@ -342,7 +345,7 @@ async fn connections_are_spread_over_the_agents_of_a_cluster() {
     for id in ["east-a", "east-b"] {
         let n = answered.get(id).copied().unwrap_or(0);
         assert!(
-            (1..=14).contains(&n),
+            (4..=16).contains(&n),
             "agent {id} answered {n} of {N} opens: {answered:?}"
         );
         assert_eq!(

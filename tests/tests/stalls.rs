@@ -24,7 +24,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_agent::Agent;
 use tunnel_proto::client::{Target, TunnelClient};
 use tunnel_server::Server;
@@ -81,14 +82,14 @@ async fn keep_writing<W: AsyncWrite + Unpin>(
     i: usize,
     events: Events,
     progress: Arc<AtomicU64>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> W {
     let chunk = vec![0x5au8; CHUNK];
     let mut total = 0u64;
     let mut reported = false;
     while total <= FILL_LIMIT {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return w,
+            () = stop.cancelled() => return w,
             res = tokio::time::timeout(BLOCKED_AFTER, w.write(&chunk)) => match res {
                 Ok(Ok(n)) => {
                     total += n as u64;
@@ -109,7 +110,7 @@ async fn keep_writing<W: AsyncWrite + Unpin>(
     }
     let _ = events.send((i, Fill::Unbounded(total)));
     // Stays open (and full) until the test stops it.
-    let _ = stop.wait_for(|s| *s).await;
+    stop.cancelled().await;
     w
 }
 
@@ -276,7 +277,9 @@ impl NeverReads {
 /// reporting as connection 0, 1, ... in accept order.
 struct Flood {
     addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    /// Ends the writers; cancelled too when the flood is dropped.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
     events: mpsc::UnboundedReceiver<(usize, Fill)>,
     /// Bytes written by all the flood's writers.
     progress: Arc<AtomicU64>,
@@ -292,23 +295,24 @@ impl Flood {
         .listen()
         .expect("listener");
         let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let (tx, events) = mpsc::unbounded_channel();
         let progress = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (p, a) = (progress.clone(), accepted.clone());
+        let (p, a, writers_stop) = (progress.clone(), accepted.clone(), stop.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let i = a.fetch_add(1, Ordering::SeqCst);
-                let (tx, stop_rx, p) = (tx.clone(), stop_rx.clone(), p.clone());
+                let (tx, stop, p) = (tx.clone(), writers_stop.clone(), p.clone());
                 tokio::spawn(async move {
-                    let tcp = keep_writing(tcp, i, tx, p, stop_rx).await;
+                    let tcp = keep_writing(tcp, i, tx, p, stop).await;
                     reset(tcp);
                 });
             }
         });
         Self {
             addr,
+            _stop_on_drop: stop.clone().drop_guard(),
             stop,
             events,
             progress,
@@ -656,7 +660,8 @@ async fn sixty_four_stalled_destinations_leave_other_connections_alone() {
     // Half through the sidecar's port, half through CONNECT, all at once;
     // each client writes until its connection is full, and keeps writing.
     let (tx, mut events) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let opener = hub.opener(
         PORT_NEVER_READS,
         hub.never_reads.addr,
@@ -668,10 +673,10 @@ async fn sixty_four_stalled_destinations_leave_other_connections_alone() {
     let progress = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..STALLED)
         .map(|i| {
-            let (tx, stop_rx, progress) = (tx.clone(), stop_rx.clone(), progress.clone());
+            let (tx, stop, progress) = (tx.clone(), stop.clone(), progress.clone());
             tokio::spawn(async move {
                 match opener.open(i % 2 == 1).await {
-                    Ok(tcp) => Some(keep_writing(tcp, i, tx, progress, stop_rx).await),
+                    Ok(tcp) => Some(keep_writing(tcp, i, tx, progress, stop).await),
                     Err(e) => {
                         let _ = tx.send((i, Fill::Cut(0, e)));
                         None
@@ -695,7 +700,7 @@ async fn sixty_four_stalled_destinations_leave_other_connections_alone() {
     judge_later("stalled connection", &mut events, &mut failures);
 
     // Reset both ends of every stall: each hop releases its stream.
-    stop.send_replace(true);
+    stop.cancel();
     for w in writers {
         if let Ok(Some(tcp)) = w.await {
             reset(tcp);
@@ -751,7 +756,7 @@ async fn sixty_four_stalled_clients_leave_other_connections_alone() {
         &mut failures,
     );
 
-    hub.flood.stop.send_replace(true);
+    hub.flood.stop.cancel();
     for tcp in clients {
         reset(tcp);
     }
@@ -770,21 +775,22 @@ async fn stalled_connections_of_the_client_library_leave_its_other_connections_a
     // Destination never reads: the app keeps writing into its TunnelIo.
     // All opened at once.
     let (tx, mut events) = mpsc::unbounded_channel();
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let never = hub.east(hub.never_reads.addr);
     let progress = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..STALLED)
         .map(|i| {
-            let (tx, stop_rx, lib, never, progress) = (
+            let (tx, stop, lib, never, progress) = (
                 tx.clone(),
-                stop_rx.clone(),
+                stop.clone(),
                 hub.lib.clone(),
                 never.clone(),
                 progress.clone(),
             );
             tokio::spawn(async move {
                 match lib.open_io(&never).await {
-                    Ok(io) => drop(keep_writing(io, i, tx, progress, stop_rx).await),
+                    Ok(io) => drop(keep_writing(io, i, tx, progress, stop).await),
                     Err(e) => {
                         let _ = tx.send((i, Fill::Cut(0, format!("open: {e}"))));
                     }
@@ -883,8 +889,8 @@ async fn stalled_connections_of_the_client_library_leave_its_other_connections_a
         &mut failures,
     );
 
-    stop.send_replace(true);
-    hub.flood.stop.send_replace(true);
+    stop.cancel();
+    hub.flood.stop.cancel();
     for w in writers {
         let _ = w.await;
     }

@@ -28,9 +28,12 @@ fn whole_seconds(field: &'static str, value: &str) -> Result<i64, ServerObjectsE
 }
 
 fn check_duration(field: &'static str, value: &str) -> Result<(), ServerObjectsError> {
-    tunnel_proto::cli::parse_duration(value)
+    tunnel_shell::units::parse_duration(value)
         .map(drop)
-        .map_err(|reason| ServerObjectsError::BadConfiguration { field, reason })
+        .map_err(|e| ServerObjectsError::BadConfiguration {
+            field,
+            reason: e.to_string(),
+        })
 }
 
 fn pull_policy(policy: PullPolicy) -> &'static str {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use tunnel_api::sidecar::DirectPolicy;
-use tunnel_proto::cli::{LogFormat, parse_duration};
+use tunnel_shell::flags::{ClientSide, ServerArgs, TlsArgs};
+use tunnel_shell::logging::LogFormat;
+use tunnel_shell::units::{parse_duration, parse_socket_buffer};
 
 /// The command line. Every flag also reads an environment variable; values
 /// not given either way come from `--config`, then the defaults.
@@ -29,28 +31,19 @@ pub struct Cli {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, env = "TUNNEL_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Proxy server client-port address(es), host:port (repeatable or
-    /// comma-separated; more than one for HA).
-    #[arg(long = "server", env = "TUNNEL_SERVERS", value_delimiter = ',')]
-    pub servers: Vec<String>,
-    /// The name the server certificate must carry (default: each address's host).
-    #[arg(long, env = "TUNNEL_SERVER_NAME")]
-    pub server_name: Option<String>,
+    /// The proxy servers (their client port); not required, as they may
+    /// come from --config.
+    #[command(flatten)]
+    pub servers: ServerArgs<ClientSide, false>,
     /// Directory holding client-<client-name>.pem, its key and ca.pem.
     #[arg(long, env = "TUNNEL_CERT_DIR")]
     pub cert_dir: Option<PathBuf>,
     /// Client name whose certificate to use from --cert-dir [default: sidecar].
     #[arg(long, env = "TUNNEL_CLIENT_NAME")]
     pub client_name: Option<String>,
-    /// Client certificate chain (PEM); overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// Client private key (PEM); overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// CA bundle the server certificate must chain to; overrides --cert-dir.
-    #[arg(long, env = "TUNNEL_CA")]
-    pub ca: Option<PathBuf>,
+    /// Files that override those in --cert-dir.
+    #[command(flatten)]
+    pub tls: TlsArgs<ClientSide>,
     /// The pod's projected service-account token, sent with every connection
     /// so the server knows which workload asks; re-read when it changes.
     #[arg(long, env = "TUNNEL_TOKEN_FILE")]
@@ -140,7 +133,7 @@ pub struct Cli {
     /// 256KiB): bounds what an app that stops reading or a stalled tunnel
     /// holds in the pod's kernel memory; 0 leaves them to the kernel's
     /// autotuning [default: 0].
-    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", value_parser = tunnel_proto::net::parse_socket_buffer)]
+    #[arg(long, env = "TUNNEL_SOCKET_BUFFER", value_parser = parse_socket_buffer)]
     pub socket_buffer: Option<usize>,
     /// Log format [default: json].
     #[arg(long, env = "TUNNEL_LOG_FORMAT", value_enum)]

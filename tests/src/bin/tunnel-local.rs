@@ -75,7 +75,7 @@ struct Cli {
     cluster_server: Option<SocketAddr>,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
-    log_format: tunnel_proto::cli::LogFormat,
+    log_format: tunnel_shell::logging::LogFormat,
     /// Log filter (RUST_LOG overrides).
     #[arg(long, default_value = "warn,tunnel_server::audit=info")]
     log_level: String,
@@ -262,6 +262,7 @@ async fn start_agent(
         proxy: tunnel_agent::proxy::ProxySettings::none(),
     })
     .await
+    .map_err(anyhow::Error::from)
 }
 
 /// One cluster of the local system.
@@ -328,12 +329,13 @@ async fn run_cluster(cli: &Cli, cluster: &str) -> anyhow::Result<()> {
     let ip = IpAddr::from([127, 0, 0, 1]);
     start_samples(name, ip, &cli.dir).await?;
     let agent = start_agent(&cli.dir, name, ip, server).await?;
-    tunnel_proto::cli::termination_signal().await;
+    tunnel_shell::process::termination_signal().await;
     agent.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    tunnel_shell::logging::init_logging(cli.log_format, &cli.log_level);
     if let Some(cluster) = cli.cluster_role.clone() {
         return run_cluster(&cli, &cluster).await;
     }
@@ -434,8 +436,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     print_guide(&cli);
     let requested = sidecar.shutdown_requested.clone();
     tokio::select! {
-        () = tunnel_proto::cli::termination_signal() => {}
-        () = requested.notified() => {}
+        () = tunnel_shell::process::termination_signal() => {}
+        () = requested.cancelled() => {}
     }
     println!("stopping...");
     sidecar.shutdown().await;
@@ -476,21 +478,5 @@ fn print_guide(cli: &Cli) {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    tunnel_proto::tls::install_crypto_provider();
-    tunnel_proto::cli::init_logging(cli.log_format, &cli.log_level);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("tunnel-local: cannot start the runtime: {err}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("tunnel-local: {err:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    tunnel_shell::run(tunnel_shell::WorkerThreads::PerCpu, run)
 }

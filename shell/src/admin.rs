@@ -10,7 +10,6 @@
 //! connections from anywhere to the pod's own address with a loopback source.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,8 +25,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 /// Answers whether the process is ready to serve traffic (`GET /readyz`).
 pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -64,7 +64,7 @@ struct State {
     registry: Arc<Registry>,
     ready: ReadyCheck,
     ready_detail: Option<ReadyDetail>,
-    shutdown: Option<Arc<Notify>>,
+    shutdown: Option<CancellationToken>,
 }
 
 impl AdminServer {
@@ -92,13 +92,10 @@ impl AdminServer {
     }
 
     /// Enables `POST /shutdown` (only on connections from and to loopback addresses,
-    /// else 403), which notifies the given Notify (for a sidecar in pods without native
-    /// sidecars).
-    ///
-    /// Uses [`Notify::notify_one`], so a task that starts waiting after the request
-    /// still sees it.
-    pub fn with_shutdown_endpoint(mut self, notify: Arc<Notify>) -> Self {
-        self.state.shutdown = Some(notify);
+    /// else 403), which cancels `requested` (for a sidecar in pods without native
+    /// sidecars). A task that starts waiting after the request still sees it.
+    pub fn with_shutdown_endpoint(mut self, requested: CancellationToken) -> Self {
+        self.state.shutdown = Some(requested);
         self
     }
 
@@ -108,23 +105,20 @@ impl AdminServer {
         self
     }
 
-    /// Serves until `shutdown` completes; one bad client never stops the server.
+    /// Serves until `shutdown` is cancelled; one bad client never stops the server.
     ///
     /// On shutdown it stops accepting, lets open connections finish their current
     /// request (for at most a few seconds) and returns `Ok(())`. Accept errors are logged
     /// and retried, never returned.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> io::Result<()> {
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         let local = listener.local_addr()?;
         let state = Arc::new(self.state);
         tracing::debug!(%local, "admin server listening");
-        let (stop_tx, stop_rx) = watch::channel(false);
+        // Tells the open connections to finish once the loop ends.
+        let stop_connections = shutdown.child_token();
         let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
         let mut connections = JoinSet::new();
-        let mut shutdown = std::pin::pin!(shutdown);
+        let mut shutdown = std::pin::pin!(shutdown.cancelled());
         loop {
             let permit = tokio::select! {
                 () = &mut shutdown => break,
@@ -148,7 +142,7 @@ impl AdminServer {
                         Ends { peer, local: to },
                         state.clone(),
                         self.header_read_timeout,
-                        stop_rx.clone(),
+                        stop_connections.clone(),
                         permit,
                     ));
                 }
@@ -165,8 +159,7 @@ impl AdminServer {
             }
         }
         drop(listener);
-        // The receivers may all be gone already; then there is nobody to tell.
-        let _ = stop_tx.send(true);
+        stop_connections.cancel();
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while connections.join_next().await.is_some() {}
         })
@@ -205,7 +198,7 @@ async fn serve_connection(
     ends: Ends,
     state: Arc<State>,
     header_read_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let peer = ends.peer;
@@ -221,8 +214,7 @@ async fn serve_connection(
     let mut conn = std::pin::pin!(conn);
     let finished = tokio::select! {
         result = conn.as_mut() => Some(result),
-        // The watch guard must not live across the await below (it is not Send).
-        _ = stop.wait_for(|stopped| *stopped) => None,
+        () = stop.cancelled() => None,
     };
     let result = match finished {
         Some(result) => result,
@@ -273,9 +265,9 @@ fn respond(state: &State, ends: Ends, method: &Method, path: &str) -> Response<F
                     "forbidden: /shutdown accepts connections to a loopback address from one only\n",
                 )
             }
-            Some(notify) => {
+            Some(requested) => {
                 tracing::info!(%peer, "shutdown requested via admin endpoint");
-                notify.notify_one();
+                requested.cancel();
                 text(StatusCode::OK, "shutting down\n")
             }
         },
@@ -344,27 +336,12 @@ fn is_disconnect(error: &io::Error) -> bool {
     )
 }
 
-/// Metric label: a result code (`ok` or an [`ErrorCode`](crate::error::ErrorCode) label),
-/// shared by every component's dial counters.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct CodeLabel {
-    /// Result code.
-    pub code: &'static str,
-}
-
-/// Histogram buckets (seconds) for dial and connection latencies, shared by
-/// every component so their histograms compare.
-pub const LATENCY_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use prometheus_client::metrics::counter::Counter;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
 
     use super::*;
@@ -373,13 +350,13 @@ mod tests {
 
     struct Running {
         addr: SocketAddr,
-        stop: oneshot::Sender<()>,
+        stop: CancellationToken,
         task: JoinHandle<io::Result<()>>,
     }
 
     impl Running {
         async fn stop(self) {
-            let _ = self.stop.send(());
+            self.stop.cancel();
             tokio::time::timeout(TEST_TIMEOUT, self.task)
                 .await
                 .expect("server stops in time")
@@ -391,10 +368,8 @@ mod tests {
     async fn start(server: AdminServer) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async move {
-            let _ = stopped.await;
-        }));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server.serve(listener, stop.clone()));
         Running { addr, stop, task }
     }
 
@@ -564,9 +539,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_endpoint_notifies() {
-        let notify = Arc::new(Notify::new());
-        let running = start(server(true).with_shutdown_endpoint(notify.clone())).await;
+    async fn post_shutdown_requests_the_shutdown() {
+        let requested = CancellationToken::new();
+        let running = start(server(true).with_shutdown_endpoint(requested.clone())).await;
         let reply = request(running.addr, "GET", "/shutdown").await;
         assert_eq!(reply.status, 405);
         assert_eq!(reply.header("allow"), Some("POST"));
@@ -575,9 +550,7 @@ mod tests {
             (reply.status, reply.body.as_str()),
             (200, "shutting down\n")
         );
-        tokio::time::timeout(TEST_TIMEOUT, notify.notified())
-            .await
-            .expect("notified");
+        assert!(requested.is_cancelled(), "shutdown requested");
         running.stop().await;
     }
 
@@ -590,8 +563,7 @@ mod tests {
 
     #[test]
     fn shutdown_takes_only_connections_loopback_at_both_ends() {
-        let notify = Arc::new(Notify::new());
-        let admin = server(true).with_shutdown_endpoint(notify);
+        let admin = server(true).with_shutdown_endpoint(CancellationToken::new());
         let state = &admin.state;
         let status = |peer: &str, local: &str| {
             respond(state, ends(peer, local), &Method::POST, "/shutdown").status()
@@ -617,16 +589,15 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_through_a_wildcard_listener_needs_the_loopback_address() {
-        let notify = Arc::new(Notify::new());
+        let requested = CancellationToken::new();
         let listener = TcpListener::bind("0.0.0.0:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server(true).with_shutdown_endpoint(notify.clone()).serve(
-            listener,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            server(true)
+                .with_shutdown_endpoint(requested.clone())
+                .serve(listener, stop.clone()),
+        );
         // This host's own non-loopback address, if it has one: a connection
         // to it is not loopback at the local end, whatever its source.
         let outward = std::net::UdpSocket::bind("0.0.0.0:0")
@@ -638,6 +609,7 @@ mod tests {
         if let Some(ip) = outward {
             let reply = request(SocketAddr::new(ip, port), "POST", "/shutdown").await;
             assert_eq!(reply.status, 403, "{}", reply.body);
+            assert!(!requested.is_cancelled(), "refused, yet shutdown requested");
         }
         let reply = request(
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -646,10 +618,8 @@ mod tests {
         )
         .await;
         assert_eq!(reply.status, 200);
-        tokio::time::timeout(TEST_TIMEOUT, notify.notified())
-            .await
-            .expect("notified");
-        let _ = stop.send(());
+        assert!(requested.is_cancelled(), "shutdown requested");
+        stop.cancel();
         tokio::time::timeout(TEST_TIMEOUT, task)
             .await
             .expect("server stops in time")
