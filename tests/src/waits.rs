@@ -27,6 +27,21 @@ where
     }
 }
 
+/// Waits until the in-process `server` has no proxied connection open (its
+/// records closed: audit lines written, bytes counted).
+pub async fn wait_all_closed(server: &tunnel_server::Server) {
+    let state = server.state().clone();
+    wait_until(
+        "the server has no connection open",
+        Duration::from_secs(10),
+        || {
+            let open = state.open_connections();
+            async move { open == 0 }
+        },
+    )
+    .await;
+}
+
 /// Waits until a TCP connect to `addr` succeeds.
 pub async fn wait_listening(addr: SocketAddr, what: &str) {
     wait_until(

@@ -182,12 +182,7 @@ async fn a_connect_tunnel_carries_bytes_both_ways_and_half_closes() {
         .unwrap();
     assert_eq!(n, len);
     assert_eq!(back, writer.await.unwrap(), "the echo is what was sent");
-    let state = server.state().clone();
-    wait_until("the connection is closed", Duration::from_secs(10), || {
-        let open = state.open_connections();
-        async move { open == 0 }
-    })
-    .await;
+    wait_all_closed(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,16 +141,7 @@ async fn cluster_proxy_s_names_reach_the_kube_apiserver_and_ours_reach_a_service
         .expect("the destination's connection ended");
     assert_eq!(clean, Some(true), "the destination read a clean end");
     // Counted like any connection, once closed.
-    let state = hub.server.state().clone();
-    wait_until(
-        "every connection is closed",
-        Duration::from_secs(10),
-        || {
-            let open = state.open_connections();
-            async move { open == 0 }
-        },
-    )
-    .await;
+    wait_all_closed(&hub.server).await;
     let metrics = fetch_metrics(hub.server.admin_addr).await;
     assert_eq!(
         metric(&metrics, r#"tunnel_server_dials_total{code="ok"}"#),
@@ -286,16 +277,7 @@ async fn many_connections_at_once_each_on_its_own_stream() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 8, "every connection has its own id");
-    let state = hub.server.state().clone();
-    wait_until(
-        "every connection is closed",
-        Duration::from_secs(10),
-        || {
-            let open = state.open_connections();
-            async move { open == 0 }
-        },
-    )
-    .await;
+    wait_all_closed(&hub.server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
