@@ -53,6 +53,10 @@ pub enum ReadError {
         /// The limit.
         max: usize,
     },
+    /// The start of a message held while its rest comes would take the
+    /// connection past its budget (with the windows of its open streams).
+    #[error("a message being received does not fit the connection's budget: {0}")]
+    ConnectionFull(#[source] crate::h2::BudgetExhausted),
     /// A message is compressed (or its prefix is not gRPC's).
     #[error("a message is compressed (flag {0}); compression is not accepted")]
     Compressed(u8),
@@ -65,7 +69,9 @@ impl ReadError {
     /// The gRPC status a client gets for this error.
     pub fn status(&self) -> tonic::Status {
         match self {
-            ReadError::TooLarge { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            ReadError::TooLarge { .. } | ReadError::ConnectionFull(_) => {
+                tonic::Status::resource_exhausted(self.to_string())
+            }
             ReadError::Compressed(_) => tonic::Status::unimplemented(self.to_string()),
             _ => tonic::Status::invalid_argument(self.to_string()),
         }
@@ -78,7 +84,10 @@ impl ReadError {
 /// only when the reader needs more, that is once every packet it returned
 /// was dealt with; so a reader that is not called holds the peer back. A
 /// message longer than the window is received by giving back its first
-/// part while waiting for the rest, within [`MAX_MESSAGE_BYTES`].
+/// part while waiting for the rest, within [`MAX_MESSAGE_BYTES`]; that part
+/// is charged to the connection's budget as the stream's windows are
+/// ([`StreamGuard::hold_beyond_window`]), so that many streams each
+/// assembling a large message cannot hold more than the budget.
 #[derive(Debug)]
 pub struct MessageReader {
     recv: h2::RecvStream,
@@ -116,8 +125,13 @@ impl MessageReader {
                 return Ok(Some(message));
             }
             // Everything returned before was dealt with: give it back, and
-            // the start of an incomplete message too, so that the rest can come.
+            // the start of an incomplete message too, so that the rest can
+            // come. Given back, that start is held beyond the stream's
+            // window: charged to the connection's budget meanwhile.
             if self.held > 0 {
+                self.guard
+                    .hold_beyond_window(self.buf.len())
+                    .map_err(ReadError::ConnectionFull)?;
                 let _ = self.recv.flow_control().release_capacity(self.held);
                 self.held = 0;
             }

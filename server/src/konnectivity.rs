@@ -26,7 +26,8 @@
 //!
 //! Memory: the stream's HTTP/2 window is the flow control (a packet is read
 //! only once the previous one was handed to the agent), plus at most one
-//! message being assembled.
+//! message being assembled, whose start beyond the window is charged to the
+//! connection's budget (`RESOURCE_EXHAUSTED` when it does not fit).
 
 use std::future::Future as _;
 use std::net::SocketAddr;

@@ -240,6 +240,25 @@ impl StreamGuard {
     }
 }
 
+impl StreamGuard {
+    /// This stream now holds `bytes` beyond its window (the start of a
+    /// message longer than the window, given back so that the rest can
+    /// come): charged to the connection's budget until changed or the
+    /// stream closes; refused, and nothing charged, when the budget cannot
+    /// take it.
+    pub fn hold_beyond_window(&self, bytes: usize) -> Result<(), BudgetExhausted> {
+        let bytes = bytes as u64;
+        let budget = self.conn.settings.budget();
+        let mut ledger = self.conn.ledger();
+        ledger
+            .hold_beyond(self.id, bytes, budget)
+            .map_err(|committed| BudgetExhausted {
+                streams: ledger.active(),
+                committed,
+            })
+    }
+}
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.conn.ledger().close(self.id);
@@ -253,6 +272,30 @@ mod tests {
 
     use super::*;
     use crate::h2::{DEFAULT_MAX_STREAM_WINDOW, DEFAULT_STREAM_WINDOW, DEFAULT_WINDOW_BUDGET};
+
+    #[test]
+    fn what_a_stream_holds_beyond_its_window_is_charged_to_the_budget() {
+        let shared = ConnShared::new(H2Settings {
+            window_budget: 1 << 20,
+            ..H2Settings::default()
+        });
+        let window = u64::from(DEFAULT_STREAM_WINDOW);
+        let a = shared.try_stream_opened(u64::MAX).unwrap();
+        let b = shared.try_stream_opened(u64::MAX).unwrap();
+        a.hold_beyond_window(300 * 1024).unwrap();
+        assert_eq!(shared.committed_bytes(), 2 * window + 300 * 1024);
+        // More than the budget leaves: refused, nothing charged.
+        let full = b.hold_beyond_window(300 * 1024).unwrap_err();
+        assert_eq!(full.committed, 2 * window + 600 * 1024);
+        assert_eq!(shared.committed_bytes(), 2 * window + 300 * 1024);
+        // A new stream cannot take the room it holds either.
+        assert!(shared.try_stream_opened(u64::MAX).is_err());
+        // Holding less always succeeds; closing gives it all back.
+        a.hold_beyond_window(10).unwrap();
+        assert_eq!(shared.committed_bytes(), 2 * window + 10);
+        drop(a);
+        assert_eq!(shared.committed_bytes(), window);
+    }
 
     #[test]
     fn raises_and_give_backs_charge_a_long_lived_stream_its_peak_not_their_sum() {

@@ -1,6 +1,7 @@
 //! The ledger of one connection's streams: what each open stream may come
-//! to hold (its peak), their sum, and the window a new stream is charged
-//! while the peer may not have applied the last change yet.
+//! to hold (its peak, and what it holds beyond its window), their sum, and
+//! the window a new stream is charged while the peer may not have applied
+//! the last change yet.
 
 use std::time::{Duration, Instant};
 
@@ -14,10 +15,13 @@ const PREVIOUS_WINDOW_GRACE: Duration = Duration::from_secs(1);
 /// window in force, so a raise by `d` adds at most `d` per open stream.
 #[derive(Debug, Default)]
 pub(super) struct Ledger {
-    /// Sum of the open streams' peaks.
+    /// Sum of the open streams' peaks and of what they hold beyond them.
     committed: u64,
     /// Peak of each open stream, by id.
     peaks: std::collections::HashMap<u64, u32>,
+    /// Bytes a stream holds beyond its window (the start of a message it
+    /// gave back to receive the rest), by id; absent when none.
+    beyond: std::collections::HashMap<u64, u64>,
     next_id: u64,
     /// The window before the last change, and until when it may still
     /// bind: a lowered window binds only once the peer applied it.
@@ -59,6 +63,26 @@ impl Ledger {
         if let Some(peak) = self.peaks.remove(&id) {
             self.committed -= u64::from(peak);
         }
+        if let Some(bytes) = self.beyond.remove(&id) {
+            self.committed -= bytes;
+        }
+    }
+
+    /// Stream `id` now holds `bytes` beyond its window: charged if the sum
+    /// stays within `budget` (or does not grow); if not, nothing is charged
+    /// and the error is the sum it would have come to.
+    pub(super) fn hold_beyond(&mut self, id: u64, bytes: u64, budget: u64) -> Result<(), u64> {
+        let before = self.beyond.get(&id).copied().unwrap_or(0);
+        if bytes > before && self.committed + (bytes - before) > budget {
+            return Err(self.committed + (bytes - before));
+        }
+        self.committed = self.committed - before + bytes;
+        if bytes == 0 {
+            self.beyond.remove(&id);
+        } else {
+            self.beyond.insert(id, bytes);
+        }
+        Ok(())
     }
 
     /// The window went from `from` to `to`: a raise lifts every open
