@@ -4,7 +4,8 @@
 //! a cluster service through a real server and agent (with `-p`, a CONNECT
 //! tunnel; without, an absolute-form request the server forwards); a
 //! client that negotiates `http/1.1` by ALPN carries bytes both ways with
-//! half-closes; refusals carry the status and code a proxy client acts on.
+//! half-closes, and bytes sent right behind the CONNECT head are not lost;
+//! refusals carry the status and code a proxy client acts on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -254,4 +255,36 @@ async fn refusals_carry_the_status_and_code_a_proxy_client_acts_on() {
         let series = format!(r#"tunnel_server_dials_total{{code="{code}"}}"#);
         assert_eq!(metric(&metrics, &series), Some(n), "{series}\n{metrics}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_right_behind_the_connect_head_reach_the_destination() {
+    let pki = Pki::new(&["east"], &["app"]);
+    let (server, _agent) = hub(&pki, None).await;
+    let echo = start_echo().await;
+    let mut tls = tls_to(&pki, "client-app", server.client_addr, b"http/1.1").await;
+    let address = format!("hello.default.svc.east.tunnel.internal:{}", echo.port());
+    // The head and the first bytes in one write, before the answer (as a
+    // client that does not wait for the 200 sends them).
+    let request =
+        format!("CONNECT {address} HTTP/1.1\r\nHost: {address}\r\n\r\nsent with the head\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let expected = b"\r\n\r\nsent with the head\n";
+    while !got.ends_with(expected) {
+        let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut buf))
+            .await
+            .expect("the answer and the echo")
+            .unwrap();
+        assert!(n > 0, "ended early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200 Connection established\r\n"),
+        "{got}"
+    );
+    drop(tls);
+    wait_all_closed(&server).await;
 }
