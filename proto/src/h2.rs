@@ -52,6 +52,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use crate::net::Liveness;
 
@@ -261,6 +262,8 @@ pub struct H2Server<IO> {
     conn: ::h2::server::Connection<IO, Bytes>,
     shared: Arc<ConnShared>,
     pinger: Option<tokio::task::JoinHandle<()>>,
+    /// GOAWAY was sent ([`accept_until`](Self::accept_until) saw its stop).
+    draining: bool,
 }
 
 impl<IO> std::fmt::Debug for H2Server<IO> {
@@ -300,12 +303,32 @@ where
             conn,
             shared,
             pinger,
+            draining: false,
         })
     }
 
     /// The connection's shared state.
     pub fn conn(&self) -> &Arc<ConnShared> {
         &self.shared
+    }
+
+    /// The next stream the peer opens, as [`accept`](Self::accept), until
+    /// the connection closes; once `stop` is cancelled the connection is
+    /// drained: GOAWAY goes out once (no new streams), and the open streams
+    /// run to their end while this keeps being called.
+    pub async fn accept_until(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> Option<Result<Incoming, ConnError>> {
+        loop {
+            tokio::select! {
+                next = self.accept() => return next,
+                () = stop.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.graceful_shutdown();
+                }
+            }
+        }
     }
 
     /// The next stream the peer opens; `None` once the connection has closed
