@@ -204,6 +204,29 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_names_what_is_wrong_with_it() {
+        assert_eq!(parse_host_port("[::1]:443"), Ok(("::1".to_owned(), 443)));
+        assert_eq!(
+            parse_host_port("[::1]443"),
+            Err(HostPortError::MissingV6Port("[::1]443".into()))
+        );
+        assert_eq!(
+            parse_host_port("backend"),
+            Err(HostPortError::MissingPort("backend".into()))
+        );
+        assert!(matches!(
+            parse_host_port("a b:80"),
+            Err(HostPortError::InvalidHost { host, .. }) if host == "a b"
+        ));
+        let err = parse_host_port("backend:0").unwrap_err();
+        assert!(matches!(&err, HostPortError::InvalidPort { port, .. } if port == "0"));
+        assert_eq!(
+            err.to_string(),
+            "destination \"backend:0\": \"0\" is not a port (1-65535)"
+        );
+    }
+
+    #[test]
     fn the_direct_policy_reads_its_two_values_and_names_them_when_wrong() {
         assert_eq!(" deny ".parse(), Ok(DirectPolicy::Deny));
         assert_eq!("allow".parse(), Ok(DirectPolicy::Allow));

@@ -33,6 +33,8 @@
 //! - [`leader`]: leader election over a Lease, so that several managers can run;
 //! - [`metrics`]: reconciliations and conditions on the admin port;
 //! - [`cli`]: the binary's commands and flags.
+//! - `mock_api` (tests only): kube's API server mocked with `tower_test`,
+//!   answering each expected request of a scenario in turn.
 
 pub mod addon_status;
 pub mod addons;
