@@ -1,4 +1,7 @@
-//! The `Agent` service: answers the server's hello and dials destinations.
+//! What the server asks of the agent on a tunnel: the `Agent` control
+//! service (hello, leave) and each proxied connection's `CONNECT` stream
+//! ([`AgentService::serve_stream`]: acknowledge, check the allowlist, dial,
+//! answer, relay).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -5,8 +5,10 @@
 //!   that every replica gets a tunnel), reconnects with backoff, forever.
 //! - [`servers`]: which server replicas (by id) the agent holds tunnels to, so
 //!   that one load-balanced address yields a tunnel to every replica.
-//! - [`dial`]: the `Agent` service the server calls on each tunnel: one
-//!   `Dial` stream per proxied connection.
+//! - [`dial`]: what the server asks on each tunnel: its control calls
+//!   (`Agent.Hello`, `Agent.Leave`) and one `CONNECT` stream per proxied
+//!   connection, acknowledged, checked against the allowlist, dialed and
+//!   relayed.
 //! - [`allowlist`]: which destinations may be dialed.
 //! - [`proxy`]: the connection to a server through an HTTP proxy (`CONNECT`,
 //!   `HTTPS_PROXY` and `NO_PROXY`), before the TLS handshake.
@@ -15,6 +17,7 @@
 //!   renewed while the agent holds a tunnel.
 //! - [`join`]: joining a hub without open-cluster-management: the key made
 //!   here, a certificate request to the hub, renewed at a fifth of its life.
+//! - [`cli`]: the binary's command line.
 
 pub mod addon_lease;
 pub mod allowlist;

@@ -529,17 +529,8 @@ fn serve_tunnel(
         let mut conn = H2Server::handshake(tls, &config.h2)
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;
-        let mut draining = false;
         loop {
-            let next = tokio::select! {
-                next = conn.accept() => next,
-                () = stop.cancelled(), if !draining => {
-                    draining = true;
-                    conn.graceful_shutdown();
-                    continue;
-                }
-            };
-            match next {
+            match conn.accept_until(&stop).await {
                 Some(Ok((req, respond))) => {
                     if req.method() == http::Method::CONNECT {
                         let guard = match conn.conn().try_stream_opened(u64::MAX) {

@@ -8,6 +8,10 @@
 //! - [`configuration`] (feature `crd`): the `TunnelConfiguration` resource,
 //!   how the hub side is installed and what every agent looks like;
 //! - [`policy`] (feature `crd`): the `TunnelPolicy` resource, who may reach what;
+//! - [`ocm`] (feature `crd`): the open-cluster-management resources the
+//!   manager and the server read and write (`ManagedCluster`,
+//!   `ManagedClusterAddOn`, `AddOnDeploymentConfig`), with only the fields
+//!   they use, and the names OCM derives from them;
 //! - [`annotations`]: the pod annotations that opt a pod in and tune its sidecar;
 //! - [`labels`]: the labels components set and select on;
 //! - [`names`]: names that say which cluster they are in
@@ -26,6 +30,8 @@ pub mod annotations;
 pub mod configuration;
 pub mod labels;
 pub mod names;
+#[cfg(feature = "crd")]
+pub mod ocm;
 pub mod pod;
 #[cfg(feature = "crd")]
 pub mod policy;

@@ -64,28 +64,68 @@ impl FromStr for PortMapping {
     }
 }
 
+/// Why a `host:port` destination does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    /// A `[`-bracketed IPv6 address without `]:PORT` after it.
+    #[error("destination {0:?}: expected [IPv6]:PORT")]
+    MissingV6Port(String),
+    /// No `:PORT`.
+    #[error("destination {0:?}: expected HOST:PORT")]
+    MissingPort(String),
+    /// The host is empty, has white space, or has colons without being an
+    /// IPv6 address.
+    #[error("destination {input:?}: invalid host {host:?}")]
+    InvalidHost {
+        /// The destination as given.
+        input: String,
+        /// Its host part.
+        host: String,
+    },
+    /// The port is not a number from 1 to 65535.
+    #[error("destination {input:?}: {port:?} is not a port (1-65535)")]
+    InvalidPort {
+        /// The destination as given.
+        input: String,
+        /// Its port part.
+        port: String,
+    },
+}
+
+// The error's text, for callers that carry it on as a message (a
+// `TunnelError`'s text on the wire, a flag's complaint).
+impl From<HostPortError> for String {
+    fn from(err: HostPortError) -> Self {
+        err.to_string()
+    }
+}
+
 /// Parses `host:port` or `[v6]:port`.
-pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+pub fn parse_host_port(s: &str) -> Result<(String, u16), HostPortError> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| format!("destination {s:?}: expected [IPv6]:PORT"))?;
-        (h, p)
+        rest.split_once("]:")
+            .ok_or_else(|| HostPortError::MissingV6Port(s.to_owned()))?
     } else {
         s.rsplit_once(':')
-            .ok_or_else(|| format!("destination {s:?}: expected HOST:PORT"))?
+            .ok_or_else(|| HostPortError::MissingPort(s.to_owned()))?
     };
     if host.is_empty()
         || host.contains(':') && host.parse::<IpAddr>().is_err()
         || host.contains(char::is_whitespace)
     {
-        return Err(format!("destination {s:?}: invalid host {host:?}"));
+        return Err(HostPortError::InvalidHost {
+            input: s.to_owned(),
+            host: host.to_owned(),
+        });
     }
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("destination {s:?}: {port:?} is not a port (1-65535)"))?;
+    let port: u16 =
+        port.parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| HostPortError::InvalidPort {
+                input: s.to_owned(),
+                port: port.to_owned(),
+            })?;
     Ok((host.to_owned(), port))
 }
 
@@ -161,6 +201,29 @@ mod tests {
                 "{spec}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_destination_names_what_is_wrong_with_it() {
+        assert_eq!(parse_host_port("[::1]:443"), Ok(("::1".to_owned(), 443)));
+        assert_eq!(
+            parse_host_port("[::1]443"),
+            Err(HostPortError::MissingV6Port("[::1]443".into()))
+        );
+        assert_eq!(
+            parse_host_port("backend"),
+            Err(HostPortError::MissingPort("backend".into()))
+        );
+        assert!(matches!(
+            parse_host_port("a b:80"),
+            Err(HostPortError::InvalidHost { host, .. }) if host == "a b"
+        ));
+        let err = parse_host_port("backend:0").unwrap_err();
+        assert!(matches!(&err, HostPortError::InvalidPort { port, .. } if port == "0"));
+        assert_eq!(
+            err.to_string(),
+            "destination \"backend:0\": \"0\" is not a port (1-65535)"
+        );
     }
 
     #[test]

@@ -112,10 +112,42 @@ pub fn leaf_params(
     params
 }
 
+/// Why a certificate's expiry cannot be read, or why a CA certificate cannot
+/// issue leaves that name it as their issuer.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// The certificate's `notAfter` is outside the dates `time` represents.
+    #[error("bad notAfter: {0}")]
+    NotAfter(#[source] time::error::ComponentRange),
+    /// The CA's subject has a relative distinguished name with several
+    /// attributes or none, which rcgen cannot rebuild.
+    #[error("subject has a multi-valued or empty RDN")]
+    MultiValuedRdn,
+    /// An attribute type of the CA's subject is no valid OID.
+    #[error("subject attribute type is not a valid OID")]
+    InvalidOid,
+    /// A text value of the CA's subject is not UTF-8.
+    #[error("subject value is not UTF-8")]
+    NotUtf8,
+    /// A value of the CA's subject does not fit its declared string type.
+    #[error("subject value has an unsupported encoding")]
+    UnsupportedEncoding,
+    /// A value of the CA's subject has a string type rcgen cannot write.
+    #[error("subject value has an unsupported string type")]
+    UnsupportedStringType,
+    /// The certificate just issued does not parse as X.509.
+    #[error("issued certificate does not parse")]
+    IssuedUnparsable,
+    /// The issued certificate's issuer name differs from the CA's subject:
+    /// the CA's name cannot be rebuilt byte for byte.
+    #[error("its subject name cannot be reproduced exactly in issued certificates")]
+    IssuerMismatch,
+}
+
 /// The `notAfter` of a parsed certificate.
-pub fn not_after(x509: &X509Certificate<'_>) -> Result<OffsetDateTime, String> {
+pub fn not_after(x509: &X509Certificate<'_>) -> Result<OffsetDateTime, PkiError> {
     OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
-        .map_err(|e| format!("bad notAfter: {e}"))
+        .map_err(PkiError::NotAfter)
 }
 
 /// The subject key identifier of a certificate, if it has one.
@@ -134,7 +166,7 @@ pub fn subject_key_id(x509: &X509Certificate<'_>) -> Option<Vec<u8>> {
 pub fn issuer_of(
     x509: &X509Certificate<'_>,
     key: KeyPair,
-) -> Result<Issuer<'static, KeyPair>, &'static str> {
+) -> Result<Issuer<'static, KeyPair>, PkiError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = distinguished_name(x509)?;
     // Leaves name the CA's key by its subject key identifier (authority key identifier).
@@ -147,32 +179,32 @@ pub fn issuer_of(
 /// Whether the certificate `leaf_der` names `ca_subject_der` as its issuer,
 /// byte for byte (rebuilding an unusual CA name could differ, so issuers
 /// check rather than hand out unusable certificates).
-pub fn check_issued_by(leaf_der: &[u8], ca_subject_der: &[u8]) -> Result<(), &'static str> {
-    let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der)
-        .map_err(|_| "issued certificate does not parse")?;
+pub fn check_issued_by(leaf_der: &[u8], ca_subject_der: &[u8]) -> Result<(), PkiError> {
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(leaf_der).map_err(|_| PkiError::IssuedUnparsable)?;
     if leaf.issuer().as_raw() != ca_subject_der {
-        return Err("its subject name cannot be reproduced exactly in issued certificates");
+        return Err(PkiError::IssuerMismatch);
     }
     Ok(())
 }
 
 /// The subject of a CA certificate as an rcgen name (one attribute per RDN).
-fn distinguished_name(x509: &X509Certificate<'_>) -> Result<DistinguishedName, &'static str> {
+fn distinguished_name(x509: &X509Certificate<'_>) -> Result<DistinguishedName, PkiError> {
     use x509_parser::der_parser::asn1_rs::Tag;
     let mut dn = DistinguishedName::new();
     for rdn in x509.subject().iter() {
         let mut attrs = rdn.iter();
         let (Some(attr), None) = (attrs.next(), attrs.next()) else {
-            return Err("subject has a multi-valued or empty RDN");
+            return Err(PkiError::MultiValuedRdn);
         };
         let oid: Vec<u64> = attr
             .attr_type()
             .iter()
-            .ok_or("subject attribute type is not a valid OID")?
+            .ok_or(PkiError::InvalidOid)?
             .collect();
         let value = attr.attr_value();
-        let text = || std::str::from_utf8(value.data).map_err(|_| "subject value is not UTF-8");
-        let bad = |_| "subject value has an unsupported encoding";
+        let text = || std::str::from_utf8(value.data).map_err(|_| PkiError::NotUtf8);
+        let bad = |_| PkiError::UnsupportedEncoding;
         let dn_value = match value.header.tag() {
             Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
             Tag::PrintableString => DnValue::PrintableString(text()?.try_into().map_err(bad)?),
@@ -184,7 +216,7 @@ fn distinguished_name(x509: &X509Certificate<'_>) -> Result<DistinguishedName, &
             Tag::UniversalString => DnValue::UniversalString(
                 rcgen::string::UniversalString::from_utf32be(value.data.to_vec()).map_err(bad)?,
             ),
-            _ => return Err("subject value has an unsupported string type"),
+            _ => return Err(PkiError::UnsupportedStringType),
         };
         dn.push(DnType::from_oid(&oid), dn_value);
     }

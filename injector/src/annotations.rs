@@ -247,7 +247,7 @@ impl PodOptions {
             (MEMORY_LIMIT, &mut resources.memory_limit),
         ] {
             if let Some(v) = get(key) {
-                parse_quantity(v).map_err(|e| AnnotationError::new(key, e))?;
+                parse_quantity(v).map_err(|e| AnnotationError::new(key, e.to_string()))?;
                 *slot = Some(v.to_owned());
             }
         }
@@ -383,14 +383,15 @@ fn parse_port(key: &str, value: &str) -> Result<u16, AnnotationError> {
         })
 }
 
+/// A value that is no Kubernetes resource quantity (or a negative one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a Kubernetes quantity (e.g. 100m or 0.5 for CPU, 64Mi or 1G for memory)")]
+pub struct QuantityError(pub String);
+
 /// Parses a Kubernetes resource quantity (`100m`, `0.5`, `64Mi`, `1e3`, `2G`)
 /// into its value, refusing negative and malformed ones.
-pub fn parse_quantity(s: &str) -> Result<f64, String> {
-    let bad = || {
-        format!(
-            "{s:?} is not a Kubernetes quantity (e.g. 100m or 0.5 for CPU, 64Mi or 1G for memory)"
-        )
-    };
+pub fn parse_quantity(s: &str) -> Result<f64, QuantityError> {
+    let bad = || QuantityError(s.to_owned());
     let s = s.trim();
     let unsigned = s.strip_prefix('+').unwrap_or(s);
     let digits_end = unsigned

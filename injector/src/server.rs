@@ -147,18 +147,9 @@ async fn serve_connection<S>(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().timer(TokioTimer::new());
     let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
-    let mut conn = std::pin::pin!(conn);
-    let finished = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        () = stop.cancelled() => None,
-    };
-    let result = match finished {
-        Some(result) => result,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result =
+        tunnel_shell::process::serve_until_stopped(conn, &stop, |conn| conn.graceful_shutdown())
+            .await;
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "webhook connection ended with an error");
     }

@@ -28,7 +28,7 @@
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime};
 
-use crate::ocm::{ADDON_NAME, SIGNER_NAME, agent_user};
+use tunnel_api::ocm::{ADDON_NAME, SIGNER_NAME, agent_user};
 
 /// Time agents get to connect after their work was created before the addon is Degraded.
 pub const PROGRESS_DEADLINE: Duration = Duration::minutes(5);

@@ -44,12 +44,12 @@ use crate::agent_work::{self, AgentWorkInput, WORK_NAME};
 use crate::controller::{Clock, ControllerContext, RESYNC};
 use crate::deployment_config::{AgentOverrides, ConfigError};
 use crate::live_view::LiveView;
-use crate::ocm::{
+use crate::signer::{FIELD_MANAGER, Signer};
+use tunnel_api::configuration::TunnelConfiguration;
+use tunnel_api::ocm::{
     ADDON_LABEL, ADDON_NAME, AddOnDeploymentConfig, ManagedCluster, ManagedClusterAddOn,
     manifest_work_resource,
 };
-use crate::signer::{FIELD_MANAGER, Signer};
-use tunnel_api::configuration::TunnelConfiguration;
 
 mod hub_address;
 

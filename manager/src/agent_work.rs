@@ -21,11 +21,11 @@ use k8s_openapi::api::core::v1::ResourceRequirements;
 use serde_json::{Value, json};
 
 use crate::deployment_config::AgentOverrides;
-use crate::ocm::{ADDON_LABEL, ADDON_NAME, CONFIG_SPEC_HASH_ANNOTATION, REGISTRATION_SECRET};
 use tunnel_api::configuration::AgentSpec;
+use tunnel_api::ocm::{ADDON_LABEL, ADDON_NAME, CONFIG_SPEC_HASH_ANNOTATION, REGISTRATION_SECRET};
 use tunnel_api::pod::{NONROOT_USER, TLS_DIR, restricted_security_context};
 
-pub use crate::ocm::manifest_work_resource;
+pub use tunnel_api::ocm::manifest_work_resource;
 
 /// Name of the work in each cluster's namespace.
 pub const WORK_NAME: &str = "cluster-tunnel-agent";
@@ -387,11 +387,11 @@ mod tests {
             tolerations: vec![
                 serde_json::from_value(json!({ "key": "infra", "operator": "Exists" })).unwrap(),
             ],
-            registries: vec![crate::ocm::ImageMirror {
+            registries: vec![tunnel_api::ocm::ImageMirror {
                 source: "ghcr.io/cluster-tunnel".into(),
                 mirror: "mirror.example.com".into(),
             }],
-            proxy: Some(crate::ocm::ProxyConfig {
+            proxy: Some(tunnel_api::ocm::ProxyConfig {
                 https_proxy: Some("http://proxy:3128".into()),
                 ..Default::default()
             }),

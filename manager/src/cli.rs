@@ -386,9 +386,12 @@ pub async fn health_command(args: &HealthArgs) -> anyhow::Result<(String, bool)>
 /// and its `Available` condition there (`None`: unknown or not set yet).
 async fn installed_clusters() -> anyhow::Result<BTreeMap<String, Option<bool>>> {
     let client = kube::Client::try_default().await.context("kubeconfig")?;
-    let addons: Api<crate::ocm::ManagedClusterAddOn> = Api::all(client);
+    let addons: Api<tunnel_api::ocm::ManagedClusterAddOn> = Api::all(client);
     let list = addons
-        .list(&ListParams::default().fields(&format!("metadata.name={}", crate::ocm::ADDON_NAME)))
+        .list(
+            &ListParams::default()
+                .fields(&format!("metadata.name={}", tunnel_api::ocm::ADDON_NAME)),
+        )
         .await
         .context("list ManagedClusterAddOns")?;
     Ok(list
@@ -534,7 +537,7 @@ async fn controllers(
     if !args.no_hub_objects {
         let ctx = Arc::new(server_objects::Context {
             client: client.clone(),
-            names: server_objects::HubNames {
+            names: server_objects::ServerObjectNames {
                 instance: args.instance.clone(),
                 namespace: args.namespace.clone(),
                 trust_domain: args.trust_domain.clone(),

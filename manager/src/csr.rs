@@ -4,8 +4,8 @@
 //!
 //! A request is **approved and signed** only when all of this holds:
 //!
-//! - it is labelled for this addon ([`ADDON_LABEL`](crate::ocm::ADDON_LABEL)) and a cluster
-//!   ([`CLUSTER_LABEL`](crate::ocm::CLUSTER_LABEL)), a valid cluster name;
+//! - it is labelled for this addon ([`ADDON_LABEL`](tunnel_api::ocm::ADDON_LABEL)) and a cluster
+//!   ([`CLUSTER_LABEL`](tunnel_api::ocm::CLUSTER_LABEL)), a valid cluster name;
 //! - the API server says it was sent by that cluster's own registration
 //!   agent: user `system:open-cluster-management:<cluster>:<agent>` in group
 //!   `system:open-cluster-management:<cluster>` (labels are only hints; the
@@ -21,7 +21,7 @@
 //!   takes the agent's from the request's Organization, which an agent request
 //!   must leave empty (below), so none can be claimed;
 //! - its signature verifies (the sender holds the key) and its subject is
-//!   exactly the agent user the addon registered ([`agent_user`](crate::ocm::agent_user)), no
+//!   exactly the agent user the addon registered ([`agent_user`](tunnel_api::ocm::agent_user)), no
 //!   organization or unit;
 //! - the `ManagedCluster` exists, is accepted and is not being deleted, and
 //!   the addon is enabled there (its `ManagedClusterAddOn` exists and is not
@@ -62,9 +62,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::controller::{Clock, ControllerContext};
-use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME};
 use crate::signer::{Leaf, Signer, SignerError};
 use tunnel_api::configuration::TunnelConfiguration;
+use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, SIGNER_NAME};
 
 mod check;
 
@@ -285,7 +285,7 @@ mod tests {
 
     use super::*;
     use crate::mock_api::{self, ApiHandle, Reply, TIMEOUT, finish, not_found, serve};
-    use crate::ocm::agent_user;
+    use tunnel_api::ocm::agent_user;
 
     const TD: &str = "cluster-tunnel";
     const CLUSTER: &str = "/apis/cluster.open-cluster-management.io/v1/managedclusters/east";

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 
-use crate::ocm::{AddOnDeploymentConfigSpec, ImageMirror, ProxyConfig};
+use tunnel_api::ocm::{AddOnDeploymentConfigSpec, ImageMirror, ProxyConfig};
 
 /// Kind and name of the agent's Deployment and its container, as a
 /// `containerID` of `resourceRequirements` names them.

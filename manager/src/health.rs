@@ -54,7 +54,7 @@ pub struct ProbeOptions {
 
 /// The `Available` condition of an addon: `Some(true)` / `Some(false)`, or
 /// `None` when it is `Unknown` or not set.
-pub fn addon_available(addon: &crate::ocm::ManagedClusterAddOn) -> Option<bool> {
+pub fn addon_available(addon: &tunnel_api::ocm::ManagedClusterAddOn) -> Option<bool> {
     let c = addon
         .status
         .as_ref()?

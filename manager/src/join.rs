@@ -24,8 +24,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 
 use crate::csr::join_service_account;
-use crate::ocm::ManagedCluster;
 use tunnel_api::labels::MANAGED_BY;
+use tunnel_api::ocm::ManagedCluster;
 
 /// A join token could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,6 @@
 //! - [`crds`]: applies the CRDs generated from `tunnel_api`'s types;
 //! - [`signer`]: the signer CA kept in a Secret (generated if absent) and
 //!   the certificates it issues, renewed when a fifth of their lifetime is left;
-//! - [`ocm`]: the open-cluster-management resources read and written, and
-//!   the names OCM derives from them;
 //! - [`addons`]: the controller over `ManagedClusterAddOn`s: the agent's
 //!   work per cluster, removed with a finalizer;
 //! - [`addon_status`]: registration, health check mode and conditions of
@@ -35,6 +33,8 @@
 //! - [`leader`]: leader election over a Lease, so that several managers can run;
 //! - [`metrics`]: reconciliations and conditions on the admin port;
 //! - [`cli`]: the binary's commands and flags.
+//! - `mock_api` (tests only): kube's API server mocked with `tower_test`,
+//!   answering each expected request of a scenario in turn.
 
 pub mod addon_status;
 pub mod addons;
@@ -54,7 +54,6 @@ pub mod metrics;
 #[cfg(test)]
 mod mock_api;
 pub mod namespaces;
-pub mod ocm;
 pub mod server_certificate;
 pub mod server_objects;
 pub mod signer;

@@ -48,7 +48,7 @@ mod deployment;
 mod desired;
 mod webhook;
 
-pub use desired::{HubNames, ServerObject, desired_objects};
+pub use desired::{ServerObject, ServerObjectNames, desired_objects};
 pub use webhook::{OPT_IN_CONDITION, WebhookSupport};
 
 /// The status condition this controller owns.
@@ -84,7 +84,7 @@ pub struct Context {
     /// The API client.
     pub client: kube::Client,
     /// Names and namespace.
-    pub names: HubNames,
+    pub names: ServerObjectNames,
     /// Where conditions are reported.
     pub status: Arc<StatusBoard>,
     /// Reconciliations are counted here.
@@ -255,7 +255,7 @@ pub async fn reconcile(
                 reason,
                 message,
             } = deployed_condition(&deployment);
-            tracing::debug!(ok, %message, "hub objects applied");
+            tracing::debug!(ok, %message, "server objects applied");
             ctx.status
                 .set(&config, CONDITION, ok, reason, message)
                 .await;
@@ -394,7 +394,7 @@ mod tests {
         let ctx = Context {
             client,
             metrics,
-            names: HubNames {
+            names: ServerObjectNames {
                 instance: "cluster-tunnel".into(),
                 namespace: "cluster-tunnel".into(),
                 trust_domain: "cluster-tunnel".into(),

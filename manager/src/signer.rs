@@ -21,7 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 use tunnel_api::labels::MANAGED_BY;
 use tunnel_identity::Identity;
-use tunnel_identity::pki::{self, LeafUsage};
+use tunnel_identity::pki::{self, LeafUsage, PkiError};
 
 /// Field manager of everything the manager applies.
 pub const FIELD_MANAGER: &str = "tunnel-manager";
@@ -72,11 +72,11 @@ pub enum CaError {
     #[error("tls.key does not belong to tls.crt")]
     KeyMismatch,
     /// The certificate's expiry cannot be read.
-    #[error("{0}")]
-    Validity(String),
+    #[error(transparent)]
+    Validity(PkiError),
     /// The certificate's subject cannot be signed with.
-    #[error("{0}")]
-    Subject(&'static str),
+    #[error(transparent)]
+    Subject(PkiError),
 }
 
 /// What a certificate is for.

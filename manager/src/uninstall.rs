@@ -38,8 +38,8 @@ use serde_json::json;
 
 use crate::addons::{FINALIZER, ReconcileError, remove_work};
 use crate::agent_work::WORK_NAME;
-use crate::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, manifest_work_resource};
 use tunnel_api::labels::MANAGED_BY;
+use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, manifest_work_resource};
 
 /// How often the addons are listed while waiting for them to go.
 pub const POLL: Duration = Duration::from_secs(2);

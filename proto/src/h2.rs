@@ -52,6 +52,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use crate::net::Liveness;
 
@@ -261,6 +262,8 @@ pub struct H2Server<IO> {
     conn: ::h2::server::Connection<IO, Bytes>,
     shared: Arc<ConnShared>,
     pinger: Option<tokio::task::JoinHandle<()>>,
+    /// GOAWAY was sent ([`accept_until`](Self::accept_until) saw its stop).
+    draining: bool,
 }
 
 impl<IO> std::fmt::Debug for H2Server<IO> {
@@ -300,12 +303,32 @@ where
             conn,
             shared,
             pinger,
+            draining: false,
         })
     }
 
     /// The connection's shared state.
     pub fn conn(&self) -> &Arc<ConnShared> {
         &self.shared
+    }
+
+    /// The next stream the peer opens, as [`accept`](Self::accept), until
+    /// the connection closes; once `stop` is cancelled the connection is
+    /// drained: GOAWAY goes out once (no new streams), and the open streams
+    /// run to their end while this keeps being called.
+    pub async fn accept_until(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> Option<Result<Incoming, ConnError>> {
+        loop {
+            tokio::select! {
+                next = self.accept() => return next,
+                () = stop.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    self.graceful_shutdown();
+                }
+            }
+        }
     }
 
     /// The next stream the peer opens; `None` once the connection has closed
@@ -356,4 +379,57 @@ pub struct PeerInfo {
     pub identity: tunnel_identity::spiffe::Identity,
     /// The peer's socket address.
     pub remote_addr: std::net::SocketAddr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_server_connection_finishes_its_open_streams_then_closes() {
+        let settings = H2Settings::default();
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { H2Server::handshake(server_io, &settings).await });
+        let (client, driver) = client_handshake(client_io, &settings).await.unwrap();
+        let driver = tokio::spawn(driver);
+        let mut server = server.await.unwrap().unwrap();
+        let stop = CancellationToken::new();
+        let (streams_tx, mut streams) = tokio::sync::mpsc::unbounded_channel();
+        let served = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while let Some(next) = server.accept_until(&stop).await {
+                    streams_tx.send(next.unwrap()).unwrap();
+                }
+            })
+        };
+        let request = http::Request::post("https://tunnel.test/")
+            .body(())
+            .unwrap();
+        let mut sender = client.sender().ready().await.unwrap();
+        let (response, _) = sender.send_request(request, true).unwrap();
+        let (_, mut respond) = streams.recv().await.unwrap();
+
+        stop.cancel();
+        // The stream opened before the stop still gets its answer...
+        let mut answer = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
+        answer.send_data(Bytes::new(), true).unwrap();
+        // ...and once it is done the connection closes by itself.
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection closes once drained")
+            .unwrap();
+        assert!(
+            streams.recv().await.is_none(),
+            "no other stream was accepted"
+        );
+        tokio::time::timeout(Duration::from_secs(10), driver)
+            .await
+            .expect("the client sees the connection end")
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -443,17 +443,8 @@ async fn serve_client(
     tracing::debug!(%peer, %identity, "client connected");
     let control = TunnelServer::new(TunnelService::new(state.clone()))
         .max_decoding_message_size(tunnel_proto::MAX_MESSAGE_BYTES);
-    let mut draining = false;
     loop {
-        let next = tokio::select! {
-            next = conn.accept() => next,
-            () = stop.cancelled(), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-                continue;
-            }
-        };
-        match next {
+        match conn.accept_until(&stop).await {
             Some(Ok((mut req, respond))) => {
                 let konnectivity = req.uri().path() == tunnel_proto::konnectivity::PROXY_PATH;
                 if req.method() != http::Method::CONNECT && !konnectivity {

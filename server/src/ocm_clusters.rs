@@ -11,7 +11,8 @@
 //!
 //! And which clusters' agents the servers admit at all ([`admitted`]): an
 //! accepted `ManagedCluster` (`hubAcceptsClient`) with the addon enabled (a
-//! `ManagedClusterAddOn` [`ADDON_NAME`] in its namespace), neither being
+//! `ManagedClusterAddOn` [`ADDON_NAME`] in its namespace; both types are
+//! `tunnel_api::ocm`'s, shared with the manager), neither being
 //! deleted. An agent of any other cluster is refused when it connects, and
 //! its tunnels close when its cluster stops being admitted: a cluster
 //! detached from OCM keeps no working identity here, whatever certificate it
@@ -25,38 +26,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
+
 use crate::policy::ClusterInventory;
 
 /// The label that puts a cluster in an exclusive cluster set.
 pub const CLUSTER_SET_LABEL: &str = "cluster.open-cluster-management.io/clusterset";
-/// Name of the addon's `ManagedClusterAddOn` in each cluster's namespace.
-pub const ADDON_NAME: &str = "cluster-tunnel";
-
-/// A `ManagedCluster`: its name, labels and whether the hub accepts it.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
-#[kube(
-    group = "cluster.open-cluster-management.io",
-    version = "v1",
-    kind = "ManagedCluster",
-    plural = "managedclusters"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ManagedClusterSpec {
-    /// Whether the hub accepted the cluster.
-    #[serde(default)]
-    pub hub_accepts_client: bool,
-}
-
-/// A `ManagedClusterAddOn`: only its name and namespace (the cluster) are read.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
-#[kube(
-    group = "addon.open-cluster-management.io",
-    version = "v1alpha1",
-    kind = "ManagedClusterAddOn",
-    plural = "managedclusteraddons",
-    namespaced
-)]
-pub struct ManagedClusterAddOnSpec {}
 
 /// The clusters whose agents are admitted, `None` until the
 /// `ManagedCluster`s and `ManagedClusterAddOn`s were first listed.
@@ -75,7 +50,7 @@ pub fn admitted<'a>(
         .collect();
     clusters
         .into_iter()
-        .filter(|c| c.spec.hub_accepts_client && c.metadata.deletion_timestamp.is_none())
+        .filter(|c| c.is_served())
         .map(|c| c.name_any())
         .filter(|name| enabled.contains(name))
         .collect()

@@ -26,9 +26,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::metrics::ServerMetrics;
-use crate::ocm_clusters::{
-    self, ADDON_NAME, Admitted, ManagedCluster, ManagedClusterAddOn, ManagedClusterSet,
-};
+use crate::ocm_clusters::{self, Admitted, ManagedClusterSet};
+use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
 use tunnel_api::policy::TunnelPolicy;
 
 use crate::policy::{ClusterInventory, Policy, PolicyError};
@@ -366,7 +365,7 @@ mod tests {
 
     #[test]
     fn managed_cluster_labels_and_sets_select_clusters() {
-        let clusters: Vec<ocm_clusters::ManagedCluster> = serde_json::from_value(serde_json::json!([
+        let clusters: Vec<ManagedCluster> = serde_json::from_value(serde_json::json!([
             { "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
               "metadata": { "name": "east", "labels": { "env": "prod", "cluster.open-cluster-management.io/clusterset": "payments" } }, "spec": {} },
             { "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",

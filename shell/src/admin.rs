@@ -211,18 +211,8 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
-    let mut conn = std::pin::pin!(conn);
-    let finished = tokio::select! {
-        result = conn.as_mut() => Some(result),
-        () = stop.cancelled() => None,
-    };
-    let result = match finished {
-        Some(result) => result,
-        None => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result =
+        crate::process::serve_until_stopped(conn, &stop, |conn| conn.graceful_shutdown()).await;
     match result {
         Ok(()) => {}
         Err(error) if is_plain_disconnect(&error) => {

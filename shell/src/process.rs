@@ -4,10 +4,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::process::{ExitCode, Termination};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Environment variable that sets the number of runtime worker threads
 /// (default: one per CPU).
@@ -137,6 +139,24 @@ pub async fn termination_signal() {
     }
 }
 
+/// Drives one served connection (a hyper connection future) to its end;
+/// once `stop` is cancelled, asks it to drain with `graceful_shutdown`
+/// (hyper's: the request in flight finishes, no new one is read) and waits
+/// for that end. Returns how the connection ended.
+pub async fn serve_until_stopped<C: Future>(
+    conn: C,
+    stop: &CancellationToken,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => return result,
+        () = stop.cancelled() => {}
+    }
+    graceful_shutdown(conn.as_mut());
+    conn.await
+}
+
 /// A default instance id: the host name plus a random suffix.
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -163,6 +183,43 @@ mod tests {
         // Nonsense or zero falls back to the binary's default.
         assert_eq!(worker_threads(Some("0"), Count(2)), Some(2));
         assert_eq!(worker_threads(Some("many"), PerCpu), None);
+    }
+
+    /// A connection that ends once drained, or on its own when `ends` is set.
+    struct Conn {
+        ends: bool,
+        drained: bool,
+    }
+
+    impl Future for Conn {
+        type Output = &'static str;
+        fn poll(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<&'static str> {
+            match (self.ends, self.drained) {
+                (_, true) => std::task::Poll::Ready("drained"),
+                (true, false) => std::task::Poll::Ready("ended"),
+                (false, false) => std::task::Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_served_connection_is_drained_once_stopped_and_left_alone_before() {
+        let drain = |c: Pin<&mut Conn>| c.get_mut().drained = true;
+        let stop = CancellationToken::new();
+        let conn = Conn {
+            ends: true,
+            drained: false,
+        };
+        assert_eq!(serve_until_stopped(conn, &stop, drain).await, "ended");
+        stop.cancel();
+        let conn = Conn {
+            ends: false,
+            drained: false,
+        };
+        assert_eq!(serve_until_stopped(conn, &stop, drain).await, "drained");
     }
 
     #[derive(Debug, thiserror::Error)]

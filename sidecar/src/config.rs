@@ -290,12 +290,12 @@ impl Cli {
         }
         let host_aliases =
             parse_host_aliases(flags_or_file(&self.host_aliases, &file.host_aliases))
-                .map_err(|e| invalid("--host-alias", e))?;
+                .map_err(|e| invalid("--host-alias", e.to_string()))?;
         let allowed = parse_allowed_ips(flags_or_file(
             &self.direct_allow_ips,
             &file.direct_allow_ips,
         ))
-        .map_err(|e| invalid("--direct-allow-ip", e))?;
+        .map_err(|e| invalid("--direct-allow-ip", e.to_string()))?;
         let mut known_clusters = Vec::new();
         for c in flags_or_file(&self.known_clusters, &file.known_clusters)
             .iter()

@@ -204,21 +204,43 @@ impl DirectDialer {
     }
 }
 
+/// Why a `--host-alias` or `--direct-allow-ip` entry does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectSpecError {
+    /// A host alias without `=IP`.
+    #[error("{0:?}: expected NAME=IP")]
+    MissingIp(String),
+    /// A host alias whose name is empty or has white space.
+    #[error("{0:?}: invalid name")]
+    InvalidName(String),
+    /// A host alias whose IP part is no IP address.
+    #[error("{spec:?}: {ip:?} is not an IP address")]
+    InvalidIp {
+        /// The entry as given.
+        spec: String,
+        /// Its IP part.
+        ip: String,
+    },
+    /// An allowed entry that is neither an address nor a network.
+    #[error("{0:?} is neither an IP address nor a network (ADDR/PREFIX)")]
+    NotAnAddress(String),
+}
+
 /// Parses `NAME=IP` host aliases.
-pub fn parse_host_aliases(specs: &[String]) -> Result<HashMap<String, IpAddr>, String> {
+pub fn parse_host_aliases(specs: &[String]) -> Result<HashMap<String, IpAddr>, DirectSpecError> {
     let mut out = HashMap::new();
     for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
         let (name, ip) = spec
             .split_once('=')
-            .ok_or_else(|| format!("{spec:?}: expected NAME=IP"))?;
+            .ok_or_else(|| DirectSpecError::MissingIp(spec.to_owned()))?;
         let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
         if name.is_empty() || name.contains(char::is_whitespace) {
-            return Err(format!("{spec:?}: invalid name"));
+            return Err(DirectSpecError::InvalidName(spec.to_owned()));
         }
-        let ip: IpAddr = ip
-            .trim()
-            .parse()
-            .map_err(|_| format!("{spec:?}: {ip:?} is not an IP address"))?;
+        let ip: IpAddr = ip.trim().parse().map_err(|_| DirectSpecError::InvalidIp {
+            spec: spec.to_owned(),
+            ip: ip.to_owned(),
+        })?;
         out.insert(name, ip);
     }
     Ok(out)
@@ -226,7 +248,7 @@ pub fn parse_host_aliases(specs: &[String]) -> Result<HashMap<String, IpAddr>, S
 
 /// Parses `--direct-allow-ip` entries: an address (`127.0.3.1`) or a
 /// network (`127.0.3.0/24`).
-pub fn parse_allowed_ips(specs: &[String]) -> Result<Vec<IpNet>, String> {
+pub fn parse_allowed_ips(specs: &[String]) -> Result<Vec<IpNet>, DirectSpecError> {
     specs
         .iter()
         .map(|s| s.trim())
@@ -235,7 +257,7 @@ pub fn parse_allowed_ips(specs: &[String]) -> Result<Vec<IpNet>, String> {
             s.parse::<IpNet>()
                 .map(|n| n.trunc())
                 .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{s:?} is neither an IP address nor a network (ADDR/PREFIX)"))
+                .map_err(|_| DirectSpecError::NotAnAddress(s.to_owned()))
         })
         .collect()
 }
@@ -400,11 +422,13 @@ mod tests {
         assert!(
             parse_host_aliases(&["backend".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("NAME=IP")
         );
         assert!(
             parse_host_aliases(&["backend=not-an-ip".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("not an IP")
         );
         assert!("maybe".parse::<DirectPolicy>().is_err());
@@ -419,6 +443,7 @@ mod tests {
         assert!(
             parse_allowed_ips(&["localhost".into()])
                 .unwrap_err()
+                .to_string()
                 .contains("localhost")
         );
     }

@@ -552,7 +552,7 @@ fn check_manager_keeps_what_the_chart_renders(
             .unwrap_or_else(|| panic!("the manager gets --{name}"))
             .to_owned()
     };
-    let names = tunnel_manager::server_objects::HubNames {
+    let names = tunnel_manager::server_objects::ServerObjectNames {
         instance: flag("instance"),
         namespace: flag("namespace"),
         trust_domain: flag("trust-domain"),
@@ -1363,7 +1363,7 @@ fn the_agent_asks_for_what_the_manager_signs() {
     // The agent does not depend on the manager: the names they share are checked here.
     assert_eq!(
         tunnel_agent::join::SIGNER_NAME,
-        tunnel_manager::ocm::SIGNER_NAME
+        tunnel_api::ocm::SIGNER_NAME
     );
     assert_eq!(
         tunnel_agent::join::JOIN_CLUSTER_LABEL,
@@ -1390,10 +1390,10 @@ fn the_agent_asks_for_what_the_manager_signs() {
             config_hashes: &Default::default(),
             owner: None,
         });
-    assert!(work.to_string().contains(&format!(
-        "--addon-lease={}",
-        tunnel_manager::ocm::ADDON_NAME
-    )));
+    assert!(
+        work.to_string()
+            .contains(&format!("--addon-lease={}", tunnel_api::ocm::ADDON_NAME))
+    );
 }
 
 #[test]

@@ -107,7 +107,7 @@ fn load_ca(cert_path: PathBuf, key_path: &Path, now: OffsetDateTime) -> Result<C
             format!("key does not belong to {}", cert_path.display()),
         ));
     }
-    let not_after = pki::not_after(&x509).map_err(|e| invalid(&cert_path, e))?;
+    let not_after = pki::not_after(&x509).map_err(|e| invalid(&cert_path, e.to_string()))?;
     if not_after <= now {
         return Err(CertError::CaExpired {
             path: cert_path,
@@ -131,7 +131,7 @@ fn ca_from_cert(
     };
     let (_, x509) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| invalid(format!("cannot parse certificate: {e}")))?;
-    let issuer = pki::issuer_of(&x509, key).map_err(|r| invalid(r.to_owned()))?;
+    let issuer = pki::issuer_of(&x509, key).map_err(|e| invalid(e.to_string()))?;
     Ok(Ca {
         issuer,
         subject_der: x509.subject().as_raw().to_vec(),
@@ -144,6 +144,6 @@ fn ca_from_cert(
 pub(super) fn check_issuer_name(leaf_der: &[u8], ca: &Ca) -> Result<(), CertError> {
     pki::check_issued_by(leaf_der, &ca.subject_der).map_err(|reason| CertError::CaInvalid {
         path: ca.cert_path.clone(),
-        reason: reason.to_owned(),
+        reason: reason.to_string(),
     })
 }

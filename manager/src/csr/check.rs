@@ -6,11 +6,11 @@
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::ResourceExt as _;
 
-use crate::ocm::{
+use crate::signer::CertRequest;
+use tunnel_api::ocm::{
     ADDON_LABEL, ADDON_NAME, CLUSTER_LABEL, SIGNER_NAME, agent_user, cluster_group,
     cluster_user_prefix,
 };
-use crate::signer::CertRequest;
 
 /// Label of a join request: the cluster it is for.
 pub const JOIN_CLUSTER_LABEL: &str = "cluster-tunnel.io/cluster";

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tunnel_api::configuration::{AntiAffinity, Authorization, PullPolicy, ServerSpec};
 use tunnel_api::pod::{NONROOT_USER, TLS_DIR, restricted_security_context};
 
-use super::{HubNames, ServerObjectsError};
+use super::{ServerObjectNames, ServerObjectsError};
 
 /// Seconds of a `<n>s` duration (the chart's form of the drain timeout).
 fn whole_seconds(field: &'static str, value: &str) -> Result<i64, ServerObjectsError> {
@@ -68,7 +68,7 @@ fn admin_probe(path: &str, period_seconds: i32, failure_threshold: Option<i32>) 
 
 pub(super) fn server_deployment(
     server: &ServerSpec,
-    names: &HubNames,
+    names: &ServerObjectNames,
 ) -> Result<Deployment, ServerObjectsError> {
     let drain = whole_seconds("spec.server.drainTimeout", &server.drain_timeout)?;
     check_duration("spec.server.dialTimeout", &server.dial_timeout)?;

@@ -1,5 +1,5 @@
 //! What the configuration asks for: the installation's names
-//! ([`HubNames`]), every [`ServerObject`] in the order it is applied
+//! ([`ServerObjectNames`]), every [`ServerObject`] in the order it is applied
 //! ([`desired_objects`]), and the small objects built here: the servers'
 //! ServiceAccount, RBAC, Services and PodDisruptionBudget. The Deployment
 //! and the webhook configuration have modules of their own.
@@ -26,7 +26,7 @@ use super::webhook::{WebhookSupport, webhook_configuration};
 /// Where the servers' objects live and what they are called: the names of
 /// the hub's installation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubNames {
+pub struct ServerObjectNames {
     /// The installation's name (the Helm release): prefix of every object
     /// and `app.kubernetes.io/instance`.
     pub instance: String,
@@ -36,7 +36,7 @@ pub struct HubNames {
     pub trust_domain: String,
 }
 
-impl HubNames {
+impl ServerObjectNames {
     /// Name of the servers' Deployment, client Service, ServiceAccount,
     /// PodDisruptionBudget and RBAC objects.
     pub fn server(&self) -> String {
@@ -161,7 +161,7 @@ impl ServerObject {
 /// configuration as `webhooks` allows.
 pub fn desired_objects(
     config: &TunnelConfiguration,
-    names: &HubNames,
+    names: &ServerObjectNames,
     webhooks: WebhookSupport,
 ) -> Result<Vec<ServerObject>, ServerObjectsError> {
     let server = &config.spec.server;
@@ -186,7 +186,7 @@ pub fn desired_objects(
     Ok(out)
 }
 
-fn service_account(names: &HubNames) -> ServiceAccount {
+fn service_account(names: &ServerObjectNames) -> ServiceAccount {
     ServiceAccount {
         metadata: names.meta(&names.server(), true, None),
         automount_service_account_token: Some(false),
@@ -218,7 +218,7 @@ struct ServerRbac {
 /// condition), check sidecars' tokens, and with open-cluster-management read
 /// the clusters' labels and sets and which clusters have the addon (only
 /// their agents are admitted): nothing more.
-fn server_rbac(server: &ServerSpec, names: &HubNames) -> ServerRbac {
+fn server_rbac(server: &ServerSpec, names: &ServerObjectNames) -> ServerRbac {
     let name = names.server();
     let read = ["get", "list", "watch"];
     let mut rules = vec![
@@ -233,7 +233,7 @@ fn server_rbac(server: &ServerSpec, names: &HubNames) -> ServerRbac {
             &read,
         ));
         rules.push(PolicyRule {
-            resource_names: Some(vec![crate::ocm::ADDON_NAME.to_owned()]),
+            resource_names: Some(vec![tunnel_api::ocm::ADDON_NAME.to_owned()]),
             ..rule(
                 "addon.open-cluster-management.io",
                 &["managedclusteraddons"],
@@ -263,7 +263,7 @@ fn server_rbac(server: &ServerSpec, names: &HubNames) -> ServerRbac {
     ServerRbac { role, binding }
 }
 
-fn headless_service(server: &ServerSpec, names: &HubNames) -> Service {
+fn headless_service(server: &ServerSpec, names: &ServerObjectNames) -> Service {
     Service {
         metadata: names.meta(
             &format!("{}-headless", names.server()),
@@ -281,7 +281,7 @@ fn headless_service(server: &ServerSpec, names: &HubNames) -> Service {
     }
 }
 
-fn agent_service(server: &ServerSpec, names: &HubNames) -> Service {
+fn agent_service(server: &ServerSpec, names: &ServerObjectNames) -> Service {
     let mut metadata = names.meta(&format!("{}-agents", names.server()), true, Some("server"));
     if !server.agent_service_annotations.is_empty() {
         metadata.annotations = Some(server.agent_service_annotations.clone());
@@ -302,7 +302,7 @@ fn agent_service(server: &ServerSpec, names: &HubNames) -> Service {
     }
 }
 
-fn client_service(server: &ServerSpec, names: &HubNames) -> Service {
+fn client_service(server: &ServerSpec, names: &ServerObjectNames) -> Service {
     Service {
         metadata: names.meta(&names.server(), true, Some("server")),
         spec: Some(ServiceSpec {
@@ -328,7 +328,7 @@ fn port(name: &str, number: u16) -> ServicePort {
     }
 }
 
-fn disruption_budget(server: &ServerSpec, names: &HubNames) -> PodDisruptionBudget {
+fn disruption_budget(server: &ServerSpec, names: &ServerObjectNames) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: names.meta(&names.server(), true, None),
         spec: Some(PodDisruptionBudgetSpec {

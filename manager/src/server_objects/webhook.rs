@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use tunnel_api::configuration::{FailurePolicy, InjectorSpec};
 
 use super::desired::strings;
-use super::{HubNames, ServerObjectsError};
+use super::{ServerObjectNames, ServerObjectsError};
 
 /// What the API server can be given in the webhook configuration, from its
 /// version: `matchConditions` are beta, on by default, from Kubernetes 1.28.
@@ -101,7 +101,7 @@ fn requirement(key: &str, operator: &str, values: Vec<String>) -> LabelSelectorR
 
 pub(super) fn webhook_configuration(
     injector: &InjectorSpec,
-    names: &HubNames,
+    names: &ServerObjectNames,
     webhooks: WebhookSupport,
 ) -> MutatingWebhookConfiguration {
     let mut excluded = vec![names.namespace.clone()];
@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_webhook_takes_only_opted_in_pods_and_fails_closed_by_default() {
-        let names = HubNames {
+        let names = ServerObjectNames {
             instance: "cluster-tunnel".into(),
             namespace: "cluster-tunnel".into(),
             trust_domain: "cluster.local".into(),

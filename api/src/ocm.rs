@@ -66,7 +66,7 @@ pub fn cluster_group(cluster: &str) -> String {
     format!("system:open-cluster-management:{cluster}")
 }
 
-/// The parts of a `ManagedCluster` the manager reads.
+/// The parts of a `ManagedCluster` the manager and the server read.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
 #[kube(
     group = "cluster.open-cluster-management.io",
@@ -89,7 +89,8 @@ impl ManagedCluster {
     }
 }
 
-/// The parts of a `ManagedClusterAddOn` the manager reads.
+/// The parts of a `ManagedClusterAddOn` the manager and the server read
+/// (the server only its name and namespace, the cluster).
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
 #[kube(
     group = "addon.open-cluster-management.io",
