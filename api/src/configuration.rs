@@ -12,6 +12,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::condition::Condition;
+use crate::condition::transition_time;
+
 /// Name of the one configuration the manager reads.
 pub const DEFAULT_NAME: &str = "cluster-tunnel";
 
@@ -352,27 +355,6 @@ pub struct TunnelConfigurationStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// A condition, as in `metav1.Condition`.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    /// Type, in CamelCase.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// Last time the status changed (RFC 3339).
-    pub last_transition_time: String,
-    /// Machine-readable reason, in CamelCase.
-    pub reason: String,
-    /// Human-readable details.
-    #[serde(default)]
-    pub message: String,
-    /// The generation this condition was set for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-}
-
 impl TunnelConfigurationStatus {
     /// Sets condition `type_`, keeping its `lastTransitionTime` when its
     /// status did not change. `now` is RFC 3339.
@@ -386,11 +368,7 @@ impl TunnelConfigurationStatus {
         now: &str,
     ) {
         let status = if ok { "True" } else { "False" };
-        let since = self
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map_or_else(|| now.to_owned(), |c| c.last_transition_time.clone());
+        let since = transition_time(&self.conditions, type_, status, now);
         self.conditions.retain(|c| c.type_ != type_);
         self.conditions.push(Condition {
             type_: type_.into(),

@@ -5,6 +5,8 @@
 //!
 //! # Modules
 //!
+//! - [`condition`] (feature `crd`): the status condition of our resources
+//!   and when its `lastTransitionTime` moves;
 //! - [`configuration`] (feature `crd`): the `TunnelConfiguration` resource,
 //!   how the hub side is installed and what every agent looks like;
 //! - [`policy`] (feature `crd`): the `TunnelPolicy` resource, who may reach what;
@@ -26,6 +28,8 @@
 //! copies against them.
 
 pub mod annotations;
+#[cfg(feature = "crd")]
+pub mod condition;
 #[cfg(feature = "crd")]
 pub mod configuration;
 pub mod labels;

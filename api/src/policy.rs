@@ -17,6 +17,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::condition::Condition;
+
 /// A set of rules allowing subjects to reach destinations in clusters.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -46,29 +48,8 @@ pub struct TunnelPolicySpec {
 pub struct TunnelPolicyStatus {
     /// `Accepted`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<PolicyCondition>,
+    pub conditions: Vec<Condition>,
     /// The `metadata.generation` the conditions describe.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-}
-
-/// A condition, as in `metav1.Condition`.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PolicyCondition {
-    /// Type, in CamelCase.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// Last time the status changed (RFC 3339).
-    pub last_transition_time: String,
-    /// Machine-readable reason, in CamelCase.
-    pub reason: String,
-    /// Human-readable details.
-    #[serde(default)]
-    pub message: String,
-    /// The generation this condition was set for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::metrics::ServerMetrics;
 use crate::ocm_clusters::{self, Admitted, ManagedClusterSet};
+use tunnel_api::condition::transition_time;
 use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
 use tunnel_api::policy::TunnelPolicy;
 
@@ -262,9 +263,7 @@ pub fn status_patch(
     {
         return None;
     }
-    let since = current
-        .filter(|c| c.status == status)
-        .map_or_else(|| now.to_owned(), |c| c.last_transition_time.clone());
+    let since = transition_time(current, ACCEPTED, status, now);
     Some(json!({ "status": {
         "observedGeneration": generation,
         "conditions": [{
