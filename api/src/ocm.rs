@@ -286,6 +286,18 @@ pub fn manifest_work_resource() -> ApiResource {
     }
 }
 
+/// `ClusterManagementAddOn` (the addon's hub-wide registration), for kube's
+/// dynamic API.
+pub fn cluster_management_addon_resource() -> ApiResource {
+    ApiResource {
+        group: ADDON_GROUP.into(),
+        version: "v1alpha1".into(),
+        api_version: format!("{ADDON_GROUP}/v1alpha1"),
+        kind: "ClusterManagementAddOn".into(),
+        plural: "clustermanagementaddons".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,30 +32,21 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions};
-use kube::discovery::ApiResource;
 use kube::{Resource, ResourceExt as _};
 use serde_json::json;
 
 use crate::addons::{FINALIZER, ReconcileError, remove_work};
 use crate::agent_work::WORK_NAME;
 use tunnel_api::labels::MANAGED_BY;
-use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, manifest_work_resource};
+use tunnel_api::ocm::{
+    ADDON_NAME, ManagedCluster, ManagedClusterAddOn, cluster_management_addon_resource,
+    manifest_work_resource,
+};
 
 /// How often the addons are listed while waiting for them to go.
 pub const POLL: Duration = Duration::from_secs(2);
 /// Prefix of the agent key Secrets older versions kept on the hub.
 const LEGACY_SECRET_PREFIX: &str = "cluster-tunnel-agent-";
-
-/// `ClusterManagementAddOn`, for kube's dynamic API.
-pub fn cluster_management_addon_resource() -> ApiResource {
-    ApiResource {
-        group: "addon.open-cluster-management.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "addon.open-cluster-management.io/v1alpha1".into(),
-        kind: "ClusterManagementAddOn".into(),
-        plural: "clustermanagementaddons".into(),
-    }
-}
 
 fn gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
     match r {
