@@ -29,6 +29,7 @@ use crate::server_objects;
 use crate::signer::{self, Leaf, Signer};
 use crate::status::StatusBoard;
 use tunnel_api::configuration::TunnelConfiguration;
+use tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN;
 
 /// cluster-tunnel's hub control plane.
 #[derive(Debug, Parser)]
@@ -89,7 +90,7 @@ pub struct RunArgs {
     )]
     pub server_tls_secret: String,
     /// Trust domain of the identities.
-    #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = "cluster-tunnel")]
+    #[arg(long, env = "TUNNEL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Name of the installation (the Helm release): prefix of the hub's
     /// objects and their `app.kubernetes.io/instance` label.
@@ -421,10 +422,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = crate::metrics::ManagerMetrics::register(&mut registry);
     let registry = Arc::new(registry);
-    let admin_listen = args.admin.admin_listen;
-    let listener = tokio::net::TcpListener::bind(admin_listen)
-        .await
-        .with_context(|| format!("admin port {admin_listen}"))?;
+    let (listener, _) = tunnel_shell::process::listen("admin", args.admin.admin_listen).await?;
     let ready_check = ready.clone();
     let admin = tunnel_shell::admin::AdminServer::new(
         registry,
