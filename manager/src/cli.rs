@@ -486,14 +486,18 @@ async fn controllers(
     let (config_tx, config_rx) = watch::channel(None::<Arc<TunnelConfiguration>>);
     let configs: Api<TunnelConfiguration> = Api::all(client.clone());
     let name = args.config_name.clone();
-    tokio::spawn(async move { config_watch::follow(configs, &name, config_tx).await });
+    let stop = shutdown.clone();
+    tokio::spawn(async move { config_watch::follow(configs, &name, config_tx, stop).await });
     let mut wait = config_rx.clone();
-    let config = wait
-        .wait_for(Option::is_some)
-        .await
-        .context("configuration watch ended")?
-        .clone()
-        .expect("waited for Some");
+    // The follower stops on shutdown too: a stop before any configuration
+    // was seen is a stop, not a failed watch.
+    let config = tokio::select! {
+        seen = wait.wait_for(Option::is_some) => seen
+            .context("configuration watch ended")?
+            .clone()
+            .expect("waited for Some"),
+        () = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(name = %args.config_name, "configuration found");
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.namespace);
@@ -563,7 +567,7 @@ async fn controllers(
         status: board.clone(),
         clock: Arc::new(now),
     };
-    tokio::spawn(keeper.run());
+    tokio::spawn(keeper.run(shutdown.clone()));
 
     // The live view: agents per cluster, from the server, with our own client certificate.
     let (live_tx, live_rx) = watch::channel::<LiveView>(None);
@@ -578,7 +582,12 @@ async fn controllers(
         open_timeout: Duration::from_secs(10),
         token_file: None,
     });
-    tokio::spawn(live_view::run(tunnel, live_tx, args.live_view_interval));
+    tokio::spawn(live_view::run(
+        tunnel,
+        live_tx,
+        args.live_view_interval,
+        shutdown.clone(),
+    ));
     ready.store(true, Ordering::Release);
 
     // Opted-in pods admitted without the sidecar.

@@ -10,20 +10,22 @@ use futures_util::StreamExt as _;
 use kube::api::Api;
 use kube::runtime::watcher;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_api::configuration::TunnelConfiguration;
 
 /// The configuration as last seen; `None` while there is none.
 pub type CurrentConfiguration = Option<Arc<TunnelConfiguration>>;
 
-/// Publishes the configuration `name` on `tx` until the watch ends. A watch
+/// Publishes the configuration `name` on `tx` until `stop`. A watch
 /// error is logged; the watcher starts again by itself.
 pub async fn follow(
     api: Api<TunnelConfiguration>,
     name: &str,
     tx: watch::Sender<CurrentConfiguration>,
+    stop: CancellationToken,
 ) {
     let mut stream = std::pin::pin!(watcher::watch_object(api, name));
-    while let Some(event) = stream.next().await {
+    while let Some(Some(event)) = stop.run_until_cancelled(stream.next()).await {
         match event {
             Ok(config) => {
                 tx.send_replace(config.map(Arc::new));
@@ -59,6 +61,25 @@ mod tests {
         )
     }
 
+    /// Follows `cluster-tunnel` through `client` until `stop`.
+    async fn follow_until(
+        client: kube::Client,
+        tx: watch::Sender<CurrentConfiguration>,
+        stop: CancellationToken,
+    ) {
+        follow(Api::all(client), "cluster-tunnel", tx, stop).await;
+    }
+
+    /// Stops the follower and checks that it returns, though its watch is
+    /// still open.
+    async fn stopped(follower: tokio::task::JoinHandle<()>, stop: &CancellationToken) {
+        stop.cancel();
+        tokio::time::timeout(TIMEOUT, follower)
+            .await
+            .expect("the follower stops when told")
+            .unwrap();
+    }
+
     fn configuration(replicas: i32) -> Value {
         json!({
             "apiVersion": "cluster-tunnel.io/v1alpha1",
@@ -83,9 +104,8 @@ mod tests {
             vec![(Method::GET, CONFIGS, list(vec![configuration(3)]))],
         );
         let (tx, mut rx) = watch::channel(None);
-        let follower = tokio::spawn(async move {
-            follow(Api::all(client), "cluster-tunnel", tx).await;
-        });
+        let stop = CancellationToken::new();
+        let follower = tokio::spawn(follow_until(client, tx, stop.clone()));
         let config = tokio::time::timeout(TIMEOUT, rx.wait_for(Option::is_some))
             .await
             .expect("published in time")
@@ -96,7 +116,7 @@ mod tests {
         assert_eq!(config.spec.server.replicas, 3);
         // Kept alive until the end: the watch that follows stays open.
         let (_handle, _) = finish(server).await;
-        follower.abort();
+        stopped(follower, &stop).await;
     }
 
     #[tokio::test]
@@ -106,15 +126,14 @@ mod tests {
         // Seen before, deleted since.
         let seen: TunnelConfiguration = serde_json::from_value(configuration(3)).unwrap();
         let (tx, mut rx) = watch::channel(Some(Arc::new(seen)));
-        let follower = tokio::spawn(async move {
-            follow(Api::all(client), "cluster-tunnel", tx).await;
-        });
+        let stop = CancellationToken::new();
+        let follower = tokio::spawn(follow_until(client, tx, stop.clone()));
         tokio::time::timeout(TIMEOUT, rx.changed())
             .await
             .expect("published in time")
             .expect("the follower runs");
         assert!(rx.borrow().is_none());
         let (_handle, _) = finish(server).await;
-        follower.abort();
+        stopped(follower, &stop).await;
     }
 }

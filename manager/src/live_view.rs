@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tunnel_proto::client::TunnelClient;
 use tunnel_proto::pb::ClusterInfo;
 
@@ -50,12 +51,21 @@ pub fn publish(tx: &watch::Sender<LiveView>, view: LiveView) -> bool {
     })
 }
 
-/// Asks `servers` every `interval`, forever, and publishes each change on `tx`.
-pub async fn run(servers: impl ListClusters, tx: watch::Sender<LiveView>, interval: Duration) {
-    loop {
-        publish(&tx, view_of(servers.list_clusters().await));
-        tokio::time::sleep(interval).await;
-    }
+/// Asks `servers` every `interval` and publishes each change on `tx`, until
+/// `stop`.
+pub async fn run(
+    servers: impl ListClusters,
+    tx: watch::Sender<LiveView>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let poll = async {
+        loop {
+            publish(&tx, view_of(servers.list_clusters().await));
+            tokio::time::sleep(interval).await;
+        }
+    };
+    stop.run_until_cancelled(poll).await;
 }
 
 #[cfg(test)]
@@ -120,7 +130,8 @@ mod tests {
         ])));
         let (tx, mut rx) = watch::channel::<LiveView>(None);
         let start = tokio::time::Instant::now();
-        let poller = tokio::spawn(run(script, tx, Duration::from_secs(30)));
+        let stop = CancellationToken::new();
+        let poller = tokio::spawn(run(script, tx, Duration::from_secs(30), stop.clone()));
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow_and_update(), view(&[("east", 1)]));
         // The second listing is the same: the next change is the third, two intervals on.
@@ -131,6 +142,11 @@ mod tests {
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), None);
         assert_eq!(start.elapsed(), Duration::from_secs(90));
-        poller.abort();
+        // Stopped, it returns at once, not after its interval.
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), poller)
+            .await
+            .expect("the poller stops when told")
+            .unwrap();
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config_watch::CurrentConfiguration;
 use crate::controller::{Clock, RESYNC};
@@ -111,12 +112,15 @@ impl ServerCertificate {
         }
     }
 
-    /// Looks every [`RESYNC`], forever.
-    pub async fn run(self) {
-        loop {
-            self.refresh().await;
-            tokio::time::sleep(RESYNC).await;
-        }
+    /// Looks every [`RESYNC`], until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let keep = async {
+            loop {
+                self.refresh().await;
+                tokio::time::sleep(RESYNC).await;
+            }
+        };
+        stop.run_until_cancelled(keep).await;
     }
 }
 
