@@ -1,12 +1,15 @@
-//! The open-cluster-management resources the manager reads and writes, with
-//! only the fields it uses (unknown fields are ignored when read), and the
-//! names OCM's registration agent derives from them.
+//! The open-cluster-management resources the manager and the server read
+//! and write, with only the fields they use (unknown fields are ignored when
+//! read), and the names OCM's registration agent derives from them.
 //!
 //! - [`ManagedCluster`] (`cluster.open-cluster-management.io/v1`): a cluster
 //!   joined to the hub; its name is the namespace of its addon objects.
 //! - [`ManagedClusterAddOn`] (`addon.open-cluster-management.io/v1alpha1`):
 //!   the addon enabled in one cluster, created by OCM's addon manager from
 //!   the `ClusterManagementAddOn`'s install strategy (or by an administrator).
+//! - [`ManagedClusterSet`] (`cluster.open-cluster-management.io/v1beta2`):
+//!   a set of clusters, by the label [`CLUSTER_SET_LABEL`] or a label
+//!   selector; the server's policies select clusters by set.
 //! - [`AddOnDeploymentConfig`]: node placement, registries, proxy, install
 //!   namespace and resources of the agent, as OCM's addon manager resolves it
 //!   into the addon's `status.configReferences`.
@@ -273,6 +276,79 @@ pub struct ContainerResourceRequirements {
     pub container_id: String,
     /// The resources.
     pub resources: ResourceRequirements,
+}
+
+/// The label that puts a cluster in an exclusive cluster set.
+pub const CLUSTER_SET_LABEL: &str = "cluster.open-cluster-management.io/clusterset";
+
+/// A `ManagedClusterSet`: which clusters it holds.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[kube(
+    group = "cluster.open-cluster-management.io",
+    version = "v1beta2",
+    kind = "ManagedClusterSet",
+    plural = "managedclustersets"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedClusterSetSpec {
+    /// How the set selects its clusters.
+    #[serde(default)]
+    pub cluster_selector: ClusterSelector,
+}
+
+/// A cluster set's selector.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSelector {
+    /// `ExclusiveClusterSetLabel` (default), `LegacyClusterSetLabel` or `LabelSelector`.
+    #[serde(default)]
+    pub selector_type: Option<String>,
+    /// With `LabelSelector`: the clusters' labels to match.
+    #[serde(default)]
+    pub label_selector: Option<LabelSelector>,
+}
+
+/// A Kubernetes label selector.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels that must be present with these values.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Expressions that must all hold.
+    #[serde(default)]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One expression of a label selector.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
+pub struct LabelSelectorRequirement {
+    /// The label.
+    pub key: String,
+    /// `In`, `NotIn`, `Exists`, `DoesNotExist`.
+    pub operator: String,
+    /// The values of `In` and `NotIn`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` match; an unknown operator matches nothing.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| {
+                let value = labels.get(&e.key);
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(|v| e.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !e.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
 }
 
 /// `ManifestWork`, for kube's dynamic API.

@@ -11,27 +11,24 @@
 //!
 //! And which clusters' agents the servers admit at all ([`admitted`]): an
 //! accepted `ManagedCluster` (`hubAcceptsClient`) with the addon enabled (a
-//! `ManagedClusterAddOn` [`ADDON_NAME`] in its namespace; both types are
-//! `tunnel_api::ocm`'s, shared with the manager), neither being
+//! `ManagedClusterAddOn` [`ADDON_NAME`] in its namespace; these types and
+//! `ManagedClusterSet` are `tunnel_api::ocm`'s), neither being
 //! deleted. An agent of any other cluster is refused when it connects, and
 //! its tunnels close when its cluster stops being admitted: a cluster
 //! detached from OCM keeps no working identity here, whatever certificate it
 //! still holds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use kube::{CustomResource, ResourceExt as _};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use kube::ResourceExt as _;
 use tokio::sync::watch;
 
-use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
+use tunnel_api::ocm::{
+    ADDON_NAME, CLUSTER_SET_LABEL, ManagedCluster, ManagedClusterAddOn, ManagedClusterSet,
+};
 
 use crate::policy::ClusterInventory;
-
-/// The label that puts a cluster in an exclusive cluster set.
-pub const CLUSTER_SET_LABEL: &str = "cluster.open-cluster-management.io/clusterset";
 
 /// The clusters whose agents are admitted, `None` until the
 /// `ManagedCluster`s and `ManagedClusterAddOn`s were first listed.
@@ -84,76 +81,6 @@ pub async fn revoked(admitted: &mut Option<Admitted>, cluster: &str) {
     if rx.wait_for(|set| !still(set)).await.is_err() {
         // The watch ended (the server is stopping): nothing is revoked.
         std::future::pending::<()>().await;
-    }
-}
-
-/// A `ManagedClusterSet`: which clusters it holds.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
-#[kube(
-    group = "cluster.open-cluster-management.io",
-    version = "v1beta2",
-    kind = "ManagedClusterSet",
-    plural = "managedclustersets"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ManagedClusterSetSpec {
-    /// How the set selects its clusters.
-    #[serde(default)]
-    pub cluster_selector: ClusterSelector,
-}
-
-/// A cluster set's selector.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterSelector {
-    /// `ExclusiveClusterSetLabel` (default), `LegacyClusterSetLabel` or `LabelSelector`.
-    #[serde(default)]
-    pub selector_type: Option<String>,
-    /// With `LabelSelector`: the clusters' labels to match.
-    #[serde(default)]
-    pub label_selector: Option<LabelSelector>,
-}
-
-/// A Kubernetes label selector.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct LabelSelector {
-    /// Labels that must be present with these values.
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
-    /// Expressions that must all hold.
-    #[serde(default)]
-    pub match_expressions: Vec<LabelSelectorRequirement>,
-}
-
-/// One expression of a label selector.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, JsonSchema)]
-pub struct LabelSelectorRequirement {
-    /// The label.
-    pub key: String,
-    /// `In`, `NotIn`, `Exists`, `DoesNotExist`.
-    pub operator: String,
-    /// The values of `In` and `NotIn`.
-    #[serde(default)]
-    pub values: Vec<String>,
-}
-
-impl LabelSelector {
-    /// Whether `labels` match; an unknown operator matches nothing.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-            && self.match_expressions.iter().all(|e| {
-                let value = labels.get(&e.key);
-                match e.operator.as_str() {
-                    "In" => value.is_some_and(|v| e.values.contains(v)),
-                    "NotIn" => value.is_none_or(|v| !e.values.contains(v)),
-                    "Exists" => value.is_some(),
-                    "DoesNotExist" => value.is_none(),
-                    _ => false,
-                }
-            })
     }
 }
 

@@ -26,9 +26,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::metrics::ServerMetrics;
-use crate::ocm_clusters::{self, Admitted, ManagedClusterSet};
+use crate::ocm_clusters::{self, Admitted};
 use tunnel_api::condition::transition_time;
-use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn};
+use tunnel_api::ocm::{ADDON_NAME, ManagedCluster, ManagedClusterAddOn, ManagedClusterSet};
 use tunnel_api::policy::TunnelPolicy;
 
 use crate::policy::{ClusterInventory, Policy, PolicyError};
@@ -371,7 +371,7 @@ mod tests {
               "metadata": { "name": "west", "labels": { "env": "dev" } }, "spec": {} },
         ]))
         .unwrap();
-        let sets: Vec<ocm_clusters::ManagedClusterSet> = serde_json::from_value(serde_json::json!([
+        let sets: Vec<ManagedClusterSet> = serde_json::from_value(serde_json::json!([
             { "apiVersion": "cluster.open-cluster-management.io/v1beta2", "kind": "ManagedClusterSet",
               "metadata": { "name": "payments" }, "spec": { "clusterSelector": { "selectorType": "ExclusiveClusterSetLabel" } } },
         ]))
