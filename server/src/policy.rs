@@ -19,17 +19,26 @@
 //! stored (CEL rules: one kind of subject, cluster selector and destination
 //! each; ports in range; at least one rule, subject and cluster), and the
 //! server reports each object's `Accepted` condition.
+//!
+//! Here: compiling a spec and deciding an access. Reading and watching a
+//! policy file is `policy/file.rs`'s; parsing `--cluster-label` is
+//! `policy/cluster_label.rs`'s.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::sync::watch;
 use tunnel_api::policy::{ClusterSelector, DestinationSelector, SubjectSelector, TunnelPolicySpec};
 use tunnel_identity::spiffe::{self as identity, Identity};
+
+mod cluster_label;
+mod file;
+
+pub use cluster_label::{ClusterLabel, ClusterLabelError, parse_cluster_label};
+pub use file::{ReloadResult, load_policy_file, watch_policy_file};
 
 /// How often a policy file is checked for changes.
 pub const DEFAULT_POLICY_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
@@ -493,140 +502,6 @@ pub fn parse_policy_text(source_name: &str, text: &str) -> Result<Policy, Policy
     Policy::compile(source_name, &spec)
 }
 
-/// Reads and compiles a policy file; its rules are named `<file name>/<rule>`.
-pub fn load_policy_file(path: &Path) -> Result<Policy, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    parse_policy_text(&file_source_name(path), &text)
-}
-
-fn file_source_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
-
-/// Result of one reload, for the metric.
-pub type ReloadResult = Result<(), PolicyError>;
-
-/// Watches a policy file: every `interval` its contents are compared with
-/// what was last loaded; a change is compiled and published on `tx`. A file
-/// that fails to read, parse or compile is logged with the field at fault,
-/// and the policy in force stays. Runs until `tx` has no receivers left.
-pub async fn watch_policy_file(
-    path: PathBuf,
-    interval: Duration,
-    tx: watch::Sender<Arc<Policy>>,
-    on_reload: impl Fn(&ReloadResult) + Send + 'static,
-) {
-    let mut last = std::fs::read(&path).ok();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if tx.is_closed() {
-            return;
-        }
-        let now = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(err) => {
-                if last.is_some() {
-                    tracing::error!(path = %path.display(), %err, "cannot read policy file; the previous policy stays in force");
-                    on_reload(&Err(PolicyError::Read {
-                        path: path.clone(),
-                        reason: err.to_string(),
-                    }));
-                    last = None;
-                }
-                continue;
-            }
-        };
-        if last.as_deref() == Some(&now[..]) {
-            continue;
-        }
-        last = Some(now.clone());
-        let result = String::from_utf8(now)
-            .map_err(|_| PolicyError::Parse {
-                source_name: file_source_name(&path),
-                reason: "not UTF-8 text".into(),
-            })
-            .and_then(|text| parse_policy_text(&file_source_name(&path), &text));
-        match result {
-            Ok(policy) => {
-                tracing::info!(path = %path.display(), rules = policy.len(), "policy reloaded");
-                tx.send_replace(Arc::new(policy));
-                on_reload(&Ok(()));
-            }
-            Err(err) => {
-                tracing::error!(path = %path.display(), %err, "policy file rejected; the previous policy stays in force");
-                on_reload(&Err(err));
-            }
-        }
-    }
-}
-
-/// One `--cluster-label`: a label of a cluster for policies' `matchLabels`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterLabel {
-    /// The cluster.
-    pub cluster: String,
-    /// The label's key.
-    pub key: String,
-    /// The label's value.
-    pub value: String,
-}
-
-/// A `--cluster-label` that does not parse; the message starts with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ClusterLabelError {
-    /// Not of the form CLUSTER=KEY=VALUE.
-    #[error("{label:?}: expected CLUSTER=KEY=VALUE")]
-    Form {
-        /// The flag's value.
-        label: String,
-    },
-    /// The cluster is no valid cluster name.
-    #[error("{label:?}: {source}")]
-    Cluster {
-        /// The flag's value.
-        label: String,
-        /// What is wrong with the name.
-        #[source]
-        source: identity::IdentityError,
-    },
-    /// The key is empty.
-    #[error("{label:?}: the label key is empty")]
-    EmptyKey {
-        /// The flag's value.
-        label: String,
-    },
-}
-
-/// Parses `--cluster-label CLUSTER=KEY=VALUE`.
-pub fn parse_cluster_label(s: &str) -> Result<ClusterLabel, ClusterLabelError> {
-    let form = || ClusterLabelError::Form {
-        label: s.to_owned(),
-    };
-    let (cluster, kv) = s.split_once('=').ok_or_else(form)?;
-    let (key, value) = kv.split_once('=').ok_or_else(form)?;
-    identity::validate_cluster_name(cluster).map_err(|source| ClusterLabelError::Cluster {
-        label: s.to_owned(),
-        source,
-    })?;
-    if key.is_empty() {
-        return Err(ClusterLabelError::EmptyKey {
-            label: s.to_owned(),
-        });
-    }
-    Ok(ClusterLabel {
-        cluster: cluster.to_owned(),
-        key: key.to_owned(),
-        value: value.to_owned(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -821,30 +696,5 @@ rules:
         };
         assert!(at("east", &BTreeMap::new()));
         assert!(!at("west", &flags));
-    }
-
-    #[test]
-    fn cluster_labels_parse() {
-        assert_eq!(
-            parse_cluster_label("east=env=prod").unwrap(),
-            ClusterLabel {
-                cluster: "east".into(),
-                key: "env".into(),
-                value: "prod".into()
-            }
-        );
-        // A value may hold '='.
-        assert_eq!(parse_cluster_label("east=k=a=b").unwrap().value, "a=b");
-        assert!(matches!(
-            parse_cluster_label("east=env"),
-            Err(ClusterLabelError::Form { .. })
-        ));
-        let err = parse_cluster_label("East=env=prod").unwrap_err();
-        assert!(matches!(err, ClusterLabelError::Cluster { .. }), "{err}");
-        assert!(err.to_string().starts_with("\"East=env=prod\": "), "{err}");
-        assert!(matches!(
-            parse_cluster_label("east==prod"),
-            Err(ClusterLabelError::EmptyKey { .. })
-        ));
     }
 }
