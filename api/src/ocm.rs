@@ -140,7 +140,9 @@ pub struct ConfigSpecHash {
     /// Namespace (empty: cluster-scoped).
     #[serde(default)]
     pub namespace: String,
-    /// Name.
+    /// Name (always set by OCM; defaulted so that a status written
+    /// without it cannot stop the server and manager reading the add-on).
+    #[serde(default)]
     pub name: String,
     /// SHA-256 of its spec, computed by OCM's addon manager.
     #[serde(default)]

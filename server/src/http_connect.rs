@@ -218,14 +218,8 @@ pub(crate) async fn serve_connection<IO>(
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result =
+        tunnel_shell::process::serve_until_stopped(conn, &stop, |c| c.graceful_shutdown()).await;
     if let Err(err) = result {
         // Malformed requests, oversized heads and slow clients end here.
         tracing::info!(peer = %peer.remote_addr, client = %peer.identity, %err, "HTTP/1.1 client connection ended with an error");

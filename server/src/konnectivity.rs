@@ -348,6 +348,12 @@ impl ToClient {
 
 impl SpliceSink for ToClient {
     async fn send(&mut self, data: Bytes, stop: &CancellationToken) -> Result<(), LegAborted> {
+        // The Go client takes a DATA packet with no bytes for the end of
+        // the connection: an empty buffer (a bare END_STREAM frame from the
+        // agent leg) is never sent as one.
+        if data.is_empty() {
+            return Ok(());
+        }
         if self.shared.close_requested.load(Ordering::Acquire) {
             tracing::debug!(
                 "the destination sent data after the client's CLOSE_REQ; connection reset"
