@@ -157,7 +157,7 @@ fn run_role(role: &str) {
                 let cli = <tunnel_sidecar::config::Cli as clap_parse::Parser>::parse_from(
                     std::iter::once("tunnel-sidecar".to_string()).chain(args),
                 );
-                tunnel_sidecar::main(cli).await
+                tunnel_sidecar::cli::main(cli).await
             }
             // An echo service in a process of its own (`ADDR` as the only
             // argument), so that its sockets do not count against this
