@@ -63,18 +63,6 @@
 //! - [`net`]: socket options; [`backoff`]: reconnection delays;
 //! - [`version`]: what `--version` prints (crate version and git revision).
 
-/// The allocator of every program that links this crate. The data path
-/// allocates and frees a buffer per HTTP/2 frame and per socket read (up to
-/// 256 KiB); glibc's malloc serves sizes like that with fresh `mmap`s or
-/// trims them back to the kernel, so that each buffer cost page faults and
-/// zeroing (measured: a fifth of the tunnel's CPU per GB). mimalloc keeps
-/// such buffers in thread-local pages and reuses them. Feature
-/// `global-allocator` (on by default): an app that embeds the client library
-/// with its own allocator turns it off.
-#[cfg(feature = "global-allocator")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod backoff;
 pub mod client;
 pub mod error;
