@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use tunnel_proto::backoff::{DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX};
-use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
-use tunnel_shell::flags::{AdminArgs, AgentSide, FlowArgs, LogArgs, ServerArgs, TlsArgs};
+use tunnel_shell::flags::{
+    AdminArgs, AgentSide, DeadPeerArgs, DrainArgs, DrainHelp, FlowArgs, LogArgs, ServerArgs,
+    TlsArgs,
+};
 use tunnel_shell::units::{parse_duration, parse_socket_buffer};
 
 use crate::allowlist::Allowlist;
@@ -61,9 +63,9 @@ pub struct Cli {
     /// How often server names are re-resolved to find new replicas.
     #[arg(long, env = "TUNNEL_RESOLVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub resolve_interval: Duration,
-    /// A server that answers nothing for this long is declared dead.
-    #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
-    pub dead_peer_timeout: Duration,
+    /// Liveness of the tunnels.
+    #[command(flatten)]
+    pub dead_peer: DeadPeerArgs<AgentSide>,
     /// Flow control of the tunnels.
     #[command(flatten)]
     pub flow: FlowArgs,
@@ -73,9 +75,9 @@ pub struct Cli {
     /// Longest reconnection delay.
     #[arg(long, env = "TUNNEL_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
     pub reconnect_max: Duration,
-    /// Time open connections get to finish after SIGTERM.
-    #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    /// What SIGTERM waits for.
+    #[command(flatten)]
+    pub drain: DrainArgs<AgentShutdown>,
     /// The admin port.
     #[command(flatten)]
     pub admin: AdminArgs<8093>,
@@ -111,6 +113,12 @@ pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
 }
+
+/// The help of the agent's `--drain-timeout` (the default words).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentShutdown;
+
+impl DrainHelp for AgentShutdown {}
 
 impl Cli {
     /// The certificate, key and CA files these flags name.
@@ -165,9 +173,7 @@ impl Cli {
                 .clone()
                 .unwrap_or_else(tunnel_shell::process::default_instance_id),
             tls: tunnel_proto::tls::ClientTls::client(files)?,
-            h2: self
-                .flow
-                .settings(Liveness::from_timeout(self.dead_peer_timeout))?,
+            h2: self.flow.settings(self.dead_peer.liveness())?,
             allowlist,
             dial_timeout: self.dial_timeout,
             socket_buffer: self.socket_buffer,
@@ -250,7 +256,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     for task in [lease, join].into_iter().flatten() {
         task.abort();
     }
-    agent.shutdown(cli.drain_timeout).await;
+    agent.shutdown(cli.drain.drain_timeout).await;
     Ok(())
 }
 

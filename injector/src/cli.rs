@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, parse_host_port};
-use tunnel_shell::flags::{AdminArgs, LogArgs};
+use tunnel_api::sidecar::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, parse_host_port};
+use tunnel_shell::flags::{AdminArgs, LogArgs, ShutdownDelayArgs, ShutdownDelayHelp};
 use tunnel_shell::units::parse_duration;
 
 use crate::annotations::{Defaults, Mode, Resources, parse_quantity};
@@ -70,11 +70,9 @@ pub struct Cli {
     /// replica, plus the previous pod's during a rolling update).
     #[arg(long, env = "TUNNEL_CA_BUNDLE_KEEP", default_value_t = crate::ca_bundle::DEFAULT_KEEP)]
     pub ca_bundle_keep: usize,
-    /// On SIGTERM, time to keep answering reviews while not ready, before
-    /// stopping: the API server keeps calling a replica until the endpoint
-    /// removal reaches it, so a rollout loses no review.
-    #[arg(long, env = "TUNNEL_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
-    pub shutdown_delay: Duration,
+    /// How long the injector stays up, not ready, on SIGTERM.
+    #[command(flatten)]
+    pub shutdown: ShutdownDelayArgs<InjectorShutdown>,
     /// Deny pods the injector cannot handle (our own failure) instead of
     /// letting them through without the sidecar.
     #[arg(long, env = "TUNNEL_FAIL_CLOSED")]
@@ -136,7 +134,7 @@ pub struct Cli {
     )]
     pub sidecar_probe_command: String,
     /// Default port of the sidecar's HTTP proxy, or "off".
-    #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value = "17080")]
+    #[arg(long, env = "TUNNEL_SIDECAR_PROXY_PORT", default_value_t = DEFAULT_PROXY_PORT.to_string())]
     pub sidecar_proxy_port: String,
     /// Whether app containers get HTTP_PROXY and friends by default.
     #[arg(long, env = "TUNNEL_SET_PROXY_ENV", default_value_t = true, action = clap::ArgAction::Set)]
@@ -188,6 +186,16 @@ pub struct Cli {
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// The help of the injector's shutdown flags.
+#[derive(Debug, Clone, Copy)]
+pub struct InjectorShutdown;
+
+impl ShutdownDelayHelp for InjectorShutdown {
+    const SHUTDOWN_DELAY_HELP: &'static str = "On SIGTERM, time to keep answering reviews while \
+        not ready, before stopping: the API server keeps calling a replica until the endpoint \
+        removal reaches it, so a rollout loses no review";
 }
 
 fn quantity(flag: &str, value: &str) -> anyhow::Result<f64> {
@@ -339,7 +347,7 @@ impl Cli {
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     cli.log.init();
     let config = cli.to_config()?;
-    let shutdown_delay = cli.shutdown_delay;
+    let shutdown_delay = cli.shutdown.shutdown_delay;
     let client = if config.ca_bundle_sync.is_some() || config.config_name.is_some() {
         Some(kube::Client::try_default().await.map_err(|e| {
             anyhow::anyhow!(

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tunnel_identity::spiffe::DEFAULT_TRUST_DOMAIN;
-use tunnel_proto::net::Liveness;
-use tunnel_shell::flags::{AdminArgs, FlowArgs, LogArgs, ServerSide, TlsArgs};
+use tunnel_shell::flags::{
+    AdminArgs, DeadPeerArgs, DrainArgs, DrainHelp, FlowArgs, LogArgs, ServerSide,
+    ShutdownDelayArgs, ShutdownDelayHelp, TlsArgs,
+};
 use tunnel_shell::units::parse_duration;
 
 use std::collections::BTreeMap;
@@ -122,14 +124,12 @@ pub struct RunArgs {
     /// must allow it. No TunnelPolicy rule is needed: the probe is the server's own.
     #[arg(long, env = "TUNNEL_PROBE_TARGET", default_value = crate::probes::DEFAULT_PROBE_TARGET)]
     pub probe_target: crate::probes::ProbeTarget,
-    /// Time open connections get to finish after SIGTERM (after the shutdown delay).
-    #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    /// On SIGTERM, time the server keeps serving while not ready, with its
-    /// agents told to find another replica, before it sends clients GOAWAY:
-    /// endpoints and load balancers stop sending it connections meanwhile.
-    #[arg(long, env = "TUNNEL_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
-    pub shutdown_delay: Duration,
+    /// What SIGTERM waits for.
+    #[command(flatten)]
+    pub drain: DrainArgs<ServerShutdown>,
+    /// How long the server stays up, not ready, on SIGTERM.
+    #[command(flatten)]
+    pub shutdown: ShutdownDelayArgs<ServerShutdown>,
     /// A new server reports ready once agents have connected (and none came
     /// for a second), or after this long without them.
     #[arg(long, env = "TUNNEL_READY_WAIT", default_value = "10s", value_parser = parse_duration)]
@@ -138,9 +138,9 @@ pub struct RunArgs {
     /// another agent of the cluster, and the silent one is passed over.
     #[arg(long, env = "TUNNEL_ACK_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub ack_timeout: Duration,
-    /// A tunnel peer that answers nothing for this long is declared dead.
-    #[arg(long, env = "TUNNEL_DEAD_PEER_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
-    pub dead_peer_timeout: Duration,
+    /// Liveness of tunnel connections.
+    #[command(flatten)]
+    pub dead_peer: DeadPeerArgs<ServerSide>,
     /// Flow control of tunnel connections.
     #[command(flatten)]
     pub flow: FlowArgs,
@@ -211,6 +211,21 @@ pub struct RunArgs {
     pub log: LogArgs,
 }
 
+/// The help of the server's shutdown flags.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerShutdown;
+
+impl DrainHelp for ServerShutdown {
+    const DRAIN_TIMEOUT_HELP: &'static str =
+        "Time open connections get to finish after SIGTERM (after the shutdown delay)";
+}
+
+impl ShutdownDelayHelp for ServerShutdown {
+    const SHUTDOWN_DELAY_HELP: &'static str = "On SIGTERM, time the server keeps serving while \
+        not ready, with its agents told to find another replica, before it sends clients \
+        GOAWAY: endpoints and load balancers stop sending it connections meanwhile";
+}
+
 impl RunArgs {
     /// Where the policy comes from. With none configured and no --allow-all,
     /// a policy that allows nothing: deny unless a policy allows.
@@ -244,9 +259,7 @@ impl RunArgs {
             tunnel_identity::spiffe::validate_cluster_name(c)
                 .map_err(|e| anyhow::anyhow!("--known-cluster {c:?}: {e}"))?;
         }
-        let h2 = self
-            .flow
-            .settings(Liveness::from_timeout(self.dead_peer_timeout))?;
+        let h2 = self.flow.settings(self.dead_peer.liveness())?;
         let mut cluster_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for l in &self.cluster_labels {
             let label = crate::policy::parse_cluster_label(l)
@@ -294,7 +307,7 @@ impl RunArgs {
             server_count: self.server_count,
             known_clusters: self.known_clusters.clone(),
             dial_timeout: self.dial_timeout,
-            drain_timeout: self.drain_timeout,
+            drain_timeout: self.drain.drain_timeout,
             h2,
             auth,
             probe: crate::probes::ProbeConfig {
@@ -307,7 +320,7 @@ impl RunArgs {
                 idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             },
             ha: crate::HaConfig {
-                shutdown_delay: self.shutdown_delay,
+                shutdown_delay: self.shutdown.shutdown_delay,
                 ready_wait: self.ready_wait,
                 ack_timeout: self.ack_timeout,
             },
@@ -378,8 +391,8 @@ mod tests {
     fn defaults_are_sane() {
         let args = RunArgs::default();
         assert_eq!(args.dial_timeout, DEFAULT_DIAL_TIMEOUT);
-        assert_eq!(args.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
-        assert_eq!(args.shutdown_delay, crate::DEFAULT_SHUTDOWN_DELAY);
+        assert_eq!(args.drain.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(args.shutdown.shutdown_delay, crate::DEFAULT_SHUTDOWN_DELAY);
         assert_eq!(args.ready_wait, crate::DEFAULT_READY_WAIT);
         assert_eq!(args.ack_timeout, crate::DEFAULT_ACK_TIMEOUT);
         assert_eq!(args.client_listen.port(), 8090);

@@ -7,7 +7,11 @@
 //! - [`TlsArgs`]: `--tls-cert`, `--tls-key` and `--ca`, each replacing the
 //!   file of `--cert-dir` (the override logic, [`TlsArgs::files`]);
 //! - [`ServerArgs`]: `--server` (the proxy servers to dial) and `--server-name`;
-//! - [`FlowArgs`]: the flow control of tunnel connections.
+//! - [`FlowArgs`]: the flow control of tunnel connections;
+//! - [`DeadPeerArgs`]: `--dead-peer-timeout`, the liveness of tunnel connections;
+//! - [`DrainArgs`] and [`ShutdownDelayArgs`]: `--drain-timeout` and
+//!   `--shutdown-delay`, what a binary does on SIGTERM (each binary words
+//!   their help through a [`DrainHelp`] and [`ShutdownDelayHelp`] type).
 //!
 //! What differs between binaries is which side of a tunnel connection they
 //! are on: a [`Side`] type ([`ServerSide`], [`AgentSide`], [`ClientSide`])
@@ -16,6 +20,7 @@
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tunnel_proto::h2::{
     CONNECTION_WINDOW, DEFAULT_MAX_CONCURRENT_STREAMS, H2Settings, MAX_WINDOW_BUDGET,
@@ -24,7 +29,7 @@ use tunnel_proto::net::Liveness;
 use tunnel_proto::tls::TlsFiles;
 
 use crate::logging::{LogFormat, init_logging};
-use crate::units::{ValueError, parse_bytes};
+use crate::units::{ValueError, parse_bytes, parse_duration};
 
 /// The side of a tunnel connection a binary is on: the words of its TLS
 /// and `--server` flags.
@@ -33,6 +38,8 @@ pub trait Side {
     const HOLDER: &'static str;
     /// What `--ca` is for.
     const CA_HELP: &'static str;
+    /// What `--dead-peer-timeout` declares dead.
+    const DEAD_PEER_HELP: &'static str;
 }
 
 /// A side that dials the proxy servers (`--server`).
@@ -57,17 +64,22 @@ impl Side for ServerSide {
     const HOLDER: &'static str = "Server";
     const CA_HELP: &'static str =
         "CA bundle that agent and client certificates must chain to; overrides --cert-dir";
+    const DEAD_PEER_HELP: &'static str =
+        "A tunnel peer that answers nothing for this long is declared dead";
 }
 
 impl Side for AgentSide {
     const HOLDER: &'static str = "Agent";
     const CA_HELP: &'static str =
         "CA bundle the server certificate must chain to; overrides --cert-dir";
+    const DEAD_PEER_HELP: &'static str =
+        "A server that answers nothing for this long is declared dead";
 }
 
 impl Side for ClientSide {
     const HOLDER: &'static str = "Client";
     const CA_HELP: &'static str = AgentSide::CA_HELP;
+    const DEAD_PEER_HELP: &'static str = AgentSide::DEAD_PEER_HELP;
 }
 
 impl Dialer for AgentSide {
@@ -294,6 +306,75 @@ impl FlowArgs {
             ..H2Settings::default()
         })
     }
+}
+
+/// `--dead-peer-timeout`: how long a tunnel connection may answer nothing
+/// before its peer is declared dead.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeadPeerArgs<S: Side> {
+    // The timeout.
+    #[arg(
+        long,
+        env = "TUNNEL_DEAD_PEER_TIMEOUT",
+        default_value = "20s",
+        value_parser = parse_duration,
+        help = S::DEAD_PEER_HELP
+    )]
+    pub dead_peer_timeout: Duration,
+    #[arg(skip)]
+    side: PhantomData<S>,
+}
+
+impl<S: Side> DeadPeerArgs<S> {
+    /// The keepalive pings these flags give.
+    pub fn liveness(&self) -> Liveness {
+        Liveness::from_timeout(self.dead_peer_timeout)
+    }
+}
+
+/// The help of a binary's `--drain-timeout`: what SIGTERM waits for.
+pub trait DrainHelp {
+    /// What `--drain-timeout` waits for.
+    const DRAIN_TIMEOUT_HELP: &'static str = "Time open connections get to finish after SIGTERM";
+}
+
+/// The help of a binary's `--shutdown-delay`: what it does before it stops.
+pub trait ShutdownDelayHelp {
+    /// What the binary does during `--shutdown-delay`.
+    const SHUTDOWN_DELAY_HELP: &'static str;
+}
+
+/// `--drain-timeout`: time open connections get to finish after SIGTERM.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs<H: DrainHelp> {
+    // The timeout.
+    #[arg(
+        long,
+        env = "TUNNEL_DRAIN_TIMEOUT",
+        default_value = "30s",
+        value_parser = parse_duration,
+        help = H::DRAIN_TIMEOUT_HELP
+    )]
+    pub drain_timeout: Duration,
+    #[arg(skip)]
+    help: PhantomData<H>,
+}
+
+/// `--shutdown-delay`: on SIGTERM, time a binary keeps serving while not
+/// ready, so that endpoints stop sending it work before it stops.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShutdownDelayArgs<H: ShutdownDelayHelp> {
+    // The delay.
+    #[arg(
+        long,
+        env = "TUNNEL_SHUTDOWN_DELAY",
+        default_value = "5s",
+        value_parser = parse_duration,
+        help = H::SHUTDOWN_DELAY_HELP
+    )]
+    pub shutdown_delay: Duration,
+    #[arg(skip)]
+    help: PhantomData<H>,
 }
 
 #[cfg(test)]
