@@ -336,7 +336,7 @@ impl TunnelClient {
             }
             Ok(Err(err)) => {
                 tracing::warn!(server = %addr, %err, "cannot connect to tunnel server");
-                err
+                err.to_string()
             }
             Err(_) => {
                 tracing::warn!(server = %addr, "connecting to tunnel server timed out");
@@ -372,24 +372,33 @@ impl TunnelClient {
         Err(last.unwrap_or_else(no_servers))
     }
 
-    async fn dial(&self, addr: &str) -> Result<H2Client, String> {
+    async fn dial(&self, addr: &str) -> Result<H2Client, DialError> {
         let tcp = TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("connect to {addr}: {e}"))?;
+            .map_err(|source| DialError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
         crate::net::tune_tunnel_socket(&tcp, &self.opts.h2.liveness);
         let host = match &self.opts.server_name {
             Some(name) => name.clone(),
             None => host_of(addr).to_owned(),
         };
-        let name =
-            ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
+        let name = ServerName::try_from(host.clone())
+            .map_err(|source| DialError::ServerName { host, source })?;
         let tls = tokio_rustls::TlsConnector::from(self.opts.tls.current())
             .connect(name, crate::net::LingeringClose::new(tcp))
             .await
-            .map_err(|e| format!("TLS with {addr}: {e}"))?;
+            .map_err(|source| DialError::Tls {
+                addr: addr.to_owned(),
+                source,
+            })?;
         let (channel, driver) = client_handshake(tls, &self.opts.h2)
             .await
-            .map_err(|e| format!("HTTP/2 with {addr}: {e}"))?;
+            .map_err(|source| DialError::Http2 {
+                addr: addr.to_owned(),
+                source,
+            })?;
         let addr = addr.to_owned();
         tokio::spawn(async move {
             if let Err(err) = driver.await {
@@ -762,4 +771,37 @@ mod token_tests {
         std::fs::write(&path, "").unwrap();
         assert!(t.current().unwrap_err().message.contains("empty"));
     }
+}
+
+/// Why a connection to one tunnel server could not be made.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    /// The TCP connection failed.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The name the server's certificate must have is not a DNS name or address.
+    #[error("server name {host:?}: {source}")]
+    ServerName {
+        host: String,
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2 with {addr}: {source}")]
+    Http2 {
+        addr: String,
+        #[source]
+        source: ::h2::Error,
+    },
 }
