@@ -254,7 +254,44 @@ struct ServerAddress {
 }
 
 /// A tunnel's HTTP/2 connection, served until it ends.
-type Connection = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+type Connection = Pin<Box<dyn Future<Output = Result<(), TunnelFailure>> + Send>>;
+
+/// Why a tunnel could not be opened, or ended other than by the server
+/// closing it.
+#[derive(Debug, thiserror::Error)]
+enum TunnelFailure {
+    /// The TCP connection to the server (direct or through the proxy) failed.
+    #[error(transparent)]
+    Connect(crate::proxy::DialError),
+    /// The name the server's certificate must have is not a DNS name.
+    #[error("server name {name:?}: {source}")]
+    ServerName {
+        name: String,
+        #[source]
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(#[source] std::io::Error),
+    /// TCP and TLS took longer than [`CONNECT_TIMEOUT`].
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2: {0}")]
+    Handshake(#[source] h2::Error),
+    /// The HTTP/2 connection failed after its handshake.
+    #[error("HTTP/2: {0}")]
+    Connection(#[source] tunnel_proto::h2::ConnError),
+    /// The connection ended cleanly before the server said hello.
+    #[error("the server closed the connection before its hello")]
+    ClosedBeforeHello,
+    /// The tunnel's control service went away before the server said hello.
+    #[error("the tunnel closed before the server's hello")]
+    GoneBeforeHello,
+    /// The server said no hello within [`HELLO_TIMEOUT`].
+    #[error("no hello from the server within {HELLO_TIMEOUT:?}")]
+    NoHello,
+}
 
 /// A tunnel the server said hello on and the agent admitted.
 struct UpTunnel {
@@ -276,13 +313,13 @@ enum Attempt {
         server_count: u32,
     },
     /// No tunnel: connect, TLS or HTTP/2 failed, or the server said no hello.
-    Failed(String),
+    Failed(TunnelFailure),
 }
 
 /// How a tunnel that was up ended.
 struct Ended {
     server_id: String,
-    result: Result<(), String>,
+    result: Result<(), TunnelFailure>,
     uptime: Duration,
 }
 
@@ -455,19 +492,17 @@ impl ServerAddress {
         let told = tokio::select! {
             told = tokio::time::timeout(HELLO_TIMEOUT, told_rx) => told,
             ended = &mut conn => {
-                let err = ended.err().unwrap_or_else(|| "the server closed the connection before its hello".into());
+                let err = ended.err().unwrap_or(TunnelFailure::ClosedBeforeHello);
                 return Attempt::Failed(err);
             }
         };
         let hello = match told {
             Ok(Ok(hello)) => hello,
             Ok(Err(_)) => {
-                return Attempt::Failed("the tunnel closed before the server's hello".into());
+                return Attempt::Failed(TunnelFailure::GoneBeforeHello);
             }
             Err(_) => {
-                return Attempt::Failed(format!(
-                    "no hello from the server within {HELLO_TIMEOUT:?}"
-                ));
+                return Attempt::Failed(TunnelFailure::NoHello);
             }
         };
         match hello.admission {
@@ -490,27 +525,31 @@ impl ServerAddress {
     }
 
     /// TCP and TLS to the server address, within [`CONNECT_TIMEOUT`].
-    async fn connect(&self) -> Result<TlsStream<TcpStream>, String> {
+    async fn connect(&self) -> Result<TlsStream<TcpStream>, TunnelFailure> {
         let config = &self.config;
         let host = tunnel_proto::client::host_of(&self.entry);
         tokio::time::timeout(CONNECT_TIMEOUT, async {
             let tcp = crate::proxy::connect(&config.proxy, host, self.addr.port(), self.addr)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(TunnelFailure::Connect)?;
             tunnel_proto::net::tune_tunnel_socket(&tcp, &config.h2.liveness);
             let name_str = config.server_name.as_deref().unwrap_or(host);
             let name = match name_str.parse::<IpAddr>() {
                 Ok(ip) => ServerName::IpAddress(ip.into()),
-                Err(_) => ServerName::try_from(name_str.to_owned())
-                    .map_err(|e| format!("server name {name_str:?}: {e}"))?,
+                Err(_) => ServerName::try_from(name_str.to_owned()).map_err(|source| {
+                    TunnelFailure::ServerName {
+                        name: name_str.to_owned(),
+                        source,
+                    }
+                })?,
             };
             tokio_rustls::TlsConnector::from(config.tls.current())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS: {e}"))
+                .map_err(TunnelFailure::Tls)
         })
         .await
-        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|_| TunnelFailure::ConnectTimeout)?
     }
 }
 
@@ -528,7 +567,7 @@ fn serve_tunnel(
     Box::pin(async move {
         let mut conn = H2Server::handshake(tls, &config.h2)
             .await
-            .map_err(|e| format!("HTTP/2: {e}"))?;
+            .map_err(TunnelFailure::Handshake)?;
         loop {
             match conn.accept_until(&stop).await {
                 Some(Ok((req, respond))) => {
@@ -551,7 +590,7 @@ fn serve_tunnel(
                         tokio::spawn(tunnel_proto::grpc::serve(control.clone(), req, respond));
                     }
                 }
-                Some(Err(err)) => return Err(format!("HTTP/2: {err}")),
+                Some(Err(err)) => return Err(TunnelFailure::Connection(err)),
                 None => return Ok(()),
             }
         }
