@@ -90,7 +90,7 @@ pub async fn check(
         } else {
             match tokio::time::timeout(opts.timeout, probe(client, cluster, opts)).await {
                 Ok(Ok(elapsed)) => (true, "ok".to_string(), Some(elapsed.as_secs_f64() * 1e3)),
-                Ok(Err(e)) => (false, e, None),
+                Ok(Err(e)) => (false, e.to_string(), None),
                 Err(_) => (false, format!("timed out after {:?}", opts.timeout), None),
             }
         };
@@ -108,31 +108,54 @@ pub async fn check(
     Ok(futures_util::future::join_all(probes).await)
 }
 
+/// Why the probe of a cluster failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// The tunnel to the probed address could not be opened.
+    #[error(transparent)]
+    Open(tunnel_proto::error::TunnelError),
+    /// The TLS client could not be configured.
+    #[error(transparent)]
+    TlsConfig(rustls::Error),
+    /// The probed host is not a DNS name or address.
+    #[error(transparent)]
+    ServerName(rustls_pki_types::InvalidDnsNameError),
+    /// The TLS handshake with the probed address failed.
+    #[error("TLS: {0}")]
+    Tls(#[source] std::io::Error),
+    /// Sending the request or reading the answer failed.
+    #[error(transparent)]
+    Io(std::io::Error),
+    /// `/healthz` answered other than 200; the status line.
+    #[error("/healthz answered {0:?}")]
+    Status(String),
+}
+
 async fn probe(
     client: &TunnelClient,
     cluster: &str,
     opts: &ProbeOptions,
-) -> Result<Duration, String> {
+) -> Result<Duration, ProbeError> {
     let start = Instant::now();
     let io = client
         .open_io(&Target::new(cluster, opts.host.clone(), opts.port))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ProbeError::Open)?;
     if !opts.healthz {
         return Ok(start.elapsed());
     }
     let tls = rustls::ClientConfig::builder_with_provider(tunnel_proto::tls::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(ProbeError::TlsConfig)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify))
         .with_no_client_auth();
-    let name =
-        rustls_pki_types::ServerName::try_from(opts.host.clone()).map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from(opts.host.clone())
+        .map_err(ProbeError::ServerName)?;
     let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(name, io)
         .await
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(ProbeError::Tls)?;
     let request = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         opts.host
@@ -140,11 +163,11 @@ async fn probe(
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ProbeError::Io)?;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(2).any(|w| w == b"\r\n") {
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = stream.read(&mut buf).await.map_err(ProbeError::Io)?;
         if n == 0 || head.len() > 8192 {
             break;
         }
@@ -155,7 +178,7 @@ async fn probe(
     if status.split_whitespace().nth(1) == Some("200") {
         Ok(start.elapsed())
     } else {
-        Err(format!("/healthz answered {status:?}"))
+        Err(ProbeError::Status(status))
     }
 }
 
