@@ -20,6 +20,9 @@ use crate::pb::{self, tunnel_client::TunnelClient as GrpcClient};
 use crate::relay::{RelayOutcome, TunnelStream, relay_tcp};
 use crate::stream::{Open, OpenFailure, Opened, open_on};
 
+mod io;
+pub use io::TunnelIo;
+
 /// Default time allowed to connect to a server (TCP + TLS + HTTP/2).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a failed attempt to reach the servers answers for later callers.
@@ -258,12 +261,7 @@ impl OpenedTunnel {
 
     /// The tunnel as an in-process byte stream.
     pub fn into_io(self) -> TunnelIo {
-        TunnelIo {
-            stream: self.stream,
-            pending: Bytes::new(),
-            read_done: false,
-            write_done: false,
-        }
+        TunnelIo::new(self.stream)
     }
 }
 
@@ -639,117 +637,6 @@ pub fn host_of(addr: &str) -> &str {
     match addr.rsplit_once(':') {
         Some((host, _)) => host,
         None => addr,
-    }
-}
-
-/// A tunnelled connection as an in-process byte stream (`AsyncRead` +
-/// `AsyncWrite`); shutting down the write side sends END_STREAM (a FIN),
-/// dropping it before both directions ended resets the stream.
-pub struct TunnelIo {
-    stream: TunnelStream,
-    pending: Bytes,
-    read_done: bool,
-    write_done: bool,
-}
-
-impl std::fmt::Debug for TunnelIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelIo")
-            .field("read_done", &self.read_done)
-            .field("write_done", &self.write_done)
-            .finish()
-    }
-}
-
-fn reset_error(err: &h2::Error) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::ConnectionReset,
-        format!("tunnel stream aborted: {err}"),
-    )
-}
-
-impl tokio::io::AsyncRead for TunnelIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            if this.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match futures_util::ready!(this.stream.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    this.stream.guard().note_received(data.len());
-                    let _ = this.stream.recv.flow_control().release_capacity(data.len());
-                    this.pending = data;
-                }
-                Some(Err(err)) => return Poll::Ready(Err(reset_error(&err))),
-                None => this.read_done = true,
-            }
-        }
-    }
-}
-
-fn closed() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "tunnel stream closed")
-}
-
-impl tokio::io::AsyncWrite for TunnelIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        use std::task::Poll;
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let send = &mut self.stream.send;
-        send.reserve_capacity(buf.len().min(crate::relay::MAX_READ));
-        loop {
-            let cap = send.capacity();
-            if cap > 0 {
-                let n = cap.min(buf.len());
-                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(|_| closed())?;
-                return Poll::Ready(Ok(n));
-            }
-            match futures_util::ready!(send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(err)) => return Poll::Ready(Err(reset_error(&err))),
-                None => return Poll::Ready(Err(closed())),
-            }
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.write_done {
-            self.write_done = true;
-            self.stream.send.reserve_capacity(0);
-            self.stream
-                .send
-                .send_data(Bytes::new(), true)
-                .map_err(|_| closed())?;
-        }
-        std::task::Poll::Ready(Ok(()))
     }
 }
 
