@@ -524,6 +524,7 @@ async fn keep_full(
     let chunk = vec![0x5au8; STALL_CHUNK];
     let mut total = 0u64;
     let mut reported = false;
+    let mut total_at_block = 0;
     while total <= STALL_FILL_LIMIT {
         if pause.is_cancelled() {
             // Holds the connection as it is: stalled, no longer filling.
@@ -535,6 +536,11 @@ async fn keep_full(
             res = tokio::time::timeout(STALL_BLOCKED_AFTER, tcp.write(&chunk)) => match res {
                 Ok(Ok(n)) => total += n as u64,
                 Ok(Err(e)) => {
+                    if reported {
+                        // Counted once: it was full, then cut.
+                        c.blocked.fetch_sub(1, Ordering::SeqCst);
+                        c.held.fetch_sub(total_at_block, Ordering::SeqCst);
+                    }
                     c.cut.fetch_add(1, Ordering::SeqCst);
                     c.first_failure
                         .lock()
@@ -545,6 +551,7 @@ async fn keep_full(
                 Err(_) => {
                     if !reported {
                         reported = true;
+                        total_at_block = total;
                         c.held.fetch_add(total, Ordering::SeqCst);
                         c.blocked.fetch_add(1, Ordering::SeqCst);
                     }
@@ -559,7 +566,13 @@ async fn keep_full(
 }
 
 /// The destinations of stalled connections: one never reads, one floods.
+/// They count and hold only what arrives once [`StallDestinations::arm`]ed:
+/// before that, connections are closed at once (a relay-floor path's
+/// listening probes reach every service, these included, and a probe that
+/// met the flood would count as a cut stalled connection).
 struct StallDestinations {
+    /// Set by the `stalled_1000` scenario before it opens its connections.
+    armed: Arc<std::sync::atomic::AtomicBool>,
     never_reads: SocketAddr,
     floods: SocketAddr,
     /// Connections the never-reading destination holds.
@@ -574,17 +587,25 @@ struct StallDestinations {
 }
 
 impl StallDestinations {
+    /// From now on, connections are held (never read) or flooded and counted.
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
     fn start() -> Self {
         let small = |send: Option<u32>, recv: Option<u32>| {
             SocketBuffers { send, recv }.listen().expect("listener")
         };
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let never = small(None, Some(STALL_OWN_BUFFER));
         let never_reads = never.local_addr().unwrap();
         let held = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let h = held.clone();
+        let (h, a) = (held.clone(), armed.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = never.accept().await {
-                h.lock().unwrap().push(tcp);
+                if a.load(Ordering::SeqCst) {
+                    h.lock().unwrap().push(tcp);
+                }
             }
         });
         let flooding = small(Some(STALL_OWN_BUFFER), None);
@@ -593,9 +614,12 @@ impl StallDestinations {
         let stop = CancellationToken::new();
         let pause = CancellationToken::new();
         let (stop_rx, pause_rx) = (stop.clone(), pause.clone());
-        let f = flood.clone();
+        let (f, a) = (flood.clone(), armed.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = flooding.accept().await {
+                if !a.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let (f, pause_rx, stop_rx) = (f.clone(), pause_rx.clone(), stop_rx.clone());
                 tokio::spawn(async move {
                     let tcp = keep_full(tcp, f, pause_rx, stop_rx).await;
@@ -604,6 +628,7 @@ impl StallDestinations {
             }
         });
         Self {
+            armed,
             never_reads,
             floods,
             held,
@@ -1207,6 +1232,7 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     out.push(("stalled_1000_baseline_gbps", num(baseline)));
 
     eprintln!("[stalled_1000] opening {total} stalled connections");
+    services.stall.arm();
     let kernel_before = kernel_tcp_mib();
     let stop = CancellationToken::new();
     let _stop_on_drop = stop.clone().drop_guard();
