@@ -313,9 +313,11 @@ impl AgentService {
             .dials
             .get_or_create(&CodeLabel { code: "ok" })
             .inc();
-        // Like tunnel sockets: no Nagle delay, and a dead destination is
-        // found by TCP keepalive and TCP_USER_TIMEOUT, not after minutes.
-        tunnel_proto::net::tune_tunnel_socket(&tcp, &shared.liveness);
+        // No Nagle delay, and a vanished destination is found in bounded
+        // time: by TCP keepalive when idle, by the relay's peer watch when
+        // data waits for it (not TCP_USER_TIMEOUT, which would also reset a
+        // live destination that merely stops reading).
+        tunnel_proto::net::tune_destination_socket(&tcp, &shared.liveness);
         if shared.socket_buffer > 0
             && let Err(err) = tunnel_proto::net::cap_socket_buffers(&tcp, shared.socket_buffer)
         {
@@ -335,7 +337,13 @@ impl AgentService {
         let stream = TunnelStream::new(send, req.into_body(), guard);
         let metrics = shared.metrics.clone();
         metrics.open_connections.inc();
-        let outcome = relay_tcp(tcp, Bytes::new(), stream).await;
+        let outcome = relay_tcp(
+            tcp,
+            Bytes::new(),
+            stream,
+            Some(shared.liveness.dead_peer_timeout),
+        )
+        .await;
         metrics.open_connections.dec();
         metrics
             .bytes

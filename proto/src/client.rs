@@ -256,7 +256,9 @@ impl OpenedTunnel {
     /// `tcp`, e.g. by an HTTP parser) first.
     pub async fn relay_with_prefix(self, tcp: TcpStream, prefix: Bytes) -> RelayOutcome {
         crate::net::set_nodelay_or_warn(&tcp);
-        relay_tcp(tcp, prefix, self.stream).await
+        // The app is this host's (or the embedding program's own socket):
+        // nothing to watch beyond what its kernel tells the writes.
+        relay_tcp(tcp, prefix, self.stream, None).await
     }
 
     /// The tunnel as an in-process byte stream.

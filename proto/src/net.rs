@@ -9,6 +9,8 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub mod peer;
+
 /// Default time after which an unanswered peer is declared dead.
 pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -50,6 +52,20 @@ impl Liveness {
 /// Options for long-lived tunnel sockets: no Nagle delay, TCP keepalive and
 /// TCP_USER_TIMEOUT, so a dead peer is found in bounded time even with data in flight.
 pub fn tune_tunnel_socket(stream: &TcpStream, liveness: &Liveness) {
+    tune_destination_socket(stream, liveness);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(err) = SockRef::from(stream).set_tcp_user_timeout(Some(liveness.dead_peer_timeout)) {
+        tracing::warn!(%err, "cannot set TCP_USER_TIMEOUT");
+    }
+}
+
+/// Options for a socket to a destination: no Nagle delay and TCP keepalive
+/// (a vanished destination of an idle connection is found), but no
+/// TCP_USER_TIMEOUT: Linux applies it to a closed window too and would reset
+/// a destination that is alive but stops reading for longer than the
+/// timeout. A destination that vanishes with data on its way is found by the
+/// relay instead ([`peer::gone`]).
+pub fn tune_destination_socket(stream: &TcpStream, liveness: &Liveness) {
     set_nodelay_or_warn(stream);
     let sock = SockRef::from(stream);
     let probes = 3u32;
@@ -61,10 +77,19 @@ pub fn tune_tunnel_socket(stream: &TcpStream, liveness: &Liveness) {
     if let Err(err) = sock.set_tcp_keepalive(&keepalive) {
         tracing::warn!(%err, "cannot set TCP keepalive");
     }
+}
+
+/// Takes TCP_USER_TIMEOUT off a tunnel socket that turned out to carry one
+/// app connection (an HTTP/1.1 CONNECT client): its reader may pause for
+/// as long as it likes, and Linux would reset the connection once a closed
+/// window outlasted the timeout. TCP keepalive stays.
+pub fn allow_read_pauses(stream: &TcpStream) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Err(err) = sock.set_tcp_user_timeout(Some(liveness.dead_peer_timeout)) {
-        tracing::warn!(%err, "cannot set TCP_USER_TIMEOUT");
+    if let Err(err) = SockRef::from(stream).set_tcp_user_timeout(None) {
+        tracing::warn!(%err, "cannot clear TCP_USER_TIMEOUT");
     }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
 }
 
 /// Caps the kernel's send and receive buffers of a socket that faces an
@@ -118,6 +143,11 @@ impl LingeringClose {
             tcp: Some(tcp),
             closed: Some(closed),
         }
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &TcpStream {
+        self.tcp.as_ref().expect("present until drop")
     }
 
     fn tcp(&mut self) -> Pin<&mut TcpStream> {
@@ -213,6 +243,20 @@ mod tests {
         // Linux doubles the figure for its bookkeeping and stops autotuning.
         assert_eq!(sock.send_buffer_size().unwrap(), 128 * 1024);
         assert_eq!(sock.recv_buffer_size().unwrap(), 128 * 1024);
+    }
+
+    #[tokio::test]
+    async fn destination_sockets_get_keepalive_but_no_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune_destination_socket(&stream, &Liveness::from_timeout(Duration::from_secs(10)));
+        let sock = SockRef::from(&stream);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(sock.tcp_user_timeout().unwrap(), None);
     }
 
     #[tokio::test]

@@ -205,8 +205,17 @@ async fn next_data(
 }
 
 /// Relays `tcp` over `stream` until both directions have ended; `prefix`
-/// (bytes already read from `tcp`, may be empty) is sent first.
-pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) -> RelayOutcome {
+/// (bytes already read from `tcp`, may be empty) is sent first. With
+/// `dead_peer`, a write that waits on a peer that is gone by
+/// [`crate::net::peer::gone`] (data unacknowledged that long, or window
+/// probes unanswered) aborts the connection; a peer that is alive but does
+/// not read is waited for, however long.
+pub async fn relay_tcp(
+    mut tcp: TcpStream,
+    prefix: Bytes,
+    stream: TunnelStream,
+    dead_peer: Option<Duration>,
+) -> RelayOutcome {
     let TunnelStream {
         mut send,
         mut recv,
@@ -236,7 +245,15 @@ pub async fn relay_tcp(mut tcp: TcpStream, prefix: Bytes, stream: TunnelStream) 
             end
         };
         let inbound = async {
-            let end = stream_to_tcp(&mut recv, &guard, &mut wr, &received, &abort).await;
+            let end = stream_to_tcp(
+                &mut recv,
+                &guard,
+                (rd.as_ref(), &mut wr),
+                &received,
+                &abort,
+                dead_peer,
+            )
+            .await;
             if end != DirectionEnd::Eof {
                 abort.cancel();
             }
@@ -341,23 +358,53 @@ async fn tcp_to_stream(
     }
 }
 
-/// Writes the stream's data to `tcp`, releasing its window as it goes.
+/// Writes the stream's data to `tcp`, releasing its window as it goes;
+/// with `dead_peer`, a write that waits on a peer that is gone aborts.
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     conn: &StreamGuard,
-    tcp: &mut tokio::net::tcp::WriteHalf<'_>,
+    (sock, tcp): (&TcpStream, &mut tokio::net::tcp::WriteHalf<'_>),
     received: &ByteCounter,
     abort: &CancellationToken,
+    dead_peer: Option<Duration>,
 ) -> DirectionEnd {
     loop {
         match next_data(recv, conn, abort).await {
             Ok(Some(data)) => {
                 let n = data.len();
-                let written = tokio::select! {
-                    biased;
-                    () = abort.cancelled() => return DirectionEnd::Aborted,
-                    w = tcp.write_all(&data) => w,
+                // The peer watch starts (a timer) only once a write waits.
+                let watch = async {
+                    match dead_peer {
+                        Some(timeout) => crate::net::peer::gone(sock, timeout).await,
+                        None => std::future::pending().await,
+                    }
                 };
+                tokio::pin!(watch);
+                let mut rest = &data[..];
+                let mut written = Ok(());
+                while !rest.is_empty() {
+                    match sock.try_write(rest) {
+                        Ok(n) => rest = &rest[n..],
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                            tokio::select! {
+                                biased;
+                                () = abort.cancelled() => return DirectionEnd::Aborted,
+                                ready = sock.writable() => if let Err(err) = ready {
+                                    written = Err(err);
+                                    break;
+                                },
+                                answers = &mut watch => {
+                                    tracing::info!(?answers, timeout = ?dead_peer, "the peer acknowledges nothing: gone; connection reset");
+                                    return DirectionEnd::Aborted;
+                                }
+                            }
+                        }
+                        Err(err) => {
+                            written = Err(err);
+                            break;
+                        }
+                    }
+                }
                 if let Err(err) = written {
                     tracing::debug!(%err, "tcp write failed");
                     return DirectionEnd::WriteFailed;

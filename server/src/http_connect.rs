@@ -142,6 +142,11 @@ impl<IO> Rewind<IO> {
             io,
         }
     }
+
+    /// The connection under the replayed bytes.
+    pub(crate) fn get_ref(&self) -> &IO {
+        &self.io
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {

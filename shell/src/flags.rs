@@ -72,14 +72,14 @@ impl Side for AgentSide {
     const HOLDER: &'static str = "Agent";
     const CA_HELP: &'static str =
         "CA bundle the server certificate must chain to; overrides --cert-dir";
-    const DEAD_PEER_HELP: &'static str =
-        "A server that answers nothing for this long is declared dead";
+    const DEAD_PEER_HELP: &'static str = "A server that answers nothing for this long is declared dead, and so is a destination that acknowledges none of the data waiting for it (one that only stops reading is waited for)";
 }
 
 impl Side for ClientSide {
     const HOLDER: &'static str = "Client";
     const CA_HELP: &'static str = AgentSide::CA_HELP;
-    const DEAD_PEER_HELP: &'static str = AgentSide::DEAD_PEER_HELP;
+    const DEAD_PEER_HELP: &'static str =
+        "A server that answers nothing for this long is declared dead";
 }
 
 impl Dialer for AgentSide {

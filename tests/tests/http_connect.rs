@@ -288,3 +288,40 @@ async fn bytes_sent_right_behind_the_connect_head_reach_the_destination() {
     drop(tls);
     wait_all_closed(&server).await;
 }
+
+/// A CONNECT client over HTTP/1.1 is one app connection: it may stop
+/// reading for longer than the server's `--dead-peer-timeout` and still get
+/// every byte (Linux's `TCP_USER_TIMEOUT`, which the server's other client
+/// connections carry, would reset it once its window stayed closed that long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_client_that_pauses_reading_longer_than_the_dead_peer_timeout_gets_every_byte() {
+    const DEAD_PEER: Duration = Duration::from_secs(2);
+    const PAUSE: Duration = Duration::from_secs(8);
+    const LEN: usize = 48 << 20;
+    init();
+    let pki = Pki::new(&["east"], &["app"]);
+    let mut config = server_config(&pki);
+    config.h2.liveness = tunnel_proto::net::Liveness::from_timeout(DEAD_PEER);
+    let server = Server::start(config).await.expect("server starts");
+    let _agent = start_agent_resolving(&pki, "east", &server, &["hello.default.svc"]).await;
+    // Writes LEN bytes, then its FIN.
+    let source = start_service(|mut tcp| async move {
+        let _ = write_random(&mut tcp, LEN, 5).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+    let mut tls = tls_to(&pki, "client-app", server.client_addr, b"http/1.1").await;
+    let address = format!("hello.default.svc.east.tunnel.internal:{}", source.port());
+    let head = connect_head(&mut tls, &address, "").await;
+    assert!(
+        head.starts_with("HTTP/1.1 200 Connection established\r\n"),
+        "{head}"
+    );
+    // Every buffer on the way fills while we do not read.
+    tokio::time::sleep(PAUSE).await;
+    let (n, _) = tokio::time::timeout(Duration::from_secs(60), read_hash(&mut tls))
+        .await
+        .expect("the rest and the end arrive")
+        .expect("the connection was not cut while we paused");
+    assert_eq!(n, LEN);
+}
