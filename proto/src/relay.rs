@@ -206,10 +206,11 @@ async fn next_data(
 
 /// Relays `tcp` over `stream` until both directions have ended; `prefix`
 /// (bytes already read from `tcp`, may be empty) is sent first. With
-/// `dead_peer`, a write that waits on a peer that is gone by
-/// [`crate::net::peer::gone`] (data unacknowledged that long, or window
-/// probes unanswered) aborts the connection; a peer that is alive but does
-/// not read is waited for, however long.
+/// `dead_peer`, a peer found gone by [`crate::net::peer::watch`] while it
+/// owes an answer for what was written to it (data or the FIN
+/// unacknowledged that long, or window probes unanswered) aborts the
+/// connection, whether or not a write is waiting; a peer that is alive but
+/// does not read is waited for, however long.
 pub async fn relay_tcp(
     mut tcp: TcpStream,
     prefix: Bytes,
@@ -225,6 +226,7 @@ pub async fn relay_tcp(
     let received = ByteCounter::default();
     let abort = CancellationToken::new();
     let inbound_done = CancellationToken::new();
+    let writes = crate::net::peer::Writes::default();
     let (outbound, inbound) = {
         let (rd, mut wr) = tcp.split();
         let outbound = async {
@@ -245,22 +247,29 @@ pub async fn relay_tcp(
             end
         };
         let inbound = async {
-            let end = stream_to_tcp(
-                &mut recv,
-                &guard,
-                (rd.as_ref(), &mut wr),
-                &received,
-                &abort,
-                dead_peer,
-            )
-            .await;
+            let end = stream_to_tcp(&mut recv, &guard, &mut wr, &received, &abort, &writes).await;
             if end != DirectionEnd::Eof {
                 abort.cancel();
             }
             inbound_done.cancel();
             end
         };
-        tokio::join!(outbound, inbound)
+        let peer_gone = async {
+            match dead_peer {
+                Some(timeout) => crate::net::peer::watch(rd.as_ref(), timeout, Some(&writes)).await,
+                None => std::future::pending().await,
+            }
+        };
+        let directions = async { tokio::join!(outbound, inbound) };
+        tokio::pin!(directions, peer_gone);
+        tokio::select! {
+            ends = &mut directions => ends,
+            answers = &mut peer_gone => {
+                tracing::info!(?answers, timeout = ?dead_peer, "the peer acknowledges nothing: gone; connection reset");
+                abort.cancel();
+                directions.await
+            }
+        }
     };
     if abort.is_cancelled() {
         // Both sides learn of the abort as an abort.
@@ -359,52 +368,25 @@ async fn tcp_to_stream(
 }
 
 /// Writes the stream's data to `tcp`, releasing its window as it goes;
-/// with `dead_peer`, a write that waits on a peer that is gone aborts.
+/// each write (and the FIN) is noted in `writes` for the peer watch.
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     conn: &StreamGuard,
-    (sock, tcp): (&TcpStream, &mut tokio::net::tcp::WriteHalf<'_>),
+    tcp: &mut tokio::net::tcp::WriteHalf<'_>,
     received: &ByteCounter,
     abort: &CancellationToken,
-    dead_peer: Option<Duration>,
+    writes: &crate::net::peer::Writes,
 ) -> DirectionEnd {
     loop {
         match next_data(recv, conn, abort).await {
             Ok(Some(data)) => {
                 let n = data.len();
-                // The peer watch starts (a timer) only once a write waits.
-                let watch = async {
-                    match dead_peer {
-                        Some(timeout) => crate::net::peer::gone(sock, timeout).await,
-                        None => std::future::pending().await,
-                    }
+                writes.note();
+                let written = tokio::select! {
+                    biased;
+                    () = abort.cancelled() => return DirectionEnd::Aborted,
+                    w = tcp.write_all(&data) => w,
                 };
-                tokio::pin!(watch);
-                let mut rest = &data[..];
-                let mut written = Ok(());
-                while !rest.is_empty() {
-                    match sock.try_write(rest) {
-                        Ok(n) => rest = &rest[n..],
-                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                            tokio::select! {
-                                biased;
-                                () = abort.cancelled() => return DirectionEnd::Aborted,
-                                ready = sock.writable() => if let Err(err) = ready {
-                                    written = Err(err);
-                                    break;
-                                },
-                                answers = &mut watch => {
-                                    tracing::info!(?answers, timeout = ?dead_peer, "the peer acknowledges nothing: gone; connection reset");
-                                    return DirectionEnd::Aborted;
-                                }
-                            }
-                        }
-                        Err(err) => {
-                            written = Err(err);
-                            break;
-                        }
-                    }
-                }
                 if let Err(err) = written {
                     tracing::debug!(%err, "tcp write failed");
                     return DirectionEnd::WriteFailed;
@@ -413,6 +395,7 @@ async fn stream_to_tcp(
                 let _ = recv.flow_control().release_capacity(n);
             }
             Ok(None) => {
+                writes.note();
                 if let Err(err) = tcp.shutdown().await {
                     tracing::debug!(%err, "tcp shutdown failed");
                 }

@@ -423,9 +423,15 @@ async fn serve_client(
     };
     if protocol == ClientProtocol::Http11 {
         tracing::debug!(%peer, %identity, "HTTP/1.1 client connected");
-        // One proxied connection whose client may stop reading for long.
-        tunnel_proto::net::allow_read_pauses(tls.get_ref().get_ref().0.socket());
-        return crate::http_connect::serve_connection(state, info, tls, stop).await;
+        // One proxied connection whose client may stop reading for long: no
+        // TCP_USER_TIMEOUT, a watch of the socket instead.
+        let socket = tls.get_ref().get_ref().0.socket();
+        tunnel_proto::net::allow_read_pauses(socket);
+        let client = crate::http_connect::ClientSocket::of(
+            socket,
+            state.config.h2.liveness.dead_peer_timeout,
+        );
+        return crate::http_connect::serve_connection(state, info, tls, client, stop).await;
     }
     let mut conn = match H2Server::handshake(tls, &state.config.h2).await {
         Ok(c) => c,

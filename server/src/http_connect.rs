@@ -20,7 +20,9 @@
 //!   `--token-review`, the service account of `Proxy-Authorization: Bearer <token>`.
 
 use std::convert::Infallible;
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -35,6 +37,7 @@ use tunnel_proto::h2::PeerInfo;
 use tunnel_proto::http_forward::{
     ForwardError, error_text, host_header, send_request, to_origin_form, unforwardable,
 };
+use tunnel_proto::net::peer::PeerWatch;
 use tunnel_proto::relay::{LegAborted, MIN_READ, SpliceSink, SpliceSource};
 use tunnel_proto::stream::Open;
 
@@ -200,12 +203,47 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
     }
 }
 
+/// The socket of an HTTP/1.1 client connection, watched while a connection
+/// it carries owes the client data ([`tunnel_proto::net::peer`]): the
+/// connection does not carry `TCP_USER_TIMEOUT` (its client may stop
+/// reading for long), so a client that vanished with data on its way is
+/// found this way. A duplicate descriptor, as hyper owns the connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientSocket {
+    fd: Arc<OwnedFd>,
+    dead_peer: Duration,
+}
+
+impl ClientSocket {
+    /// The socket under `tcp`, watched with `dead_peer`; `None` (and a
+    /// warning: such a client is then found by TCP keepalive alone, only
+    /// while idle) if the descriptor cannot be duplicated.
+    pub(crate) fn of(tcp: &tokio::net::TcpStream, dead_peer: Duration) -> Option<Self> {
+        match tcp.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(Self {
+                fd: Arc::new(fd),
+                dead_peer,
+            }),
+            Err(err) => {
+                tracing::warn!(%err, "cannot duplicate the client's socket; a client that vanishes with data on its way is not found");
+                None
+            }
+        }
+    }
+
+    fn watch(&self) -> PeerWatch {
+        PeerWatch::new(self.fd.clone(), self.dead_peer)
+    }
+}
+
 /// Serves HTTP/1.1 on a client connection until the client closes it, or,
 /// once `stop` is cancelled, until its request in flight is answered.
+/// `client` is the connection's socket, for the connections it carries.
 pub(crate) async fn serve_connection<IO>(
     state: Arc<ServerState>,
     peer: Arc<PeerInfo>,
     io: IO,
+    client: Option<ClientSocket>,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -218,7 +256,9 @@ pub(crate) async fn serve_connection<IO>(
         .max_headers(MAX_HEADERS);
     let service = {
         let (state, peer) = (state.clone(), peer.clone());
-        hyper::service::service_fn(move |req| handle(state.clone(), peer.clone(), req))
+        hyper::service::service_fn(move |req| {
+            handle(state.clone(), peer.clone(), client.clone(), req)
+        })
     };
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
@@ -242,12 +282,13 @@ pub(crate) async fn serve_connection<IO>(
 async fn handle(
     state: Arc<ServerState>,
     peer: Arc<PeerInfo>,
+    client: Option<ClientSocket>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     Ok(if req.method() == Method::CONNECT {
-        connect(&state, &peer, req).await
+        connect(&state, &peer, req, client).await
     } else {
-        forward(&state, &peer, req).await
+        forward(&state, &peer, req, client).await
     })
 }
 
@@ -305,6 +346,7 @@ async fn connect(
     state: &Arc<ServerState>,
     peer: &PeerInfo,
     mut req: Request<Incoming>,
+    client: Option<ClientSocket>,
 ) -> Response<Body> {
     let open = match req.uri().authority() {
         Some(authority) => {
@@ -332,9 +374,8 @@ async fn connect(
         match upgrade.await {
             Ok(upgraded) => {
                 let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-                established
-                    .splice(FromClient { read }, ToClient { write })
-                    .await;
+                let to_client = ToClient::new(write, client.as_ref());
+                established.splice(FromClient { read }, to_client).await;
             }
             Err(err) => {
                 tracing::debug!(id = %established.id(), %err, "the CONNECT client left before its tunnel started");
@@ -355,6 +396,7 @@ async fn forward(
     state: &Arc<ServerState>,
     peer: &PeerInfo,
     mut req: Request<Incoming>,
+    client: Option<ClientSocket>,
 ) -> Response<Body> {
     if let Some(resp) = unforwardable(&req) {
         return resp.map(|b| Full::new(b).map_err(|never| match never {}).boxed());
@@ -382,7 +424,9 @@ async fn forward(
     }
     let (near, far) = tokio::io::duplex(FORWARD_BUFFER);
     let (read, write) = tokio::io::split(far);
-    tokio::spawn(established.splice(FromClient { read }, ToClient { write }));
+    // Written on by hyper: the client's socket owes what is written here.
+    let to_client = ToClient::new(write, client.as_ref());
+    tokio::spawn(established.splice(FromClient { read }, to_client));
     match send_request(near, req).await {
         Ok(resp) => resp.map(|b| b.boxed()),
         Err(ForwardError::Handshake(err)) => error_response(&TunnelError::new(
@@ -426,20 +470,56 @@ impl<R: AsyncRead + Unpin + Send> SpliceSource for FromClient<R> {
     }
 }
 
-/// The connection's bytes towards the client.
+/// The connection's bytes towards the client, and the watch of the
+/// client's socket that finds a client gone while it owes us answers.
 struct ToClient<W> {
     write: W,
+    watch: Option<PeerWatch>,
+}
+
+impl<W> ToClient<W> {
+    fn new(write: W, client: Option<&ClientSocket>) -> Self {
+        Self {
+            write,
+            watch: client.map(ClientSocket::watch),
+        }
+    }
+
+    fn note_write(&self) {
+        if let Some(watch) = &self.watch {
+            watch.note_write();
+        }
+    }
+}
+
+/// Ready once the client is gone (see [`ClientSocket`]); never without a watch.
+fn poll_client_gone(
+    watch: &mut Option<PeerWatch>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<()> {
+    let Some(watch) = watch else {
+        return std::task::Poll::Pending;
+    };
+    watch.poll_gone(cx).map(|answers| {
+        tracing::info!(
+            ?answers,
+            "the HTTP/1.1 client acknowledges nothing: gone; connection reset"
+        );
+    })
 }
 
 impl<W: AsyncWrite + Unpin + Send> SpliceSink for ToClient<W> {
     async fn send(&mut self, data: Bytes, stop: &CancellationToken) -> Result<(), LegAborted> {
+        self.note_write();
+        let Self { write, watch } = self;
         let written = async {
-            self.write.write_all(&data).await?;
-            self.write.flush().await
+            write.write_all(&data).await?;
+            write.flush().await
         };
         tokio::select! {
             biased;
             () = stop.cancelled() => Err(LegAborted),
+            () = std::future::poll_fn(|cx| poll_client_gone(watch, cx)) => Err(LegAborted),
             w = written => w.map_err(|err| {
                 tracing::debug!(%err, "writing to the CONNECT client failed");
                 LegAborted
@@ -449,12 +529,14 @@ impl<W: AsyncWrite + Unpin + Send> SpliceSink for ToClient<W> {
 
     async fn finish(&mut self) -> Result<(), LegAborted> {
         // TLS close_notify, then a FIN: the client reads the end, and may go on sending.
+        self.note_write();
         self.write.shutdown().await.map_err(|_| LegAborted)
     }
 
-    fn poll_aborted(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        // A client's abort shows as a failed read or write.
-        std::task::Poll::Pending
+    fn poll_aborted(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        // A client's abort shows as a failed read or write; a client that
+        // vanished, through the watch.
+        poll_client_gone(&mut self.watch, cx)
     }
 
     fn abort(&mut self) {

@@ -119,6 +119,24 @@ impl NetNs {
         )
     }
 
+    /// The namespace's host vanishes for this side: its veth end goes down,
+    /// so that nothing in it answers any more, not even with a reset.
+    pub fn vanish(&self) -> anyhow::Result<()> {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.name,
+                "ip",
+                "link",
+                "set",
+                &self.cluster_if(),
+                "down",
+            ],
+        )
+    }
+
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");

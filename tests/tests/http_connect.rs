@@ -325,3 +325,111 @@ async fn a_connect_client_that_pauses_reading_longer_than_the_dead_peer_timeout_
         .expect("the connection was not cut while we paused");
     assert_eq!(n, LEN);
 }
+
+/// A CONNECT client run inside a network namespace: TLS with client
+/// certificate `app` to the server at `host:port`, `CONNECT target`, then it
+/// reads everything; it prints the answer's status line, and `receiving`
+/// once a MiB arrived.
+const CONNECT_CLIENT_PY: &str = r#"
+import socket, ssl, sys
+host, port, ca, cert, key, target = sys.argv[1:7]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.load_cert_chain(cert, key)
+ctx.set_alpn_protocols(["http/1.1"])
+tcp = socket.create_connection((host, int(port)))
+tls = ctx.wrap_socket(tcp, server_hostname="localhost")
+tls.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)).encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    byte = tls.recv(1)
+    if not byte:
+        sys.exit("closed before the answer")
+    head += byte
+print(head.split(b"\r\n")[0].decode(), flush=True)
+total = 0
+while True:
+    data = tls.recv(1 << 16)
+    if not data:
+        break
+    if total < 1 << 20 <= total + len(data):
+        print("receiving", flush=True)
+    total += len(data)
+"#;
+
+/// The other side of the previous test: the server's HTTP/1.1 client
+/// connections carry no `TCP_USER_TIMEOUT`, yet a CONNECT client whose
+/// host vanishes while the destination's bytes flow to it is found within
+/// the server's `--dead-peer-timeout`, and the destination's connection is
+/// cut (not held for the kernel's many minutes of retransmissions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_client_that_vanishes_with_data_on_its_way_is_cut_within_the_dead_peer_timeout() {
+    const DEAD_PEER: Duration = Duration::from_secs(2);
+    if !is_root() {
+        println!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    init();
+    let ns = NetNs::create();
+    let pki = Pki::new(&["east"], &["app"]);
+    let mut config = server_config(&pki);
+    // Reachable from the namespace, over its link.
+    config.client_listen = SocketAddr::from((ns.hub_ip, 0));
+    config.h2.liveness = tunnel_proto::net::Liveness::from_timeout(DEAD_PEER);
+    let server = Server::start(config).await.expect("server starts");
+    let _agent = start_agent_resolving(&pki, "east", &server, &["hello.default.svc"]).await;
+    // Writes until its connection fails, and says when.
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let source = start_service(move |mut tcp| {
+        let failed = failed_tx.clone();
+        async move {
+            let chunk = vec![0x33u8; 64 * 1024];
+            loop {
+                if let Err(err) = tcp.write_all(&chunk).await {
+                    let _ = failed.send((std::time::Instant::now(), err));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+    .await;
+    let path = |name: &str| pki.path(name).display().to_string();
+    let mut cmd = ns.command(tunnel_tests::netns::python3());
+    cmd.args(["-c", CONNECT_CLIENT_PY])
+        .arg(ns.hub_ip.to_string())
+        .arg(server.client_addr.port().to_string())
+        .args([
+            path("ca.pem"),
+            path("client-app.pem"),
+            path("client-app-key.pem"),
+        ])
+        .arg(format!(
+            "hello.default.svc.east.tunnel.internal:{}",
+            source.port()
+        ));
+    let client = Proc::spawn_command("connect-client", cmd);
+    client
+        .wait_log(&["receiving"], 1, Duration::from_secs(20))
+        .await;
+    assert!(
+        client
+            .logs()
+            .contains("HTTP/1.1 200 Connection established"),
+        "{}",
+        client.logs()
+    );
+    ns.vanish().expect("the client's link goes down");
+    let vanished = std::time::Instant::now();
+    let (failed_at, err) = tokio::time::timeout(Duration::from_secs(12), failed_rx.recv())
+        .await
+        .expect("the destination's connection is cut once the client vanished")
+        .expect("the source reports");
+    let took = failed_at.saturating_duration_since(vanished);
+    // The client's silence counts from its last answer, a few milliseconds
+    // (the source's pace) before its link went down.
+    assert!(
+        took >= DEAD_PEER - Duration::from_millis(100),
+        "cut after {took:?}, before the dead-peer timeout: something else cut it ({err})"
+    );
+    println!("vanished CONNECT client found after {took:?}; the destination read: {err}");
+}
