@@ -314,9 +314,10 @@ impl AgentService {
             .get_or_create(&CodeLabel { code: "ok" })
             .inc();
         // No Nagle delay, and a vanished destination is found in bounded
-        // time: by TCP keepalive when idle, by the relay's peer watch when
-        // data waits for it (not TCP_USER_TIMEOUT, which would also reset a
-        // live destination that merely stops reading).
+        // time: by TCP keepalive when idle, by the relay's peer watch while
+        // it owes an answer for what was written to it (not
+        // TCP_USER_TIMEOUT, which would also reset a live destination that
+        // merely stops reading).
         tunnel_proto::net::tune_destination_socket(&tcp, &shared.liveness);
         if shared.socket_buffer > 0
             && let Err(err) = tunnel_proto::net::cap_socket_buffers(&tcp, shared.socket_buffer)

@@ -63,8 +63,8 @@ pub fn tune_tunnel_socket(stream: &TcpStream, liveness: &Liveness) {
 /// (a vanished destination of an idle connection is found), but no
 /// TCP_USER_TIMEOUT: Linux applies it to a closed window too and would reset
 /// a destination that is alive but stops reading for longer than the
-/// timeout. A destination that vanishes with data on its way is found by the
-/// relay instead ([`peer::gone`]).
+/// timeout. A destination that vanishes while it owes an answer is found by
+/// a watch beside the relay instead ([`peer::watch`]).
 pub fn tune_destination_socket(stream: &TcpStream, liveness: &Liveness) {
     set_nodelay_or_warn(stream);
     let sock = SockRef::from(stream);
@@ -82,7 +82,8 @@ pub fn tune_destination_socket(stream: &TcpStream, liveness: &Liveness) {
 /// Takes TCP_USER_TIMEOUT off a tunnel socket that turned out to carry one
 /// app connection (an HTTP/1.1 CONNECT client): its reader may pause for
 /// as long as it likes, and Linux would reset the connection once a closed
-/// window outlasted the timeout. TCP keepalive stays.
+/// window outlasted the timeout. TCP keepalive stays; the caller watches
+/// the peer ([`peer::PeerWatch`]).
 pub fn allow_read_pauses(stream: &TcpStream) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Err(err) = SockRef::from(stream).set_tcp_user_timeout(None) {

@@ -64,15 +64,14 @@ impl Side for ServerSide {
     const HOLDER: &'static str = "Server";
     const CA_HELP: &'static str =
         "CA bundle that agent and client certificates must chain to; overrides --cert-dir";
-    const DEAD_PEER_HELP: &'static str =
-        "A tunnel peer that answers nothing for this long is declared dead";
+    const DEAD_PEER_HELP: &'static str = "A tunnel peer that answers nothing for this long is declared dead, and so is an HTTP/1.1 client that acknowledges nothing of what is sent to it (one that only stops reading is waited for)";
 }
 
 impl Side for AgentSide {
     const HOLDER: &'static str = "Agent";
     const CA_HELP: &'static str =
         "CA bundle the server certificate must chain to; overrides --cert-dir";
-    const DEAD_PEER_HELP: &'static str = "A server that answers nothing for this long is declared dead, and so is a destination that acknowledges none of the data waiting for it (one that only stops reading is waited for)";
+    const DEAD_PEER_HELP: &'static str = "A server that answers nothing for this long is declared dead, and so is a destination that acknowledges nothing of what is sent to it (one that only stops reading is waited for)";
 }
 
 impl Side for ClientSide {
