@@ -528,9 +528,15 @@ impl<W: AsyncWrite + Unpin + Send> SpliceSink for ToClient<W> {
     }
 
     async fn finish(&mut self) -> Result<(), LegAborted> {
-        // TLS close_notify, then a FIN: the client reads the end, and may go on sending.
+        // TLS close_notify, then a FIN: the client reads the end, and may go
+        // on sending. The close_notify waits for room like any write.
         self.note_write();
-        self.write.shutdown().await.map_err(|_| LegAborted)
+        let Self { write, watch } = self;
+        tokio::select! {
+            biased;
+            () = std::future::poll_fn(|cx| poll_client_gone(watch, cx)) => Err(LegAborted),
+            shut = write.shutdown() => shut.map_err(|_| LegAborted),
+        }
     }
 
     fn poll_aborted(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
