@@ -564,6 +564,11 @@ async fn keep_full(
         }
         tokio::time::sleep(STALL_PACE).await;
     }
+    if reported {
+        // Counted once: it seemed full, then took more than the limit.
+        c.blocked.fetch_sub(1, Ordering::SeqCst);
+        c.held.fetch_sub(total_at_block, Ordering::SeqCst);
+    }
     c.unbounded.fetch_add(1, Ordering::SeqCst);
     stop.cancelled().await;
     tcp
@@ -594,6 +599,11 @@ impl StallDestinations {
     /// From now on, connections are held (never read) or flooded and counted.
     fn arm(&self) {
         self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Back to closing whatever arrives (once the scenario is done).
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::SeqCst);
     }
 
     fn start() -> Self {
@@ -1455,6 +1465,7 @@ async fn stalled_1000(pki: &Pki, services: &Services) -> Extras {
     // Reset both ends of every stall, then stop the tunnel.
     stop.cancel();
     services.stall.stop.cancel();
+    services.stall.disarm();
     for tcp in unread.lock().unwrap().drain(..) {
         reset(tcp);
     }
