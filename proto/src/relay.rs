@@ -260,9 +260,13 @@ pub async fn relay_tcp(
                 None => std::future::pending().await,
             }
         };
+        // Polled at every wake of this task: outside tokio's cooperative
+        // budget, so that its timer does not make the relay yield sooner.
+        let peer_gone = tokio::task::unconstrained(peer_gone);
         let directions = async { tokio::join!(outbound, inbound) };
         tokio::pin!(directions, peer_gone);
         tokio::select! {
+            biased;
             ends = &mut directions => ends,
             answers = &mut peer_gone => {
                 tracing::info!(?answers, timeout = ?dead_peer, "the peer acknowledges nothing: gone; connection reset");
