@@ -346,6 +346,9 @@ impl AgentService {
         )
         .await;
         metrics.open_connections.dec();
+        if outcome.peer_gone {
+            metrics.destinations_gone.inc();
+        }
         metrics
             .bytes
             .get_or_create(&DirectionLabel {

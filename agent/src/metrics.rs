@@ -33,6 +33,9 @@ pub struct AgentMetrics {
     pub open_connections: Gauge,
     /// Payload bytes by direction.
     pub bytes: Family<DirectionLabel, Counter>,
+    /// Connections reset because their destination acknowledged nothing for
+    /// `--dead-peer-timeout` while it owed an answer (its host vanished).
+    pub destinations_gone: Counter,
 }
 
 impl AgentMetrics {
@@ -46,6 +49,7 @@ impl AgentMetrics {
             dial_latency: Histogram::new(tunnel_shell::metrics::LATENCY_BUCKETS),
             open_connections: Gauge::default(),
             bytes: Family::default(),
+            destinations_gone: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("tunnel_agent");
         r.register(
@@ -68,6 +72,11 @@ impl AgentMetrics {
             "dial_latency_seconds",
             "Time to resolve and connect to a destination",
             m.dial_latency.clone(),
+        );
+        r.register(
+            "destinations_gone",
+            "Connections reset because their destination acknowledged nothing for --dead-peer-timeout",
+            m.destinations_gone.clone(),
         );
         r.register(
             "open_connections",

@@ -103,6 +103,8 @@ pub struct RelayOutcome {
     pub outbound: DirectionEnd,
     /// How the tunnel-to-local direction ended.
     pub inbound: DirectionEnd,
+    /// The peer watch found the local peer gone and aborted the connection.
+    pub peer_gone: bool,
 }
 
 impl RelayOutcome {
@@ -227,6 +229,7 @@ pub async fn relay_tcp(
     let abort = CancellationToken::new();
     let inbound_done = CancellationToken::new();
     let writes = crate::net::peer::Writes::default();
+    let mut peer_gone = false;
     let (outbound, inbound) = {
         let (rd, mut wr) = tcp.split();
         let outbound = async {
@@ -254,7 +257,7 @@ pub async fn relay_tcp(
             inbound_done.cancel();
             end
         };
-        let peer_gone = async {
+        let watch = async {
             match dead_peer {
                 Some(timeout) => crate::net::peer::watch(rd.as_ref(), timeout, Some(&writes)).await,
                 None => std::future::pending().await,
@@ -262,14 +265,15 @@ pub async fn relay_tcp(
         };
         // Polled at every wake of this task: outside tokio's cooperative
         // budget, so that its timer does not make the relay yield sooner.
-        let peer_gone = tokio::task::unconstrained(peer_gone);
+        let watch = tokio::task::unconstrained(watch);
         let directions = async { tokio::join!(outbound, inbound) };
-        tokio::pin!(directions, peer_gone);
+        tokio::pin!(directions, watch);
         tokio::select! {
             biased;
             ends = &mut directions => ends,
-            answers = &mut peer_gone => {
+            answers = &mut watch => {
                 tracing::info!(?answers, timeout = ?dead_peer, "the peer acknowledges nothing: gone; connection reset");
+                peer_gone = true;
                 abort.cancel();
                 directions.await
             }
@@ -286,6 +290,7 @@ pub async fn relay_tcp(
         received: received.get(),
         outbound,
         inbound,
+        peer_gone,
     }
 }
 

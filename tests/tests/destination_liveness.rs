@@ -37,7 +37,7 @@ async fn a_destination_that_stops_reading_longer_than_the_dead_peer_timeout_keep
     let server = start_server(&pki).await;
     let mut config = agent_config(&pki, "east", &[server.agent_addr]);
     config.h2.liveness = Liveness::from_timeout(DEAD_PEER);
-    let _agent = start_agent_with(config, &server).await;
+    let agent = start_agent_with(config, &server).await;
 
     // Accepts, reads nothing for PAUSE, then reads to the end and answers
     // with the count.
@@ -84,6 +84,12 @@ async fn a_destination_that_stops_reading_longer_than_the_dead_peer_timeout_keep
         .expect("the destination's count arrives");
     assert_eq!(u64::from_be_bytes(count), SENT as u64);
     assert_eq!(destination.await.unwrap(), Ok(SENT as u64));
+    let metrics = fetch_metrics(agent.admin_addr).await;
+    assert_eq!(
+        metric(&metrics, "tunnel_agent_destinations_gone_total"),
+        Some(0.0),
+        "a destination that only paused is not counted as gone"
+    );
 }
 
 /// A destination on `0.0.0.0:port`, run inside the namespace: says
@@ -124,7 +130,7 @@ struct VanishingDestination {
     destination: Proc,
     port: SocketAddr,
     _server: tunnel_server::Server,
-    _agent: tunnel_agent::Agent,
+    agent: tunnel_agent::Agent,
 }
 
 impl VanishingDestination {
@@ -151,8 +157,14 @@ impl VanishingDestination {
             destination,
             port,
             _server: server,
-            _agent: agent,
+            agent,
         }
+    }
+
+    /// The agent's count of connections reset because their destination was gone.
+    async fn destinations_gone(&self) -> Option<f64> {
+        let body = fetch_metrics(self.agent.admin_addr).await;
+        metric(&body, "tunnel_agent_destinations_gone_total")
     }
 
     /// A connection through the tunnel that the destination accepted.
@@ -233,6 +245,11 @@ async fn a_destination_that_vanishes_with_data_on_its_way_is_reset_within_the_de
     assert!(
         sent > 0,
         "no data flowed before the destination vanished: {err}"
+    );
+    assert_eq!(
+        dest.destinations_gone().await,
+        Some(1.0),
+        "the agent counts the reset in tunnel_agent_destinations_gone_total"
     );
 }
 
