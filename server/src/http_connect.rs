@@ -375,6 +375,10 @@ async fn connect(
             Ok(upgraded) => {
                 let (read, write) = tokio::io::split(TokioIo::new(upgraded));
                 let to_client = ToClient::new(write, client.as_ref());
+                // hyper wrote the 200 itself: the client owes its ACK, and
+                // may have vanished before it, in front of a destination
+                // that waits for the client to speak first.
+                to_client.note_write();
                 established.splice(FromClient { read }, to_client).await;
             }
             Err(err) => {

@@ -328,8 +328,8 @@ async fn a_connect_client_that_pauses_reading_longer_than_the_dead_peer_timeout_
 
 /// A CONNECT client run inside a network namespace: TLS with client
 /// certificate `app` to the server at `host:port`, `CONNECT target`, then it
-/// reads everything; it prints the answer's status line, and `receiving`
-/// once a MiB arrived.
+/// reads everything; it prints `sent` once the CONNECT is sent, the
+/// answer's status line, and `receiving` once a MiB arrived.
 const CONNECT_CLIENT_PY: &str = r#"
 import socket, ssl, sys
 host, port, ca, cert, key, target = sys.argv[1:7]
@@ -339,6 +339,7 @@ ctx.set_alpn_protocols(["http/1.1"])
 tcp = socket.create_connection((host, int(port)))
 tls = ctx.wrap_socket(tcp, server_hostname="localhost")
 tls.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)).encode())
+print("sent", flush=True)
 head = b""
 while b"\r\n\r\n" not in head:
     byte = tls.recv(1)
@@ -432,4 +433,82 @@ async fn a_connect_client_that_vanishes_with_data_on_its_way_is_cut_within_the_d
         "cut after {took:?}, before the dead-peer timeout: something else cut it ({err})"
     );
     println!("vanished CONNECT client found after {took:?}; the destination read: {err}");
+}
+
+/// The server writes `200 Connection established` itself, before the
+/// tunnel's bytes: a CONNECT client that vanished before acknowledging it,
+/// in front of a destination that waits for the client to speak first
+/// (TLS, say), is found within the server's `--dead-peer-timeout` too, and
+/// the destination's connection is cut (not held for the kernel's quarter
+/// hour of retransmissions, nothing else being written to the client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_client_that_vanishes_before_acknowledging_the_200_is_cut_within_the_dead_peer_timeout()
+ {
+    const DEAD_PEER: Duration = Duration::from_secs(2);
+    if !is_root() {
+        println!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    init();
+    let ns = NetNs::create();
+    let pki = Pki::new(&["east"], &["app"]);
+    let mut config = server_config(&pki);
+    config.client_listen = SocketAddr::from((ns.hub_ip, 0));
+    config.h2.liveness = tunnel_proto::net::Liveness::from_timeout(DEAD_PEER);
+    let server = Server::start(config).await.expect("server starts");
+    let _agent = start_agent_resolving(&pki, "east", &server, &["hello.default.svc"]).await;
+    // A destination whose accept queue (of one) is full: the agent's dial
+    // waits for its SYN to be sent again (a second), so that the 200 is
+    // written only once the client vanished.
+    let listener = tokio::net::TcpSocket::new_v4().unwrap();
+    listener
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap();
+    let listener = listener.listen(0).unwrap();
+    let destination = listener.local_addr().unwrap();
+    let filler = tokio::net::TcpStream::connect(destination).await.unwrap();
+    let path = |name: &str| pki.path(name).display().to_string();
+    let mut cmd = ns.command(tunnel_tests::netns::python3());
+    cmd.args(["-c", CONNECT_CLIENT_PY])
+        .arg(ns.hub_ip.to_string())
+        .arg(server.client_addr.port().to_string())
+        .args([
+            path("ca.pem"),
+            path("client-app.pem"),
+            path("client-app-key.pem"),
+        ])
+        .arg(format!(
+            "hello.default.svc.east.tunnel.internal:{}",
+            destination.port()
+        ));
+    let client = Proc::spawn_command("connect-client", cmd);
+    client.wait_log(&["sent"], 1, Duration::from_secs(20)).await;
+    // The CONNECT is at the server (its dial waits); then the client goes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ns.vanish().expect("the client's link goes down");
+    let vanished = std::time::Instant::now();
+    let (filled, _) = listener.accept().await.unwrap();
+    drop((filled, filler));
+    let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the agent dials the destination")
+        .unwrap();
+    // The destination waits for the client to speak first.
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(12), tcp.read(&mut buf))
+        .await
+        .expect("the destination's connection is cut once the client vanished");
+    assert!(
+        !matches!(read, Ok(n) if n > 0),
+        "the vanished client sent nothing: {read:?}"
+    );
+    assert!(
+        !client.logs().contains("HTTP/1.1 200"),
+        "the client got the answer before it vanished: {}",
+        client.logs()
+    );
+    println!(
+        "vanished CONNECT client found {:?} after its link went down; the destination read {read:?}",
+        vanished.elapsed()
+    );
 }
