@@ -160,7 +160,14 @@ pub async fn watch<S: AsFd>(sock: &S, timeout: Duration, writes: Option<&Writes>
         let answers = match peer_answers(sock) {
             Ok(answers) => answers,
             Err(err) => {
-                tracing::debug!(%err, "cannot read TCP_INFO; not watching the peer");
+                // Once per process as a warning (the kernel lacks it for
+                // every socket alike), then at debug level.
+                static WARNED: AtomicBool = AtomicBool::new(false);
+                if WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(%err, "cannot read TCP_INFO; not watching the peer");
+                } else {
+                    tracing::warn!(%err, "cannot read TCP_INFO: a peer that vanishes with data on its way is found only by the kernel's retransmission limits (minutes), not by --dead-peer-timeout");
+                }
                 return std::future::pending().await;
             }
         };
