@@ -313,7 +313,14 @@ impl RoleProc {
     fn spawn_as(role: &str, name: &str, args: &[String], dir: &Path) -> Self {
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        // As the images run them (an explicit GLIBC_TUNABLES, even empty, wins).
+        if std::env::var_os(tunnel_tests::images::GLIBC_TUNABLES).is_none()
+            && let Some(tunables) = tunnel_tests::images::image_glibc_tunables()
+        {
+            cmd.env(tunnel_tests::images::GLIBC_TUNABLES, tunables);
+        }
+        let child = cmd
             .env(ROLE_ENV, role)
             .args(args)
             .stdin(std::process::Stdio::null())

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod hostile;
+pub mod images;
 pub mod in_process;
 pub mod konnectivity;
 pub mod netns;
