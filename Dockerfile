@@ -26,7 +26,7 @@ LABEL org.opencontainers.image.source="https://github.com/cluster-tunnel/cluster
 ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # glibc's memcpy without `rep movsb` for large copies: every byte the tunnel carries is copied
 # into and out of rustls in user space, and on the x86 VMs measured `rep movsb` made those copies
-# the largest single cost; with this setting the sidecar-port path took a fifth less CPU per GB
+# the largest single cost; with this setting the sidecar-port path took a quarter less CPU per GB
 # and a quarter more throughput on one stream (docs/benchmark.md). Ignored on other
 # architectures; override or unset it in the pod spec to compare.
 ENV GLIBC_TUNABLES=glibc.cpu.x86_rep_movsb_threshold=4294967295
