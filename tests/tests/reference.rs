@@ -464,7 +464,7 @@ const OTHER_TOOLS_FLAGS: &[&str] = &[
     "--locked",
     "--open",
     "--bench",
-    // the benchmark (tests/benches/tunnel.rs)
+    // the benchmark (tests/benches/tunnel/)
     "--json",
     "--workloads",
     "--paths",
