@@ -357,6 +357,53 @@ while True:
     total += len(data)
 "#;
 
+/// A server whose client port listens on the hub side of a network
+/// namespace's link (with `dead_peer` as its `--dead-peer-timeout`), an
+/// agent of `east`, and CONNECT clients that run inside the namespace.
+struct NetnsHub {
+    ns: NetNs,
+    pki: Pki,
+    server: Server,
+    _agent: tunnel_agent::Agent,
+}
+
+impl NetnsHub {
+    async fn start(dead_peer: Duration) -> Self {
+        init();
+        let ns = NetNs::create();
+        let pki = Pki::new(&["east"], &["app"]);
+        let mut config = server_config(&pki);
+        // Reachable from the namespace, over its link.
+        config.client_listen = SocketAddr::from((ns.hub_ip, 0));
+        config.h2.liveness = tunnel_proto::net::Liveness::from_timeout(dead_peer);
+        let server = Server::start(config).await.expect("server starts");
+        let agent = start_agent_resolving(&pki, "east", &server, &["hello.default.svc"]).await;
+        Self {
+            ns,
+            pki,
+            server,
+            _agent: agent,
+        }
+    }
+
+    /// [`CONNECT_CLIENT_PY`] in the namespace, as client `app`, asking for
+    /// `hello.default.svc` of `east` on `port`.
+    fn connect_client(&self, port: u16) -> Proc {
+        let path = |name: &str| self.pki.path(name).display().to_string();
+        let mut cmd = self.ns.command(tunnel_tests::netns::python3());
+        cmd.args(["-c", CONNECT_CLIENT_PY])
+            .arg(self.ns.hub_ip.to_string())
+            .arg(self.server.client_addr.port().to_string())
+            .args([
+                path("ca.pem"),
+                path("client-app.pem"),
+                path("client-app-key.pem"),
+            ])
+            .arg(format!("hello.default.svc.east.tunnel.internal:{port}"));
+        Proc::spawn_command("connect-client", cmd)
+    }
+}
+
 /// The other side of the previous test: the server's HTTP/1.1 client
 /// connections carry no `TCP_USER_TIMEOUT`, yet a CONNECT client whose
 /// host vanishes while the destination's bytes flow to it is found within
@@ -369,15 +416,7 @@ async fn a_connect_client_that_vanishes_with_data_on_its_way_is_cut_within_the_d
         println!("skipped: network namespaces need root (CI runs as root)");
         return;
     }
-    init();
-    let ns = NetNs::create();
-    let pki = Pki::new(&["east"], &["app"]);
-    let mut config = server_config(&pki);
-    // Reachable from the namespace, over its link.
-    config.client_listen = SocketAddr::from((ns.hub_ip, 0));
-    config.h2.liveness = tunnel_proto::net::Liveness::from_timeout(DEAD_PEER);
-    let server = Server::start(config).await.expect("server starts");
-    let _agent = start_agent_resolving(&pki, "east", &server, &["hello.default.svc"]).await;
+    let hub = NetnsHub::start(DEAD_PEER).await;
     // Writes until its connection fails, and says when.
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::unbounded_channel();
     let source = start_service(move |mut tcp| {
@@ -394,21 +433,7 @@ async fn a_connect_client_that_vanishes_with_data_on_its_way_is_cut_within_the_d
         }
     })
     .await;
-    let path = |name: &str| pki.path(name).display().to_string();
-    let mut cmd = ns.command(tunnel_tests::netns::python3());
-    cmd.args(["-c", CONNECT_CLIENT_PY])
-        .arg(ns.hub_ip.to_string())
-        .arg(server.client_addr.port().to_string())
-        .args([
-            path("ca.pem"),
-            path("client-app.pem"),
-            path("client-app-key.pem"),
-        ])
-        .arg(format!(
-            "hello.default.svc.east.tunnel.internal:{}",
-            source.port()
-        ));
-    let client = Proc::spawn_command("connect-client", cmd);
+    let client = hub.connect_client(source.port());
     client
         .wait_log(&["receiving"], 1, Duration::from_secs(20))
         .await;
@@ -419,7 +444,7 @@ async fn a_connect_client_that_vanishes_with_data_on_its_way_is_cut_within_the_d
         "{}",
         client.logs()
     );
-    ns.vanish().expect("the client's link goes down");
+    hub.ns.vanish().expect("the client's link goes down");
     let vanished = std::time::Instant::now();
     let (failed_at, err) = tokio::time::timeout(Duration::from_secs(12), failed_rx.recv())
         .await
@@ -449,14 +474,7 @@ async fn a_connect_client_that_vanishes_before_acknowledging_the_200_is_cut_with
         println!("skipped: network namespaces need root (CI runs as root)");
         return;
     }
-    init();
-    let ns = NetNs::create();
-    let pki = Pki::new(&["east"], &["app"]);
-    let mut config = server_config(&pki);
-    config.client_listen = SocketAddr::from((ns.hub_ip, 0));
-    config.h2.liveness = tunnel_proto::net::Liveness::from_timeout(DEAD_PEER);
-    let server = Server::start(config).await.expect("server starts");
-    let _agent = start_agent_resolving(&pki, "east", &server, &["hello.default.svc"]).await;
+    let hub = NetnsHub::start(DEAD_PEER).await;
     // A destination whose accept queue (of one) is full: the agent's dial
     // waits for its SYN to be sent again (a second), so that the 200 is
     // written only once the client vanished.
@@ -467,25 +485,11 @@ async fn a_connect_client_that_vanishes_before_acknowledging_the_200_is_cut_with
     let listener = listener.listen(0).unwrap();
     let destination = listener.local_addr().unwrap();
     let filler = tokio::net::TcpStream::connect(destination).await.unwrap();
-    let path = |name: &str| pki.path(name).display().to_string();
-    let mut cmd = ns.command(tunnel_tests::netns::python3());
-    cmd.args(["-c", CONNECT_CLIENT_PY])
-        .arg(ns.hub_ip.to_string())
-        .arg(server.client_addr.port().to_string())
-        .args([
-            path("ca.pem"),
-            path("client-app.pem"),
-            path("client-app-key.pem"),
-        ])
-        .arg(format!(
-            "hello.default.svc.east.tunnel.internal:{}",
-            destination.port()
-        ));
-    let client = Proc::spawn_command("connect-client", cmd);
+    let client = hub.connect_client(destination.port());
     client.wait_log(&["sent"], 1, Duration::from_secs(20)).await;
     // The CONNECT is at the server (its dial waits); then the client goes.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    ns.vanish().expect("the client's link goes down");
+    hub.ns.vanish().expect("the client's link goes down");
     let vanished = std::time::Instant::now();
     let (filled, _) = listener.accept().await.unwrap();
     drop((filled, filler));
