@@ -1,18 +1,10 @@
 //! What the container images set for every binary (`Dockerfile`), so that
 //! the benchmark runs the tunnel's processes as the images do.
 
-use std::path::{Path, PathBuf};
+use crate::repo_root;
 
 /// The environment variable the images set for glibc (see the Dockerfile).
 pub const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES";
-
-/// The repository's root (the workspace holding this crate).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits in the workspace")
-        .to_path_buf()
-}
 
 /// The values of `ENV name=value` lines of the `runtime` stage of
 /// `dockerfile` (the stage every image is built from), in order.

@@ -60,3 +60,11 @@ pub fn init() {
         .with_test_writer()
         .try_init();
 }
+
+/// The repository's root (the workspace holding this crate).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_path_buf()
+}

@@ -9,18 +9,12 @@
 //! (`.ci/run` installs them); without them the tests say they are skipped,
 //! except under CI, where they fail.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::CommandFactory as _;
 use serde_json::{Value, json};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
+use tunnel_tests::repo_root as root;
 
 struct Rendered {
     objects: Vec<Value>,

@@ -2,7 +2,8 @@
 //! both Dockerfiles give every binary the same glibc tunables, and the
 //! benchmark reads them from there (`tunnel_tests::images`).
 
-use tunnel_tests::images::{GLIBC_TUNABLES, image_glibc_tunables, repo_root, runtime_env};
+use tunnel_tests::images::{GLIBC_TUNABLES, image_glibc_tunables, runtime_env};
+use tunnel_tests::repo_root;
 
 #[test]
 fn both_dockerfiles_run_every_binary_with_the_same_glibc_tunables() {

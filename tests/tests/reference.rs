@@ -9,17 +9,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::CommandFactory as _;
 use prometheus_client::registry::Registry;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
+use tunnel_tests::repo_root as root;
 
 fn read(relative: &str) -> String {
     let path = root().join(relative);

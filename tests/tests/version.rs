@@ -2,19 +2,13 @@
 //! the git revision it was built from, every crate takes the workspace's
 //! version, and the charts' `appVersion` (the images' default tag) is it.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tunnel_tests::bin;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
+use tunnel_tests::repo_root as root;
 
 /// The revision a build from this checkout records: `TUNNEL_GIT_REVISION`
 /// when set, else git's short HEAD, else `unknown` (no git, or a tarball).
