@@ -347,8 +347,3 @@ fn percent_decoded(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
-
-/// `packet` framed as one gRPC message.
-pub fn framed(packet: &Packet) -> Bytes {
-    tunnel_proto::konnectivity::encode(packet)
-}

@@ -13,11 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tunnel_proto::konnectivity::encode;
 use tunnel_proto::konnectivity::pb::{Packet, packet::Payload};
 use tunnel_server::Server;
 use tunnel_tests::konnectivity::{
-    Dialed, Http2Channel, Tunnel, close_request, connect, data, dial_request, framed, raw_call,
-    send_random,
+    Dialed, Http2Channel, Tunnel, close_request, connect, data, dial_request, raw_call, send_random,
 };
 use tunnel_tests::*;
 
@@ -301,7 +301,7 @@ async fn packets_out_of_place_end_the_stream_with_a_status_and_a_log_line() {
     })
     .await;
 
-    let dial = framed(&dial_request(&address, 42));
+    let dial = encode(&dial_request(&address, 42));
     let concat = |parts: &[&[u8]]| Bytes::from(parts.concat());
     for (what, body, status, reason) in [
         (
@@ -330,13 +330,13 @@ async fn packets_out_of_place_end_the_stream_with_a_status_and_a_log_line() {
         ),
         (
             "DATA first",
-            framed(&data(1, Bytes::from_static(b"x"))),
+            encode(&data(1, Bytes::from_static(b"x"))),
             "3",
             "the first packet must be DIAL_REQ",
         ),
         (
             "DATA before DIAL_RSP",
-            concat(&[&dial, &framed(&data(1, Bytes::from_static(b"x")))]),
+            concat(&[&dial, &encode(&data(1, Bytes::from_static(b"x")))]),
             "3",
             "DATA before the dial was answered",
         ),
@@ -418,7 +418,7 @@ async fn a_message_larger_than_the_window_is_received_within_the_connection_s_bu
     // A DIAL_REQ ten windows long arrives whole (its start is given back
     // and held within the budget): the answer is about its address.
     let long_address = format!("{}:443", "a".repeat(640 * 1024));
-    let answer = raw_call(&channel, framed(&dial_request(&long_address, 7))).await;
+    let answer = raw_call(&channel, encode(&dial_request(&long_address, 7))).await;
     assert_eq!(answer.status, "0", "{answer:?}");
     let rsp = <Packet as prost::Message>::decode(answer.body.slice(5..)).expect("a packet");
     let Some(Payload::DialResponse(rsp)) = rsp.payload else {
