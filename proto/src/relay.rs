@@ -169,7 +169,7 @@ async fn capacity(
 /// of the server's round trip, measured in the benchmark). Every place that
 /// then waits registers the task again (`poll_capacity` here, `poll_reset`
 /// at the top of each relay loop), so no reset goes unseen.
-fn quiet_reset_watch(send: &mut SendStream<Bytes>) -> Result<(), ()> {
+pub(crate) fn quiet_reset_watch(send: &mut SendStream<Bytes>) -> Result<(), ()> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match send.poll_reset(&mut cx) {
         std::task::Poll::Pending => Ok(()),

@@ -87,6 +87,14 @@ impl tokio::io::AsyncWrite for TunnelIo {
             return Poll::Ready(Ok(0));
         }
         let send = &mut self.stream.send;
+        // As the relays do: a wait of an earlier call must not be woken by
+        // this reservation from within this very poll.
+        if crate::relay::quiet_reset_watch(send).is_err() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "tunnel stream aborted",
+            )));
+        }
         send.reserve_capacity(buf.len().min(crate::relay::MAX_READ));
         loop {
             let cap = send.capacity();
