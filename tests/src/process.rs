@@ -163,6 +163,24 @@ pub fn free_addr() -> SocketAddr {
 /// A free loopback port below the kernel's ephemeral range, so that no
 /// outgoing connection takes it before a child process binds it.
 pub fn free_listen_port() -> u16 {
+    port_of(&hold_listen_port())
+}
+
+/// `N` distinct free loopback ports, as [`free_listen_port`]: each stays
+/// bound until all are picked, so that no two picks can be the same port
+/// (the ports of one process's several listeners).
+pub fn free_listen_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| hold_listen_port());
+    held.each_ref().map(port_of)
+}
+
+fn port_of(listener: &std::net::TcpListener) -> u16 {
+    listener.local_addr().unwrap().port()
+}
+
+/// A listener on a free loopback port below the kernel's ephemeral range
+/// (on any free port if none is found there).
+fn hold_listen_port() -> std::net::TcpListener {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
@@ -170,11 +188,11 @@ pub fn free_listen_port() -> u16 {
     let floor = 10_000u16.min(low.saturating_sub(1000));
     for _ in 0..1000 {
         let port = floor + rand::random::<u16>() % (low - floor);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener;
         }
     }
-    free_port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
 }
 
 /// Starts the `tunnel-server` binary on `addrs` with the certificates in

@@ -204,7 +204,7 @@ pub(crate) async fn relay_floor_path(
     let mut procs = Vec::new();
     let mut ends = s.all();
     for hop in ["relay-agent", "relay-server", "relay-sidecar"] {
-        let listens = ends.map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let listens = free_listen_ports().map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
         let args: Vec<String> = listens
             .iter()
             .zip(ends)
@@ -242,7 +242,7 @@ pub(crate) struct ServerProc {
 impl ServerProc {
     pub(crate) async fn start(pki: &Pki) -> Self {
         let dir = pki.dir.path();
-        let (agent_port, client_port, admin_port) = (free_port(), free_port(), free_port());
+        let [agent_port, client_port, admin_port] = free_listen_ports();
         let s = |v: &str| v.to_string();
         let proc = RoleProc::spawn(
             "server",
@@ -361,8 +361,7 @@ impl System {
         let (sidecar, sidecar_ports) = match services {
             None => (None, None),
             Some(sv) => {
-                let ports = [(); 7].map(|_| free_port());
-                let (proxy, sc_admin) = (free_port(), free_port());
+                let [ports @ .., proxy, sc_admin] = free_listen_ports::<9>();
                 let mut args = vec![
                     s("--server"),
                     client_addr.to_string(),
