@@ -134,3 +134,58 @@ impl tokio::io::AsyncWrite for TunnelIo {
         std::task::Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::h2::{H2Server, H2Settings, client_handshake};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Once the peer reset the stream, a write fails as a reset, as a read
+    /// does: the application sees one kind of error for one event.
+    #[tokio::test]
+    async fn a_write_after_the_peer_reset_the_stream_fails_as_a_reset() {
+        let settings = H2Settings::default();
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let mut server = H2Server::handshake(server_io, &settings).await.unwrap();
+            let (_request, mut respond) = server.accept().await.unwrap().unwrap();
+            let answer = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            opened_tx.send(answer).unwrap();
+            // Keep the connection driven while the test runs.
+            let _ = server.accept().await;
+        });
+        let (client, driver) = client_handshake(client_io, &settings).await.unwrap();
+        let driver = tokio::spawn(driver);
+        let guard = client.stream_slot().unwrap();
+        let request = http::Request::post("https://tunnel.test/")
+            .body(())
+            .unwrap();
+        let mut sender = client.sender().ready().await.unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let mut answer = opened.await.unwrap();
+        let recv = response.await.unwrap().into_body();
+        let mut io = TunnelIo::new(TunnelStream::new(send, recv, guard));
+        io.write_all(b"before").await.unwrap();
+
+        answer.send_reset(h2::Reason::CANCEL);
+        let read = tokio::time::timeout(Duration::from_secs(10), io.read(&mut [0; 16]))
+            .await
+            .expect("the reset reaches the stream");
+        assert_eq!(
+            read.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
+        let write = io.write(b"after").await;
+        assert_eq!(
+            write.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
+        server.abort();
+        driver.abort();
+    }
+}
