@@ -489,6 +489,8 @@ const OTHER_TOOLS_FLAGS: &[&str] = &[
     "--registry",
     "--builder",
     "--no-cargo",
+    // perf (docs/benchmark.md)
+    "--call-graph",
 ];
 
 #[test]
