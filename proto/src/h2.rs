@@ -381,6 +381,69 @@ pub struct PeerInfo {
     pub remote_addr: std::net::SocketAddr,
 }
 
+/// One stream opened over an in-memory HTTP/2 connection, for unit tests.
+#[cfg(test)]
+pub(crate) mod test_stream {
+    use super::*;
+
+    /// Both ends of one open stream; the connection's two drivers run until
+    /// this is dropped.
+    pub(crate) struct OpenStream {
+        /// The client's half: what it sends.
+        pub(crate) send: ::h2::SendStream<Bytes>,
+        /// The client's half: the server's answer.
+        pub(crate) response: ::h2::client::ResponseFuture,
+        /// The stream's place in the client connection's count.
+        pub(crate) guard: StreamGuard,
+        /// The server's half: the answer to give.
+        pub(crate) respond: ::h2::server::SendResponse<Bytes>,
+        /// The connection's two drivers: keep it while the stream is used.
+        pub(crate) drivers: Drivers,
+    }
+
+    /// The tasks that drive both ends of the connection; dropping it stops them.
+    pub(crate) struct Drivers([tokio::task::JoinHandle<()>; 2]);
+
+    impl Drop for Drivers {
+        fn drop(&mut self) {
+            self.0.iter().for_each(|d| d.abort());
+        }
+    }
+
+    /// Opens one stream from a client to a server over `tokio::io::duplex`
+    /// and returns once the server has it.
+    pub(crate) async fn open_stream() -> OpenStream {
+        let settings = H2Settings::default();
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let mut server = H2Server::handshake(server_io, &settings).await.unwrap();
+            let (_request, respond) = server.accept().await.unwrap().unwrap();
+            opened_tx.send(respond).unwrap();
+            // Keep the connection driven.
+            let _ = server.accept().await;
+        });
+        let (client, driver) = client_handshake(client_io, &settings).await.unwrap();
+        let driver = tokio::spawn(async move {
+            let _ = driver.await;
+        });
+        let guard = client.stream_slot().unwrap();
+        let request = http::Request::post("https://tunnel.test/")
+            .body(())
+            .unwrap();
+        let mut sender = client.sender().ready().await.unwrap();
+        let (response, send) = sender.send_request(request, false).unwrap();
+        let respond = opened.await.unwrap();
+        OpenStream {
+            send,
+            response,
+            guard,
+            respond,
+            drivers: Drivers([server, driver]),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -723,7 +723,7 @@ async fn pass(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::h2::{H2Server, H2Settings, client_handshake};
+    use crate::h2::test_stream::open_stream;
     use futures_util::FutureExt as _;
     use std::sync::atomic::AtomicUsize;
     use std::task::{Context, Wake, Waker};
@@ -744,24 +744,8 @@ mod tests {
     /// reset that comes later still reaches the task once it waits again.
     #[tokio::test]
     async fn capacity_granted_at_once_does_not_wake_the_task_watching_for_a_reset() {
-        let settings = H2Settings::default();
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (opened_tx, opened) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(async move {
-            let mut server = H2Server::handshake(server_io, &settings).await.unwrap();
-            let (_request, respond) = server.accept().await.unwrap().unwrap();
-            opened_tx.send(respond).unwrap();
-            // Keep the connection driven while the test runs.
-            let _ = server.accept().await;
-        });
-        let (client, driver) = client_handshake(client_io, &settings).await.unwrap();
-        let driver = tokio::spawn(driver);
-        let request = http::Request::post("https://tunnel.test/")
-            .body(())
-            .unwrap();
-        let mut sender = client.sender().ready().await.unwrap();
-        let (_response, mut send) = sender.send_request(request, false).unwrap();
-        let mut respond = opened.await.unwrap();
+        let mut stream = open_stream().await;
+        let send = &mut stream.send;
 
         let wakes = Arc::new(CountingWaker::default());
         let waker = Waker::from(wakes.clone());
@@ -770,7 +754,7 @@ mod tests {
                 .is_pending()
         );
         let stop = CancellationToken::new();
-        let cap = capacity(&mut send, 1024, &stop)
+        let cap = capacity(send, 1024, &stop)
             .now_or_never()
             .expect("the window has room: capacity is granted at once")
             .expect("the stream is open");
@@ -782,13 +766,11 @@ mod tests {
         );
 
         let reset = poll_fn(|cx| send.poll_reset(cx));
-        respond.send_reset(Reason::CANCEL);
+        stream.respond.send_reset(Reason::CANCEL);
         let reason = tokio::time::timeout(Duration::from_secs(10), reset)
             .await
             .expect("the reset reaches the stream")
             .expect("a reset, not a connection error");
         assert_eq!(reason, Reason::CANCEL);
-        server.abort();
-        driver.abort();
     }
 }

@@ -138,7 +138,7 @@ impl tokio::io::AsyncWrite for TunnelIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::h2::{H2Server, H2Settings, client_handshake};
+    use crate::h2::test_stream::{OpenStream, open_stream};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -146,28 +146,16 @@ mod tests {
     /// does: the application sees one kind of error for one event.
     #[tokio::test]
     async fn a_write_after_the_peer_reset_the_stream_fails_as_a_reset() {
-        let settings = H2Settings::default();
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (opened_tx, opened) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(async move {
-            let mut server = H2Server::handshake(server_io, &settings).await.unwrap();
-            let (_request, mut respond) = server.accept().await.unwrap().unwrap();
-            let answer = respond
-                .send_response(http::Response::new(()), false)
-                .unwrap();
-            opened_tx.send(answer).unwrap();
-            // Keep the connection driven while the test runs.
-            let _ = server.accept().await;
-        });
-        let (client, driver) = client_handshake(client_io, &settings).await.unwrap();
-        let driver = tokio::spawn(driver);
-        let guard = client.stream_slot().unwrap();
-        let request = http::Request::post("https://tunnel.test/")
-            .body(())
+        let OpenStream {
+            send,
+            response,
+            guard,
+            mut respond,
+            drivers: _drivers,
+        } = open_stream().await;
+        let mut answer = respond
+            .send_response(http::Response::new(()), false)
             .unwrap();
-        let mut sender = client.sender().ready().await.unwrap();
-        let (response, send) = sender.send_request(request, false).unwrap();
-        let mut answer = opened.await.unwrap();
         let recv = response.await.unwrap().into_body();
         let mut io = TunnelIo::new(TunnelStream::new(send, recv, guard));
         io.write_all(b"before").await.unwrap();
@@ -185,7 +173,5 @@ mod tests {
             write.unwrap_err().kind(),
             std::io::ErrorKind::ConnectionReset
         );
-        server.abort();
-        driver.abort();
     }
 }
