@@ -328,7 +328,15 @@ pub struct Server {
     /// Closes the agent port and tells every agent to go; a child of `stop`.
     leave: CancellationToken,
     _stop_on_drop: DropGuard,
+    /// The ports' tasks (with their connections), the probes and the admin
+    /// server: they end at `stop` once their connections have, and a
+    /// shutdown waits for them.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The policy's watch (file or Kubernetes). It runs for as long as the
+    /// server does, through the drain (a changed policy still applies to the
+    /// connections left), so a shutdown never waits for it: it is aborted
+    /// once the rest has stopped.
+    policy_watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
@@ -350,7 +358,7 @@ impl Server {
         } else {
             None
         };
-        let mut tasks = Vec::new();
+        let mut policy_watch = None;
         let mut ocm_admitted = config.auth.admitted_clusters.clone();
         let policy = match &config.auth.policy {
             PolicySource::None => {
@@ -372,7 +380,7 @@ impl Server {
                 tracing::info!(path = %path.display(), rules = first.len(), "policy loaded");
                 let (tx, rx) = watch::channel(Arc::new(first));
                 let m = metrics.clone();
-                tasks.push(tokio::spawn(policy::watch_policy_file(
+                policy_watch = Some(tokio::spawn(policy::watch_policy_file(
                     path.clone(),
                     *reload_interval,
                     tx,
@@ -387,7 +395,7 @@ impl Server {
                     metrics.clone(),
                     config.auth.clusters_from_ocm,
                 );
-                tasks.push(task);
+                policy_watch = Some(task);
                 ocm_admitted = admitted.or(ocm_admitted);
                 Some(rx)
             }
@@ -413,6 +421,7 @@ impl Server {
         });
         let stop = CancellationToken::new();
         let leave = stop.child_token();
+        let mut tasks = Vec::new();
         tasks.push(tokio::spawn(agents::accept_agents(
             agent_l,
             state.clone(),
@@ -455,6 +464,7 @@ impl Server {
             stop,
             leave,
             tasks,
+            policy_watch,
         })
     }
 
@@ -470,10 +480,16 @@ impl Server {
     ///    balancers stop sending new ones;
     /// 2. clients get GOAWAY (they open new connections elsewhere), the
     ///    client port closes, new agents' opens stop;
-    /// 3. open connections get up to the drain timeout to finish, then the
-    ///    server stops.
+    /// 3. open connections get up to the drain timeout to finish. The
+    ///    server stops as soon as none is open and its tunnels are closed:
+    ///    client connections after GOAWAY, agent tunnels once nothing uses
+    ///    them (GOAWAY, then a lingering close); one whose peer is gone
+    ///    (reset or closed: its process ended) is closed already. The
+    ///    policy's watch keeps the policy current meanwhile and is not waited
+    ///    for.
     pub async fn shutdown(mut self) {
         let mut tasks = std::mem::take(&mut self.tasks);
+        let policy_watch = self.policy_watch.take();
         let deadline = self.state.config.drain_timeout;
         let delay = self.state.config.ha.shutdown_delay;
         self.state.draining.store(true, Ordering::Release);
@@ -512,7 +528,7 @@ impl Server {
                 "drain deadline passed; closing remaining connections"
             );
         }
-        for t in &tasks {
+        for t in tasks.iter().chain(&policy_watch) {
             t.abort();
         }
         tracing::info!("tunnel server stopped");
