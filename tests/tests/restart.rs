@@ -1,8 +1,9 @@
 //! The real binaries as child processes: agents and servers that die and come
-//! back, and a server that is asked to stop while a connection is open.
+//! back, and a server that is asked to stop while a connection is open, or
+//! once its agents and clients are gone.
 //! Build them first: `cargo build --workspace --bins`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -16,6 +17,37 @@ async fn ping(tcp: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     tcp.read_exact(&mut back).await?;
     assert_eq!(back, msg, "echo");
     Ok(())
+}
+
+/// The drain timeout of the servers that are asked to stop.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Starts a server as users run it: with a policy file (whose watch lasts as
+/// long as the server) that lets the client certificate `client` reach every
+/// destination of `clusters`, and a drain timeout of [`DRAIN`].
+async fn spawn_server_with_policy(
+    pki: &Pki,
+    addrs: &ServerAddrs,
+    client: &str,
+    clusters: &[&str],
+) -> Proc {
+    let mut text = format!(
+        "rules:\n  - name: {client}-anywhere\n    subjects:\n      - identity: client/{client}\n    clusters:\n"
+    );
+    for cluster in clusters {
+        text.push_str(&format!("      - name: {cluster}\n"));
+    }
+    let policy = pki.path("policy.yaml");
+    std::fs::write(&policy, text).unwrap();
+    let drain = format!("{}s", DRAIN.as_secs());
+    let policy = policy.display().to_string();
+    spawn_server(
+        "server",
+        pki.dir.path(),
+        addrs,
+        &["--drain-timeout", &drain, "--policy-file", &policy],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,17 +139,10 @@ async fn a_killed_server_is_restarted_and_rejoined_by_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_connections_then_exits_cleanly() {
-    const DRAIN: Duration = Duration::from_secs(30);
     init();
     let pki = Pki::new(&["east"], &["app"]);
     let addrs = ServerAddrs::free();
-    let mut server = spawn_server(
-        "server",
-        pki.dir.path(),
-        &addrs,
-        &["--drain-timeout", "30s"],
-    )
-    .await;
+    let mut server = spawn_server_with_policy(&pki, &addrs, "app", &["east"]).await;
     let agent_admin = free_addr();
     let _agent = spawn_agent("agent", pki.dir.path(), "east", addrs.agent, agent_admin);
     wait_ready(agent_admin, "agent").await;
@@ -227,4 +252,112 @@ async fn sigterm_lets_the_last_bytes_reach_the_destination() {
     let status = tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(15)))
         .expect("the server exits once its last connection closed");
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_at_once_when_its_agents_and_clients_are_gone() {
+    // East's agent is killed, north's stopped, west's stays up with its
+    // tunnel idle.
+    const CLUSTERS: [&str; 3] = ["east", "north", "west"];
+    init();
+    let pki = Pki::new(&CLUSTERS, &["sidecar"]);
+    let addrs = ServerAddrs::free();
+    let mut server = spawn_server_with_policy(&pki, &addrs, "sidecar", &CLUSTERS).await;
+    let admins = [free_addr(), free_addr(), free_addr()];
+    let [mut east, mut north, west] = std::array::from_fn(|i| {
+        let cluster = CLUSTERS[i];
+        let name = format!("agent-{cluster}");
+        spawn_agent(&name, pki.dir.path(), cluster, addrs.agent, admins[i])
+    });
+    for (admin, cluster) in admins.into_iter().zip(CLUSTERS) {
+        wait_ready(admin, &format!("{cluster}'s agent")).await;
+    }
+    let echo = start_echo().await;
+    let ports = free_listen_ports::<3>();
+    let sidecar_admin = free_addr();
+    let mut sidecar_args: Vec<String> = [
+        "--server",
+        &addrs.client.to_string(),
+        "--server-name",
+        "localhost",
+        "--cert-dir",
+        &pki.dir.path().display().to_string(),
+        "--client-name",
+        "sidecar",
+        "--admin-listen",
+        &sidecar_admin.to_string(),
+        "--log-format",
+        "text",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (port, cluster) in ports.iter().zip(CLUSTERS) {
+        sidecar_args.extend([
+            "--port".to_string(),
+            format!("{port}={cluster}:127.0.0.1:{}", echo.port()),
+        ]);
+    }
+    let mut sidecar = Proc::spawn("sidecar", "tunnel-sidecar", &sidecar_args, &[]);
+    wait_ready(sidecar_admin, "sidecar").await;
+    // A connection through each agent, allowed by the policy, then closed.
+    for port in ports {
+        check_echo(([127, 0, 0, 1], port).into(), 1 << 20).await;
+    }
+
+    // The client and east's agent die (their sockets close or reset under
+    // the server); north's agent shuts down (SIGTERM: it closes its tunnel).
+    north.signal("TERM");
+    sidecar.signal("KILL");
+    east.signal("KILL");
+    for gone in [&mut sidecar, &mut east, &mut north] {
+        let status = tokio::task::block_in_place(|| gone.wait_exit(Duration::from_secs(10)));
+        assert!(status.is_some(), "{} exits on its signal", gone.name);
+    }
+    server.signal("TERM");
+    let sigterm = Instant::now();
+    // Nothing is open: no reason to wait for the drain timeout.
+    let status = tokio::task::block_in_place(|| server.wait_exit(DRAIN / 3)).unwrap_or_else(|| {
+        panic!(
+            "the server, with nothing open, is still running {:?} after SIGTERM (drain timeout {DRAIN:?})\n{}",
+            sigterm.elapsed(),
+            server.logs()
+        )
+    });
+    println!("the server exited {:?} after SIGTERM", sigterm.elapsed());
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        server.logs()
+    );
+    let logs = server.logs();
+    assert!(
+        !logs.contains("drain deadline passed"),
+        "the drain must end before its deadline\n{logs}"
+    );
+    // West's idle tunnel was closed by the server (GOAWAY, then the close),
+    // not cut: its agent sees the end of a tunnel the server closed. (Its
+    // tries to reach another replica meanwhile fail: there is none.)
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("agent tunnel closed for shutdown") && l.contains("cluster=west")),
+        "the server closes west's tunnel for its shutdown\n{logs}"
+    );
+    west.wait_log(&["tunnel closed by the server"], 1, Duration::from_secs(10))
+        .await;
+    let first_end = west
+        .logs()
+        .lines()
+        .find(|l| {
+            l.contains("tunnel closed by the server")
+                || (l.contains("tunnel failed") && l.contains("server_id="))
+        })
+        .map(str::to_owned);
+    assert!(
+        first_end
+            .as_deref()
+            .is_some_and(|l| l.contains("tunnel closed by the server")),
+        "west's agent sees its tunnel closed by the server, not failed: {first_end:?}\n{}",
+        west.logs()
+    );
 }
