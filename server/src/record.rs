@@ -134,10 +134,6 @@ impl ConnRecord {
 impl Drop for ConnRecord {
     fn drop(&mut self) {
         let m = &self.state.metrics;
-        if self.counted_open.load(Ordering::Relaxed) {
-            m.open_connections.dec();
-            self.state.connection_closed();
-        }
         let up = self.counters.to_cluster.get();
         let down = self.counters.from_cluster.get();
         if up > 0 {
@@ -175,6 +171,12 @@ impl Drop for ConnRecord {
             result = self.result(),
             "connection closed"
         );
+        // Last: once no connection is open (the drain, a test), every
+        // closed one has its bytes counted and its audit line written.
+        if self.counted_open.load(Ordering::Relaxed) {
+            m.open_connections.dec();
+            self.state.connection_closed();
+        }
     }
 }
 
