@@ -87,8 +87,9 @@ impl tokio::io::AsyncWrite for TunnelIo {
             return Poll::Ready(Ok(0));
         }
         let send = &mut self.stream.send;
-        // As the relays do: a wait of an earlier call must not be woken by
-        // this reservation from within this very poll.
+        // As the relays do before reserving (`quiet_reset_watch`); it also
+        // finds a stream the peer reset, and a write to it then fails as a
+        // reset, as a read does.
         if crate::relay::quiet_reset_watch(send).is_err() {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
