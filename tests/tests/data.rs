@@ -3,6 +3,7 @@
 //! as a FIN, a reset as a reset, on the sidecar's port, its CONNECT and the
 //! client library's port.
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,6 +120,86 @@ async fn destination_closes_first_and_still_receives_everything() {
         ),
         Some(SIZE as f64),
         "{metrics}"
+    );
+}
+
+/// A tracing layer that notes, for each close audit line of the server in
+/// `server`, how many connections it counted as open while it was written.
+#[derive(Clone, Default)]
+struct CloseAudit {
+    server: Arc<OnceLock<Arc<tunnel_server::ServerState>>>,
+    open_while_written: Arc<Mutex<Vec<usize>>>,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CloseAudit {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct IsClose(bool);
+        impl tracing::field::Visit for IsClose {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "event" && value == "close" {
+                    self.0 = true;
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "event" && format!("{value:?}") == "\"close\"" {
+                    self.0 = true;
+                }
+            }
+        }
+        if event.metadata().target() != "tunnel_server::audit" {
+            return;
+        }
+        let mut close = IsClose(false);
+        event.record(&mut close);
+        if let (true, Some(server)) = (close.0, self.server.get()) {
+            self.open_while_written
+                .lock()
+                .unwrap()
+                .push(server.open_connections());
+        }
+    }
+}
+
+/// Whoever waits until no connection is open (the drain, a test reading the
+/// metrics) finds every closed one recorded: its bytes and close audit line
+/// are in before it stops counting as open.
+#[test]
+fn a_connection_is_recorded_before_it_stops_counting_as_open() {
+    use tracing_subscriber::layer::SubscriberExt;
+    init();
+    let audit = CloseAudit::default();
+    // One thread: the server's tasks, and so the records' drops, run under
+    // this thread's subscriber.
+    let _subscriber =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(audit.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pki = Pki::new(&["east"], &["app"]);
+        let server = start_server(&pki).await;
+        let _ = audit.server.set(server.state().clone());
+        let _agent = start_agent(&pki, "east", &server).await;
+        let echo = start_echo().await;
+        let client = client(&pki, "app", server.client_addr);
+        let port = forward_port(client, Target::new("east", "127.0.0.1", echo.port())).await;
+        check_echo(port, MIB).await;
+        wait_all_closed(&server).await;
+        let metrics = fetch_metrics(server.admin_addr).await;
+        assert_eq!(
+            metric(
+                &metrics,
+                r#"tunnel_server_bytes_total{cluster="east",direction="to_cluster"}"#
+            ),
+            Some(MIB as f64),
+            "{metrics}"
+        );
+    });
+    assert_eq!(
+        *audit.open_while_written.lock().unwrap(),
+        [1],
+        "one close audit line, written while its connection still counted as open"
     );
 }
 
