@@ -290,6 +290,32 @@ pub fn spawn_agent(
     Proc::spawn(name, "tunnel-agent", &args, &[])
 }
 
+/// The arguments of a `tunnel-sidecar` process with the client certificate
+/// `sidecar` from `cert_dir`, reaching `servers` (as `localhost`), its admin
+/// port on `admin` and text logs; ports and the proxy are the caller's to add.
+pub fn sidecar_args(cert_dir: &Path, servers: &[SocketAddr], admin: SocketAddr) -> Vec<String> {
+    let mut args = Vec::new();
+    for server in servers {
+        args.extend(["--server".to_string(), server.to_string()]);
+    }
+    args.extend(
+        [
+            "--server-name",
+            "localhost",
+            "--cert-dir",
+            &cert_dir.display().to_string(),
+            "--client-name",
+            "sidecar",
+            "--admin-listen",
+            &admin.to_string(),
+            "--log-format",
+            "text",
+        ]
+        .map(String::from),
+    );
+    args
+}
+
 impl Proc {
     /// Waits until the log holds at least `n` lines containing every one of
     /// `parts`; panics after `deadline`.

@@ -102,23 +102,19 @@ async fn destination_closes_first_and_still_receives_everything() {
     assert_eq!(received, SIZE, "bytes the destination received");
     assert_eq!(hash, sent, "checksum at the destination");
     // Both FINs went through: the connection ends cleanly on every hop.
-    let state = server.state().clone();
-    wait_until(
-        "the server has no open connection left",
-        Duration::from_secs(10),
-        || {
-            let n = state.open_connections();
-            async move { n == 0 }
-        },
-    )
-    .await;
+    wait_all_closed(&server).await;
+    assert_bytes_to_east(&server, SIZE as u64).await;
+}
+
+/// The server's metrics count `bytes` sent towards cluster `east`.
+async fn assert_bytes_to_east(server: &tunnel_server::Server, bytes: u64) {
     let metrics = fetch_metrics(server.admin_addr).await;
     assert_eq!(
         metric(
             &metrics,
             r#"tunnel_server_bytes_total{cluster="east",direction="to_cluster"}"#
         ),
-        Some(SIZE as f64),
+        Some(bytes as f64),
         "{metrics}"
     );
 }
@@ -186,15 +182,7 @@ fn a_connection_is_recorded_before_it_stops_counting_as_open() {
         let port = forward_port(client, Target::new("east", "127.0.0.1", echo.port())).await;
         check_echo(port, MIB).await;
         wait_all_closed(&server).await;
-        let metrics = fetch_metrics(server.admin_addr).await;
-        assert_eq!(
-            metric(
-                &metrics,
-                r#"tunnel_server_bytes_total{cluster="east",direction="to_cluster"}"#
-            ),
-            Some(MIB as f64),
-            "{metrics}"
-        );
+        assert_bytes_to_east(&server, MIB as u64).await;
     });
     assert_eq!(
         *audit.open_while_written.lock().unwrap(),

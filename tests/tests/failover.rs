@@ -270,27 +270,12 @@ async fn a_rolling_restart_a_killed_agent_and_a_frozen_agent_fail_no_new_connect
     wait_both_listed(&listers).await;
 
     let proxy = free_addr();
-    let sidecar_args: Vec<String> = [
-        "--server",
-        &addrs[0].client.to_string(),
-        "--server",
-        &addrs[1].client.to_string(),
-        "--server-name",
-        "localhost",
-        "--cert-dir",
-        &pki.dir.path().display().to_string(),
-        "--client-name",
-        "sidecar",
-        "--proxy-listen",
-        &proxy.to_string(),
-        "--admin-listen",
-        &free_addr().to_string(),
-        "--log-format",
-        "text",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut sidecar_args = sidecar_args(
+        pki.dir.path(),
+        &[addrs[0].client, addrs[1].client],
+        free_addr(),
+    );
+    sidecar_args.extend(["--proxy-listen".to_string(), proxy.to_string()]);
     let sidecar = Proc::spawn("sidecar", "tunnel-sidecar", &sidecar_args, &[]);
     wait_until(
         "the sidecar opens a connection to east",

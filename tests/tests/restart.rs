@@ -275,23 +275,7 @@ async fn sigterm_exits_at_once_when_its_agents_and_clients_are_gone() {
     let echo = start_echo().await;
     let ports = free_listen_ports::<3>();
     let sidecar_admin = free_addr();
-    let mut sidecar_args: Vec<String> = [
-        "--server",
-        &addrs.client.to_string(),
-        "--server-name",
-        "localhost",
-        "--cert-dir",
-        &pki.dir.path().display().to_string(),
-        "--client-name",
-        "sidecar",
-        "--admin-listen",
-        &sidecar_admin.to_string(),
-        "--log-format",
-        "text",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut sidecar_args = sidecar_args(pki.dir.path(), &[addrs.client], sidecar_admin);
     for (port, cluster) in ports.iter().zip(CLUSTERS) {
         sidecar_args.extend([
             "--port".to_string(),
